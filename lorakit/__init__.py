@@ -1,0 +1,47 @@
+"""lorakit: parameter-efficient fine-tuning with the LoRA family.
+
+>>> import lorakit
+>>> lorakit.apply(model, "lora", targets=["query", "value"], rank=8)
+>>> lorakit.save(model, "adapter/")
+"""
+
+from lorakit.api import (
+    AdapterInfo,
+    adapted_layers,
+    apply,
+    disabled,
+    info,
+    make_hooks,
+    merge,
+    param_groups,
+    unmerge,
+)
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
+from lorakit.io import load, save
+from lorakit.summary import summary
+from lorakit.variants import VARIANTS, get_variant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "AdaptedLayer",
+    "AdapterInfo",
+    "ConfigError",
+    "Hook",
+    "Variant",
+    "VariantConfig",
+    "adapted_layers",
+    "apply",
+    "disabled",
+    "get_variant",
+    "info",
+    "load",
+    "make_hooks",
+    "merge",
+    "param_groups",
+    "save",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,269 @@
+"""The public API on a model: apply, merge, unmerge, disabled, summary, hooks and optimizer groups."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.core.kinds import MATRIX_KINDS, kind_of
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.variant import Hook, VariantConfig
+from lorakit.variants import get_variant
+
+# Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
+
+
+@dataclass
+class AdapterInfo:
+    """What :func:`apply` did to a model; kept on the model as ``model.lorakit``."""
+
+    variant: str
+    config: VariantConfig
+    targets: list[str]
+    train_modules: list[str]
+    fingerprint: str
+    base_model: str | None
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+class TargetError(ValueError):
+    """No layer (or an unsupported layer) matched the requested targets."""
+
+
+def apply(
+    model: nn.Module,
+    variant: str | VariantConfig = "lora",
+    *,
+    targets: str | list[str] | None = None,
+    train_modules: list[str] | None = None,
+    **config: Any,
+) -> nn.Module:
+    """Freeze ``model`` and wrap its target layers with ``variant``'s adapter, in place; returns ``model``.
+
+    ``variant`` is a registered name (``lorakit.VARIANTS``) or a config object. ``targets`` are module-name
+    suffixes (``["query", "value"]``), a regex fully matching module names, or ``"all-linear"``.
+    ``train_modules`` (suffixes) stay fully trainable and are saved with the adapter, e.g. a new head.
+    Remaining keyword arguments are the variant's config fields (``rank=8, alpha=16, dropout=0.05``...).
+    """
+    if getattr(model, "lorakit", None) is not None:
+        raise ValueError("model already has a lorakit adapter; apply to a fresh base model, or merge first")
+    cfg = _resolve_config(variant, targets, train_modules, config)
+    variant_class = get_variant(_variant_name(variant))
+    names = find_targets(model, cfg.targets, variant_class.kinds)
+    modules = dict(model.named_modules())
+    model.requires_grad_(False)
+    info = AdapterInfo(
+        variant=variant_class.name,
+        config=cfg,
+        targets=names,
+        train_modules=_match_train_modules(model, cfg.train_modules),
+        fingerprint=fingerprint(modules[n] for n in names),
+        base_model=_base_model_name(model),
+    )
+    info.shared["shapes"] = {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
+    for name in names:
+        layer = modules[name]
+        _set_module(model, name, AdaptedLayer(layer, kind_of(layer), variant_class, cfg, info.shared))
+    for name in info.train_modules:
+        modules[name].requires_grad_(True)
+    model.lorakit = info
+    return model
+
+
+def _variant_name(variant: str | VariantConfig) -> str:
+    if isinstance(variant, str):
+        return variant
+    from lorakit.variants import VARIANTS
+
+    for name, cls in VARIANTS.items():
+        if cls.config_class is type(variant):
+            return name
+    raise ValueError(f"{type(variant).__name__} is not the config class of any registered variant")
+
+
+def _resolve_config(
+    variant: str | VariantConfig,
+    targets: str | list[str] | None,
+    train_modules: list[str] | None,
+    overrides: dict[str, Any],
+) -> VariantConfig:
+    if isinstance(variant, VariantConfig):
+        values = variant.to_dict()
+    else:
+        values = {}
+    values.update(overrides)
+    if targets is not None:
+        values["targets"] = targets
+    if train_modules is not None:
+        values["train_modules"] = train_modules
+    name = _variant_name(variant)
+    return get_variant(name).config_class.from_dict(values, name)
+
+
+def find_targets(model: nn.Module, targets: str | list[str], kinds: frozenset[str]) -> list[str]:
+    """Names of the modules ``targets`` selects, checked against the layer kinds the variant supports."""
+    adaptable = {n: kind_of(m) for n, m in model.named_modules() if n and kind_of(m) is not None}
+    if targets == "all-linear":
+        head = _output_head_names(model)
+        names = [n for n, k in adaptable.items() if k.name in MATRIX_KINDS and n not in head]
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        names = [n for n in adaptable if pattern.fullmatch(n)]
+    else:
+        names = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]
+    if not names:
+        raise TargetError(_no_match_message(targets, list(adaptable)))
+    unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n].name not in kinds]
+    if unsupported:
+        raise TargetError(
+            f"this variant cannot adapt {', '.join(unsupported[:5])}; it supports {sorted(kinds)} layers. "
+            "Narrow `targets` to supported layers."
+        )
+    return names
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {n for n, _ in model.named_modules() if n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES}
+    getter = getattr(model, "get_output_embeddings", None)
+    out = getter() if callable(getter) else None
+    heads |= {n for n, m in model.named_modules() if out is not None and m is out}
+    return heads
+
+
+def _no_match_message(targets: str | list[str], adaptable: list[str]) -> str:
+    leaves = sorted({n.split(".")[-1] for n in adaptable})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    near = sorted({m for t in wanted for m in difflib.get_close_matches(str(t).split(".")[-1], leaves, n=3)})
+    hint = f" Did you mean {near}?" if near else ""
+    return (
+        f"no layer matches targets {targets!r}.{hint} Adaptable layer names end in: {', '.join(leaves[:30])}"
+        " (pass suffixes like ['query', 'value'], a regex, or 'all-linear')"
+    )
+
+
+def _match_train_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
+    found = []
+    for suffix in suffixes:
+        hits = [n for n, _ in model.named_modules() if n and (n == suffix or n.endswith("." + suffix))]
+        if not hits:
+            raise TargetError(f"train_modules entry '{suffix}' matches no module; {_no_match_message(suffix, [])}")
+        found += hits
+    return found
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def fingerprint(layers: Iterator[nn.Module]) -> str:
+    """SHA-256 over the targeted base weights, so an adapter is never loaded onto another base."""
+    digest = hashlib.sha256()
+    for layer in layers:
+        for tensor in layer.state_dict().values():
+            data = tensor.detach().cpu().contiguous()
+            digest.update(str(tuple(data.shape)).encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+# --- queries -------------------------------------------------------------------------------------------
+def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
+    """``(name, layer)`` for every adapted layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+
+
+def info(model: nn.Module) -> AdapterInfo:
+    """The :class:`AdapterInfo` of an adapted model; a clear error for a plain one."""
+    state = getattr(model, "lorakit", None)
+    if state is None:
+        raise ValueError("model has no lorakit adapter; call lorakit.apply(model, ...) or lorakit.load first")
+    return state
+
+
+# --- merge / disable -----------------------------------------------------------------------------------
+def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight.
+
+    ``unload=True`` (default) returns the plain model: adapted layers become their base layers again and the
+    adapter is gone. ``unload=False`` merges in place and keeps the adapters, so :func:`unmerge` can undo it.
+    """
+    info(model)
+    for name, layer in adapted_layers(model):
+        layer.merge()
+        if unload:
+            _set_module(model, name, layer.base_layer)
+    if unload:
+        del model.lorakit
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge` with ``unload=False``: the base weights are restored."""
+    info(model)
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with lorakit.disabled(model):`` runs the base model (adapters bypassed, weights untouched)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot disable merged adapters; call lorakit.unmerge(model) first")
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.enabled = was
+
+
+# --- training support ----------------------------------------------------------------------------------
+def make_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
+    """The training-time rules the model's variant declares, built for a run of ``total_steps`` steps."""
+    state = info(model)
+    hook_class = get_variant(state.variant).hook
+    layers = [layer for _, layer in adapted_layers(model)]
+    return [hook_class(model, layers, total_steps)] if hook_class is not None else []
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups: each variant's groups (LoRA+ sets its own rates) plus fully trained modules.
+
+    Groups with the same settings are joined, and a tensor shared by several layers appears once.
+    """
+    state = info(model)
+    groups = [g for _, layer in adapted_layers(model) for g in layer.variant.param_groups(lr, weight_decay)]
+    modules = dict(model.named_modules())
+    extra = [p for n in state.train_modules for p in modules[n].parameters() if p.requires_grad]
+    groups.append({"params": extra, "lr": lr, "weight_decay": weight_decay})
+    merged: dict[tuple, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for group in groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        key = tuple(sorted(settings.items()))
+        target = merged.setdefault(key, {**settings, "params": []})
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                target["params"].append(p)
+    return [g for g in merged.values() if g["params"]]

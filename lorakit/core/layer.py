@@ -1,0 +1,91 @@
+"""The one wrapper around a base layer, shared by every variant and every layer kind.
+
+It freezes the base layer, gives the variant a read-only view of it (kind, shapes, ``weight_2d()``
+dequantised when the base is stored quantised, ``bias``), and implements enable/disable, merge and unmerge
+once. Merging is always explicit: ``.eval()`` never changes weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.kinds import LayerKind
+from lorakit.core.variant import Variant, VariantConfig
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen base layer plus one variant's adapter."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        kind: LayerKind,
+        variant_class: type[Variant],
+        config: VariantConfig,
+        shared: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.out_features, self.in_features = kind.shape_2d(base_layer)
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.variant = variant_class(config, self, shared)
+        self.merged = False
+        self.enabled = True
+        self.train(base_layer.training)  # a model put in eval mode before apply stays in eval mode
+
+    # --- read-only view for variants ----------------------------------------------------------------
+    def weight_2d(self) -> Tensor:
+        """The base weight as ``(out, in)`` (dequantised if stored quantised)."""
+        return self.kind.weight_2d(self.base_layer)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base weight lives (adapter parameters are created there, in fp32)."""
+        first = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()))
+        return first.device
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.merged or not self.enabled:
+            return y
+        return self.variant(x, y, self)
+
+    # --- merge / unmerge -----------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the adapter into the base weight in place (a quantised base is dequantised first)."""
+        if self.merged:
+            return
+        to_dense = getattr(self.base_layer, "to_linear", None)
+        if to_dense is not None:
+            # Re-quantising would lose the adapter's detail: merging into a 4-bit base gives a dense layer.
+            self.base_layer = to_dense()
+            self.base_layer.requires_grad_(False)
+        with torch.no_grad():
+            w0 = self.weight_2d()
+            merged = self.variant.merged_weight(w0.float(), self).to(w0.dtype)
+            self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, merged))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the base weight saved before :meth:`merge`."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = self.weight_2d()
+            restored = self.variant.unmerged_weight(w.float(), self).to(w.dtype)
+            self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, restored))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"

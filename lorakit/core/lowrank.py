@@ -1,0 +1,83 @@
+"""The low-rank path ``s * B (A dropout(x))`` with a backward that saves as little as possible.
+
+Plain autograd saves the dropped-out input (a copy of ``x``, ``N x d_in``) for every adapted layer, plus its
+mask; three adapters reading the same hidden state (query, key, value) save three copies. That is why a
+naively written LoRA step can need *more* activation memory than full fine-tuning. This function instead saves
+the original ``x`` (the very tensor the rest of the network already keeps, so no new memory), the small
+``z = A x~`` (``N x r``) and a seed from which backward regenerates the dropout mask.
+
+If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs only
+``z`` and ``dL/dx`` only ``A``, ``B`` and the regenerated mask.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lorakit.core.layer import AdaptedLayer
+
+
+def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
+    """Dropout's keep-mask scaled by ``1/(1-p)``, reproducible from ``seed``."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
+    return mask.div_(1.0 - p)
+
+
+class _LowRankFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, seed: int) -> Tensor:
+        x_in = x * _keep_mask(x, p, seed) if p > 0 else x
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        z = F.linear(x_in, a_c)  # (..., r)
+        out = F.linear(z, b_c).mul_(scale)  # (..., out)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.save_for_backward(x if a.requires_grad else None, a_c, b_c, z if b.requires_grad else None)
+        ctx.param_dtypes = (a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, a, b, z = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gz = (g @ b).mul_(ctx.scale)  # (N, r)
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(ctx.param_dtypes[1])
+        mask = None
+        if need_a:
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.p > 0:
+                mask = _keep_mask(x, ctx.p, ctx.seed)
+                x2 = (x * mask).reshape(-1, x.shape[-1])
+            grad_a = (gz.t() @ x2).to(ctx.param_dtypes[0])
+        if need_x:
+            grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
+            if ctx.p > 0:
+                shape = grad_x.shape
+                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)).reshape(shape)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def low_rank(base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool) -> Tensor:
+    """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output.
+
+    ``a``: ``(r, in)``, ``b``: ``(out, r)``. Matrix layers (Linear, GPT-2 Conv1D) use the memory-lean
+    function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
+    """
+    p = p if training else 0.0
+    if base.kind.features_last and x.is_floating_point():
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        return _LowRankFunction.apply(x, a, b, scale, p, seed)
+    if p > 0:
+        x = F.dropout(x, p, training=True)
+    dtype = x.dtype if x.is_floating_point() else a.dtype
+    z = base.kind.down(base.base_layer, x, a.to(dtype))
+    return base.kind.up(z, b.to(dtype)) * scale

@@ -1,0 +1,165 @@
+"""The variant interface: one layer's adapter parameters, its config, and its training-time rules.
+
+A variant only has to say what change it makes to a layer's ``(out, in)`` weight (:meth:`Variant.delta_weight`).
+Everything else has a correct default built on that: the forward pass, merging, unmerging, parameter groups,
+saving. Variants override a default only to be faster (a forward that never forms the delta), or because
+their paper says so (DoRA's merged weight, LoRA+'s learning rates). Rules that act during training (AdaLoRA's
+budget, Delta-LoRA's weight update, DyLoRA's rank sampling) live in a :class:`Hook` that the variant declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.kinds import ALL_KINDS
+
+if TYPE_CHECKING:
+    from lorakit.core.layer import AdaptedLayer
+
+
+class ConfigError(ValueError):
+    """A variant config field is unknown or out of range; the message names the field and the fix."""
+
+
+@dataclass
+class VariantConfig:
+    """Fields every variant shares.
+
+    ``targets``: which layers to adapt: a list of module-name suffixes, a regex (full match on the module
+    name), or ``"all-linear"`` (every linear layer except the output head). ``train_modules``: module-name
+    suffixes trained in full and saved with the adapter (e.g. a new classification head).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    train_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field ranges; subclasses extend this and call ``super().validate()``."""
+        require(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer")
+        require(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        self.train_modules = list(self.train_modules)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], variant: str = "") -> VariantConfig:
+        """Build a config, rejecting unknown fields with the list of valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            label = f" for variant '{variant}'" if variant else ""
+            raise ConfigError(f"unknown config field(s) {unknown}{label}; valid fields: {', '.join(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def require(ok: bool, name: str, value: object, expected: str) -> None:
+    """Raise :class:`ConfigError` naming the field unless ``ok`` (used by every ``validate`` method)."""
+    if not ok:
+        raise ConfigError(f"config field '{name}' = {value!r} is invalid: it must be {expected}")
+
+
+class Hook:
+    """Training-time rules of a variant, run by a training loop at fixed call points.
+
+    The order within one optimizer step is: ``on_step_start`` -> forward -> loss + ``extra_loss`` ->
+    backward (per micro-batch) -> ``on_after_backward`` -> clip + ``optimizer.step`` -> ``on_after_step``
+    -> ``zero_grad``. ``step`` counts optimizer steps from 0. A hook is built once per training run from the
+    adapted model and the run's total number of optimizer steps.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[AdaptedLayer], total_steps: int) -> None:
+        self.model = model
+        self.layers = layers
+        self.total_steps = total_steps
+
+    def on_step_start(self, step: int) -> None:
+        """Before the first micro-batch of optimizer step ``step``."""
+
+    def extra_loss(self, step: int) -> Tensor | None:
+        """A term added to the task loss of every micro-batch (e.g. AdaLoRA's orthogonality penalty)."""
+        return None
+
+    def on_after_backward(self, step: int) -> None:
+        """After all micro-batches' backward, before gradient clipping and the optimizer step."""
+
+    def on_after_step(self, step: int) -> None:
+        """After ``optimizer.step()``, before gradients are zeroed (gradients are still readable)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hook state for checkpoints (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when resuming."""
+
+
+class Variant(nn.Module):
+    """One layer's adapter. Subclasses set the class attributes and implement :meth:`delta_weight`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[VariantConfig]] = VariantConfig
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    kinds: ClassVar[frozenset[str]] = ALL_KINDS
+    hook: ClassVar[type[Hook] | None] = None
+
+    def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+        """``base`` is a read-only view of the layer (kind, shapes, weight); ``shared`` is one dict per
+        ``apply`` call, for state that all layers share (VeRA's projections)."""
+        super().__init__()
+        self.config = config
+        # Dropout acts on the adapter's input only, never on the base path; integer inputs never drop.
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind.name != "embedding" else None
+
+    def delta_weight(self) -> Tensor:
+        """The change this adapter makes to the base weight, as ``(out, in)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight()")  # abstract
+
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        """Adapted output from the input ``x`` and the base output ``y``. Default: ``y + op(x~, dW)``."""
+        delta = self.delta_weight().to(y.dtype)
+        return y + base.kind.op(base.base_layer, self.drop(x).to(y.dtype), delta)
+
+    def drop(self, x: Tensor) -> Tensor:
+        return self.dropout(x) if self.dropout is not None else x
+
+    def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
+        """The ``(out, in)`` weight that reproduces the adapted layer. Default ``W0 + dW``."""
+        return w0 + self.delta_weight().to(w0.dtype)
+
+    def unmerged_weight(self, w: Tensor, base: AdaptedLayer) -> Tensor:
+        """Inverse of :meth:`merged_weight`."""
+        return w - self.delta_weight().to(w.dtype)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups for this adapter's trainable parameters. Default: one group at ``lr``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Tensors saved with the adapter. Default: the module's state dict (params and persistent buffers)."""
+        return dict(self.state_dict())
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`adapter_state` output (shapes must match unless a variant resizes itself)."""
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise ValueError(f"adapter file lacks tensors {sorted(missing)}; it was saved by another variant")
+        with torch.no_grad():
+            for key, value in self.state_dict(keep_vars=True).items():
+                value.copy_(state[key])

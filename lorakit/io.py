@@ -1,0 +1,151 @@
+"""Saving and loading adapters: ``adapter.json`` (what and where) + ``adapter.safetensors`` (tensors only).
+
+Only safetensors is read, so loading an adapter never unpickles anything. A tensor shared by several layers
+(VeRA's projections, LoRA-drop's shared pairs) is stored once and listed under ``"tied"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lorakit.api import adapted_layers, apply, info
+from lorakit.variants import get_variant
+
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "lorakit-adapter"
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory is missing, unreadable, or does not fit the model."""
+
+
+def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the model's adapter (and fully trained modules) to ``directory``; returns the directory.
+
+    Refuses to replace an existing adapter unless ``overwrite=True``; files are written to a temporary name
+    and renamed, so an interrupted save never leaves a half-written adapter behind.
+    """
+    from lorakit import __version__
+
+    state = info(model)
+    out = Path(directory)
+    if (out / CONFIG_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds an adapter; choose another directory or pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, tied = _collect_tensors(model)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lorakit_version": __version__,
+        "variant": state.variant,
+        "config": state.config.to_dict(),
+        "base_model": state.base_model,
+        "fingerprint": state.fingerprint,
+        "targets": state.targets,
+        "train_modules": state.train_modules,
+        "tied": tied,
+    }
+    _atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    _atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All adapter tensors by key, each storage once; ``tied`` maps repeated keys to the stored key."""
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first_key: dict[int, str] = {}
+    items = [(f"{n}.{k}", t) for n, layer in adapted_layers(model) for k, t in layer.variant.adapter_state().items()]
+    modules = dict(model.named_modules())
+    items += [(f"{n}.{k}", t) for n in info(model).train_modules for k, t in modules[n].state_dict().items()]
+    for key, tensor in items:
+        ident = id(tensor) if tensor.is_sparse else tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+        if ident in first_key and tensors[first_key[ident]].shape == tensor.shape:
+            tied[key] = first_key[ident]
+            continue
+        first_key[ident] = key
+        tensors[key] = tensor.detach().contiguous().cpu()
+    return tensors, tied
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adapter.json`` of ``directory``, checked for format and variant."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} is not a lorakit adapter directory (no {CONFIG_FILE}); pass the "
+                               "directory that lorakit.save or `lorakit train` wrote")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"cannot read {path}: {err}; re-save the adapter") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{path} is not a lorakit adapter file (format={meta.get('format')!r})")
+    get_variant(meta["variant"])
+    return meta
+
+
+def load(model: nn.Module, directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> nn.Module:
+    """Apply the adapter saved in ``directory`` to the base ``model`` and fill its tensors; returns ``model``.
+
+    Refuses a base whose targeted weights differ from those the adapter was trained on.
+    """
+    meta = read_meta(directory)
+    config_cls = get_variant(meta["variant"]).config_class
+    config = config_cls.from_dict(meta["config"], meta["variant"])
+    apply(model, config)
+    state = info(model)
+    if state.fingerprint != meta["fingerprint"]:
+        _undo_apply(model)
+        raise AdapterFileError(
+            f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
+            "its weights do not match this model's. Load it onto the base it was trained on."
+        )
+    weights_path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
+    except Exception as err:  # safetensors raises its own error types
+        _undo_apply(model)
+        raise AdapterFileError(f"cannot read {weights_path}: {err}") from None
+    for alias, key in meta.get("tied", {}).items():
+        tensors[alias] = tensors[key]
+    _fill(model, tensors)
+    return model
+
+
+def _fill(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    for name, layer in adapted_layers(model):
+        prefix = name + "."
+        layer.variant.load_adapter_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    modules = dict(model.named_modules())
+    for name in info(model).train_modules:
+        prefix = name + "."
+        modules[name].load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def _undo_apply(model: nn.Module) -> None:
+    from lorakit.api import _set_module
+
+    for name, layer in adapted_layers(model):
+        _set_module(model, name, layer.base_layer)
+    del model.lorakit
