@@ -132,7 +132,9 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: frozenset[st
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
-    heads = {n for n, _ in model.named_modules() if n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES}
+    heads = {
+        n for n, _ in model.named_modules() if n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES
+    }
     getter = getattr(model, "get_output_embeddings", None)
     out = getter() if callable(getter) else None
     heads |= {n for n, m in model.named_modules() if out is not None and m is out}
@@ -155,7 +157,9 @@ def _match_train_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
     for suffix in suffixes:
         hits = [n for n, _ in model.named_modules() if n and (n == suffix or n.endswith("." + suffix))]
         if not hits:
-            raise TargetError(f"train_modules entry '{suffix}' matches no module; {_no_match_message(suffix, [])}")
+            raise TargetError(
+                f"train_modules entry '{suffix}' matches no module; {_no_match_message(suffix, [])}"
+            )
         found += hits
     return found
 
@@ -233,7 +237,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
+        for layer, was in zip(layers, previous, strict=True):
             layer.enabled = was
 
 

@@ -40,7 +40,9 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     state = info(model)
     out = Path(directory)
     if (out / CONFIG_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds an adapter; choose another directory or pass overwrite=True")
+        raise FileExistsError(
+            f"{out} already holds an adapter; choose another directory or pass overwrite=True"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tensors, tied = _collect_tensors(model)
     meta: dict[str, Any] = {
@@ -65,11 +67,17 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
     tensors: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
     first_key: dict[int, str] = {}
-    items = [(f"{n}.{k}", t) for n, layer in adapted_layers(model) for k, t in layer.variant.adapter_state().items()]
+    items = [
+        (f"{n}.{k}", t)
+        for n, layer in adapted_layers(model)
+        for k, t in layer.variant.adapter_state().items()
+    ]
     modules = dict(model.named_modules())
     items += [(f"{n}.{k}", t) for n in info(model).train_modules for k, t in modules[n].state_dict().items()]
     for key, tensor in items:
-        ident = id(tensor) if tensor.is_sparse else tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+        ident = (
+            id(tensor) if tensor.is_sparse else tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+        )
         if ident in first_key and tensors[first_key[ident]].shape == tensor.shape:
             tied[key] = first_key[ident]
             continue
@@ -93,8 +101,10 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``adapter.json`` of ``directory``, checked for format and variant."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise AdapterFileError(f"{directory} is not a lorakit adapter directory (no {CONFIG_FILE}); pass the "
-                               "directory that lorakit.save or `lorakit train` wrote")
+        raise AdapterFileError(
+            f"{directory} is not a lorakit adapter directory (no {CONFIG_FILE}); pass the "
+            "directory that lorakit.save or `lorakit train` wrote"
+        )
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -105,7 +115,9 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load(model: nn.Module, directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> nn.Module:
+def load(
+    model: nn.Module, directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+) -> nn.Module:
     """Apply the adapter saved in ``directory`` to the base ``model`` and fill its tensors; returns ``model``.
 
     Refuses a base whose targeted weights differ from those the adapter was trained on.
@@ -121,26 +133,42 @@ def load(model: nn.Module, directory: str | os.PathLike[str], *, device: str | t
             f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
             "its weights do not match this model's. Load it onto the base it was trained on."
         )
-    weights_path = Path(directory) / WEIGHTS_FILE
     try:
-        tensors = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
-    except Exception as err:  # safetensors raises its own error types
+        tensors = load_tensors(directory, device=device)
+    except AdapterFileError:
         _undo_apply(model)
-        raise AdapterFileError(f"cannot read {weights_path}: {err}") from None
-    for alias, key in meta.get("tied", {}).items():
-        tensors[alias] = tensors[key]
+        raise
     _fill(model, tensors)
     return model
+
+
+def load_tensors(
+    directory: str | os.PathLike[str], *, device: str | torch.device | None = None
+) -> dict[str, Tensor]:
+    """The adapter tensors saved in ``directory``, with tied keys pointing at their one stored tensor."""
+    meta = read_meta(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+    except Exception as err:  # safetensors raises its own error types
+        raise AdapterFileError(f"cannot read {path}: {err}; re-save the adapter") from None
+    for alias, key in meta.get("tied", {}).items():
+        tensors[alias] = tensors[key]
+    return tensors
 
 
 def _fill(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     for name, layer in adapted_layers(model):
         prefix = name + "."
-        layer.variant.load_adapter_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        layer.variant.load_adapter_state(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
     modules = dict(model.named_modules())
     for name in info(model).train_modules:
         prefix = name + "."
-        modules[name].load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        modules[name].load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
 
 
 def _undo_apply(model: nn.Module) -> None:

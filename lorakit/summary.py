@@ -34,7 +34,9 @@ class Summary:
         lines = [f"{'layer':<{width}}  {'kind':<12} {'(out, in)':>14} {'trainable':>10}"]
         for r in self.layers:
             lines.append(f"{r.name:<{width}}  {r.kind:<12} {str(r.shape):>14} {r.trainable:>10,}")
-        lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.3f}%)")
+        lines.append(
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.3f}%)"
+        )
         return "\n".join(lines)
 
 

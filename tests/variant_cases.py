@@ -7,6 +7,21 @@ from typing import Any
 # Variants not listed here use {"rank": 4}. Keep these small and fast.
 CASES: dict[str, dict[str, Any]] = {
     "lora": {"rank": 4, "alpha": 8.0},
+    # dropout > 0 exercises the seeded-mask backward that saves no input with A frozen.
+    "lora_fa": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "precondition": True},
+    # start_step=-1 switches the stop-gradient term on from the start, so merge and save/load cover it.
+    "delta_lora": {"rank": 4, "alpha": 8.0, "lam": 0.5, "start_step": -1},
+    "lora_plus": {"rank": 4, "alpha": 8.0, "ratio": 4.0},
+    # s = alpha/r = 1.5, so a scale applied twice on merge (the LyCORIS bug) would break merge == forward.
+    "loha": {"rank": 4, "alpha": 6.0},
+    # rank 1 makes W2 low rank on every kind and, with decompose_both, W1 too on linear/Conv1D/embedding.
+    "lokr": {"rank": 1, "alpha": 3.0, "decompose_both": True},
+    # dropout > 0: training runs the extra base op W0 x~ (eval reuses y); s = 2 so a missed scale shows.
+    "dora": {"rank": 4, "alpha": 8.0, "dropout": 0.1},
+    # projections larger than the layer, so every kind uses a strict top-left slice of the shared A, B.
+    "vera": {"rank": 4, "d_initial": 0.5, "projection_shape": [16, 64]},
+    # s = alpha/init_r = 2; a hook run with this config masks from step 2 and fixes rank 2 at step 6.
+    "adalora": {"init_r": 6, "target_r": 2, "alpha": 12.0, "t_init": 1, "t_final": 2, "total_steps": 8},
 }
 
 

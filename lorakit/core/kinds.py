@@ -6,8 +6,10 @@ variants only ever see ``(out, in)`` matrices:
 
 - ``nn.Linear``: weight ``(out, in)``; the view is the weight itself.
 - transformers' GPT-2 ``Conv1D``: weight stored ``(in, out)``; the view is its transpose.
-- ``nn.Conv1d/2d/3d``: weight ``(out, in/groups, *k)``; the view flattens the kernel, ``(out, in/groups * k)``.
-- ``nn.Embedding``: weight ``(num, dim)`` computes ``y = W[x]`` = ``W^T onehot(x)``; the view is ``(dim, num)``.
+- ``nn.Conv1d/2d/3d``: weight ``(out, in/groups, *k)``; the view flattens the kernel:
+  ``(out, in/groups * k)``.
+- ``nn.Embedding``: weight ``(num, dim)`` computes ``y = W[x] = W^T onehot(x)``: the view is
+  ``(dim, num)``.
 
 ``down(x, A)`` applies an ``(r, in)`` factor as a layer of the same kind with ``r`` outputs (same stride,
 padding, padding_idx); ``up(z, B)`` applies an ``(out, r)`` factor as a 1x1 map on the channel dimension.
@@ -16,8 +18,8 @@ Then ``op(x, B @ A) == up(down(x, A), B)`` and a variant never needs to form ``B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,8 @@ naively written LoRA step can need *more* activation memory than full fine-tunin
 the original ``x`` (the very tensor the rest of the network already keeps, so no new memory), the small
 ``z = A x~`` (``N x r``) and a seed from which backward regenerates the dropout mask.
 
-If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs only
-``z`` and ``dL/dx`` only ``A``, ``B`` and the regenerated mask.
+If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs
+only ``z`` and ``dL/dx`` only ``A``, ``B`` and the regenerated mask.
 """
 
 from __future__ import annotations
@@ -62,18 +62,24 @@ class _LowRankFunction(torch.autograd.Function):
             grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
             if ctx.p > 0:
                 shape = grad_x.shape
-                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)).reshape(shape)
+                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)).reshape(
+                    shape
+                )
         return grad_x, grad_a, grad_b, None, None, None
 
 
-def low_rank(base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool) -> Tensor:
+def low_rank(
+    base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool
+) -> Tensor:
     """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output.
 
     ``a``: ``(r, in)``, ``b``: ``(out, r)``. Matrix layers (Linear, GPT-2 Conv1D) use the memory-lean
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
     """
     p = p if training else 0.0
-    if base.kind.features_last and x.is_floating_point():
+    # Under torch.func transforms (per-sample gradients for DP) plain autograd is used: the custom
+    # function has no vmap rule, and its seeded mask would be shared across the vmapped examples.
+    if base.kind.features_last and x.is_floating_point() and not torch._C._are_functorch_transforms_active():
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
     if p > 0:

@@ -1,6 +1,7 @@
 """The variant interface: one layer's adapter parameters, its config, and its training-time rules.
 
-A variant only has to say what change it makes to a layer's ``(out, in)`` weight (:meth:`Variant.delta_weight`).
+A variant only has to say what change it makes to a layer's ``(out, in)`` weight
+(:meth:`Variant.delta_weight`).
 Everything else has a correct default built on that: the forward pass, merging, unmerging, parameter groups,
 saving. Variants override a default only to be faster (a forward that never forms the delta), or because
 their paper says so (DoRA's merged weight, LoRA+'s learning rates). Rules that act during training (AdaLoRA's
@@ -124,7 +125,9 @@ class Variant(nn.Module):
         super().__init__()
         self.config = config
         # Dropout acts on the adapter's input only, never on the base path; integer inputs never drop.
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind.name != "embedding" else None
+        self.dropout = (
+            nn.Dropout(config.dropout) if config.dropout > 0 and base.kind.name != "embedding" else None
+        )
 
     def delta_weight(self) -> Tensor:
         """The change this adapter makes to the base weight, as ``(out, in)``."""
@@ -133,7 +136,8 @@ class Variant(nn.Module):
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         """Adapted output from the input ``x`` and the base output ``y``. Default: ``y + op(x~, dW)``."""
         delta = self.delta_weight().to(y.dtype)
-        return y + base.kind.op(base.base_layer, self.drop(x).to(y.dtype), delta)
+        x = self.drop(x).to(y.dtype) if x.is_floating_point() else x  # embedding inputs stay integer ids
+        return y + base.kind.op(base.base_layer, x, delta)
 
     def drop(self, x: Tensor) -> Tensor:
         return self.dropout(x) if self.dropout is not None else x
@@ -152,7 +156,7 @@ class Variant(nn.Module):
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
 
     def adapter_state(self) -> dict[str, Tensor]:
-        """Tensors saved with the adapter. Default: the module's state dict (params and persistent buffers)."""
+        """Tensors saved with the adapter. Default: the state dict (parameters and persistent buffers)."""
         return dict(self.state_dict())
 
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:

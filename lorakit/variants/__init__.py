@@ -7,10 +7,26 @@ benchmarks and the README table pick it up from here.
 from __future__ import annotations
 
 from lorakit.core.variant import Variant
+from lorakit.variants.adalora import AdaLoRA
+from lorakit.variants.delta_lora import DeltaLoRA
+from lorakit.variants.dora import DoRA
+from lorakit.variants.loha import LoHa
+from lorakit.variants.lokr import LoKr
 from lorakit.variants.lora import LoRA
+from lorakit.variants.lora_fa import LoRAFA
+from lorakit.variants.lora_plus import LoRAPlus
+from lorakit.variants.vera import VeRA
 
 VARIANTS: dict[str, type[Variant]] = {
     "lora": LoRA,
+    "lora_fa": LoRAFA,
+    "delta_lora": DeltaLoRA,
+    "lora_plus": LoRAPlus,
+    "loha": LoHa,
+    "lokr": LoKr,
+    "dora": DoRA,
+    "vera": VeRA,
+    "adalora": AdaLoRA,
 }
 
 

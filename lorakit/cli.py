@@ -1,0 +1,138 @@
+"""The ``lorakit`` command: list, train, eval, merge."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import lorakit
+from lorakit.cliargs import add_job_flags, job_from_args
+
+JOB_FILE = "job.json"
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    rows = [(name, cls.__name__, cls.paper, cls.summary) for name, cls in lorakit.VARIANTS.items()]
+    width = max(len(r[0]) for r in rows)
+    for name, cls_name, paper, summary in rows:
+        print(f"{name:<{width}}  {cls_name:<10} {paper:<18} {summary}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lorakit.train.job import check_output_dir, run_job
+
+    job = job_from_args(args)
+    out = check_output_dir(job)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JOB_FILE).write_text(json.dumps(dataclasses.asdict(job), indent=2) + "\n")
+    print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")
+    result = run_job(job)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"done: {metrics or 'no evaluation data'}; final train loss {result.final_loss:.4f}")
+    print(f"trainable parameters {result.trainable:,} of {result.total:,}; {result.seconds:.1f} s training")
+    print(f"adapter saved to {result.adapter_dir}")
+
+
+def _saved_job(adapter: str):
+    from lorakit.train.job import DataConfig, JobConfig
+    from lorakit.train.loop import TrainConfig
+
+    path = Path(adapter) / JOB_FILE
+    meta = lorakit.io.read_meta(adapter)
+    if not path.is_file():
+        return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"])
+    raw = json.loads(path.read_text())
+    return JobConfig(**{**raw, "data": DataConfig(**raw["data"]), "train": TrainConfig(**raw["train"])})
+
+
+def _load_adapted(adapter: str):
+    from lorakit.train.models import load_model
+
+    job = _saved_job(adapter)
+    model, tokenizer = load_model(job.model, job.task, job.num_labels)
+    if job.quantize:
+        from lorakit.quant_api import quantize
+
+        quantize(model, job.quantize)
+    lorakit.load(model, adapter)
+    return job, model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lorakit.train import data as D
+    from lorakit.train.job import evaluate
+
+    job, model, tokenizer = _load_adapted(args.adapter)
+    source = args.data or job.data.eval_data or ("demo" if job.data.data == "demo" else None)
+    if source is None:
+        raise ValueError("no evaluation data: pass --data PATH")
+    job.data.eval_data, job.data.data = source, source
+    rows = D.read_rows(source, split="test")
+    d = job.data
+    if job.task == "classification":
+        data = D.tokenize_classification(rows, tokenizer, d.text_column, d.label_column, d.max_length, source)
+    else:
+        data = D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
+    if args.all_ranks:
+        from lorakit.variants.dylora import evaluate_all_ranks
+
+        table = evaluate_all_ranks(model, lambda m: evaluate(m, data, d.eval_batch_size))
+        print("rank  " + "  ".join(f"{k:>10}" for k in next(iter(table.values()))))
+        for rank, metrics in table.items():
+            print(f"{rank:>4}  " + "  ".join(f"{v:>10.4f}" for v in metrics.values()))
+        return
+    metrics = evaluate(model, data, d.eval_batch_size)
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new directory for the merged model")
+    _, model, tokenizer = _load_adapted(args.adapter)
+    merged = lorakit.merge(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"merged model saved to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune models with the LoRA family.")
+    parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the variants").set_defaults(func=cmd_list)
+    train = sub.add_parser(
+        "train", help="fine-tune a model with a variant", formatter_class=argparse.HelpFormatter
+    )
+    add_job_flags(train)
+    train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="evaluate a saved adapter")
+    ev.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
+    ev.add_argument("--data", help="evaluation data (default: the job's evaluation data)")
+    ev.add_argument("--all-ranks", action="store_true", help="DyLoRA: evaluate every rank 1..R")
+    ev.set_defaults(func=cmd_eval)
+    merge = sub.add_parser("merge", help="fold an adapter into its base and save the plain model")
+    merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
+    merge.add_argument("--out", required=True, help="new directory for the merged model (safetensors)")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Command-line flags generated from the job dataclasses, and YAML configs checked against them.
+
+Each field's trailing comment in its dataclass is its ``--help`` text, so settings are documented once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.train.job import DataConfig, JobConfig
+from lorakit.train.loop import TrainConfig
+
+SECTIONS: dict[str, type] = {"": JobConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))
+
+
+def _leaf_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
+    """Flag name -> (section, field, annotated type) for every non-nested field."""
+    leaves = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (DataConfig, TrainConfig):
+                continue
+            leaves[f.name] = (section, f, hints[f.name])
+    return leaves
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per job setting; unset flags stay absent so YAML values and defaults show through."""
+    parser.add_argument("--config", help="YAML file with job settings (flags given here override it)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a variant config field, e.g. --set ratio=16 (repeatable)",
+    )
+    for name, (section, f, hint) in _leaf_fields().items():
+        if name == "options":
+            continue
+        helps = _field_help(SECTIONS[section])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{helps.get(name, name)} (default: {default})"
+        flag = "--" + name.replace("_", "-")
+        if hint is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
+        elif name == "targets":
+            parser.add_argument(flag, dest=name, type=_targets, default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(
+                flag, dest=name, type=_scalar_type(hint), default=argparse.SUPPRESS, help=text
+            )
+
+
+def _scalar_type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return base if base in (int, float, str) else str
+
+
+def _targets(text: str) -> str | list[str]:
+    """'all-linear', a regex (contains regex syntax), or comma-separated module-name suffixes."""
+    if text == "all-linear" or re.search(r"[\\^$*+?()\[\]|]", text):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(_read_yaml(Path(args.config)))
+    leaves = _leaf_fields()
+    values.update({k: v for k, v in vars(args).items() if k in leaves})
+    options = dict(values.pop("options", {}) or {})
+    for item in getattr(args, "set", []) or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got '{item}'")
+        options[key.strip()] = yaml.safe_load(raw)
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in values.items():
+        sections[leaves[name][0]][name] = value
+    return JobConfig(
+        **sections[""],
+        options=options,
+        data=DataConfig(**sections["data"]),
+        train=TrainConfig(**sections["train"]),
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read config {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path} must be a mapping of settings")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("data", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = set(_leaf_fields())
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(
+            f"config {path}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
+        )
+    if isinstance(flat.get("targets"), str):
+        flat["targets"] = _targets(flat["targets"])
+    return flat

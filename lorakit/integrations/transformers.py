@@ -1,0 +1,82 @@
+"""Run lorakit's training rules inside a ``transformers.Trainer``.
+
+``LorakitTrainer`` is a drop-in ``Trainer`` for an adapted model: it builds the optimizer from the variants'
+parameter groups (LoRA+ rates), adds the hooks' extra losses (AdaLoRA's orthogonality penalty) and runs every
+hook at the same call points as lorakit's own loop, through :class:`LorakitCallback`::
+
+    trainer = LorakitTrainer(model=lorakit.apply(model, "adalora"), args=args, train_dataset=ds)
+    trainer.train()
+
+The callback maps Trainer events to hook call points: ``on_step_begin`` -> ``on_step_start``,
+``on_pre_optimizer_step`` -> ``on_after_backward``, ``on_optimizer_step`` (after ``optimizer.step``, before
+gradients are zeroed) -> ``on_after_step``. ``state.global_step`` is the optimizer-step index in all three.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+import lorakit
+from lorakit.core.variant import Hook
+
+
+class LorakitCallback(TrainerCallback):
+    """Drives the adapted model's hooks from Trainer events (use :class:`LorakitTrainer` for extra losses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.hooks: list[Hook] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.hooks = lorakit.make_hooks(self.model, state.max_steps)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for hook in self.hooks:
+            hook.on_step_start(state.global_step)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for hook in self.hooks:
+            hook.on_after_backward(state.global_step)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for hook in self.hooks:
+            hook.on_after_step(state.global_step)
+
+    def extra_loss(self, step: int) -> Tensor | None:
+        terms = [t for t in (hook.extra_loss(step) for hook in self.hooks) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+
+class LorakitTrainer(Trainer):
+    """A ``Trainer`` that runs lorakit's hooks, adds their losses and uses the variants' parameter groups."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lorakit_callback = LorakitCallback(self.model)
+        self.add_callback(self.lorakit_callback)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            groups = lorakit.param_groups(self.model, self.args.learning_rate, self.args.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                weight_decay=self.args.weight_decay,
+            )
+        return self.optimizer
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss, outputs = result if return_outputs else (result, None)
+        extra = self.lorakit_callback.extra_loss(self.state.global_step) if model.training else None
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,143 @@
+"""AdaLoRA: SVD-form updates whose rank budget moves to important matrices. Zhang et al., 2023,
+arXiv:2303.10512.
+
+``dW = s * P diag(E) Q`` (Eq. 3) with ``Q (r, d_in)``, ``P (d_out, r)``, ``E (r,)`` and ``s = alpha / init_r``
+(constant, not the live rank). The forward never forms ``dW``: ``y + s * ((x~ Q^T) * E) P^T``.
+
+Training rules run in the hook (:mod:`lorakit.variants.adalora_budget`), so there is nothing to call by hand:
+the penalty ``gamma * mean(||Q Q^T - I||_F, ||P^T P - I||_F)`` (mean over every P and every Q, as the
+authors' code and PEFT) joins the loss; after each optimizer step the importance scores update and ``E`` is
+masked globally to the cubic budget. From step ``T - t_final`` the mask is final and re-applied every step;
+pruned triplets then leave the forward, the penalty and the saved file, which loads resized.
+
+``E = 0`` at init (``P, Q ~ N(0, 0.02^2)``), so ``dW = 0`` and the adapted model equals the base at step 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.lowrank import low_rank
+from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.variants.adalora_budget import AdaLoRAHook
+
+
+@dataclass
+class AdaLoRAConfig(VariantConfig):
+    """AdaLoRA. ``init_r``: starting rank per matrix (``rank`` mirrors it: leave ``rank`` unset).
+    ``target_r``: average final rank (final budget ``target_r * n_matrices``). ``t_init``/``t_final``: steps
+    before the budget falls / with the final mask. ``delta_t``: mask every ``delta_t`` steps.
+    ``beta1``/``beta2``: EMA factors of sensitivity / uncertainty. ``orth_reg_weight``: gamma (authors'
+    scripts 0.1; PEFT's default 0.5). ``total_steps``: T (None: the run's total steps given to the hook)."""
+
+    rank: int = 0
+    init_r: int = 12
+    target_r: int = 8
+    t_init: int = 0
+    t_final: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    total_steps: int | None = None
+
+    def validate(self) -> None:
+        require(isinstance(self.init_r, int) and self.init_r > 0, "init_r", self.init_r, "a positive integer")
+        self.rank = self.init_r if self.rank == 0 else self.rank
+        require(self.rank == self.init_r, "rank", self.rank, f"unset or init_r = {self.init_r} (set init_r)")
+        super().validate()
+        ok = isinstance(self.target_r, int) and 1 <= self.target_r <= self.init_r
+        require(ok, "target_r", self.target_r, f"an integer in [1, init_r = {self.init_r}]")
+        for name in ("t_init", "t_final"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, name, value, "an integer >= 0")
+        ok = isinstance(self.delta_t, int) and self.delta_t >= 1
+        require(ok, "delta_t", self.delta_t, "a positive integer")
+        require(0 < self.beta1 < 1, "beta1", self.beta1, "in (0, 1)")
+        require(0 < self.beta2 < 1, "beta2", self.beta2, "in (0, 1)")
+        require(self.orth_reg_weight >= 0, "orth_reg_weight", self.orth_reg_weight, "a number >= 0")
+        if self.total_steps is not None:
+            self.check_schedule(self.total_steps)
+
+    def check_schedule(self, total: int) -> None:
+        warm = self.t_init + self.t_final
+        ok = isinstance(total, int) and warm < total
+        require(ok, "total_steps", total, f"an integer > t_init + t_final = {warm} (steps to prune in)")
+
+
+class AdaLoRA(Variant):
+    """``dW = (alpha / init_r) P diag(E) Q``; E is masked by :class:`AdaLoRAHook`."""
+
+    name = "adalora"
+    config_class = AdaLoRAConfig
+    summary = "SVD-form P diag(E) Q whose rank budget is pruned globally by importance during training"
+    paper = "arXiv:2303.10512"
+    hook = AdaLoRAHook
+
+    def __init__(self, config: AdaLoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+        super().__init__(config, base, shared)
+        r = config.init_r
+        self.Q = nn.Parameter(torch.empty(r, base.in_features, device=base.device))  # (r, in) right vectors
+        self.E = nn.Parameter(torch.zeros(r, device=base.device))  # (r,) singular values
+        self.P = nn.Parameter(torch.empty(base.out_features, r, device=base.device))  # (out, r) left vectors
+        nn.init.normal_(self.Q, std=0.02)
+        nn.init.normal_(self.P, std=0.02)
+        self.scale = config.alpha / config.init_r
+        self.register_buffer("keep", None, persistent=False)  # (r_live,) indices once the mask is final
+
+    def triplets(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(E, Q, P)`` of the triplets that exist: all until the mask is final, then the live ones."""
+        if self.keep is None:
+            return self.E, self.Q, self.P
+        return self.E[self.keep], self.Q[self.keep], self.P[:, self.keep]
+
+    def delta_weight(self) -> Tensor:
+        e, q, p = self.triplets()
+        return self.scale * (p @ (e[:, None] * q))
+
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        e, q, p = self.triplets()
+        if e.shape[0] == 0:  # global masking can prune every triplet of a matrix
+            return y
+        drop = self.config.dropout if self.dropout is not None else 0.0
+        return y + low_rank(base, x, e[:, None] * q, p, self.scale, drop, self.training).to(y.dtype)
+
+    def fix(self, live: Tensor) -> None:
+        """Make the mask final. A variant loaded resized (``live.sum()`` triplets, when resuming) is first
+        spread back to ``len(live)`` with pruned triplets zero, so the optimizer's state fits again."""
+        idx = live.nonzero().flatten()
+        if self.E.shape[0] != live.numel():
+            self._resize(live.numel(), {"E": self.E, "Q": self.Q, "P": self.P}, idx)
+        self.keep = idx
+        self.E.data.masked_fill_(~live, 0.0)
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        e, q, p = self.triplets()
+        return {"E": e.detach(), "Q": q.detach(), "P": p.detach()}
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        """Load ``E, Q, P`` of any rank; the variant resizes to the saved (live) rank."""
+        if {"E", "Q", "P"} - set(state):
+            raise ValueError(f"adapter file lacks AdaLoRA tensors E, Q, P (has {sorted(state)})")
+        self._resize(state["E"].shape[0], state, torch.arange(state["E"].shape[0], device=self.E.device))
+        self.keep = None
+
+    def _resize(self, r: int, source: dict[str, Tensor], idx: Tensor) -> None:
+        # Replace .data in place: the Parameter objects (and an optimizer's references to them) stay.
+        for name, dim in (("E", 0), ("Q", 0), ("P", 1)):
+            param: nn.Parameter = getattr(self, name)
+            shape = list(param.shape)
+            shape[dim] = r
+            full = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            param.data = full.index_copy_(dim, idx, source[name].detach().to(full))
+
+
+def rank_pattern(model: nn.Module) -> dict[str, int]:
+    """Rank per adapted layer: ``init_r`` until the mask is final, then the live triplets each layer kept."""
+    layers = [(n, m.variant) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    return {n: v.triplets()[0].shape[0] for n, v in layers if isinstance(v, AdaLoRA)}

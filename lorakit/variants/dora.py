@@ -1,0 +1,131 @@
+"""DoRA: weight-decomposed low-rank adaptation. Liu et al., 2024, arXiv:2402.09353.
+
+``V = W0 + s B A`` (LoRA, ``s = alpha / r``) and ``W' = m * V / ||V||_row`` (Eq. 5): a trainable magnitude
+``m (d_out,)`` times the unit direction of each output row. Rows are rows of the ``(out, in)`` view, so the
+norm is over all but the output dim for every kind (over the vocabulary for embeddings, as PEFT does). The
+norm is detached (Sec. 4.3): A and B get gradients only through the numerator.
+
+Forward without forming ``W'``: with ``c = m / ||V||_row``, ``W' x~ = c * (W0 x~ + s B A x~)``, so
+``y' = y + (c - 1) * (W0 x~) + c * s B A x~``. Without dropout ``W0 x = y - b0`` is reused; with dropout
+``W0 x~`` costs one extra base op on the dropped input. The row norm never forms a ``d_out x d_in`` product:
+``||V_i||^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2`` with ``(out, r)`` temporaries only.
+
+Step 0: ``B = 0`` (``A = 0`` for embeddings) and ``m = ||W0||_row``, so ``c = 1`` and ``W' = W0`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.lowrank import low_rank
+from lorakit.variants.lora import LoRA, LoRAConfig
+
+_ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA: the LoRA fields (rank, alpha, dropout, rslora); the magnitude needs no settings."""
+
+    def validate(self) -> None:
+        super().validate()
+
+
+def _key(*tensors: Tensor) -> tuple | None:
+    # Identifies tensor contents: in-place updates (optimizer steps, loads, merges) bump ``_version``.
+    # None under torch.func transforms (wrapped tensors have no storage): nothing is cached there.
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def w0_sq_norms(w0: Tensor) -> Tensor:
+    """``||W0_i||^2`` per row in fp32, ``(out,)``."""
+    return torch.cat([rows.float().square().sum(1) for rows in w0.split(_ROWS)])
+
+
+@torch.no_grad()
+def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """``||W0 + s B A||_row`` in fp32, never forming ``B A``: ``w0 (out, in)``, ``a (r, in)``, ``b (out, r)``.
+
+    Called under no_grad: the norm is a constant for autograd (paper Sec. 4.3)."""
+    a, b = a.float(), b.float()
+    w0a = torch.cat([rows.float() @ a.t() for rows in w0.split(_ROWS)])  # (out, r) = W0 A^T
+    rowdot = (w0a * b).sum(1)  # <W0_i, (BA)_i> = (B A W0^T)_ii
+    ba_sq = ((b @ (a @ a.t())) * b).sum(1)  # ||(BA)_i||^2 = (B A A^T B^T)_ii
+    norm = (w0_sq + 2 * s * rowdot + s * s * ba_sq).clamp_min(0).sqrt()
+    # An all-zero row has no direction: divide by 1 instead of 0 (its output stays exactly zero, no NaN).
+    return norm.masked_fill(norm == 0, 1.0)
+
+
+class DoRA(LoRA):
+    """``W' = m * (W0 + s B A) / ||W0 + s B A||_row`` (norm detached)."""
+
+    name = "dora"
+    config_class = DoRAConfig
+    summary = "LoRA direction plus a trainable per-row magnitude m; W' = m V / ||V||_row"
+    paper = "arXiv:2402.09353"
+
+    def __init__(self, config: DoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+        super().__init__(config, base, shared)
+        # Caches are plain attributes, not buffers: they derive from the base weight and A, B, so they are
+        # rebuilt after a load or a dtype/device move and never enter the adapter file.
+        self._w0_sq: tuple[tuple, Tensor] | None = None  # ||W0||^2_row, keyed on the base weight
+        self._eval_norm: tuple[tuple, Tensor] | None = None  # ||V||_row in eval mode, keyed on W0, A, B
+        self._merge_state: tuple[Tensor, Tensor, Tensor] | None = None  # (norm, rows with m = 0, their W0)
+        # m = ||W0||_row, bit-equal to the forward's norm at step 0 (B A = 0 there), so c = 1 exactly.
+        self.m = nn.Parameter(self.w0_sq(base.weight_2d(), base).sqrt())  # (out,)
+
+    def w0_sq(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
+        key = _key(base.base_layer.weight)
+        if key is None:
+            return w0_sq_norms(w0)
+        if self._w0_sq is None or self._w0_sq[0] != key:
+            self._w0_sq = (key, w0_sq_norms(w0))
+        return self._w0_sq[1]
+
+    def weight_norm(self, base: AdaptedLayer) -> Tensor:
+        """``||W0 + s B A||_row`` (fp32, detached, ``(out,)``); cached in eval mode until W0, A, B change."""
+        key = None if self.training else _key(base.base_layer.weight, self.A, self.B)  # training: A, B move
+        if key is not None and self._eval_norm is not None and self._eval_norm[0] == key:
+            return self._eval_norm[1]
+        w0 = base.weight_2d()
+        norm = row_norm(w0, self.w0_sq(w0, base), self.A, self.B, self.scale)
+        self._eval_norm = None if key is None else (key, norm)
+        return norm
+
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        view = base.kind.channel_view
+        c = view((self.m.float() / self.weight_norm(base)).to(y.dtype))  # m / ||V|| broadcast on channels
+        if self.training and self.dropout is not None:
+            x = self.dropout(x)
+            w0x = base.kind.op(base.base_layer, x, base.weight_2d())  # W0 x~: one extra base op
+        else:
+            w0x = y if base.bias is None else y - view(base.bias.to(y.dtype))  # W0 x, reused from y
+        lora = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training).to(y.dtype)
+        return y + (c - 1) * w0x + c * lora
+
+    def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
+        v = w0 + self.delta_weight().to(w0.dtype)  # (out, in): merging forms the weight anyway
+        norm = v.float().norm(dim=1)
+        norm = norm.masked_fill(norm == 0, 1.0)
+        dead = self.m.detach() == 0  # rows that W' zeroes: W0 cannot be recovered from them, so keep it
+        self._merge_state = (norm, dead, w0[dead].clone())
+        return (self.m.detach().float() / norm).to(w0.dtype)[:, None] * v
+
+    def unmerged_weight(self, w: Tensor, base: AdaptedLayer) -> Tensor:
+        if self._merge_state is None:
+            raise RuntimeError("DoRA unmerge needs the norm cached by merge; merge before unmerging")
+        norm, dead, rows = self._merge_state
+        m = self.m.detach().float().masked_fill(dead, 1.0)
+        v = (norm / m).to(w.dtype)[:, None] * w  # W = m V / n  ->  V = W n / m
+        w0 = v - self.delta_weight().to(w.dtype)  # W0 = V - s B A
+        w0[dead] = rows.to(w.dtype)
+        self._merge_state = None
+        return w0

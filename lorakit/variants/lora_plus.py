@@ -1,0 +1,66 @@
+"""LoRA+: LoRA whose up-projection learns faster. Hayou, Ghosh, Yu, 2024, arXiv:2402.12354.
+
+The model is exactly LoRA, ``y = W0 x + b0 + s * B (A dropout(x))``; only the optimizer groups change:
+``lr_B = ratio * lr_A`` (for wide layers the efficient update needs ``eta_B / eta_A = Theta(width)``).
+Grouping as in the authors' code: ``A`` (and any other 2-D trainable) at ``lr``, ``B`` at ``lr * ratio``,
+every adapter tensor of an embedding layer at a separate fixed ``embedding_lr``. One-dimensional trainables
+(biases, magnitude vectors of subclasses) go to ``lr * ratio`` as in the authors' code when
+``one_d_at_ratio`` is True, else to ``lr``. Weight decay is used exactly as given, in every group (PEFT drops
+it to 0 unless told otherwise). A scheduler scales all groups by the same factor, so the ratio stays fixed.
+
+Step 0: ``B = 0`` (``A = 0`` for embeddings), so ``dW = 0`` and the model equals the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.variant import require
+from lorakit.variants.lora import LoRA, LoRAConfig
+
+
+@dataclass
+class LoRAPlusConfig(LoRAConfig):
+    """LoRA+.
+
+    ``ratio``: ``lr_B / lr_A`` (paper default 16; the authors' scripts use 10-80).
+    ``embedding_lr``: fixed learning rate of adapters on embedding layers (authors' default 1e-6).
+    ``one_d_at_ratio``: put 1-D trainable parameters at ``lr * ratio`` (authors' code) instead of ``lr``.
+    """
+
+    ratio: float = 16.0
+    embedding_lr: float = 1e-6
+    one_d_at_ratio: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.ratio > 0, "ratio", self.ratio, "a positive number (lr_B / lr_A, usually 10-80)")
+        require(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "a non-negative learning rate")
+        require(isinstance(self.one_d_at_ratio, bool), "one_d_at_ratio", self.one_d_at_ratio, "True or False")
+
+
+class LoRAPlus(LoRA):
+    """LoRA with ``lr_B = ratio * lr_A``."""
+
+    name = "lora_plus"
+    config_class = LoRAPlusConfig
+    summary = "LoRA with B trained at ratio x the learning rate of A"
+    paper = "arXiv:2402.12354"
+
+    def __init__(self, config: LoRAPlusConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+        super().__init__(config, base, shared)
+        self.on_embedding = base.kind.name == "embedding"
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        cfg: LoRAPlusConfig = self.config
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self.on_embedding:
+            groups = [(trainable, cfg.embedding_lr)]
+        else:
+            # Roles by attribute: B is the up-projection; 1-D tensors follow the documented option.
+            fast = [p for p in trainable if p is self.B or (p.dim() == 1 and cfg.one_d_at_ratio)]
+            slow = [p for p in trainable if all(p is not q for q in fast)]
+            groups = [(slow, lr), (fast, lr * cfg.ratio)]
+        return [{"params": ps, "lr": rate, "weight_decay": weight_decay} for ps, rate in groups if ps]

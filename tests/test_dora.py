@@ -1,0 +1,179 @@
+"""DoRA: the paper's decomposition, the lean row norm, its detached gradient, caching, and PEFT parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from layer_zoo import make_case
+from torch import nn
+
+import lorakit
+from lorakit.variants import dora
+
+
+def perturb(variant: nn.Module, seed: int = 3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (variant.A, variant.B, variant.m):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def linear_case(dropout: float = 0.0) -> tuple[nn.Module, torch.Tensor]:
+    model, x = make_case("linear")
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=dropout)
+    perturb(model.layer.variant)
+    return model, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv2d", "embedding"])
+def test_merged_rows_have_norm_m(kind: str) -> None:
+    model, x = make_case(kind)
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.0)
+    layer, v = model.layer, model.layer.variant
+    perturb(v)
+    w0 = layer.weight_2d().detach().clone()
+    vv = w0 + v.scale * v.B.detach() @ v.A.detach()  # V = W0 + s B A
+    expected = v.m.detach()[:, None] * vv / vv.norm(dim=1, keepdim=True)  # Eq. 5: m V / ||V||_row
+    with torch.no_grad():
+        out = model(x)
+        lorakit.merge(model, unload=False)
+        merged = layer.weight_2d()
+        torch.testing.assert_close(merged.norm(dim=1), v.m.detach().abs(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_efficient_norm_equals_naive(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w0, a, b = (torch.randn(*shape, generator=gen) for shape in [(37, 50), (6, 50), (37, 6)])
+    monkeypatch.setattr(dora, "_ROWS", 8)  # several row blocks, the last one partial
+    # A bf16 base is upcast blockwise and its norm is still computed in fp32.
+    for w in (w0, w0.bfloat16()):
+        naive = (w.float() + 0.7 * b @ a).norm(dim=1)
+        efficient = dora.row_norm(w, dora.w0_sq_norms(w), a, b, 0.7)
+        assert efficient.dtype == torch.float32
+        torch.testing.assert_close(efficient, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_does_not_flow_through_norm() -> None:
+    model, x = linear_case()
+    model.train()
+    v, w0, b0 = model.layer.variant, model.layer.base_layer.weight, model.layer.base_layer.bias
+    model(x).square().mean().backward()
+    ours = [v.A.grad, v.B.grad, v.m.grad]
+
+    def manual(detach: bool) -> list[torch.Tensor]:
+        a, b, m = (p.detach().clone().requires_grad_() for p in (v.A, v.B, v.m))
+        vv = w0 + v.scale * b @ a
+        norm = vv.norm(dim=1, keepdim=True)
+        w = m[:, None] * vv / (norm.detach() if detach else norm)
+        F.linear(x, w, b0).square().mean().backward()
+        return [a.grad, b.grad, m.grad]
+
+    for g, ref in zip(ours, manual(detach=True), strict=True):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+    # The check can fail: with the norm attached, A and B get clearly different gradients.
+    attached = manual(detach=False)
+    assert (attached[0] - ours[0]).abs().max() > 1e-3 and (attached[1] - ours[1]).abs().max() > 1e-3
+
+
+def test_all_zero_row_gives_no_nan() -> None:
+    model, x = make_case("linear")
+    with torch.no_grad():
+        model.layer.weight[2].zero_()
+    w0 = model.layer.weight.detach().clone()
+    base_out = model(x).detach()
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.1)
+    v = model.layer.variant
+    assert v.m[2] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base_out, atol=1e-6, rtol=1e-6)  # identity at init, row 2 too
+    perturb(v)
+    with torch.no_grad():
+        v.B[2].zero_()  # V's row 2 stays exactly zero, so ||V_2|| = 0
+        v.m[3] = 0.0  # a zeroed magnitude on a non-zero row: W0's row 3 is unrecoverable from W'
+    model.train()
+    out = model(x)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(p.grad).all() for p in (v.A, v.B, v.m))
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        lorakit.merge(model, unload=False)
+        assert torch.isfinite(model.layer.base_layer.weight).all()
+        torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+        lorakit.unmerge(model)
+        torch.testing.assert_close(model.layer.base_layer.weight, w0, atol=1e-6, rtol=1e-5)
+        assert torch.equal(model.layer.base_layer.weight[2:4], w0[2:4])
+
+
+def test_eval_norm_cache_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = linear_case()
+    calls = []
+    real = dora.row_norm
+    monkeypatch.setattr(dora, "row_norm", lambda *args: calls.append(1) or real(*args))
+    model.eval()
+    with torch.no_grad():
+        first = model(x)
+        assert torch.equal(model(x), first) and len(calls) == 1, "eval mode must reuse the cached norm"
+        model.layer.variant.B.mul_(1.5)  # an in-place update (optimizer step, load) bumps B._version
+        changed = model(x)
+        assert len(calls) == 2 and not torch.allclose(changed, first)
+        fresh, _ = make_case("linear")  # the same adapter built from scratch agrees with the refreshed cache
+        lorakit.apply(fresh, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.0)
+        fresh.layer.variant.load_state_dict(model.layer.variant.state_dict())
+        torch.testing.assert_close(fresh.eval()(x), changed, atol=0, rtol=0)
+    model.train()
+    model(x), model(x)
+    assert len(calls) == 5, "training mode recomputes the norm every forward"
+
+
+def _peft_pair(kind: str, dropout: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    from peft import LoraConfig, get_peft_model
+
+    ref, x = make_case(kind)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["layer"], use_dora=True, lora_dropout=dropout,
+                     fan_in_fan_out=kind == "conv1d_gpt2")  # fmt: skip
+    ref = get_peft_model(ref, cfg)
+    ours, _ = make_case(kind)
+    lorakit.apply(ours, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=dropout)
+    layer, v, gen = ref.base_model.model.layer, ours.layer.variant, torch.Generator().manual_seed(5)
+    if kind == "embedding":
+        a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    else:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight  # (out,) or (1, out, 1, ...) for convs
+    with torch.no_grad():
+        for p in (a, b, m):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        v.A.copy_(a.reshape(v.A.shape)), v.B.copy_(b.reshape(v.B.shape)), v.m.copy_(m.reshape(-1))
+    return ref, ours, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv1d", "conv2d", "conv3d", "embedding"])
+def test_peft_parity_outputs_and_merged_weights(kind: str) -> None:
+    ref, ours, x = _peft_pair(kind, dropout=0.0)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        out = ours(x)
+        assert (out - ref(x)).abs().max() <= 1e-5
+        with lorakit.disabled(ours):
+            assert (out - ours(x)).abs().max() > 1e-2  # the copied adapter really changes the output
+        ref_w = ref.merge_and_unload().layer.weight
+        torch.testing.assert_close(lorakit.merge(ours).layer.weight, ref_w, atol=1e-6, rtol=1e-6)
+
+
+def test_peft_parity_training_with_dropout() -> None:
+    ref, ours, x = _peft_pair("linear", dropout=0.3)
+    ref.train(), ours.train()
+    torch.manual_seed(11)
+    out_ref = ref(x)
+    torch.manual_seed(11)  # the same dropout mask: both draw it once, from the global generator
+    out = ours(x)
+    assert (out - out_ref).abs().max() <= 1e-5 and (out - ours.eval()(x)).abs().max() > 1e-3
+    out_ref.square().mean().backward(), out.square().mean().backward()
+    layer, v = ref.base_model.model.layer, ours.layer.variant
+    refs = [layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]]
+    for g, r in zip((v.A.grad, v.B.grad, v.m.grad), refs, strict=True):
+        torch.testing.assert_close(g, r.weight.grad, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,105 @@
+"""The training loop: hook call points and order, schedules, gradient accumulation, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.train.loop import TrainConfig, lr_lambda, train
+
+
+class Regression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (self.body(x) - labels).square().mean()
+
+
+class Batches:
+    """Seeded batches with state, like lorakit.train.data.BatchSampler."""
+
+    def __init__(self) -> None:
+        self.gen = torch.Generator().manual_seed(1)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        x = torch.randn(8, 4, generator=self.gen)
+        return {"x": x, "labels": x.flip(-1) * 2}
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+
+class Recorder(lorakit.Hook):
+    def __init__(self, model, layers, total_steps) -> None:
+        super().__init__(model, layers, total_steps)
+        self.calls: list[tuple[str, int]] = []
+        self.grad_seen_after_step = []
+
+    def on_step_start(self, step: int) -> None:
+        self.calls.append(("start", step))
+
+    def extra_loss(self, step: int):
+        self.calls.append(("loss", step))
+        return self.layers[0].variant.B.square().sum()
+
+    def on_after_backward(self, step: int) -> None:
+        self.calls.append(("backward", step))
+
+    def on_after_step(self, step: int) -> None:
+        self.calls.append(("step", step))
+        self.grad_seen_after_step.append(self.layers[0].variant.B.grad is not None)
+
+
+def adapted() -> nn.Module:
+    return lorakit.apply(Regression(), "lora", rank=2, dropout=0.0)
+
+
+def test_hooks_run_at_fixed_points_once_per_optimizer_step() -> None:
+    model = adapted()
+    hook = Recorder(model, [layer for _, layer in lorakit.adapted_layers(model)], 3)
+    train(model, Batches(), TrainConfig(steps=3, grad_accum=2, progress=False), hooks=[hook])
+    expected = []
+    for s in range(3):
+        expected += [("start", s), ("loss", s), ("loss", s), ("backward", s), ("step", s)]
+    assert hook.calls == expected
+    assert all(hook.grad_seen_after_step), "gradients must still be readable in on_after_step"
+
+
+def test_loss_drops_and_schedule_has_warmup_then_decay() -> None:
+    model = adapted()
+    result = train(model, Batches(), TrainConfig(steps=80, lr=5e-2, progress=False))
+    assert sum(result.losses[-10:]) < 0.5 * sum(result.losses[:10])
+    f = lr_lambda(TrainConfig(steps=100, warmup_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(99) == pytest.approx(1 / 90)
+    cos = lr_lambda(TrainConfig(steps=100, warmup_ratio=0.0, schedule="cosine"))
+    assert cos(50) == pytest.approx(0.5)
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path) -> None:
+    cfg = TrainConfig(steps=10, lr=1e-2, checkpoint_every=4, progress=False)
+    full = adapted()
+    train(full, Batches(), cfg)
+    interrupted = adapted()
+    train(interrupted, Batches(), TrainConfig(**{**cfg.__dict__, "steps": 10}), output_dir=tmp_path)
+    assert (tmp_path / "checkpoint" / "trainer.pt").exists()
+    resumed = adapted()  # a new process would rebuild the model and continue from step 8
+    result = train(resumed, Batches(), cfg, output_dir=tmp_path, resume=True)
+    assert result.steps == 10 and len(result.losses) == 10
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_training_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="schedule='warm'"):
+        TrainConfig(schedule="warm")
+    with pytest.raises(ValueError, match="steps=0"):
+        TrainConfig(steps=0)
