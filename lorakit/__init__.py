@@ -19,6 +19,7 @@ from lorakit.api import (
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
 from lorakit.io import load, save
+from lorakit.quant_api import quantize
 from lorakit.summary import summary
 from lorakit.variants import VARIANTS, get_variant
 
@@ -41,6 +42,7 @@ __all__ = [
     "make_hooks",
     "merge",
     "param_groups",
+    "quantize",
     "save",
     "summary",
     "unmerge",

@@ -59,6 +59,12 @@ def apply(
     cfg = _resolve_config(variant, targets, train_modules, config)
     variant_class = get_variant(_variant_name(variant))
     names = find_targets(model, cfg.targets, variant_class.kinds)
+    if getattr(cfg, "base_quantization", None):
+        # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
+        # so the fingerprint below covers the quantised weights the adapter will run on.
+        from lorakit.quant_api import quantize_targets
+
+        quantize_targets(model, names, cfg)
     modules = dict(model.named_modules())
     model.requires_grad_(False)
     info = AdapterInfo(

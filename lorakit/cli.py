@@ -34,6 +34,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"done: {metrics or 'no evaluation data'}; final train loss {result.final_loss:.4f}")
     print(f"trainable parameters {result.trainable:,} of {result.total:,}; {result.seconds:.1f} s training")
+    for key, value in result.extra.items():
+        if isinstance(value, list):  # what a staged variant decided, e.g. LoRA-drop's kept modules
+            print(f"{key} ({len(value)}): {', '.join(map(str, value))}")
     print(f"adapter saved to {result.adapter_dir}")
 
 
@@ -46,7 +49,11 @@ def _saved_job(adapter: str):
     if not path.is_file():
         return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"])
     raw = json.loads(path.read_text())
-    return JobConfig(**{**raw, "data": DataConfig(**raw["data"]), "train": TrainConfig(**raw["train"])})
+    from lorakit.privacy.config import DPConfig
+
+    # a job.json written before a section existed lacks it: that section takes its defaults
+    sections = {"data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
+    return JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
 
 
 def _load_adapted(adapter: str):
@@ -95,9 +102,29 @@ def cmd_merge(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} is not empty; choose a new directory for the merged model")
     _, model, tokenizer = _load_adapted(args.adapter)
     merged = lorakit.merge(model)
+    from lorakit.quant_api import dequantize
+
+    dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     print(f"merged model saved to {out}")
+
+
+def cmd_federate(args: argparse.Namespace) -> None:
+    from lorakit.federated.config import from_args
+    from lorakit.federated.simulate import simulate
+
+    cfg = from_args(args)
+    dp = f"clip {cfg.clip_norm}, noise {cfg.noise_multiplier or 'from target'}" if cfg.private else "no DP"
+    print(
+        f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
+        f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"
+    )
+    result = simulate(cfg, num_cpus=args.num_cpus)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no evaluation data"
+    if result.epsilon is not None:
+        metrics += f"; epsilon {result.epsilon:.3f} at delta {result.delta:g}"
+    print(f"done after {len(result.rounds)} rounds: {metrics}; adapter saved to {result.adapter_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     merge.add_argument("--out", required=True, help="new directory for the merged model (safetensors)")
     merge.set_defaults(func=cmd_merge)
+    from lorakit.federated.config import add_flags
+
+    fed = sub.add_parser("federate", help="federated fine-tuning (DP-DyLoRA) on Flower's simulation engine")
+    add_flags(fed)
+    fed.add_argument("--num-cpus", type=int, default=2, help="simulation worker processes (default: 2)")
+    fed.set_defaults(func=cmd_federate)
     return parser
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from lorakit.privacy.config import DPConfig
 from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
-SECTIONS: dict[str, type] = {"": JobConfig, "data": DataConfig, "train": TrainConfig}
+# Job fields ("") and the nested sections; a section's fields are flags too, and a YAML key of its own.
+SECTIONS: dict[str, type] = {"": JobConfig, "data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -32,7 +34,7 @@ def _leaf_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if hints[f.name] in (DataConfig, TrainConfig):
+            if hints[f.name] in SECTIONS.values():
                 continue
             leaves[f.name] = (section, f, hints[f.name])
     return leaves
@@ -99,8 +101,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         **sections[""],
         options=options,
-        data=DataConfig(**sections["data"]),
-        train=TrainConfig(**sections["train"]),
+        **{name: SECTIONS[name](**values) for name, values in sections.items() if name},
     )
 
 
@@ -113,7 +114,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ValueError(f"config {path} must be a mapping of settings")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("data", "train") and isinstance(value, dict):
+        if key and key in SECTIONS and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value

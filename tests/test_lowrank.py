@@ -8,7 +8,7 @@ from lorakit.core.lowrank import _keep_mask, _LowRankFunction
 
 
 def reference(x, a, b, scale, p, seed):
-    x_in = x * _keep_mask(x, p, seed) if p > 0 else x
+    x_in = x * _keep_mask(x, p, seed) / (1 - p) if p > 0 else x
     return scale * (x_in @ a.t()) @ b.t()
 
 
@@ -31,11 +31,12 @@ def test_gradients_match_plain_autograd_with_and_without_dropout() -> None:
         )
 
 
-def test_saves_the_input_itself_not_a_dropped_copy() -> None:
+def test_saves_the_input_itself_and_a_boolean_mask_not_a_dropped_copy() -> None:
     x = torch.randn(64, 32, requires_grad=True)
     a, b = torch.randn(4, 32, requires_grad=True), torch.zeros(16, 4, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _LowRankFunction.apply(x, a, b, 2.0, 0.1, 7)
-    big = [t for t in saved if t.numel() == x.numel()]
+    big = [t for t in saved if t.numel() == x.numel() and t.dtype != torch.bool]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert sum(t.numel() == x.numel() for t in saved) == 2  # x itself and its 1-byte mask

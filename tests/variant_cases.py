@@ -22,6 +22,16 @@ CASES: dict[str, dict[str, Any]] = {
     "vera": {"rank": 4, "d_initial": 0.5, "projection_shape": [16, 64]},
     # s = alpha/init_r = 2; a hook run with this config masks from step 2 and fixes rank 2 at step 6.
     "adalora": {"init_r": 6, "target_r": 2, "alpha": 12.0, "t_init": 1, "t_final": 2, "total_steps": 8},
+    # This suite compares with the unquantised base, so quantising is off here (the adapter math is LoRA's);
+    # tests/test_conformance_4bit.py runs every property on the NF4 base with base_quantization="nf4".
+    "qlora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "base_quantization": None},
+    # frozen: the training forward splits each factor into detached ranks < b and the trained rank b (b = R
+    # without a hook, as at inference); s = alpha/R = 1.5.
+    "dylora": {"rank": 4, "alpha": 6.0, "min_rank": 2, "mode": "frozen"},
+    # No round fixes a rank here, so the adapter runs at R = 4 (s = 1.5); test_federated.py covers b_t < R.
+    "dp_dylora": {"rank": 4, "alpha": 6.0, "min_rank": 2},
+    # kept=[]: the layer is not selected, so it uses its shape's shared pair (built and reloaded from config).
+    "lora_drop": {"rank": 4, "alpha": 8.0, "kept": []},
 }
 
 

@@ -4,10 +4,10 @@ Plain autograd saves the dropped-out input (a copy of ``x``, ``N x d_in``) for e
 mask; three adapters reading the same hidden state (query, key, value) save three copies. That is why a
 naively written LoRA step can need *more* activation memory than full fine-tuning. This function instead saves
 the original ``x`` (the very tensor the rest of the network already keeps, so no new memory), the small
-``z = A x~`` (``N x r``) and a seed from which backward regenerates the dropout mask.
+``z = A x~`` (``N x r``) and the dropout mask as booleans (a quarter of an fp32 copy).
 
 If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs
-only ``z`` and ``dL/dx`` only ``A``, ``B`` and the regenerated mask.
+only ``z`` and ``dL/dx`` only ``A``, ``B`` and the mask, which backward regenerates from a seed.
 """
 
 from __future__ import annotations
@@ -23,48 +23,48 @@ if TYPE_CHECKING:
 
 
 def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
-    """Dropout's keep-mask scaled by ``1/(1-p)``, reproducible from ``seed``."""
+    """Dropout's boolean keep-mask (1 byte per element), reproducible from ``seed``."""
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
-    mask = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
-    return mask.div_(1.0 - p)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
 
 
 class _LowRankFunction(torch.autograd.Function):
+    """``out = s * B (A x~)``, ``x~ = (x * m) / (1 - p)``; the ``1/(1-p)`` is applied to the small ``z``."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, seed: int) -> Tensor:
-        x_in = x * _keep_mask(x, p, seed) if p > 0 else x
         a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        z = F.linear(x_in, a_c)  # (..., r)
+        mask = _keep_mask(x, p, seed) if p > 0 else None
+        z = F.linear(x * mask, a_c).div_(1.0 - p) if mask is not None else F.linear(x, a_c)  # (..., r)
         out = F.linear(z, b_c).mul_(scale)  # (..., out)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
-        ctx.save_for_backward(x if a.requires_grad else None, a_c, b_c, z if b.requires_grad else None)
         ctx.param_dtypes = (a.dtype, b.dtype)
+        # When A trains, x is needed anyway (and already kept by the network), so the 1-byte mask is kept too
+        # rather than paying for the random numbers twice. With A frozen nothing input-sized is kept: backward
+        # regenerates the mask from the seed.
+        keep_mask = mask if a.requires_grad else None
+        ctx.save_for_backward(
+            x if a.requires_grad else None, keep_mask, a_c, b_c, z if b.requires_grad else None
+        )
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, a, b, z = ctx.saved_tensors
+        x, mask, a, b, z = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gz = (g @ b).mul_(ctx.scale)  # (N, r)
+        gz = (g @ b).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz folded with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
         if need_b:
             grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(ctx.param_dtypes[1])
-        mask = None
         if need_a:
-            x2 = x.reshape(-1, x.shape[-1])
-            if ctx.p > 0:
-                mask = _keep_mask(x, ctx.p, ctx.seed)
-                x2 = (x * mask).reshape(-1, x.shape[-1])
-            grad_a = (gz.t() @ x2).to(ctx.param_dtypes[0])
+            x_in = x * mask if mask is not None else x
+            grad_a = (gz.t() @ x_in.reshape(-1, x.shape[-1])).to(ctx.param_dtypes[0])
         if need_x:
             grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
             if ctx.p > 0:
-                shape = grad_x.shape
-                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)).reshape(
-                    shape
-                )
+                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed))
         return grad_x, grad_a, grad_b, None, None, None
 
 

@@ -10,6 +10,12 @@ hook at the same call points as lorakit's own loop, through :class:`LorakitCallb
 The callback maps Trainer events to hook call points: ``on_step_begin`` -> ``on_step_start``,
 ``on_pre_optimizer_step`` -> ``on_after_backward``, ``on_optimizer_step`` (after ``optimizer.step``, before
 gradients are zeroed) -> ``on_after_step``. ``state.global_step`` is the optimizer-step index in all three.
+
+Two Trainer details differ from lorakit's loop and are corrected by :class:`LorakitTrainer`: the Trainer clips
+gradients *before* ``on_pre_optimizer_step``, so the trainer runs ``on_after_backward`` first, from its
+clipping step (LoRA-FA's preconditioned gradient is then clipped, as in the loop); and a task loss the model
+already normalised over all micro-batches of a step (``num_items_in_batch``) is not divided by the
+accumulation steps, so the extra loss is divided here and counts once per optimizer step.
 """
 
 from __future__ import annotations
@@ -30,17 +36,26 @@ class LorakitCallback(TrainerCallback):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.hooks: list[Hook] = []
+        self.backward_done = -1  # the last step whose on_after_backward ran
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.hooks = lorakit.make_hooks(self.model, state.max_steps)
+        self.backward_done = -1
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for hook in self.hooks:
             hook.on_step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.after_backward(state.global_step)
+
+    def after_backward(self, step: int) -> None:
+        """``on_after_backward`` once per optimizer step (before clipping when run by LorakitTrainer)."""
+        if self.backward_done == step:
+            return
+        self.backward_done = step
         for hook in self.hooks:
-            hook.on_after_backward(state.global_step)
+            hook.on_after_backward(step)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for hook in self.hooks:
@@ -71,6 +86,11 @@ class LorakitTrainer(Trainer):
             )
         return self.optimizer
 
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        # lorakit's order: the hooks see the accumulated gradients first, then they are clipped.
+        self.lorakit_callback.after_backward(self.state.global_step)
+        return super()._clip_grad_norm(model)
+
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
@@ -78,5 +98,15 @@ class LorakitTrainer(Trainer):
         loss, outputs = result if return_outputs else (result, None)
         extra = self.lorakit_callback.extra_loss(self.state.global_step) if model.training else None
         if extra is not None:
+            if self.loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+                extra = extra / getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Whether the Trainer leaves this loss undivided by the accumulation steps (its own rule)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        by_items = getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+        return bool(by_items or getattr(self, "compute_loss_func", None) is not None)

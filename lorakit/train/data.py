@@ -228,7 +228,7 @@ _FRAMES = [
 
 
 def demo_rows(split: str = "train") -> list[Row]:
-    """A small sentiment task built from phrase templates: 1,080 training rows, 216 test rows.
+    """A small sentiment task built from phrase templates: 1,800 training rows, 360 test rows.
 
     Held-out rows use subject/frame pairs never seen in training, so the test checks generalisation.
     """

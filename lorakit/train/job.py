@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.privacy.config import DPConfig
 from lorakit.train import data as D
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import head_modules, load_model
@@ -55,6 +56,7 @@ class JobConfig:
     resume: bool = False  # continue from output_dir/checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: DPConfig = field(default_factory=DPConfig)
 
 
 @dataclass
@@ -145,6 +147,15 @@ def check_output_dir(job: JobConfig) -> Path:
     return out
 
 
+def measure_peak_memory_mb() -> float:
+    """Peak accelerator memory of this process if on CUDA, else its peak resident memory (whole process)."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 def run_job(job: JobConfig) -> JobResult:
     """Train and evaluate one job; writes the adapter and ``metrics.json`` to ``job.output_dir``."""
     out = check_output_dir(job)
@@ -155,9 +166,18 @@ def run_job(job: JobConfig) -> JobResult:
         (lambda m: evaluate(m, eval_data, job.data.eval_batch_size)) if eval_data is not None else None
     )
     started = time.perf_counter()
-    result: TrainResult = train(
-        model, batches, job.train, evaluate=evaluate_fn, output_dir=out, resume=job.resume
-    )
+    # A variant with stages before the main run (LoRA-drop's module selection) declares a ``prepare``
+    # classmethod: it may rebuild the adapters in place and returns what it decided, for the report.
+    prepare = getattr(lorakit.get_variant(job.variant), "prepare", None)
+    if job.privacy.dp:  # DP-SGD: Poisson sampling, per-example clipping and noise (lorakit.privacy)
+        from lorakit.privacy.dp_sgd import train_job_private
+
+        result, decided = train_job_private(job, model, train_data, evaluate_fn, prepare)
+    else:
+        decided = prepare(model, batches, job.train) if prepare is not None else {}
+        result: TrainResult = train(
+            model, batches, job.train, evaluate=evaluate_fn, output_dir=out, resume=job.resume
+        )
     counts = lorakit.summary(model)
     lorakit.save(model, out, overwrite=True)  # check_output_dir already refused an unintended overwrite
     job_result = JobResult(
@@ -168,7 +188,7 @@ def run_job(job: JobConfig) -> JobResult:
         steps=result.steps,
         final_loss=result.final_loss,
         adapter_dir=str(out),
-        extra={"wall_seconds": round(time.perf_counter() - started, 1)},
+        extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
     )
     (out / "metrics.json").write_text(json.dumps(job_result.to_dict(), indent=2) + "\n")
     return job_result

@@ -10,11 +10,15 @@ from lorakit.core.variant import Variant
 from lorakit.variants.adalora import AdaLoRA
 from lorakit.variants.delta_lora import DeltaLoRA
 from lorakit.variants.dora import DoRA
+from lorakit.variants.dp_dylora import DPDyLoRA
+from lorakit.variants.dylora import DyLoRA
 from lorakit.variants.loha import LoHa
 from lorakit.variants.lokr import LoKr
 from lorakit.variants.lora import LoRA
+from lorakit.variants.lora_drop import LoRADrop
 from lorakit.variants.lora_fa import LoRAFA
 from lorakit.variants.lora_plus import LoRAPlus
+from lorakit.variants.qlora import QLoRA
 from lorakit.variants.vera import VeRA
 
 VARIANTS: dict[str, type[Variant]] = {
@@ -27,6 +31,10 @@ VARIANTS: dict[str, type[Variant]] = {
     "dora": DoRA,
     "vera": VeRA,
     "adalora": AdaLoRA,
+    "qlora": QLoRA,
+    "dylora": DyLoRA,
+    "dp_dylora": DPDyLoRA,
+    "lora_drop": LoRADrop,
 }
 
 

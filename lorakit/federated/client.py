@@ -1,0 +1,170 @@
+"""The client side: local training on one partition at the server's rank, as a Flower ``ClientApp``.
+
+A client receives the round's part of the global adapter (the rank-``b_t`` slices for DP-DyLoRA) and
+``b_t``, fixes that rank with ``set_rank`` (the variant's hook then never resamples), trains ``local_steps``
+steps on its own partition with the ordinary training loop, and returns only the change of that part. The
+model and the partition are prepared once per process and reused across rounds and across the clients a
+simulation worker plays.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.federated.config import FedConfig
+from lorakit.federated.partition import partition
+from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
+from lorakit.train import data as D
+from lorakit.train.job import DataConfig, JobConfig, evaluate, prepare_model
+from lorakit.train.loop import TrainConfig, train
+
+_MODELS: dict[str, tuple[nn.Module, Any]] = {}
+_DATA: dict[tuple, D.TokenizedData] = {}
+
+
+def job_config(cfg: FedConfig) -> JobConfig:
+    """The model, variant and data part of ``cfg`` as a job (shared with ``lorakit train``)."""
+    return JobConfig(
+        model=cfg.model,
+        num_labels=cfg.num_labels,
+        variant=cfg.variant,
+        targets=cfg.target_list(),
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        options=cfg.variant_options(),
+        data=DataConfig(
+            data=cfg.data,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            max_length=cfg.max_length,
+        ),
+        train=TrainConfig(seed=cfg.seed, progress=False),
+    )
+
+
+def adapted_model(cfg: FedConfig) -> tuple[nn.Module, Any]:
+    """The adapted model and tokenizer, built once per process for these settings (same seed everywhere)."""
+    key = json.dumps({k: v for k, v in cfg.to_run_config().items() if k in _MODEL_FIELDS}, sort_keys=True)
+    if key not in _MODELS:
+        _MODELS[key] = prepare_model(job_config(cfg))
+    return _MODELS[key]
+
+
+_MODEL_FIELDS = ("model", "num_labels", "variant", "targets", "rank", "alpha", "dropout", "options", "seed")
+
+
+def client_data(cfg: FedConfig, tokenizer: Any, partition_id: int, num_partitions: int) -> D.TokenizedData:
+    """This client's part of ``cfg.data``: the whole split is recomputed from the seed, nothing is sent."""
+    key = (cfg.data, cfg.partition, cfg.skew, cfg.seed, partition_id, num_partitions, cfg.max_length)
+    if key not in _DATA:
+        rows = D.read_rows(cfg.data, split="train")
+        labels = [int(v) for v in D.column(rows, cfg.label_column, cfg.data)]
+        mine = partition(labels, num_partitions, cfg.partition, cfg.skew, cfg.seed)[partition_id]
+        _DATA[key] = D.tokenize_classification(
+            [rows[i] for i in mine], tokenizer, cfg.text_column, cfg.label_column, cfg.max_length, cfg.data
+        )
+    return _DATA[key]
+
+
+def train_round(
+    cfg: FedConfig,
+    partition_id: int,
+    num_partitions: int,
+    values: dict[str, Tensor],
+    rank: int | None,
+    rnd: int,
+) -> tuple[dict[str, Tensor], int, dict[str, float]]:
+    """Local training for round ``rnd``: returns the update of the round's space, examples, metrics."""
+    model, tokenizer = adapted_model(cfg)
+    data = client_data(cfg, tokenizer, partition_id, num_partitions)
+    use_rank(model, rank)
+    space = update_space(model, rank)
+    write_space(space, values)
+    before = read_space(space)
+    seed = cfg.seed * 1_000_003 + rnd * 1009 + partition_id  # a different data order per round and client
+    local = TrainConfig(
+        steps=cfg.local_steps,
+        batch_size=min(cfg.batch_size, len(data)),
+        lr=cfg.lr,
+        warmup_ratio=0.0,
+        schedule="constant",
+        seed=seed,
+        progress=False,
+    )
+    result = train(model, D.BatchSampler(data, local.batch_size, seed), local)
+    after = read_space(space)
+    update = {n: after[n] - before[n] for n in before}
+    return update, len(data), {"train_loss": float(result.final_loss)}
+
+
+def evaluate_round(
+    cfg: FedConfig, partition_id: int, num_partitions: int, values: dict[str, Tensor]
+) -> tuple[int, dict[str, float]]:
+    """Accuracy of the global adapter (full rank) on this client's data, at most ``eval_examples`` rows."""
+    model, tokenizer = adapted_model(cfg)
+    data = client_data(cfg, tokenizer, partition_id, num_partitions)
+    use_rank(model, None)
+    write_space(update_space(model, None), values)
+    if cfg.eval_examples:
+        data = D.TokenizedData(
+            data.input_ids[: cfg.eval_examples], data.labels[: cfg.eval_examples], data.pad_id
+        )
+    return len(data), evaluate(model, data)
+
+
+def partition_of(context: Any, cfg: FedConfig) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node's config (the simulation sets both; a deployed
+    SuperNode gets them from ``--node-config``)."""
+    node = dict(context.node_config)
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError(
+            "this SuperNode has no partition: start it with --node-config 'partition-id=I num-partitions=N'"
+        )
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+def make_client_app(cfg: FedConfig | None = None) -> Any:
+    """A Flower ``ClientApp``; with ``cfg`` None the settings come from the run config (deployment)."""
+    from lorakit.federated import flower
+
+    app = flower.clientapp.ClientApp()
+    records = flower.app
+
+    def settings(context: Any) -> FedConfig:
+        return cfg if cfg is not None else FedConfig.from_run_config(dict(context.run_config))
+
+    @app.train()
+    def train_handler(msg: Any, context: Any) -> Any:
+        c = settings(context)
+        torch.set_num_threads(1)  # simulation workers share the machine's cores
+        conf = msg.content["config"]
+        rank = int(conf["rank"]) or None
+        values = msg.content["adapter"].to_torch_state_dict()
+        pid, parts = partition_of(context, c)
+        update, examples, metrics = train_round(c, pid, parts, values, rank, int(conf["round"]))
+        content = records.RecordDict(
+            {
+                "update": records.ArrayRecord(update),
+                "metrics": records.MetricRecord({"num-examples": examples, **metrics}),
+            }
+        )
+        return records.Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Any, context: Any) -> Any:
+        c = settings(context)
+        values = msg.content["adapter"].to_torch_state_dict()
+        pid, parts = partition_of(context, c)
+        examples, metrics = evaluate_round(c, pid, parts, values)
+        content = records.RecordDict({"metrics": records.MetricRecord({"num-examples": examples, **metrics})})
+        return records.Message(content, reply_to=msg)
+
+    return app
+
+
+__all__ = ["adapted_model", "client_data", "evaluate_round", "job_config", "make_client_app", "train_round"]

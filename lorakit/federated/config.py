@@ -1,0 +1,154 @@
+"""Settings of a federated run, as flat values: the same object is a CLI, a Flower run config and a job.
+
+Flower's run config (``--run-config`` / ``[tool.flwr.app.config]``) holds only strings, numbers and booleans,
+so "unset" is ``0`` or ``""`` here, and the variant's extra fields travel as a JSON string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
+
+SAMPLINGS = ("poisson", "fixed")
+PARTITIONS = ("iid", "label-skew")
+
+
+@dataclass
+class FedConfig:
+    """Federated fine-tuning with DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963); DP-DyLoRA by default."""
+
+    model: str = "minilm"  # 'minilm' (embedded), a local directory, or a Hugging Face id
+    variant: str = "dp_dylora"  # any registered variant; dp_dylora draws one rank per round
+    rank: int = 8  # adapter rank (DyLoRA: the largest rank R)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "query,key,value,dense"  # comma-separated module-name suffixes, or 'all-linear'
+    options: str = ""  # further variant fields as JSON, e.g. '{"min_rank": 2}'
+    data: str = "demo"  # training data split among clients: .tsv/.csv/.jsonl path or 'demo'
+    eval_data: str = ""  # server-side evaluation data (default: demo's test split for 'demo')
+    eval_examples: int = 0  # evaluate on the first N evaluation rows (0: all)
+    text_column: str = "sentence"
+    label_column: str = "label"
+    num_labels: int = 2
+    max_length: int = 64  # tokens per example
+    clients: int = 10  # N: clients (partitions of the data)
+    rounds: int = 5  # federated rounds
+    cohort: int = 5  # C: expected clients per round
+    sampling: str = "poisson"  # poisson (each client joins with q = C/N) | fixed (exactly C clients)
+    partition: str = "iid"  # iid | label-skew (Dirichlet label proportions per client)
+    skew: float = 0.5  # Dirichlet concentration for label-skew (smaller: more skewed)
+    local_steps: int = 10  # E: local optimizer steps per round on a client
+    batch_size: int = 16  # client batch size
+    lr: float = 5e-3  # client learning rate (AdamW, constant)
+    server_lr: float = 1.0  # server learning rate applied to the aggregated update
+    noise_multiplier: float = 0.0  # sigma: server noise std / S (0: no noise)
+    clip_norm: float = 0.0  # S: clip each client update to this L2 norm (0: no clipping, plain FedAvg)
+    target_epsilon: float = 0.0  # stop before exceeding it (0: none); sets sigma when noise_multiplier is 0
+    delta: float = 1e-5  # delta of client-level (epsilon, delta)-DP; keep it below 1/clients
+    accountant: str = "rdp"  # rdp | prv
+    seed: int = 0  # seeds partitions, cohorts, ranks, noise and local training
+    eval_every: int = 1  # evaluate on the server every N rounds (0: only at the end)
+    round_timeout: float = 600.0  # seconds to wait for a round's replies
+    output_dir: str = "runs/federated"  # adapter, metrics.json (per-round history)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "clients": self.clients >= 1,
+            "rounds": self.rounds >= 1,
+            "cohort": self.cohort >= 1,
+            "local_steps": self.local_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "server_lr": self.server_lr > 0,
+            "noise_multiplier": self.noise_multiplier >= 0,
+            "clip_norm": self.clip_norm >= 0,
+            "skew": self.skew > 0,
+            "sampling": self.sampling in SAMPLINGS,
+            "partition": self.partition in PARTITIONS,
+            "round_timeout": self.round_timeout > 0,
+            "eval_every": self.eval_every >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid federated setting {bad[0]}={getattr(self, bad[0])!r} (counts >= 1, rates > 0; "
+                f"sampling one of {SAMPLINGS}, partition one of {PARTITIONS})"
+            )
+        if self.cohort > self.clients:
+            raise ValueError(
+                f"cohort {self.cohort} is larger than the population of {self.clients} clients; "
+                "choose cohort <= clients"
+            )
+        check_delta(self.delta)
+        check_accountant(self.accountant)
+        if self.target_epsilon:
+            check_epsilon(self.target_epsilon)
+        if (self.noise_multiplier > 0 or self.target_epsilon) and not self.clip_norm > 0:
+            raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")
+        self.variant_options()  # fail early on malformed JSON
+
+    @property
+    def private(self) -> bool:
+        """DP-FedAvg aggregation (clip, noise, divide by the expected cohort) instead of plain FedAvg."""
+        return self.clip_norm > 0
+
+    @property
+    def sample_rate(self) -> float:
+        """``q = C / N``, the rate each client joins a round at (the accountant's sampling rate)."""
+        return self.cohort / self.clients
+
+    def variant_options(self) -> dict[str, Any]:
+        try:
+            options = json.loads(self.options) if self.options else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"options must be a JSON object, e.g. '{{\"min_rank\": 2}}': {err}") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a JSON object, got {self.options!r}")
+        return options
+
+    def target_list(self) -> str | list[str]:
+        text = self.targets.strip()
+        return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat values for Flower's run config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any]) -> FedConfig:
+        """Build from a Flower run config; unknown keys are an error naming the valid ones."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown federated setting(s) {unknown}; valid settings: {', '.join(names)}")
+        typed = {}
+        for key, value in values.items():
+            kind = type(names[key].default)
+            typed[key] = float(value) if kind is float and isinstance(value, int) else value
+        return cls(**typed)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`FedConfig` field; its trailing comment is the help text."""
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(FedConfig), flags=re.M))
+    for f in dataclasses.fields(FedConfig):
+        kind = type(f.default)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{helps.get(f.name, f.name)} (default: {f.default!r})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> FedConfig:
+    names = {f.name for f in dataclasses.fields(FedConfig)}
+    return FedConfig(**{k: v for k, v in vars(args).items() if k in names})

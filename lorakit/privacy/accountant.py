@@ -1,0 +1,95 @@
+"""Privacy accounting for repeated subsampled Gaussian mechanisms, with Opacus' RDP or PRV accountant.
+
+One mechanism per DP-SGD step (examples Poisson-sampled at rate ``q``, noise ``sigma * C``) or per federated
+round (clients sampled at rate ``q``, noise ``sigma * S``). The accountant composes them and converts to
+``(epsilon, delta)``: RDP (Mironov 2017, arXiv:1702.07476; subsampling by Mironov et al. 2019,
+arXiv:1908.10530; conversion by Balle et al. 2020, arXiv:1905.09982) or PRV (Gopi et al. 2021,
+arXiv:2106.02848).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from lorakit.privacy import require
+from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
+
+
+def _check_rate(sample_rate: float) -> None:
+    if not 0 < sample_rate <= 1:
+        raise PrivacyError(f"sample rate {sample_rate!r} is invalid: it must be in (0, 1]")
+
+
+class Accountant:
+    """``(epsilon, delta)`` spent so far by a sequence of subsampled Gaussian mechanisms."""
+
+    def __init__(self, kind: str = "rdp") -> None:
+        check_accountant(kind)
+        accountants = require("opacus.accountants")
+        self.kind = kind
+        self._opacus = accountants.create_accountant(kind)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """``(noise_multiplier, sample_rate, steps)`` runs, as Opacus stores them (equal runs are merged)."""
+        return list(self._opacus.history)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self._opacus.history)
+
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` mechanisms at ``sample_rate``, noise ``noise_multiplier`` (std / sensitivity)."""
+        _check_rate(sample_rate)
+        if noise_multiplier < 0:
+            raise PrivacyError(f"noise multiplier {noise_multiplier!r} is invalid: it must be >= 0")
+        for _ in range(steps):
+            self._opacus.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (``inf`` once any mechanism had no noise, 0 before any)."""
+        check_delta(delta)
+        history = self._opacus.history
+        if not history:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in history):
+            return math.inf
+        return float(self._opacus.get_epsilon(delta=delta))
+
+    def epsilon_after(
+        self, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
+    ) -> float:
+        """Epsilon that ``steps`` more mechanisms would bring the total to, without recording them."""
+        ahead = copy.deepcopy(self)
+        ahead.step(noise_multiplier, sample_rate, steps)
+        return ahead.epsilon(delta)
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
+) -> float:
+    """The smallest noise multiplier whose ``steps`` mechanisms at ``sample_rate`` spend ``target_epsilon``
+    (Opacus' ``get_noise_multiplier``: binary search to within 0.01 of epsilon, never above the target)."""
+    check_epsilon(target_epsilon)
+    check_delta(delta)
+    check_accountant(kind)
+    _check_rate(sample_rate)
+    if steps < 1:
+        raise PrivacyError(f"steps = {steps!r} is invalid: at least one step or round must run")
+    utils = require("opacus.accountants.utils")
+    try:
+        return float(
+            utils.get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=kind,
+            )
+        )
+    except ValueError as err:  # Opacus: the budget cannot be met at any noise level it tries
+        raise PrivacyError(
+            f"no noise level spends epsilon {target_epsilon} at delta {delta} over {steps} steps "
+            f"at sample rate {sample_rate:.4g}: {err}"
+        ) from None

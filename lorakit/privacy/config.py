@@ -1,0 +1,57 @@
+"""Settings of differentially private training, and the range checks shared by DP-SGD and federated DP.
+
+No optional dependency is imported here, so the job config and the CLI can carry these settings always.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class PrivacyError(ValueError):
+    """A privacy setting is out of range, or the privacy budget would be exceeded."""
+
+
+def check_epsilon(value: float | None, name: str = "target_epsilon") -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise PrivacyError(f"{name} = {value!r} is invalid: epsilon must be a finite number > 0")
+
+
+def check_delta(value: float, name: str = "delta") -> None:
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise PrivacyError(
+            f"{name} = {value!r} is invalid: delta must be in (0, 1), and well below 1/N for N people"
+        )
+
+
+def check_accountant(value: str) -> None:
+    if value not in ACCOUNTANTS:
+        raise PrivacyError(f"accountant = {value!r} is invalid: choose one of {ACCOUNTANTS}")
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD (Abadi et al. 2016, arXiv:1607.00133): clip each example's gradient, add Gaussian noise."""
+
+    dp: bool = False  # train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)
+    target_epsilon: float | None = None  # privacy budget; sets the noise if none given; training stops there
+    delta: float = 1e-5  # delta of (epsilon, delta)-DP; keep it well below 1/(training examples)
+    max_grad_norm: float = 1.0  # per-example gradient clipping bound C (DP-SGD)
+    noise_multiplier: float | None = None  # noise std / C (default: chosen to spend target_epsilon)
+    accountant: str = "rdp"  # privacy accountant: rdp | prv
+
+    def __post_init__(self) -> None:
+        check_epsilon(self.target_epsilon)
+        check_delta(self.delta)
+        check_accountant(self.accountant)
+        if not self.max_grad_norm > 0:
+            raise PrivacyError(f"max_grad_norm = {self.max_grad_norm!r} is invalid: it must be > 0")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise PrivacyError(f"noise_multiplier = {self.noise_multiplier!r} is invalid: it must be >= 0")
+        if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
+            raise PrivacyError(
+                "DP training needs a budget or a noise level: pass --target-epsilon E or --noise-multiplier Z"
+            )

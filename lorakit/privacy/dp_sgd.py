@@ -1,0 +1,230 @@
+"""DP-SGD for any variant: Poisson-sampled batches, per-example clipping, Gaussian noise, and an accountant.
+
+Abadi et al. 2016 (arXiv:1607.00133). Each optimizer step samples every training example independently with
+probability ``q = batch_size * grad_accum / N``, clips each example's gradient over all trainable tensors
+(adapters and trained head) to norm ``C``, sums, adds ``N(0, (sigma C)^2)`` to every coordinate and divides
+by the expected batch size ``q N``. Opacus does the mechanics (GradSampleModule hooks with lorakit's adapter
+rule, ``DPOptimizer``, ``UniformWithReplacementSampler``, RDP/PRV accountants).
+
+The variants' hooks run as in :func:`lorakit.train.loop.train`, but ``on_after_backward`` and the optimizer
+see only the privatised gradient, so whatever a hook derives from gradients (AdaLoRA's importance scores) is
+post-processing and costs no privacy; a data-independent ``extra_loss`` (AdaLoRA's orthogonality term) is
+added after the noise. The global gradient clip of ``TrainConfig.clip`` is replaced by per-example clipping.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import lorakit
+from lorakit.core.variant import Hook
+from lorakit.privacy import require
+from lorakit.privacy.accountant import Accountant, noise_for_budget
+from lorakit.privacy.config import DPConfig, PrivacyError
+from lorakit.train.data import TokenizedData
+from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, make_optimizer
+
+
+@dataclass
+class DPTrainResult(TrainResult):
+    """A training result plus the privacy spent: ``epsilon`` at ``delta`` after ``steps`` steps."""
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    epsilons: list[float] = field(default_factory=list)  # after each step
+    stopped: str | None = None  # why training ended before ``cfg.steps``
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """``(N,)`` losses: cross-entropy per example (classification) or the mean over an example's target
+    tokens (causal LM). DP needs a mean of per-example losses; a model's own token-averaged loss would
+    weight each example by the other examples' lengths."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise PrivacyError("DP training needs a model whose output has .logits (classification or causal LM)")
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # predict token t+1 from tokens <= t
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (N, T-1)
+    mask = labels != -100
+    return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def train_dp(
+    model: nn.Module,
+    data: TokenizedData,
+    cfg: TrainConfig,
+    dp: DPConfig,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    hooks: list[Hook] | None = None,
+) -> DPTrainResult:
+    """Train the adapted ``model`` on ``data`` with DP-SGD for up to ``cfg.steps`` steps.
+
+    The noise multiplier is ``dp.noise_multiplier`` or, if unset, the smallest one that spends
+    ``dp.target_epsilon`` in ``cfg.steps`` steps. With a target, training stops (with a warning) before a
+    step that would exceed it. Epsilon after every step is in the result and on the progress bar.
+    """
+    optimizers = require("opacus.optimizers")
+    sampling = require("opacus.utils.uniform_sampler")
+    from lorakit.privacy.grad_sample import AdapterGradSampleModule
+
+    expected = cfg.batch_size * cfg.grad_accum
+    if expected > len(data):
+        raise PrivacyError(f"the expected batch ({expected}) exceeds the {len(data)} training examples")
+    q = expected / len(data)
+    sigma = dp.noise_multiplier
+    if sigma is None:
+        sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
+    torch.manual_seed(cfg.seed)
+    hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
+    base_optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg))
+    params = [p for g in base_optimizer.param_groups for p in g["params"]]
+    gsm = AdapterGradSampleModule(model)
+    optimizer = optimizers.DPOptimizer(
+        base_optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=expected,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+    )
+    accountant = Accountant(dp.accountant)
+    sampler = sampling.UniformWithReplacementSampler(
+        num_samples=len(data),
+        sample_rate=q,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        steps=cfg.steps,
+    )
+    result = DPTrainResult(steps=0, seconds=0.0, delta=dp.delta, noise_multiplier=sigma, sample_rate=q)
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="dp-sgd", dynamic_ncols=True)
+    began = time.perf_counter()
+    model.train()
+    with warnings.catch_warnings():
+        # Adapters whose inputs need no gradient (the first layers) make PyTorch say so on every backward.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            for step, indices in enumerate(sampler):
+                eps_next = accountant.epsilon_after(dp.delta, sigma, q)
+                if dp.target_epsilon is not None and eps_next > dp.target_epsilon:
+                    result.stopped = (
+                        f"stopped after {step} steps: one more would spend epsilon {eps_next:.3f} > "
+                        f"target {dp.target_epsilon} (delta {dp.delta})"
+                    )
+                    warnings.warn(result.stopped, stacklevel=2)
+                    break
+                loss = _dp_step(gsm, optimizer, data, indices, cfg.batch_size, params, hooks, step)
+                accountant.step(sigma, q)
+                for hook in hooks:
+                    hook.on_after_step(step)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(loss)
+                result.epsilons.append(eps_next)
+                result.steps = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps_next:.3f}", batch=len(indices))
+                if evaluate is not None and cfg.eval_every and result.steps % cfg.eval_every == 0:
+                    if result.steps < cfg.steps:
+                        result.evals.append((result.steps, evaluate(model)))
+                        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.evals[-1][1].items())
+                        bar.write(f"step {result.steps}: {metrics}, epsilon {eps_next:.3f}")
+                        model.train()
+        finally:
+            bar.close()
+            gsm.to_standard_module()  # removes Opacus' hooks and per-parameter attributes
+    result.seconds = time.perf_counter() - began
+    result.epsilon = accountant.epsilon(dp.delta)
+    if evaluate is not None:
+        result.evals.append((result.steps, evaluate(model)))
+    if cfg.progress:
+        print(
+            f"privacy: epsilon {result.epsilon:.3f} at delta {dp.delta:g} after {result.steps} steps "
+            f"(noise multiplier {sigma:.4f}, sample rate {q:.4g}, clip {dp.max_grad_norm}, {dp.accountant})"
+        )
+    return result
+
+
+def _dp_step(
+    gsm: nn.Module,
+    optimizer: object,
+    data: TokenizedData,
+    indices: list[int],
+    batch_size: int,
+    params: list[Tensor],
+    hooks: list[Hook],
+    step: int,
+) -> float:
+    """One DP-SGD step over a Poisson-sampled logical batch, in physical chunks of ``batch_size``; leaves the
+    privatised mean gradient in ``p.grad``, runs ``on_after_backward`` and the optimizer update. Returns the
+    mean per-example loss."""
+    for hook in hooks:
+        hook.on_step_start(step)
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)] or [[]]
+    loss_sum = 0.0
+    for j, chunk in enumerate(chunks):
+        if chunk:
+            losses = per_example_loss(gsm, data.batch(chunk))
+            losses.mean().backward()
+            loss_sum += losses.sum().item()
+        for p in params:  # an empty batch, or a tensor this forward did not use: zero per-example gradients
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = torch.zeros((len(chunk), *p.shape), dtype=p.dtype, device=p.device)
+        if j < len(chunks) - 1:  # clip and accumulate this chunk; noise once, after the last
+            optimizer.signal_skip_step(True)
+            optimizer.pre_step()
+            optimizer.zero_grad(set_to_none=True)
+    optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
+    extra = [e for e in (hook.extra_loss(step) for hook in hooks) if e is not None]
+    if extra:  # data-independent regularisers: their gradient is added after the noise
+        sum(extra).backward()
+    for hook in hooks:
+        hook.on_after_backward(step)
+    optimizer.original_optimizer.step()
+    return loss_sum / max(1, len(indices))
+
+
+def train_job_private(
+    job: Any,
+    model: nn.Module,
+    data: TokenizedData,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    prepare: Callable[..., Any] | None,
+) -> tuple[DPTrainResult, dict[str, Any]]:
+    """The DP branch of :func:`lorakit.train.job.run_job`: returns the result and the privacy report."""
+    if prepare is not None:
+        raise PrivacyError(
+            f"variant '{job.variant}' runs a selection stage on the data before training, which DP-SGD "
+            "does not cover; train it without --dp or choose another variant"
+        )
+    if job.resume:
+        raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
+    if job.train.checkpoint_every:
+        warnings.warn(
+            "DP training writes no intermediate checkpoints; checkpoint_every is ignored", stacklevel=2
+        )
+    result = train_dp(model, data, job.train, job.privacy, evaluate=evaluate)
+    report = {
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "noise_multiplier": result.noise_multiplier,
+        "sample_rate": result.sample_rate,
+        "max_grad_norm": job.privacy.max_grad_norm,
+        "accountant": job.privacy.accountant,
+    }
+    if result.stopped:
+        report["stopped"] = result.stopped
+    return result, report

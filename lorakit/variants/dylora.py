@@ -1,0 +1,143 @@
+"""DyLoRA: one adapter trained for every rank 1..R at once. Valipour et al., 2023, arXiv:2210.07558.
+
+Each optimizer step samples one ``b ~ Uniform{min_rank..R}`` for all layers (shared by the step's
+micro-batches) and the forward uses the truncated factors, scaled by the sampled ``b``::
+
+    y = W0 x + b0 + (alpha / b) * B[:, :b] (A[:b] x~)
+
+Only the truncated adapter is updated: the hook (:mod:`lorakit.variants.dylora_hook`) restores rows
+``>= b`` after the optimizer step, so AdamW momentum and weight decay cannot move them; mode ``"frozen"``
+trains rank ``b`` alone (rows ``< b`` get no gradient and are restored too). Outside training the rank is
+``R`` unless :func:`set_rank` chose another; merging uses that rank. :func:`evaluate_all_ranks` scores every
+rank of one trained adapter.
+
+``B = 0`` at init (``A = 0`` for embeddings), so every truncation is zero and the model is the base at step 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.core.layer import AdaptedLayer
+from lorakit.core.lowrank import low_rank
+from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.variants.lora import LoRA
+
+MODES = ("nonfrozen", "frozen")
+
+
+@dataclass
+class DyLoRAConfig(VariantConfig):
+    """DyLoRA. ``rank`` is the largest rank R; ``min_rank``: the smallest rank sampled in training.
+    ``mode``: "nonfrozen" (ranks 1..b train; better in the paper's ablation) or "frozen" (only rank b).
+    ``seed``: seeds the rank sampled at each optimizer step (runs are reproducible and resumable)."""
+
+    min_rank: int = 1
+    mode: str = "nonfrozen"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        ok = isinstance(self.min_rank, int) and 1 <= self.min_rank <= self.rank
+        require(ok, "min_rank", self.min_rank, f"an integer in [1, rank = {self.rank}]")
+        require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
+        require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+
+
+class DyLoRA(Variant):
+    """``dW = (alpha / b) B[:, :b] A[:b]`` for the sampled (training) or chosen (inference) rank ``b``."""
+
+    name = "dylora"
+    config_class = DyLoRAConfig
+    summary = "LoRA trained at every rank 1..R at once (rank sampled per step); pick any rank after training"
+    paper = "arXiv:2210.07558"
+    hook = DyLoRAHook
+
+    def __init__(self, config: DyLoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+        super().__init__(config, base, shared)
+        r = config.rank
+        self.A = nn.Parameter(torch.empty(r, base.in_features, device=base.device))  # (R, in)
+        self.B = nn.Parameter(torch.empty(base.out_features, r, device=base.device))  # (out, R)
+        LoRA.reset_parameters(self, base)  # type: ignore[arg-type]  # same init as LoRA
+        self.sampled: int | None = None  # the training rank, set by the hook each optimizer step
+        self.chosen: int | None = None  # the inference rank, set by set_rank (None: R)
+        self.merged_rank: int | None = None  # rank folded into the base weight by merge
+
+    @property
+    def current_rank(self) -> int:
+        """The inference rank: the one :func:`set_rank` chose, else ``R``."""
+        return self.chosen if self.chosen is not None else self.config.rank
+
+    def active_rank(self) -> int:
+        """The rank the forward uses now: the sampled one in training (once sampled), else the chosen one."""
+        return self.sampled if self.training and self.sampled is not None else self.current_rank
+
+    def trained_rows(self) -> Tensor:
+        """``(R,)`` bool: ranks the present step updates (``:b``; only ``b - 1`` in frozen mode)."""
+        b, rows = self.active_rank(), torch.arange(self.config.rank, device=self.A.device)
+        return rows == b - 1 if self.config.mode == "frozen" else rows < b
+
+    def factors(self, b: int) -> tuple[Tensor, Tensor, float]:
+        """``A[:b] (b, in)``, ``B[:, :b] (out, b)`` and ``alpha / b``; frozen mode detaches ranks ``< b``."""
+        a, up = self.A[:b], self.B[:, :b]
+        if self.config.mode == "frozen" and self.training and b > 1:
+            a = torch.cat([a[: b - 1].detach(), a[b - 1 :]])
+            up = torch.cat([up[:, : b - 1].detach(), up[:, b - 1 :]], dim=1)
+        return a, up, self.config.alpha / b
+
+    def delta_weight(self, b: int | None = None) -> Tensor:
+        a, up, scale = self.factors(self.current_rank if b is None else b)
+        return scale * (up @ a)
+
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        a, up, scale = self.factors(self.active_rank())
+        p = self.config.dropout if self.dropout is not None else 0.0
+        return y + low_rank(base, x, a, up, scale, p, self.training).to(y.dtype)
+
+    def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
+        self.merged_rank = self.current_rank
+        return w0 + self.delta_weight(self.merged_rank).to(w0.dtype)
+
+    def unmerged_weight(self, w: Tensor, base: AdaptedLayer) -> Tensor:
+        return w - self.delta_weight(self.merged_rank).to(w.dtype)
+
+
+def _dylora_layers(model: nn.Module) -> list[AdaptedLayer]:
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer) and isinstance(m.variant, DyLoRA)]
+    if not layers:
+        raise ValueError("the model has no DyLoRA adapter; ranks can only be chosen for variant 'dylora'")
+    return layers
+
+
+def set_rank(model: nn.Module, b: int | None) -> None:
+    """Use rank ``b`` (1..R) in every DyLoRA layer outside training; ``None`` restores ``R``."""
+    layers = _dylora_layers(model)
+    top = layers[0].variant.config.rank
+    if b is not None and not (isinstance(b, int) and 1 <= b <= top):
+        raise ValueError(f"rank {b!r} is out of range: choose an integer in [1, {top}]")
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot change the rank of merged adapters; call lorakit.unmerge(model) first")
+    for layer in layers:
+        layer.variant.chosen = b
+
+
+def evaluate_all_ranks(
+    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]
+) -> dict[int, dict[str, float]]:
+    """``evaluate(model)`` at every rank 1..R of one trained adapter; the chosen rank is restored after."""
+    layers = _dylora_layers(model)
+    previous = layers[0].variant.chosen
+    try:
+        results = {}
+        for b in range(1, layers[0].variant.config.rank + 1):
+            set_rank(model, b)
+            results[b] = evaluate(model)
+        return results
+    finally:
+        set_rank(model, previous)

@@ -1,0 +1,194 @@
+"""The conformance properties on a 4-bit NF4 base (QLoRA): every registered variant that adapts linear layers.
+
+Generated from the registry like tests/test_conformance.py, so a variant registered later joins. The base
+layer is quantised with ``lorakit.quantize`` computing in fp32, so "merge equals forward" can be checked as
+tightly as on a dense base; the default bf16 compute is checked on its own. A variant declaring
+``writes_base = True`` would need a dense base and is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from layer_zoo import make_case
+from torch import nn
+from variant_cases import case_config
+
+import lorakit
+from lorakit.core.quant import NF4Linear
+
+CASES = [name for name, cls in lorakit.VARIANTS.items() if "linear" in cls.kinds]
+
+
+def _skip_writers(name: str) -> None:
+    if getattr(lorakit.get_variant(name), "writes_base", False):
+        pytest.skip(f"{name} writes into its base weight, which a 4-bit base cannot take")
+
+
+def config_4bit(name: str, compute_dtype: torch.dtype = torch.float32, **overrides: object) -> dict:
+    cfg = {**case_config(name), **overrides}
+    fields = {f.name for f in dataclasses.fields(lorakit.get_variant(name).config_class)}
+    if "base_quantization" in fields:  # QLoRA quantises in apply: ask for the settings the base already has
+        cfg.update(base_quantization="nf4", compute_dtype=compute_dtype, double_quant=True)
+    return cfg
+
+
+def quantized_case(
+    seed: int = 0, compute_dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, torch.Tensor]:
+    model, x = make_case("linear", seed)
+    lorakit.quantize(model, compute_dtype=compute_dtype, targets=["layer"])
+    assert isinstance(model.layer, NF4Linear)
+    return model, x
+
+
+def adapted(name: str, compute_dtype: torch.dtype = torch.float32, **overrides: object):
+    _skip_writers(name)
+    model, x = quantized_case(compute_dtype=compute_dtype)
+    model.eval()
+    with torch.no_grad():
+        base_out = model(x)
+    lorakit.apply(model, name, targets=["layer"], **config_4bit(name, compute_dtype, **overrides))
+    return model, x, base_out
+
+
+def perturb(model: nn.Module, seed: int = 7) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.adapted_layers(model):
+            for p in layer.variant.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.2)
+
+
+def stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The 4-bit base's stored tensors (packed codes, scales, bias), copied."""
+    return {k: v.detach().clone() for k, v in model.layer.base_layer.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_identity_at_init_is_exact(name: str) -> None:
+    model, x, base_out = adapted(name)
+    assert isinstance(model.layer.base_layer, NF4Linear)
+    with torch.no_grad():
+        assert torch.equal(model(x), base_out)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_disabled_is_the_4bit_base_and_merge_gives_a_dense_layer(name: str) -> None:
+    model, x, base_out = adapted(name)
+    perturb(model)
+    layer = model.layer
+    w0 = layer.base_layer.dequantized_weight(torch.float32)
+    with torch.no_grad():
+        out = model(x)
+        assert (out - base_out).abs().max() > 1e-3, "perturbing the adapter must change the output"
+        with lorakit.disabled(model):
+            assert torch.equal(model(x), base_out)
+        lorakit.merge(model, unload=False)
+        # Merging dequantises: the layer is dense and holds W0 + dW, never a re-quantised weight.
+        assert type(layer.base_layer) is nn.Linear and not layer.base_layer.weight.requires_grad
+        assert not torch.equal(layer.base_layer.weight, w0)
+        torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
+        lorakit.unmerge(model)
+        assert type(layer.base_layer) is nn.Linear
+        torch.testing.assert_close(layer.base_layer.weight, w0, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
+        plain = lorakit.merge(model)
+        assert type(plain.layer) is nn.Linear
+        torch.testing.assert_close(plain(x), out, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_trainable_gets_a_gradient_and_the_base_none(name: str) -> None:
+    model, x, _ = adapted(name)
+    perturb(model)
+    model.train()
+    before = stored(model)
+    adapter_ids = {id(p) for _, layer in lorakit.adapted_layers(model) for p in layer.variant.parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(id(p) in adapter_ids for _, p in trainable)
+    model(x).square().mean().backward()
+    for n, p in trainable:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+    assert all(p.grad is None for p in model.layer.base_layer.parameters())
+    assert_same(stored(model), before)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_save_load_round_trip_is_exact(name: str, tmp_path) -> None:
+    model, x, _ = adapted(name)
+    perturb(model)
+    lorakit.save(model, tmp_path / "adapter")
+    fresh, _ = quantized_case()
+    lorakit.load(fresh, tmp_path / "adapter")
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, steps: int) -> None:
+    """The training loop's call order (hooks included) on a regression target."""
+    target = torch.randn(x.shape[:-1] + (10,), generator=torch.Generator().manual_seed(5))
+    hooks = lorakit.make_hooks(model, steps)
+    opt = torch.optim.AdamW(lorakit.param_groups(model, 1e-2))
+    model.train()
+    for step in range(steps):
+        for h in hooks:
+            h.on_step_start(step)
+        loss = (model(x) - target).square().mean()
+        extra = [t for h in hooks if (t := h.extra_loss(step)) is not None]
+        (loss + sum(extra)).backward()
+        for h in hooks:
+            h.on_after_backward(step)
+        opt.step()
+        for h in hooks:
+            h.on_after_step(step)
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_training_with_hooks_never_writes_the_4bit_base(name: str) -> None:
+    model, x, base_out = adapted(name)
+    before = stored(model)
+    train_steps(model, x, 8)  # AdaLoRA's case masks within 8 steps
+    assert_same(stored(model), before)
+    model.eval()
+    with torch.no_grad():
+        assert (model(x) - base_out).abs().max() > 1e-3, "training must change the output"
+
+
+def test_delta_lora_past_its_start_step_keeps_the_packed_bytes() -> None:
+    model, x, _ = adapted("delta_lora", start_step=1)
+    variant = model.layer.variant
+    before = stored(model)
+    train_steps(model, x, 4)
+    assert variant.active_now, "the W update must have started (step > K)"
+    assert not torch.equal(variant.B_K, torch.zeros_like(variant.B_K))
+    assert_same(stored(model), before)
+    # The moved W lives in the stop-gradient term: W_eff - W0 = s BA + lam s (BA - B_K A_K).
+    s, lam = variant.scale, variant.config.lam
+    ba, ba_k = variant.B @ variant.A, variant.B_K @ variant.A_K
+    torch.testing.assert_close(variant.delta_weight(), s * ba + lam * s * (ba - ba_k))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bf16_compute(name: str) -> None:
+    model, x, base_out = adapted(name, compute_dtype=torch.bfloat16)
+    perturb(model)
+    model.train()
+    out = model(x)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        plain = lorakit.merge(model)  # dense fp32 layer: differs from the bf16 matmul only by its rounding
+        torch.testing.assert_close(plain(x), out, atol=3e-2, rtol=3e-2)

@@ -1,0 +1,52 @@
+"""The README's variants table matches the registry; shipped bench files validate; the bench report renders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+import lorakit
+from lorakit.bench.report import write_report
+from lorakit.bench.run import load_bench
+from lorakit.cliargs import _leaf_fields
+from lorakit.docs import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_variants_table_is_generated_from_the_registry() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert render(readme) == readme, "run `python -m lorakit.docs README.md`"
+    for name in lorakit.VARIANTS:
+        assert f"| `{name}` |" in readme
+
+
+def test_every_shipped_bench_file_names_known_settings_and_variants() -> None:
+    files = sorted((ROOT / "benchmarks").glob("*.yaml"))
+    assert files
+    known = set(_leaf_fields()) | {"options"}
+    for path in files:
+        defaults, runs = load_bench(path)
+        for run in runs:
+            settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
+            assert set(settings) <= known, (path, set(settings) - known)
+            cls = lorakit.get_variant(settings.get("variant", "lora"))
+            fields = {"rank": settings.get("rank", 8), **settings.get("options", {})}
+            if "dropout" in settings:
+                fields["dropout"] = settings["dropout"]
+            cls.config_class.from_dict(fields, cls.name)  # validates every field and range
+
+
+def test_report_writes_a_table_and_a_plot(tmp_path) -> None:
+    for name, acc, n in (("a", 0.8, 1000), ("b", 0.9, 50)):
+        (tmp_path / name).mkdir()
+        metrics = {"metrics": {"accuracy": acc}, "trainable": n, "seconds": 12.0, "peak_memory_mb": 300.0}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    table = write_report(tmp_path, ["a", "b", "missing"], {"b": "note b"})
+    assert "| a | 0.8000 | 1,000 | 12 | 300 |  |" in table and "| b | 0.9000 | 50 | 12 | 300 | note b |" in table
+    assert "missing" not in table
+    assert json.loads((tmp_path / "results.json").read_text())[1]["name"] == "b"
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert yaml.safe_load((ROOT / "benchmarks" / "sst2.yaml").read_text())["defaults"]["model"] == "minilm"

@@ -1,0 +1,246 @@
+"""DP-SGD for any variant: per-example gradients, clipping, calibrated noise, the accountant, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from layer_zoo import LAYERS, make_case
+from variant_cases import case_config
+
+import lorakit
+from lorakit.cli import main
+from lorakit.core.variant import Hook
+from lorakit.privacy import DPConfig, PrivacyError, require
+from lorakit.privacy.accountant import Accountant, noise_for_budget
+from lorakit.privacy.dp_sgd import per_example_loss, train_dp
+from lorakit.privacy.grad_sample import AdapterGradSampleModule
+from lorakit.train import data as D
+from lorakit.train.loop import TrainConfig
+
+# Adapters whose inputs need no gradient make PyTorch warn on every backward through Opacus' hooks.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+ZOO = [(name, kind) for name, cls in lorakit.VARIANTS.items() for kind in LAYERS if kind in cls.kinds]
+
+
+@pytest.mark.parametrize(("name", "kind"), ZOO, ids=[f"{n}-{k}" for n, k in ZOO])
+def test_per_example_gradients_equal_autograd_for_every_variant_and_kind(name: str, kind: str) -> None:
+    model, x = make_case(kind)
+    lorakit.apply(model, name, targets=["layer"], **{**case_config(name), "dropout": 0.0})
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # away from init, so every factor has a non-zero gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = AdapterGradSampleModule(model)
+    out = gsm(x)
+    (out.reshape(len(x), -1) ** 2).sum(1).mean().backward()  # mean of per-example losses
+    samples = [p.grad_sample.clone() for p in params]
+    gsm.to_standard_module()
+    for i in range(len(x)):
+        loss = (model(x[i : i + 1]).reshape(-1) ** 2).sum()
+        refs = torch.autograd.grad(loss, params, allow_unused=True)
+        for sample, ref in zip(samples, refs, strict=True):
+            ref = torch.zeros_like(sample[i]) if ref is None else ref
+            assert sample.shape == (len(x), *ref.shape)
+            torch.testing.assert_close(sample[i], ref, rtol=1e-4, atol=1e-5)
+    assert any(s.abs().sum() > 0 for s in samples)
+
+
+def tiny_classifier(path, variant: str):
+    from lorakit.train.models import head_modules, load_model
+
+    model, tokenizer = load_model(str(path), "classification")
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():  # deterministic forward, so per-example gradients can be compared exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = {"rank": 4, "dropout": 0.0}
+    lorakit.apply(
+        model, variant, targets=["query", "value"], train_modules=head_modules(model, "classification"), **cfg
+    )
+    return model, tokenizer
+
+
+def demo_data(tokenizer, n: int = 64) -> D.TokenizedData:
+    return D.tokenize_classification(D.demo_rows("train")[:n], tokenizer, "sentence", "label", 24, "demo")
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "loha", "lokr"])
+def test_model_per_example_gradients_cover_adapters_and_head(tiny_bert_dir, variant: str) -> None:
+    model, tokenizer = tiny_classifier(tiny_bert_dir, variant)
+    data = demo_data(tokenizer, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = AdapterGradSampleModule(model)
+    per_example_loss(gsm, data.batch(list(range(5)))).mean().backward()
+    samples = [p.grad_sample.clone() for p in params]
+    gsm.to_standard_module()
+    for i in range(5):
+        refs = torch.autograd.grad(per_example_loss(model, data.batch([i])).sum(), params)
+        for sample, ref in zip(samples, refs, strict=True):
+            torch.testing.assert_close(sample[i], ref, rtol=1e-4, atol=1e-6)
+
+
+class Capture(Hook):
+    """Keeps the privatised gradient the optimizer is about to apply."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, [], 1)
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_after_backward(self, step: int) -> None:
+        self.grads.append([p.grad.clone() for p in self.model.parameters() if p.requires_grad])
+
+
+class Recording(D.TokenizedData):
+    def batch(self, indices):
+        self.seen.append(list(indices))
+        return super().batch(indices)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 3.0])
+def test_step_is_clipped_sum_plus_calibrated_noise_over_expected_batch(tiny_bert_dir, sigma: float) -> None:
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
+    base = demo_data(tokenizer, 200)
+    data = Recording(base.input_ids, base.labels, base.pad_id)
+    data.seen = []
+    start = copy.deepcopy(model)
+    capture = Capture(model)
+    clip, cfg = 0.05, TrainConfig(steps=1, batch_size=20, lr=1e-4, progress=False, seed=1)
+    train_dp(model, data, cfg, DPConfig(dp=True, noise_multiplier=sigma, max_grad_norm=clip), hooks=[capture])
+    (batch,) = data.seen
+    start.train()
+    params = [p for p in start.parameters() if p.requires_grad]
+    clipped = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in batch:  # an independent DP-SGD step: per-example autograd, clip to C, sum, / expected batch
+        grads = torch.autograd.grad(per_example_loss(start, base.batch([i])).sum(), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(float(norm))
+        for acc, g in zip(clipped, grads, strict=True):
+            acc += g * min(1.0, clip / (float(norm) + 1e-6))
+    assert max(norms) > clip  # clipping really happened
+    got = capture.grads[0]
+    if sigma == 0:
+        for g, ref in zip(got, clipped, strict=True):
+            torch.testing.assert_close(g * 20, ref, rtol=1e-4, atol=1e-7)
+        contribution = torch.sqrt(sum(g.pow(2).sum() for g in got)) * 20
+        assert contribution <= clip * len(batch) + 1e-6
+    else:
+        noise = torch.cat([(g * 20 - ref).reshape(-1) for g, ref in zip(got, clipped, strict=True)])
+        assert noise.numel() > 1000
+        assert abs(float(noise.std()) / (sigma * clip) - 1) < 0.05
+        assert abs(float(noise.mean())) < 0.05 * sigma * clip
+
+
+def test_epsilon_grows_every_step_and_training_stops_before_the_target(tiny_bert_dir) -> None:
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "dora")
+    data = demo_data(tokenizer, 256)
+    dp = DPConfig(dp=True, noise_multiplier=0.9, target_epsilon=2.5, delta=1e-4)
+    with pytest.warns(UserWarning, match="stopped after"):
+        result = train_dp(model, data, TrainConfig(steps=500, batch_size=16, progress=False), dp)
+    assert 1 < result.steps < 500 and result.stopped
+    eps = result.epsilons
+    assert len(eps) == result.steps and all(b > a for a, b in zip(eps, eps[1:], strict=False))
+    assert eps[-1] <= 2.5 and result.epsilon == pytest.approx(eps[-1])
+    accountant = Accountant("rdp")
+    accountant.step(0.9, 16 / 256, result.steps + 1)
+    assert accountant.epsilon(1e-4) > 2.5  # one more step would have exceeded the target
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus' hooks are gone
+
+
+def test_target_epsilon_chooses_the_noise_that_spends_it(tiny_bert_dir) -> None:
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "vera")
+    data = demo_data(tokenizer, 128)
+    cfg = TrainConfig(steps=6, batch_size=16, progress=False)
+    result = train_dp(model, data, cfg, DPConfig(dp=True, target_epsilon=4.0, delta=1e-3, accountant="prv"))
+    assert result.steps == 6 and result.stopped is None
+    assert result.noise_multiplier == pytest.approx(noise_for_budget(4.0, 1e-3, 16 / 128, 6, "prv"))
+    assert 3.9 <= result.epsilon <= 4.0
+
+
+def closed_form_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """RDP of the Poisson-subsampled Gaussian at integer orders (Mironov et al. 2019, Sec. 3.3, binomial
+    expansion), composed over ``steps``, converted with Balle et al. 2020 Thm. 21; minimum over orders."""
+    best = math.inf
+    for a in range(2, 65):
+        terms = [
+            math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
+            + (a - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma**2)
+            for k in range(a + 1)
+        ]  # fmt: skip
+        top = max(terms)
+        rdp = steps * (top + math.log(sum(math.exp(t - top) for t in terms))) / (a - 1)
+        eps = rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+        best = min(best, eps)
+    return best
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "delta"),
+    [(1.0, 0.01, 1000, 1e-5), (1.5, 0.05, 200, 1e-6), (0.8, 0.1, 50, 1e-5), (4.0, 0.5, 20, 1e-3)],
+)
+def test_accountant_matches_an_independent_rdp_computation(sigma, q, steps, delta) -> None:
+    accountant = Accountant("rdp")
+    accountant.step(sigma, q, steps)
+    ours = accountant.epsilon(delta)
+    reference = closed_form_epsilon(sigma, q, steps, delta)
+    # Opacus also tries fractional orders, so it may be slightly tighter, never looser.
+    assert reference * 0.97 <= ours <= reference + 1e-9
+    assert accountant.steps == steps and accountant.history == [(sigma, q, steps)]
+
+
+def test_accountant_edge_cases_and_range_errors() -> None:
+    accountant = Accountant()
+    assert accountant.epsilon(1e-5) == 0.0
+    accountant.step(0.0, 0.1)
+    assert accountant.epsilon(1e-5) == math.inf
+    with pytest.raises(PrivacyError, match="delta"):
+        accountant.epsilon(1.5)
+    with pytest.raises(PrivacyError, match="sample rate"):
+        accountant.step(1.0, 0.0)
+    with pytest.raises(PrivacyError, match="epsilon"):
+        noise_for_budget(-1.0, 1e-5, 0.1, 10)
+    with pytest.raises(PrivacyError, match="budget or a noise level"):
+        DPConfig(dp=True)
+    with pytest.raises(PrivacyError, match="accountant"):
+        DPConfig(accountant="moments")
+    with pytest.raises(ImportError, match=r"lorakit\[privacy\]"):
+        require("opacus_not_installed_anywhere")
+
+
+def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--model",
+        str(tiny_bert_dir),
+        "--targets",
+        "query,value",
+        "--rank",
+        "2",
+        "--dropout",
+        "0",
+    ]
+    args += ["--steps", "4", "--batch-size", "16", "--no-progress", "--output-dir", str(run)]
+    assert main([*args, "--dp", "--target-epsilon", "3", "--delta", "1e-4", "--max-grad-norm", "0.5"]) == 0
+    extra = json.loads((run / "metrics.json").read_text())["extra"]
+    assert 2.9 <= extra["epsilon"] <= 3.0 and extra["delta"] == 1e-4 and extra["max_grad_norm"] == 0.5
+    assert json.loads((run / "job.json").read_text())["privacy"]["dp"] is True
+    assert main(["eval", "--adapter", str(run)]) == 0  # job.json with a privacy section loads back
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--dp", "--delta", "2"]) == 2
+    assert "delta must be in (0, 1)" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--dp"]) == 2
+    assert "--target-epsilon" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""LorakitTrainer: hooks run at lorakit's call points inside transformers.Trainer, extra losses count once."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_llama
+from transformers import TrainingArguments
+
+import lorakit
+from lorakit.integrations.transformers import LorakitTrainer
+from lorakit.train.loop import TrainConfig, train
+from lorakit.variants.adalora import rank_pattern
+from lorakit.variants.dylora_hook import DyLoRAHook
+
+STEPS, ACCUM, BATCH, LR = 20, 2, 4, 1e-2
+
+
+def sequences(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Counting sequences ``s, s+1, ...`` (mod 64): learnable, so the loss must drop."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 64, (n,), generator=gen)
+    return [{"input_ids": ids, "labels": ids} for ids in (starts[:, None] + torch.arange(12)) % 64]
+
+
+def loss_on(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> float:
+    batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def trainer_for(model: torch.nn.Module, data: list, tmp_path, **args) -> LorakitTrainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        train_sampling_strategy="sequential",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        **args,
+    )
+    return LorakitTrainer(model=model, args=args, train_dataset=data)
+
+
+def test_dylora_rank_is_resampled_each_step_at_the_loop_call_points(tmp_path, monkeypatch) -> None:
+    events: list[tuple] = []
+    for point in ("on_step_start", "on_after_backward", "on_after_step"):
+        original = getattr(DyLoRAHook, point)
+
+        def record(self, step: int, point=point, original=original) -> None:
+            events.append((point, step))
+            original(self, step)
+
+        monkeypatch.setattr(DyLoRAHook, point, record)
+    model = lorakit.apply(
+        tiny_llama(), "dylora", targets="all-linear", rank=4, alpha=8.0, dropout=0.0, seed=2
+    )
+    first = lorakit.adapted_layers(model)[0][1]
+    first.register_forward_hook(
+        lambda m, i, o: events.append(("forward", m.variant.active_rank())) if m.training else None
+    )
+    data, held_out = sequences(STEPS * ACCUM * BATCH, 0), sequences(16, 1)
+    before = loss_on(model, held_out)
+    trainer = trainer_for(model, data, tmp_path)
+    clip = trainer.accelerator.clip_grad_norm_
+    monkeypatch.setattr(
+        trainer.accelerator, "clip_grad_norm_", lambda *a, **k: events.append(("clip",)) or clip(*a, **k)
+    )
+    trainer.train()
+    ranks = [DyLoRAHook(model, [first], STEPS).rank_at(step) for step in range(STEPS)]
+    expected = []
+    for step, b in enumerate(ranks):  # lorakit's order, with the step's one rank in every micro-batch
+        expected += [("on_step_start", step), *[("forward", b)] * ACCUM]
+        expected += [("on_after_backward", step), ("clip",), ("on_after_step", step)]
+    assert events == expected
+    assert len(set(ranks)) >= 2
+    assert loss_on(model, held_out) < before - 0.1  # it learnt to count (on unseen starts)
+
+
+def test_adalora_under_trainer_equals_the_lorakit_loop_so_extra_loss_counts_once(tmp_path) -> None:
+    """Same batches, optimizer and schedule: the Trainer run must reproduce lorakit's loop, where the
+    orthogonality penalty enters each optimizer step once (the Trainer would add it per micro-batch)."""
+    config = {"init_r": 4, "target_r": 2, "t_init": 1, "t_final": 1, "alpha": 8.0, "dropout": 0.0}
+    data = sequences(STEPS * ACCUM * BATCH, 0)
+    ours = lorakit.apply(tiny_llama(), "adalora", targets="all-linear", **config)
+    rows = [data[i : i + BATCH] for i in range(0, len(data), BATCH)]
+    batches = iter([{k: torch.stack([r[k] for r in chunk]) for k in data[0]} for chunk in rows])
+    cfg = TrainConfig(STEPS, BATCH, ACCUM, LR, warmup_ratio=0.0, schedule="constant", progress=False)
+    train(ours, batches, cfg)
+
+    theirs = lorakit.apply(tiny_llama(), "adalora", targets="all-linear", **config)
+    before = loss_on(theirs, data[:16])
+    trainer = trainer_for(theirs, data, tmp_path)
+    assert trainer.model_accepts_loss_kwargs  # the task loss arrives already scaled for accumulation
+    penalty: list[tuple[int, float]] = []
+    extra = trainer.lorakit_callback.extra_loss
+
+    def recorded(step: int) -> torch.Tensor | None:
+        value = extra(step)
+        penalty.append((step, float(value.detach())))
+        return value
+
+    trainer.lorakit_callback.extra_loss = recorded
+    trainer.train()
+    assert [s for s, _ in penalty] == [s for s in range(STEPS) for _ in range(ACCUM)]  # every micro-batch
+    assert penalty[0][1] > 0.1 and penalty[-1][1] < penalty[0][1] / 2  # a real term, and optimised
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+    pattern = rank_pattern(theirs)
+    assert sum(pattern.values()) == 2 * len(pattern)  # the budget hook ran to its final mask
+    assert loss_on(theirs, data[:16]) < before - 0.05
