@@ -6,7 +6,8 @@ Time is the median over interleaved repeats, so machine load affects every conte
 
     python benchmarks/step_cost.py --out runs/step_cost.json
 
-Reference budget: minilm, batch 32, max length 64, rank 8, alpha 16, dropout 0.05, targets query/key/value/dense.
+Reference budget: minilm, batch 32, max length 64, rank 8, alpha 16, dropout 0.05,
+targets query/key/value/dense.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def contenders(base: nn.Module) -> dict[str, Callable[[], nn.Module]]:
     def peft_lora() -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                            modules_to_save=["classifier"])
+        config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"]
+        )
         return get_peft_model(copy.deepcopy(base), config)
 
     def full() -> nn.Module:
@@ -113,16 +115,22 @@ def main() -> None:
     rows = {}
     for name, model in models.items():
         act = saved_activation_bytes(model, batch)
-        rows[name] = {"step_seconds": statistics.median(times[name]), "activation_mb": act / 2**20,
-                      "state_mb": state_bytes(model) / 2**20, "memory_mb": (act + state_bytes(model)) / 2**20}
+        rows[name] = {
+            "step_seconds": statistics.median(times[name]),
+            "activation_mb": act / 2**20,
+            "state_mb": state_bytes(model) / 2**20,
+            "memory_mb": (act + state_bytes(model)) / 2**20,
+        }
     ref = rows["full fine-tuning"]
     print("| contender | step s | vs full FT | memory MB (states + activations) | vs full FT |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         r["time_ratio"] = r["step_seconds"] / ref["step_seconds"]
         r["memory_ratio"] = r["memory_mb"] / ref["memory_mb"]
-        print(f"| {name} | {r['step_seconds']:.3f} | {r['time_ratio']:.2f}x | {r['memory_mb']:.0f} "
-              f"({r['state_mb']:.0f} + {r['activation_mb']:.0f}) | {r['memory_ratio']:.2f}x |")
+        print(
+            f"| {name} | {r['step_seconds']:.3f} | {r['time_ratio']:.2f}x | {r['memory_mb']:.0f} "
+            f"({r['state_mb']:.0f} + {r['activation_mb']:.0f}) | {r['memory_ratio']:.2f}x |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
 

@@ -15,7 +15,10 @@ END = "<!-- variants-table:end -->"
 
 
 def variants_table() -> str:
-    lines = ["| name | class | paper | what it does | layer kinds | training rules |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| name | class | paper | what it does | layer kinds | training rules |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, cls in VARIANTS.items():
         kinds = ", ".join(sorted(cls.kinds))
         rules = cls.hook.__name__ if cls.hook is not None else ""

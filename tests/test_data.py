@@ -63,7 +63,9 @@ def test_classification_batches_pad_and_mask(tokenizer) -> None:
 
 
 def test_causal_labels_cover_the_response_only(tokenizer) -> None:
-    data = tokenize_causal([{"prompt": "good morning", "response": "hello"}], tokenizer, "prompt", "response", 32, "x")
+    data = tokenize_causal(
+        [{"prompt": "good morning", "response": "hello"}], tokenizer, "prompt", "response", 32, "x"
+    )
     ids, labels = data.input_ids[0], data.labels[0]
     n_prompt = len(tokenizer("good morning")["input_ids"])
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]

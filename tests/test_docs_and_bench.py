@@ -1,4 +1,4 @@
-"""The README's variants table matches the registry; shipped bench files validate; the bench report renders."""
+"""The README's variants table matches the registry; bench files validate; the bench report renders."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def test_report_writes_a_table_and_a_plot(tmp_path) -> None:
         metrics = {"metrics": {"accuracy": acc}, "trainable": n, "seconds": 12.0, "peak_memory_mb": 300.0}
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
     table = write_report(tmp_path, ["a", "b", "missing"], {"b": "note b"})
-    assert "| a | 0.8000 | 1,000 | 12 | 300 |  |" in table and "| b | 0.9000 | 50 | 12 | 300 | note b |" in table
+    assert (
+        "| a | 0.8000 | 1,000 | 12 | 300 |  |" in table and "| b | 0.9000 | 50 | 12 | 300 | note b |" in table
+    )
     assert "missing" not in table
     assert json.loads((tmp_path / "results.json").read_text())[1]["name"] == "b"
     assert (tmp_path / "results.png").stat().st_size > 1000

@@ -192,12 +192,17 @@ def closed_form_epsilon(sigma: float, q: float, steps: int, delta: float) -> flo
     [(1.0, 0.01, 1000, 1e-5), (1.5, 0.05, 200, 1e-6), (0.8, 0.1, 50, 1e-5), (4.0, 0.5, 20, 1e-3)],
 )
 def test_accountant_matches_an_independent_rdp_computation(sigma, q, steps, delta) -> None:
+    from opacus.accountants import RDPAccountant
+
+    reference = closed_form_epsilon(sigma, q, steps, delta)
+    engine = RDPAccountant()
+    engine.history = [(sigma, q, steps)]
+    assert engine.get_epsilon(delta, alphas=list(range(2, 65))) == pytest.approx(reference, rel=1e-6)
     accountant = Accountant("rdp")
     accountant.step(sigma, q, steps)
     ours = accountant.epsilon(delta)
-    reference = closed_form_epsilon(sigma, q, steps, delta)
-    # Opacus also tries fractional orders, so it may be slightly tighter, never looser.
-    assert reference * 0.97 <= ours <= reference + 1e-9
+    # lorakit's accountant also tries fractional orders, so it may be a little tighter, never looser.
+    assert reference * 0.95 <= ours <= reference + 1e-9
     assert accountant.steps == steps and accountant.history == [(sigma, q, steps)]
 
 

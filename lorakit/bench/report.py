@@ -17,12 +17,16 @@ def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
-    lines = ["| run | test accuracy | trainable params | train seconds | peak memory MB | settings beyond the budget |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | test accuracy | trainable params | train seconds | peak memory MB | settings beyond budget |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         acc = r["metrics"].get("accuracy", float("nan"))
-        lines.append(f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | "
-                     f"{r.get('peak_memory_mb') or 0:.0f} | {notes.get(r['name'], '')} |")
+        lines.append(
+            f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | "
+            f"{r.get('peak_memory_mb') or 0:.0f} | {notes.get(r['name'], '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

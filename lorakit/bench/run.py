@@ -35,8 +35,18 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
     run_dir = out / name
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(settings, f)
-    cmd = [sys.executable, "-m", "lorakit.cli", "train", "--config", f.name, "--output-dir", str(run_dir),
-           "--overwrite", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit.cli",
+        "train",
+        "--config",
+        f.name,
+        "--output-dir",
+        str(run_dir),
+        "--overwrite",
+        "--no-progress",
+    ]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     with (out / f"{name}.log").open("w") as log:
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 from lorakit.privacy import require
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
@@ -79,15 +80,16 @@ def noise_for_budget(
         raise PrivacyError(f"steps = {steps!r} is invalid: at least one step or round must run")
     utils = require("opacus.accountants.utils")
     try:
-        return float(
-            utils.get_noise_multiplier(
+        with warnings.catch_warnings():  # the search probes noise levels whose best RDP order is extreme
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            sigma = utils.get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=delta,
                 sample_rate=sample_rate,
                 steps=steps,
                 accountant=kind,
             )
-        )
+        return float(sigma)
     except ValueError as err:  # Opacus: the budget cannot be met at any noise level it tries
         raise PrivacyError(
             f"no noise level spends epsilon {target_epsilon} at delta {delta} over {steps} steps "
