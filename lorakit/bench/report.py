@@ -18,7 +18,7 @@ def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
     lines = [
-        "| run | test accuracy | trainable params | train seconds | peak memory MB | settings beyond budget |",
+        "| run | test accuracy | trainable params | train seconds | peak memory MB | beyond the budget |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
