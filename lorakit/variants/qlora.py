@@ -12,9 +12,9 @@ reproduces the trained one exactly (NF4 quantisation is deterministic). The fing
 quantised buffers: a base quantised with other settings is refused. Layers quantised beforehand with
 :func:`lorakit.quantize` are used as they are when their settings match the config.
 
-Defaults are the paper's (Sec. 4 and App. B.2; the authors' finetune scripts): ``r = 64``, ``alpha = 16``,
-adapters on all linear layers (the output head excluded), dropout 0.1 for 7B/13B models (0.05 for
-33B/65B). Their training recipe, set in the training config rather than here: paged AdamW
+Defaults are the paper's hyperparameters (as in the authors' finetune_guanaco_*.sh): ``r = 64``,
+``alpha = 16``, adapters on all linear layers (the output head excluded), dropout 0.1 for 7B/13B models
+(0.05 for 33B/65B). Their training recipe, set in the training config rather than here: paged AdamW
 (``optimizer: paged_adamw``), lr 2e-4 (1e-4 from 33B), max grad norm 0.3, constant schedule, gradient
 checkpointing. The adapter runs in the activations' dtype with fp32 parameters.
 
