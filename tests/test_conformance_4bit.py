@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 from layer_zoo import make_case
+from test_conformance import perturb
 from torch import nn
 from variant_cases import case_config
 
@@ -52,15 +53,6 @@ def adapted(name: str, compute_dtype: torch.dtype = torch.float32, **overrides: 
         base_out = model(x)
     lorakit.apply(model, name, targets=["layer"], **config_4bit(name, compute_dtype, **overrides))
     return model, x, base_out
-
-
-def perturb(model: nn.Module, seed: int = 7) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lorakit.adapted_layers(model):
-            for p in layer.variant.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.2)
 
 
 def stored(model: nn.Module) -> dict[str, torch.Tensor]:
