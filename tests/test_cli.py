@@ -81,3 +81,64 @@ def test_bad_input_is_one_line_error(argv, message, tiny_bert_dir, tmp_path, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.train.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model_dir = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"q": f"what is {a} plus {a}?", "a": f"{2 * a}"} for a in range(40)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--task",
+        "causal-lm",
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--prompt-column",
+        "q",
+        "--response-column",
+        "a",
+        "--targets",
+        "all-linear",
+        "--steps",
+        "30",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(run),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"loss", "perplexity"}
+    from lorakit.train.data import tokenize_causal
+    from lorakit.train.job import evaluate
+
+    tokens = tokenize_causal(rows, tokenizer, "q", "a", 64, "qa")
+    base_loss = evaluate(LlamaForCausalLM.from_pretrained(model_dir), tokens)["loss"]
+    assert metrics["metrics"]["loss"] < base_loss - 0.2, (base_loss, metrics["metrics"])
+    assert main(["eval", "--adapter", str(run)]) == 0
+    assert f"loss {metrics['metrics']['loss']:.4f}" in capsys.readouterr().out

@@ -273,6 +273,18 @@ def test_every_client_of_a_round_gets_and_returns_the_servers_rank(tiny_bert_dir
     assert [r["rank"] for r in saved["rounds"]] == ranks
 
 
+def test_clients_evaluate_when_the_server_has_no_data(tiny_bert_dir, tmp_path) -> None:
+    result, grid = run_local(tiny_cfg(tiny_bert_dir, tmp_path, rounds=1, eval_data="clients"))
+    evals = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evals) == 4  # every client scores the full-rank global adapter on its own data
+    assert all(
+        v.shape[0] == 4
+        for n, v in evals[0].content["adapter"].to_torch_state_dict().items()
+        if n.endswith(".A")
+    )
+    assert 0 <= result.metrics["accuracy"] <= 1 and result.metrics["loss"] > 0
+
+
 def test_a_nan_update_is_dropped_and_the_round_goes_on(tiny_bert_dir, tmp_path, capsys) -> None:
     poisoned = []
 

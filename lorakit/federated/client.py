@@ -39,6 +39,7 @@ def job_config(cfg: FedConfig) -> JobConfig:
         options=cfg.variant_options(),
         data=DataConfig(
             data=cfg.data,
+            eval_data=cfg.eval_data if cfg.eval_data not in ("", "clients") else None,
             text_column=cfg.text_column,
             label_column=cfg.label_column,
             max_length=cfg.max_length,
@@ -125,7 +126,13 @@ def partition_of(context: Any, cfg: FedConfig) -> tuple[int, int]:
         raise ValueError(
             "this SuperNode has no partition: start it with --node-config 'partition-id=I num-partitions=N'"
         )
-    return int(node["partition-id"]), int(node["num-partitions"])
+    pid, parts = int(node["partition-id"]), int(node["num-partitions"])
+    if parts != cfg.clients or not 0 <= pid < parts:
+        raise ValueError(
+            f"this SuperNode holds partition {pid} of {parts}, but the run has clients={cfg.clients}: give "
+            "every SuperNode num-partitions equal to clients and a partition-id in [0, clients)"
+        )
+    return pid, parts
 
 
 def make_client_app(cfg: FedConfig | None = None) -> Any:
