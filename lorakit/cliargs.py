@@ -1,6 +1,7 @@
 """Command-line flags generated from the job dataclasses, and YAML configs checked against them.
 
-Each field's trailing comment in its dataclass is its ``--help`` text, so settings are documented once.
+Each field's comment in its dataclass (trailing, or on the line above) is its ``--help`` text, so settings
+are documented once.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ SECTIONS: dict[str, type] = {"": JobConfig, "data": DataConfig, "train": TrainCo
 
 
 def _field_help(cls: type) -> dict[str, str]:
+    """Help text per field: its trailing comment, or a comment line right above it."""
     source = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))
+    above = {name: text for text, name in re.findall(r"^\s+#\s*(.+)\n\s+(\w+): ", source, flags=re.M)}
+    return {**above, **dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))}
 
 
 def _leaf_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:

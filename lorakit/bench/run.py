@@ -45,7 +45,6 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         "--output-dir",
         str(run_dir),
         "--overwrite",
-        "--no-progress",
     ]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     with (out / f"{name}.log").open("w") as log:

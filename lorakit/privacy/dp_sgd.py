@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import lorakit
 from lorakit.core.variant import Hook
@@ -31,7 +30,7 @@ from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError
 from lorakit.train.data import TokenizedData
-from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, make_optimizer
+from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, make_optimizer, progress_bar
 
 
 @dataclass
@@ -110,7 +109,7 @@ def train_dp(
         steps=cfg.steps,
     )
     result = DPTrainResult(steps=0, seconds=0.0, delta=dp.delta, noise_multiplier=sigma, sample_rate=q)
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="dp-sgd", dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, 0, cfg.progress, "dp-sgd")
     began = time.perf_counter()
     model.train()
     with warnings.catch_warnings():

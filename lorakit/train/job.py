@@ -29,12 +29,12 @@ class DataConfig:
 
     data: str = "demo"  # training data: a .tsv/.csv/.jsonl path, a Hugging Face dataset id, or 'demo'
     eval_data: str | None = None  # evaluation data (default: the test split of 'demo', else none)
-    text_column: str = "sentence"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
+    text_column: str = "sentence"  # classification text column
+    label_column: str = "label"  # classification label column (integers)
+    prompt_column: str = "prompt"  # causal-LM prompt column (no loss on it)
+    response_column: str = "response"  # causal-LM response column (the loss covers it)
     max_length: int = 64  # tokens per example
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # examples per evaluation batch
 
 
 @dataclass
@@ -43,15 +43,16 @@ class JobConfig:
 
     model: str = "minilm"  # 'minilm' (embedded), a local directory, or a Hugging Face id
     task: str = "classification"  # classification | causal-lm
-    num_labels: int = 2
-    variant: str = "lora"
+    num_labels: int = 2  # classes of a classification task
+    variant: str = "lora"  # a registered variant name (see `lorakit list`)
+    # layers to adapt: comma-separated name suffixes, a regex, or all-linear
     targets: list[str] | str = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    rank: int = 8  # adapter rank r
+    alpha: float = 16.0  # scale numerator: the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter input (never on the base path)
     options: dict[str, Any] = field(default_factory=dict)  # further variant config fields
     quantize: str | None = None  # 'nf4' stores the frozen linear weights in 4 bits (QLoRA)
-    output_dir: str = "runs/lorakit"
+    output_dir: str = "runs/lorakit"  # where the adapter, metrics.json and checkpoints go
     overwrite: bool = False  # replace an adapter already in output_dir
     resume: bool = False  # continue from output_dir/checkpoint
     data: DataConfig = field(default_factory=DataConfig)

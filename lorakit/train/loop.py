@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def train(
     if resume:
         start = _restore(model, optimizer, scheduler, hooks, batches, Path(output_dir or "."), result)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, start, cfg.progress, "train")
     began = time.perf_counter() - result.seconds
     for step in range(start, cfg.steps):
         for hook in hooks:
@@ -176,6 +177,19 @@ def train(
     if evaluate is not None:
         result.evals.append((result.steps, evaluate(model)))
     return result
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
+    """A bar with loss, lr and steps per second; redrawn at most every 30 s when logging to a file."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc=desc,
+        dynamic_ncols=interactive,
+        mininterval=0.1 if interactive else 30.0,
+    )
 
 
 def _loss(model: nn.Module, batch: dict[str, Tensor], hooks: list[Hook], step: int) -> Tensor:
