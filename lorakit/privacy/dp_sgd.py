@@ -135,7 +135,7 @@ def train_dp(
                 result.epsilons.append(eps_next)
                 result.steps = step + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps_next:.3f}", batch=len(indices))
+                bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps_next:.3f}", batch=len(indices), refresh=False)
                 if evaluate is not None and cfg.eval_every and result.steps % cfg.eval_every == 0:
                     if result.steps < cfg.steps:
                         result.evals.append((result.steps, evaluate(model)))

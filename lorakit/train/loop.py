@@ -157,7 +157,7 @@ def train(
         result.losses.append(loss_sum)
         result.steps = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if (
             evaluate is not None
             and cfg.eval_every
