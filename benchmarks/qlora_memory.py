@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.core.quant import NF4Linear
+from lorakit.core.nf4_linear import NF4Linear
 from lorakit.train.data import read_rows
 from lorakit.train.models import load_model
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.api import TargetError, _output_head_names, _set_module, find_targets
 from lorakit.core.kinds import ALL_KINDS, kind_of
-from lorakit.core.quant import NF4Linear
+from lorakit.core.nf4_linear import NF4Linear
 
 QUANT_TYPES = ("nf4",)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {

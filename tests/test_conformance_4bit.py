@@ -18,7 +18,7 @@ from torch import nn
 from variant_cases import case_config
 
 import lorakit
-from lorakit.core.quant import NF4Linear
+from lorakit.core.nf4_linear import NF4Linear
 
 CASES = [name for name, cls in lorakit.VARIANTS.items() if "linear" in cls.kinds]
 

@@ -10,7 +10,8 @@ from torch import nn
 
 import lorakit
 from lorakit.api import TargetError
-from lorakit.core.quant import NF4Linear, quantize_nf4
+from lorakit.core.nf4_linear import NF4Linear
+from lorakit.core.quant import quantize_nf4
 from lorakit.core.variant import ConfigError
 from lorakit.quant_api import QuantizationError
 from lorakit.variants.qlora import QLoRAConfig

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core import quant
-from lorakit.core.quant import NF4_VALUES, NF4Linear, NF4Tensor, dequantize_nf4, dynamic_map, quantize_nf4
+from lorakit.core.nf4_linear import NF4Linear
+from lorakit.core.quant import NF4_VALUES, NF4Tensor, dequantize_nf4, dynamic_map, quantize_nf4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Largest distance from a value in [-1, 1] to its nearest NF4 level: half the widest gap (0.7230 .. 1.0).

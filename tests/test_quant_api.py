@@ -11,7 +11,8 @@ from torch import nn
 
 import lorakit
 from lorakit.cli import main
-from lorakit.core.quant import NF4Linear, quantize_nf4
+from lorakit.core.nf4_linear import NF4Linear
+from lorakit.core.quant import quantize_nf4
 from lorakit.quant_api import QuantizationError, dequantize
 
 
