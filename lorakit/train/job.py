@@ -189,6 +189,7 @@ def run_job(job: JobConfig) -> JobResult:
         steps=result.steps,
         final_loss=result.final_loss,
         adapter_dir=str(out),
+        peak_memory_mb=measure_peak_memory_mb(),
         extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
     )
     (out / "metrics.json").write_text(json.dumps(job_result.to_dict(), indent=2) + "\n")
