@@ -39,6 +39,7 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 30 and metrics["metrics"]["accuracy"] > 0.85
+    assert metrics["peak_memory_mb"] > 100 and metrics["trainable"] > 0
     assert f"adapter saved to {run}" in out
     assert (run / "adapter.safetensors").exists() and json.loads((run / "adapter.json").read_text())[
         "config"
