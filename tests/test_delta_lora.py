@@ -165,9 +165,10 @@ def test_dropout_is_rejected_and_defaults_to_zero() -> None:
 
 
 def test_works_on_an_nf4_base_without_writing_it() -> None:
-    quant = pytest.importorskip("lorakit.core.quant")
+    from lorakit.core.nf4_linear import NF4Linear
+
     model = Tiny(0)
-    model.fc1 = quant.NF4Linear.from_linear(model.fc1, compute_dtype=torch.float32)
+    model.fc1 = NF4Linear.from_linear(model.fc1, compute_dtype=torch.float32)
     packed = model.fc1.weight_packed.clone()
     lorakit.apply(model, "delta_lora", targets=["fc1"], rank=RANK, alpha=ALPHA, lam=LAM, start_step=0)
     train_ours(model)
