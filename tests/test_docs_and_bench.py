@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import yaml
 
 import lorakit
@@ -52,3 +53,33 @@ def test_report_writes_a_table_and_a_plot(tmp_path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())[1]["name"] == "b"
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert yaml.safe_load((ROOT / "benchmarks" / "sst2.yaml").read_text())["defaults"]["model"] == "minilm"
+
+
+def test_rank_report_reads_live_ranks_from_a_trained_adalora_adapter(tmp_path) -> None:
+    from conftest import tiny_llama
+
+    from lorakit.bench.ranks import heatmap, markdown, saved_ranks
+    from lorakit.train.loop import TrainConfig, train
+    from lorakit.variants.adalora import rank_pattern
+
+    model = tiny_llama()
+    lorakit.apply(
+        model,
+        "adalora",
+        targets=["q_proj", "v_proj"],
+        init_r=4,
+        target_r=1,
+        t_init=1,
+        t_final=2,
+        delta_t=1,
+        dropout=0.0,
+    )
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    train(model, iter(lambda: {"input_ids": ids, "labels": ids}, None), TrainConfig(steps=8, progress=False))
+    lorakit.save(model, tmp_path / "a")
+    ranks = saved_ranks(tmp_path / "a")
+    assert ranks == rank_pattern(model) and sum(ranks.values()) == 4  # target_r 1 x 4 matrices
+    table = markdown(ranks)
+    assert "| block | self_attn.q_proj | self_attn.v_proj |" in table and table.count("\n") == 4
+    heatmap(ranks, tmp_path / "h.png", "ranks")
+    assert (tmp_path / "h.png").stat().st_size > 1000
