@@ -59,10 +59,19 @@ def contenders(base: nn.Module) -> dict[str, Callable[[], nn.Module]]:
     def full() -> nn.Module:
         return copy.deepcopy(base).requires_grad_(True)
 
-    return {"full fine-tuning": full, "peft lora": peft_lora, "lorakit lora": ours}
+    return {
+        "full fine-tuning": full,
+        "peft lora": peft_lora,
+        "lorakit lora": ours,
+        "lorakit lora, bf16 autocast": ours,
+    }
 
 
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+def autocast(name: str) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in name)
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], name: str) -> int:
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +80,7 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(name):
         loss = model(**batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -84,12 +93,14 @@ def state_bytes(model: nn.Module) -> int:
     return total + sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def time_steps(model: nn.Module, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
+def time_steps(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, name: str) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        model(**batch).loss.backward()
+        with autocast(name):
+            loss = model(**batch).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -106,15 +117,15 @@ def main() -> None:
     base, tokenizer = load_model("minilm", "classification")
     batch = full_batch(tokenizer, 32, 64)
     models = {name: build().train() for name, build in contenders(base).items()}
-    for model in models.values():
-        time_steps(model, batch, 1)  # warm-up
+    for name, model in models.items():
+        time_steps(model, batch, 1, name)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, model in models.items():
-            times[name] += time_steps(model, batch, args.steps)
+            times[name] += time_steps(model, batch, args.steps, name)
     rows = {}
     for name, model in models.items():
-        act = saved_activation_bytes(model, batch)
+        act = saved_activation_bytes(model, batch, name)
         rows[name] = {
             "step_seconds": statistics.median(times[name]),
             "activation_mb": act / 2**20,

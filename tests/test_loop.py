@@ -98,7 +98,16 @@ def test_resume_from_checkpoint_is_exact(tmp_path) -> None:
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def test_bf16_autocast_trains_with_fp32_parameters() -> None:
+    model = adapted()
+    result = train(model, Batches(), TrainConfig(steps=60, lr=5e-2, precision="bf16", progress=False))
+    assert sum(result.losses[-10:]) < 0.5 * sum(result.losses[:10])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_bad_training_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="schedule='warm'"):
         TrainConfig(schedule="warm")
     with pytest.raises(ValueError, match="steps=0"):

@@ -40,3 +40,18 @@ def test_saves_the_input_itself_and_a_boolean_mask_not_a_dropped_copy() -> None:
     big = [t for t in saved if t.numel() == x.numel() and t.dtype != torch.bool]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert sum(t.numel() == x.numel() for t in saved) == 2  # x itself and its 1-byte mask
+
+
+def test_autocast_computes_in_bf16_and_returns_fp32_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, requires_grad=True)
+    a, b = torch.randn(4, 32, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _LowRankFunction.apply(x, a, b, 0.5, 0.2, 11)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref = reference(
+        x.detach().requires_grad_(), a.detach().requires_grad_(), b.detach().requires_grad_(), 0.5, 0.2, 11
+    )
+    assert x.grad.dtype == a.grad.dtype == b.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)

@@ -34,12 +34,19 @@ class _LowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, seed: int) -> Tensor:
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        mask = _keep_mask(x, p, seed) if p > 0 else None
-        z = F.linear(x * mask, a_c).div_(1.0 - p) if mask is not None else F.linear(x, a_c)  # (..., r)
-        out = F.linear(z, b_c).mul_(scale)  # (..., out)
+        device = x.device.type
+        # Under autocast the products run in the autocast dtype, as they would for nn.Linear; backward (which
+        # autocast does not cover) uses the same dtype explicitly.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
+            mask = _keep_mask(x, p, seed) if p > 0 else None
+            z = (
+                F.linear(x_c * mask, a_c).div_(1.0 - p) if mask is not None else F.linear(x_c, a_c)
+            )  # (..., r)
+            out = F.linear(z, b_c).mul_(scale)  # (..., out)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
-        ctx.param_dtypes = (a.dtype, b.dtype)
+        ctx.dtypes = (x.dtype, a.dtype, b.dtype)
         # When A trains, x is needed anyway (and already kept by the network), so the 1-byte mask is kept too
         # rather than paying for the random numbers twice. With A frozen nothing input-sized is kept: backward
         # regenerates the mask from the seed.
@@ -53,18 +60,20 @@ class _LowRankFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, mask, a, b, z = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out), in the forward's compute dtype
         gz = (g @ b).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz folded with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(ctx.param_dtypes[1])
+            grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(b_dtype)
         if need_a:
-            x_in = x * mask if mask is not None else x
-            grad_a = (gz.t() @ x_in.reshape(-1, x.shape[-1])).to(ctx.param_dtypes[0])
+            x_in = x.to(a.dtype) * mask if mask is not None else x.to(a.dtype)
+            grad_a = (gz.t() @ x_in.reshape(-1, x.shape[-1])).to(a_dtype)
         if need_x:
             grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
             if ctx.p > 0:
                 grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed))
+            grad_x = grad_x.to(x_dtype)
         return grad_x, grad_a, grad_b, None, None, None
 
 

@@ -28,6 +28,7 @@ from lorakit.core.variant import Hook
 from lorakit.io import _fill, load_tensors
 
 SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -43,6 +44,9 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # fraction of steps with linear warmup
     schedule: str = "linear"  # after warmup: linear | cosine | constant
     clip: float = 1.0  # max gradient norm; 0 disables clipping
+    precision: str = (
+        "fp32"  # fp32, or bf16: autocast matmuls to bfloat16 (weights, grads, optimizer stay fp32)
+    )
     optimizer: str = "adamw"  # adamw, or a bitsandbytes optimizer: adamw8bit | paged_adamw | paged_adamw8bit
     eval_every: int = 0  # evaluate every N steps (0: only at the end)
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: never)
@@ -58,6 +62,7 @@ class TrainConfig:
             "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "schedule": self.schedule in SCHEDULES,
+            "precision": self.precision in PRECISIONS,
             "clip": self.clip >= 0,
             "eval_every": self.eval_every >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
@@ -66,7 +71,7 @@ class TrainConfig:
         if bad:
             raise ValueError(
                 f"invalid training setting {bad[0]}={getattr(self, bad[0])!r} "
-                f"(schedule must be one of {SCHEDULES}; counts and rates positive)"
+                f"(schedule one of {SCHEDULES}, precision one of {PRECISIONS}; counts and rates positive)"
             )
 
 
@@ -142,7 +147,7 @@ def train(
             hook.on_step_start(step)
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            loss = _loss(model, next(batches), hooks, step) / cfg.grad_accum
+            loss = _loss(model, next(batches), hooks, step, cfg.precision) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
         for hook in hooks:
@@ -192,10 +197,13 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
     )
 
 
-def _loss(model: nn.Module, batch: dict[str, Tensor], hooks: list[Hook], step: int) -> Tensor:
+def _loss(model: nn.Module, batch: dict[str, Tensor], hooks: list[Hook], step: int, precision: str) -> Tensor:
     device = next(p for p in model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in batch.items()})
-    loss = out.loss if hasattr(out, "loss") else out
+    # bf16 autocast: matrix products run in bfloat16 (tensor cores on GPUs, AMX on recent x86 CPUs) while the
+    # adapter parameters, their gradients and the optimizer state stay fp32.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+    loss = (out.loss if hasattr(out, "loss") else out).float()
     for hook in hooks:
         extra = hook.extra_loss(step)
         if extra is not None:
