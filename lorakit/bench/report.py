@@ -23,9 +23,10 @@ def markdown(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
     ]
     for r in rows:
         acc = r["metrics"].get("accuracy", float("nan"))
+        memory = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "not recorded"
         lines.append(
-            f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | "
-            f"{r.get('peak_memory_mb') or 0:.0f} | {notes.get(r['name'], '')} |"
+            f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | {memory} | "
+            f"{notes.get(r['name'], '')} |"
         )
     return "\n".join(lines) + "\n"
 
