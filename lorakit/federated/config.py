@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
+from lorakit.settings import check_settings
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
@@ -75,12 +76,8 @@ class FedConfig:
             "round_timeout": self.round_timeout > 0,
             "eval_every": self.eval_every >= 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid federated setting {bad[0]}={getattr(self, bad[0])!r} (counts >= 1, rates > 0; "
-                f"sampling one of {SAMPLINGS}, partition one of {PARTITIONS})"
-            )
+        rules = f"counts >= 1, rates > 0; sampling one of {SAMPLINGS}, partition one of {PARTITIONS}"
+        check_settings(self, checks, "federated", rules)
         if self.cohort > self.clients:
             raise ValueError(
                 f"cohort {self.cohort} is larger than the population of {self.clients} clients; "

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import lorakit
 from lorakit.core.variant import Hook
 from lorakit.io import _fill, load_tensors
+from lorakit.settings import check_settings
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -67,12 +68,8 @@ class TrainConfig:
             "eval_every": self.eval_every >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid training setting {bad[0]}={getattr(self, bad[0])!r} "
-                f"(schedule one of {SCHEDULES}, precision one of {PRECISIONS}; counts and rates positive)"
-            )
+        rules = f"schedule one of {SCHEDULES}, precision one of {PRECISIONS}; counts and rates positive"
+        check_settings(self, checks, "training", rules)
 
 
 @dataclass
