@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Variant
 from lorakit.privacy import require
+from lorakit.privacy.config import PrivacyError
 
 _opacus_gsm = require("opacus.grad_sample.grad_sample_module")
 _module_utils = require("opacus.utils.module_utils")
@@ -144,7 +145,7 @@ def _check_trainable_modules(model: nn.Module) -> None:
         if isinstance(module, Variant) or not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if list(module.buffers(recurse=False)) or isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise NotImplementedError(
+            raise PrivacyError(
                 f"module '{name}' ({type(module).__name__}) trains with buffers (e.g. BatchNorm statistics), "
                 "which mix examples and break per-example clipping; freeze it or replace it (GroupNorm)"
             )
