@@ -133,9 +133,10 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     result = TrainResult(steps=0, seconds=0.0)
+    run = _Run(model, optimizer, scheduler, hooks, batches, result)
     start = 0
     if resume:
-        start = _restore(model, optimizer, scheduler, hooks, batches, Path(output_dir or "."), result)
+        start = _restore(run, Path(output_dir or "."))
     model.train()
     bar = progress_bar(cfg.steps, start, cfg.progress, "train")
     began = time.perf_counter() - result.seconds
@@ -173,7 +174,7 @@ def train(
             model.train()
         result.seconds = time.perf_counter() - began
         if output_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _checkpoint(model, optimizer, scheduler, hooks, batches, Path(output_dir), result)
+            _checkpoint(run, Path(output_dir))
     bar.close()
     result.seconds = time.perf_counter() - began
     if evaluate is not None:
@@ -209,29 +210,33 @@ def _loss(model: nn.Module, batch: dict[str, Tensor], hooks: list[Hook], step: i
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
-def _checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hooks: list[Hook],
-    batches: Any,
-    output_dir: Path,
-    result: TrainResult,
-) -> None:
+@dataclass
+class _Run:
+    """Everything a checkpoint saves and a resume restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    hooks: list[Hook]
+    batches: Any
+    result: TrainResult
+
+
+def _checkpoint(run: _Run, output_dir: Path) -> None:
     """Write ``output_dir/checkpoint`` atomically: build it beside, then swap it in with renames."""
     final = output_dir / CHECKPOINT_DIR
     tmp, old = output_dir / f".{CHECKPOINT_DIR}.tmp", output_dir / f".{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    lorakit.save(model, tmp)
+    lorakit.save(run.model, tmp)
     state = {
-        "step": result.steps,
-        "seconds": result.seconds,
-        "losses": torch.tensor(result.losses),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "hooks": [h.state_dict() for h in hooks],
+        "step": run.result.steps,
+        "seconds": run.result.seconds,
+        "losses": torch.tensor(run.result.losses),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "hooks": [h.state_dict() for h in run.hooks],
         "rng": torch.get_rng_state(),
-        "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
     }
     torch.save(state, tmp / "trainer.pt")
     if final.exists():
@@ -240,28 +245,20 @@ def _checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hooks: list[Hook],
-    batches: Any,
-    output_dir: Path,
-    result: TrainResult,
-) -> int:
+def _restore(run: _Run, output_dir: Path) -> int:
     ckpt = output_dir / CHECKPOINT_DIR
     if not (ckpt / "trainer.pt").is_file():
         raise FileNotFoundError(f"no checkpoint to resume in {output_dir}; train without --resume first")
-    _fill(model, load_tensors(ckpt))
+    _fill(run.model, load_tensors(ckpt))
     state = torch.load(ckpt / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for hook, hook_state in zip(hooks, state["hooks"], strict=True):
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):
         hook.load_state_dict(hook_state)
     torch.set_rng_state(state["rng"])
-    if state["batches"] is not None and hasattr(batches, "load_state_dict"):
-        batches.load_state_dict(state["batches"])
-    result.losses = state["losses"].tolist()
-    result.seconds = state["seconds"]
-    result.steps = state["step"]
+    if state["batches"] is not None and hasattr(run.batches, "load_state_dict"):
+        run.batches.load_state_dict(state["batches"])
+    run.result.losses = state["losses"].tolist()
+    run.result.seconds = state["seconds"]
+    run.result.steps = state["step"]
     return state["step"]
