@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lorakit.privacy.config import DPConfig
+from lorakit.settings import parse_assignments
 from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
@@ -93,11 +94,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     leaves = _leaf_fields()
     values.update({k: v for k, v in vars(args).items() if k in leaves})
     options = dict(values.pop("options", {}) or {})
-    for item in getattr(args, "set", []) or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got '{item}'")
-        options[key.strip()] = yaml.safe_load(raw)
+    options.update(parse_assignments(getattr(args, "set", []) or []))
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
         sections[leaves[name][0]][name] = value

@@ -1,6 +1,10 @@
-"""One check for settings dataclasses: the first invalid field is named with its value and the rule."""
+"""Shared pieces of the settings dataclasses: validation that names the first invalid field, and ``--set``."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import yaml
 
 
 def check_settings(settings: object, checks: dict[str, bool], what: str, rules: str) -> None:
@@ -8,3 +12,14 @@ def check_settings(settings: object, checks: dict[str, bool], what: str, rules: 
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"invalid {what} setting {bad[0]}={getattr(settings, bad[0])!r} ({rules})")
+
+
+def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["ratio=16", "init=gaussian"]`` -> ``{"ratio": 16, "init": "gaussian"}``; values are read as YAML."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects FIELD=VALUE, got '{item}'")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values

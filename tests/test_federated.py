@@ -200,6 +200,17 @@ def test_settings_out_of_range_are_clear_errors(capsys) -> None:
     assert "larger than the population" in capsys.readouterr().err
 
 
+def test_variant_fields_are_set_like_train_and_merge_over_options(capsys) -> None:
+    from lorakit.cli import build_parser
+    from lorakit.federated.config import from_args
+
+    argv = ["federate", "--options", '{"min_rank": 1, "frozen": true}', "--set", "min_rank=3", "--set", "x=a"]
+    cfg = from_args(build_parser().parse_args(argv))
+    assert cfg.variant_options() == {"min_rank": 3, "frozen": True, "x": "a"}
+    assert main(["federate", "--set", "min_rank"]) == 2
+    assert "--set expects FIELD=VALUE, got 'min_rank'" in capsys.readouterr().err
+
+
 def test_the_deployment_app_lists_every_setting_with_its_default() -> None:
     project = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     app = project["tool"]["flwr"]["app"]

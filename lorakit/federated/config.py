@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
-from lorakit.settings import check_settings
+from lorakit.settings import check_settings, parse_assignments
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
@@ -102,13 +102,7 @@ class FedConfig:
         return self.cohort / self.clients
 
     def variant_options(self) -> dict[str, Any]:
-        try:
-            options = json.loads(self.options) if self.options else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"options must be a JSON object, e.g. '{{\"min_rank\": 2}}': {err}") from None
-        if not isinstance(options, dict):
-            raise ValueError(f"options must be a JSON object, got {self.options!r}")
-        return options
+        return parse_options(self.options)
 
     def target_list(self) -> str | list[str]:
         text = self.targets.strip()
@@ -132,6 +126,17 @@ class FedConfig:
         return cls(**typed)
 
 
+def parse_options(text: str) -> dict[str, Any]:
+    """The ``options`` JSON object (variant fields beyond rank, alpha, dropout and targets)."""
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"options must be a JSON object, e.g. '{{\"min_rank\": 2}}': {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"options must be a JSON object, got {text!r}")
+    return options
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`FedConfig` field; its trailing comment is the help text."""
     helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(FedConfig), flags=re.M))
@@ -144,8 +149,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             help=f"{helps.get(f.name, f.name)} (default: {f.default!r})",
         )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a variant config field, e.g. --set min_rank=2 (repeatable; merged over --options)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> FedConfig:
+    """Flags as given; ``--set`` fields are folded into the ``options`` JSON that Flower's run config carries."""
     names = {f.name for f in dataclasses.fields(FedConfig)}
-    return FedConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    assigned = parse_assignments(getattr(args, "set", []) or [])
+    if assigned:
+        values["options"] = json.dumps({**parse_options(values.get("options", "")), **assigned})
+    return FedConfig(**values)
