@@ -55,3 +55,19 @@ def test_autocast_computes_in_bf16_and_returns_fp32_gradients() -> None:
     )
     assert x.grad.dtype == a.grad.dtype == b.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_the_keep_mask_has_the_dropout_rate_everywhere_and_is_reproducible() -> None:
+    x = torch.empty(1000, 8, 97)  # an element count that is not a multiple of 4
+    for p in (0.05, 0.3):
+        masks = torch.stack([_keep_mask(x, p, seed) for seed in range(8)]).float()
+        assert abs(masks.mean().item() - (1 - p)) < 0.003
+        # every position of the 64-bit words (element index mod 4) and every feature drops at the rate p
+        by_slot = masks.flatten(1).view(8, -1, 4).mean(dim=(0, 1))
+        torch.testing.assert_close(by_slot, torch.full((4,), 1 - p), atol=0.01, rtol=0)
+        assert (masks.mean(dim=(0, 1)) - (1 - p)).abs().max() < 0.03
+        # neighbours are independent: P(both kept) = (1 - p)^2
+        both = (masks[..., 1:] * masks[..., :-1]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.005
+    assert torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 5))
+    assert not torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 6))

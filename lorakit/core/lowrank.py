@@ -23,10 +23,19 @@ if TYPE_CHECKING:
 
 
 def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
-    """Dropout's boolean keep-mask (1 byte per element), reproducible from ``seed``."""
+    """Dropout's boolean keep-mask (1 byte per element), reproducible from ``seed``.
+
+    Each element compares 16 random bits with a threshold, four elements per 64-bit draw: on a CPU this is
+    about six times faster than ``bernoulli_`` (one generator call per element), and the mask is drawn for every
+    adapter input at every step. The drop probability is ``p`` rounded to a multiple of ``2**-16`` (an error
+    below ``8e-6``).
+    """
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+    words.random_(-(2**63), None, generator=gen)  # all 64 bits uniform
+    bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-2**15, 2**15)
+    return bits >= round(p * 2**16) - 2**15
 
 
 class _LowRankFunction(torch.autograd.Function):
