@@ -44,9 +44,11 @@ def full_batch(tokenizer, batch_size: int, max_length: int) -> dict[str, torch.T
 
 
 def contenders(base: nn.Module) -> dict[str, Callable[[], nn.Module]]:
-    def ours() -> nn.Module:
+    def ours(dropout: float = 0.05) -> nn.Module:
         model = copy.deepcopy(base)
-        return lorakit.apply(model, "lora", targets=TARGETS, train_modules=["classifier"], rank=8, alpha=16)
+        return lorakit.apply(
+            model, "lora", targets=TARGETS, train_modules=["classifier"], rank=8, alpha=16, dropout=dropout
+        )
 
     def peft_lora() -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -64,6 +66,8 @@ def contenders(base: nn.Module) -> dict[str, Callable[[], nn.Module]]:
         "peft lora": peft_lora,
         "lorakit lora": ours,
         "lorakit lora, bf16 autocast": ours,
+        # what the adapter-input dropout costs (not the budget: the budget's dropout is 0.05)
+        "lorakit lora, dropout 0": lambda: ours(dropout=0.0),
     }
 
 

@@ -26,9 +26,9 @@ def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
     """Dropout's boolean keep-mask (1 byte per element), reproducible from ``seed``.
 
     Each element compares 16 random bits with a threshold, four elements per 64-bit draw: on a CPU this is
-    about six times faster than ``bernoulli_`` (one generator call per element), and the mask is drawn for every
-    adapter input at every step. The drop probability is ``p`` rounded to a multiple of ``2**-16`` (an error
-    below ``8e-6``).
+    about six times faster than ``bernoulli_`` (one generator call per element), and the mask is drawn for
+    every adapter input at every step. The drop probability is ``p`` rounded to a multiple of ``2**-16`` (an
+    error below ``8e-6``).
     """
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
@@ -36,6 +36,11 @@ def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
     words.random_(-(2**63), None, generator=gen)  # all 64 bits uniform
     bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-2**15, 2**15)
     return bits >= round(p * 2**16) - 2**15
+
+
+def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:
+    """``x * keep`` for a boolean ``keep``; ``where`` selects in one pass (a product first casts the mask)."""
+    return torch.where(keep, x, 0.0)
 
 
 class _LowRankFunction(torch.autograd.Function):
@@ -51,7 +56,9 @@ class _LowRankFunction(torch.autograd.Function):
             a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
             mask = _keep_mask(x, p, seed) if p > 0 else None
             z = (
-                F.linear(x_c * mask, a_c).div_(1.0 - p) if mask is not None else F.linear(x_c, a_c)
+                F.linear(_apply_mask(x_c, mask), a_c).div_(1.0 - p)
+                if mask is not None
+                else F.linear(x_c, a_c)
             )  # (..., r)
             out = F.linear(z, b_c).mul_(scale)  # (..., out)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
@@ -76,12 +83,14 @@ class _LowRankFunction(torch.autograd.Function):
         if need_b:
             grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(b_dtype)
         if need_a:
-            x_in = x.to(a.dtype) * mask if mask is not None else x.to(a.dtype)
+            x_in = _apply_mask(x.to(a.dtype), mask) if mask is not None else x.to(a.dtype)
             grad_a = (gz.t() @ x_in.reshape(-1, x.shape[-1])).to(a_dtype)
         if need_x:
             grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
             if ctx.p > 0:
-                grad_x = grad_x * (mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed))
+                grad_x = _apply_mask(
+                    grad_x, mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
+                )
             grad_x = grad_x.to(x_dtype)
         return grad_x, grad_a, grad_b, None, None, None
 

@@ -159,7 +159,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> FedConfig:
-    """Flags as given; ``--set`` fields are folded into the ``options`` JSON that Flower's run config carries."""
+    """Flags as given; ``--set`` fields are folded into the ``options`` JSON (Flower's run config form)."""
     names = {f.name for f in dataclasses.fields(FedConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     assigned = parse_assignments(getattr(args, "set", []) or [])
