@@ -18,6 +18,7 @@ from lorakit.api import (
 )
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
+from lorakit.interop import load_peft, save_peft
 from lorakit.io import load, save
 from lorakit.quant_api import quantize
 from lorakit.summary import summary
@@ -39,11 +40,13 @@ __all__ = [
     "get_variant",
     "info",
     "load",
+    "load_peft",
     "make_hooks",
     "merge",
     "param_groups",
     "quantize",
     "save",
+    "save_peft",
     "summary",
     "unmerge",
 ]

@@ -110,6 +110,18 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model saved to {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from lorakit.interop import save_peft
+
+    _, model, _ = _load_adapted(args.adapter)
+    if args.rank is not None:
+        from lorakit.variants.dylora import set_rank
+
+        set_rank(model, args.rank)
+    out = save_peft(model, args.out, overwrite=args.overwrite)
+    print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+
+
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
@@ -146,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     merge.add_argument("--out", required=True, help="new directory for the merged model (safetensors)")
     merge.set_defaults(func=cmd_merge)
+    export = sub.add_parser("export", help="write an adapter in PEFT's LoRA format")
+    export.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
+    export.add_argument(
+        "--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors"
+    )
+    export.add_argument("--rank", type=int, help="DyLoRA: the rank to write (default: the largest)")
+    export.add_argument("--overwrite", action="store_true", help="replace a PEFT adapter already in --out")
+    export.set_defaults(func=cmd_export)
     from lorakit.federated.config import add_flags
 
     fed = sub.add_parser("federate", help="federated fine-tuning (DP-DyLoRA) on Flower's simulation engine")

@@ -60,6 +60,17 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     data = tokenize_classification(demo_rows("test"), tok, "sentence", "label", 64, "demo")
     assert evaluate(merged, data)["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-3)
+    # exported in PEFT's format, the adapter (and the trained head) predicts the same through PEFT
+    assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 0
+    from peft import PeftModel
+
+    from lorakit.train.models import load_model
+
+    base, _ = load_model("minilm", "classification")
+    through_peft = PeftModel.from_pretrained(base, tmp_path / "peft")
+    assert evaluate(through_peft, data)["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-3)
+    assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 2
+    assert "already holds a PEFT adapter" in capsys.readouterr().err
     # a second run into the same directory is refused instead of overwriting the saved adapter
     assert main(["train", "--config", str(config), "--output-dir", str(run), "--no-progress"]) == 2
     assert "already holds a trained adapter" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""PEFT's adapter format both ways: files PEFT wrote load into lorakit, files lorakit wrote load into PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.interop import load_peft, save_peft
+from lorakit.variants.dylora import set_rank
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+class Net(nn.Module):
+    """An embedding, a 2-D convolution, linear layers and a classification head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(8 * 3, 16)
+        self.classifier = nn.Linear(16, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.emb(ids).unsqueeze(1))  # (n, 3, seq, 8)
+        return self.classifier(torch.relu(self.fc(h.permute(0, 2, 1, 3).flatten(2)))).mean(1)
+
+
+def tiny_gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Move every trainable tensor off its initial value (B and PEFT's B start at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+IDS = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+GPT2_IDS = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_peft_adapter_loads_into_lorakit_with_the_same_outputs(tmp_path, dora: bool, rslora: bool) -> None:
+    torch.manual_seed(0)
+    base = Net().eval()
+    targets = ["fc"] if dora else ["emb", "conv", "fc"]
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, use_dora=dora, use_rslora=rslora,
+                          modules_to_save=["classifier"])  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        want, got = theirs.eval()(IDS), ours(IDS)
+        assert (want - base(IDS)).abs().max() > 1e-2, "the adapter must change the output"
+        assert (got - want).abs().max() <= 1e-5
+    state = lorakit.info(ours)
+    assert (
+        state.variant == ("dora" if dora else "lora") and state.config.rank == 2 and state.config.alpha == 6
+    )
+    assert sorted(state.targets) == sorted(targets) and state.train_modules == ["classifier"]
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_lorakit_adapter_loads_into_peft_with_the_same_outputs(tmp_path, variant: str) -> None:
+    torch.manual_seed(0)
+    base = Net().eval()
+    targets = ["fc"] if variant == "dora" else ["emb", "conv", "fc"]
+    ours = lorakit.apply(copy.deepcopy(base), variant, targets=targets, rank=3, alpha=5.0, dropout=0.1,
+                         train_modules=["classifier"])  # fmt: skip
+    perturb(ours)
+    save_peft(ours.eval(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert (ours(IDS) - base(IDS)).abs().max() > 1e-2
+        assert (theirs(IDS) - ours(IDS)).abs().max() <= 1e-5
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["r"] == 3 and saved["lora_alpha"] == 5.0 and saved["use_dora"] == (variant == "dora")
+
+
+def test_gpt2_conv1d_round_trips_through_peft_both_ways(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["c_attn", "c_fc"], rank=4, alpha=8.0)
+    perturb(ours)
+    save_peft(ours.eval(), tmp_path / "out")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    back = load_peft(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        logits = ours(GPT2_IDS).logits
+        assert (logits - base(GPT2_IDS).logits).abs().max() > 1e-2
+        assert (theirs(GPT2_IDS).logits - logits).abs().max() <= 1e-4
+        assert torch.equal(back(GPT2_IDS).logits, logits)
+
+
+def test_dylora_is_written_at_its_chosen_rank(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = Net().eval()
+    ours = lorakit.apply(copy.deepcopy(base), "dylora", targets=["fc", "conv"], rank=6, alpha=4.0)
+    perturb(ours)
+    ours.eval()
+    set_rank(ours, 2)
+    save_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        at_two = ours(IDS)
+        set_rank(ours, None)
+        assert (ours(IDS) - at_two).abs().max() > 1e-3, "rank 2 and rank 6 must differ"
+        assert (theirs(IDS) - at_two).abs().max() <= 1e-5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_refusals_name_the_problem(tmp_path) -> None:
+    base = Net()
+    loha = lorakit.apply(copy.deepcopy(base), "loha", targets=["fc"], rank=2)
+    with pytest.raises(ValueError, match="variant 'loha' has no PEFT LoRA equivalent"):
+        save_peft(loha, tmp_path / "loha")
+    ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["fc"], rank=2)
+    save_peft(ours, tmp_path / "a")
+    with pytest.raises(FileExistsError, match="already holds a PEFT adapter"):
+        save_peft(ours, tmp_path / "a")
+    save_peft(ours, tmp_path / "a", overwrite=True)
+    lorakit.merge(ours, unload=False)
+    with pytest.raises(ValueError, match="unmerge"):
+        save_peft(ours, tmp_path / "b")
+
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    for change, message in [
+        ({"peft_type": "LOHA"}, "lorakit reads PEFT's LORA adapters"),
+        ({"rank_pattern": {"fc": 4}}, "per-layer ranks"),
+        ({"bias": "all"}, "trained biases"),
+    ]:
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_peft(copy.deepcopy(base), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        load_peft(copy.deepcopy(base), tmp_path / "missing")
