@@ -147,3 +147,31 @@ def test_refusals_name_the_problem(tmp_path) -> None:
             load_peft(copy.deepcopy(base), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
         load_peft(copy.deepcopy(base), tmp_path / "missing")
+
+
+def test_a_hub_id_is_fetched_and_a_failed_fetch_names_both_places(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    base = Net()
+    ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["fc"], rank=2)
+    perturb(ours)
+    save_peft(ours.eval(), tmp_path / "snapshot")
+    asked = []
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, allow_patterns: asked.append(repo) or tmp_path / "snapshot",
+    )
+    loaded = load_peft(copy.deepcopy(base), "someone/their-adapter").eval()
+    assert asked == ["someone/their-adapter"]
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), ours(IDS))
+
+    def offline(repo, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        FileNotFoundError, match="no adapter directory someone/x, and fetching it .* no network"
+    ):
+        load_peft(copy.deepcopy(base), "someone/x")

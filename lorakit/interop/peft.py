@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # Variants whose adapter is PEFT's LoRA (DoRA: with use_dora); DyLoRA is written at its chosen rank.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 EXPORTABLE = ("lora", "lora_fa", "lora_plus", "qlora", "dora", "dylora")
 
 
@@ -116,8 +118,8 @@ def _peft_tensors(name: str, layer: AdaptedLayer, rank: int) -> dict[str, Tensor
 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Apply the PEFT LoRA or DoRA adapter in ``directory`` to the plain base ``model``, in place."""
-    path = Path(directory)
+    """Apply the PEFT LoRA or DoRA adapter in ``directory`` (or a Hub repo id) to the base ``model``."""
+    path = _adapter_dir(directory)
     config = _read_config(path)
     tensors = _read_tensors(path)
     names = sorted({k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
@@ -166,6 +168,22 @@ def _fill_layer(layer: AdaptedLayer, tensors: dict[str, Tensor], key: str) -> No
                 f"{key}: use_dora is set but the file has no lora_magnitude_vector for this layer"
             )
         v.m.copy_(magnitude.reshape(-1))
+
+
+def _adapter_dir(directory: str | os.PathLike[str]) -> Path:
+    """A local directory as given; an ``owner/name`` that is not one is fetched from the Hugging Face Hub."""
+    path = Path(directory)
+    if path.exists() or not HUB_ID.fullmatch(str(directory)):
+        return path
+    from huggingface_hub import snapshot_download  # installed with transformers
+
+    files = [CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"]
+    try:
+        return Path(snapshot_download(str(directory), allow_patterns=files))
+    except Exception as err:  # offline, unknown repo, no access: all mean "not found" to the caller
+        raise FileNotFoundError(
+            f"no adapter directory {directory}, and fetching it from the Hugging Face Hub failed: {err}"
+        ) from err
 
 
 def _read_config(path: Path) -> dict[str, Any]:
