@@ -57,8 +57,8 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "train_modules": state.train_modules,
         "tied": tied,
     }
-    _atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
-    _atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
 
 
@@ -86,7 +86,8 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
     return tensors, tied
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` in one step."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:

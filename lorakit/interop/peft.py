@@ -24,13 +24,13 @@ from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info
 from lorakit.core.layer import AdaptedLayer
-from lorakit.io import _atomic_write
+from lorakit.io import atomic_write
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# Variants whose adapter is PEFT's LoRA (DoRA: with use_dora); DyLoRA is written at its chosen rank.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Variants whose adapter is PEFT's LoRA (DoRA: with use_dora); DyLoRA is written at its chosen rank.
 EXPORTABLE = ("lora", "lora_fa", "lora_plus", "qlora", "dora", "dylora")
 
 
@@ -83,8 +83,8 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     }
     out.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda path: save_file(contiguous, path, metadata={"format": "pt"}))
-    _atomic_write(
+    atomic_write(out / WEIGHTS_FILE, lambda path: save_file(contiguous, path, metadata={"format": "pt"}))
+    atomic_write(
         out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(peft_config, indent=2) + "\n")
     )
     return out
@@ -122,6 +122,11 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     path = _adapter_dir(directory)
     config = _read_config(path)
     tensors = _read_tensors(path)
+    foreign = [k for k in tensors if not k.startswith(PREFIX)]
+    if foreign:
+        raise ValueError(
+            f"{path}: tensor names must start with '{PREFIX}' as PEFT writes them; got {foreign[:3]}"
+        )
     names = sorted({k[len(PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     if not names:
         raise ValueError(f"{path / WEIGHTS_FILE} holds no LoRA tensors (keys like '...lora_A.weight')")
