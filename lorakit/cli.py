@@ -122,6 +122,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lorakit.bench.run import run_bench
+
+    return run_bench(args.bench, args.out, args.only)
+
+
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
@@ -166,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--rank", type=int, help="DyLoRA: the rank to write (default: the largest)")
     export.add_argument("--overwrite", action="store_true", help="replace a PEFT adapter already in --out")
     export.set_defaults(func=cmd_export)
+    from lorakit.bench.run import add_bench_args
+
+    bench = sub.add_parser("bench", help="run several jobs from a YAML file and compare them (table + plot)")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     from lorakit.federated.config import add_flags
 
     fed = sub.add_parser("federate", help="federated fine-tuning (DP-DyLoRA) on Flower's simulation engine")
@@ -178,13 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         if os.environ.get("LORAKIT_DEBUG"):
             raise
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -83,3 +83,42 @@ def test_rank_report_reads_live_ranks_from_a_trained_adalora_adapter(tmp_path) -
     assert "| block | self_attn.q_proj | self_attn.v_proj |" in table and table.count("\n") == 4
     heatmap(ranks, tmp_path / "h.png", "ranks")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp_path, capsys) -> None:
+    from lorakit.cli import main
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {
+                    "model": str(tiny_bert_dir),
+                    "targets": ["query", "value"],
+                    "max_length": 24,
+                    "train": {"steps": 3, "batch_size": 8, "eval_every": 0},
+                },  # fmt: skip
+                "runs": [
+                    {"name": "a", "variant": "lora", "rank": 2},
+                    {"name": "b", "variant": "dora", "rank": 4, "note": "rank 4"},
+                    {"name": "broken", "variant": "no_such_variant"},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--out", str(out)]) == 1  # one run failed, the others still ran
+    table = (out / "results.md").read_text()
+    trainable = {r["name"]: r["trainable"] for r in json.loads((out / "results.json").read_text())}
+    assert (
+        set(trainable) == {"a", "b"} and trainable["b"] > 2 * trainable["a"] - 2 * 32
+    )  # DoRA at twice the rank
+    assert "| broken | failed: see broken.log |" in table and "| rank 4 |" in table
+    assert "unknown variant 'no_such_variant'" in (out / "broken.log").read_text()
+    assert (out / "results.png").stat().st_size > 10_000
+    capsys.readouterr()
+    (out / "broken.log").unlink()
+    assert main(["bench", str(bench), "--out", str(out), "--only", "a,b"]) == 0  # finished runs are skipped
+    assert "[bench] a:" not in capsys.readouterr().out and not (out / "broken.log").exists()
+    assert main(["bench", str(bench), "--out", str(out), "--only", "c"]) == 2
+    assert "--only names ['c'] are not runs of" in capsys.readouterr().err

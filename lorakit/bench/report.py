@@ -1,4 +1,4 @@
-"""Side-by-side report of finished runs: a markdown table and a plot (accuracy vs trainable parameters)."""
+"""Side-by-side report of finished runs: a markdown table and a plot of accuracy against the costs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
+def markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str] = ()) -> str:
     lines = [
         "| run | test accuracy | trainable params | train seconds | peak memory MB | beyond the budget |",
         "|---|---|---|---|---|---|",
@@ -28,11 +28,12 @@ def markdown(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
             f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | {memory} | "
             f"{notes.get(r['name'], '')} |"
         )
+    lines += [f"| {name} | failed: see {name}.log | | | | {notes.get(name, '')} |" for name in failed]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Accuracy against trainable parameters (log scale); False when matplotlib is not installed."""
+    """Accuracy against trainable parameters, train seconds and peak memory; False without matplotlib."""
     try:
         import matplotlib
 
@@ -40,27 +41,31 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        acc = r["metrics"].get("accuracy")
-        if acc is None:
-            continue
-        ax.scatter(r["trainable"], acc, s=40)
-        ax.annotate(r["name"], (r["trainable"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("lorakit variants, same budget")
-    ax.grid(alpha=0.3)
+    done = [r for r in rows if r["metrics"].get("accuracy") is not None]
+    axes_x = [("trainable", "trainable parameters", True), ("seconds", "train seconds", False)]
+    if any(r.get("peak_memory_mb") for r in done):
+        axes_x.append(("peak_memory_mb", "peak memory MB", False))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(5 * len(axes_x), 4.2), sharey=True)
+    for ax, (key, label, log) in zip(axes, axes_x, strict=True):
+        for i, r in enumerate(done):
+            if r.get(key):  # one colour per run across the panels
+                ax.scatter(r[key], r["metrics"]["accuracy"], s=36, color=f"C{i % 10}")
+                ax.annotate(r["name"], (r[key], r["metrics"]["accuracy"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)  # fmt: skip
+        ax.set_xscale("log" if log else "linear")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    fig.suptitle("lorakit variants, same budget")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def write_report(out: Path, names: list[str], notes: dict[str, str]) -> str:
+def write_report(out: Path, names: list[str], notes: dict[str, str], failed: list[str] = ()) -> str:
     rows = collect(out, names)
-    table = markdown(rows, notes)
+    table = markdown(rows, notes, failed)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     if plot(rows, out / "results.png"):

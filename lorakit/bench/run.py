@@ -5,12 +5,14 @@ settings it changes. Finished runs (with ``metrics.json``) are skipped, so an in
 
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
-Each run is ``lorakit train`` in a fresh process, so its peak memory is its own.
+Each run is ``lorakit train`` in a fresh process, so its peak memory is its own. ``lorakit bench`` is the same
+command.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,28 +49,49 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         "--overwrite",
     ]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
-    with (out / f"{name}.log").open("w") as log:
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with (out / f"{name}.log").open("w") as log:
+            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        os.remove(f.name)
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bench", type=Path, help="bench YAML file: 'defaults' and a list of 'runs'")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="one directory per run, and the report"
+    )
+    parser.add_argument("--only", help="comma-separated run names to run (default: all)")
+
+
+def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
+    """Run the bench's unfinished runs in order, then report every finished one; 1 if any run failed."""
+    defaults, runs = load_bench(bench)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(only.split(",")) if only else None
+    unknown = sorted((wanted or set()) - {r["name"] for r in runs})
+    if unknown:
+        raise ValueError(f"--only names {unknown} are not runs of {bench}")
+    failed = []
+    for run in runs:
+        name = run["name"]
+        if (wanted and name not in wanted) or (out / name / "metrics.json").exists():
+            continue
+        settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
+        code = run_one(name, settings, out)
+        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
+        if code != 0:
+            failed.append(name)
+    notes = {r["name"]: r.get("note", "") for r in runs}
+    write_report(out, [r["name"] for r in runs], notes, failed=failed)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run and compare fine-tuning jobs.")
-    parser.add_argument("bench", type=Path, help="bench YAML file")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--only", help="comma-separated run names to run (default: all)")
+    add_bench_args(parser)
     args = parser.parse_args(argv)
-    defaults, runs = load_bench(args.bench)
-    args.out.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.only.split(",")) if args.only else None
-    for run in runs:
-        name = run["name"]
-        if (wanted and name not in wanted) or (args.out / name / "metrics.json").exists():
-            continue
-        settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
-        code = run_one(name, settings, args.out)
-        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
-    write_report(args.out, [r["name"] for r in runs], {r["name"]: r.get("note", "") for r in runs})
-    return 0
+    return run_bench(args.bench, args.out, args.only)
 
 
 if __name__ == "__main__":
