@@ -122,11 +122,59 @@ def test_dylora_is_written_at_its_chosen_rank(tmp_path) -> None:
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 2
 
 
+class Wide(nn.Module):
+    """Layers wide enough for Kronecker factorisations: a 2-D convolution and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12 * 4, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (n, 8, 4, 4)
+        return self.fc(self.conv(x).mean(-1).flatten(1))
+
+
+WIDE_X = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+LYCORIS_CASES = [
+    ("loha", {"rank": 4}, lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["conv", "fc"])),
+    ("lokr", {"rank": 1}, lambda: peft.LoKrConfig(r=1, alpha=6, target_modules=["conv", "fc"])),
+    (
+        "lokr",
+        {"rank": 2, "decompose_both": True},
+        lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["conv", "fc"], decompose_both=True),
+    ),  # fmt: skip
+    ("lokr", {"rank": 8}, lambda: peft.LoKrConfig(r=8, alpha=6, target_modules=["conv", "fc"])),
+]
+
+
+@pytest.mark.parametrize(("variant", "options", "peft_config"), LYCORIS_CASES,
+                         ids=["loha", "lokr-w2-lowrank", "lokr-both-lowrank", "lokr-full"])  # fmt: skip
+def test_loha_and_lokr_adapters_cross_both_ways(tmp_path, variant: str, options: dict, peft_config) -> None:
+    torch.manual_seed(0)
+    base = Wide().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config())
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "from-peft")
+    ours = load_peft(copy.deepcopy(base), tmp_path / "from-peft").eval()
+    assert lorakit.info(ours).variant == variant
+    with torch.no_grad():
+        want = theirs.eval()(WIDE_X)
+        assert (want - base(WIDE_X)).abs().max() > 1e-2
+        assert (ours(WIDE_X) - want).abs().max() <= 1e-5
+    mine = lorakit.apply(copy.deepcopy(base), variant, targets=["conv", "fc"], alpha=6.0, **options)
+    perturb(mine, seed=9)
+    save_peft(mine.eval(), tmp_path / "from-lorakit")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from-lorakit").eval()
+    with torch.no_grad():
+        assert (mine(WIDE_X) - base(WIDE_X)).abs().max() > 1e-2
+        assert (back(WIDE_X) - mine(WIDE_X)).abs().max() <= 1e-5
+
+
 def test_refusals_name_the_problem(tmp_path) -> None:
     base = Net()
-    loha = lorakit.apply(copy.deepcopy(base), "loha", targets=["fc"], rank=2)
-    with pytest.raises(ValueError, match="variant 'loha' has no PEFT LoRA equivalent"):
-        save_peft(loha, tmp_path / "loha")
+    vera = lorakit.apply(copy.deepcopy(base), "vera", targets=["fc"], rank=2)
+    with pytest.raises(ValueError, match="variant 'vera' has no PEFT equivalent"):
+        save_peft(vera, tmp_path / "vera")
     ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["fc"], rank=2)
     save_peft(ours, tmp_path / "a")
     with pytest.raises(FileExistsError, match="already holds a PEFT adapter"):
@@ -138,7 +186,8 @@ def test_refusals_name_the_problem(tmp_path) -> None:
 
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     for change, message in [
-        ({"peft_type": "LOHA"}, "lorakit reads PEFT's LORA adapters"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3'; lorakit reads LORA, LOHA, LOKR"),
+        ({"use_effective_conv2d": True}, "Tucker core"),
         ({"rank_pattern": {"fc": 4}}, "per-layer ranks"),
         ({"bias": "all"}, "trained biases"),
     ]:
