@@ -129,7 +129,7 @@ def load(
     apply(model, config)
     state = info(model)
     if state.fingerprint != meta["fingerprint"]:
-        _undo_apply(model)
+        undo_apply(model)
         raise AdapterFileError(
             f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
             "its weights do not match this model's. Load it onto the base it was trained on."
@@ -137,7 +137,7 @@ def load(
     try:
         tensors = load_tensors(directory, device=device)
     except AdapterFileError:
-        _undo_apply(model)
+        undo_apply(model)
         raise
     _fill(model, tensors)
     return model
@@ -172,7 +172,7 @@ def _fill(model: nn.Module, tensors: dict[str, Tensor]) -> None:
         )
 
 
-def _undo_apply(model: nn.Module) -> None:
+def undo_apply(model: nn.Module) -> None:
     from lorakit.api import _set_module
 
     for name, layer in adapted_layers(model):

@@ -21,5 +21,13 @@ def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{flag} expects FIELD=VALUE, got '{item}'")
-        values[key.strip()] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        elif not isinstance(value, (int, float, bool, list, dict, type(None))):
+            value = raw  # dates and the like stay as written
+        values[key.strip()] = value
     return values

@@ -154,3 +154,13 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
     assert metrics["metrics"]["loss"] < base_loss - 0.2, (base_loss, metrics["metrics"])
     assert main(["eval", "--adapter", str(run)]) == 0
     assert f"loss {metrics['metrics']['loss']:.4f}" in capsys.readouterr().out
+
+
+def test_set_values_read_as_numbers_booleans_lists_or_text() -> None:
+    from lorakit.settings import parse_assignments
+
+    values = parse_assignments(["lr_ratio=1e-3", "ratio=16", "frozen=true", "pair=[1, 2]", "init=gaussian"])
+    assert values == {"lr_ratio": 0.001, "ratio": 16, "frozen": True, "pair": [1, 2], "init": "gaussian"}
+    assert parse_assignments(["tag=2024-01-01"]) == {"tag": "2024-01-01"}  # YAML would make it a date
+    with pytest.raises(ValueError, match="--set expects FIELD=VALUE, got '=3'"):
+        parse_assignments(["=3"])

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
@@ -188,7 +189,8 @@ def test_refusals_name_the_problem(tmp_path) -> None:
     for change, message in [
         ({"peft_type": "IA3"}, "peft_type 'IA3'; lorakit reads LORA, LOHA, LOKR"),
         ({"use_effective_conv2d": True}, "Tucker core"),
-        ({"rank_pattern": {"fc": 4}}, "per-layer ranks"),
+        ({"rank_pattern": {"fc": 4}}, "a rank per layer"),
+        ({"use_qalora": True}, "QA-LoRA"),
         ({"bias": "all"}, "trained biases"),
     ]:
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, **change}))
@@ -224,3 +226,77 @@ def test_a_hub_id_is_fetched_and_a_failed_fetch_names_both_places(tmp_path, monk
         FileNotFoundError, match="no adapter directory someone/x, and fetching it .* no network"
     ):
         load_peft(copy.deepcopy(base), "someone/x")
+
+
+def test_exports_peft_could_not_load_right_are_refused(tmp_path) -> None:
+    gpt2 = tiny_gpt2()
+    with pytest.raises(ValueError, match="PEFT's LOHA has no conv1d_gpt2 layers"):
+        save_peft(lorakit.apply(copy.deepcopy(gpt2), "loha", targets=["c_fc"], rank=2), tmp_path / "x")
+    tied = lorakit.apply(copy.deepcopy(gpt2), "lora", targets=["c_attn"], rank=2, train_modules=["lm_head"])
+    with pytest.raises(ValueError, match="lm_head shares its weight with transformer.wte"):
+        save_peft(tied, tmp_path / "x")
+    both = lorakit.apply(Net(), "lora", targets=["fc", "classifier"], rank=2, train_modules=["classifier"])
+    with pytest.raises(ValueError, match="classifier is both adapted and fully trained"):
+        save_peft(both, tmp_path / "x")
+    lokr = lorakit.apply(Wide(), "lokr", targets=["fc"], rank=2, factor=8)  # 48 = 8 x 6: PEFT keeps (8, 6)
+    with pytest.raises(ValueError, match=r"PEFT splits 48 as \(8, 6\) and lorakit as \(6, 8\)"):
+        save_peft(lokr, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    cfg = peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    peft.get_peft_model(copy.deepcopy(gpt2), cfg).save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="lm_head shares its weight with transformer.wte.weight"):
+        load_peft(copy.deepcopy(gpt2), tmp_path / "tied")
+
+
+def test_a_qlora_adapter_exports_its_factors(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    ours = lorakit.quantize(copy.deepcopy(base))
+    lorakit.apply(ours, "qlora", targets=["fc"], rank=4, alpha=8.0)
+    perturb(ours)
+    save_peft(ours, tmp_path)
+    back = load_peft(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(back.fc.variant.A, ours.fc.variant.A, rtol=0, atol=0)
+    torch.testing.assert_close(back.fc.variant.B, ours.fc.variant.B, rtol=0, atol=0)
+
+
+def test_unreadable_peft_files_leave_the_model_untouched(tmp_path) -> None:
+    base = Net()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["fc"]))
+    theirs.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    good = load_file(weights)
+    save_file({**good, "base_model.model.fc.lora_diag": torch.ones(2)}, weights)  # KaSA's extra tensor
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds \['lora_A.weight', 'lora_B.weight', 'lora_diag'\]"):
+        load_peft(model, tmp_path)
+    assert not hasattr(model, "lorakit") and not any(
+        isinstance(m, lorakit.AdaptedLayer) for m in model.modules()
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    save_file({**good, "base_model.model.classifier.weight": torch.ones(5, 16)}, weights)
+    with pytest.raises(
+        ValueError, match=r"saved classifier.weight \(5, 16\) does not fit this model \(shape \(2, 16\)\)"
+    ):
+        load_peft(model, tmp_path)
+    assert not hasattr(model, "lorakit")
+
+
+def test_resized_embeddings_peft_saved_are_loaded_into_the_base(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["wte", "c_attn"]))
+    perturb(theirs)
+    with torch.no_grad():  # as if the vocabulary had been re-trained: PEFT then saves the embedding too
+        theirs.base_model.model.transformer.wte.base_layer.weight.add_(0.5)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert "base_model.model.transformer.wte.base_layer.weight" in load_file(
+        tmp_path / "adapter_model.safetensors"
+    )
+    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
+    assert lorakit.info(ours).train_modules == []
+    with torch.no_grad():
+        want = theirs.eval()(GPT2_IDS).logits
+        assert (ours(GPT2_IDS).logits - want).abs().max() <= 1e-4
+        assert (base(GPT2_IDS).logits - want).abs().max() > 1e-2

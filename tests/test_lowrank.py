@@ -71,3 +71,8 @@ def test_the_keep_mask_has_the_dropout_rate_everywhere_and_is_reproducible() -> 
         assert abs(both - (1 - p) ** 2) < 0.005
     assert torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 5))
     assert not torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 6))
+
+
+def test_a_drop_rate_next_to_one_still_keeps_a_few() -> None:
+    mask = _keep_mask(torch.empty(200_000), 1 - 1e-7, seed=0)
+    assert 0 < mask.sum().item() < 20  # 2**-16 of the elements, not all of them

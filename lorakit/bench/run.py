@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run and compare fine-tuning jobs.")
     add_bench_args(parser)
     args = parser.parse_args(argv)
-    return run_bench(args.bench, args.out, args.only)
+    try:
+        return run_bench(args.bench, args.out, args.only)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

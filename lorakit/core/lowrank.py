@@ -35,7 +35,8 @@ def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
     words.random_(-(2**63), None, generator=gen)  # all 64 bits uniform
     bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-2**15, 2**15)
-    return bits >= round(p * 2**16) - 2**15
+    dropped = min(round(p * 2**16), 2**16 - 1)  # how many of the 2**16 values drop; p < 1 keeps at least one
+    return bits >= dropped - 2**15
 
 
 def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:

@@ -20,13 +20,28 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info
+from lorakit.core.layer import AdaptedLayer
 from lorakit.interop.peft_methods import METHODS
-from lorakit.io import atomic_write
+from lorakit.io import atomic_write, undo_apply
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# PEFT settings that change what the tensors mean (or add tensors lorakit would not read).
+UNSUPPORTED = {
+    "rank_pattern": "a rank per layer",
+    "alpha_pattern": "an alpha per layer",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "training of token embeddings",
+    "target_parameters": "adapting parameters instead of modules",
+    "alora_invocation_tokens": "activated LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA",
+    "use_qalora": "QA-LoRA",
+}
 EXPORTABLE = tuple(v for method in METHODS for v in method.variants)
 
 
@@ -46,6 +61,15 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     layers = adapted_layers(model)
     if any(layer.merged for _, layer in layers):
         raise ValueError("the adapter is merged into the base; call lorakit.unmerge(model) before save_peft")
+    for name, layer in layers:
+        method.check_export(name, layer)
+    modules = dict(model.named_modules())
+    adapted_heads = [
+        n for n in state.train_modules if any(isinstance(m, AdaptedLayer) for m in modules[n].modules())
+    ]
+    if adapted_heads:
+        raise ValueError(f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way")
+    _refuse_tied(model, state.train_modules)
     out = Path(directory)
     if (out / CONFIG_FILE).exists() and not overwrite:
         raise FileExistsError(
@@ -56,7 +80,6 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     tensors: dict[str, Tensor] = {}
     for name, layer in layers:
         tensors.update(method.tensors(PREFIX + name, layer, rank))
-    modules = dict(model.named_modules())
     for name in state.train_modules:
         for key, value in modules[name].state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
@@ -81,7 +104,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Apply the PEFT adapter in ``directory`` (or a Hub repo id) to the plain base ``model``, in place.
 
     LoRA and DoRA adapters become ``lora``/``dora``, LoHa ``loha`` and LoKr ``lokr``. PEFT's rank and module
-    dropout act only in training; lorakit trains an imported adapter with its own input dropout (0).
+    dropout act only in training; lorakit trains an imported adapter with its own input dropout (0). Every
+    tensor is checked before the model is touched, and a failure leaves the model as it was.
     """
     path = _adapter_dir(directory)
     config = _read_config(path)
@@ -92,25 +116,59 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
         raise ValueError(
             f"{path}: tensor names must start with '{PREFIX}' as PEFT writes them; got {foreign[:3]}"
         )
-    marker = method.marker
-    names = sorted({k[len(PREFIX) :].split(marker)[0] for k in tensors if marker in k})
+    local = {k[len(PREFIX) :]: v for k, v in tensors.items()}
+    names = sorted({k.split(method.marker)[0] for k in local if method.marker in k})
     if not names:
-        raise ValueError(f"{path}: no {config['peft_type']} tensors (keys containing '{marker}')")
-    heads = {k[len(PREFIX) :]: v for k, v in tensors.items() if marker not in k}
-    unknown = sorted(set(heads) - set(model.state_dict()))
-    if unknown:
-        raise ValueError(f"the adapter's saved modules do not fit this model: no {unknown[:3]} in it")
-    variant, options = method.variant_options(config)
+        raise ValueError(f"{path}: no {config['peft_type']} tensors (keys containing '{method.marker}')")
+    # Besides the adapter: modules_to_save (trained heads), and base weights PEFT saves for resized
+    # embeddings (`save_embedding_layers`), which go into the base model as they are.
+    rest = {k: v for k, v in local.items() if method.marker not in k}
+    saved = config.get("modules_to_save") or []
+    heads = {k: v for k, v in rest.items() if any(_within(k, m) for m in saved)}
+    current = model.state_dict()
+    for key, value in ((k.replace(".base_layer.", "."), v) for k, v in rest.items()):
+        if key not in current or current[key].shape != value.shape:
+            found = "no such tensor" if key not in current else f"shape {tuple(current[key].shape)}"
+            raise ValueError(f"{path}: saved {key} {tuple(value.shape)} does not fit this model ({found})")
     head_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
-    apply(model, variant, targets=names, train_modules=head_modules, **options)
-    layers = dict(adapted_layers(model))
-    with torch.no_grad():
-        for name in names:
-            method.fill(layers[name], tensors, PREFIX + name)
+    _refuse_tied(model, head_modules)
+    variant, options = method.variant_options(config)
+    exact = "|".join(re.escape(n) for n in names)  # full names, not suffixes
+    apply(model, variant, targets=exact, train_modules=head_modules, **options)
+    try:
+        layers = dict(adapted_layers(model))
         params = dict(model.state_dict(keep_vars=True))
-        for key, value in heads.items():
-            params[key].copy_(value)
+        with torch.no_grad():
+            for name in names:
+                method.fill(layers[name], tensors, PREFIX + name)
+            for key, value in rest.items():
+                params[key].copy_(value)
+    except Exception:
+        undo_apply(model)
+        raise
     return model
+
+
+def _within(key: str, module: str) -> bool:
+    """Whether tensor ``key`` belongs to a module named ``module`` (PEFT matches name suffixes)."""
+    owner = key.rsplit(".", 1)[0]
+    return owner == module or owner.endswith("." + module)
+
+
+def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
+    """PEFT keeps its own copy of a saved module, so one tied to another (embeddings) would come apart."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    modules = dict(model.named_modules())
+    for module in module_names:
+        for p in modules[module].parameters():
+            others = [n for n in owners[id(p)] if not n.startswith(module + ".")]
+            if others:
+                raise ValueError(
+                    f"{module} shares its weight with {others[0]} (tied); PEFT's modules_to_save would untie "
+                    "them. Untie the weights first, or use lorakit.save"
+                )
 
 
 def _adapter_dir(directory: str | os.PathLike[str]) -> Path:
@@ -139,17 +197,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r}; lorakit reads {', '.join(types)}")
     if config.get("use_effective_conv2d"):
         raise ValueError(f"{file}: use_effective_conv2d (a Tucker core for convolutions) is not supported")
-    unsupported = {
-        "rank_pattern": "per-layer ranks",
-        "alpha_pattern": "per-layer alphas",
-        "layer_replication": "layer replication",
-        "trainable_token_indices": "trainable token indices",
-    }
-    for field, what in unsupported.items():
+    for field, what in UNSUPPORTED.items():
         if config.get(field):
-            raise ValueError(
-                f"{file}: {what} ({field}) are not supported; use one rank and alpha for all layers"
-            )
+            raise ValueError(f"{file}: {what} ({field}) is not supported by lorakit's reader")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise ValueError(f"{file}: trained biases (bias={config.get('bias')!r}) are not supported")
     return config

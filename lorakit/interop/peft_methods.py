@@ -3,41 +3,48 @@
 LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): ``lora_A = A (r, in)``, ``lora_B = B (out, r)``, scale
 ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), DoRA's magnitude ``lora_magnitude_vector``.
 LoHa (Hyeon-Woo et al. 2022): ``hada_w1_a = B1``, ``hada_w1_b = A1``, ``hada_w2_a = B2``, ``hada_w2_b = A2``.
-LoKr (Yeh et al. 2024): ``lokr_w1[_a|_b]``, ``lokr_w2[_a|_b]``; both libraries choose the same factorisation
-and the same low-rank/full split from ``r``, ``decompose_both`` and ``decompose_factor``.
+LoKr (Yeh et al. 2024): ``lokr_w1[_a|_b]``, ``lokr_w2[_a|_b]``. With the default ``decompose_factor`` -1 both
+libraries choose the same factorisation and low-rank/full split; with an explicit factor PEFT keeps
+``(factor, dim / factor)`` where lorakit (like LyCORIS) puts the smaller number first, so such layers are
+refused when they differ.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lorakit.api import AdapterInfo
 from lorakit.core.layer import AdaptedLayer
 
 
-def _is_conv(layer: AdaptedLayer) -> bool:
-    return layer.kind.name.startswith("conv") and layer.kind.name != "conv1d_gpt2"
+def _kernel(layer: AdaptedLayer) -> tuple[int, ...]:
+    """A convolution's kernel shape; ``()`` for the matrix kinds and embeddings."""
+    if layer.kind.name.startswith("conv") and layer.kind.name != "conv1d_gpt2":
+        return tuple(layer.base_layer.weight.shape[2:])
+    return ()
 
 
 @dataclass(frozen=True)
 class PeftMethod:
-    """One PEFT ``peft_type``: which lorakit variants it holds and how their tensors are named."""
+    """One PEFT ``peft_type``: the lorakit variants it holds and how their tensors are named and shaped."""
 
     peft_type: str
     variants: tuple[str, ...]
     marker: str  # what every adapter key of this method contains, e.g. ".lora_"
+    kinds: frozenset[str]  # the lorakit layer kinds PEFT implements this method for
     names: dict[str, str] = field(default_factory=dict)  # lorakit parameter -> PEFT key suffix
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         """The method's own fields of ``adapter_config.json``."""
-        shared = {"r": rank, "alpha": state.config.alpha, "rank_dropout": 0.0, "module_dropout": 0.0}
-        shared |= {"use_effective_conv2d": False, "init_weights": True}
+        fields = {"r": rank, "alpha": state.config.alpha, "rank_dropout": 0.0, "module_dropout": 0.0}
+        fields |= {"use_effective_conv2d": False, "init_weights": True}
         if self.peft_type == "LOKR":
-            shared |= {"decompose_both": state.config.decompose_both, "decompose_factor": state.config.factor}
-        return shared
+            fields |= {"decompose_both": state.config.decompose_both, "decompose_factor": state.config.factor}
+        return fields
 
     def variant_options(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The lorakit variant and its settings for a PEFT config of this method."""
@@ -47,27 +54,52 @@ class PeftMethod:
                         "factor": int(config.get("decompose_factor", -1))}  # fmt: skip
         return self.variants[0], options
 
+    def check_export(self, name: str, layer: AdaptedLayer) -> None:
+        """Refuse a layer PEFT cannot load as this method."""
+        if layer.kind.name not in self.kinds:
+            raise ValueError(
+                f"{name}: PEFT's {self.peft_type} has no {layer.kind.name} layers (only {sorted(self.kinds)})"
+            )
+        factor = getattr(layer.variant.config, "factor", -1)
+        in_channels = layer.in_features // math.prod(_kernel(layer))
+        for dim in (layer.out_features, in_channels) if factor > 0 else ():
+            if dim % factor == 0 and factor > dim // factor:
+                raise ValueError(
+                    f"{name}: with factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and "
+                    f"lorakit as ({dim // factor}, {factor}); PEFT could not load it. Use factor "
+                    f"{dim // factor} or -1."
+                )
+
+    def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
+        """PEFT key suffix -> the lorakit parameter it holds, for one layer."""
+        return {self.names[n]: p for n, p in layer.variant.named_parameters(recurse=False)}
+
+    def to_peft(self, layer: AdaptedLayer, suffix: str, t: Tensor, rank: int) -> Tensor:
+        """A lorakit tensor in PEFT's shape: a full LoKr ``W2`` of a convolution is a kernel there."""
+        kernel = _kernel(layer)
+        return t.reshape(t.shape[0], -1, *kernel) if suffix == "lokr_w2" and kernel else t
+
     def tensors(self, key: str, layer: AdaptedLayer, rank: int) -> dict[str, Tensor]:
         """One layer's tensors under PEFT's names and in PEFT's shapes."""
-        found = {}
-        for name, p in layer.variant.named_parameters(recurse=False):
-            t = p.detach()
-            if name == "W2" and _is_conv(layer):  # a full LoKr W2 of a convolution is a kernel in PEFT
-                t = t.reshape(t.shape[0], -1, *layer.base_layer.weight.shape[2:])
-            found[f"{key}.{self.names[name]}"] = t
-        return found
+        return {f"{key}.{s}": self.to_peft(layer, s, p.detach(), rank) for s, p in self.params(layer).items()}
 
     def fill(self, layer: AdaptedLayer, tensors: dict[str, Tensor], key: str) -> None:
-        """Copy one layer's PEFT tensors into the freshly applied lorakit variant."""
-        ours = dict(layer.variant.named_parameters(recurse=False))
-        theirs = {k[len(key) + 1 :] for k in tensors if k.startswith(key + ".") and self.marker in k}
-        if theirs != {self.names[n] for n in ours}:
+        """Copy one layer's PEFT tensors into the freshly applied lorakit variant, checking they all fit."""
+        params = self.params(layer)
+        found = {k[len(key) + 1 :] for k in tensors if k.startswith(key + ".")}
+        found -= {s for s in found if s.startswith("base_layer.")}
+        if found != set(params):
             raise ValueError(
-                f"{key}: the file holds {sorted(theirs)} but these settings give "
-                f"{sorted(self.names[n] for n in ours)}; the factorisation does not match"
+                f"{key}: the file holds {sorted(found)} where lorakit's {self.peft_type} expects "
+                f"{sorted(params)}; other tensors belong to methods lorakit does not read, and other "
+                "factors to a different factorisation"
             )
-        for name, p in ours.items():
-            _copy(p, tensors[f"{key}.{self.names[name]}"], key)
+        for suffix, param in params.items():
+            value = tensors[f"{key}.{suffix}"]
+            if value.numel() != param.numel():
+                shapes = f"{tuple(value.shape)} does not fit {tuple(param.shape)}"
+                raise ValueError(f"{key}.{suffix}: the saved tensor's shape {shapes}")
+            param.copy_(value.reshape(param.shape))
 
 
 class LoRAMethod(PeftMethod):
@@ -76,13 +108,13 @@ class LoRAMethod(PeftMethod):
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         cfg = state.config
         return {
-            "fan_in_fan_out": all(layer.kind.name == "conv1d_gpt2" for layer in layers),
-            "bias": "none",
             "r": rank,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
             "use_rslora": bool(getattr(cfg, "rslora", False)),
             "use_dora": state.variant == "dora",
+            "fan_in_fan_out": all(layer.kind.name == "conv1d_gpt2" for layer in layers),
+            "bias": "none",
             "init_lora_weights": True,
             "rank_pattern": {},
             "alpha_pattern": {},
@@ -97,55 +129,49 @@ class LoRAMethod(PeftMethod):
         }
         return ("dora" if config.get("use_dora") else "lora"), options
 
-    def tensors(self, key: str, layer: AdaptedLayer, rank: int) -> dict[str, Tensor]:
-        v, weight = layer.variant, layer.base_layer.weight
-        a, b = v.A.detach()[:rank], v.B.detach()[:, :rank]  # (r, in), (out, r); DyLoRA truncated to its rank
-        spatial = [1] * (weight.dim() - 2) if _is_conv(layer) else []
+    def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
+        v = layer.variant
         if layer.kind.name == "embedding":
-            found = {f"{key}.lora_embedding_A": a, f"{key}.lora_embedding_B": b}
-        elif spatial:  # a convolution like the base, then a 1x1 convolution
-            found = {f"{key}.lora_A.weight": a.reshape(rank, *weight.shape[1:]),
-                     f"{key}.lora_B.weight": b.reshape(*b.shape, *spatial)}  # fmt: skip
+            found = {"lora_embedding_A": v.A, "lora_embedding_B": v.B}
         else:
-            found = {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
-        if hasattr(v, "m"):  # DoRA's magnitude (out,); PEFT keeps (1, out, 1, ...) for convolutions
-            m = v.m.detach()
-            found[f"{key}.lora_magnitude_vector"] = m.reshape(1, -1, *spatial) if spatial else m
+            found = {"lora_A.weight": v.A, "lora_B.weight": v.B}
+        if hasattr(v, "m"):
+            found["lora_magnitude_vector"] = v.m
         return found
 
-    def fill(self, layer: AdaptedLayer, tensors: dict[str, Tensor], key: str) -> None:
-        v = layer.variant
-        embedding = layer.kind.name == "embedding"
-        _copy(v.A, tensors[f"{key}.lora_embedding_A" if embedding else f"{key}.lora_A.weight"], key)
-        _copy(v.B, tensors[f"{key}.lora_embedding_B" if embedding else f"{key}.lora_B.weight"], key)
-        if hasattr(v, "m"):
-            magnitude = tensors.get(f"{key}.lora_magnitude_vector")
-            if magnitude is None:
-                raise ValueError(f"{key}: use_dora is set but the file has no lora_magnitude_vector here")
-            _copy(v.m, magnitude, key)
+    def to_peft(self, layer: AdaptedLayer, suffix: str, t: Tensor, rank: int) -> Tensor:
+        kernel = _kernel(layer)
+        ones = [1] * len(kernel)
+        if suffix.startswith("lora_A") or suffix == "lora_embedding_A":  # (r, in); DyLoRA: its first r rows
+            t = t[:rank]
+            return t.reshape(rank, -1, *kernel) if kernel else t  # a convolution like the base
+        if suffix.startswith("lora_B") or suffix == "lora_embedding_B":  # (out, r)
+            t = t[:, :rank]
+            return t.reshape(*t.shape, *ones) if kernel else t  # a 1x1 convolution
+        return t.reshape(1, -1, *ones) if kernel else t  # DoRA's magnitude: (1, out, 1, ...) for convolutions
 
 
-def _copy(param: Tensor, value: Tensor, key: str) -> None:
-    if value.numel() != param.numel():
-        raise ValueError(
-            f"{key}: a saved tensor of shape {tuple(value.shape)} does not fit {tuple(param.shape)}"
-        )
-    param.copy_(value.reshape(param.shape))
-
-
+MATRIX_AND_CONV = frozenset({"linear", "conv1d", "conv2d"})
 METHODS = (
     # DyLoRA is written at its chosen rank; QLoRA's factors without its 4-bit base.
-    LoRAMethod("LORA", ("lora", "lora_fa", "lora_plus", "qlora", "dora", "dylora"), ".lora_"),
+    LoRAMethod(
+        "LORA",
+        ("lora", "lora_fa", "lora_plus", "qlora", "dora", "dylora"),
+        ".lora_",
+        frozenset({"linear", "conv1d_gpt2", "conv1d", "conv2d", "conv3d", "embedding"}),
+    ),
     PeftMethod(
         "LOHA",
         ("loha",),
         ".hada_",
+        MATRIX_AND_CONV,
         {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
     ),  # fmt: skip
     PeftMethod(
         "LOKR",
         ("lokr",),
         ".lokr_",
+        MATRIX_AND_CONV,
         {
             "W1": "lokr_w1",
             "W1a": "lokr_w1_a",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.io import _undo_apply
+from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
 from lorakit.train.loop import TrainConfig, train
 
@@ -93,7 +93,7 @@ def select(scores: dict[str, float], threshold: float) -> list[str]:
 def rebuild(model: nn.Module, kept: list[str], heads: dict[str, dict[str, Tensor]]) -> None:
     """Fresh adapters with ``kept`` selected; fully trained modules back to the ``heads`` state dicts."""
     config = dataclasses.replace(lorakit.info(model).config, kept=list(kept))
-    _undo_apply(model)
+    undo_apply(model)
     modules = dict(model.named_modules())
     for name, state in heads.items():
         modules[name].load_state_dict(state)
