@@ -26,7 +26,8 @@ from lorakit.core.variant import Variant, VariantConfig, require
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-    """``dim = m * n`` with ``m <= n``: ``(factor, dim / factor)`` when ``factor`` divides ``dim``, else the
+    """``dim = m * n`` with ``m <= n`` (LyCORIS's order; PEFT keeps ``(factor, dim / factor)`` unsorted):
+    the pair ``{factor, dim / factor}`` when ``factor`` divides ``dim``, else the
     largest divisor ``m`` (not above ``factor`` when one is given) reached by growing ``m`` while ``m + n``
     decreases, i.e. while ``m <= sqrt(dim)``: 768 -> (24, 32), 11008 -> (86, 128), 127 -> (1, 127)."""
     if factor > 0 and dim % factor == 0:
