@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     merge.add_argument("--out", required=True, help="new directory for the merged model (safetensors)")
     merge.set_defaults(func=cmd_merge)
-    export = sub.add_parser("export", help="write an adapter in PEFT's format (LoRA, DoRA, LoHa, LoKr)")
+    export = sub.add_parser("export", help="write an adapter in PEFT's format (LoRA, DoRA, LoHa, LoKr, VeRA)")
     export.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     export.add_argument(
         "--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors"

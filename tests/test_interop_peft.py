@@ -171,11 +171,41 @@ def test_loha_and_lokr_adapters_cross_both_ways(tmp_path, variant: str, options:
         assert (back(WIDE_X) - mine(WIDE_X)).abs().max() <= 1e-5
 
 
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 20), nn.Linear(20, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_vera_crosses_both_ways_with_its_shared_projections(tmp_path) -> None:
+    torch.manual_seed(0)
+    base, x = MLP().eval(), torch.randn(5, 12)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=4, target_modules=["fc1", "fc2"]))
+    perturb(theirs)
+    with torch.no_grad():  # projections that no seed would give: they must come from the file
+        theirs.base_model.vera_A["default"].mul_(2.0)
+    theirs.save_pretrained(tmp_path / "from-peft")
+    ours = load_peft(copy.deepcopy(base), tmp_path / "from-peft").eval()
+    with torch.no_grad():
+        want = theirs.eval()(x)
+        assert (want - base(x)).abs().max() > 1e-2 and (ours(x) - want).abs().max() <= 1e-5
+    assert ours.fc1.variant.A is ours.fc2.variant.A  # still one shared projection
+    mine = lorakit.apply(copy.deepcopy(base), "vera", targets=["fc1", "fc2"], rank=4, projection_seed=3)
+    perturb(mine, seed=9)
+    save_peft(mine.eval(), tmp_path / "from-lorakit")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from-lorakit").eval()
+    with torch.no_grad():
+        assert (mine(x) - base(x)).abs().max() > 1e-2 and (back(x) - mine(x)).abs().max() <= 1e-5
+
+
 def test_refusals_name_the_problem(tmp_path) -> None:
     base = Net()
-    vera = lorakit.apply(copy.deepcopy(base), "vera", targets=["fc"], rank=2)
-    with pytest.raises(ValueError, match="variant 'vera' has no PEFT equivalent"):
-        save_peft(vera, tmp_path / "vera")
+    adalora = lorakit.apply(copy.deepcopy(base), "adalora", targets=["fc"])
+    with pytest.raises(ValueError, match="variant 'adalora' has no PEFT equivalent"):
+        save_peft(adalora, tmp_path / "adalora")
     ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["fc"], rank=2)
     save_peft(ours, tmp_path / "a")
     with pytest.raises(FileExistsError, match="already holds a PEFT adapter"):
@@ -187,7 +217,7 @@ def test_refusals_name_the_problem(tmp_path) -> None:
 
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     for change, message in [
-        ({"peft_type": "IA3"}, "peft_type 'IA3'; lorakit reads LORA, LOHA, LOKR"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3'; lorakit reads LORA, LOHA, LOKR, VERA"),
         ({"use_effective_conv2d": True}, "Tucker core"),
         ({"rank_pattern": {"fc": 4}}, "a rank per layer"),
         ({"use_qalora": True}, "QA-LoRA"),

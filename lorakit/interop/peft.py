@@ -80,6 +80,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     tensors: dict[str, Tensor] = {}
     for name, layer in layers:
         tensors.update(method.tensors(PREFIX + name, layer, rank))
+    tensors.update(method.shared_tensors([layer for _, layer in layers]))
     for name in state.train_modules:
         for key, value in modules[name].state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
@@ -111,6 +112,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     config = _read_config(path)
     method = next(m for m in METHODS if m.peft_type == config["peft_type"])
     tensors = _read_tensors(path)
+    shared = {k: tensors.pop(k) for k in method.shared_keys if k in tensors}
     foreign = [k for k in tensors if not k.startswith(PREFIX)]
     if foreign:
         raise ValueError(
@@ -132,13 +134,14 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
             raise ValueError(f"{path}: saved {key} {tuple(value.shape)} does not fit this model ({found})")
     head_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
     _refuse_tied(model, head_modules)
-    variant, options = method.variant_options(config)
+    variant, options = method.variant_options(config, shared)
     exact = "|".join(re.escape(n) for n in names)  # full names, not suffixes
     apply(model, variant, targets=exact, train_modules=head_modules, **options)
     try:
         layers = dict(adapted_layers(model))
         params = dict(model.state_dict(keep_vars=True))
         with torch.no_grad():
+            method.fill_shared(list(layers.values()), shared)
             for name in names:
                 method.fill(layers[name], tensors, PREFIX + name)
             for key, value in rest.items():

@@ -3,6 +3,7 @@
 LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): ``lora_A = A (r, in)``, ``lora_B = B (out, r)``, scale
 ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), DoRA's magnitude ``lora_magnitude_vector``.
 LoHa (Hyeon-Woo et al. 2022): ``hada_w1_a = B1``, ``hada_w1_b = A1``, ``hada_w2_a = B2``, ``hada_w2_b = A2``.
+VeRA (Kopiczko et al. 2024): ``vera_lambda_b``, ``vera_lambda_d`` and the shared ``vera_A``, ``vera_B``.
 LoKr (Yeh et al. 2024): ``lokr_w1[_a|_b]``, ``lokr_w2[_a|_b]``. With the default ``decompose_factor`` -1 both
 libraries choose the same factorisation and low-rank/full split; with an explicit factor PEFT keeps
 ``(factor, dim / factor)`` where lorakit (like LyCORIS) puts the smaller number first, so such layers are
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ class PeftMethod:
     marker: str  # what every adapter key of this method contains, e.g. ".lora_"
     kinds: frozenset[str]  # the lorakit layer kinds PEFT implements this method for
     names: dict[str, str] = field(default_factory=dict)  # lorakit parameter -> PEFT key suffix
+    shared_keys: ClassVar[tuple[str, ...]] = ()  # keys outside every layer, read and written whole
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         """The method's own fields of ``adapter_config.json``."""
@@ -46,7 +48,16 @@ class PeftMethod:
             fields |= {"decompose_both": state.config.decompose_both, "decompose_factor": state.config.factor}
         return fields
 
-    def variant_options(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def shared_tensors(self, layers: list[AdaptedLayer]) -> dict[str, Tensor]:
+        """Tensors every layer shares, under their full PEFT keys (VeRA's projections); none here."""
+        return {}
+
+    def fill_shared(self, layers: list[AdaptedLayer], tensors: dict[str, Tensor]) -> None:
+        """Copy the shared tensors of the file into the applied adapter; none here."""
+
+    def variant_options(
+        self, config: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[str, dict[str, Any]]:
         """The lorakit variant and its settings for a PEFT config of this method."""
         options: dict[str, Any] = {"rank": int(config["r"]), "alpha": float(config["alpha"]), "dropout": 0.0}
         if self.peft_type == "LOKR":
@@ -120,7 +131,9 @@ class LoRAMethod(PeftMethod):
             "alpha_pattern": {},
         }
 
-    def variant_options(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def variant_options(
+        self, config: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[str, dict[str, Any]]:
         options = {
             "rank": int(config["r"]),
             "alpha": float(config["lora_alpha"]),
@@ -151,6 +164,46 @@ class LoRAMethod(PeftMethod):
         return t.reshape(1, -1, *ones) if kernel else t  # DoRA's magnitude: (1, out, 1, ...) for convolutions
 
 
+class VeRAMethod(PeftMethod):
+    """VeRA (Kopiczko et al. 2024): per layer ``vera_lambda_b = b``, ``vera_lambda_d = d``; the shared frozen
+    projections are ``base_model.vera_A (r, in_max)`` and ``vera_B (out_max, r)``, drawn by both libraries
+    from the same seed with the same generator calls (so equal bit for bit), and saved anyway."""
+
+    shared_keys: ClassVar[tuple[str, ...]] = ("base_model.vera_A", "base_model.vera_B")
+
+    def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
+        cfg = state.config
+        return {"r": rank, "projection_prng_key": cfg.projection_seed, "save_projection": True,
+                "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "bias": "none",
+                "fan_in_fan_out": all(layer.kind.name == "conv1d_gpt2" for layer in layers)}  # fmt: skip
+
+    def variant_options(
+        self, config: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[str, dict[str, Any]]:
+        options = {"rank": int(config["r"]), "dropout": float(config.get("vera_dropout") or 0.0),
+                   "d_initial": float(config.get("d_initial", 0.1)),
+                   "projection_seed": int(config.get("projection_prng_key", 0))}  # fmt: skip
+        a, b = (tensors.get(k) for k in self.shared_keys)
+        if a is not None and b is not None:
+            options["projection_shape"] = [int(b.shape[0]), int(a.shape[1])]
+        return "vera", options
+
+    def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
+        return {"vera_lambda_b": layer.variant.b, "vera_lambda_d": layer.variant.d}
+
+    def shared_tensors(self, layers: list[AdaptedLayer]) -> dict[str, Tensor]:
+        v = layers[0].variant
+        return {self.shared_keys[0]: v.A.detach(), self.shared_keys[1]: v.B.detach()}
+
+    def fill_shared(self, layers: list[AdaptedLayer], tensors: dict[str, Tensor]) -> None:
+        v = layers[0].variant
+        for key, param in zip(self.shared_keys, (v.A, v.B), strict=True):
+            if key in tensors:  # without save_projection the seed alone rebuilt them
+                if tensors[key].shape != param.shape:
+                    raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} is not {tuple(param.shape)}")
+                param.copy_(tensors[key])
+
+
 MATRIX_AND_CONV = frozenset({"linear", "conv1d", "conv2d"})
 METHODS = (
     # DyLoRA is written at its chosen rank; QLoRA's factors without its 4-bit base.
@@ -166,7 +219,7 @@ METHODS = (
         ".hada_",
         MATRIX_AND_CONV,
         {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
-    ),  # fmt: skip
+    ),
     PeftMethod(
         "LOKR",
         ("lokr",),
@@ -180,5 +233,6 @@ METHODS = (
             "W2a": "lokr_w2_a",
             "W2b": "lokr_w2_b",
         },
-    ),  # fmt: skip
+    ),
+    VeRAMethod("VERA", ("vera",), ".vera_lambda_", frozenset({"linear", "conv1d_gpt2"})),
 )
