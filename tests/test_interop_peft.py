@@ -330,3 +330,21 @@ def test_resized_embeddings_peft_saved_are_loaded_into_the_base(tmp_path) -> Non
         want = theirs.eval()(GPT2_IDS).logits
         assert (ours(GPT2_IDS).logits - want).abs().max() <= 1e-4
         assert (base(GPT2_IDS).logits - want).abs().max() > 1e-2
+
+
+def test_a_peft_sequence_classification_adapter_with_its_head(tmp_path) -> None:
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), lora)
+    perturb(theirs)  # the adapter and the classification head PEFT trains with it
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
+    assert lorakit.info(ours).train_modules == ["classifier"]
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs.eval()(input_ids=ids).logits
+        assert (want - base(input_ids=ids).logits).abs().max() > 1e-2
+        assert (ours(input_ids=ids).logits - want).abs().max() <= 1e-5
