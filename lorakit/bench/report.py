@@ -41,6 +41,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from matplotlib.ticker import NullFormatter
+
+    colours = plt.get_cmap("tab20")
     done = [r for r in rows if r["metrics"].get("accuracy") is not None]
     axes_x = [("trainable", "trainable parameters", True), ("seconds", "train seconds", False)]
     if any(r.get("peak_memory_mb") for r in done):
@@ -49,10 +52,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     for ax, (key, label, log) in zip(axes, axes_x, strict=True):
         for i, r in enumerate(done):
             if r.get(key):  # one colour per run across the panels
-                ax.scatter(r[key], r["metrics"]["accuracy"], s=36, color=f"C{i % 10}")
+                ax.scatter(r[key], r["metrics"]["accuracy"], s=36, color=colours(i % 20))
                 ax.annotate(r["name"], (r[key], r["metrics"]["accuracy"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)  # fmt: skip
         ax.set_xscale("log" if log else "linear")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the decades are labelled
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
