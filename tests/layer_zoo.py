@@ -49,3 +49,23 @@ def make_case(kind: str, seed: int = 0) -> tuple[Holder, Tensor]:
         for p in model.parameters():  # Conv1D starts with zero bias and N(0, 0.02) weights: make them generic
             p.copy_(torch.randn_like(p) * 0.3)
     return model, make_input(torch.Generator().manual_seed(seed + 1))
+
+
+class MLP(nn.Module):
+    """Two linear layers, 12 -> 20 -> 7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 20), nn.Linear(20, 7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def perturb(model: nn.Module, seed: int = 5) -> None:
+    """Move every trainable tensor off its initial value (an adapter's B often starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)

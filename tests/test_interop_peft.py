@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from layer_zoo import MLP, perturb
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,15 +37,6 @@ class Net(nn.Module):
 def tiny_gpt2() -> nn.Module:
     cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
     return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def perturb(model: nn.Module, seed: int = 3) -> None:
-    """Move every trainable tensor off its initial value (B and PEFT's B start at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 IDS = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
@@ -169,15 +161,6 @@ def test_loha_and_lokr_adapters_cross_both_ways(tmp_path, variant: str, options:
     with torch.no_grad():
         assert (mine(WIDE_X) - base(WIDE_X)).abs().max() > 1e-2
         assert (back(WIDE_X) - mine(WIDE_X)).abs().max() <= 1e-5
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(12, 20), nn.Linear(20, 7)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def test_vera_crosses_both_ways_with_its_shared_projections(tmp_path) -> None:

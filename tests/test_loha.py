@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_zoo import Holder, make_case
+from layer_zoo import Holder, make_case, perturb
 from torch import nn
 
 import lorakit
 from lorakit.variants.loha import HadamardProduct, LoHaConfig
-
-
-def perturb(model: nn.Module, seed: int = 5) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def test_delta_is_scaled_hadamard_product_of_two_low_rank_terms() -> None:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from layer_zoo import Holder, make_case
+from layer_zoo import Holder, make_case, perturb
 from torch import nn
 
 import lorakit
@@ -15,14 +15,6 @@ from lorakit.core.kinds import KINDS
 from lorakit.core.layer import AdaptedLayer
 from lorakit.variants.lokr import LoKr, LoKrConfig, factorization
 from lorakit.variants.lora import LoRA, LoRAConfig
-
-
-def perturb(model: nn.Module, seed: int = 5) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize(

@@ -6,22 +6,13 @@ import copy
 
 import pytest
 import torch
+from layer_zoo import MLP
 from torch import nn
 
 import lorakit
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(12, 20)
-        self.fc2 = nn.Linear(20, 7)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def tiny_gpt2() -> nn.Module:
