@@ -177,3 +177,23 @@ def test_peft_parity_training_with_dropout() -> None:
     refs = [layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]]
     for g, r in zip((v.A.grad, v.B.grad, v.m.grad), refs, strict=True):
         torch.testing.assert_close(g, r.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_bf16_small_magnitude_change_reaches_the_output(training: bool) -> None:
+    # Under bf16 autocast c = m / ||V|| near 1 has bf16 neighbours 1 -/+ 2**-8: a 0.1% change of m reaches the
+    # output only when c and c - 1 stay fp32 and the sum is rounded once.
+    model, _ = linear_case()
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    v = model.layer.variant
+    with torch.no_grad():
+        v.m.copy_(v.weight_norm(model.layer))  # c = 1 exactly, with a non-zero B A
+    model.train(training)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)
+        v.m[3] *= 1.001
+        after = model(x)
+    assert after.dtype == torch.bfloat16
+    changed = (after != before).sum(0)  # per output row (feature)
+    assert changed[3] >= 3, "a 0.1% magnitude change must reach its output row"
+    assert changed.sum() == changed[3], "other rows must not move"

@@ -108,14 +108,16 @@ class DoRA(LoRA):
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         view = base.kind.channel_view
-        c = view((self.m.float() / self.weight_norm(base)).to(y.dtype))  # m / ||V|| broadcast on channels
+        # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be
+        # lost (c - 1 exactly 0). The sum is formed in fp32 (by promotion) and cast once to the output dtype.
+        c = view(self.m.float() / self.weight_norm(base))  # broadcast on channels
         if self.training and self.dropout is not None:
             x = self.dropout(x)
             w0x = base.kind.op(base.base_layer, x, base.weight_2d())  # W0 x~: one extra base op
         else:
             w0x = y if base.bias is None else y - view(base.bias.to(y.dtype))  # W0 x, reused from y
-        lora = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training).to(y.dtype)
-        return y + (c - 1) * w0x + c * lora
+        lora = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training)
+        return (y + (c - 1) * w0x + c * lora).to(y.dtype)
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         v = w0 + self.delta_weight().to(w0.dtype)  # (out, in): merging forms the weight anyway
