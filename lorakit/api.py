@@ -257,7 +257,8 @@ def make_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer groups: each variant's groups (LoRA+ sets its own rates) plus fully trained modules.
+    """Optimizer groups: each adapter's groups plus the fully trained modules' groups, both as the variant
+    sets them (LoRA+'s rates).
 
     Groups with the same settings are joined, and a tensor shared by several layers appears once.
     """
@@ -265,7 +266,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     groups = [g for _, layer in adapted_layers(model) for g in layer.variant.param_groups(lr, weight_decay)]
     modules = dict(model.named_modules())
     extra = [p for n in state.train_modules for p in modules[n].parameters() if p.requires_grad]
-    groups.append({"params": extra, "lr": lr, "weight_decay": weight_decay})
+    groups += get_variant(state.variant).trained_module_groups(state.config, extra, lr, weight_decay)
     merged: dict[tuple, dict[str, Any]] = {}
     seen: set[int] = set()
     for group in groups:

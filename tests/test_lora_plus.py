@@ -142,3 +142,56 @@ def test_group_learning_rates_match_peft_create_loraplus_optimizer() -> None:
             assert peft_wd[id(theirs_p)] == WD
             checked += 1
     assert checked == len(peft_lr) == 8
+
+
+class WithHead(nn.Module):
+    """A head PEFT's suffix matching finds alone (a module named ``out`` also matches ``lora_dropout``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.classifier = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("one_d_at_ratio", [True, False])
+def test_trained_head_bias_follows_the_one_d_rule(one_d_at_ratio: bool) -> None:
+    torch.manual_seed(0)
+    model = lorakit.apply(
+        WithHead(),
+        "lora_plus",
+        targets=["fc1", "fc2"],
+        train_modules=["classifier"],
+        rank=4,
+        ratio=RATIO,
+        one_d_at_ratio=one_d_at_ratio,
+    )
+    groups = lorakit.param_groups(model, LR, WD)
+    assert lr_of(groups, model.classifier.bias) == pytest.approx(LR * RATIO if one_d_at_ratio else LR)
+    assert lr_of(groups, model.classifier.weight) == LR  # 2-D: the authors' group A
+    assert lr_of(groups, model.fc1.variant.B) == pytest.approx(LR * RATIO)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == 6
+
+
+def test_trained_head_rates_match_peft_create_loraplus_optimizer() -> None:
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    torch.manual_seed(0)
+    base = WithHead()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["classifier"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO)
+    peft_lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    peft_params = dict(theirs.named_parameters())
+    model = lorakit.apply(
+        base, "lora_plus", targets=["fc1", "fc2"], train_modules=["classifier"], ratio=RATIO
+    )
+    groups = lorakit.param_groups(model, LR, WD)
+    head = "base_model.model.classifier.modules_to_save.default"
+    for tensor in ("weight", "bias"):
+        theirs_p = peft_params[f"{head}.{tensor}"]
+        assert lr_of(groups, getattr(model.classifier, tensor)) == pytest.approx(peft_lr[id(theirs_p)])
+    assert peft_lr[id(peft_params[f"{head}.bias"])] == pytest.approx(LR * RATIO)

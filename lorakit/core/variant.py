@@ -155,6 +155,16 @@ class Variant(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
 
+    @classmethod
+    def trained_module_groups(
+        cls, config: VariantConfig, params: list[nn.Parameter], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups for the parameters of the fully trained modules (``config.train_modules``).
+
+        Asked once per model by the optimizer-group builder. Default: one group at ``lr``.
+        """
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
+
     def adapter_state(self) -> dict[str, Tensor]:
         """Tensors saved with the adapter. Default: the state dict (parameters and persistent buffers)."""
         return dict(self.state_dict())

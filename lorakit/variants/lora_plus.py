@@ -2,11 +2,14 @@
 
 The model is exactly LoRA, ``y = W0 x + b0 + s * B (A dropout(x))``; only the optimizer groups change:
 ``lr_B = ratio * lr_A`` (for wide layers the efficient update needs ``eta_B / eta_A = Theta(width)``).
-Grouping as in the authors' code: ``A`` (and any other 2-D trainable) at ``lr``, ``B`` at ``lr * ratio``,
-every adapter tensor of an embedding layer at a separate fixed ``embedding_lr``. One-dimensional trainables
-(biases, magnitude vectors of subclasses) go to ``lr * ratio`` as in the authors' code when
-``one_d_at_ratio`` is True, else to ``lr``. Weight decay is used exactly as given, in every group (PEFT drops
-it to 0 unless told otherwise). A scheduler scales all groups by the same factor, so the ratio stays fixed.
+Grouping as in the authors' code (and PEFT's ``create_loraplus_optimizer``): ``A`` and every other 2-D
+trainable at ``lr``, ``B`` at ``lr * ratio``, every adapter tensor of an embedding layer at a separate fixed
+``embedding_lr``. One-dimensional trainables go to ``lr * ratio`` when ``one_d_at_ratio`` is True (the
+authors' ``param.ndim == 1`` rule), else to ``lr``: in practice these are the biases and norm weights of fully
+trained modules (``train_modules``, e.g. a new classifier head, whose 2-D weight stays at ``lr``), and the 1-D
+tensors of subclasses. Weight decay is used exactly as given, in every group (the authors' code sets it to 0
+for biases and norms, PEFT to 0 everywhere unless told otherwise). A scheduler scales all groups by the same
+factor, so the ratio stays fixed.
 
 Step 0: ``B = 0`` (``A = 0`` for embeddings), so ``dW = 0`` and the model equals the base.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from torch import nn
 
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import require
@@ -27,7 +32,8 @@ class LoRAPlusConfig(LoRAConfig):
 
     ``ratio``: ``lr_B / lr_A`` (paper default 16; the authors' scripts use 10-80).
     ``embedding_lr``: fixed learning rate of adapters on embedding layers (authors' default 1e-6).
-    ``one_d_at_ratio``: put 1-D trainable parameters at ``lr * ratio`` (authors' code) instead of ``lr``.
+    ``one_d_at_ratio``: put 1-D trainable parameters (the biases and norms of ``train_modules``) at
+    ``lr * ratio`` (authors' code) instead of ``lr``.
     """
 
     ratio: float = 16.0
@@ -57,10 +63,26 @@ class LoRAPlus(LoRA):
         cfg: LoRAPlusConfig = self.config
         trainable = [p for p in self.parameters() if p.requires_grad]
         if self.on_embedding:
-            groups = [(trainable, cfg.embedding_lr)]
-        else:
-            # Roles by attribute: B is the up-projection; 1-D tensors follow the documented option.
-            fast = [p for p in trainable if p is self.B or (p.dim() == 1 and cfg.one_d_at_ratio)]
-            slow = [p for p in trainable if all(p is not q for q in fast)]
-            groups = [(slow, lr), (fast, lr * cfg.ratio)]
-        return [{"params": ps, "lr": rate, "weight_decay": weight_decay} for ps, rate in groups if ps]
+            return _groups([(trainable, cfg.embedding_lr)], weight_decay)
+        # Roles by attribute: B is the up-projection; 1-D tensors follow the documented option.
+        fast = [p for p in trainable if p is self.B or _one_d_fast(p, cfg)]
+        slow = [p for p in trainable if all(p is not q for q in fast)]
+        return _groups([(slow, lr), (fast, lr * cfg.ratio)], weight_decay)
+
+    @classmethod
+    def trained_module_groups(
+        cls, config: LoRAPlusConfig, params: list[nn.Parameter], lr: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        # The authors' rule on the whole model: a fully trained head's bias at lr * ratio, its weight at lr.
+        fast = [p for p in params if _one_d_fast(p, config)]
+        slow = [p for p in params if not _one_d_fast(p, config)]
+        return _groups([(slow, lr), (fast, lr * config.ratio)], weight_decay)
+
+
+def _one_d_fast(p: nn.Parameter, cfg: LoRAPlusConfig) -> bool:
+    """Whether ``p`` is a 1-D tensor that the ``one_d_at_ratio`` option puts at ``lr * ratio``."""
+    return p.dim() == 1 and cfg.one_d_at_ratio
+
+
+def _groups(rated: list[tuple[list[nn.Parameter], float]], weight_decay: float) -> list[dict[str, Any]]:
+    return [{"params": ps, "lr": rate, "weight_decay": weight_decay} for ps, rate in rated if ps]
