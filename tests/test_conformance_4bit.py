@@ -139,6 +139,8 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int) -> None:
         (loss + sum(extra)).backward()
         for h in hooks:
             h.on_after_backward(step)
+        for h in hooks:
+            h.on_before_optimizer_step(step)
         opt.step()
         for h in hooks:
             h.on_after_step(step)

@@ -53,6 +53,9 @@ class Recorder(lorakit.Hook):
     def on_after_backward(self, step: int) -> None:
         self.calls.append(("backward", step))
 
+    def on_before_optimizer_step(self, step: int) -> None:
+        self.calls.append(("optimizer", step))
+
     def on_after_step(self, step: int) -> None:
         self.calls.append(("step", step))
         self.grad_seen_after_step.append(self.layers[0].variant.B.grad is not None)
@@ -68,7 +71,7 @@ def test_hooks_run_at_fixed_points_once_per_optimizer_step() -> None:
     train(model, Batches(), TrainConfig(steps=3, grad_accum=2, progress=False), hooks=[hook])
     expected = []
     for s in range(3):
-        expected += [("start", s), ("loss", s), ("loss", s), ("backward", s), ("step", s)]
+        expected += [("start", s), ("loss", s), ("loss", s), ("backward", s), ("optimizer", s), ("step", s)]
     assert hook.calls == expected
     assert all(hook.grad_seen_after_step), "gradients must still be readable in on_after_step"
 

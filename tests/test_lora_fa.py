@@ -56,6 +56,7 @@ def test_training_moves_B_only_and_loss_drops() -> None:
         loss.backward()
         for h in hooks:
             h.on_after_backward(step)
+            h.on_before_optimizer_step(step)
         opt.step()
         for h in hooks:
             h.on_after_step(step)
@@ -108,7 +109,7 @@ def test_precondition_matches_hand_computation_and_projects_full_gradient() -> N
     x, t = torch.randn(5, 10), torch.randn(5, 7)
     (model(x) - t).square().sum().backward()
     g_B = v.B.grad.clone()
-    lorakit.make_hooks(model, 1)[0].on_after_backward(0)
+    lorakit.make_hooks(model, 1)[0].on_before_optimizer_step(0)
     A, s = v.A.detach().double(), v.scale
     hand = (1.0 / s**2) * g_B.double() @ torch.linalg.inv(A @ A.t())  # (1/s^2) g_B (A A^T)^-1
     torch.testing.assert_close(v.B.grad.double(), hand, atol=1e-5, rtol=1e-4)
@@ -126,6 +127,6 @@ def test_precondition_off_leaves_gradient_alone() -> None:
         model.fc2.variant.B.normal_()
     model(torch.randint(0, 30, (2, 3))).square().sum().backward()
     before = [layer.variant.B.grad.clone() for _, layer in lorakit.adapted_layers(model)]
-    lorakit.make_hooks(model, 1)[0].on_after_backward(0)
+    lorakit.make_hooks(model, 1)[0].on_before_optimizer_step(0)
     for g, (_, layer) in zip(before, lorakit.adapted_layers(model), strict=True):
         assert torch.equal(layer.variant.B.grad, g)

@@ -78,9 +78,9 @@ class Hook:
     """Training-time rules of a variant, run by a training loop at fixed call points.
 
     The order within one optimizer step is: ``on_step_start`` -> forward -> loss + ``extra_loss`` ->
-    backward (per micro-batch) -> ``on_after_backward`` -> clip + ``optimizer.step`` -> ``on_after_step``
-    -> ``zero_grad``. ``step`` counts optimizer steps from 0. A hook is built once per training run from the
-    adapted model and the run's total number of optimizer steps.
+    backward (per micro-batch) -> ``on_after_backward`` -> clip -> ``on_before_optimizer_step`` ->
+    ``optimizer.step`` -> ``on_after_step`` -> ``zero_grad``. ``step`` counts optimizer steps from 0. A hook
+    is built once per training run from the adapted model and the run's total number of optimizer steps.
     """
 
     def __init__(self, model: nn.Module, layers: list[AdaptedLayer], total_steps: int) -> None:
@@ -97,6 +97,10 @@ class Hook:
 
     def on_after_backward(self, step: int) -> None:
         """After all micro-batches' backward, before gradient clipping and the optimizer step."""
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """After gradient clipping (DP-SGD: after clipping and noise), just before ``optimizer.step()``: the
+        place for a rule that is part of the optimizer's update, such as a gradient preconditioner."""
 
     def on_after_step(self, step: int) -> None:
         """After ``optimizer.step()``, before gradients are zeroed (gradients are still readable)."""

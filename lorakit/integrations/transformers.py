@@ -8,12 +8,13 @@ hook at the same call points as lorakit's own loop, through :class:`LorakitCallb
     trainer.train()
 
 The callback maps Trainer events to hook call points: ``on_step_begin`` -> ``on_step_start``,
-``on_pre_optimizer_step`` -> ``on_after_backward``, ``on_optimizer_step`` (after ``optimizer.step``, before
-gradients are zeroed) -> ``on_after_step``. ``state.global_step`` is the optimizer-step index in all three.
+``on_pre_optimizer_step`` (after the Trainer's clipping, just before ``optimizer.step``) ->
+``on_before_optimizer_step``, ``on_optimizer_step`` (after ``optimizer.step``, before gradients are zeroed) ->
+``on_after_step``. ``state.global_step`` is the optimizer-step index in all of them.
 
 Two Trainer details differ from lorakit's loop and are corrected by :class:`LorakitTrainer`: the Trainer clips
-gradients *before* ``on_pre_optimizer_step``, so the trainer runs ``on_after_backward`` first, from its
-clipping step (LoRA-FA's preconditioned gradient is then clipped, as in the loop); and a task loss the model
+gradients *before* ``on_pre_optimizer_step``, so the trainer runs ``on_after_backward`` from its clipping
+step, before the clip (without clipping, ``on_pre_optimizer_step`` runs it first); and a task loss the model
 already normalised over all micro-batches of a step (``num_items_in_batch``) is not divided by the
 accumulation steps, so the extra loss is divided here and counts once per optimizer step.
 """
@@ -47,7 +48,9 @@ class LorakitCallback(TrainerCallback):
             hook.on_step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.after_backward(state.global_step)
+        self.after_backward(state.global_step)  # a no-op when the clipping step already ran it
+        for hook in self.hooks:
+            hook.on_before_optimizer_step(state.global_step)
 
     def after_backward(self, step: int) -> None:
         """``on_after_backward`` once per optimizer step (before clipping when run by LorakitTrainer)."""

@@ -192,6 +192,8 @@ def _dp_step(
         sum(extra).backward()
     for hook in hooks:
         hook.on_after_backward(step)
+    for hook in hooks:
+        hook.on_before_optimizer_step(step)
     optimizer.original_optimizer.step()
     return loss_sum / max(1, len(indices))
 

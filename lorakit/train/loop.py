@@ -4,7 +4,7 @@ The loop knows no variant by name: whatever a variant needs during training (Ada
 update, DyLoRA's rank) comes through :class:`lorakit.Hook` call points, in this order per optimizer step::
 
     on_step_start -> [forward, loss + extra_loss, backward] x grad_accum -> on_after_backward
-      -> clip -> optimizer.step -> on_after_step -> scheduler.step -> zero_grad
+      -> clip -> on_before_optimizer_step -> optimizer.step -> on_after_step -> scheduler.step -> zero_grad
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ def train(
             hook.on_after_backward(step)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        for hook in hooks:
+            hook.on_before_optimizer_step(step)
         optimizer.step()
         for hook in hooks:
             hook.on_after_step(step)

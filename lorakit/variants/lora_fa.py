@@ -9,10 +9,12 @@ With ``A`` frozen, :func:`~lorakit.core.lowrank.low_rank` keeps no input-sized t
 Linear and GPT-2 Conv1D layers, with dropout too (the mask is regenerated from a seed in backward).
 Convolutions and embeddings go through plain autograd.
 
-Optional v2 correction (``precondition=True``, as PEFT's ``create_lorafa_optimizer``): before the optimizer
-step ``g_B <- (1/s^2) g_B (A A^T)^+``. With ``g_B = s G A^T`` (``G`` the gradient of the full weight)
-this makes ``s dB A = G A^T (A A^T)^+ A``, the projection of ``G`` onto row(A): the closest step to full
-fine-tuning's that ``dW`` can take.
+Optional v2 correction (``precondition=True``, as PEFT's ``create_lorafa_optimizer``): just before the
+optimizer step, after gradient clipping, ``g_B <- (1/s^2) g_B (A A^T)^+``. With ``g_B = s G A^T`` (``G`` the
+gradient of the full weight) this makes ``s dB A = G A^T (A A^T)^+ A``, the projection of ``G`` onto row(A):
+the closest step to full fine-tuning's that ``dW`` can take. PEFT applies it inside the optimizer's ``step``,
+so a global clip sees the raw ``g_B``; the order matters because the correction changes the gradient's norm,
+from which the clip computes its one factor for all tensors.
 
 Step 0: ``B = 0``, so ``dW = 0`` and the model equals the base. ``A`` is random on every kind, embedding
 layers included (LoRA zeroes ``A`` there; a frozen zero ``A`` would never learn anything).
@@ -51,9 +53,9 @@ def precondition_grad(g_B: torch.Tensor, A: torch.Tensor, scale: float) -> torch
 
 
 class LoRAFAHook(Hook):
-    """Applies the optional v2 correction to every ``B`` gradient once per optimizer step, before clipping."""
+    """Applies the optional v2 correction to every ``B`` gradient once per optimizer step, after clipping."""
 
-    def on_after_backward(self, step: int) -> None:
+    def on_before_optimizer_step(self, step: int) -> None:
         with torch.no_grad():
             for layer in self.layers:
                 variant = layer.variant
