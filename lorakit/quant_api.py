@@ -1,14 +1,15 @@
 """Frozen linear layers stored in 4 bits: the base of QLoRA (Dettmers et al. 2023, arXiv:2305.14314).
 
->>> lorakit.quantize(model)               # every nn.Linear except the output head -> NF4Linear, in place
+>>> lorakit.quantize(model)               # every linear layer except the output head -> NF4Linear, in place
 >>> lorakit.apply(model, "lora", rank=8)  # any variant then trains on the 4-bit base
 
-Only ``nn.Linear`` layers are quantised (NF4, block size 64, double quantisation, see
-:mod:`lorakit.core.quant`); embeddings, norms, convolutions and output heads keep their precision, as in the
-paper. A quantised layer dequantises its weight to ``compute_dtype`` on every forward and never takes a
-gradient, so only adapters train. Merging an adapter into a 4-bit layer gives a dense layer (never
-re-quantised: that would lose the adapter's detail); :func:`dequantize` turns the remaining 4-bit layers back
-into dense ones, e.g. before saving a merged model.
+Only linear layers are quantised (NF4, block size 64, double quantisation, see :mod:`lorakit.core.quant`):
+``nn.Linear`` and GPT-2's ``Conv1D``, whose ``(in, out)`` weight is stored transposed as ``(out, in)`` (as
+bitsandbytes' integration in transformers does); embeddings, norms, convolutions and output heads keep their
+precision, as in the paper. A quantised layer dequantises its weight to ``compute_dtype`` on every forward
+and never takes a gradient, so only adapters train. Merging an adapter into a 4-bit layer gives a dense layer
+of the original type (never re-quantised: that would lose the adapter's detail); :func:`dequantize` turns the
+remaining 4-bit layers back into dense ones, e.g. before saving a merged model.
 
 An adapter's fingerprint covers the quantised weights, so an adapter trained on a 4-bit base loads onto a
 base quantised the same way: ``quantize(model)`` then ``lorakit.load(model, dir)`` (the CLI does this from
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.api import TargetError, _output_head_names, _set_module, find_targets
-from lorakit.core.kinds import ALL_KINDS, kind_of
+from lorakit.core.kinds import ALL_KINDS, MATRIX_KINDS, kind_of
 from lorakit.core.nf4_linear import NF4Linear
 
 QUANT_TYPES = ("nf4",)
@@ -50,9 +51,10 @@ def quantize(
     """Replace ``model``'s linear layers with 4-bit :class:`NF4Linear` layers in place; returns ``model``.
 
     ``targets`` selects layers as in :func:`lorakit.apply` (suffixes, a regex, ``"all-linear"``); the default
-    is every ``nn.Linear`` except the output head/classifier. For a Hugging Face model this also makes the
-    input embeddings' output require grad (as PEFT's ``prepare_model_for_kbit_training`` does), so adapters
-    still get gradients under reentrant gradient checkpointing.
+    is every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) except the output head/classifier. For a Hugging
+    Face model this also makes the input embeddings' output require grad (as PEFT's
+    ``prepare_model_for_kbit_training`` does), so adapters still get gradients under reentrant gradient
+    checkpointing.
     """
     check_quant_type(quant_type)
     dtype = compute_dtype_of(compute_dtype)
@@ -97,9 +99,10 @@ def quantize_targets(model: nn.Module, names: list[str], config: Any) -> None:
 
 
 def dequantize(model: nn.Module) -> nn.Module:
-    """Replace every :class:`NF4Linear` in ``model`` with a dense ``nn.Linear`` (original dtype), in place."""
+    """Replace every :class:`NF4Linear` in ``model`` with the dense layer it stands for (``nn.Linear`` or
+    GPT-2 ``Conv1D``, original dtype), in place."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
-        dense = layer.to_linear()
+        dense = layer.to_dense()
         dense.requires_grad_(False)
         dense.train(layer.training)
         _set_module(model, name, dense)
@@ -130,31 +133,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _select(model: nn.Module, targets: str | list[str] | None) -> list[str]:
-    """Names of the layers to quantise: the explicit ``targets``, or every nn.Linear outside the head."""
+    """Names of the layers to quantise: the explicit ``targets``, or every linear layer outside the head."""
     if targets is not None:
         names = find_targets(model, targets, ALL_KINDS)
         _check_layers(model, names)
         return names
     try:
-        found = find_targets(model, "all-linear", ALL_KINDS)
+        names = find_targets(model, "all-linear", ALL_KINDS)  # nn.Linear and GPT-2 Conv1D, head excluded
     except TargetError:
-        found = []
-    modules = dict(model.named_modules())
-    names = [n for n in found if isinstance(modules[n], nn.Linear | NF4Linear)]
+        names = []
     if not names:
         heads = sorted(_output_head_names(model))
         kept = f" (the output head {', '.join(heads[:3])} stays in full precision)" if heads else ""
         raise QuantizationError(
-            f"{type(model).__name__} has no nn.Linear layer to quantise{kept}; NF4 covers nn.Linear only "
-            "(GPT-2 Conv1D, convolutions and embeddings are left as they are): pass targets=[...] to choose"
+            f"{type(model).__name__} has no linear layer to quantise{kept}; NF4 covers nn.Linear and GPT-2 "
+            "Conv1D only (convolutions and embeddings are left as they are): pass targets=[...] to choose"
         )
     _check_layers(model, names)
     return names
 
 
 def _check_layers(model: nn.Module, names: list[str]) -> None:
-    """Every named layer must be a float, materialised, not yet quantised nn.Linear (checked before any
-    layer is replaced, so a failed call leaves the model as it was)."""
+    """Every named layer must be a float, materialised, not yet quantised nn.Linear or GPT-2 Conv1D (checked
+    before any layer is replaced, so a failed call leaves the model as it was)."""
     modules = dict(model.named_modules())
     done = [n for n in names if isinstance(modules[n], NF4Linear)]
     if done:
@@ -164,11 +165,11 @@ def _check_layers(model: nn.Module, names: list[str]) -> None:
         )
     for name in names:
         layer = modules[name]
-        if not isinstance(layer, nn.Linear):
-            kind = kind_of(layer)
+        kind = kind_of(layer)
+        if kind is None or kind.name not in MATRIX_KINDS:
             raise QuantizationError(
                 f"{name} is a {kind.name if kind else type(layer).__name__} layer; NF4 quantises nn.Linear "
-                "layers only: leave it out of targets"
+                "and GPT-2 Conv1D layers only: leave it out of targets"
             )
         weight = layer.weight
         if weight.dtype in (torch.uint8, torch.int8):

@@ -1,6 +1,7 @@
-"""The conformance properties on a 4-bit NF4 base (QLoRA): every registered variant that adapts linear layers.
+"""The conformance properties on a 4-bit NF4 base (QLoRA): every registered variant x every linear kind.
 
-Generated from the registry like tests/test_conformance.py, so a variant registered later joins. The base
+Generated from the registry like tests/test_conformance.py, so a variant registered later joins. The linear
+kinds are ``nn.Linear`` and GPT-2's ``Conv1D`` (quantised transposed, as ``(out, in)``). The base
 layer is quantised with ``lorakit.quantize`` computing in fp32, so "merge equals forward" can be checked as
 tightly as on a dense base; the default bf16 compute is checked on its own. A variant declaring
 ``writes_base = True`` would need a dense base and is skipped.
@@ -20,7 +21,9 @@ from variant_cases import case_config
 import lorakit
 from lorakit.core.nf4_linear import NF4Linear
 
-CASES = [name for name, cls in lorakit.VARIANTS.items() if "linear" in cls.kinds]
+LINEAR_KINDS = ("linear", "conv1d_gpt2")
+CASES = [(n, k) for n, cls in lorakit.VARIANTS.items() for k in LINEAR_KINDS if k in cls.kinds]
+IDS = [f"{n}-{k}" for n, k in CASES]
 
 
 def _skip_writers(name: str) -> None:
@@ -37,17 +40,22 @@ def config_4bit(name: str, compute_dtype: torch.dtype = torch.float32, **overrid
 
 
 def quantized_case(
-    seed: int = 0, compute_dtype: torch.dtype = torch.float32
+    kind: str = "linear", seed: int = 0, compute_dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, torch.Tensor]:
-    model, x = make_case("linear", seed)
+    model, x = make_case(kind, seed)
     lorakit.quantize(model, compute_dtype=compute_dtype, targets=["layer"])
-    assert isinstance(model.layer, NF4Linear)
+    assert isinstance(model.layer, NF4Linear) and model.layer.lorakit_kind == kind
     return model, x
 
 
-def adapted(name: str, compute_dtype: torch.dtype = torch.float32, **overrides: object):
+def dense_type(kind: str) -> type[nn.Module]:
+    """The layer type a merge or dequantisation must give back."""
+    return type(make_case(kind)[0].layer)
+
+
+def adapted(name: str, kind: str = "linear", compute_dtype: torch.dtype = torch.float32, **overrides: object):
     _skip_writers(name)
-    model, x = quantized_case(compute_dtype=compute_dtype)
+    model, x = quantized_case(kind, compute_dtype=compute_dtype)
     model.eval()
     with torch.no_grad():
         base_out = model(x)
@@ -64,17 +72,17 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_identity_at_init_is_exact(name: str) -> None:
-    model, x, base_out = adapted(name)
-    assert isinstance(model.layer.base_layer, NF4Linear)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_identity_at_init_is_exact(name: str, kind: str) -> None:
+    model, x, base_out = adapted(name, kind)
+    assert isinstance(model.layer.base_layer, NF4Linear) and model.layer.kind.name == kind
     with torch.no_grad():
         assert torch.equal(model(x), base_out)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_disabled_is_the_4bit_base_and_merge_gives_a_dense_layer(name: str) -> None:
-    model, x, base_out = adapted(name)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_disabled_is_the_4bit_base_and_merge_gives_a_dense_layer(name: str, kind: str) -> None:
+    model, x, base_out = adapted(name, kind)
     perturb(model)
     layer = model.layer
     w0 = layer.base_layer.dequantized_weight(torch.float32)
@@ -85,21 +93,21 @@ def test_disabled_is_the_4bit_base_and_merge_gives_a_dense_layer(name: str) -> N
             assert torch.equal(model(x), base_out)
         lorakit.merge(model, unload=False)
         # Merging dequantises: the layer is dense and holds W0 + dW, never a re-quantised weight.
-        assert type(layer.base_layer) is nn.Linear and not layer.base_layer.weight.requires_grad
+        assert type(layer.base_layer) is dense_type(kind) and not layer.base_layer.weight.requires_grad
         assert not torch.equal(layer.base_layer.weight, w0)
         torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
         lorakit.unmerge(model)
-        assert type(layer.base_layer) is nn.Linear
+        assert type(layer.base_layer) is dense_type(kind)
         torch.testing.assert_close(layer.base_layer.weight, w0, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
         plain = lorakit.merge(model)
-        assert type(plain.layer) is nn.Linear
+        assert type(plain.layer) is dense_type(kind)
         torch.testing.assert_close(plain(x), out, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_every_trainable_gets_a_gradient_and_the_base_none(name: str) -> None:
-    model, x, _ = adapted(name)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_every_trainable_gets_a_gradient_and_the_base_none(name: str, kind: str) -> None:
+    model, x, _ = adapted(name, kind)
     perturb(model)
     model.train()
     before = stored(model)
@@ -113,12 +121,12 @@ def test_every_trainable_gets_a_gradient_and_the_base_none(name: str) -> None:
     assert_same(stored(model), before)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_save_load_round_trip_is_exact(name: str, tmp_path) -> None:
-    model, x, _ = adapted(name)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_save_load_round_trip_is_exact(name: str, kind: str, tmp_path) -> None:
+    model, x, _ = adapted(name, kind)
     perturb(model)
     lorakit.save(model, tmp_path / "adapter")
-    fresh, _ = quantized_case()
+    fresh, _ = quantized_case(kind)
     lorakit.load(fresh, tmp_path / "adapter")
     model.eval(), fresh.eval()
     with torch.no_grad():
@@ -147,9 +155,9 @@ def train_steps(model: nn.Module, x: torch.Tensor, steps: int) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_training_with_hooks_never_writes_the_4bit_base(name: str) -> None:
-    model, x, base_out = adapted(name)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_training_with_hooks_never_writes_the_4bit_base(name: str, kind: str) -> None:
+    model, x, base_out = adapted(name, kind)
     before = stored(model)
     train_steps(model, x, 8)  # AdaLoRA's case masks within 8 steps
     assert_same(stored(model), before)
@@ -172,9 +180,9 @@ def test_delta_lora_past_its_start_step_keeps_the_packed_bytes() -> None:
     torch.testing.assert_close(variant.delta_weight(), s * ba + lam * s * (ba - ba_k))
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_bf16_compute(name: str) -> None:
-    model, x, base_out = adapted(name, compute_dtype=torch.bfloat16)
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_bf16_compute(name: str, kind: str) -> None:
+    model, x, base_out = adapted(name, kind, compute_dtype=torch.bfloat16)
     perturb(model)
     model.train()
     out = model(x)

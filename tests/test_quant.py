@@ -363,3 +363,32 @@ def test_inconsistent_nf4tensor_is_rejected() -> None:
         NF4Tensor(q.packed, torch.ones(1), q.absmax_codes, None, None, q.shape, q.dtype)
     with pytest.raises(ValueError, match="either `absmax` or all of"):
         NF4Tensor(q.packed, None, q.absmax_codes, None, q.offset, q.shape, q.dtype)
+
+
+def test_nf4linear_from_gpt2_conv1d_quantises_the_transposed_weight() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.core.kinds import kind_of
+
+    torch.manual_seed(0)
+    conv = Conv1D(96, 128)  # nf = out, nx = in: weight stored (in, out)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    layer = NF4Linear.from_linear(conv, compute_dtype=torch.float32)
+    ref = quantize_nf4(conv.weight.t().contiguous())  # (out, in), as bitsandbytes' transformers integration
+    assert torch.equal(layer.weight_packed, ref.packed) and torch.equal(
+        layer.weight_absmax_codes, ref.absmax_codes
+    )
+    assert (layer.out_features, layer.in_features) == (96, 128) and kind_of(layer).name == "conv1d_gpt2"
+    deq = layer.dequantized_weight(torch.float32)
+    assert deq.shape == conv.weight.shape and torch.equal(deq.t(), ref.dequantize(torch.float32))
+    x = torch.randn(3, 5, 128)
+    dense = Conv1D(96, 128)
+    with torch.no_grad():
+        dense.weight.copy_(deq)
+        dense.bias.copy_(conv.bias)
+        torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+        back = layer.to_dense()
+        assert type(back) is Conv1D and torch.equal(back.weight, deq) and torch.equal(back.bias, conv.bias)
+        torch.testing.assert_close(back(x), layer(x), atol=1e-5, rtol=1e-5)

@@ -31,6 +31,20 @@ def test_default_quantises_every_linear_but_the_head() -> None:
     assert not any("weight" in n for n, _ in model.named_parameters() if "layers" in n and "proj" in n)
 
 
+def test_default_quantises_gpt2_conv1d_transposed_but_not_the_head() -> None:
+    model = tiny_gpt2()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    lorakit.quantize(model)
+    quantised = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert sorted(quantised) == sorted(dense) and len(quantised) == 8  # c_attn, c_proj, c_fc, mlp.c_proj x 2
+    assert type(model.lm_head) is nn.Linear
+    for name, layer in quantised.items():  # stored as (out, in), like bitsandbytes' transformers integration
+        assert torch.equal(layer.weight_packed, quantize_nf4(dense[name].t()).packed)
+    dequantize(model)
+    assert all(type(model.get_submodule(n)).__name__ == "Conv1D" for n in dense)
+    assert {n: model.get_submodule(n).weight.shape for n in dense} == {n: w.shape for n, w in dense.items()}
+
+
 def test_options_and_explicit_targets() -> None:
     model = lorakit.quantize(tiny_llama(), compute_dtype="float16", double_quant=False, targets=["q_proj"])
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
@@ -57,11 +71,10 @@ def test_quantised_model_runs_close_to_the_dense_one() -> None:
             "already NF4-quantised .* quantize runs once",
         ),
         (lambda: lorakit.quantize(tiny_llama().double()), r"torch.float64 weight.*model.float\(\)"),
-        (lambda: lorakit.quantize(tiny_gpt2()), "no nn.Linear layer to quantise .*lm_head.*Conv1D"),
-        (lambda: lorakit.quantize(nn.Sequential(nn.Conv1d(2, 2, 1))), "no nn.Linear layer to quantise"),
+        (lambda: lorakit.quantize(nn.Sequential(nn.Conv1d(2, 2, 1))), "no linear layer to quantise"),
         (
-            lambda: lorakit.quantize(tiny_gpt2(), targets=["c_attn"]),
-            "conv1d_gpt2 layer; NF4 quantises nn.Linear",
+            lambda: lorakit.quantize(tiny_gpt2(), targets=["wte"]),
+            "embedding layer; NF4 quantises nn.Linear and GPT-2 Conv1D",
         ),
         (lambda: lorakit.quantize(lorakit.apply(tiny_llama(), "lora")), "quantise the base first"),
     ],

@@ -57,7 +57,7 @@ class LayerKind:
 
     def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
         """``(out, in)`` of the 2-D view, without touching (possibly quantised) weight data."""
-        if self.name == "linear":
+        if self.name == "linear" or _quantized(layer):  # a 4-bit layer has no .weight; it states its shape
             return int(layer.out_features), int(layer.in_features)
         w = layer.weight
         if self.name == "conv1d_gpt2" or self.name == "embedding":
@@ -100,9 +100,14 @@ class LayerKind:
 
 
 def _base_weight(layer: nn.Module) -> Tensor:
-    # Quantised layers expose a dequantised view; plain layers their weight.
+    # Quantised layers expose a dequantised view (in the layout of the layer they replace); plain layers
+    # their weight.
     getter: Callable[[], Tensor] | None = getattr(layer, "dequantized_weight", None)
     return getter() if getter is not None else layer.weight
+
+
+def _quantized(layer: nn.Module) -> bool:
+    return callable(getattr(layer, "dequantized_weight", None))
 
 
 def _embed(layer: nn.Module, x: Tensor, table: Tensor) -> Tensor:
@@ -127,9 +132,10 @@ def _is_gpt2_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
 
 
+# A layer that stands in for another (a 4-bit NF4 layer) names the kind it replaces in ``lorakit_kind``.
 _MATCHERS: dict[str, Callable[[nn.Module], bool]] = {
     "linear": lambda m: isinstance(m, nn.Linear) or getattr(m, "lorakit_kind", None) == "linear",
-    "conv1d_gpt2": _is_gpt2_conv1d,
+    "conv1d_gpt2": lambda m: _is_gpt2_conv1d(m) or getattr(m, "lorakit_kind", None) == "conv1d_gpt2",
     "conv1d": lambda m: isinstance(m, nn.Conv1d),
     "conv2d": lambda m: isinstance(m, nn.Conv2d),
     "conv3d": lambda m: isinstance(m, nn.Conv3d),

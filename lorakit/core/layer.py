@@ -66,7 +66,7 @@ class AdaptedLayer(nn.Module):
         """Fold the adapter into the base weight in place (a quantised base is dequantised first)."""
         if self.merged:
             return
-        to_dense = getattr(self.base_layer, "to_linear", None)
+        to_dense = getattr(self.base_layer, "to_dense", None)
         if to_dense is not None:
             # Re-quantising would lose the adapter's detail: merging into a 4-bit base gives a dense layer.
             self.base_layer = to_dense()

@@ -4,6 +4,8 @@ Eq. 5: ``Y = X doubleDequant(c1, c2, W_NF4) + s X L1 L2``, i.e. ``y = W0' x + b0
 with ``W0'`` the base weight stored in NF4 (blocks of 64, absmax scales double-quantised to 8 bits in
 blocks of 256) and dequantised to the compute dtype (bf16) on every forward; ``A (r, d_in)``,
 ``B (d_out, r)``, ``s = alpha / r``. Gradients flow through the 4-bit weight to the input, never into it.
+"Linear layers" are ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x W + b``, ``W`` stored ``(in, out)``), whose
+weight is quantised transposed, as ``(out, in)``, as bitsandbytes' integration in transformers does.
 
 The 4-bit base is part of the variant: :func:`lorakit.apply` reads ``base_quantization`` from the config
 and quantises the target layers (:func:`lorakit.quant_api.quantize_targets`) before wrapping them, so the
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.core.kinds import MATRIX_KINDS
 from lorakit.core.variant import require
 from lorakit.variants.lora import LoRA, LoRAConfig
 
@@ -70,5 +73,5 @@ class QLoRA(LoRA):
     config_class = QLoRAConfig
     summary = "LoRA on every linear layer of a 4-bit NF4 base (double-quantised scales, bf16 compute)"
     paper = "arXiv:2305.14314"
-    # NF4 stores nn.Linear weights; other layer kinds stay in full precision and are not adapted.
-    kinds = frozenset({"linear"})
+    # NF4 stores linear weights (nn.Linear, GPT-2 Conv1D transposed); other kinds are not adapted.
+    kinds = MATRIX_KINDS
