@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
+from torch import nn
 
 import lorakit
 from lorakit.train.loop import TrainConfig, train
@@ -28,10 +32,19 @@ def test_lora_trains_merges_and_reloads_a_causal_lm(build, tmp_path) -> None:
         logits = model(ids).logits
     assert after < before - 0.25, (before, after)
     assert result.steps == 30 and len(result.losses) == 30
+    merged = assert_reloads_then_merges(model, build, ids, logits, tmp_path)
+    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in merged.modules())
+
+
+def assert_reloads_then_merges(
+    model: nn.Module, build: Callable[[], nn.Module], ids: torch.Tensor, logits: torch.Tensor, tmp_path: Path
+) -> nn.Module:
+    """Saved and loaded onto a fresh ``build()`` the adapter gives ``logits`` exactly; merged, within 1e-4.
+    Returns the merged plain model."""
     lorakit.save(model, tmp_path / "adapter")
     reloaded = lorakit.load(build(), tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
         merged = lorakit.merge(model)
         torch.testing.assert_close(merged(ids).logits, logits, atol=1e-4, rtol=1e-4)
-    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in merged.modules())
+    return merged

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
+from test_causal_lm import assert_reloads_then_merges
 from torch import nn
 
 import lorakit
@@ -162,12 +163,7 @@ def test_gpt2_conv1d_end_to_end(tmp_path) -> None:
         reference = _gpt2_reference(tiny_gpt2(), model).eval()
         torch.testing.assert_close(logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
     assert after < before - 0.25, (before, after)
-    lorakit.save(model, tmp_path / "adapter")
-    reloaded = lorakit.load(tiny_gpt2(), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
-        merged = lorakit.merge(model)
-        torch.testing.assert_close(merged(ids).logits, logits, atol=1e-4, rtol=1e-4)
+    merged = assert_reloads_then_merges(model, tiny_gpt2, ids, logits, tmp_path)
     # The merged model is a plain GPT-2 again: Conv1D layers in their own (in, out) layout.
     plain = tiny_gpt2()
     shapes = {k: v.shape for k, v in plain.state_dict().items()}
