@@ -32,7 +32,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")
     result = run_job(job)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-    print(f"done: {metrics or 'no evaluation data'}; final train loss {result.final_loss:.4f}")
+    loss = "not released (DP)" if job.privacy.dp else f"{result.final_loss:.4f}"
+    print(f"done: {metrics or 'no evaluation data'}; final train loss {loss}")
     print(f"trainable parameters {result.trainable:,} of {result.total:,}; {result.seconds:.1f} s training")
     for key, value in result.extra.items():
         if isinstance(value, list):  # what a staged variant decided, e.g. LoRA-drop's kept modules

@@ -157,7 +157,7 @@ def test_clipping_bounds_every_clients_contribution() -> None:
         v = flat(r.update)
         expected += v * min(1.0, 0.5 / float(v.norm()))
     torch.testing.assert_close(flat(result.update) * 4, expected)  # sum of clipped updates / expected C
-    assert result.clipped == 2 and result.used == 3
+    assert result.used == 3 and float(flat(replies[2].update).norm()) > 0.5  # clipping really happened
     for r in replies:  # alone, any client moves the model by at most S / C
         alone = agg.aggregate([r], SHAPES)
         assert float(flat(alone.update).norm()) <= 0.5 / 4 + 1e-6
@@ -308,10 +308,9 @@ def test_a_nan_update_is_dropped_and_the_round_goes_on(tiny_bert_dir, tmp_path, 
             poisoned.append(msg.metadata.src_node_id)
         return msg
 
-    result, _ = run_local(
-        tiny_cfg(tiny_bert_dir, tmp_path, rounds=2, clip_norm=1.0, noise_multiplier=0.5), tamper
-    )
-    assert result.rounds[0]["dropped"] == 1 and result.rounds[0]["used"] == 2 and len(result.rounds) == 2
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=2, cohort=4, clip_norm=1.0, noise_multiplier=0.5)
+    result, _ = run_local(cfg, tamper)  # q = 1: every client in every round
+    assert result.rounds[0]["dropped"] == 1 and result.rounds[0]["used"] == 3 and len(result.rounds) == 2
     assert f"dropped the update of client {poisoned[0]}" in capsys.readouterr().out
     state = _saved_tensors(tmp_path / "fed")  # the dropped NaN never reached the global adapter
     assert state and all(torch.isfinite(t).all() for t in state.values())
@@ -325,7 +324,13 @@ def _saved_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_a_dp_run_reports_epsilon_each_round_and_stops_at_the_target(tiny_bert_dir, tmp_path, capsys) -> None:
     cfg = tiny_cfg(
-        tiny_bert_dir, tmp_path, rounds=10, clip_norm=0.5, noise_multiplier=1.0, target_epsilon=6.0
+        tiny_bert_dir,
+        tmp_path,
+        rounds=10,
+        sampling="poisson",
+        clip_norm=0.5,
+        noise_multiplier=1.0,
+        target_epsilon=6.0,
     )
     result, _ = run_local(cfg)
     eps = [entry["epsilon"] for entry in result.rounds]
@@ -338,6 +343,119 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_the_target(tiny_bert_d
     out = capsys.readouterr().out
     assert f"stopped before round {len(eps) + 1}" in out and "epsilon" in out and result.stopped
     assert result.epsilon == pytest.approx(eps[-1]) and "accuracy" in result.rounds[-1]
+    assert "Poisson-sampled at q = C/N = 0.75 and accounted as such" in out
+
+
+def test_a_fixed_cohort_or_client_evaluation_under_dp_is_refused_with_the_fix() -> None:
+    with pytest.raises(PrivacyError, match="sampling without replacement.*sampling='poisson'"):
+        FedConfig(clients=10, cohort=4, sampling="fixed", clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(PrivacyError, match="sampling without replacement"):
+        FedConfig(clients=10, cohort=4, sampling="fixed", clip_norm=1.0, target_epsilon=3.0)
+    assert FedConfig(clients=4, cohort=4, sampling="fixed", clip_norm=1.0, noise_multiplier=1.0).accounted
+    assert not FedConfig(clients=10, cohort=4, sampling="fixed").private  # plain FedAvg: no accounting
+    with pytest.raises(PrivacyError, match="eval_data='clients'.*without noise"):
+        FedConfig(clip_norm=1.0, noise_multiplier=1.0, eval_data="clients")
+
+
+def dp_round_cfg(tiny_bert_dir, tmp_path, insecure: bool) -> FedConfig:
+    """Two rounds of DP-FedAvg on LoRA (whole tensors every round), every client every round (q = 1)."""
+    return tiny_cfg(
+        tiny_bert_dir,
+        tmp_path,
+        variant="lora",
+        options="",
+        rounds=2,
+        cohort=4,
+        sampling="poisson",
+        clip_norm=0.01,
+        noise_multiplier=1.0,
+        dp_insecure_seed=insecure,
+        output_dir=str(tmp_path / ("insecure" if insecure else "secure")),
+    )
+
+
+def run_and_listen(cfg: FedConfig):
+    """Run ``cfg``; returns the result, the grid (what was sent) and every reply as the server got it."""
+    replies: list[dict] = []
+
+    def listen(msg):
+        if not msg.has_error() and "update" in msg.content:
+            replies.append(
+                {
+                    "update": msg.content["update"].to_torch_state_dict(),
+                    "metrics": dict(msg.content["metrics"]),
+                }
+            )
+        return msg
+
+    if cfg.dp_insecure_seed:
+        with pytest.warns(UserWarning, match="NOT a guarantee"):
+            result, grid = run_local(cfg, listen)
+    else:
+        result, grid = run_local(cfg, listen)
+    return result, grid, replies
+
+
+@pytest.mark.parametrize("insecure", [True, False])
+def test_a_client_recovers_the_sum_of_clipped_updates_only_with_the_insecure_seed(
+    tiny_bert_dir, tmp_path, insecure: bool
+) -> None:
+    """The attack: a client holds the global adapter before and after round 1 (its round-1 and round-2
+    messages) and the run's seed (run config, metrics.json); it regenerates round 1's noise as the code
+    draws it and subtracts it from the aggregate."""
+    from lorakit.privacy.randomness import NOISE_STREAM, derived_seed, gaussian_noise
+
+    cfg = dp_round_cfg(tiny_bert_dir, tmp_path, insecure)
+    result, grid, replies = run_and_listen(cfg)
+    node = grid.sent[0].metadata.dst_node_id
+    before, after = (
+        next(
+            m.content["adapter"].to_torch_state_dict()
+            for m in grid.sent
+            if m.metadata.group_id == str(rnd) and m.metadata.dst_node_id == node
+        )
+        for rnd in (1, 2)
+    )
+    seed = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["config"]["seed"]
+    generator = torch.Generator().manual_seed(derived_seed(seed, NOISE_STREAM))
+    noise = {n: gaussian_noise(t.shape, 1.0 * 0.01, generator) for n, t in before.items()}
+    recovered = {n: (after[n] - before[n]) / cfg.server_lr * cfg.cohort - noise[n] for n in before}
+    truth = {n: torch.zeros_like(t) for n, t in before.items()}
+    for r in replies[: cfg.clients]:  # round 1: the exact sum of clipped updates
+        norm = float(torch.cat([t.reshape(-1) for t in r["update"].values()]).norm())
+        assert norm > 0.01  # every update is clipped
+        for n in truth:
+            truth[n] += r["update"][n] * (0.01 / norm)
+    error = float(torch.cat([(recovered[n] - truth[n]).reshape(-1) for n in truth]).norm())
+    scale = float(torch.cat([t.reshape(-1) for t in truth.values()]).norm())
+    noise_norm = float(torch.cat([t.reshape(-1) for t in noise.values()]).norm())
+    assert noise_norm > 10 * scale  # the noise hides the sum ...
+    if insecure:
+        assert error < 0.01 * scale  # ... unless it can be regenerated from the seed
+        assert result.privacy["private"] is False
+    else:
+        assert error > 0.5 * noise_norm
+        assert result.privacy["private"] is True
+    adapter = json.loads((Path(cfg.output_dir) / "adapter.json").read_text())
+    assert adapter["privacy"]["private"] is result.privacy["private"]
+
+
+def test_under_dp_no_per_client_statistic_reaches_the_server_or_the_files(
+    tiny_bert_dir, tmp_path, capsys
+) -> None:
+    cfg = dp_round_cfg(tiny_bert_dir, tmp_path, insecure=False)
+    result, _, replies = run_and_listen(cfg)
+    assert len(replies) == 8 and all(r["metrics"] == {} for r in replies)  # only the update leaves a client
+    released = {"round", "rank", "cohort", "used", "dropped", "epsilon", "accuracy", "loss", "seconds"}
+    assert all(set(entry) <= released for entry in result.rounds)
+    saved = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    assert all("train_loss" not in entry and "clipped" not in entry for entry in saved["rounds"])
+    out = capsys.readouterr().out
+    assert "not released: per-client training losses, example counts" in out and "train_loss" not in out
+    plain, _, plain_replies = run_and_listen(
+        tiny_cfg(tiny_bert_dir, tmp_path, variant="lora", options="", rounds=1, cohort=4)
+    )
+    assert plain_replies[0]["metrics"]["train_loss"] > 0 and plain.rounds[0]["train_loss"] > 0  # without DP
 
 
 def test_federated_lora_without_noise_beats_the_base_model(tmp_path) -> None:

@@ -119,7 +119,7 @@ def test_step_is_clipped_sum_plus_calibrated_noise_over_expected_batch(tiny_bert
     capture = Capture(model)
     clip, cfg = 0.05, TrainConfig(steps=1, batch_size=20, lr=1e-4, progress=False, seed=1)
     train_dp(model, data, cfg, DPConfig(dp=True, noise_multiplier=sigma, max_grad_norm=clip), hooks=[capture])
-    (batch,) = data.seen
+    batch = [i for chunk in data.seen for i in chunk]  # one Poisson sample, in physical chunks of 20
     start.train()
     params = [p for p in start.parameters() if p.requires_grad]
     clipped = [torch.zeros_like(p) for p in params]
@@ -142,6 +142,76 @@ def test_step_is_clipped_sum_plus_calibrated_noise_over_expected_batch(tiny_bert
         assert noise.numel() > 1000
         assert abs(float(noise.std()) / (sigma * clip) - 1) < 0.05
         assert abs(float(noise.mean())) < 0.05 * sigma * clip
+
+
+def clipped_sum(model, data: D.TokenizedData, indices: list[int], clip: float) -> dict[str, torch.Tensor]:
+    """An independent sum of per-example gradients clipped to ``clip``, by name."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in named.items()}
+    for i in indices:
+        grads = torch.autograd.grad(per_example_loss(model, data.batch([i])).sum(), list(named.values()))
+        norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        for n, g in zip(named, grads, strict=True):
+            total[n] += g * min(1.0, clip / (norm + 1e-6))
+    return total
+
+
+def private_step(tiny_bert_dir, insecure: bool, seed: int = 7):
+    """One DP-SGD step over every example (q = 1) of 32; returns the model before, the data and the
+    privatised gradient by name."""
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
+    data = demo_data(tokenizer, 32)
+    start = copy.deepcopy(model)
+    names = {p: n for n, p in model.named_parameters()}
+    capture = Capture(model)
+    cfg = TrainConfig(steps=1, batch_size=32, lr=1e-4, progress=False, seed=seed)
+    dp = DPConfig(dp=True, noise_multiplier=2.0, max_grad_norm=0.05, dp_insecure_seed=insecure)
+    train_dp(model, data, cfg, dp, hooks=[capture])
+    trained = [names[p] for p in model.parameters() if p.requires_grad]
+    return start, data, cfg, dict(zip(trained, capture.grads[0], strict=True))
+
+
+def test_secure_runs_with_the_same_seed_draw_different_noise(tiny_bert_dir) -> None:
+    _, _, _, first = private_step(tiny_bert_dir, insecure=False)
+    _, _, _, second = private_step(tiny_bert_dir, insecure=False)
+    diff = max(float((first[n] - second[n]).abs().max()) for n in first)
+    assert diff > 2.0 * 0.05 / 32  # of the order of the noise std over the batch, not of rounding
+    with pytest.warns(UserWarning, match="NOT a guarantee"):
+        _, _, _, again = private_step(tiny_bert_dir, insecure=True)
+    with pytest.warns(UserWarning, match="NOT a guarantee"):
+        _, _, _, repeat = private_step(tiny_bert_dir, insecure=True)
+    assert all(torch.equal(again[n], repeat[n]) for n in again)  # the insecure mode is reproducible
+
+
+@pytest.mark.parametrize("insecure", [True, False])
+def test_noise_regenerated_from_the_recorded_seed_recovers_the_clipped_sum_only_when_insecure(
+    tiny_bert_dir, insecure: bool
+) -> None:
+    """The attack: with the seed that job.json records, regenerate DP-SGD's noise as the code draws it
+    (Opacus' secure-mode Gaussian, one call per tensor in the optimizer's order) and subtract it."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    from lorakit.privacy.randomness import NOISE_STREAM, derived_seed
+    from lorakit.train.loop import make_optimizer
+
+    if insecure:
+        with pytest.warns(UserWarning, match="NOT a guarantee"):
+            start, data, cfg, grads = private_step(tiny_bert_dir, insecure)
+    else:
+        start, data, cfg, grads = private_step(tiny_bert_dir, insecure)
+    start.train()
+    truth = clipped_sum(start, data, list(range(32)), 0.05)
+    names = {p: n for n, p in start.named_parameters()}
+    order = [names[p] for g in make_optimizer(start, cfg).param_groups for p in g["params"]]
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, NOISE_STREAM))
+    noise = {n: _generate_noise(2.0 * 0.05, grads[n], generator, secure_mode=True) for n in order}
+    error = torch.cat([(grads[n] * 32 - noise[n] - truth[n]).reshape(-1) for n in order]).norm()
+    scale = torch.cat([t.reshape(-1) for t in truth.values()]).norm()
+    if insecure:
+        assert error < 1e-3 * scale  # the exact sum of clipped gradients is exposed
+    else:
+        noise_norm = torch.cat([t.reshape(-1) for t in noise.values()]).norm()
+        assert error > 0.5 * noise_norm and error > 2 * scale  # what is left: the run's unknown noise
 
 
 def test_epsilon_grows_every_step_and_training_stops_before_the_target(tiny_bert_dir) -> None:
@@ -168,6 +238,7 @@ def test_target_epsilon_chooses_the_noise_that_spends_it(tiny_bert_dir) -> None:
     assert result.steps == 6 and result.stopped is None
     assert result.noise_multiplier == pytest.approx(noise_for_budget(4.0, 1e-3, 16 / 128, 6, "prv"))
     assert 3.9 <= result.epsilon <= 4.0
+    assert result.losses == [] and math.isnan(result.final_loss)  # no unnoised statistic of the data leaves
 
 
 def closed_form_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
@@ -239,11 +310,24 @@ def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys)
         "0",
     ]
     args += ["--steps", "4", "--batch-size", "16", "--no-progress", "--output-dir", str(run)]
-    assert main([*args, "--dp", "--target-epsilon", "3", "--delta", "1e-4", "--max-grad-norm", "0.5"]) == 0
-    extra = json.loads((run / "metrics.json").read_text())["extra"]
+    dp = ["--dp", "--target-epsilon", "3", "--delta", "1e-4", "--max-grad-norm", "0.5"]
+    assert main([*args, *dp]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    extra = saved["extra"]
     assert 2.9 <= extra["epsilon"] <= 3.0 and extra["delta"] == 1e-4 and extra["max_grad_norm"] == 0.5
+    assert extra["private"] is True and "os.urandom" in extra["randomness"]
+    assert math.isnan(saved["final_loss"])  # the training loss is a statistic of the private data
+    assert "final train loss not released" in capsys.readouterr().out
+    assert "training losses" in extra["not_released"]
+    adapter = json.loads((run / "adapter.json").read_text())
+    assert adapter["privacy"]["private"] is True and adapter["privacy"]["epsilon"] == extra["epsilon"]
     assert json.loads((run / "job.json").read_text())["privacy"]["dp"] is True
     assert main(["eval", "--adapter", str(run)]) == 0  # job.json with a privacy section loads back
+    with pytest.warns(UserWarning, match="NOT a guarantee"):
+        assert main([*args, *dp, "--overwrite", "--dp-insecure-seed"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["extra"]["private"] is False
+    assert json.loads((run / "adapter.json").read_text())["privacy"]["private"] is False
+    assert json.loads((run / "job.json").read_text())["privacy"]["dp_insecure_seed"] is True
     capsys.readouterr()
     assert main([*args, "--overwrite", "--dp", "--delta", "2"]) == 2
     assert "delta must be in (0, 1)" in capsys.readouterr().err

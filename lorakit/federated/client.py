@@ -2,7 +2,8 @@
 
 A client receives the round's part of the global adapter (the rank-``b_t`` slices for DP-DyLoRA) and
 ``b_t``, fixes that rank with ``set_rank`` (the variant's hook then never resamples), trains ``local_steps``
-steps on its own partition with the ordinary training loop, and returns only the change of that part. The
+steps on its own partition with the ordinary training loop, and returns only the change of that part (with
+DP, nothing else: no loss, no example count). The
 model and the partition are prepared once per process and reused across rounds and across the clients a
 simulation worker plays.
 """
@@ -154,11 +155,11 @@ def make_client_app(cfg: FedConfig | None = None) -> Any:
         values = msg.content["adapter"].to_torch_state_dict()
         pid, parts = partition_of(context, c)
         update, examples, metrics = train_round(c, pid, parts, values, rank, int(conf["round"]))
+        # Under DP only the update leaves (the server clips and noises it); the loss and the example count are
+        # statistics of this client's data that the accountant does not cover.
+        released = {} if c.private else {"num-examples": examples, **metrics}
         content = records.RecordDict(
-            {
-                "update": records.ArrayRecord(update),
-                "metrics": records.MetricRecord({"num-examples": examples, **metrics}),
-            }
+            {"update": records.ArrayRecord(update), "metrics": records.MetricRecord(released)}
         )
         return records.Message(content, reply_to=msg)
 

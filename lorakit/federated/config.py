@@ -42,7 +42,7 @@ class FedConfig:
     clients: int = 10  # N: clients (partitions of the data)
     rounds: int = 5  # federated rounds
     cohort: int = 5  # C: expected clients per round
-    sampling: str = "poisson"  # poisson (each client joins with q = C/N) | fixed (exactly C clients)
+    sampling: str = "poisson"  # poisson (each joins with q = C/N) | fixed (exactly C; with DP only C = N)
     partition: str = "iid"  # iid | label-skew (Dirichlet label proportions per client)
     skew: float = 0.5  # Dirichlet concentration for label-skew (smaller: more skewed)
     local_steps: int = 10  # E: local optimizer steps per round on a client
@@ -54,7 +54,8 @@ class FedConfig:
     target_epsilon: float = 0.0  # stop before exceeding it (0: none); sets sigma when noise_multiplier is 0
     delta: float = 1e-5  # delta of client-level (epsilon, delta)-DP; keep it below 1/clients
     accountant: str = "rdp"  # rdp | prv
-    seed: int = 0  # seeds partitions, cohorts, ranks, noise and local training
+    seed: int = 0  # seeds partitions, ranks and local training (never the DP noise or cohort)
+    dp_insecure_seed: bool = False  # NOT private, tests only: derive DP noise and cohorts from the seed
     eval_every: int = 1  # evaluate on the server every N rounds (0: only at the end)
     round_timeout: float = 600.0  # seconds to wait for a round's replies
     output_dir: str = "runs/federated"  # adapter, metrics.json (per-round history)
@@ -89,12 +90,29 @@ class FedConfig:
             check_epsilon(self.target_epsilon)
         if (self.noise_multiplier > 0 or self.target_epsilon) and not self.clip_norm > 0:
             raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")
+        if self.accounted and self.sampling == "fixed" and self.cohort < self.clients:
+            raise PrivacyError(
+                f"a fixed cohort of {self.cohort} of {self.clients} clients is sampling without "
+                "replacement, which the accountant (Poisson subsampling at q = C/N) does not cover: use "
+                "sampling='poisson' (the default) or cohort = clients"
+            )
+        if self.private and self.eval_data == "clients":
+            raise PrivacyError(
+                "eval_data='clients' returns each client's accuracy and loss on its own data without noise, "
+                "which client-level DP does not cover: give the server evaluation data (eval_data=PATH) or "
+                "run without clip_norm"
+            )
         self.variant_options()  # fail early on malformed JSON
 
     @property
     def private(self) -> bool:
         """DP-FedAvg aggregation (clip, noise, divide by the expected cohort) instead of plain FedAvg."""
         return self.clip_norm > 0
+
+    @property
+    def accounted(self) -> bool:
+        """DP with noise: the accountant reports a finite epsilon for the Poisson-sampled cohorts."""
+        return self.private and (self.noise_multiplier > 0 or bool(self.target_epsilon))
 
     @property
     def sample_rate(self) -> float:
@@ -142,12 +160,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(FedConfig), flags=re.M))
     for f in dataclasses.fields(FedConfig):
         kind = type(f.default)
+        typed = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=kind,
             default=argparse.SUPPRESS,
             help=f"{helps.get(f.name, f.name)} (default: {f.default!r})",
+            **typed,
         )
     parser.add_argument(
         "--set",

@@ -6,6 +6,11 @@ draw ``b_t``; send the round's part of the adapter and ``b_t``; aggregate the re
 :class:`~lorakit.federated.strategy.DPFedAvg` (updates with NaN, wrong shapes or errors are dropped, with the
 reason logged); apply with the server learning rate; record the round with the RDP/PRV accountant (the
 subsampled Gaussian mechanism with ``q = C/N`` and ``sigma``); evaluate; print one progress line.
+
+With DP (``clip_norm > 0``) the noise and the cohort come from ``os.urandom``, never from ``seed`` (which
+every client receives in the run config); clients return only their update, and the rounds record no
+per-client statistic (no training loss, no clipping count). ``dp_insecure_seed`` makes them reproducible and
+the run not private (:mod:`lorakit.privacy.randomness`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import lorakit
@@ -37,6 +41,14 @@ from lorakit.federated.strategy import (
     write_space,
 )
 from lorakit.privacy.accountant import Accountant, noise_for_budget
+from lorakit.privacy.randomness import (
+    NOISE_STREAM,
+    SAMPLING_STREAM,
+    private_generator,
+    private_random,
+    warn_insecure,
+)
+from lorakit.privacy.report import mark_adapter, privacy_record
 from lorakit.train import data as D
 from lorakit.train.job import evaluate, prepare_model
 
@@ -52,6 +64,7 @@ class FedResult:
     delta: float = 0.0
     noise_multiplier: float = 0.0
     stopped: str | None = None  # why it ended before cfg.rounds
+    privacy: dict[str, Any] | None = None  # with DP: whether it is private, and where the noise came from
     metrics: dict[str, float] = field(default_factory=dict)  # final evaluation
     adapter_dir: str = ""
 
@@ -94,8 +107,15 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
     accountant = Accountant(cfg.accountant) if cfg.private else None
     result = FedResult(delta=cfg.delta, noise_multiplier=sigma)
     ranks = rank_range(model)
-    rank_gen, cohort_gen = random.Random(cfg.seed * 2 + 1), random.Random(cfg.seed * 2)
-    aggregator = DPFedAvg(cfg, sigma, torch.Generator().manual_seed(cfg.seed + 2))
+    # Noise and cohort: os.urandom under DP; seeded in plain FedAvg or the non-private reproducible mode.
+    insecure_seed = cfg.seed if cfg.dp_insecure_seed or not cfg.private else None
+    if cfg.private:
+        report(privacy_line(cfg, sigma))
+        if cfg.dp_insecure_seed:
+            warn_insecure("this federated run")
+    rank_gen = random.Random(cfg.seed * 2 + 1)  # data-independent, and shares nothing with the noise
+    cohort_gen = private_random(SAMPLING_STREAM, insecure_seed)
+    aggregator = DPFedAvg(cfg, sigma, private_generator(NOISE_STREAM, insecure_seed))
     for rnd in range(1, cfg.rounds + 1):
         began = time.perf_counter()
         if accountant is not None and cfg.target_epsilon:
@@ -141,11 +161,11 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
             "cohort": len(cohort),
             "used": agg.used,
             "dropped": len(dropped),
-            "clipped": agg.clipped,
-            "train_loss": _mean([r.metrics.get("train_loss") for r in replies]),
         }
         if accountant is not None:
             entry["epsilon"] = accountant.epsilon(cfg.delta)
+        else:  # plain FedAvg: the clients' own training loss (under DP it never leaves a client)
+            entry["train_loss"] = _mean([r.metrics.get("train_loss") for r in replies])
         if rnd == cfg.rounds or (cfg.eval_every and rnd % cfg.eval_every == 0):
             entry.update(_evaluate(grid, cfg, model, evaluate_data, nodes, rnd))
         entry["seconds"] = round(time.perf_counter() - began, 2)
@@ -158,9 +178,32 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
     result.metrics = {
         k: result.rounds[-1][k] for k in ("accuracy", "loss") if result.rounds and k in result.rounds[-1]
     }
-    result.epsilon = accountant.epsilon(cfg.delta) if accountant is not None else None
+    if accountant is not None:
+        result.epsilon = accountant.epsilon(cfg.delta)
+        result.privacy = {
+            **privacy_record("dp-fedavg (client-level)", result.epsilon, cfg.delta, cfg.dp_insecure_seed),
+            "sampling": f"poisson, q = C/N = {cfg.sample_rate:.4g}",
+            "not_released": NOT_RELEASED,
+        }
     _save(model, cfg, result)
     return result
+
+
+NOT_RELEASED = "per-client training losses, example counts, update norms and clipping counts"
+
+
+def privacy_line(cfg: FedConfig, sigma: float) -> str:
+    """The run's privacy terms, printed before the first round."""
+    source = "derived from the seed: NOT private" if cfg.dp_insecure_seed else "from os.urandom"
+    sampling = (
+        "every client every round (q = 1)"
+        if cfg.sample_rate == 1
+        else f"cohorts Poisson-sampled at q = C/N = {cfg.sample_rate:.4g} and accounted as such"
+    )
+    return (
+        f"privacy: client-level DP-FedAvg, clip {cfg.clip_norm}, noise multiplier {sigma:.4f}, {sampling} "
+        f"({cfg.accountant}); noise and cohorts {source}; not released: {NOT_RELEASED}"
+    )
 
 
 def progress_line(entry: dict[str, Any], cfg: FedConfig) -> str:
@@ -188,7 +231,7 @@ def _collect(
             continue
         metrics = dict(msg.content["metrics"])
         update = msg.content["update"].to_torch_state_dict()
-        examples = int(metrics.pop("num-examples"))
+        examples = int(metrics.pop("num-examples", 0))  # absent under DP: only plain FedAvg weighs by it
         replies.append(Reply(client, update, examples, {k: float(v) for k, v in metrics.items()}))
     dropped += [(n, f"no reply within {timeout:.0f} s") for n in cohort if n not in answered]
     return replies, dropped
@@ -259,6 +302,8 @@ def _save(model: nn.Module, cfg: FedConfig, result: FedResult) -> None:
     (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")  # so `lorakit eval` can load it
     summary = {"config": cfg.to_run_config(), **dataclasses.asdict(result)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if result.privacy is not None:
+        mark_adapter(out, result.privacy)
 
 
 def make_server_app(cfg: FedConfig | None = None, results: list[Any] | None = None) -> Any:

@@ -10,6 +10,10 @@ Per round ``t``, with updates ``Delta_i`` of the clients that replied, clipping 
 The norm and the noise cover every coordinate of the round's update space (the rank-``b_t`` slices and any
 trained head). Dividing by the expected ``C``, not the number of replies, keeps the sensitivity ``S / C``
 whatever the sample. With ``S = 0`` the aggregate is plain FedAvg: the example-weighted mean of updates.
+
+The noise generator and the cohort's generator come from :mod:`lorakit.privacy.randomness` (``os.urandom``
+unless the run is in the reproducible, non-private mode); the rank's generator is seeded and shares nothing
+with them. Nothing per client (update norms, how many were clipped) is kept: only the noised sum leaves.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.federated.config import FedConfig
+from lorakit.privacy.randomness import gaussian_noise
 
 Space = dict[str, tuple[nn.Parameter, tuple]]  # name -> (trainable tensor, index of the round's part)
 
@@ -90,8 +95,6 @@ class Aggregate:
     update: dict[str, Tensor]
     used: int
     dropped: list[tuple[int, str]]  # (client, reason)
-    clipped: int = 0  # updates whose norm exceeded S
-    norms: list[float] = field(default_factory=list)  # before clipping
 
 
 class DPFedAvg:
@@ -112,23 +115,22 @@ class DPFedAvg:
             else:
                 kept.append(reply)
         total = {n: torch.zeros(s) for n, s in shapes.items()}
-        norms = [_norm(r.update) for r in kept]
-        result = Aggregate(total, len(kept), dropped, norms=norms)
+        result = Aggregate(total, len(kept), dropped)
         if not self.clip_norm:  # plain FedAvg: example-weighted mean
             weight = sum(r.examples for r in kept)
             for r in kept:
                 for n in total:
                     total[n] += r.update[n].float() * (r.examples / weight)
             return result
-        for r, norm in zip(kept, norms, strict=True):
+        for r in kept:
+            norm = _norm(r.update)
             factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
-            result.clipped += factor < 1.0
             for n in total:
                 total[n] += r.update[n].float() * factor
         std = self.noise_multiplier * self.clip_norm
         for n in total:
             if std > 0:
-                total[n] += torch.normal(0.0, std, total[n].shape, generator=self.generator)
+                total[n] += gaussian_noise(total[n].shape, std, self.generator)
             total[n] /= self.expected_cohort
         return result
 

@@ -10,6 +10,11 @@ The variants' hooks run as in :func:`lorakit.train.loop.train`, but ``on_after_b
 see only the privatised gradient, so whatever a hook derives from gradients (AdaLoRA's importance scores) is
 post-processing and costs no privacy; a data-independent ``extra_loss`` (AdaLoRA's orthogonality term) is
 added after the noise. The global gradient clip of ``TrainConfig.clip`` is replaced by per-example clipping.
+
+The noise and the Poisson sample come from generators seeded from ``os.urandom`` (never stored), not from
+``TrainConfig.seed``, which ``job.json`` records (:mod:`lorakit.privacy.randomness`); the noise uses Opacus'
+``secure_mode``. The training loss and the batch sizes are statistics of the private data that the accountant
+does not cover, so they are not reported; evaluation on held-out data is.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lorakit.core.variant import Hook
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError
+from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
+from lorakit.privacy.report import privacy_record
 from lorakit.train.data import TokenizedData
 from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, make_optimizer, progress_bar
 
@@ -88,7 +95,10 @@ def train_dp(
     sigma = dp.noise_multiplier
     if sigma is None:
         sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout and the like: not privacy-relevant, so reproducible
+    insecure_seed = cfg.seed if dp.dp_insecure_seed else None
+    if dp.dp_insecure_seed:
+        warn_insecure("DP-SGD")
     hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
     base_optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg))
@@ -99,13 +109,14 @@ def train_dp(
         noise_multiplier=sigma,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=expected,
-        generator=torch.Generator().manual_seed(cfg.seed + 1),
+        generator=private_generator(NOISE_STREAM, insecure_seed),
+        secure_mode=True,  # noise robust to floating-point attacks (arXiv:2107.10138)
     )
     accountant = Accountant(dp.accountant)
     sampler = sampling.UniformWithReplacementSampler(
         num_samples=len(data),
         sample_rate=q,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=private_generator(SAMPLING_STREAM, insecure_seed),
         steps=cfg.steps,
     )
     result = DPTrainResult(steps=0, seconds=0.0, delta=dp.delta, noise_multiplier=sigma, sample_rate=q)
@@ -125,17 +136,16 @@ def train_dp(
                     )
                     warnings.warn(result.stopped, stacklevel=2)
                     break
-                loss = _dp_step(gsm, optimizer, data, indices, cfg.batch_size, params, hooks, step)
+                _dp_step(gsm, optimizer, data, indices, cfg.batch_size, params, hooks, step)
                 accountant.step(sigma, q)
                 for hook in hooks:
                     hook.on_after_step(step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                result.losses.append(loss)
                 result.epsilons.append(eps_next)
                 result.steps = step + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", eps=f"{eps_next:.3f}", batch=len(indices), refresh=False)
+                bar.set_postfix(eps=f"{eps_next:.3f}", refresh=False)
                 if evaluate is not None and cfg.eval_every and result.steps % cfg.eval_every == 0:
                     if result.steps < cfg.steps:
                         result.evals.append((result.steps, evaluate(model)))
@@ -150,9 +160,14 @@ def train_dp(
     if evaluate is not None:
         result.evals.append((result.steps, evaluate(model)))
     if cfg.progress:
+        source = (
+            "NOT private: noise derived from the seed" if dp.dp_insecure_seed else "noise from os.urandom"
+        )
         print(
-            f"privacy: epsilon {result.epsilon:.3f} at delta {dp.delta:g} after {result.steps} steps "
-            f"(noise multiplier {sigma:.4f}, sample rate {q:.4g}, clip {dp.max_grad_norm}, {dp.accountant})"
+            f"privacy ({source}): epsilon {result.epsilon:.3f} at delta {dp.delta:g} "
+            f"after {result.steps} steps "
+            f"(noise multiplier {sigma:.4f}, sample rate {q:.4g}, clip {dp.max_grad_norm}, {dp.accountant}); "
+            "training losses and batch sizes are not released"
         )
     return result
 
@@ -166,19 +181,16 @@ def _dp_step(
     params: list[Tensor],
     hooks: list[Hook],
     step: int,
-) -> float:
+) -> None:
     """One DP-SGD step over a Poisson-sampled logical batch, in physical chunks of ``batch_size``; leaves the
-    privatised mean gradient in ``p.grad``, runs ``on_after_backward`` and the optimizer update. Returns the
-    mean per-example loss."""
+    privatised mean gradient in ``p.grad``, runs ``on_after_backward`` and the optimizer update. The batch's
+    loss and size are statistics of the private data that the accountant does not cover: neither leaves."""
     for hook in hooks:
         hook.on_step_start(step)
     chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)] or [[]]
-    loss_sum = 0.0
     for j, chunk in enumerate(chunks):
         if chunk:
-            losses = per_example_loss(gsm, data.batch(chunk))
-            losses.mean().backward()
-            loss_sum += losses.sum().item()
+            per_example_loss(gsm, data.batch(chunk)).mean().backward()
         for p in params:  # an empty batch, or a tensor this forward did not use: zero per-example gradients
             if getattr(p, "grad_sample", None) is None:
                 p.grad_sample = torch.zeros((len(chunk), *p.shape), dtype=p.dtype, device=p.device)
@@ -195,7 +207,6 @@ def _dp_step(
     for hook in hooks:
         hook.on_before_optimizer_step(step)
     optimizer.original_optimizer.step()
-    return loss_sum / max(1, len(indices))
 
 
 def train_job_private(
@@ -219,12 +230,12 @@ def train_job_private(
         )
     result = train_dp(model, data, job.train, job.privacy, evaluate=evaluate)
     report = {
-        "epsilon": result.epsilon,
-        "delta": result.delta,
+        **privacy_record("dp-sgd", result.epsilon, result.delta, job.privacy.dp_insecure_seed),
         "noise_multiplier": result.noise_multiplier,
         "sample_rate": result.sample_rate,
         "max_grad_norm": job.privacy.max_grad_norm,
         "accountant": job.privacy.accountant,
+        "not_released": "training losses and batch sizes (statistics of the private data)",
     }
     if result.stopped:
         report["stopped"] = result.stopped

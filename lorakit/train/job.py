@@ -181,6 +181,10 @@ def run_job(job: JobConfig) -> JobResult:
         )
     counts = lorakit.summary(model)
     lorakit.save(model, out, overwrite=True)  # check_output_dir already refused an unintended overwrite
+    if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+        from lorakit.privacy.report import mark_adapter
+
+        mark_adapter(out, decided)
     job_result = JobResult(
         metrics=result.evals[-1][1] if result.evals else {},
         trainable=counts.trainable,
