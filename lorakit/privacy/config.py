@@ -42,7 +42,7 @@ class DPConfig:
     max_grad_norm: float = 1.0  # per-example gradient clipping bound C (DP-SGD)
     noise_multiplier: float | None = None  # noise std / C (default: chosen to spend target_epsilon)
     accountant: str = "rdp"  # privacy accountant: rdp | prv
-    # NOT private, tests only: derive the DP noise and Poisson sampling from the seed (default: os.urandom)
+    # NOT private, tests only: derive the DP noise and Poisson sampling from the seed, not os.urandom
     dp_insecure_seed: bool = False
 
     def __post_init__(self) -> None:
