@@ -3,9 +3,8 @@
 A client receives the round's part of the global adapter (the rank-``b_t`` slices for DP-DyLoRA) and
 ``b_t``, fixes that rank with ``set_rank`` (the variant's hook then never resamples), trains ``local_steps``
 steps on its own partition with the ordinary training loop, and returns only the change of that part (with
-DP, nothing else: no loss, no example count). The
-model and the partition are prepared once per process and reused across rounds and across the clients a
-simulation worker plays.
+DP, nothing else: no loss, no example count). The model and the partition are prepared once per process and
+reused across rounds and across the clients a simulation worker plays.
 """
 
 from __future__ import annotations
