@@ -134,6 +134,23 @@ def test_cohort_sampling_and_server_rank_draws() -> None:
     assert draws == [draw_rank(g, 2, 6) for g in [random.Random(5)] for _ in range(300)]  # seeded, no data
 
 
+def test_secure_noise_and_cohorts_differ_between_runs_and_only_the_insecure_seed_repeats_them() -> None:
+    from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, private_random
+
+    cfg = FedConfig(clients=100, cohort=50, clip_norm=1.0, noise_multiplier=1.0)
+    nodes = list(range(100))
+
+    def noise(seed):
+        return flat(DPFedAvg(cfg, 1.0, private_generator(NOISE_STREAM, seed)).aggregate([], SHAPES).update)
+
+    def cohort(seed):
+        return sample_cohort(nodes, cfg, private_random(SAMPLING_STREAM, seed))
+
+    assert not torch.equal(noise(None), noise(None)) and cohort(None) != cohort(None)
+    assert torch.equal(noise(3), noise(3)) and cohort(3) == cohort(3)
+    assert not torch.equal(noise(3), noise(4))
+
+
 # --- aggregation -----------------------------------------------------------------------------------------
 SHAPES = {"a": torch.Size([30, 40]), "b": torch.Size([50])}
 
