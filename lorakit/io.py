@@ -6,6 +6,8 @@ Only safetensors is read, so loading an adapter never unpickles anything. A tens
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info
+from lorakit.dirswap import finish_swap
+from lorakit.errors import LorakitError
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter.json"
@@ -25,15 +29,21 @@ FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LorakitError):
     """An adapter directory is missing, unreadable, or does not fit the model."""
+
+
+class NonFiniteError(LorakitError):
+    """A loss, gradient or adapter tensor that must be finite is NaN or infinite."""
 
 
 def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the model's adapter (and fully trained modules) to ``directory``; returns the directory.
 
-    Refuses to replace an existing adapter unless ``overwrite=True``; files are written to a temporary name
-    and renamed, so an interrupted save never leaves a half-written adapter behind.
+    Refuses to replace an existing adapter unless ``overwrite=True``, and refuses tensors holding NaN or
+    infinite values (:class:`NonFiniteError` naming them). Files are written to a temporary name and renamed,
+    and ``adapter.json`` records the SHA-256 of the weights file, so an interrupted or mixed save is detected
+    on load instead of silently pairing one save's config with another's weights.
     """
     from lorakit import __version__
 
@@ -43,8 +53,16 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         raise FileExistsError(
             f"{out} already holds an adapter; choose another directory or pass overwrite=True"
         )
-    out.mkdir(parents=True, exist_ok=True)
     tensors, tied = _collect_tensors(model)
+    check_finite_tensors(tensors, f"the adapter was not saved to {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    digest: list[str] = []
+
+    def write_weights(path: str) -> None:
+        save_file(tensors, path, metadata={"format": FORMAT})
+        digest.append(file_sha256(path))
+
+    atomic_write(out / WEIGHTS_FILE, write_weights)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -56,8 +74,8 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "targets": state.targets,
         "train_modules": state.train_modules,
         "tied": tied,
+        "weights_sha256": digest[0],
     }
-    atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
     atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
 
@@ -86,6 +104,25 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
     return tensors, tied
 
 
+def check_finite_tensors(tensors: dict[str, Tensor], consequence: str) -> None:
+    """Raise :class:`NonFiniteError` naming the floating-point tensors that hold NaN or infinite values."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"{len(bad)} adapter tensor(s) hold NaN or infinite values ({shown}); {consequence}. Train again "
+            "with a lower --lr or check settings such as --alpha"
+        )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path`` in one step."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -101,6 +138,9 @@ def atomic_write(path: Path, write: Any) -> None:
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``adapter.json`` of ``directory``, checked for format and variant."""
     path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        with contextlib.suppress(OSError):  # a kill between the renames of a save left the adapter beside
+            finish_swap(Path(directory), lambda d: (d / CONFIG_FILE).is_file())
     if not path.is_file():
         raise AdapterFileError(
             f"{directory} is not a lorakit adapter directory (no {CONFIG_FILE}); pass the "
@@ -121,7 +161,9 @@ def load(
 ) -> nn.Module:
     """Apply the adapter saved in ``directory`` to the base ``model`` and fill its tensors; returns ``model``.
 
-    Refuses a base whose targeted weights differ from those the adapter was trained on.
+    Refuses a base whose targeted weights differ from those the adapter was trained on, a weights file that
+    changed since it was saved, and tensors holding NaN or infinite values; on any failure the model is left
+    as it was.
     """
     meta = read_meta(directory)
     config_cls = get_variant(meta["variant"]).config_class
@@ -134,25 +176,44 @@ def load(
             f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
             "its weights do not match this model's. Load it onto the base it was trained on."
         )
+    modules = dict(model.named_modules())
+    before = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in state.train_modules}
     try:
-        tensors = load_tensors(directory, device=device)
-    except AdapterFileError:
+        _fill(model, load_tensors(directory, device=device))
+    except Exception as err:
+        for name, saved in before.items():  # a fully trained module (a head) may have been filled already
+            modules[name].load_state_dict(saved)
         undo_apply(model)
-        raise
-    _fill(model, tensors)
+        if isinstance(err, LorakitError):
+            raise
+        raise AdapterFileError(
+            f"the adapter tensors in {directory} do not fit the model ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}); re-save the adapter from the model it was trained with"
+        ) from None
     return model
 
 
 def load_tensors(
     directory: str | os.PathLike[str], *, device: str | torch.device | None = None
 ) -> dict[str, Tensor]:
-    """The adapter tensors saved in ``directory``, with tied keys pointing at their one stored tensor."""
+    """The adapter tensors saved in ``directory``, with tied keys pointing at their one stored tensor.
+
+    Refuses a weights file whose SHA-256 differs from the one ``adapter.json`` recorded (changed or damaged
+    bytes) and tensors holding NaN or infinite values.
+    """
     meta = read_meta(directory)
     path = Path(directory) / WEIGHTS_FILE
     try:
         tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
     except Exception as err:  # safetensors raises its own error types
         raise AdapterFileError(f"cannot read {path}: {err}; re-save the adapter") from None
+    expected = meta.get("weights_sha256")  # absent in adapters saved before it was recorded
+    if expected is not None and file_sha256(path) != expected:
+        raise AdapterFileError(
+            f"{path} does not match the checksum in {CONFIG_FILE}: it was changed or damaged after it was "
+            "saved; re-save the adapter (or train it again)"
+        )
+    check_finite_tensors(tensors, f"{path} cannot be used; re-save the adapter from a healthy model")
     for alias, key in meta.get("tied", {}).items():
         tensors[alias] = tensors[key]
     return tensors

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +24,18 @@ from tqdm.auto import tqdm
 
 import lorakit
 from lorakit.core.variant import Hook
-from lorakit.io import _fill, load_tensors
 from lorakit.settings import check_settings
+from lorakit.train.checkpoint import (
+    RunState,
+    check_finite,
+    grad_norm,
+    restore_checkpoint,
+    run_settings,
+    write_checkpoint,
+)
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -59,7 +64,7 @@ class TrainConfig:
             "steps": self.steps > 0,
             "batch_size": self.batch_size > 0,
             "grad_accum": self.grad_accum > 0,
-            "lr": self.lr > 0,
+            "lr": 0 < self.lr < math.inf,
             "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "schedule": self.schedule in SCHEDULES,
@@ -120,12 +125,17 @@ def train(
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     hooks: list[Hook] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the adapted ``model`` for ``cfg.steps`` optimizer steps; returns losses, time and evaluations.
 
     ``batches`` yields model inputs including ``labels``. With ``output_dir`` and ``checkpoint_every``,
     resumable checkpoints are written atomically to ``output_dir/checkpoint``; ``resume=True`` continues
     from there (``batches`` must offer ``state_dict``/``load_state_dict`` to resume the data order exactly).
+    Each checkpoint records ``cfg``, the adapter's config and ``settings`` (e.g. a data fingerprint); a resume
+    with different values is refused (:mod:`lorakit.train.checkpoint`). A NaN or infinite loss or gradient
+    stops training with :class:`~lorakit.train.checkpoint.NonFiniteError` before the optimizer step, so the
+    model and the last checkpoint stay as they were.
     """
     torch.manual_seed(cfg.seed)
     hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
@@ -133,10 +143,11 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     result = TrainResult(steps=0, seconds=0.0)
-    run = _Run(model, optimizer, scheduler, hooks, batches, result)
+    run = RunState(model, optimizer, scheduler, hooks, batches, result)
+    recorded = run_settings(cfg, model, settings)
     start = 0
     if resume:
-        start = _restore(run, Path(output_dir or "."))
+        start = restore_checkpoint(run, Path(output_dir or "."), recorded)
     model.train()
     bar = progress_bar(cfg.steps, start, cfg.progress, "train")
     began = time.perf_counter() - result.seconds
@@ -150,8 +161,8 @@ def train(
             loss_sum += loss.item()
         for hook in hooks:
             hook.on_after_backward(step)
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else grad_norm(params)
+        check_finite(step, loss_sum, norm, Path(output_dir) if output_dir is not None else None)
         for hook in hooks:
             hook.on_before_optimizer_step(step)
         optimizer.step()
@@ -176,7 +187,7 @@ def train(
             model.train()
         result.seconds = time.perf_counter() - began
         if output_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _checkpoint(run, Path(output_dir))
+            write_checkpoint(run, Path(output_dir), recorded)
     bar.close()
     result.seconds = time.perf_counter() - began
     if evaluate is not None:
@@ -209,58 +220,3 @@ def _loss(model: nn.Module, batch: dict[str, Tensor], hooks: list[Hook], step: i
         if extra is not None:
             loss = loss + extra
     return loss
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------
-@dataclass
-class _Run:
-    """Everything a checkpoint saves and a resume restores."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    hooks: list[Hook]
-    batches: Any
-    result: TrainResult
-
-
-def _checkpoint(run: _Run, output_dir: Path) -> None:
-    """Write ``output_dir/checkpoint`` atomically: build it beside, then swap it in with renames."""
-    final = output_dir / CHECKPOINT_DIR
-    tmp, old = output_dir / f".{CHECKPOINT_DIR}.tmp", output_dir / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lorakit.save(run.model, tmp)
-    state = {
-        "step": run.result.steps,
-        "seconds": run.result.seconds,
-        "losses": torch.tensor(run.result.losses),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "hooks": [h.state_dict() for h in run.hooks],
-        "rng": torch.get_rng_state(),
-        "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
-    }
-    torch.save(state, tmp / "trainer.pt")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _restore(run: _Run, output_dir: Path) -> int:
-    ckpt = output_dir / CHECKPOINT_DIR
-    if not (ckpt / "trainer.pt").is_file():
-        raise FileNotFoundError(f"no checkpoint to resume in {output_dir}; train without --resume first")
-    _fill(run.model, load_tensors(ckpt))
-    state = torch.load(ckpt / "trainer.pt", weights_only=True)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):
-        hook.load_state_dict(hook_state)
-    torch.set_rng_state(state["rng"])
-    if state["batches"] is not None and hasattr(run.batches, "load_state_dict"):
-        run.batches.load_state_dict(state["batches"])
-    run.result.losses = state["losses"].tolist()
-    run.result.seconds = state["seconds"]
-    run.result.steps = state["step"]
-    return state["step"]

@@ -1,0 +1,17 @@
+"""The one base class of every error a user can cause and fix.
+
+Anything raised because of what the user passed (a setting, a file, a path, a model name) derives from
+``LorakitError``; the command line turns it into one line naming the problem and the fix, exit code 2
+(``--debug`` shows the traceback). Anything else that escapes is a bug in lorakit. It derives from
+``ValueError`` so code that caught ``ValueError`` before keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LorakitError(ValueError):
+    """A user-caused problem; the message names what is wrong and how to fix it."""
+
+
+class SettingError(LorakitError):
+    """A setting (flag, config-file value, function argument) is out of range or of the wrong type."""
