@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
-
-JOB_FILE = "job.json"
+from lorakit.train.rundir import JOB_FILE
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -23,12 +21,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lorakit.train.job import check_output_dir, run_job
+    from lorakit.train.job import run_job
 
     job = job_from_args(args)
-    out = check_output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / JOB_FILE).write_text(json.dumps(dataclasses.asdict(job), indent=2) + "\n")
     print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")
     result = run_job(job)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())

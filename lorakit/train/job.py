@@ -6,6 +6,7 @@ Shared by ``lorakit train``, ``lorakit eval`` and the benchmarks, so every numbe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -17,8 +18,12 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
+from lorakit.settings import check_settings
 from lorakit.train import data as D
+from lorakit.train import rundir
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import head_modules, load_model
 
@@ -35,6 +40,10 @@ class DataConfig:
     response_column: str = "response"  # causal-LM response column (the loss covers it)
     max_length: int = 64  # tokens per example
     eval_batch_size: int = 128  # examples per evaluation batch
+
+    def __post_init__(self) -> None:
+        checks = {"eval_batch_size": isinstance(self.eval_batch_size, int) and self.eval_batch_size > 0}
+        check_settings(self, checks, "data", "eval_batch_size a positive integer")
 
 
 @dataclass
@@ -58,6 +67,10 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
+
+
+class EvaluationError(LorakitError):
+    """The evaluation data cannot be evaluated, or the final evaluation failed after the adapter was saved."""
 
 
 @dataclass
@@ -108,15 +121,17 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
     device = next(model.parameters()).device
     correct = total = 0
     loss_sum = 0.0
-    for batch in D.eval_batches(data, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        n = batch["labels"].shape[0]
-        loss_sum += out.loss.item() * n
-        total += n
-        if batch["labels"].dim() == 1:
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-    model.train(was_training)
+    try:
+        for batch in D.eval_batches(data, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            loss_sum += out.loss.item() * n
+            total += n
+            if batch["labels"].dim() == 1:
+                correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    finally:  # a failed evaluation must not leave a model that is still training in eval mode
+        model.train(was_training)
     if isinstance(data.labels[0], list):
         return {"loss": loss_sum / total, "perplexity": math.exp(min(loss_sum / total, 50))}
     return {"accuracy": correct / total, "loss": loss_sum / total}
@@ -137,15 +152,41 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def check_output_dir(job: JobConfig) -> Path:
-    """The job's output directory, refusing to overwrite a saved adapter unless told to."""
-    out = Path(job.output_dir)
-    if (out / lorakit.io.CONFIG_FILE).exists() and not (job.overwrite or job.resume):
-        raise FileExistsError(
-            f"{out} already holds a trained adapter; pass --overwrite to replace it, "
-            "--resume to continue, or choose another --output-dir"
-        )
-    return out
+def check_output_dir(job: JobConfig) -> rundir.RunDir:
+    """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`)."""
+    return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
+
+
+def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any) -> None:
+    """Refuse, before training, data that would fail later: no examples, or evaluation data the model
+    cannot evaluate (the first evaluation batch is run once, as a sanity check)."""
+    d = job.data
+    for data, source in ((train_data, d.data), (eval_data, d.eval_data or d.data)):
+        if data is not None and len(data) == 0:
+            raise D.DataError(f"{source} has no examples; check the file and its columns")
+    if eval_data is None:
+        return
+    sample = dataclasses.replace(
+        eval_data,
+        input_ids=eval_data.input_ids[: d.eval_batch_size],
+        labels=eval_data.labels[: d.eval_batch_size],
+    )
+    try:
+        evaluate(model, sample, d.eval_batch_size)
+    except LorakitError:
+        raise
+    except Exception as err:  # e.g. a label outside the model's classes
+        raise EvaluationError(
+            f"the evaluation data {d.eval_data or d.data} cannot be evaluated by this model "
+            f"({type(err).__name__}: {_one_line(err)}); fix the data (labels within --num-labels) or "
+            "--eval-data before training"
+        ) from None
+
+
+def data_identity(data: D.TokenizedData) -> str:
+    """Size and SHA-256 of the tokenised examples: what a resumed run must train on again."""
+    digest = hashlib.sha256(json.dumps([data.input_ids, data.labels]).encode()).hexdigest()[:16]
+    return f"{len(data)} examples, sha256 {digest}"
 
 
 def measure_peak_memory_mb() -> float:
@@ -158,13 +199,67 @@ def measure_peak_memory_mb() -> float:
 
 
 def run_job(job: JobConfig) -> JobResult:
-    """Train and evaluate one job; writes the adapter and ``metrics.json`` to ``job.output_dir``."""
+    """Train and evaluate one job; writes the adapter, ``job.json`` and ``metrics.json`` to its output_dir.
+
+    Everything is checked before training. The run is built beside the output directory and swapped in once
+    the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an adapter already
+    there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
+    """
     out = check_output_dir(job)
     model, tokenizer = prepare_model(job)
     train_data, eval_data = build_data(job, tokenizer)
+    check_data(job, model, train_data, eval_data)
+    staging = rundir.begin(out, resume=job.resume)
+    try:
+        result, decided, started = _train(job, model, train_data, eval_data, staging)
+        job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+        atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+        lorakit.save(model, staging, overwrite=True)
+        if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+            from lorakit.privacy.report import mark_adapter
+
+            mark_adapter(staging, decided)
+    except BaseException:
+        rundir.abandon(out)
+        raise
+    rundir.commit(out)
+    counts = lorakit.summary(model)
+    job_result = JobResult(
+        metrics={},
+        trainable=counts.trainable,
+        total=counts.total,
+        seconds=round(result.seconds, 1),
+        steps=result.steps,
+        final_loss=result.final_loss,
+        adapter_dir=out.shown,
+        peak_memory_mb=measure_peak_memory_mb(),
+        extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
+    )
+    if result.evals and result.evals[-1][0] == result.steps:
+        job_result.metrics = result.evals[-1][1]
+    elif eval_data is not None:
+        try:
+            job_result.metrics = evaluate(model, eval_data, job.data.eval_batch_size)
+        except Exception as err:
+            raise EvaluationError(
+                f"the adapter is saved in {out.shown}, but the final evaluation failed "
+                f"({type(err).__name__}: {_one_line(err)}); evaluate it with `lorakit eval --adapter "
+                f"{out.shown} --data PATH`"
+            ) from None
+    metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
+    atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+    return job_result
+
+
+def _train(
+    job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any, staging: Path
+) -> tuple[Any, dict[str, Any], float]:
+    """Run the job's training driver; evaluations during training only if asked (``eval_every``)."""
     batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
     evaluate_fn = (
-        (lambda m: evaluate(m, eval_data, job.data.eval_batch_size)) if eval_data is not None else None
+        (lambda m: evaluate(m, eval_data, job.data.eval_batch_size))
+        if eval_data is not None and job.train.eval_every
+        else None
     )
     started = time.perf_counter()
     # A variant with stages before the main run (LoRA-drop's module selection) declares a ``prepare``
@@ -174,27 +269,26 @@ def run_job(job: JobConfig) -> JobResult:
         from lorakit.privacy.dp_sgd import train_job_private
 
         result, decided = train_job_private(job, model, train_data, evaluate_fn, prepare)
-    else:
-        decided = prepare(model, batches, job.train) if prepare is not None else {}
-        result: TrainResult = train(
-            model, batches, job.train, evaluate=evaluate_fn, output_dir=out, resume=job.resume
-        )
-    counts = lorakit.summary(model)
-    lorakit.save(model, out, overwrite=True)  # check_output_dir already refused an unintended overwrite
-    if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
-        from lorakit.privacy.report import mark_adapter
-
-        mark_adapter(out, decided)
-    job_result = JobResult(
-        metrics=result.evals[-1][1] if result.evals else {},
-        trainable=counts.trainable,
-        total=counts.total,
-        seconds=round(result.seconds, 1),
-        steps=result.steps,
-        final_loss=result.final_loss,
-        adapter_dir=str(out),
-        peak_memory_mb=measure_peak_memory_mb(),
-        extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
+        return result, decided, started
+    decided = prepare(model, batches, job.train) if prepare is not None else {}
+    # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
+    settings = {
+        "task": job.task,
+        "num_labels": job.num_labels,
+        "quantize": job.quantize,
+        "training_data": data_identity(train_data),
+    }
+    result: TrainResult = train(
+        model,
+        batches,
+        job.train,
+        evaluate=evaluate_fn,
+        output_dir=staging,
+        resume=job.resume,
+        settings=settings,
     )
-    (out / "metrics.json").write_text(json.dumps(job_result.to_dict(), indent=2) + "\n")
-    return job_result
+    return result, decided, started
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]

@@ -1,0 +1,145 @@
+"""A training run's output directory: its files change only once the run has produced a complete adapter.
+
+Before anything is written, :func:`open_run_dir` checks that the run may use the directory (an adapter there
+is replaced only with ``overwrite``; ``resume`` needs an interrupted run's checkpoint; no other files are in
+the way; the place is writable). The run then writes beside it, into ``.NAME.lorakit-new`` in the same parent:
+its checkpoints, then ``job.json`` and the adapter. Only then is the directory swapped for the new one
+(:mod:`lorakit.dirswap`), so ``eval``, ``merge`` and ``export`` of the previous adapter keep working whatever
+happens to the new run. A run that fails keeps its directory only if it holds a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.dirswap import finish_swap, siblings, swap_in
+from lorakit.errors import LorakitError
+from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.train.checkpoint import CHECKPOINT_DIR, has_checkpoint
+
+JOB_FILE = "job.json"
+METRICS_FILE = "metrics.json"
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, JOB_FILE, METRICS_FILE, CHECKPOINT_DIR)
+
+
+class OutputDirError(LorakitError):
+    """The output directory cannot be used as asked; the message names the fix."""
+
+
+@dataclass
+class RunDir:
+    """Where a run's result goes (``path``), where it is built (``staging``), and what it may replace."""
+
+    path: Path  # absolute
+    shown: str  # as the user gave it, for messages
+    created: Path | None = None  # the topmost directory this run created, removed again if the run fails
+
+    @property
+    def staging(self) -> Path:
+        return siblings(self.path)[0]
+
+
+def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> RunDir:
+    """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap)."""
+    shown = str(output_dir)
+    path = Path(output_dir).expanduser().absolute()
+    if path.parent == path or path.name in ("", ".", ".."):
+        raise OutputDirError(
+            f"--output-dir {shown} cannot hold a run; name a new directory such as runs/my-run"
+        )
+    if Path.cwd().is_relative_to(path.resolve()):
+        raise OutputDirError(
+            f"--output-dir {shown} is the current directory or contains it; a run replaces its output "
+            "directory as a whole, so name a new directory such as runs/my-run"
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--output-dir {shown} is a file; name a directory")
+    run = RunDir(path, shown)
+    finish_swap(path, lambda d: (d / CONFIG_FILE).is_file())  # a kill while an earlier run was swapped in
+    _check_writable(run)
+    _check_only_run_files(run)
+    interrupted = has_checkpoint(run.staging)
+    if resume and not interrupted:
+        finished = " It holds a finished run: steps cannot change on resume (the schedules depend on them), "
+        raise OutputDirError(
+            f"nothing to resume in {shown}: no interrupted run with a checkpoint."
+            + (finished if (path / CONFIG_FILE).is_file() else " ")
+            + "train without --resume (with --overwrite to replace an adapter); --checkpoint-every N makes "
+            "a run resumable"
+        )
+    if not resume and (path / CONFIG_FILE).is_file() and not overwrite:
+        raise OutputDirError(
+            f"{shown} already holds a trained adapter; pass --overwrite to replace it, "
+            "--resume to continue, or choose another --output-dir"
+        )
+    if not resume and interrupted and not overwrite:
+        raise OutputDirError(
+            f"{shown} has an interrupted run with a checkpoint ({run.staging / CHECKPOINT_DIR}); pass "
+            "--resume to continue it, or --overwrite to discard it"
+        )
+    return run
+
+
+def begin(run: RunDir, *, resume: bool) -> Path:
+    """Create (or, resuming, keep) the staging directory; returns it."""
+    if resume:
+        return run.staging
+    shutil.rmtree(run.staging, ignore_errors=True)  # an earlier run's leftovers, refused above if resumable
+    missing = [p for p in (run.path.parent, *run.path.parent.parents) if not p.exists()]
+    run.created = missing[-1] if missing else None
+    run.staging.mkdir(parents=True)
+    return run.staging
+
+
+def abandon(run: RunDir) -> None:
+    """After a failed run: keep the staging directory if it holds a checkpoint, else remove all it created."""
+    if has_checkpoint(run.staging):
+        return
+    shutil.rmtree(run.staging, ignore_errors=True)
+    if run.created is not None:
+        for parent in (run.path.parent, *run.path.parent.parents):
+            if not parent.is_relative_to(run.created):
+                break
+            try:
+                parent.rmdir()  # only if empty: never anything another process put there meanwhile
+            except OSError:
+                break
+
+
+def commit(run: RunDir) -> None:
+    """Swap the finished staging directory in for the output directory."""
+    _check_only_run_files(run)  # files that appeared during training would be deleted with the old copy
+    swap_in(run.path)
+
+
+def _check_writable(run: RunDir) -> None:
+    anchor = run.path.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputDirError(f"--output-dir {run.shown}: {anchor} is a file, not a directory")
+    for place in (anchor, run.path) if run.path.exists() else (anchor,):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise OutputDirError(f"cannot write in {place}; choose a writable --output-dir")
+
+
+def _check_only_run_files(run: RunDir) -> None:
+    if not run.path.is_dir():
+        return
+    others = sorted(e.name for e in run.path.iterdir() if not _is_run_file(e.name))
+    if others:
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputDirError(
+            f"{run.shown} holds files that are not from a lorakit run ({listed}); a run replaces its output "
+            "directory as a whole, so choose an empty or new --output-dir"
+        )
+
+
+def _is_run_file(name: str) -> bool:
+    """A file or directory a run writes, including leftovers of writes a kill interrupted."""
+    return name in RUN_FILES or any(
+        name.startswith(f".{known}.") for known in RUN_FILES
+    )  # atomic-write temporaries and checkpoint swap copies
