@@ -12,48 +12,83 @@ command.
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lorakit.bench.report import write_report
+from lorakit.errors import LorakitError
+from lorakit.io import CONFIG_FILE
+
+# A run name becomes a directory and a log file directly inside --out: one plain path component.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+REPORT_NAMES = {"results"}  # results.md / results.json / results.png
+BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
+
+
+class BenchError(LorakitError):
+    """A bench file is malformed or would write outside --out; the message names the fix."""
 
 
 def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    spec = yaml.safe_load(path.read_text()) or {}
-    runs = spec.get("runs") or []
-    if not runs or any("name" not in r for r in runs):
-        raise ValueError(f"{path}: 'runs' must be a list of mappings, each with a 'name'")
-    return spec.get("defaults") or {}, runs
+    """The bench's defaults and runs, with every run name checked (see :data:`RUN_NAME`)."""
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchError(f"cannot read bench file {path}: {' '.join(str(err).split())}") from None
+    runs = spec.get("runs") if isinstance(spec, dict) else None
+    defaults = (spec.get("defaults") if isinstance(spec, dict) else None) or {}
+    if (
+        not runs
+        or not isinstance(runs, list)
+        or any(not isinstance(r, dict) or "name" not in r for r in runs)
+    ):
+        raise BenchError(f"{path}: 'runs' must be a list of mappings, each with a 'name'")
+    if not isinstance(defaults, dict):
+        raise BenchError(f"{path}: 'defaults' must be a mapping of `lorakit train` settings")
+    names = [r["name"] for r in runs]
+    for name in names:
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name in REPORT_NAMES:
+            raise BenchError(
+                f"{path}: run name {name!r} is not allowed; a name is one directory inside --out: letters, "
+                "digits and _ . + = - (no path separators, no leading dot, no '..', not 'results')"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise BenchError(f"{path}: run names {repeated} are used more than once; give each run its own name")
+    for where, settings in [("defaults", defaults), *((f"run {r['name']}", r) for r in runs)]:
+        fixed = [key for key in BENCH_SETS if key in settings]
+        if fixed:
+            raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
+    return defaults, runs
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
     """``lorakit train`` with ``settings`` into ``out/name``; returns its exit code."""
-    run_dir = out / name
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(settings, f)
+    run_dir, log_path = out / name, out / f"{name}.log"
+    config = out / f".{name}.config.yaml"
+    config.write_text(yaml.safe_dump(settings))
     cmd = [
         sys.executable,
         "-m",
         "lorakit.cli",
         "train",
         "--config",
-        f.name,
+        str(config),
         "--output-dir",
         str(run_dir),
         "--overwrite",
     ]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     try:
-        with (out / f"{name}.log").open("w") as log:
+        with log_path.open("w") as log:
             return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     finally:
-        os.remove(f.name)
+        config.unlink(missing_ok=True)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -67,15 +102,20 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     """Run the bench's unfinished runs in order, then report every finished one; 1 if any run failed."""
     defaults, runs = load_bench(bench)
-    out.mkdir(parents=True, exist_ok=True)
     wanted = set(only.split(",")) if only else None
     unknown = sorted((wanted or set()) - {r["name"] for r in runs})
     if unknown:
-        raise ValueError(f"--only names {unknown} are not runs of {bench}")
+        raise BenchError(f"--only names {unknown} are not runs of {bench}")
+    out.mkdir(parents=True, exist_ok=True)
     failed = []
     for run in runs:
         name = run["name"]
         if (wanted and name not in wanted) or (out / name / "metrics.json").exists():
+            continue
+        if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
+            # a run's log marks its directory as this bench's own; this adapter was put there otherwise
+            print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
+            failed.append(name)
             continue
         settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
         code = run_one(name, settings, out)
@@ -93,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_bench(args.bench, args.out, args.only)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
