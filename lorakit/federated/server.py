@@ -107,14 +107,16 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
     accountant = Accountant(cfg.accountant) if cfg.private else None
     result = FedResult(delta=cfg.delta, noise_multiplier=sigma)
     ranks = rank_range(model)
-    # Noise and cohort: os.urandom under DP; seeded in plain FedAvg or the non-private reproducible mode.
-    insecure_seed = cfg.seed if cfg.dp_insecure_seed or not cfg.private else None
+    # Noise and cohorts: os.urandom under DP unless --dp-insecure-seed; plain FedAvg (no noise, nothing to
+    # protect) keeps its cohorts seeded from --seed, so its runs repeat.
+    insecure_seed = cfg.seed if cfg.dp_insecure_seed else None
+    cohort_gen = random.Random(cfg.seed * 2)
     if cfg.private:
         report(privacy_line(cfg, sigma))
         if cfg.dp_insecure_seed:
             warn_insecure("this federated run")
+        cohort_gen = private_random(SAMPLING_STREAM, insecure_seed)
     rank_gen = random.Random(cfg.seed * 2 + 1)  # data-independent, and shares nothing with the noise
-    cohort_gen = private_random(SAMPLING_STREAM, insecure_seed)
     aggregator = DPFedAvg(cfg, sigma, private_generator(NOISE_STREAM, insecure_seed))
     for rnd in range(1, cfg.rounds + 1):
         began = time.perf_counter()
