@@ -9,6 +9,7 @@ from layer_zoo import make_case
 from torch import nn
 
 import lorakit
+from lorakit.core.lowrank import _keep_mask
 from lorakit.variants import dora
 
 
@@ -129,6 +130,15 @@ def test_eval_norm_cache_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 5, "training mode recomputes the norm every forward"
 
 
+class _SeededDropout(nn.Module):
+    def __init__(self, p: float, seed: int) -> None:
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * _keep_mask(x, self.p, self.seed) / (1 - self.p)
+
+
 def _peft_pair(kind: str, dropout: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     from peft import LoraConfig, get_peft_model
 
@@ -168,8 +178,11 @@ def test_peft_parity_training_with_dropout() -> None:
     ref, ours, x = _peft_pair("linear", dropout=0.3)
     ref.train(), ours.train()
     torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # the seed lorakit's forward draws for its dropout mask
+    # PEFT's dropout module replaced by the same mask (lorakit draws it from a seed, four per 64-bit number)
+    ref.base_model.model.layer.lora_dropout["default"] = _SeededDropout(0.3, seed)
     out_ref = ref(x)
-    torch.manual_seed(11)  # the same dropout mask: both draw it once, from the global generator
+    torch.manual_seed(11)
     out = ours(x)
     assert (out - out_ref).abs().max() <= 1e-5 and (out - ours.eval()(x)).abs().max() > 1e-3
     out_ref.square().mean().backward(), out.square().mean().backward()
@@ -197,3 +210,62 @@ def test_bf16_small_magnitude_change_reaches_the_output(training: bool) -> None:
     changed = (after != before).sum(0)  # per output row (feature)
     assert changed[3] >= 3, "a 0.1% magnitude change must reach its output row"
     assert changed.sum() == changed[3], "other rows must not move"
+
+
+def _plain_dora(
+    x: torch.Tensor, layer: nn.Module, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor,
+    scale: float, p: float, seed: int,
+) -> torch.Tensor:  # fmt: skip
+    """The paper's forward in plain autograd (Eq. 5, norm detached), on the fused path's dropout mask."""
+    w0 = layer.weight_2d()
+    bias = layer.bias
+    y = F.linear(x, w0, bias)
+    xd = x * _keep_mask(x, p, seed) / (1 - p) if p > 0 else x
+    norm = (w0 + scale * b @ a).norm(dim=1).detach()
+    c = m / norm
+    return y + (c - 1) * F.linear(xd, w0) + c * scale * F.linear(F.linear(xd, a), b)
+
+
+@pytest.mark.parametrize("kind, with_bias", [("linear", True), ("linear", False), ("conv1d_gpt2", True)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_function_equals_plain_autograd(kind: str, p: float, with_bias: bool) -> None:
+    model, x = make_case(kind)
+    if not with_bias:
+        model.layer.bias = None
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=p)
+    v, layer = model.layer.variant, model.layer
+    perturb(v)
+    model.train()
+    x = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    torch.manual_seed(7)
+    out = model(x)
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.randn(out.shape, generator=gen)  # a generic upstream gradient
+    (out * weights).sum().backward()
+    ours = [out.detach(), x.grad, v.A.grad, v.B.grad, v.m.grad]
+
+    xr = x.detach().clone().requires_grad_()
+    a, b, m = (t.detach().clone().requires_grad_() for t in (v.A, v.B, v.m))
+    ref = _plain_dora(xr, layer, a, b, m, v.scale, p, seed)
+    (ref * weights).sum().backward()
+    for got, want in zip(ours, [ref.detach(), xr.grad, a.grad, b.grad, m.grad], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert v.m.grad.abs().min() > 0 and v.A.grad.abs().max() > 0  # every gradient really flows
+
+
+def test_fused_function_under_bf16_autocast_matches_fp32() -> None:
+    model, x = linear_case(dropout=0.0)
+    model.train()
+    v = model.layer.variant
+    model(x).square().mean().backward()
+    fp32 = [p.grad.clone() for p in (v.A, v.B, v.m)]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for got, want in zip((v.A.grad, v.B.grad, v.m.grad), fp32, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=3e-2)

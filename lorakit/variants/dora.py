@@ -11,6 +11,11 @@ Forward without forming ``W'``: with ``c = m / ||V||_row``, ``W' x~ = c * (W0 x~
 ``||V_i||^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2`` with ``(out, r)`` temporaries only.
 
 Step 0: ``B = 0`` (``A = 0`` for embeddings) and ``m = ||W0||_row``, so ``c = 1`` and ``W' = W0`` exactly.
+
+Matrix layers (Linear, GPT-2 Conv1D) run the whole adapter as one autograd function, :class:`DoRAFunction`:
+``t = V x~`` comes out of one matrix product that accumulates onto ``W0 x~`` (or onto ``y``), the scale is one
+fused pass, and backward keeps only ``t`` (one output-sized tensor), the low-rank ``z`` and a 1-byte dropout
+mask, where plain autograd keeps ``W0 x~``, the low-rank output and a dropped-out copy of ``x``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import low_rank
+from lorakit.core.lowrank import _apply_mask, _keep_mask, low_rank
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 _ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
@@ -70,6 +75,87 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     return norm.masked_fill(norm == 0, 1.0)
 
 
+class DoRAFunction(torch.autograd.Function):
+    """``out = y + (c - 1) W0 x~ + c s B A x~`` with ``c = m / n`` (``n`` the detached row norm), fused.
+
+    ``x~ = x * keep / (1 - p)``. With ``p = 0``, ``W0 x = y - b0`` is reused: ``out = c (y + s B A x) +
+    (1 - c) b0``. ``c`` and the scaled sum are fp32 (rounded once to the output dtype), so a small change of
+    ``m`` is not lost under bf16. Backward, with ``g = dL/dout``: ``dL/dy = c g`` (``p = 0``) or ``g``; the
+    low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``); ``W0 x~`` gets ``(c - 1) g``;
+    ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``, so only ``W0 x~``
+    (``y`` itself when ``p = 0``: no new tensor), the small ``z = A x~`` and the 1-byte mask are saved.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, y: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, m: Tensor,
+        norm: Tensor, scale: float, p: float, seed: int,
+    ) -> Tensor:  # fmt: skip
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # the scaled sum's dtype: fp32 for bf16 and fp16
+        with torch.autocast(device, enabled=False):
+            c = m.detach().to(acc) / norm  # (out,)
+            a_c, b_c = a.to(dtype), b.to(dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+            y2 = y.reshape(-1, y.shape[-1])  # (N, out)
+            mask = _keep_mask(x2, p, seed) if p > 0 else None
+            shift = bias.detach().to(acc) if bias is not None and mask is None else None
+            if mask is None:
+                h = y2  # W0 x + b0
+                z = x2 @ a_c.t()  # (N, r)
+                t = torch.addmm(y2.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x + b0
+                rest = (1 - c) * shift if shift is not None else torch.zeros_like(c)
+                out = torch.addcmul(rest, t, c, out=t if t.dtype == y2.dtype else torch.empty_like(y2))
+            else:
+                xm = _apply_mask(x2, mask)
+                h = torch.addmm(y2.new_zeros(()), xm, w0.to(dtype).t(), beta=0, alpha=1 / (1 - p))  # W0 x~
+                z = (xm @ a_c.t()).div_(1 - p)  # (N, r)
+                del xm
+                t = torch.addmm(h.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x~
+                out = torch.sub(y2.to(acc), h).addcmul_(t, c).to(y2.dtype)  # y - W0 x~ + c V x~
+            del t
+        ctx.scale, ctx.p, ctx.seed, ctx.dtypes = scale, p, seed, (x.dtype, a.dtype, b.dtype, m.dtype)
+        ctx.save_for_backward(x, mask, w0 if mask is not None else None, a_c, b_c, z, h, c, norm, shift)
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, mask, w0, a, b, z, h, c, norm, shift = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype, m_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        scale, p = ctx.scale, ctx.p
+        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out), in the forward's compute dtype
+        grad_x = grad_y = grad_a = grad_b = grad_m = None
+        if need[1]:
+            grad_y = grad if mask is not None else torch.mul(grad, c, out=torch.empty_like(grad))
+        if need[5] or need[6]:
+            gzt = (g.t() @ z).to(c.dtype)  # g^T z, (out, r)
+            if need[5]:
+                grad_b = (gzt * c[:, None]).mul_(scale).to(b_dtype)
+            if need[6]:
+                gh = (g * h).sum(0, dtype=c.dtype)  # sum_N g (W0 x~ [+ b0])
+                if shift is not None:
+                    gh -= shift * g.sum(0, dtype=c.dtype)
+                gh += scale * (b.to(c.dtype) * gzt).sum(1)  # sum_N g s B z
+                grad_m = (gh / norm).to(m_dtype)
+        if need[0] or need[4]:
+            cb = (b.to(c.dtype) * (c * (scale / (1 - p)))[:, None]).to(b.dtype)  # c B, scaled
+            gz = g @ cb  # dL/d(A x * keep), (N, r)
+            if need[4]:
+                x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
+                x_in = _apply_mask(x2, mask) if mask is not None else x2
+                grad_a = (gz.t() @ x_in).to(a_dtype)
+            if need[0]:
+                if mask is not None:  # W0 x~ reads x too: (c - 1) g W0, through the same mask
+                    gw = torch.mul(g, (c - 1) / (1 - p), out=torch.empty_like(g))
+                    gx = _apply_mask(torch.addmm(gw @ w0.to(g.dtype), gz, a), mask)
+                else:
+                    gx = gz @ a
+                grad_x = gx.view(x.shape).to(x_dtype)
+        return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None
+
+
 class DoRA(LoRA):
     """``W' = m * (W0 + s B A) / ||W0 + s B A||_row`` (norm detached)."""
 
@@ -107,6 +193,19 @@ class DoRA(LoRA):
         return norm
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        bias = base.bias
+        if (
+            base.kind.features_last
+            and x.is_floating_point()
+            and not torch._C._are_functorch_transforms_active()  # per-sample grads (DP): plain autograd
+            and (bias is None or not bias.requires_grad)
+        ):
+            p = self.config.dropout if self.training and self.dropout is not None else 0.0
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+            w0 = base.weight_2d()
+            return DoRAFunction.apply(
+                x, y, w0, bias, self.A, self.B, self.m, self.weight_norm(base), self.scale, p, seed
+            )
         view = base.kind.channel_view
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be
         # lost (c - 1 exactly 0). The sum is formed in fp32 (by promotion) and cast once to the output dtype.
