@@ -1,13 +1,21 @@
-"""Cost of one training step: lorakit LoRA vs PEFT LoRA vs full fine-tuning, in one process on one machine.
+"""Cost of one training step: every lorakit variant that PEFT also has, against PEFT and full fine-tuning.
 
-Memory is counted exactly rather than sampled: parameters + gradients + optimizer state + the tensors autograd
-saves for backward (measured with ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once).
-Time is the median over interleaved repeats, so machine load affects every contender alike.
+All contenders run in one process on one machine, interleaved (each repeat steps every contender once), so
+machine load affects all alike; the time is the median step. Memory is counted exactly rather than sampled:
+parameters + gradients + AdamW state + the tensors autograd saves for backward (with
+``torch.autograd.graph.saved_tensors_hooks``, each storage counted once). Step RSS is how far the process's
+resident high-water mark (``VmHWM``, reset before each step through ``/proc/self/clear_refs``) rises above its
+resident size during the contender's own steps: the step's transient working set, temporaries included.
+Each side runs its variant's full training step: lorakit's hooks and optimizer groups, PEFT's
+``update_and_allocate`` (AdaLoRA) and optimizer factories (LoRA+, LoRA-FA).
 
-    python benchmarks/step_cost.py --out runs/step_cost.json
+    python benchmarks/step_cost.py --out runs/step_cost.json --readme README.md
+    python benchmarks/step_cost.py --model llama --out runs/step_cost_llama.json
 
-Reference budget: minilm, batch 32, max length 64, rank 8, alpha 16, dropout 0.05,
-targets query/key/value/dense.
+``minilm``: batch 32 padded to 64 tokens, rank 8, alpha 16, targets query/key/value/dense. ``llama``: a
+locally configured Llama-style classifier (hidden 1024, 2 layers, random weights), batch 8 x 64, all
+projections.
+Dropout 0.05 where both libraries have input dropout (LoHa and LoKr have none in PEFT: 0 on both sides).
 """
 
 from __future__ import annotations
@@ -15,24 +23,139 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lorakit
+from lorakit.core.variant import Hook
 from lorakit.train.data import BatchSampler, read_rows, tokenize_classification
 from lorakit.train.models import load_model
 
-TARGETS = ["query", "key", "value", "dense"]
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LR = 1e-5
 
 
-def full_batch(tokenizer, batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
-    """A batch padded to ``max_length`` (the worst case of the reference budget)."""
+@dataclass
+class Contender:
+    """A model with its optimizer and the training rules each library runs around a step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    bf16: bool = False
+    hooks: list[Hook] = field(default_factory=list)
+    after_step: Callable[[int], None] | None = None  # PEFT's update_and_allocate (AdaLoRA)
+    step: int = 0
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        for hook in self.hooks:
+            hook.on_step_start(self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**batch).loss
+            for hook in self.hooks:
+                extra = hook.extra_loss(self.step)
+                loss = loss if extra is None else loss + extra
+        loss.backward()
+        for hook in self.hooks:
+            hook.on_after_backward(self.step)
+        self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step(self.step)
+        for hook in self.hooks:
+            hook.on_after_step(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def ours(base: nn.Module, variant: str, targets: list[str], head: str, **config: object) -> Contender:
+    model = lorakit.apply(copy.deepcopy(base), variant, targets=targets, train_modules=[head], **config)
+    optimizer = torch.optim.AdamW(lorakit.param_groups(model, LR))
+    return Contender(model, optimizer, hooks=lorakit.make_hooks(model, 10_000))
+
+
+def peft(base: nn.Module, config: object, optimizer: str = "adamw") -> Contender:
+    from peft import get_peft_model
+    from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
+
+    model = get_peft_model(copy.deepcopy(base), config)
+    if optimizer == "lora+":
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=16.0)
+    elif optimizer == "lora-fa":
+        opt = create_lorafa_optimizer(model, r=8, lora_alpha=16, lr=LR)
+    else:
+        opt = adamw(model)
+    after = model.base_model.update_and_allocate if hasattr(model.base_model, "update_and_allocate") else None
+    return Contender(model, opt, after_step=after)
+
+
+def contenders(
+    base: nn.Module, targets: list[str], head: str, every: bool
+) -> dict[str, Callable[[], Contender]]:
+    """Builders by row name. ``every``: all variants; otherwise LoRA, PEFT's LoRA and full fine-tuning."""
+    from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
+
+    common = {"target_modules": targets, "modules_to_save": [head]}
+    lora = {"rank": 8, "alpha": 16, "dropout": 0.05}
+    peft_lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, **common}
+
+    def full() -> Contender:
+        model = copy.deepcopy(base).requires_grad_(True)
+        return Contender(model, adamw(model))
+
+    def bf16(contender: Contender) -> Contender:
+        contender.bf16 = True
+        return contender
+
+    rows: dict[str, Callable[[], Contender]] = {
+        "full fine-tuning": full,
+        "peft lora": lambda: peft(base, LoraConfig(**peft_lora)),
+        "lorakit lora": lambda: ours(base, "lora", targets, head, **lora),
+        "lorakit lora, bf16 autocast": lambda: bf16(ours(base, "lora", targets, head, **lora)),
+        "lorakit lora, dropout 0": lambda: ours(base, "lora", targets, head, **{**lora, "dropout": 0.0}),
+    }
+    if not every:
+        return rows
+    steps = {"init_r": 12, "target_r": 8, "tinit": 200, "tfinal": 1000, "deltaT": 10, "total_step": 10_000}
+    adalora = {"alpha": 16, "dropout": 0.05, "init_r": 12, "target_r": 8, "t_init": 200, "t_final": 1000}
+    adalora |= {"delta_t": 10, "total_steps": 10_000}
+    no_dropout = {**peft_lora, "lora_dropout": 0.0}
+    rows |= {
+        "peft dora": lambda: peft(base, LoraConfig(**peft_lora, use_dora=True)),
+        "lorakit dora": lambda: ours(base, "dora", targets, head, **lora),
+        "peft dora, dropout 0": lambda: peft(base, LoraConfig(**no_dropout, use_dora=True)),
+        "lorakit dora, dropout 0": lambda: ours(base, "dora", targets, head, **{**lora, "dropout": 0.0}),
+        "peft loha": lambda: peft(base, LoHaConfig(r=8, alpha=16, **common)),
+        "lorakit loha": lambda: ours(base, "loha", targets, head, rank=8, alpha=16, dropout=0.0),
+        "peft lokr": lambda: peft(base, LoKrConfig(r=8, alpha=16, **common)),
+        "lorakit lokr": lambda: ours(base, "lokr", targets, head, rank=8, alpha=16, dropout=0.0),
+        "peft vera": lambda: peft(base, VeraConfig(r=256, vera_dropout=0.05, **common)),
+        "lorakit vera": lambda: ours(base, "vera", targets, head, rank=256, dropout=0.05),
+        "peft adalora": lambda: peft(
+            base, AdaLoraConfig(lora_alpha=16, lora_dropout=0.05, orth_reg_weight=0.1, **steps, **common)
+        ),
+        "lorakit adalora": lambda: ours(base, "adalora", targets, head, **adalora),
+        "peft lora-fa": lambda: peft(base, LoraConfig(**peft_lora), optimizer="lora-fa"),
+        "lorakit lora-fa": lambda: ours(base, "lora_fa", targets, head, **lora),
+        "peft lora+": lambda: peft(base, LoraConfig(**peft_lora), optimizer="lora+"),
+        "lorakit lora+": lambda: ours(base, "lora_plus", targets, head, **lora, ratio=16.0),
+    }
+    return rows
+
+
+def minilm_batch(tokenizer, batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
+    """An SST-2 batch padded to ``max_length`` (the worst case of the reference budget)."""
     rows = read_rows(str(SST2)) if SST2.exists() else read_rows("demo")
     data = tokenize_classification(rows[:2000], tokenizer, "sentence", "label", max_length, "sst2")
     batch = next(BatchSampler(data, batch_size, seed=0))
@@ -43,39 +166,22 @@ def full_batch(tokenizer, batch_size: int, max_length: int) -> dict[str, torch.T
     return batch
 
 
-def contenders(base: nn.Module) -> dict[str, Callable[[], nn.Module]]:
-    def ours(dropout: float = 0.05) -> nn.Module:
-        model = copy.deepcopy(base)
-        return lorakit.apply(
-            model, "lora", targets=TARGETS, train_modules=["classifier"], rank=8, alpha=16, dropout=dropout
-        )
+def llama_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A Llama-style classifier configured here (random weights): matrix products dominate, as in LLMs."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    def peft_lora() -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, modules_to_save=["classifier"]
-        )
-        return get_peft_model(copy.deepcopy(base), config)
-
-    def full() -> nn.Module:
-        return copy.deepcopy(base).requires_grad_(True)
-
-    return {
-        "full fine-tuning": full,
-        "peft lora": peft_lora,
-        "lorakit lora": ours,
-        "lorakit lora, bf16 autocast": ours,
-        # what the adapter-input dropout costs (not the budget: the budget's dropout is 0.05)
-        "lorakit lora, dropout 0": lambda: ours(dropout=0.0),
-    }
+    config = LlamaConfig(
+        vocab_size=2000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+        num_attention_heads=16, num_key_value_heads=16, num_labels=2, pad_token_id=0,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 2000, (8, 64), generator=gen)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 2}
 
 
-def autocast(name: str) -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in name)
-
-
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], name: str) -> int:
+def saved_activation_bytes(contender: Contender, batch: dict[str, torch.Tensor]) -> int:
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -83,9 +189,11 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], nam
         storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
         return t
 
+    model = contender.model
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(name):
-        loss = model(**batch).loss
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=contender.bf16):
+            loss = model(**batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(n for ptr, n in storages.items() if ptr not in params)  # weights are not activations
@@ -97,57 +205,131 @@ def state_bytes(model: nn.Module) -> int:
     return total + sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def time_steps(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, name: str) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        with autocast(name):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (high-water mark) in MiB; NaN where /proc is missing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def measure(
+    builders: dict[str, Callable[[], Contender]], batch: dict[str, torch.Tensor], repeats: int
+) -> dict[str, dict[str, float]]:
+    entries = {name: build() for name, build in builders.items()}
+    for entry in entries.values():
+        entry.model.train()
+        entry.train_step(batch)  # warm-up (allocator, lazy PEFT state)
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    peaks: dict[str, float] = {name: 0.0 for name in entries}
+    for _ in range(repeats):
+        for name, entry in entries.items():
+            reset_peak_rss()
+            resident = rss_mb("VmRSS")
+            start = time.perf_counter()
+            entry.train_step(batch)
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], rss_mb("VmHWM") - resident)
+    rows = {}
+    for name, entry in entries.items():
+        act, state = saved_activation_bytes(entry, batch), state_bytes(entry.model)
+        rows[name] = {
+            "step_seconds": statistics.median(times[name]),
+            "steps": len(times[name]),
+            "activation_mb": act / 2**20,
+            "state_mb": state / 2**20,
+            "memory_mb": (act + state) / 2**20,
+            "step_rss_mb": peaks[name],
+        }
+    return rows
+
+
+def merged_forward_ratio(base: nn.Module, batch: dict[str, torch.Tensor], targets: list[str], head: str,
+                         repeats: int) -> dict[str, float]:  # fmt: skip
+    """Eval forward of a LoRA model merged with ``lorakit.merge`` over the base model's, interleaved."""
+    merged = lorakit.merge(ours(base, "lora", targets, head, rank=8, alpha=16).model.eval())
+    plain = copy.deepcopy(base).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    times: dict[str, list[float]] = {"base": [], "merged": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for name, model in (("base", plain), ("merged", merged)):
+                start = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - start)
+    base_s, merged_s = (statistics.median(t[1:]) for t in times.values())
+    return {"base_forward_seconds": base_s, "merged_forward_seconds": merged_s, "ratio": merged_s / base_s}
+
+
+WITH_PEERS = ("lora", "dora", "dora, dropout 0", "loha", "lokr", "vera", "adalora", "lora-fa", "lora+")
+PEERS = {f"lorakit {v}": f"peft {v}" for v in WITH_PEERS}
+
+
+def table(rows: dict[str, dict]) -> str:
+    ref = rows["full fine-tuning"]
+    lines = [
+        "| contender | step s | vs full FT | vs PEFT | memory MB: states + activations | vs PEFT "
+        "| step RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        peer = rows.get(PEERS.get(name, ""))
+        vs_time = f"{r['step_seconds'] / peer['step_seconds']:.2f}x" if peer else ""
+        vs_mem = f"{r['memory_mb'] / peer['memory_mb']:.2f}x" if peer else ""
+        lines.append(
+            f"| {name} | {r['step_seconds']:.3f} | {r['step_seconds'] / ref['step_seconds']:.2f}x "
+            f"| {vs_time} | {r['memory_mb']:.0f} ({r['state_mb']:.0f} + {r['activation_mb']:.0f}) | {vs_mem} "
+            f"| {r['step_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, text: str) -> None:
+    """Replace the table between the step-cost markers, keeping everything else."""
+    begin, end = "<!-- results-step-cost:begin -->", "<!-- results-step-cost:end -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{readme} has no {begin} ... {end} section to regenerate")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--only-lora", action="store_true", help="LoRA, PEFT LoRA and full fine-tuning only")
     parser.add_argument("--out", type=Path, default=Path("runs/step_cost.json"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--readme", type=Path, help="rewrite this README's step-cost table with the result")
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread: the reference CPU budget, and less noise from a shared machine
     torch.manual_seed(0)
-    base, tokenizer = load_model("minilm", "classification")
-    batch = full_batch(tokenizer, 32, 64)
-    models = {name: build().train() for name, build in contenders(base).items()}
-    for name, model in models.items():
-        time_steps(model, batch, 1, name)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name] += time_steps(model, batch, args.steps, name)
-    rows = {}
-    for name, model in models.items():
-        act = saved_activation_bytes(model, batch, name)
-        rows[name] = {
-            "step_seconds": statistics.median(times[name]),
-            "activation_mb": act / 2**20,
-            "state_mb": state_bytes(model) / 2**20,
-            "memory_mb": (act + state_bytes(model)) / 2**20,
-        }
-    ref = rows["full fine-tuning"]
-    print("| contender | step s | vs full FT | memory MB (states + activations) | vs full FT |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        r["time_ratio"] = r["step_seconds"] / ref["step_seconds"]
-        r["memory_ratio"] = r["memory_mb"] / ref["memory_mb"]
-        print(
-            f"| {name} | {r['step_seconds']:.3f} | {r['time_ratio']:.2f}x | {r['memory_mb']:.0f} "
-            f"({r['state_mb']:.0f} + {r['activation_mb']:.0f}) | {r['memory_ratio']:.2f}x |"
-        )
+    if args.model == "minilm":
+        base, tokenizer = load_model("minilm", "classification")
+        batch, targets, head = minilm_batch(tokenizer, 32, 64), MINILM_TARGETS, "classifier"
+    else:
+        (base, batch), targets, head = llama_model(), LLAMA_TARGETS, "score"
+    rows = measure(contenders(base, targets, head, every=not args.only_lora), batch, args.repeats)
+    merged = merged_forward_ratio(base, batch, targets, head, args.repeats)
+    text = table(rows) + (
+        f"\n\nMerged LoRA model, eval forward: {merged['ratio']:.3f}x the base model's "
+        f"({merged['merged_forward_seconds']:.3f} s vs {merged['base_forward_seconds']:.3f} s)."
+    )
+    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    result = {"model": args.model, "threads": 1, "repeats": args.repeats, "rows": rows}
+    args.out.write_text(json.dumps(result | {"merged_forward": merged}, indent=2) + "\n")
+    if args.readme is not None:
+        write_readme(args.readme, text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from torch import nn
 import lorakit
 from lorakit.core.kinds import KINDS
 from lorakit.core.layer import AdaptedLayer
-from lorakit.variants.lokr import LoKr, LoKrConfig, factorization
+from lorakit.core.lowrank import _keep_mask
+from lorakit.variants.lokr import KroneckerProduct, LoKr, LoKrConfig, factorization
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 
@@ -101,13 +102,14 @@ def test_vec_trick_forward_equals_explicit_kron(kind: str, rank: int) -> None:
     by_index = torch.einsum("ip,jq->ijpq", w1, w2).reshape(10, 12) * (3.0 / rank)
     torch.testing.assert_close(v.delta_weight(), by_index)
     torch.testing.assert_close(model(x), F.linear(x, w0 + by_index, b0), atol=1e-5, rtol=1e-5)
-    # With dropout the vec trick sees the same dropped input as the explicit product (same RNG state).
+    # With dropout the vec trick sees the dropped input of the explicit product (the mask from the same seed).
     v.dropout = nn.Dropout(0.5)
     model.train()
     torch.manual_seed(1)
-    out = model(x)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # the seed the forward draws for its mask
     torch.manual_seed(1)
-    expected = F.linear(x, w0, b0) + F.linear(F.dropout(x, 0.5), by_index)
+    out = model(x)
+    expected = F.linear(x, w0, b0) + F.linear(x * _keep_mask(x, 0.5, seed) / 0.5, by_index)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -179,3 +181,25 @@ def test_parity_with_peft_lokr(layer, x_shape, rank: int, decompose_both: bool) 
         merged_theirs = theirs.merge_and_unload().layer.weight
         merged_ours = lorakit.merge(ours).layer.weight
     assert torch.equal(merged_ours, merged_theirs)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_kronecker_function_gradients_equal_plain_autograd(p: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in [(3, 5, 12), (2, 3), (5, 4)]
+    )
+    weights = torch.randn(3, 5, 2, 5, generator=gen, dtype=torch.float64)  # a generic upstream gradient
+    ours = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = KroneckerProduct.apply(*ours, (3, 4), 0.7, p, 11)
+    (out * weights).sum().backward()
+    ref = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    xd = ref[0] * _keep_mask(x, p, 11) / (1 - p) if p > 0 else ref[0]
+    expected = 0.7 * ref[1] @ xd.unflatten(-1, (3, 4)) @ ref[2].t()  # (3, 5, 2, 5)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(ours, ref, strict=True):
+        assert want.grad.abs().max() > 0
+        torch.testing.assert_close(got.grad, want.grad)
+    # the same values through the explicit Kronecker product: out = s kron(W1, W2) x~
+    torch.testing.assert_close(out.flatten(-2), F.linear(xd, 0.7 * torch.kron(w1, w2)))
