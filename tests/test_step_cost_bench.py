@@ -1,0 +1,47 @@
+"""The step-cost benchmark: ratios to full fine-tuning and to each PEFT peer, and the README rewrite."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["step_cost"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(seconds: float, state: float, act: float) -> dict[str, float]:
+    return {"step_seconds": seconds, "state_mb": state, "activation_mb": act, "memory_mb": state + act,
+            "step_rss_mb": 10.0}  # fmt: skip
+
+
+def test_table_gives_ratios_to_full_fine_tuning_and_to_the_peft_peer() -> None:
+    bench = _bench()
+    rows = {"full fine-tuning": _row(2.0, 300, 100), "peft dora": _row(1.6, 90, 310),
+            "lorakit dora": _row(1.0, 90, 110)}  # fmt: skip
+    lines = bench.table(rows).splitlines()
+    assert lines[2] == "| full fine-tuning | 2.000 | 1.00x |  | 400 (300 + 100) |  | 10 |"
+    assert lines[4] == "| lorakit dora | 1.000 | 0.50x | 0.62x | 200 (90 + 110) | 0.50x | 10 |"
+
+
+def test_readme_rewrite_replaces_only_the_marked_section(tmp_path: Path) -> None:
+    bench = _bench()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results-step-cost:begin -->\nold\n<!-- results-step-cost:end -->\nrest\n")
+    bench.write_readme(readme, "| new |")
+    assert readme.read_text() == (
+        "intro\n<!-- results-step-cost:begin -->\n| new |\n<!-- results-step-cost:end -->\nrest\n"
+    )
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="results-step-cost"):
+        bench.write_readme(readme, "| new |")
+    assert readme.read_text() == "no markers\n"  # nothing written when the section is missing
