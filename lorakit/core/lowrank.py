@@ -96,6 +96,17 @@ class _LowRankFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+def fused_backward_allowed() -> bool:
+    """Whether a hand-written autograd function may run here; otherwise plain autograd is used.
+
+    Not under torch.func transforms (per-sample gradients for DP): the functions have no vmap rule, and a
+    seeded dropout mask would be shared across the vmapped examples. Not while ``torch.compile`` traces:
+    drawing the mask's seed (``.item()``) and seeding a generator break the graph, and the compiler plans its
+    own memory.
+    """
+    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+
+
 def low_rank(
     base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool
 ) -> Tensor:
@@ -105,9 +116,7 @@ def low_rank(
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
     """
     p = p if training else 0.0
-    # Under torch.func transforms (per-sample gradients for DP) plain autograd is used: the custom
-    # function has no vmap rule, and its seeded mask would be shared across the vmapped examples.
-    if base.kind.features_last and x.is_floating_point() and not torch._C._are_functorch_transforms_active():
+    if base.kind.features_last and x.is_floating_point() and fused_backward_allowed():
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
     if p > 0:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, _keep_mask, low_rank
+from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed, low_rank
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 _ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
@@ -43,7 +43,10 @@ class DoRAConfig(LoRAConfig):
 
 def _key(*tensors: Tensor) -> tuple | None:
     # Identifies tensor contents: in-place updates (optimizer steps, loads, merges) bump ``_version``.
-    # None under torch.func transforms (wrapped tensors have no storage): nothing is cached there.
+    # None under torch.func transforms (wrapped tensors have no storage) and while torch.compile traces
+    # (storage addresses are not traceable): nothing is cached there.
+    if torch.compiler.is_compiling():
+        return None
     try:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     except RuntimeError:
@@ -197,7 +200,7 @@ class DoRA(LoRA):
         if (
             base.kind.features_last
             and x.is_floating_point()
-            and not torch._C._are_functorch_transforms_active()  # per-sample grads (DP): plain autograd
+            and fused_backward_allowed()
             and (bias is None or not bias.requires_grad)
         ):
             p = self.config.dropout if self.training and self.dropout is not None else 0.0

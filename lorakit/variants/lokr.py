@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.core.kinds import ALL_KINDS
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, _keep_mask
+from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed
 from lorakit.core.variant import Variant, VariantConfig, require
 
 
@@ -162,7 +162,7 @@ class LoKr(Variant):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         shape = (self.shape[2], self.shape[3])  # (c, d)
         # kron(W1, W2)[i b + j, p d + q] = W1[i, p] W2[j, q], so (dW x)[i b + j] = s (W1 X W2^T)[i, j].
-        if torch._C._are_functorch_transforms_active():  # per-sample grads (DP): plain autograd
+        if not fused_backward_allowed():
             xs = self.drop(x).to(y.dtype).unflatten(-1, shape)
             return y + self.scale * (w1 @ xs @ w2.t()).flatten(-2)
         out = KroneckerProduct.apply(x.to(y.dtype), w1, w2, shape, self.scale, p, seed)
