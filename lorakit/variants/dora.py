@@ -13,9 +13,10 @@ Forward without forming ``W'``: with ``c = m / ||V||_row``, ``W' x~ = c * (W0 x~
 Step 0: ``B = 0`` (``A = 0`` for embeddings) and ``m = ||W0||_row``, so ``c = 1`` and ``W' = W0`` exactly.
 
 Matrix layers (Linear, GPT-2 Conv1D) run the whole adapter as one autograd function, :class:`DoRAFunction`:
-``t = V x~`` comes out of one matrix product that accumulates onto ``W0 x~`` (or onto ``y``), the scale is one
-fused pass, and backward keeps only ``t`` (one output-sized tensor), the low-rank ``z`` and a 1-byte dropout
-mask, where plain autograd keeps ``W0 x~``, the low-rank output and a dropped-out copy of ``x``.
+``V x~`` comes out of one matrix product that accumulates onto ``W0 x~`` (or onto ``y``), the scale is one
+fused pass, and backward keeps ``W0 x~`` (without dropout ``y`` itself, so nothing new), the low-rank ``z``
+and a 1-byte dropout mask, where plain autograd keeps ``W0 x~``, the low-rank output and a dropped-out copy
+of ``x`` (PEFT also keeps the base output). The dropout mask is drawn as LoRA's (:mod:`lorakit.core.lowrank`).
 """
 
 from __future__ import annotations

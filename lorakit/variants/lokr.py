@@ -158,12 +158,12 @@ class LoKr(Variant):
         if not base.kind.features_last:
             return super().forward(x, y, base)  # convolutions: y + op(x~, dW)
         w1, w2 = (w.to(y.dtype) for w in self.factors())
-        p = self.dropout.p if self.training and self.dropout is not None else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         shape = (self.shape[2], self.shape[3])  # (c, d)
         # kron(W1, W2)[i b + j, p d + q] = W1[i, p] W2[j, q], so (dW x)[i b + j] = s (W1 X W2^T)[i, j].
         if not fused_backward_allowed():
             xs = self.drop(x).to(y.dtype).unflatten(-1, shape)
             return y + self.scale * (w1 @ xs @ w2.t()).flatten(-2)
+        p = self.dropout.p if self.training and self.dropout is not None else 0.0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         out = KroneckerProduct.apply(x.to(y.dtype), w1, w2, shape, self.scale, p, seed)
         return y + out.flatten(-2)  # (..., a, b) -> (..., a b)
