@@ -66,6 +66,8 @@ class Contender:
         loss.backward()
         for hook in self.hooks:
             hook.on_after_backward(self.step)
+        for hook in self.hooks:
+            hook.on_before_optimizer_step(self.step)  # no clipping here: straight after backward
         self.optimizer.step()
         if self.after_step is not None:
             self.after_step(self.step)
