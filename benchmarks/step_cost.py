@@ -312,15 +312,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/step_cost.json"))
     parser.add_argument("--readme", type=Path, help="rewrite this README's step-cost table with the result")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--batch-size", type=int, default=32, help="minilm batch size (the budget's is 32)")
+    parser.add_argument("--variants", nargs="+", help="only these rows (names as in the table, e.g. 'dora')")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread: the reference CPU budget, and less noise from a shared machine
     torch.manual_seed(0)
     if args.model == "minilm":
         base, tokenizer = load_model("minilm", "classification")
-        batch, targets, head = minilm_batch(tokenizer, 32, 64), MINILM_TARGETS, "classifier"
+        batch, targets, head = minilm_batch(tokenizer, args.batch_size, 64), MINILM_TARGETS, "classifier"
     else:
         (base, batch), targets, head = llama_model(), LLAMA_TARGETS, "score"
-    rows = measure(contenders(base, targets, head, every=not args.only_lora), batch, args.repeats)
+    builders = contenders(base, targets, head, every=not args.only_lora)
+    if args.variants:  # full fine-tuning stays: every ratio is also taken against it
+        keep = {"full fine-tuning"} | {f"{side} {v}" for v in args.variants for side in ("lorakit", "peft")}
+        builders = {name: build for name, build in builders.items() if name in keep}
+    rows = measure(builders, batch, args.repeats)
     merged = merged_forward_ratio(base, batch, targets, head, args.repeats)
     text = table(rows) + (
         f"\n\nMerged LoRA model, eval forward: {merged['ratio']:.3f}x the base model's "
