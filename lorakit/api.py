@@ -16,6 +16,7 @@ from torch import nn
 from lorakit.core.kinds import MATRIX_KINDS, kind_of
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, VariantConfig
+from lorakit.errors import LorakitError
 from lorakit.variants import get_variant
 
 # Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
@@ -35,7 +36,7 @@ class AdapterInfo:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
-class TargetError(ValueError):
+class TargetError(LorakitError):
     """No layer (or an unsupported layer) matched the requested targets."""
 
 

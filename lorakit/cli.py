@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
+from lorakit.errors import LorakitError
 from lorakit.train.rundir import JOB_FILE
 
 
@@ -144,6 +145,7 @@ def cmd_federate(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune models with the LoRA family.")
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the variants").set_defaults(func=cmd_list)
     train = sub.add_parser(
@@ -179,18 +181,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(fed)
     fed.add_argument("--num-cpus", type=int, default=2, help="simulation worker processes (default: 2)")
     fed.set_defaults(func=cmd_federate)
+    for command in sub.choices.values():  # accepted after the command too: `lorakit train ... --debug`
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
+
+
+# Errors a user causes and can fix: one line, exit 2. LorakitError is the project's own base; the others are
+# what the standard library raises for a bad path, an unwritable directory or a missing optional extra.
+USER_ERRORS = (LorakitError, ValueError, OSError, ImportError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text += f": {err.filename}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("LORAKIT_DEBUG"))
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
-        if os.environ.get("LORAKIT_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"lorakit: error: {err}", file=sys.stderr)
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug in lorakit: still one line, with the way to see the traceback
+        if debug:
+            raise
+        print(
+            f"lorakit: internal error: {type(err).__name__}: {_one_line(err)} "
+            "(rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
     return code or 0
 
 

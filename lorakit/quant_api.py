@@ -26,6 +26,7 @@ from torch import nn
 from lorakit.api import TargetError, _output_head_names, _set_module, find_targets
 from lorakit.core.kinds import ALL_KINDS, MATRIX_KINDS, kind_of
 from lorakit.core.nf4_linear import NF4Linear
+from lorakit.errors import LorakitError
 
 QUANT_TYPES = ("nf4",)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -36,7 +37,7 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(LorakitError):
     """A model or layer cannot be quantised as asked; the message names the fix."""
 
 

@@ -6,12 +6,14 @@ from typing import Any
 
 import yaml
 
+from lorakit.errors import SettingError
+
 
 def check_settings(settings: object, checks: dict[str, bool], what: str, rules: str) -> None:
-    """Raise ``ValueError`` naming the first field of ``settings`` whose check in ``checks`` is False."""
+    """Raise ``SettingError`` naming the first field of ``settings`` whose check in ``checks`` is False."""
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
-        raise ValueError(f"invalid {what} setting {bad[0]}={getattr(settings, bad[0])!r} ({rules})")
+        raise SettingError(f"invalid {what} setting {bad[0]}={getattr(settings, bad[0])!r} ({rules})")
 
 
 def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
@@ -20,7 +22,7 @@ def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{flag} expects FIELD=VALUE, got '{item}'")
+            raise SettingError(f"{flag} expects FIELD=VALUE, got '{item}'")
         value = yaml.safe_load(raw)
         if isinstance(value, str):
             try:  # YAML 1.1 reads '1e-3' (no dot) as a string

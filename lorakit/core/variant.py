@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.kinds import ALL_KINDS
+from lorakit.errors import LorakitError
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
 
 
-class ConfigError(ValueError):
+class ConfigError(LorakitError):
     """A variant config field is unknown or out of range; the message names the field and the fix."""
 
 

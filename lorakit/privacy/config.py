@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lorakit.errors import LorakitError
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
-class PrivacyError(ValueError):
+class PrivacyError(LorakitError):
     """A privacy setting is out of range, or the privacy budget would be exceeded."""
 
 

