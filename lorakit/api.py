@@ -34,6 +34,8 @@ class AdapterInfo:
     fingerprint: str
     base_model: str | None
     shared: dict[str, Any] = field(default_factory=dict)
+    # requires_grad of every parameter before apply froze the model, so undoing apply restores it
+    trainable_before: dict[str, bool] = field(default_factory=dict, repr=False)
 
 
 class TargetError(LorakitError):
@@ -60,6 +62,9 @@ def apply(
     cfg = _resolve_config(variant, targets, train_modules, config)
     variant_class = get_variant(_variant_name(variant))
     names = find_targets(model, cfg.targets, variant_class.kinds)
+    modules = dict(model.named_modules())
+    check_rank(cfg, {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names})
+    train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     if getattr(cfg, "base_quantization", None):
         # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
         # so the fingerprint below covers the quantised weights the adapter will run on.
@@ -67,14 +72,16 @@ def apply(
 
         quantize_targets(model, names, cfg)
     modules = dict(model.named_modules())
+    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     info = AdapterInfo(
         variant=variant_class.name,
         config=cfg,
         targets=names,
-        train_modules=_match_train_modules(model, cfg.train_modules),
+        train_modules=train_modules,
         fingerprint=fingerprint(modules[n] for n in names),
         base_model=_base_model_name(model),
+        trainable_before=trainable_before,
     )
     info.shared["shapes"] = {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
     for name in names:
@@ -84,6 +91,17 @@ def apply(
         modules[name].requires_grad_(True)
     model.lorakit = info
     return model
+
+
+def check_rank(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a rank above what a target layer can use (:meth:`VariantConfig.max_rank`), naming the layer."""
+    for name, (out_features, in_features) in shapes.items():
+        limit = cfg.max_rank(out_features, in_features)
+        if limit is not None and cfg.rank > limit:
+            raise TargetError(
+                f"rank {cfg.rank} is above what layer {name} ({out_features} x {in_features}) can use (at "
+                f"most {limit}); choose rank <= {limit}, or leave that layer out of targets"
+            )
 
 
 def _variant_name(variant: str | VariantConfig) -> str:
@@ -123,7 +141,12 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: frozenset[st
         head = _output_head_names(model)
         names = [n for n, k in adaptable.items() if k.name in MATRIX_KINDS and n not in head]
     elif isinstance(targets, str):
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise TargetError(
+                f"targets {targets!r} is not a valid regular expression ({err}); fix it"
+            ) from None
         names = [n for n in adaptable if pattern.fullmatch(n)]
     else:
         names = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from lorakit.errors import SettingError
 from lorakit.privacy.config import DPConfig
-from lorakit.settings import parse_assignments
+from lorakit.settings import coerce_field, parse_assignments
 from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
@@ -66,7 +67,11 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
             )
         elif name == "targets":
-            parser.add_argument(flag, dest=name, type=_targets, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(flag, dest=name, type=_flag(_targets), default=argparse.SUPPRESS, help=text)
+        elif name == "labels":
+            parser.add_argument(
+                flag, dest=name, type=_names, default=argparse.SUPPRESS, help=f"{text}; comma-separated"
+            )
         else:
             parser.add_argument(
                 flag, dest=name, type=_scalar_type(hint), default=argparse.SUPPRESS, help=text
@@ -79,10 +84,40 @@ def _scalar_type(hint: Any) -> Any:
     return base if base in (int, float, str) else str
 
 
+def _flag(parse: Any) -> Any:
+    """``parse`` as an argparse type: its own message instead of argparse's 'invalid value'."""
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except SettingError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse_flag
+
+
 def _targets(text: str) -> str | list[str]:
     """'all-linear', a regex (contains regex syntax), or comma-separated module-name suffixes."""
-    if text == "all-linear" or re.search(r"[\\^$*+?()\[\]|]", text):
+    if text == "all-linear":
         return text
+    if re.search(r"[\\^$*+?()\[\]|{}]", text):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise SettingError(
+                f"targets {text!r} is not a valid regular expression ({err}); fix it, or pass "
+                "comma-separated module-name suffixes like query,value"
+            ) from None
+        return text
+    names = _names(text)
+    if not names:
+        raise SettingError(
+            "targets is empty; pass module-name suffixes like query,value, a regex or all-linear"
+        )
+    return names
+
+
+def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -93,11 +128,17 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         values.update(_read_yaml(Path(args.config)))
     leaves = _leaf_fields()
     values.update({k: v for k, v in vars(args).items() if k in leaves})
-    options = dict(values.pop("options", {}) or {})
+    options = values.pop("options", None) or {}
+    if not isinstance(options, dict):
+        raise SettingError(f"options must be a mapping of variant config fields, got {options!r}")
+    if any(not isinstance(key, str) for key in options):
+        raise SettingError(f"options must map field names (text) to values, got keys {list(options)}")
+    options = dict(options)
     options.update(parse_assignments(getattr(args, "set", []) or []))
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
-        sections[leaves[name][0]][name] = value
+        section = leaves[name][0]
+        sections[section][name] = coerce_field(SECTIONS[section], name, value, section or "job")
     return JobConfig(
         **sections[""],
         options=options,
@@ -107,11 +148,11 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise SettingError(f"cannot read config {path}: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a mapping of settings")
+        raise SettingError(f"config {path} must be a mapping of settings (name: value lines)")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key and key in SECTIONS and isinstance(value, dict):
@@ -119,11 +160,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         else:
             flat[key] = value
     known = set(_leaf_fields())
-    unknown = sorted(set(flat) - known)
+    unknown = sorted(set(flat) - known, key=str)
     if unknown:
-        raise ValueError(
+        raise SettingError(
             f"config {path}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
         )
     if isinstance(flat.get("targets"), str):
         flat["targets"] = _targets(flat["targets"])
+    if isinstance(flat.get("labels"), str):
+        flat["labels"] = _names(flat["labels"])
     return flat

@@ -150,9 +150,19 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"cannot read {path}: {err}; re-save the adapter") from None
-    if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{path} is not a lorakit adapter file (format={meta.get('format')!r})")
-    get_variant(meta["variant"])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterFileError(f"{path} is not a lorakit adapter file (format={found!r})")
+    fields = {"variant": str, "config": dict, "fingerprint": str, "targets": list, "train_modules": list}
+    for name, kind in {**fields, "tied": dict}.items():
+        if not isinstance(meta.get(name, {} if name == "tied" else None), kind):
+            raise AdapterFileError(
+                f"{path}: field '{name}' is missing or not a {kind.__name__}; re-save the adapter"
+            )
+    try:
+        get_variant(meta["variant"])
+    except LorakitError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
     return meta
 
 
@@ -238,4 +248,6 @@ def undo_apply(model: nn.Module) -> None:
 
     for name, layer in adapted_layers(model):
         _set_module(model, name, layer.base_layer)
+    for name, param in model.named_parameters():  # unfrozen as before apply
+        param.requires_grad_(model.lorakit.trainable_before.get(name, param.requires_grad))
     del model.lorakit

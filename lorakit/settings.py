@@ -1,7 +1,13 @@
-"""Shared pieces of the settings dataclasses: validation that names the first invalid field, and ``--set``."""
+"""Shared pieces of the settings dataclasses: one value parser for ``--set`` and config files, type checks
+against each field's annotation, and validation that names the first invalid field."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import types
+import typing
 from typing import Any
 
 import yaml
@@ -9,27 +15,127 @@ import yaml
 from lorakit.errors import SettingError
 
 
-def check_settings(settings: object, checks: dict[str, bool], what: str, rules: str) -> None:
-    """Raise ``SettingError`` naming the first field of ``settings`` whose check in ``checks`` is False."""
+def check_settings(settings: object, checks: dict[str, bool], what: str, rules: str | dict[str, str]) -> None:
+    """Raise ``SettingError`` naming the first field of ``settings`` whose check in ``checks`` is False, with
+    ``rules`` (one text for all fields, or one per field: what the field must be)."""
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
-        raise SettingError(f"invalid {what} setting {bad[0]}={getattr(settings, bad[0])!r} ({rules})")
+        rule = rules if isinstance(rules, str) else f"it must be {rules[bad[0]]}"
+        raise SettingError(f"invalid {what} setting {bad[0]}={getattr(settings, bad[0])!r} ({rule})")
+
+
+def parse_value(raw: str) -> Any:
+    """A setting written as text: a number, a boolean, a list or mapping (YAML), or the text itself.
+
+    YAML 1.1 reads ``1e-3`` (no dot) as text; such numbers are read as numbers here, so ``lr: 1e-3`` in a
+    config file and ``--set lr=1e-3`` mean the same.
+    """
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if not isinstance(value, (int, float, bool, list, dict, type(None))):
+        return raw  # dates and the like stay as written
+    return value
 
 
 def parse_assignments(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """``["ratio=16", "init=gaussian"]`` -> ``{"ratio": 16, "init": "gaussian"}``; values are read as YAML."""
+    """``["ratio=16", "init=gaussian"]`` -> ``{"ratio": 16, "init": "gaussian"}`` via parse_value."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SettingError(f"{flag} expects FIELD=VALUE, got '{item}'")
-        value = yaml.safe_load(raw)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads '1e-3' (no dot) as a string
-                value = float(value)
-            except ValueError:
-                pass
-        elif not isinstance(value, (int, float, bool, list, dict, type(None))):
-            value = raw  # dates and the like stay as written
-        values[key.strip()] = value
+        values[key.strip()] = parse_value(raw)
     return values
+
+
+def _options(hint: Any) -> list[Any]:
+    """The alternatives of a union annotation (``int | None`` -> ``[int, NoneType]``), else ``[hint]``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(fits, value)``: whether ``value`` can be read as ``hint``, and the value so read (text given for a
+    number is parsed like ``--set``; a whole float given for an int becomes the int)."""
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True, value
+    if isinstance(value, os.PathLike) and hint is str:
+        return True, os.fspath(value)
+    if not isinstance(value, (str, int, float, list, tuple, dict, type(None))):
+        return True, value  # an object from Python code (a torch dtype): the field's own validation judges it
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint in (int, float):
+        if isinstance(value, str):
+            value = parse_value(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        if hint is int:
+            whole = isinstance(value, int) or (math.isfinite(value) and float(value).is_integer())
+            return whole, int(value) if whole else value
+        return True, float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        converted = [_convert(v, inner) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if origin is dict:
+        return isinstance(value, dict), value
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint), value
+    return True, value  # an annotation this check does not know: leave it to the field's own validation
+
+
+def _describe(hint: Any) -> str:
+    names = []
+    for option in _options(hint):
+        if option is type(None):
+            names.append("null")
+        elif option in (int, float):
+            names.append({int: "an integer", float: "a number"}[option])
+        elif option is str:
+            names.append("text")
+        elif option is bool:
+            names.append("true or false")
+        elif typing.get_origin(option) in (list, tuple):
+            names.append("a list")
+        elif typing.get_origin(option) is dict:
+            names.append("a mapping")
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " or ".join(names)
+
+
+def coerce_field(cls: type, name: str, value: Any, what: str) -> Any:
+    """``value`` read as the type of dataclass field ``cls.name``; ``SettingError`` if it is not one."""
+    hint = typing.get_type_hints(cls)[name]
+    for option in _options(hint):
+        ok, converted = _convert(value, option)
+        if ok:
+            return converted
+    raise SettingError(f"invalid {what} setting {name}={value!r}: it must be {_describe(hint)}")
+
+
+def check_types(settings: object, what: str) -> None:
+    """Raise ``SettingError`` naming the first field whose value is not of its annotated type; numbers given
+    as text and whole floats given for integers are converted in place."""
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        converted = coerce_field(type(settings), f.name, value, what)
+        if converted is not value:
+            object.__setattr__(settings, f.name, converted)

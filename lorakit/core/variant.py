@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lorakit.core.kinds import ALL_KINDS
 from lorakit.errors import LorakitError
+from lorakit.settings import coerce_field
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
@@ -55,15 +56,23 @@ class VariantConfig:
             self.targets = list(self.targets)
         self.train_modules = list(self.train_modules)
 
+    def max_rank(self, out_features: int, in_features: int) -> int | None:
+        """The largest ``rank`` that means something on an ``(out, in)`` layer; None: no limit. Default
+        ``min(out, in)``: a ``(out, r) @ (r, in)`` product has no more rank than that, so a larger ``r`` only
+        adds parameters (``apply`` refuses it, naming the layer)."""
+        return min(out_features, in_features)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], variant: str = "") -> VariantConfig:
         """Build a config, rejecting unknown fields with the list of valid ones."""
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
+        unknown = sorted(set(values) - set(names), key=str)
         if unknown:
             label = f" for variant '{variant}'" if variant else ""
             raise ConfigError(f"unknown config field(s) {unknown}{label}; valid fields: {', '.join(names)}")
-        return cls(**values)
+        # each value of its field's type (numbers written as text are read as numbers), before validate()
+        what = f"{variant} config" if variant else "variant config"
+        return cls(**{k: coerce_field(cls, k, v, what) for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,14 +1,17 @@
 """Datasets for training and evaluation: TSV / CSV / JSONL files, Hugging Face dataset ids, a built-in demo.
 
-Classification rows have a text and an integer label; causal-LM rows a prompt and a response (the loss covers
-the response tokens only). Texts are tokenised once; batches are padded to their longest row.
+Classification rows have a text and a label, a class id or a class name (:class:`ClassLabels`); causal-LM
+rows a prompt and a response (the loss covers the response tokens only). Texts are tokenised once; batches
+are padded to their longest row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,31 +28,101 @@ class DataError(LorakitError):
 
 
 Row = dict[str, Any]
+FILE_TYPES = (".tsv", ".csv", ".jsonl", ".json")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB per field) refuses long documents
 
 
 def read_rows(source: str, *, split: str = "train") -> list[Row]:
-    """Rows of a ``.tsv``/``.csv``/``.jsonl`` file, the built-in ``demo`` task or a Hugging Face dataset."""
+    """Rows of a ``.tsv``/``.csv``/``.jsonl`` file, the built-in ``demo`` task or a Hugging Face dataset.
+
+    A ``.json`` file holds JSON lines, or one array of objects. Every row has the same fields; an empty file,
+    a malformed line or a row with missing or extra fields is a :class:`DataError` naming the line.
+    """
     if source == "demo":
         return demo_rows(split)
     path = Path(source)
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv", ".jsonl", ".json"):
-        if not path.is_file():
-            raise DataError(f"data file {source} does not exist; check the path")
+    if suffix not in FILE_TYPES:
+        if path.exists():
+            raise DataError(f"{source}: unknown data file type; use one of {', '.join(FILE_TYPES)}")
+        return _hub_rows(source, split)
+    if not path.is_file():
+        raise DataError(f"data file {source} does not exist; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"cannot read {source}: {err.strerror or err}") from None
+    rows = _json_rows(text, source) if suffix in (".jsonl", ".json") else _csv_rows(text, source, suffix)
+    if not rows:
+        raise DataError(f"{source} has no rows; add at least one example (after the header for .tsv/.csv)")
+    return rows
+
+
+def _json_rows(text: str, source: str) -> list[Row]:
+    """JSON lines (one object per line), or a whole-file array of objects."""
+    if text.lstrip().startswith("["):
         try:
-            with path.open(newline="", encoding="utf-8") as f:
-                if suffix in (".jsonl", ".json"):
-                    return [json.loads(line) for line in f if line.strip()]
-                return list(
-                    csv.DictReader(
-                        f,
-                        delimiter="\t" if suffix == ".tsv" else ",",
-                        quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-                    )
-                )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"cannot read {source}: {err}") from None
-    return _hub_rows(source, split)
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        lines = [(i + 1, v) for i, v in enumerate(values)]
+        where = "item"
+    else:
+        lines, where = [], "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{source} line {number} is not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from None
+    rows = []
+    for number, value in lines:
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{source} {where} {number} is a JSON {type(value).__name__}, not an object; write each "
+                'example as {"field": value, ...}'
+            )
+        rows.append(value)
+    return rows
+
+
+def _csv_rows(text: str, source: str, suffix: str) -> list[Row]:
+    """Rows of a TSV (tabs, no quoting) or CSV file with a header line; every row has the header's fields."""
+    tsv = suffix == ".tsv"
+    limit = csv.field_size_limit()
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        reader = csv.reader(
+            io.StringIO(text, newline=""),
+            delimiter="\t" if tsv else ",",
+            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+        )
+        table = [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise DataError(f"{source} line {reader.line_num}: {err}; fix the line") from None
+    finally:
+        csv.field_size_limit(limit)
+    table = [(n, row) for n, row in table if row]  # blank lines
+    if not table:
+        return []
+    header = table[0][1]
+    if len(set(header)) != len(header) or not all(h.strip() for h in header):
+        raise DataError(f"{source}: the header line {header} must name each column once; fix the first line")
+    rows = []
+    for number, row in table[1:]:
+        if len(row) != len(header):
+            sep = "tabs" if tsv else "commas"
+            raise DataError(
+                f"{source} line {number} has {len(row)} field(s) where the header has {len(header)} "
+                f"({', '.join(header)}); separate every field with {sep}"
+            )
+        rows.append(dict(zip(header, row, strict=True)))
+    return rows
 
 
 def _hub_rows(dataset_id: str, split: str) -> list[Row]:
@@ -61,13 +134,16 @@ def _hub_rows(dataset_id: str, split: str) -> list[Row]:
             "lorakit[hub] (pip install 'lorakit[hub]')"
         ) from None
     try:
-        return list(datasets.load_dataset(dataset_id, split=split))
+        rows = list(datasets.load_dataset(dataset_id, split=split))
     except Exception as err:  # offline, unknown id, unknown split
         raise DataError(f"cannot load dataset '{dataset_id}' split '{split}': {err}") from None
+    if not rows:
+        raise DataError(f"dataset '{dataset_id}' split '{split}' has no rows")
+    return rows
 
 
 def column(rows: list[Row], name: str, source: str) -> list[Any]:
-    """One column of ``rows``; a clear error naming the available columns when it is missing."""
+    """One field of every row; a clear error naming the available columns, or the first row lacking it."""
     if not rows:
         raise DataError(f"{source} has no rows")
     if name not in rows[0]:
@@ -75,7 +151,126 @@ def column(rows: list[Row], name: str, source: str) -> list[Any]:
             f"{source} has no column '{name}'; its columns are {sorted(rows[0])} "
             "(set --text-column / --label-column / --prompt-column / --response-column)"
         )
+    for number, row in enumerate(rows, 1):
+        if row.get(name) is None:
+            raise DataError(f"{source} row {number} has no '{name}' value; give every row one")
     return [row[name] for row in rows]
+
+
+def texts(rows: list[Row], name: str, source: str) -> list[str]:
+    """A text field of every row: strings (numbers are written out; lists and objects are refused)."""
+    values = column(rows, name, source)
+    for number, value in enumerate(values, 1):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DataError(f"{source} row {number}: '{name}' must be text, not {type(value).__name__}")
+    return [str(v) for v in values]
+
+
+# --- classification labels -------------------------------------------------------------------------------
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _label(value: Any, row: int, name: str, source: str) -> int | str:
+    """One label as a class id (an integer) or a class name (other text); anything else is refused."""
+    where = f"{source} row {row}: label {value!r} in column '{name}'"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{where} is not a class: use integer class ids or class names (text)")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise DataError(f"{where} is not a whole number: classification labels are class ids or names")
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise DataError(f"{source} row {row} has an empty label '{name}'; give every row its class")
+        if _INTEGER.fullmatch(text):
+            return int(text)
+        try:
+            float(text)
+        except ValueError:
+            return text
+        raise DataError(f"{where} is not a whole number: classification labels are class ids or names")
+    if value < 0:
+        raise DataError(f"{where} is negative: class ids count from 0")
+    return value
+
+
+def _labels(rows: list[Row], name: str, source: str) -> list[int | str]:
+    return [_label(v, i, name, source) for i, v in enumerate(column(rows, name, source), 1)]
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """The classes of a classification task: ``count`` of them, and ``names`` (in class-id order) when the
+    training data labels its rows by name; ``names`` is None when the labels are the class ids themselves."""
+
+    count: int
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.count < 2:
+            raise DataError(
+                f"a classification task needs at least 2 classes, got {self.count}; check the label column "
+                "and --num-labels (lorakit does not train regression heads)"
+            )
+        if self.names is not None and len(self.names) != self.count:
+            raise DataError(
+                f"{len(self.names)} class names ({', '.join(self.names[:10])}) but num_labels is "
+                f"{self.count}; give one name per class, or drop --num-labels"
+            )
+
+    @classmethod
+    def from_rows(cls, rows: list[Row], name: str, source: str, count: int | None = None) -> ClassLabels:
+        """The classes the training rows use: ids ``0..max`` (or ``count``), or their names sorted."""
+        if count is not None:
+            cls(count)  # a count below 2 is refused before the rows are read
+        labels = _labels(rows, name, source)
+        ids = sorted({v for v in labels if isinstance(v, int)})
+        names = sorted({v for v in labels if isinstance(v, str)})
+        if ids and names:
+            raise DataError(
+                f"{source}: labels in '{name}' mix class ids ({ids[:3]}) and class names ({names[:3]}); "
+                "use one or the other"
+            )
+        if names:
+            if count is not None and count != len(names):
+                raise DataError(
+                    f"{source} has {len(names)} classes ({', '.join(names[:10])}) but num_labels is {count}; "
+                    "drop --num-labels (the data sets it) or fix the labels"
+                )
+            return cls(len(names), tuple(names))
+        if count is not None and ids[-1] >= count:
+            raise DataError(
+                f"{source}: label {ids[-1]} is outside the {count} classes 0..{count - 1} num_labels allows; "
+                f"set --num-labels {ids[-1] + 1} or fix the labels"
+            )
+        return cls(ids[-1] + 1 if count is None else count)
+
+    def ids(self, rows: list[Row], name: str, source: str) -> list[int]:
+        """Each row's class id, refusing labels outside these classes (naming the row and the fix)."""
+        out = []
+        for row, label in enumerate(_labels(rows, name, source), 1):
+            if self.names is None:
+                if not isinstance(label, int):
+                    raise DataError(
+                        f"{source} row {row}: label {label!r} is a name but the model's classes are the ids "
+                        f"0..{self.count - 1}; use class ids"
+                    )
+                if label >= self.count:
+                    raise DataError(
+                        f"{source} row {row}: label {label} is outside the model's {self.count} classes "
+                        f"0..{self.count - 1}; fix the labels or train with --num-labels {label + 1}"
+                    )
+                out.append(label)
+            elif str(label) not in self.names:
+                shown = ", ".join(self.names[:10])
+                raise DataError(
+                    f"{source} row {row}: label {label!r} is not one of the classes of the training data "
+                    f"({shown}); fix the labels or add the class to the training data"
+                )
+            else:
+                out.append(self.names.index(str(label)))
+        return out
 
 
 @dataclass
@@ -107,22 +302,36 @@ class TokenizedData:
 
 
 def tokenize_classification(
-    rows: list[Row], tokenizer: Any, text_column: str, label_column: str, max_length: int, source: str
+    rows: list[Row],
+    tokenizer: Any,
+    text_column: str,
+    label_column: str,
+    max_length: int,
+    source: str,
+    classes: ClassLabels | None = None,
 ) -> TokenizedData:
-    texts = [str(t) for t in column(rows, text_column, source)]
-    try:
-        labels = [int(v) for v in column(rows, label_column, source)]
-    except ValueError as err:
-        raise DataError(f"{source}: labels in column '{label_column}' must be integers ({err})") from None
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    """Token ids and class ids; ``classes`` maps the labels to ids and bounds them (default: the labels are
+    class ids, unbounded)."""
+    if classes is None:
+        labels = _labels(rows, label_column, source)
+        named = [v for v in labels if isinstance(v, str)]
+        if named:
+            raise DataError(
+                f"{source}: label {named[0]!r} is a class name; pass classes=ClassLabels.from_rows(training "
+                "rows, ...) to map class names to ids"
+            )
+    else:
+        labels = classes.ids(rows, label_column, source)
+    text = texts(rows, text_column, source)
+    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
     return TokenizedData(ids, labels, tokenizer.pad_token_id or 0)
 
 
 def tokenize_causal(
     rows: list[Row], tokenizer: Any, prompt_column: str, response_column: str, max_length: int, source: str
 ) -> TokenizedData:
-    prompts = [str(t) for t in column(rows, prompt_column, source)]
-    responses = [str(t) for t in column(rows, response_column, source)]
+    prompts = texts(rows, prompt_column, source)
+    responses = texts(rows, response_column, source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids, labels = [], []
     for prompt, response in zip(prompts, responses, strict=True):

@@ -21,11 +21,12 @@ import lorakit
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
-from lorakit.settings import check_settings
+from lorakit.quant_api import check_quant_type
+from lorakit.settings import check_settings, check_types
 from lorakit.train import data as D
 from lorakit.train import rundir
 from lorakit.train.loop import TrainConfig, TrainResult, train
-from lorakit.train.models import head_modules, load_model
+from lorakit.train.models import TASKS, head_modules, load_model
 
 
 @dataclass
@@ -35,15 +36,21 @@ class DataConfig:
     data: str = "demo"  # training data: a .tsv/.csv/.jsonl path, a Hugging Face dataset id, or 'demo'
     eval_data: str | None = None  # evaluation data (default: the test split of 'demo', else none)
     text_column: str = "sentence"  # classification text column
-    label_column: str = "label"  # classification label column (integers)
+    label_column: str = "label"  # classification label column (class ids 0, 1, ... or class names)
     prompt_column: str = "prompt"  # causal-LM prompt column (no loss on it)
     response_column: str = "response"  # causal-LM response column (the loss covers it)
     max_length: int = 64  # tokens per example
     eval_batch_size: int = 128  # examples per evaluation batch
 
     def __post_init__(self) -> None:
-        checks = {"eval_batch_size": isinstance(self.eval_batch_size, int) and self.eval_batch_size > 0}
-        check_settings(self, checks, "data", "eval_batch_size a positive integer")
+        check_types(self, "data")
+        names = ("data", "text_column", "label_column", "prompt_column", "response_column")
+        checks = {name: bool(getattr(self, name).strip()) for name in names}
+        checks["eval_data"] = self.eval_data is None or bool(self.eval_data.strip())
+        checks |= {"max_length": self.max_length > 0, "eval_batch_size": self.eval_batch_size > 0}
+        rules = {name: "a name, not empty" for name in (*names, "eval_data")}
+        rules |= {"max_length": "a positive number of tokens", "eval_batch_size": "a positive number"}
+        check_settings(self, checks, "data", rules)
 
 
 @dataclass
@@ -52,7 +59,9 @@ class JobConfig:
 
     model: str = "minilm"  # 'minilm' (embedded), a local directory, or a Hugging Face id
     task: str = "classification"  # classification | causal-lm
-    num_labels: int = 2  # classes of a classification task
+    num_labels: int | None = None  # classes of a classification task (default: from the training data)
+    # class names in class-id order when the labels are names (read from the training data)
+    labels: list[str] | None = None
     variant: str = "lora"  # a registered variant name (see `lorakit list`)
     # layers to adapt: comma-separated name suffixes, a regex, or all-linear
     targets: list[str] | str = field(default_factory=lambda: ["query", "key", "value", "dense"])
@@ -67,6 +76,35 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
+
+    def __post_init__(self) -> None:
+        check_types(self, "job")
+        checks = {
+            "model": bool(self.model.strip()),
+            "task": self.task in TASKS,
+            "num_labels": self.num_labels is None or self.num_labels >= 2,
+            "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
+            "output_dir": bool(self.output_dir.strip()),
+        }
+        rules = {
+            "model": "a model name or path",
+            "task": f"one of {', '.join(TASKS)}",
+            "num_labels": "at least 2 (lorakit trains no regression heads); unset: counted from the data",
+            "labels": "at least 2 distinct class names",
+            "output_dir": "a directory path",
+        }
+        check_settings(self, checks, "job", rules)
+        if self.quantize is not None:
+            check_quant_type(self.quantize)
+        # the variant's settings are checked now, before anything is read or written
+        config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, **self.options}
+        lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+
+    def classes(self) -> D.ClassLabels | None:
+        """The classes given or recorded (None until :func:`resolve_classes` counts them in the data)."""
+        if self.labels is not None:
+            return D.ClassLabels(self.num_labels or len(self.labels), tuple(self.labels))
+        return D.ClassLabels(self.num_labels) if self.num_labels is not None else None
 
 
 class EvaluationError(LorakitError):
@@ -89,28 +127,51 @@ class JobResult:
         return dataclasses.asdict(self)
 
 
-def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.TokenizedData | None]:
-    """Tokenised training data and evaluation data (if any) for ``job``."""
+def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
+    """``(source, rows)`` of the training data and, if there is one, the evaluation data."""
     d = job.data
     eval_source = d.eval_data or ("demo" if d.data == "demo" else None)
-    splits = [(d.data, "train"), (eval_source, "test")]
-    out = []
-    for source, split in splits:
-        if source is None:
-            out.append(None)
-            continue
-        rows = D.read_rows(source, split=split)
-        if job.task == "classification":
-            out.append(
-                D.tokenize_classification(
-                    rows, tokenizer, d.text_column, d.label_column, d.max_length, source
-                )
-            )
-        else:
-            out.append(
-                D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
-            )
-    return out[0], out[1]
+    out = [(d.data, D.read_rows(d.data, split="train"))]
+    if eval_source is not None:
+        out.append((eval_source, D.read_rows(eval_source, split="test")))
+    return out
+
+
+def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None) -> JobConfig:
+    """``job`` with its classes read from the training data (the number, and the names of named labels),
+    after checking every row of the training and evaluation data against them; before any training, so a
+    label problem never costs a run. A causal-LM job is returned as it is."""
+    if job.task != "classification":
+        return job
+    data = read_data(job) if data is None else data
+    d = job.data
+    classes = job.classes() if job.labels is not None else None
+    if classes is None:
+        source, rows = data[0]
+        classes = D.ClassLabels.from_rows(rows, d.label_column, source, job.num_labels)
+    for source, rows in data:
+        classes.ids(rows, d.label_column, source)
+        D.texts(rows, d.text_column, source)
+    labels = list(classes.names) if classes.names is not None else None
+    return dataclasses.replace(job, num_labels=classes.count, labels=labels)
+
+
+def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> D.TokenizedData:
+    """One data set of ``job`` tokenised for its task (classification labels as the job's class ids)."""
+    d = job.data
+    if job.task == "classification":
+        return D.tokenize_classification(
+            rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
+        )
+    return D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
+
+
+def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.TokenizedData | None]:
+    """Tokenised training data and evaluation data (if any) for ``job``."""
+    data = read_data(job)
+    job = resolve_classes(job, data)
+    out = [tokenize(job, tokenizer, source, rows) for source, rows in data]
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 @torch.no_grad()
@@ -140,7 +201,10 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
 def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     """Load the base model, quantise it if asked, and apply the job's variant."""
     torch.manual_seed(job.train.seed)  # the new head's initialisation depends on it
-    model, tokenizer = load_model(job.model, job.task, job.num_labels)
+    model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    if job.labels is not None:  # the names travel with a merged model
+        model.config.id2label = dict(enumerate(job.labels))
+        model.config.label2id = {name: i for i, name in enumerate(job.labels)}
     if job.quantize:
         from lorakit.quant_api import quantize
 
@@ -206,6 +270,7 @@ def run_job(job: JobConfig) -> JobResult:
     there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
     """
     out = check_output_dir(job)
+    job = resolve_classes(job)  # every label checked before training; the classes size the head
     model, tokenizer = prepare_model(job)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)

@@ -25,6 +25,13 @@ def resolve_model(name: str) -> str:
     """A local path or hub id for ``name`` (embedded names map to their package's bundled files)."""
     package = EMBEDDED.get(name)
     if package is None:
+        # a path (not an owner/name hub id) that does not exist is a typo, not something to download
+        pathlike = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+        if pathlike and not Path(name).expanduser().exists():
+            raise ModelError(
+                f"model path {name} does not exist; pass a local model directory, a Hugging Face id "
+                "(owner/name) or the embedded 'minilm'"
+            )
         return name
     try:
         module = __import__(package)
@@ -49,7 +56,10 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            # a saved head with another number of classes is replaced by a new one (trained with the adapter)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, ignore_mismatched_sizes=True
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
     except OSError as err:

@@ -6,7 +6,7 @@ benchmarks and the README table pick it up from here.
 
 from __future__ import annotations
 
-from lorakit.core.variant import Variant
+from lorakit.core.variant import ConfigError, Variant
 from lorakit.variants.adalora import AdaLoRA
 from lorakit.variants.delta_lora import DeltaLoRA
 from lorakit.variants.dora import DoRA
@@ -43,4 +43,4 @@ def get_variant(name: str) -> type[Variant]:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown variant '{name}'; choose one of: {', '.join(VARIANTS)}") from None
+        raise ConfigError(f"unknown variant '{name}'; choose one of: {', '.join(VARIANTS)}") from None

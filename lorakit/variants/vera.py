@@ -42,6 +42,11 @@ class VeRAConfig(VariantConfig):
     projection_shape: list[int] | None = None
     save_projection: bool = True
 
+    def max_rank(self, out_features: int, in_features: int) -> int | None:
+        """None: ``A`` and ``B`` are shared and frozen, so a rank above a layer's size trains ``r`` numbers
+        (``d``), not ``r (in + out)``; the paper uses ranks up to the model width."""
+        return None
+
     def validate(self) -> None:
         super().validate()
         require(isinstance(self.projection_seed, int), "projection_seed", self.projection_seed, "an integer")

@@ -1,0 +1,250 @@
+"""Bad inputs caught up front: labels (ids or names, counted from the data), every numeric setting, ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from layer_zoo import MLP
+from variant_cases import case_config
+
+import lorakit
+from lorakit.api import TargetError
+from lorakit.cli import build_parser
+from lorakit.cliargs import job_from_args
+from lorakit.errors import LorakitError, SettingError
+from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
+from lorakit.train.job import DataConfig, JobConfig, resolve_classes
+from lorakit.train.loop import TrainConfig
+
+
+def rows(*labels: object) -> list[dict[str, object]]:
+    return [{"sentence": f"text {i}", "label": v} for i, v in enumerate(labels)]
+
+
+def test_class_ids_count_from_the_data_and_names_become_a_sorted_vocabulary() -> None:
+    assert ClassLabels.from_rows(rows(0, 2, 1, "2"), "label", "d") == ClassLabels(3)
+    assert ClassLabels.from_rows(rows(1, 0), "label", "d", count=4) == ClassLabels(4)
+    assert ClassLabels.from_rows(rows(1.0, 0.0), "label", "d") == ClassLabels(2)  # whole floats are ids
+    named = ClassLabels.from_rows(rows("pos", "neg", "neutral", "pos"), "label", "d")
+    assert named == ClassLabels(3, ("neg", "neutral", "pos"))
+    assert named.ids(rows("pos", "neg", "neutral"), "label", "d") == [2, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("labels", "count", "message"),
+    [
+        ((1.9, 0), None, r"row 1: label 1.9 in column 'label' is not a whole number"),
+        (("1.9", "0"), None, r"row 1: label '1.9' .* is not a whole number"),
+        ((0, 0, 0), None, "needs at least 2 classes, got 1"),
+        ((0, 1), 1, "needs at least 2 classes, got 1"),
+        ((0, 5), 2, r"label 5 is outside the 2 classes 0..1 num_labels allows; set --num-labels 6"),
+        ((0, "pos"), None, r"mix class ids \(\[0\]\) and class names \(\['pos'\]\)"),
+        (("a", "b"), 3, "has 2 classes .* but num_labels is 3"),
+        ((0, -1), None, "row 2: label -1 .* is negative"),
+        ((0, True), None, "row 2: label True .* is not a class"),
+        ((0, [1]), None, r"row 2: label \[1\] .* is not a class"),
+        ((0, " "), None, "row 2 has an empty label"),
+        ((0, None), None, "row 2 has no 'label' value"),
+    ],
+)
+def test_bad_labels_are_refused_naming_the_row_and_the_fix(labels, count, message) -> None:
+    with pytest.raises(DataError, match=message):
+        ClassLabels.from_rows(rows(*labels), "label", "d", count)
+
+
+def test_evaluation_labels_outside_the_training_classes_are_refused() -> None:
+    with pytest.raises(DataError, match=r"row 2: label 2 is outside the model's 2 classes 0..1"):
+        ClassLabels(2).ids(rows(0, 2), "label", "eval")
+    with pytest.raises(DataError, match=r"row 1: label 'meh' is not one of the classes .* \(neg, pos\)"):
+        ClassLabels(2, ("neg", "pos")).ids(rows("meh"), "label", "eval")
+    with pytest.raises(DataError, match="is a name but the model's classes are the ids"):
+        ClassLabels(2).ids(rows("pos"), "label", "eval")
+
+
+def test_tokenize_without_classes_takes_ids_only() -> None:
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, texts, truncation, max_length):
+            return {"input_ids": [[1] * min(len(t), max_length) for t in texts]}
+
+    assert tokenize_classification(rows(1, 0), Tok(), "sentence", "label", 4, "d").labels == [1, 0]
+    with pytest.raises(DataError, match="is a class name; pass classes="):
+        tokenize_classification(rows("pos"), Tok(), "sentence", "label", 4, "d")
+    named = ClassLabels(2, ("neg", "pos"))
+    data = tokenize_classification(rows("pos", "neg"), Tok(), "sentence", "label", 4, "d", classes=named)
+    assert data.labels == [1, 0]
+
+
+def test_a_job_reads_its_classes_from_training_data_and_checks_evaluation_data_first(tmp_path) -> None:
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tpos\nb\tneg\nc\tmeh\n")
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\na\tpos\nb\tugh\n")
+    job = JobConfig(data=DataConfig(data=str(tmp_path / "train.tsv")))
+    resolved = resolve_classes(job)
+    assert (resolved.num_labels, resolved.labels) == (3, ["meh", "neg", "pos"])
+    assert resolve_classes(resolved) == resolved  # recorded classes are kept (eval reads them back)
+    bad = dataclasses.replace(
+        job, data=DataConfig(data=str(tmp_path / "train.tsv"), eval_data=str(tmp_path / "test.tsv"))
+    )
+    with pytest.raises(DataError, match="test.tsv row 2: label 'ugh' is not one of the classes"):
+        resolve_classes(bad)
+    causal = JobConfig(task="causal-lm", data=DataConfig(data=str(tmp_path / "nope.tsv")))
+    assert resolve_classes(causal) is causal
+
+
+def _job(argv: list[str]) -> JobConfig:
+    return job_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_config_file_values_are_read_like_set_values(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "lr: 1e-3\nsteps: '20'\nalpha: 32\nmax_length: 1e2\nlabels: neg, pos\noptions: {rslora: true}\n"
+    )
+    job = _job(["--config", str(config)])
+    assert job.train.lr == 0.001 and job.train.steps == 20 and job.alpha == 32.0
+    assert job.data.max_length == 100 and job.labels == ["neg", "pos"] and job.options == {"rslora": True}
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("steps: abc\n", r"steps='abc': it must be an integer"),
+        ("lr: [1]\n", r"lr=\[1\]: it must be a number"),
+        ("max_length: 2.5\n", r"max_length=2.5: it must be an integer"),
+        ("progress: maybe\n", "progress='maybe': it must be true or false"),
+        ("model: 3\n", "model=3: it must be text"),
+        ("options: 3\n", "options must be a mapping"),
+        ("- a\n", "must be a mapping of settings"),
+        ("a: [\n", "cannot read config"),
+        ("bogus: 1\n", r"unknown setting\(s\) \['bogus'\]"),
+        ("rank: abc\n", "rank='abc': it must be an integer"),
+    ],
+)
+def test_bad_config_values_name_the_setting(tmp_path, yaml_text, message) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SettingError, match=message):
+        _job(["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--max-length", "0"], "max_length=0"),
+        (["--max-length", "-3"], "max_length=-3"),
+        (["--eval-batch-size", "0"], "eval_batch_size=0"),
+        (["--batch-size", "0"], "batch_size=0"),
+        (["--steps", "0"], "steps=0"),
+        (["--grad-accum", "0"], "grad_accum=0"),
+        (["--lr=-1e-3"], "lr=-0.001"),
+        (["--lr", "0"], "lr=0.0"),
+        (["--lr", "nan"], "lr=nan"),
+        (["--weight-decay", "-1"], "weight_decay=-1.0"),
+        (["--warmup-ratio", "1.5"], "warmup_ratio=1.5"),
+        (["--clip", "-1"], "clip=-1.0"),
+        (["--eval-every", "-1"], "eval_every=-1"),
+        (["--checkpoint-every", "-2"], "checkpoint_every=-2"),
+        (["--num-labels", "1"], "num_labels=1"),
+        (["--num-labels", "0"], "num_labels=0"),
+        (["--task", "regression"], "task='regression'"),
+        (["--quantize", "int3"], "unknown quant type 'int3'"),
+        (["--text-column", " "], "text_column=' '"),
+        (["--output-dir", ""], "output_dir=''"),
+        (["--rank", "0"], "'rank' = 0"),
+        (["--alpha", "-1"], "'alpha' = -1.0"),
+        (["--dropout", "1"], "'dropout' = 1.0"),
+        (["--variant", "nope"], "unknown variant 'nope'"),
+        (["--set", "rank=abc"], "rank='abc'"),
+        (["--labels", "a"], "labels=\\['a'\\]"),
+    ],
+)
+def test_every_numeric_setting_out_of_range_is_refused_before_anything_runs(argv, field) -> None:
+    with pytest.raises(LorakitError, match=field):
+        _job(argv)
+
+
+def test_settings_classes_check_types_from_python_too() -> None:
+    with pytest.raises(SettingError, match="max_length='64x'"):
+        DataConfig(max_length="64x")
+    assert DataConfig(max_length="64").max_length == 64  # text that is a number is read as one
+    with pytest.raises(LorakitError):
+        TrainConfig(steps=0)
+
+
+def test_a_rank_above_a_layer_is_refused_for_every_variant_naming_the_layer() -> None:
+    for name, cls in lorakit.VARIANTS.items():
+        config = {**case_config(name), "rank": 13}
+        if "init_r" in {f.name for f in dataclasses.fields(cls.config_class)}:
+            config |= {"init_r": 13, "target_r": 2}
+        config.pop("projection_shape", None)
+        limit = cls.config_class.from_dict({k: v for k, v in config.items()}, name).max_rank(20, 12)
+        if limit is None:  # a rank that is not a factor size (VeRA's shared projections)
+            lorakit.apply(MLP(), name, targets=["fc1"], **config)
+            continue
+        model = MLP()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(
+            TargetError, match=r"rank 13 is above what layer fc1 \(20 x 12\) can use \(at most 12\)"
+        ):
+            lorakit.apply(model, name, targets=["fc1"], **config)
+        assert not hasattr(model, "lorakit") and all(p.requires_grad for p in model.parameters()), name
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+        fits = {**config, "rank": 12} | ({"init_r": 12} if "init_r" in config else {})
+        assert lorakit.info(lorakit.apply(MLP(), name, targets=["fc1"], **fits)).config.rank == 12
+
+
+def test_a_bad_targets_regex_is_a_target_error() -> None:
+    with pytest.raises(TargetError, match="not a valid regular expression"):
+        lorakit.apply(MLP(), "lora", targets="fc(")
+
+
+def test_long_fields_and_all_file_types_read(tmp_path) -> None:
+    long = "word " * 300_000  # 1.5 MB, above the csv module's default field limit
+    (tmp_path / "a.tsv").write_text(f"sentence\tlabel\n{long}\t1\n")
+    (tmp_path / "a.json").write_text('[{"sentence": "x", "label": 0}]')
+    assert read_rows(str(tmp_path / "a.tsv"))[0]["sentence"] == long
+    assert read_rows(str(tmp_path / "a.json")) == [{"sentence": "x", "label": 0}]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("a.jsonl", '{"sentence": "a", "label": 1}\n{bad\n', "line 2 is not valid JSON"),
+        ("a.jsonl", '{"sentence": "a", "label": 1}\n[1, 2]\n', "line 2 is a JSON list, not an object"),
+        ("a.tsv", "sentence\tlabel\na\t1\nb\n", "line 3 has 1 field.* where the header has 2"),
+        ("a.tsv", "sentence\tlabel\na\t1\tx\n", "line 2 has 3 field.* where the header has 2"),
+        ("a.csv", 'sentence,label\n"a,1\n', "line"),
+        ("a.tsv", "", "has no rows"),
+        ("a.tsv", "sentence\tlabel\n", "has no rows"),
+        ("a.jsonl", "\n\n", "has no rows"),
+        ("a.tsv", "sentence\tsentence\na\tb\n", "must name each column once"),
+        ("a.txt", "hello", "unknown data file type"),
+    ],
+)
+def test_malformed_data_files_name_the_line(tmp_path, name, text, message) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_rows(str(tmp_path / name))
+
+
+def test_a_row_without_the_label_names_the_row(tmp_path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b"}\n')
+    with pytest.raises(DataError, match="row 2 has no 'label' value"):
+        ClassLabels.from_rows(read_rows(str(tmp_path / "a.jsonl")), "label", "a.jsonl")
+    (tmp_path / "b.tsv").write_bytes(b"sentence\tlabel\n\xff\xfe\t1\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_rows(str(tmp_path / "b.tsv"))
+
+
+def test_given_class_names_fix_the_order_and_must_cover_the_data(tmp_path) -> None:
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\tpos\nb\tneg\n")
+    job = JobConfig(labels=["pos", "neg", "meh"], data=DataConfig(data=str(tmp_path / "train.tsv")))
+    resolved = resolve_classes(job)
+    assert (resolved.num_labels, resolved.labels) == (3, ["pos", "neg", "meh"])
+    with pytest.raises(DataError, match="row 1: label 'pos' is not one of the classes"):
+        resolve_classes(dataclasses.replace(job, labels=["neg", "meh"]))
+    with pytest.raises(DataError, match=r"3 class names \(pos, neg, meh\) but num_labels is 2"):
+        resolve_classes(dataclasses.replace(job, num_labels=2))
