@@ -10,6 +10,7 @@ format for are refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -21,13 +22,32 @@ from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info
 from lorakit.core.layer import AdaptedLayer
+from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
-from lorakit.io import atomic_write, undo_apply
+from lorakit.io import AdapterFileError, atomic_write, undo_apply
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells repo ids
+# Config fields lorakit reads: their JSON types, and the methods whose files must have them (PEFT writes
+# them); a null or absent optional field means PEFT's default.
+NUMBER = (int, float)
+FIELDS: dict[str, tuple[tuple[type, ...], tuple[str, ...]]] = {
+    "r": ((int,), ("LORA", "LOHA", "LOKR", "VERA")),
+    "lora_alpha": (NUMBER, ("LORA",)),
+    "alpha": (NUMBER, ("LOHA", "LOKR")),
+    "lora_dropout": (NUMBER, ()),
+    "vera_dropout": (NUMBER, ()),
+    "use_rslora": ((bool,), ()),
+    "use_dora": ((bool,), ()),
+    "decompose_both": ((bool,), ()),
+    "decompose_factor": ((int,), ()),
+    "d_initial": (NUMBER, ()),
+    "projection_prng_key": ((int,), ()),
+    "modules_to_save": ((list,), ()),
+    "bias": ((str,), ()),
+}
 # PEFT settings that change what the tensors mean (or add tensors lorakit would not read).
 UNSUPPORTED = {
     "rank_pattern": "a rank per layer",
@@ -105,38 +125,49 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Apply the PEFT adapter in ``directory`` (or a Hub repo id) to the plain base ``model``, in place.
 
     LoRA and DoRA adapters become ``lora``/``dora``, LoHa ``loha`` and LoKr ``lokr``. PEFT's rank and module
-    dropout act only in training; lorakit trains an imported adapter with its own input dropout (0). Every
-    tensor is checked before the model is touched, and a failure leaves the model as it was.
+    dropout act only in training; lorakit trains an imported adapter with its own input dropout (0). Only
+    what the adapter owns is loaded: its layers' tensors, the modules in ``modules_to_save`` and the
+    embeddings PEFT saves with ``save_embedding_layers``; every tensor must have exactly the shape the model
+    gives it. Anything else is refused by name (:class:`~lorakit.io.AdapterFileError`), and a failure
+    leaves the model as it was.
     """
     path = _adapter_dir(directory)
     config = _read_config(path)
+    file = path / CONFIG_FILE
     method = next(m for m in METHODS if m.peft_type == config["peft_type"])
     tensors = _read_tensors(path)
     shared = {k: tensors.pop(k) for k in method.shared_keys if k in tensors}
     foreign = [k for k in tensors if not k.startswith(PREFIX)]
     if foreign:
-        raise ValueError(
+        raise AdapterFileError(
             f"{path}: tensor names must start with '{PREFIX}' as PEFT writes them; got {foreign[:3]}"
         )
     local = {k[len(PREFIX) :]: v for k, v in tensors.items()}
     names = sorted({k.split(method.marker)[0] for k in local if method.marker in k})
     if not names:
-        raise ValueError(f"{path}: no {config['peft_type']} tensors (keys containing '{method.marker}')")
-    # Besides the adapter: modules_to_save (trained heads), and base weights PEFT saves for resized
-    # embeddings (`save_embedding_layers`), which go into the base model as they are.
+        raise AdapterFileError(
+            f"{path}: no {config['peft_type']} tensors (keys containing '{method.marker}')"
+        )
     rest = {k: v for k, v in local.items() if method.marker not in k}
-    saved = config.get("modules_to_save") or []
-    heads = {k: v for k, v in rest.items() if any(_within(k, m) for m in saved)}
-    current = model.state_dict()
-    for key, value in ((k.replace(".base_layer.", "."), v) for k, v in rest.items()):
-        if key not in current or current[key].shape != value.shape:
-            found = "no such tensor" if key not in current else f"shape {tuple(current[key].shape)}"
-            raise ValueError(f"{path}: saved {key} {tuple(value.shape)} does not fit this model ({found})")
+    modules_to_save = config.get("modules_to_save") or []
+    _check_owned(model, path, rest, modules_to_save)
+    heads = [k for k in rest if any(_within(k, m) for m in modules_to_save)]
     head_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
     _refuse_tied(model, head_modules)
-    variant, options = method.variant_options(config, shared)
+    try:
+        variant, options = method.variant_options(config, shared)
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterFileError(
+            f"{file}: settings lorakit cannot read ({type(err).__name__}: {err})"
+        ) from None
     exact = "|".join(re.escape(n) for n in names)  # full names, not suffixes
-    apply(model, variant, targets=exact, train_modules=head_modules, **options)
+    touched = {k.replace(".base_layer.", ".") for k in rest}
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in touched}
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        apply(model, variant, targets=exact, train_modules=head_modules, **options)
+    except LorakitError as err:
+        raise AdapterFileError(f"{file}: {err}") from None
     try:
         layers = dict(adapted_layers(model))
         params = dict(model.state_dict(keep_vars=True))
@@ -146,10 +177,55 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
                 method.fill(layers[name], tensors, PREFIX + name)
             for key, value in rest.items():
                 params[key].copy_(value)
-    except Exception:
+    except Exception as err:  # any failure: the model goes back to what it was
         undo_apply(model)
-        raise
+        model.load_state_dict(saved, strict=False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
+        if isinstance(err, LorakitError):
+            raise
+        raise AdapterFileError(
+            f"{path}: the adapter tensors do not fit the model ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]})"
+        ) from None
     return model
+
+
+def _check_owned(model: nn.Module, path: Path, rest: dict[str, Tensor], saved: list[str]) -> None:
+    """Refuse tensors besides the adapter's layers unless the adapter owns them: a module in
+    ``modules_to_save`` (a trained head), or the input or output embedding PEFT saves for a resized
+    vocabulary (``save_embedding_layers``). Each must match the model's tensor in name and shape."""
+    current = model.state_dict()
+    for key, value in rest.items():
+        plain = key.replace(".base_layer.", ".")
+        if not (any(_within(plain, m) for m in saved) or _is_embedding(model, plain)):
+            module = plain.rsplit(".", 1)[0]
+            raise AdapterFileError(
+                f"{path}: {PREFIX}{key} is not part of the adapter ({module} is not in modules_to_save, "
+                "and not an embedding); lorakit loads only what the adapter owns. Remove the tensor, or list "
+                f"{module} in modules_to_save of {CONFIG_FILE}"
+            )
+        if plain not in current or current[plain].shape != value.shape:
+            found = "no such tensor" if plain not in current else f"shape {tuple(current[plain].shape)}"
+            raise AdapterFileError(
+                f"{path}: saved {plain} {tuple(value.shape)} does not fit this model ({found})"
+            )
+
+
+def _is_embedding(model: nn.Module, key: str) -> bool:
+    """Whether tensor ``key`` belongs to the model's input or output embedding."""
+    owners = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except NotImplementedError:  # a transformers model without that embedding
+            module = None
+        if module is not None:
+            owners.append(module)
+    names = {n for n, m in model.named_modules() if any(m is o for o in owners)}
+    owner = key.replace(".base_layer.", ".").rsplit(".", 1)[0]
+    return owner in names
 
 
 def _within(key: str, module: str) -> bool:
@@ -168,51 +244,113 @@ def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
         for p in modules[module].parameters():
             others = [n for n in owners[id(p)] if not n.startswith(module + ".")]
             if others:
-                raise ValueError(
+                raise LorakitError(
                     f"{module} shares its weight with {others[0]} (tied); PEFT's modules_to_save would untie "
                     "them. Untie the weights first, or use lorakit.save"
                 )
 
 
 def _adapter_dir(directory: str | os.PathLike[str]) -> Path:
-    """A local directory as given; an ``owner/name`` that is not one is fetched from the Hugging Face Hub."""
+    """A local directory as given; a string ``owner/name`` that is not one is fetched from the Hugging Face
+    Hub. Any other missing path is an error: a local path never sends the loader to the network."""
     path = Path(directory)
-    if path.exists() or not HUB_ID.fullmatch(str(directory)):
+    if path.is_dir():
         return path
+    if path.exists():
+        raise AdapterFileError(f"{path} is a file; pass the directory holding {CONFIG_FILE}")
+    text = str(directory)
+    if not (isinstance(directory, str) and _looks_like_hub_id(text)):
+        raise AdapterFileError(f"no adapter directory {directory}; pass the directory holding {CONFIG_FILE}")
     from huggingface_hub import snapshot_download  # installed with transformers
 
     files = [CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"]
     try:
-        return Path(snapshot_download(str(directory), allow_patterns=files))
+        return Path(snapshot_download(text, allow_patterns=files))
     except Exception as err:  # offline, unknown repo, no access: all mean "not found" to the caller
-        raise FileNotFoundError(
-            f"no adapter directory {directory}, and fetching it from the Hugging Face Hub failed: {err}"
-        ) from err
+        raise AdapterFileError(
+            f"no adapter directory {directory}, and fetching it from the Hugging Face Hub failed: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` as the Hub spells repo ids, and not a relative path whose first folder exists here."""
+    if not HUB_ID.fullmatch(text) or ".." in text or "--" in text:
+        return False
+    return not Path(text.split("/")[0]).exists()
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json``: every field lorakit reads present and of the right type."""
     file = path / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter directory")
-    config = json.loads(file.read_text())
+        raise AdapterFileError(f"no {CONFIG_FILE} in {path}: not a PEFT adapter directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"cannot read {file}: {err}; it must be the JSON file PEFT writes") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file} holds a JSON {type(config).__name__}; PEFT writes an object")
     types = [m.peft_type for m in METHODS]
     if config.get("peft_type") not in types:
-        raise ValueError(f"{file}: peft_type {config.get('peft_type')!r}; lorakit reads {', '.join(types)}")
+        raise AdapterFileError(
+            f"{file}: peft_type {config.get('peft_type')!r}; lorakit reads {', '.join(types)}"
+        )
+    for field, (kinds, required_by) in FIELDS.items():
+        value = config.get(field)
+        if value is None:
+            if config["peft_type"] in required_by:
+                raise AdapterFileError(
+                    f"{file}: field '{field}' is missing; PEFT writes it for every adapter"
+                )
+            config.pop(field, None)  # absent and null mean the same: PEFT's default
+            continue
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            expected = " or ".join(k.__name__ for k in kinds)
+            raise AdapterFileError(f"{file}: field '{field}' = {value!r} must be {expected}")
+    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("alpha", 1.0))
+    if rank is not None and rank <= 0 or not (0 < alpha < math.inf):
+        raise AdapterFileError(f"{file}: r = {rank!r} and alpha = {alpha!r} must be positive (and finite)")
+    if not all(isinstance(m, str) for m in config.get("modules_to_save", [])):
+        raise AdapterFileError(f"{file}: field 'modules_to_save' must be a list of module names")
     if config.get("use_effective_conv2d"):
-        raise ValueError(f"{file}: use_effective_conv2d (a Tucker core for convolutions) is not supported")
+        raise AdapterFileError(
+            f"{file}: use_effective_conv2d (a Tucker core for convolutions) is not supported"
+        )
     for field, what in UNSUPPORTED.items():
         if config.get(field):
-            raise ValueError(f"{file}: {what} ({field}) is not supported by lorakit's reader")
+            raise AdapterFileError(f"{file}: {what} ({field}) is not supported by lorakit's reader")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise ValueError(f"{file}: trained biases (bias={config.get('bias')!r}) are not supported")
+        raise AdapterFileError(f"{file}: trained biases (bias={config.get('bias')!r}) are not supported")
     return config
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    """The adapter's tensors: safetensors, or a legacy ``adapter_model.bin`` read without unpickling code."""
-    if (path / WEIGHTS_FILE).is_file():
-        return load_file(str(path / WEIGHTS_FILE))
+    """The adapter's tensors: safetensors, or a legacy ``adapter_model.bin`` read without unpickling code.
+    Refuses a file that does not parse, holds something other than named tensors, or non-finite values."""
+    file = path / WEIGHTS_FILE
     legacy = path / "adapter_model.bin"
-    if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {WEIGHTS_FILE} (or adapter_model.bin) in {path}")
+    try:
+        if file.is_file():
+            tensors = load_file(str(file))
+        elif legacy.is_file():
+            file = legacy
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterFileError(f"no {WEIGHTS_FILE} (or adapter_model.bin) in {path}")
+    except AdapterFileError:
+        raise
+    except Exception as err:  # safetensors and torch.load raise their own error types
+        raise AdapterFileError(
+            f"cannot read {file}: {' '.join(str(err).split())[:200]}; it must be the weights file PEFT writes"
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterFileError(f"{file} does not hold named tensors; it must be the weights file PEFT writes")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterFileError(
+            f"{file}: tensor(s) {bad[:5]} hold NaN or infinite values; the adapter is damaged"
+        )
+    return tensors

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lorakit.api import AdapterInfo
 from lorakit.core.layer import AdaptedLayer
+from lorakit.io import AdapterFileError
 
 
 def _kernel(layer: AdaptedLayer) -> tuple[int, ...]:
@@ -100,16 +101,18 @@ class PeftMethod:
         found = {k[len(key) + 1 :] for k in tensors if k.startswith(key + ".")}
         found -= {s for s in found if s.startswith("base_layer.")}
         if found != set(params):
-            raise ValueError(
+            raise AdapterFileError(
                 f"{key}: the file holds {sorted(found)} where lorakit's {self.peft_type} expects "
                 f"{sorted(params)}; other tensors belong to methods lorakit does not read, and other "
                 "factors to a different factorisation"
             )
         for suffix, param in params.items():
             value = tensors[f"{key}.{suffix}"]
-            if value.numel() != param.numel():
-                shapes = f"{tuple(value.shape)} does not fit {tuple(param.shape)}"
-                raise ValueError(f"{key}.{suffix}: the saved tensor's shape {shapes}")
+            # exactly the shape PEFT gives the tensor: a transposed factor has as many elements but is wrong
+            expected = self.to_peft(layer, suffix, param.detach(), layer.variant.config.rank).shape
+            if value.shape != expected:
+                shapes = f"{tuple(value.shape)} is not PEFT's {tuple(expected)} for this layer"
+                raise AdapterFileError(f"{key}.{suffix}: the saved tensor's shape {shapes}")
             param.copy_(value.reshape(param.shape))
 
 
@@ -200,7 +203,8 @@ class VeRAMethod(PeftMethod):
         for key, param in zip(self.shared_keys, (v.A, v.B), strict=True):
             if key in tensors:  # without save_projection the seed alone rebuilt them
                 if tensors[key].shape != param.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} is not {tuple(param.shape)}")
+                    shape = tuple(tensors[key].shape)
+                    raise AdapterFileError(f"{key}: shape {shape} is not {tuple(param.shape)}")
                 param.copy_(tensors[key])
 
 
