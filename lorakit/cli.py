@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 import lorakit
@@ -44,13 +46,21 @@ def _saved_job(adapter: str):
     path = Path(adapter) / JOB_FILE
     meta = lorakit.io.read_meta(adapter)
     if not path.is_file():
-        return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"])
-    raw = json.loads(path.read_text())
+        return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"], num_labels=2)
     from lorakit.privacy.config import DPConfig
 
     # a job.json written before a section existed lacks it: that section takes its defaults
     sections = {"data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
-    return JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
+    try:
+        raw = json.loads(path.read_text())
+        job = JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise LorakitError(
+            f"cannot read {path}: {_one_line(err)}; it must be the {JOB_FILE} `lorakit train` wrote "
+            "(restore it, or train again)"
+        ) from None
+    # a job.json written before the classes were recorded: two classes, as then
+    return job if job.task != "classification" or job.num_labels else dataclasses.replace(job, num_labels=2)
 
 
 def _load_adapted(adapter: str):
@@ -68,19 +78,15 @@ def _load_adapted(adapter: str):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.train import data as D
-    from lorakit.train.job import evaluate
+    from lorakit.train.job import evaluate, tokenize
 
     job, model, tokenizer = _load_adapted(args.adapter)
     source = args.data or job.data.eval_data or ("demo" if job.data.data == "demo" else None)
     if source is None:
-        raise ValueError("no evaluation data: pass --data PATH")
+        raise LorakitError("no evaluation data: pass --data PATH")
     job.data.eval_data, job.data.data = source, source
-    rows = D.read_rows(source, split="test")
+    data = tokenize(job, tokenizer, source, D.read_rows(source, split="test"))
     d = job.data
-    if job.task == "classification":
-        data = D.tokenize_classification(rows, tokenizer, d.text_column, d.label_column, d.max_length, source)
-    else:
-        data = D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
     if args.all_ranks:
         from lorakit.variants.dylora import evaluate_all_ranks
 
@@ -142,8 +148,15 @@ def cmd_federate(args: argparse.Namespace) -> None:
     print(f"done after {len(result.rounds)} rounds: {metrics}; adapter saved to {result.adapter_dir}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes (an unknown flag, a value of the wrong type) end in one line, like every other error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"lorakit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Fine-tune models with the LoRA family.")
+    parser = _Parser(prog="lorakit", description="Fine-tune models with the LoRA family.")
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,14 +207,16 @@ USER_ERRORS = (LorakitError, ValueError, OSError, ImportError)
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
-        text += f": {err.filename}"
-    return text
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # a path the system refused
+        return f"cannot use {err.filename}: {err.strerror} (check that the path exists and is writable)"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed in one line
+        return done.code if isinstance(done.code, int) else 2
     debug = args.debug or bool(os.environ.get("LORAKIT_DEBUG"))
     try:
         code = args.func(args)

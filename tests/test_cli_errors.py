@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lorakit.cli import main
@@ -36,3 +38,105 @@ def test_debug_flag_shows_the_traceback(where, capsys) -> None:
     assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(LorakitError, match="not a lorakit adapter directory"):
         main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
+
+
+def _train(tiny_bert_dir, out, *extra: str) -> list[str]:
+    base = ["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), "--no-progress", "--steps", "2"]
+    return [*base, "--batch-size", "4", "--targets", "query", *extra]
+
+
+@pytest.fixture
+def named(tmp_path):
+    """A three-class task labelled by name, with evaluation data."""
+    lines = [f"it was {w}\t{c}" for w, c in [("good", "pos"), ("bad", "neg"), ("okay", "meh")] * 4]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(lines) + "\n")
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\n" + "\n".join(lines[:3]) + "\n")
+    return tmp_path
+
+
+def test_named_labels_train_and_evaluate_with_the_saved_vocabulary(named, tiny_bert_dir, capsys) -> None:
+    out = named / "run"
+    argv = _train(
+        tiny_bert_dir, out, "--data", str(named / "train.tsv"), "--eval-data", str(named / "test.tsv")
+    )
+    assert main(argv) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert (job["num_labels"], job["labels"]) == (3, ["meh", "neg", "pos"])
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out)]) == 0
+    assert f"accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}" in capsys.readouterr().out
+    (named / "unseen.tsv").write_text("sentence\tlabel\nit was good\tpos\nit was odd\tweird\n")
+    assert main(["eval", "--adapter", str(out), "--data", str(named / "unseen.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "unseen.tsv row 2: label 'weird' is not one of the classes" in err and err.count("\n") == 1
+
+
+def test_label_problems_stop_the_run_before_anything_is_written(named, tiny_bert_dir, capsys) -> None:
+    (named / "bad.tsv").write_text("sentence\tlabel\nit was good\tpos\nit was odd\tweird\n")
+    out = named / "run"
+    argv = _train(
+        tiny_bert_dir, out, "--data", str(named / "train.tsv"), "--eval-data", str(named / "bad.tsv")
+    )
+    assert main(argv) == 2
+    assert "bad.tsv row 2: label 'weird'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _one_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("lorakit: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err
+
+
+def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys) -> None:
+    out = named / "run"
+    assert main(_train(tiny_bert_dir, out, "--data", str(named / "train.tsv"))) == 0
+    capsys.readouterr()
+    data = ["--data", str(named / "test.tsv")]
+    saved = {name: (out / name).read_bytes() for name in ("adapter.json", "adapter.safetensors", "job.json")}
+    for name, damage, message in [
+        ("adapter.json", b"{not json", "cannot read"),
+        ("adapter.json", b"[1, 2]", "is not a lorakit adapter file"),
+        (
+            "adapter.json",
+            saved["adapter.json"].replace(b'"variant"', b'"variant_"'),
+            "field 'variant' is missing",
+        ),
+        ("adapter.safetensors", saved["adapter.safetensors"][:50], "adapter.safetensors"),
+        ("job.json", b"{", "cannot read"),
+        ("job.json", b'{"rank": "x"}', "job.json"),
+    ]:
+        (out / name).write_bytes(damage)
+        assert message in _one_error(["eval", "--adapter", str(out), *data], capsys), name
+        (out / name).write_bytes(saved[name])
+    assert main(["eval", "--adapter", str(out), *data]) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
+        (["--output-dir", "/proc/lorakit-run"], "cannot use /proc/lorakit-run"),
+        (["--targets", "query("], "not a valid regular expression"),
+        (["--rank", "10000"], "rank 10000 is above what layer"),
+        (["--max-length", "0"], "max_length=0"),
+        (["--num-labels", "1"], "num_labels=1"),
+        (["--rank", "x"], "invalid int value: 'x'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(extra, message, tmp_path, tiny_bert_dir, capsys) -> None:
+    argv = _train(tiny_bert_dir, tmp_path / "run", *extra)
+    if "--output-dir" in extra:  # the last --output-dir wins
+        argv = [a for a in argv if a != str(tmp_path / "run")]
+        argv.remove("--output-dir")
+    assert message in _one_error(argv, capsys)
+
+
+def test_a_file_where_the_output_directory_should_be(tmp_path, tiny_bert_dir, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    err = _one_error(_train(tiny_bert_dir, tmp_path / "file" / "run"), capsys)
+    assert "cannot use" in err and "file" in err
