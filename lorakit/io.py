@@ -177,8 +177,10 @@ def load(
     """
     meta = read_meta(directory)
     config_cls = get_variant(meta["variant"]).config_class
-    config = config_cls.from_dict(meta["config"], meta["variant"])
-    apply(model, config)
+    try:
+        apply(model, config_cls.from_dict(meta["config"], meta["variant"]))
+    except LorakitError as err:  # settings or targets in the file that do not fit: the same error, naming it
+        raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)
     if state.fingerprint != meta["fingerprint"]:
         undo_apply(model)

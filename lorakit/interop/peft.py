@@ -163,7 +163,6 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     exact = "|".join(re.escape(n) for n in names)  # full names, not suffixes
     touched = {k.replace(".base_layer.", ".") for k in rest}
     saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in touched}
-    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         apply(model, variant, targets=exact, train_modules=head_modules, **options)
     except LorakitError as err:
@@ -178,10 +177,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
             for key, value in rest.items():
                 params[key].copy_(value)
     except Exception as err:  # any failure: the model goes back to what it was
-        undo_apply(model)
+        undo_apply(model)  # also unfreezes what apply froze
         model.load_state_dict(saved, strict=False)
-        for n, p in model.named_parameters():
-            p.requires_grad_(trainable[n])
         if isinstance(err, LorakitError):
             raise
         raise AdapterFileError(
