@@ -29,7 +29,7 @@ def _layers() -> dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Genera
             lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
             lambda g: torch.randn(2, 4, 8, 8, generator=g),
         ),
-        "conv3d": (lambda: nn.Conv3d(2, 4, 3, padding=1), lambda g: torch.randn(2, 2, 4, 4, 4, generator=g)),
+        "conv3d": (lambda: nn.Conv3d(2, 6, 3, padding=1), lambda g: torch.randn(2, 2, 4, 4, 4, generator=g)),
         "embedding": (
             lambda: nn.Embedding(20, 8, padding_idx=0),
             lambda g: torch.randint(0, 20, (3, 7), generator=g),

@@ -95,7 +95,7 @@ def test_budget_sequence_matches_the_spec_example() -> None:
     assert b[:11] == [24] * 11 and b[11] == 23 and b[30] == 18 and b[50:] == [16] * 80
     assert all(b1 >= b2 for b1, b2 in zip(b[:-1], b[1:], strict=True))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))  # wide enough for init_r 12
     lorakit.apply(model, "adalora", targets=["0", "1"], init_r=12, target_r=8, t_init=10, t_final=20)
     (hook,) = lorakit.make_hooks(model, 100)
     assert (hook.b0, hook.b_target, hook.final_step) == (24, 16, 80)

@@ -159,7 +159,7 @@ def test_captured_pair_merges_and_round_trips_on_every_kind(kind: str, tmp_path)
 def test_dropout_is_rejected_and_defaults_to_zero() -> None:
     with pytest.raises(lorakit.ConfigError, match=r"'dropout'.*set dropout=0"):
         lorakit.apply(Tiny(), "delta_lora", targets=["fc1"], dropout=0.1)
-    model = lorakit.apply(Tiny(), "delta_lora", targets=["fc1"])
+    model = lorakit.apply(Tiny(), "delta_lora", targets=["fc1"], rank=4)
     assert model.lorakit.config.dropout == 0.0 and model.fc1.variant.dropout is None
     assert (model.lorakit.config.lam, model.lorakit.config.start_step) == (2.0, 500)
 

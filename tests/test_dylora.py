@@ -20,7 +20,7 @@ class Tiny(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.fc1 = nn.Linear(6, 10)
-        self.fc2 = nn.Linear(10, 3)
+        self.fc2 = nn.Linear(10, 4)  # at least R = 4 wide: a rank above a layer is refused
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         out = self.fc2(torch.tanh(self.fc1(x)))
@@ -33,7 +33,7 @@ class Batches:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         x = torch.randn(8, 6, generator=self.gen)
-        return {"x": x, "labels": x[:, :3].sin()}
+        return {"x": x, "labels": x[:, :4].sin()}
 
 
 def dylora(**config) -> Tiny:
@@ -176,7 +176,7 @@ def test_evaluate_all_ranks_and_save_keeps_every_rank(tmp_path) -> None:
         set_rank(model, b), set_rank(fresh, b)
         assert torch.equal(fresh(x), model(x))
     with pytest.raises(ValueError, match="no DyLoRA adapter"):
-        evaluate_all_ranks(lorakit.apply(Tiny(), "lora", targets=["fc1"]), lambda m: {})
+        evaluate_all_ranks(lorakit.apply(Tiny(), "lora", targets=["fc1"], rank=2), lambda m: {})
 
 
 def test_cli_trains_then_evaluates_every_rank(tiny_bert_dir, tmp_path, capsys) -> None:

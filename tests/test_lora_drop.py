@@ -110,7 +110,7 @@ def test_shared_pairs_are_one_tensor_in_optimizer_and_file_and_reload_exactly(tm
         with lorakit.disabled(model):
             assert not torch.equal(model(x), fresh(x))
     with pytest.raises(lorakit.ConfigError, match="'kept'"):
-        lorakit.apply(Stack(), "lora_drop", targets=NAMES, kept=["nope"])
+        lorakit.apply(Stack(), "lora_drop", targets=NAMES, rank=2, kept=["nope"])
 
 
 class Classifier(nn.Module):

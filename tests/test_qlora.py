@@ -58,12 +58,12 @@ def test_paper_defaults_and_all_linear_targets() -> None:
     cfg = QLoRAConfig()
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.targets) == (64, 16.0, 0.1, "all-linear")
     assert (cfg.base_quantization, cfg.compute_dtype, cfg.double_quant) == ("nf4", "bfloat16", True)
-    model = lorakit.apply(tiny_llama(), "qlora")
+    model = lorakit.apply(tiny_llama(), "qlora", rank=16)  # 64 is above the tiny model's 32-wide layers
     adapted = dict(lorakit.adapted_layers(model))
     linears = [n for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     assert sorted(adapted) == sorted(linears) and len(adapted) == 14  # 7 per decoder layer
     assert all(isinstance(layer.base_layer, NF4Linear) for layer in adapted.values())
-    assert all(layer.variant.A.shape[0] == 64 and layer.variant.scale == 0.25 for layer in adapted.values())
+    assert all(layer.variant.A.shape[0] == 16 and layer.variant.scale == 1.0 for layer in adapted.values())
     # Embeddings, norms and the head keep full precision and are not adapted.
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
@@ -100,7 +100,7 @@ def test_a_base_quantised_with_other_settings_is_refused(tmp_path) -> None:
     with pytest.raises(QuantizationError, match="double_quant=False, but the config asks for"):
         lorakit.load(other, tmp_path / "a")
     with pytest.raises(QuantizationError, match="compute_dtype=float32"):
-        lorakit.apply(lorakit.quantize(Tiny(), compute_dtype=torch.float32), "qlora")
+        lorakit.apply(lorakit.quantize(Tiny(), compute_dtype=torch.float32), "qlora", rank=4)
 
 
 def test_merge_gives_dense_layers_in_the_original_dtype() -> None:

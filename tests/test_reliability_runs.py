@@ -123,7 +123,7 @@ def test_an_infinite_gradient_stops_training_with_or_without_clipping(clip) -> N
         train(model, Batches(), TrainConfig(steps=3, clip=clip, progress=False))
     with pytest.raises(NonFiniteError, match="nothing was saved"):
         train(
-            lorakit.apply(Regression(), "lora", alpha=float("inf")),
+            lorakit.apply(Regression(), "lora", rank=2, alpha=float("inf")),
             Batches(),
             TrainConfig(steps=2, clip=clip),
         )
