@@ -119,7 +119,7 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
     ("extra", "message"),
     [
         (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
-        (["--output-dir", "/proc/lorakit-run"], "cannot use /proc/lorakit-run"),
+        (["--output-dir", "/proc/lorakit-run"], "cannot use /proc/"),
         (["--targets", "query("], "not a valid regular expression"),
         (["--rank", "10000"], "rank 10000 is above what layer"),
         (["--max-length", "0"], "max_length=0"),
@@ -139,4 +139,4 @@ def test_user_mistakes_are_one_line_errors(extra, message, tmp_path, tiny_bert_d
 def test_a_file_where_the_output_directory_should_be(tmp_path, tiny_bert_dir, capsys) -> None:
     (tmp_path / "file").write_text("x")
     err = _one_error(_train(tiny_bert_dir, tmp_path / "file" / "run"), capsys)
-    assert "cannot use" in err and "file" in err
+    assert "is a file, not a directory" in err
