@@ -63,6 +63,7 @@ def trained(tiny_bert_dir, tmp_path_factory) -> Path:
     ("flags", "message"),
     [
         (["--overwrite", "--alpha", "inf"], "training stopped at step 1"),
+        (["--overwrite", "--lr", "1e6"], "(diverged)"),
         (["--overwrite", "--text-column", "nope"], "no column 'nope'"),
         (["--overwrite", "--eval-batch-size", "0"], "eval_batch_size=0"),
         (["--resume"], "nothing to resume"),

@@ -13,7 +13,7 @@ from test_loop import Batches, Regression, adapted
 
 import lorakit
 from lorakit.io import NonFiniteError
-from lorakit.train.checkpoint import ResumeError, has_checkpoint
+from lorakit.train.checkpoint import DivergedError, ResumeError, has_checkpoint
 from lorakit.train.loop import TrainConfig, train
 
 CFG = TrainConfig(steps=10, lr=1e-2, checkpoint_every=2, progress=False)
@@ -127,6 +127,13 @@ def test_an_infinite_gradient_stops_training_with_or_without_clipping(clip) -> N
             Batches(),
             TrainConfig(steps=2, clip=clip),
         )
+
+
+def test_a_diverging_loss_stops_training_at_its_step_and_a_normal_run_is_never_stopped() -> None:
+    with pytest.raises(DivergedError, match=r"step 2: the loss is \S+, over 1000 times the first step's"):
+        train(adapted(), Batches(), TrainConfig(steps=20, lr=1e6, progress=False))
+    result = train(adapted(), Batches(), TrainConfig(steps=60, lr=0.3, progress=False))  # noisy, not diverged
+    assert max(result.losses) > result.losses[0] and result.steps == 60
 
 
 def test_an_adapter_with_non_finite_values_is_never_saved_nor_loaded(tmp_path) -> None:

@@ -38,6 +38,7 @@ from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, _fill, atomic_
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
+DIVERGED = 1000.0  # a loss this many times the first step's (and above this) stops training
 # Settings that only change what is observed or where it is written, never the trained numbers.
 MAY_CHANGE = frozenset(
     {
@@ -52,6 +53,10 @@ MAY_CHANGE = frozenset(
         "resume",
     }
 )
+
+
+class DivergedError(LorakitError):
+    """The training loss grew far beyond its start; the message names the step and what was kept."""
 
 
 class ResumeError(LorakitError):
@@ -163,23 +168,31 @@ def run_settings(cfg: Any, model: nn.Module, extra: dict[str, Any] | None = None
     return json.loads(json.dumps(settings, default=str))  # the form it is stored in
 
 
-def check_finite(step: int, loss: float, grad_norm: Tensor | None, output_dir: Path | None) -> None:
-    """Raise :class:`NonFiniteError` if the loss or gradient norm at (0-based) ``step`` is NaN or infinite."""
-    what = (
-        f"the loss is {loss}"
-        if not math.isfinite(loss)
-        else f"the gradient norm is {grad_norm.item()}"
-        if grad_norm is not None and not torch.isfinite(grad_norm)
-        else None
-    )
-    if what is None:
+def check_step(
+    step: int, loss: float, grad_norm: Tensor | None, first_loss: float | None, output_dir: Path | None
+) -> None:
+    """Stop training before the optimizer step at (0-based) ``step`` if its numbers are unusable.
+
+    :class:`NonFiniteError` for a NaN or infinite loss or gradient norm; :class:`DivergedError` for a loss
+    over :data:`DIVERGED` times the first step's (and over :data:`DIVERGED`): a run that far gone (a learning
+    rate of 1e6 gives losses near 1e8) cannot recover, and its adapter would only look like a result.
+    """
+    error: type[LorakitError] = NonFiniteError
+    if not math.isfinite(loss):
+        what = f"the loss is {loss} (not finite)"
+    elif grad_norm is not None and not torch.isfinite(grad_norm):
+        what = f"the gradient norm is {grad_norm.item()} (not finite)"
+    elif first_loss is not None and loss > DIVERGED * max(first_loss, 1.0):
+        what = f"the loss is {loss:.4g}, over {DIVERGED:g} times the first step's {first_loss:.4g} (diverged)"
+        error = DivergedError
+    else:
         return
     kept = "no checkpoint was written, nothing was saved"
     if output_dir is not None and has_checkpoint(output_dir):
         kept = f"the last good checkpoint is kept in {output_dir / CHECKPOINT_DIR}"
-    raise NonFiniteError(
-        f"training stopped at step {step + 1}: {what} (not finite); {kept}. Lower --lr, or check settings "
-        "such as --alpha and the data, then train again"
+    raise error(
+        f"training stopped at step {step + 1}: {what}; {kept}. Lower --lr, or check settings such as --alpha "
+        "and the data, then train again"
     )
 
 

@@ -27,7 +27,7 @@ from lorakit.core.variant import Hook
 from lorakit.settings import check_settings
 from lorakit.train.checkpoint import (
     RunState,
-    check_finite,
+    check_step,
     grad_norm,
     restore_checkpoint,
     run_settings,
@@ -134,8 +134,9 @@ def train(
     from there (``batches`` must offer ``state_dict``/``load_state_dict`` to resume the data order exactly).
     Each checkpoint records ``cfg``, the adapter's config and ``settings`` (e.g. a data fingerprint); a resume
     with different values is refused (:mod:`lorakit.train.checkpoint`). A NaN or infinite loss or gradient
-    stops training with :class:`~lorakit.train.checkpoint.NonFiniteError` before the optimizer step, so the
-    model and the last checkpoint stay as they were.
+    stops training before the optimizer step (:class:`~lorakit.io.NonFiniteError`), as does a loss over 1000
+    times the first step's (:class:`~lorakit.train.checkpoint.DivergedError`); the model and the last
+    checkpoint stay as they were.
     """
     torch.manual_seed(cfg.seed)
     hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
@@ -162,7 +163,8 @@ def train(
         for hook in hooks:
             hook.on_after_backward(step)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else grad_norm(params)
-        check_finite(step, loss_sum, norm, Path(output_dir) if output_dir is not None else None)
+        first = result.losses[0] if result.losses else None
+        check_step(step, loss_sum, norm, first, Path(output_dir) if output_dir is not None else None)
         for hook in hooks:
             hook.on_before_optimizer_step(step)
         optimizer.step()
