@@ -24,11 +24,16 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from lorakit.distributed import writes_files
     from lorakit.train.job import run_job
 
     job = job_from_args(args)
-    print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")
+    writer = writes_files()  # under torchrun only rank 0 reports
+    if writer:
+        print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")
     result = run_job(job)
+    if not writer:
+        return
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     loss = "not released (DP)" if job.privacy.dp else f"{result.final_loss:.4f}"
     print(f"done: {metrics or 'no evaluation data'}; final train loss {loss}")

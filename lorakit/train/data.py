@@ -356,10 +356,14 @@ class BatchSampler:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
+        return self.data.batch(self.next_indices())
+
+    def next_indices(self) -> list[int]:
+        """The example indices of the next batch (epochs reshuffled; a batch may span two epochs)."""
         if len(self._order) < self.batch_size:
             self._order += torch.randperm(len(self.data), generator=self.generator).tolist()
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
-        return self.data.batch(take)
+        return take
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "order": torch.tensor(self._order, dtype=torch.long)}

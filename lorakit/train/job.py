@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.distributed.job import ScaleOut
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
@@ -73,6 +74,8 @@ class JobConfig:
     output_dir: str = "runs/lorakit"  # where the adapter, metrics.json and checkpoints go
     overwrite: bool = False  # replace an adapter already in output_dir
     resume: bool = False  # continue from output_dir/checkpoint
+    # under torchrun: ddp (model replicated) or fsdp (FSDP2, frozen base sharded); batch-size is per rank
+    distributed: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
@@ -268,26 +271,37 @@ def run_job(job: JobConfig) -> JobResult:
     Everything is checked before training. The run is built beside the output directory and swapped in once
     the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an adapter already
     there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
+
+    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
     """
     out = check_output_dir(job)
     job = resolve_classes(job)  # every label checked before training; the classes size the head
+    scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
     model, tokenizer = prepare_model(job)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
-    staging = rundir.begin(out, resume=job.resume)
+    writes = scale is None or scale.group.is_main
+    staging = rundir.begin(out, resume=job.resume) if writes else out.staging
+    if scale is not None:
+        scale.group.barrier()  # the staging directory exists before any rank reads a checkpoint there
     try:
-        result, decided, started = _train(job, model, train_data, eval_data, staging)
-        job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
-        atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
-        lorakit.save(model, staging, overwrite=True)
-        if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
-            from lorakit.privacy.report import mark_adapter
+        result, decided, started = _train(job, model, train_data, eval_data, staging, scale)
+        if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
+            decided = {**decided, **scale.finish(model)}
+        if writes:
+            job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+            atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+            lorakit.save(model, staging, overwrite=True)
+            if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+                from lorakit.privacy.report import mark_adapter
 
-            mark_adapter(staging, decided)
+                mark_adapter(staging, decided)
     except BaseException:
-        rundir.abandon(out)
+        if writes:
+            rundir.abandon(out)
         raise
-    rundir.commit(out)
+    if writes:
+        rundir.commit(out)
     counts = lorakit.summary(model)
     job_result = JobResult(
         metrics={},
@@ -311,16 +325,25 @@ def run_job(job: JobConfig) -> JobResult:
                 f"({type(err).__name__}: {_one_line(err)}); evaluate it with `lorakit eval --adapter "
                 f"{out.shown} --data PATH`"
             ) from None
-    metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
-    atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+    if writes:
+        metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
+        atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
     return job_result
 
 
 def _train(
-    job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any, staging: Path
+    job: JobConfig,
+    model: nn.Module,
+    train_data: D.TokenizedData,
+    eval_data: Any,
+    staging: Path,
+    scale: ScaleOut | None,
 ) -> tuple[Any, dict[str, Any], float]:
     """Run the job's training driver; evaluations during training only if asked (``eval_every``)."""
-    batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
+    if scale is None:
+        batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
+    else:
+        batches = scale.start(model, train_data)
     evaluate_fn = (
         (lambda m: evaluate(m, eval_data, job.data.eval_batch_size))
         if eval_data is not None and job.train.eval_every
@@ -335,7 +358,10 @@ def _train(
 
         result, decided = train_job_private(job, model, train_data, evaluate_fn, prepare)
         return result, decided, started
-    decided = prepare(model, batches, job.train) if prepare is not None else {}
+    if scale is None:
+        decided = prepare(model, batches, job.train) if prepare is not None else {}
+    else:  # LoRA-drop's stages once on rank 0 with the global batch, the result broadcast
+        decided = scale.prepare(prepare, model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,
@@ -351,6 +377,7 @@ def _train(
         output_dir=staging,
         resume=job.resume,
         settings=settings,
+        distributed=None if scale is None else scale.group,
     )
     return result, decided, started
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from lorakit.train.checkpoint import (
     run_settings,
     write_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from lorakit.distributed import Distributed
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -126,6 +129,7 @@ def train(
     resume: bool = False,
     hooks: list[Hook] | None = None,
     settings: dict[str, Any] | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Train the adapted ``model`` for ``cfg.steps`` optimizer steps; returns losses, time and evaluations.
 
@@ -137,9 +141,12 @@ def train(
     stops training before the optimizer step (:class:`~lorakit.io.NonFiniteError`), as does a loss over 1000
     times the first step's (:class:`~lorakit.train.checkpoint.DivergedError`); the model and the last
     checkpoint stay as they were.
+    Under ``torchrun``, ``distributed`` wraps the model (DDP / FSDP2) and only its rank 0 writes.
     """
     torch.manual_seed(cfg.seed)
     hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
+    net = model if distributed is None else distributed.attach(model)
+    writes = distributed is None or distributed.is_main
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -150,16 +157,17 @@ def train(
     if resume:
         start = restore_checkpoint(run, Path(output_dir or "."), recorded)
     model.train()
-    bar = progress_bar(cfg.steps, start, cfg.progress, "train")
+    bar = progress_bar(cfg.steps, start, cfg.progress and writes, "train")
     began = time.perf_counter() - result.seconds
     for step in range(start, cfg.steps):
         for hook in hooks:
             hook.on_step_start(step)
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            loss = _loss(model, next(batches), hooks, step, cfg.precision) / cfg.grad_accum
+            loss = _loss(net, next(batches), hooks, step, cfg.precision) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
+        loss_sum = loss_sum if distributed is None else distributed.mean(loss_sum)
         for hook in hooks:
             hook.on_after_backward(step)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else grad_norm(params)
@@ -188,7 +196,12 @@ def train(
             )
             model.train()
         result.seconds = time.perf_counter() - began
-        if output_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if (
+            writes
+            and output_dir is not None
+            and cfg.checkpoint_every
+            and (step + 1) % cfg.checkpoint_every == 0
+        ):
             write_checkpoint(run, Path(output_dir), recorded)
     bar.close()
     result.seconds = time.perf_counter() - began

@@ -103,7 +103,9 @@ class AdaLoRA(Variant):
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         e, q, p = self.triplets()
         if e.shape[0] == 0:  # global masking can prune every triplet of a matrix
-            return y
+            # E, Q, P stay in the graph with zero gradient, so every step's backward reaches the same tensors
+            # (DistributedDataParallel waits for a gradient of every trainable tensor).
+            return y + 0.0 * (e.sum() + q.sum() + p.sum())
         drop = self.config.dropout if self.dropout is not None else 0.0
         return y + low_rank(base, x, e[:, None] * q, p, self.scale, drop, self.training).to(y.dtype)
 

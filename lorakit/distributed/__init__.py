@@ -1,0 +1,14 @@
+"""Data-parallel training under ``torchrun``: DDP, or FSDP2 with the frozen base sharded.
+
+See docs/distributed.md.
+
+:func:`join` joins the process group torchrun describes; the :class:`Distributed` it returns shards the
+data (:class:`ShardedBatchSampler`), wraps the model for the training loop (:meth:`Distributed.attach`)
+and says who writes (:func:`writes_files`). :mod:`lorakit.distributed.sync` keeps the ranks' adapters
+identical; :mod:`lorakit.distributed.memory` reports what each rank holds of the base weights.
+"""
+
+from lorakit.distributed.group import MODES, Distributed, join, writes_files
+from lorakit.distributed.sharding import ShardedBatchSampler
+
+__all__ = ["MODES", "Distributed", "ShardedBatchSampler", "join", "writes_files"]

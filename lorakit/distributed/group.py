@@ -1,0 +1,101 @@
+"""The process group of a run launched by ``torchrun``: who am I, how many are we, and what only rank 0 does.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; the group
+is PyTorch's own (``torch.distributed``), with the NCCL backend on GPUs and gloo on CPUs. Only rank 0 writes
+(checkpoints, adapters, metrics, the progress bar); every rank reads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.train.data import TokenizedData
+
+MODES = ("ddp", "fsdp")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def writes_files() -> bool:
+    """Whether this process may write files: always in a single process, only on rank 0 under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Distributed:
+    """This process's place in a data-parallel run, and the operations the training loop asks of it."""
+
+    mode: str  # 'ddp' (replicated model) or 'fsdp' (FSDP2: frozen base sharded, see lorakit.distributed.wrap)
+    rank: int
+    world_size: int
+    device: torch.device
+    _attached: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to this rank's device (its own GPU under NCCL; the CPU under gloo)."""
+        return model.to(self.device)
+
+    def sampler(self, data: TokenizedData, batch_size: int, seed: int) -> ShardedBatchSampler:
+        """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
+        return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size)
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """The module to run forward and backward on: the DDP wrapper, or ``model`` sharded in place by FSDP2
+        (with its replicated trainable tensors' gradients averaged in backward). Wraps ``model`` once;
+        attaching it again returns the same module."""
+        from lorakit.distributed.wrap import wrap
+
+        if self._attached is None or self._attached[0] is not model:
+            self._attached = (model, wrap(model, self))
+        return self._attached[1]
+
+    def barrier(self) -> None:
+        """Wait for every rank (e.g. until rank 0 has created the run's staging directory)."""
+        dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over all ranks (the logged loss is the global batch's)."""
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total.item()) / self.world_size
+
+
+def _check_launch(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"--distributed {mode} needs a torchrun launch (missing {', '.join(missing)}); run e.g. "
+            f"`torchrun --nproc_per_node 2 -m lorakit train --distributed {mode} ...`"
+        )
+
+
+def join(mode: str) -> Distributed:
+    """Join (or reuse) the process group described by torchrun's environment variables."""
+    _check_launch(mode)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+        atexit.register(_leave)
+    return Distributed(mode, dist.get_rank(), dist.get_world_size(), device)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

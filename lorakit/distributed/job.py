@@ -1,0 +1,62 @@
+"""A ``lorakit train`` job under torchrun: what :func:`lorakit.train.job.run_job` does besides training."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lorakit.distributed.group import Distributed, join
+from lorakit.distributed.memory import base_weight_bytes, packed_digest
+from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.distributed.sync import Prepare, check_in_sync, global_config, prepare_once
+from lorakit.train.data import BatchSampler, TokenizedData
+
+if TYPE_CHECKING:
+    from lorakit.train.job import JobConfig
+
+
+class ScaleOut:
+    """One job's distributed side: sharded data, a variant's stage run once, and the end-of-run checks."""
+
+    def __init__(self, job: JobConfig, group: Distributed) -> None:
+        self.job, self.group = job, group
+        self.data: TokenizedData | None = None
+        self.packed = ""
+
+    @classmethod
+    def join(cls, job: JobConfig) -> ScaleOut:
+        """Refuse what cannot run distributed, then join torchrun's process group."""
+        if job.privacy.dp:
+            raise ValueError(
+                "DP-SGD does not run distributed: its privacy accounting assumes one process sampling and "
+                "noising the whole batch. Train with --dp on a single process (no --distributed)."
+            )
+        return cls(job, join(str(job.distributed)))
+
+    def start(self, model: nn.Module, data: TokenizedData) -> ShardedBatchSampler:
+        """Move the model to this rank's device; this rank's batches of the training data."""
+        self.group.place(model)
+        self.data, self.packed = data, packed_digest(model)
+        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed)
+
+    def prepare(self, prepare: Prepare | None, model: nn.Module) -> dict[str, Any]:
+        """A variant's stage (LoRA-drop's selection) on rank 0 with the global batch, broadcast to all."""
+        assert self.data is not None, "start() comes first"
+        cfg = global_config(self.job.train, self.group.world_size)
+        batches = BatchSampler(self.data, cfg.batch_size, cfg.seed)
+        return prepare_once(prepare, model, batches, cfg, self.group.rank)
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Check the ranks agree and the 4-bit base is untouched; the report for ``metrics.json``."""
+        check_in_sync(model, self.group.world_size)
+        if packed_digest(model) != self.packed:
+            raise RuntimeError("the packed 4-bit base weights changed during training; they must stay frozen")
+        weights = base_weight_bytes(model)
+        return {
+            "distributed": self.group.mode,
+            "world_size": self.group.world_size,
+            "base_bytes_per_rank": weights["per_rank"],
+            "base_fp32_bytes": weights["fp32"],
+            "base_bytes_ratio": weights["ratio"],
+        }

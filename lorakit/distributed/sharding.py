@@ -1,0 +1,35 @@
+"""Data sharded by rank, with ``DistributedSampler`` semantics and the global batch of a single process.
+
+Every rank draws the same shuffled order from the same seeded generator and takes its own slice of each
+global micro-batch: with per-rank batch ``b`` and ``W`` ranks, rank ``r`` gets examples ``[r b, (r + 1) b)``
+of the ``W b`` that one process with batch ``W b`` would draw. The global batch of an optimizer step is
+``b x W x grad_accum`` examples, the same examples in the same order as that single process, so a
+data-parallel run (gradients averaged over ranks) follows the single-process run step for step.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lorakit.train.data import BatchSampler, TokenizedData
+
+
+class ShardedBatchSampler(BatchSampler):
+    """Rank ``rank``'s ``batch_size`` examples of each global micro-batch of ``batch_size * world_size``.
+
+    The checkpointed state (generator and pending order) is the global one, identical on every rank, so a
+    resumed run continues the same global order whatever rank reads the checkpoint.
+    """
+
+    def __init__(self, data: TokenizedData, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        if len(data) < batch_size * world_size:
+            raise ValueError(
+                f"the training data has {len(data)} examples, fewer than one global batch "
+                f"({batch_size} per rank x {world_size} ranks); lower --batch-size or use more data"
+            )
+        super().__init__(data, batch_size * world_size, seed)
+        self.rank, self.world_size, self.per_rank = rank, world_size, batch_size
+
+    def __next__(self) -> dict[str, Tensor]:
+        indices = self.next_indices()
+        return self.data.batch(indices[self.rank * self.per_rank : (self.rank + 1) * self.per_rank])

@@ -1,0 +1,84 @@
+"""Wrapping an adapted model for data-parallel training: DDP, or FSDP2 with the frozen base sharded.
+
+``ddp``: PyTorch's ``DistributedDataParallel`` around the model; every rank holds the whole model and the
+gradients of the trainable tensors are averaged in backward.
+
+``fsdp``: FSDP2's ``fully_shard`` on every block (each child of a ``ModuleList``) and on the root. It shards
+the frozen dense base weights, which hold nearly all the memory of a LoRA-family run; the adapter tensors
+(frozen ones too) and the trained modules are passed as ``ignored_params``: every rank keeps them whole, and
+:func:`average_in_backward` averages their gradients during backward, as DDP does, so every rule, the
+clipping and the optimizer see the global batch's gradient. Every variant's training rule reads and writes
+ordinary full tensors (AdaLoRA's masks, DyLoRA's row restore, Delta-LoRA's capture, VeRA's shared
+projections, LoRA+'s groups) and a saved adapter is never a shard. NF4 bases live in buffers, which FSDP2
+never shards or casts: they stay packed, whole on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lorakit
+
+if TYPE_CHECKING:
+    from lorakit.distributed.group import Distributed
+
+
+def average_in_backward(params: list[nn.Parameter], world_size: int) -> None:
+    """Average each of ``params``' gradients over all ranks as soon as backward has accumulated it.
+
+    Runs once per micro-batch; averaging the accumulated gradient again is exact, since the part from earlier
+    micro-batches is already equal on every rank. Backward reaches the tensors in the same order on every
+    rank (the graph does not depend on the data), so the all-reduces pair up.
+    """
+
+    @torch.no_grad()
+    def hook(param: nn.Parameter) -> None:
+        dist.all_reduce(param.grad)
+        param.grad.div_(world_size)
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(hook)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: children of every ``ModuleList`` that hold parameters,
+    deepest first (FSDP2 wraps bottom-up: a block inside a block is sharded before its parent)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            found += [(name.count("."), child) for child in module if any(True for _ in child.parameters())]
+    return [child for _, child in sorted(found, key=lambda item: -item[0])]
+
+
+def shard(model: nn.Module, group: Distributed) -> nn.Module:
+    """FSDP2 ``fully_shard`` per block and on the root, adapter and trainable tensors ignored (kept whole);
+    in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(group.device.type, (group.world_size,))
+    # Whole on every rank: whatever trains, and every adapter tensor (LoRA-FA's frozen A too).
+    whole = {p for p in model.parameters() if p.requires_grad}
+    whole |= {p for _, layer in lorakit.adapted_layers(model) for p in layer.variant.parameters()}
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=whole)
+    fully_shard(model, mesh=mesh, ignored_params=whole)
+    return model
+
+
+def wrap(model: nn.Module, group: Distributed) -> nn.Module:
+    """The forward module for ``group.mode`` (see the module docstring)."""
+    if group.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [group.device.index] if group.device.type == "cuda" else None
+        # No search for unused parameters: it would mark the tensors of a loss term computed outside
+        # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
+        # in the graph of every step instead.
+        return DistributedDataParallel(model, device_ids=ids)
+    average_in_backward([p for p in model.parameters() if p.requires_grad], group.world_size)
+    return shard(model, group)

@@ -1,0 +1,226 @@
+"""Data-parallel training with 2 gloo processes on 127.0.0.1: DDP and FSDP2 follow the single process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import WORLD, job, spawn_jobs, without_dropout, write_data
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.train.job import run_job
+
+# Settings that exercise each variant's training rule within 8 steps: AdaLoRA prunes from step 2 and fixes
+# its mask at step 6 (a matrix may lose every triplet), DyLoRA samples ranks 1..4, Delta-LoRA moves W from
+# step 2, LoRA-drop selects modules in a 2-step stage first.
+RULES = {
+    "lora": {},
+    "dora": {},
+    "adalora": {"init_r": 4, "target_r": 2, "t_init": 1, "t_final": 2},
+    "dylora": {},
+    "delta_lora": {"start_step": 2},
+    "lora_drop": {"sample_ratio": 0.25, "sample_steps": 2, "threshold": 0.5},
+}
+EVERY_VARIANT = {name: RULES.get(name, {}) for name in lorakit.VARIANTS}
+EVERY_VARIANT["qlora"] = {"compute_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert_dir) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    return without_dropout(tiny_bert_dir, root / "bert"), write_data(root / "rows.jsonl")
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / lorakit.io.WEIGHTS_FILE))
+
+
+def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].shape == tensor.shape, key
+        if tensor.numel():  # AdaLoRA saves a fully pruned matrix as empty tensors
+            torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def single_process(setup, tmp: Path, variant: str, options: dict) -> Path:
+    """The reference: one process with the same global batch (2 ranks x 4 examples -> 8)."""
+    model, data = setup
+    out = tmp / "single" / variant
+    run_job(job(model, data, out, variant, options, batch_size=4 * WORLD, mode=None))
+    return out
+
+
+def check_matches_single_process(setup, tmp_path: Path, mode: str, cases: dict[str, dict]) -> None:
+    """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 8 examples x 2."""
+    model, data = setup
+    spawn_jobs(
+        [job(model, data, tmp_path / mode / v, v, o, batch_size=4, mode=mode) for v, o in cases.items()]
+    )
+    for variant, options in cases.items():
+        want = adapter(single_process(setup, tmp_path, variant, options))
+        assert_same_adapter(adapter(tmp_path / mode / variant), want)
+        trained = [k for k, t in want.items() if t.is_floating_point() and t.abs().sum() > 1e-4]
+        assert trained, f"{variant}: the saved adapter is all zeros"
+        metrics = json.loads((tmp_path / mode / variant / "metrics.json").read_text())
+        assert metrics["extra"]["world_size"] == WORLD and metrics["steps"] == 8
+    if "adalora" in cases:  # same masks: the final budget, target_r x matrices, and the single process's
+        ada = adapter(tmp_path / mode / "adalora")
+        assert sum(ada[k].numel() for k in ada if k.endswith(".E")) == 2 * 4
+    if "lora_drop" in cases:  # one selection, made on rank 0 with the global batch
+        kept = [
+            json.loads((tmp_path / where / "lora_drop" / "metrics.json").read_text())["extra"]["kept"]
+            for where in (mode, "single")
+        ]
+        assert kept[0] == kept[1] and 0 < len(kept[0]) < 4
+
+
+def test_ddp_matches_single_process_with_adalora_and_lora_drop(setup, tmp_path):
+    check_matches_single_process(
+        setup, tmp_path, "ddp", {v: RULES[v] for v in ("lora", "adalora", "lora_drop")}
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_variant_matches_single_process(setup, tmp_path, mode):
+    check_matches_single_process(setup, tmp_path, mode, EVERY_VARIANT)
+
+
+def logits(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tensor:
+    """Class scores of a fresh single-process model (with the adapter in ``adapter_dir`` if given)."""
+    from lorakit.train.data import read_rows, tokenize_classification
+    from lorakit.train.models import load_model
+
+    model, tokenizer = load_model(str(model_dir), "classification")
+    if adapter_dir is not None:
+        lorakit.load(model, adapter_dir)
+    rows = tokenize_classification(read_rows(str(data)), tokenizer, "sentence", "label", 16, "rows")
+    with torch.no_grad():
+        return model.eval()(**{k: v for k, v in rows.batch(list(range(16))).items() if k != "labels"}).logits
+
+
+def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path):
+    model, data = setup
+    cases = {"lora": {}, "qlora": {"compute_dtype": "float32"}}
+    spawn_jobs(
+        [job(model, data, tmp_path / "fsdp" / v, v, o, batch_size=4, mode="fsdp") for v, o in cases.items()]
+    )
+    for variant, options in cases.items():
+        out = tmp_path / "fsdp" / variant
+        reference = single_process(setup, tmp_path, variant, options)
+        assert_same_adapter(adapter(out), adapter(reference))  # whole tensors, the single process's values
+        got, want, base = logits(model, out, data), logits(model, reference, data), logits(model, None, data)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert (got - base).abs().max() > 1e-3  # the adapter changes the outputs
+        extra = json.loads((out / "metrics.json").read_text())["extra"]
+        assert extra["distributed"] == "fsdp" and extra["base_fp32_bytes"] > 0
+        if variant == "lora":  # dense fp32 base: each rank holds half of it
+            assert extra["base_bytes_ratio"] == pytest.approx(1 / WORLD, abs=0.01)
+        else:  # NF4 base: packed, not sharded, never cast: 4.5 bits of 32 per rank
+            assert 0.12 < extra["base_bytes_ratio"] <= 0.135
+
+
+# --- one process: sharding, refusals, bytes ---------------------------------------------------------------
+def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
+    from lorakit.distributed import ShardedBatchSampler
+    from lorakit.train.data import BatchSampler, TokenizedData
+
+    data = TokenizedData([[i, i + 1] for i in range(10)], list(range(10)), 0)
+    single = BatchSampler(data, 6, seed=3)
+    ranks = [ShardedBatchSampler(data, 3, 3, rank, 2) for rank in range(2)]
+    for _ in range(4):  # crosses epoch boundaries (10 examples, 6 per global batch)
+        want = next(single)["labels"]
+        got = torch.cat([next(r)["labels"] for r in ranks])
+        assert torch.equal(got, want)
+    state = ranks[1].state_dict()
+    resumed = ShardedBatchSampler(data, 3, 99, 1, 2)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)["labels"], next(ranks[1])["labels"])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardedBatchSampler(data, 6, 0, 0, 2)
+
+
+def test_distributed_needs_torchrun_and_refuses_dp_sgd(setup, tmp_path, monkeypatch):
+    from lorakit.cli import main
+
+    model, data = setup
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        run_job(job(model, data, tmp_path / "a", "lora", {}, 4, "ddp"))
+    private = job(model, data, tmp_path / "b", "lora", {}, 4, "fsdp")
+    private.privacy.dp, private.privacy.noise_multiplier = True, 1.0
+    with pytest.raises(ValueError, match="DP-SGD does not run distributed"):
+        run_job(private)
+    assert main(["train", "--distributed", "zero3", "--output-dir", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "adapter.json").exists()
+
+
+def test_base_bytes_of_a_4bit_base_and_its_packed_digest(setup):
+    from lorakit.distributed.memory import base_weight_bytes, packed_digest
+    from lorakit.train.models import load_model
+
+    model, _ = load_model(str(setup[0]), "classification")
+    dense = base_weight_bytes(lorakit.apply(model, "lora", targets=["query", "value"]))
+    assert dense == {"per_rank": 4 * 4 * 32 * 32, "fp32": 4 * 4 * 32 * 32, "ratio": 1.0}
+    model, _ = load_model(str(setup[0]), "classification")
+    lorakit.apply(model, "qlora", targets=["query", "value"])
+    packed = base_weight_bytes(model)
+    assert packed["fp32"] == dense["fp32"] and 0.12 < packed["ratio"] <= 0.135
+    before = packed_digest(model)
+    layer = lorakit.adapted_layers(model)[0][1].base_layer
+    layer.weight_packed[0] ^= 1  # one flipped bit in one 4-bit code
+    assert packed_digest(model) != before
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dist_harness import free_port
+
+    model, data = setup
+    out, steps = tmp_path / "killed", 120
+    flags = ["--model", str(model), "--data", str(data), "--targets", "query,value", "--rank", "4"]
+    flags += ["--alpha", "8", "--dropout", "0", "--lr", "0.02", "--steps", str(steps), "--no-progress"]
+    flags += ["--checkpoint-every", "5"]
+    flags += ["--max-length", "16", "--output-dir", str(out), "--distributed", "ddp"]
+
+    def torchrun(*extra: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+        command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lorakit"]
+        return subprocess.Popen(
+            [*command, "train", *flags, "--batch-size", "4", *extra],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    first = torchrun()
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint" / "trainer.pt").exists() and first.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    first.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    saved = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"]
+    assert 0 < saved < steps
+    second = torchrun("--resume")
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err.decode()[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == steps
+    reference = tmp_path / "single"
+    one = job(model, data, reference, "lora", {}, batch_size=8, mode=None)
+    one.train.steps, one.train.grad_accum = steps, 1
+    run_job(one)
+    assert_same_adapter(adapter(out), adapter(reference))
