@@ -168,7 +168,7 @@ def test_base_bytes_of_a_4bit_base_and_its_packed_digest(setup):
     dense = base_weight_bytes(lorakit.apply(model, "lora", targets=["query", "value"]))
     assert dense == {"per_rank": 4 * 4 * 32 * 32, "fp32": 4 * 4 * 32 * 32, "ratio": 1.0}
     model, _ = load_model(str(setup[0]), "classification")
-    lorakit.apply(model, "qlora", targets=["query", "value"])
+    lorakit.apply(model, "qlora", targets=["query", "value"], rank=4)
     packed = base_weight_bytes(model)
     assert packed["fp32"] == dense["fp32"] and 0.12 < packed["ratio"] <= 0.135
     before = packed_digest(model)
