@@ -16,7 +16,9 @@ from lorakit.api import (
     param_groups,
     unmerge,
 )
+from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.layer import AdaptedLayer
+from lorakit.core.ranks import evaluate_all_ranks, set_rank
 from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
 from lorakit.interop import load_peft, save_peft
 from lorakit.io import load, save
@@ -30,13 +32,16 @@ __all__ = [
     "VARIANTS",
     "AdaptedLayer",
     "AdapterInfo",
+    "CapabilityError",
     "ConfigError",
+    "Driver",
     "Hook",
     "Variant",
     "VariantConfig",
     "adapted_layers",
     "apply",
     "disabled",
+    "evaluate_all_ranks",
     "get_variant",
     "info",
     "load",
@@ -47,6 +52,7 @@ __all__ = [
     "quantize",
     "save",
     "save_peft",
+    "set_rank",
     "summary",
     "unmerge",
 ]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.core.kinds import MATRIX_KINDS, kind_of
+from lorakit.core.contract import CapabilityError, Driver, Shared
+from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, VariantConfig
-from lorakit.errors import LorakitError
+from lorakit.targets import TargetError as TargetError  # re-exported: part of the public API
+from lorakit.targets import find_targets as find_targets
+from lorakit.targets import no_match_message, set_module
 from lorakit.variants import get_variant
-
-# Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
 
 
 @dataclass
@@ -33,13 +31,9 @@ class AdapterInfo:
     train_modules: list[str]
     fingerprint: str
     base_model: str | None
-    shared: dict[str, Any] = field(default_factory=dict)
+    shared: Shared = field(default_factory=Shared)
     # requires_grad of every parameter before apply froze the model, so undoing apply restores it
     trainable_before: dict[str, bool] = field(default_factory=dict, repr=False)
-
-
-class TargetError(LorakitError):
-    """No layer (or an unsupported layer) matched the requested targets."""
 
 
 def apply(
@@ -65,12 +59,13 @@ def apply(
     modules = dict(model.named_modules())
     check_rank(cfg, {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names})
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
-    if getattr(cfg, "base_quantization", None):
+    storage = cfg.base_storage()
+    if storage is not None:
         # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
         # so the fingerprint below covers the quantised weights the adapter will run on.
         from lorakit.quant_api import quantize_targets
 
-        quantize_targets(model, names, cfg)
+        quantize_targets(model, names, storage)
     modules = dict(model.named_modules())
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -83,10 +78,12 @@ def apply(
         base_model=_base_model_name(model),
         trainable_before=trainable_before,
     )
-    info.shared["shapes"] = {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
+    info.shared = variant_class.shared_class(
+        targets={n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
+    )
     for name in names:
         layer = modules[name]
-        _set_module(model, name, AdaptedLayer(layer, kind_of(layer), variant_class, cfg, info.shared))
+        set_module(model, name, AdaptedLayer(layer, kind_of(layer), variant_class, cfg, info.shared, name))
     for name in info.train_modules:
         modules[name].requires_grad_(True)
     model.lorakit = info
@@ -134,61 +131,13 @@ def _resolve_config(
     return get_variant(name).config_class.from_dict(values, name)
 
 
-def find_targets(model: nn.Module, targets: str | list[str], kinds: frozenset[str]) -> list[str]:
-    """Names of the modules ``targets`` selects, checked against the layer kinds the variant supports."""
-    adaptable = {n: kind_of(m) for n, m in model.named_modules() if n and kind_of(m) is not None}
-    if targets == "all-linear":
-        head = _output_head_names(model)
-        names = [n for n, k in adaptable.items() if k.name in MATRIX_KINDS and n not in head]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise TargetError(
-                f"targets {targets!r} is not a valid regular expression ({err}); fix it"
-            ) from None
-        names = [n for n in adaptable if pattern.fullmatch(n)]
-    else:
-        names = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise TargetError(_no_match_message(targets, list(adaptable)))
-    unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n].name not in kinds]
-    if unsupported:
-        raise TargetError(
-            f"this variant cannot adapt {', '.join(unsupported[:5])}; it supports {sorted(kinds)} layers. "
-            "Narrow `targets` to supported layers."
-        )
-    return names
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    heads = {
-        n for n, _ in model.named_modules() if n.split(".")[0] in HEAD_NAMES or n.split(".")[-1] in HEAD_NAMES
-    }
-    getter = getattr(model, "get_output_embeddings", None)
-    out = getter() if callable(getter) else None
-    heads |= {n for n, m in model.named_modules() if out is not None and m is out}
-    return heads
-
-
-def _no_match_message(targets: str | list[str], adaptable: list[str]) -> str:
-    leaves = sorted({n.split(".")[-1] for n in adaptable})
-    wanted = [targets] if isinstance(targets, str) else list(targets)
-    near = sorted({m for t in wanted for m in difflib.get_close_matches(str(t).split(".")[-1], leaves, n=3)})
-    hint = f" Did you mean {near}?" if near else ""
-    return (
-        f"no layer matches targets {targets!r}.{hint} Adaptable layer names end in: {', '.join(leaves[:30])}"
-        " (pass suffixes like ['query', 'value'], a regex, or 'all-linear')"
-    )
-
-
 def _match_train_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
     found = []
     for suffix in suffixes:
         hits = [n for n, _ in model.named_modules() if n and (n == suffix or n.endswith("." + suffix))]
         if not hits:
             raise TargetError(
-                f"train_modules entry '{suffix}' matches no module; {_no_match_message(suffix, [])}"
+                f"train_modules entry '{suffix}' matches no module; {no_match_message(suffix, [])}"
             )
         found += hits
     return found
@@ -197,12 +146,6 @@ def _match_train_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
 def _base_model_name(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def fingerprint(layers: Iterator[nn.Module]) -> str:
@@ -241,7 +184,7 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     for name, layer in adapted_layers(model):
         layer.merge()
         if unload:
-            _set_module(model, name, layer.base_layer)
+            set_module(model, name, layer.base_layer)
     if unload:
         del model.lorakit
     return model
@@ -272,6 +215,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # --- training support ----------------------------------------------------------------------------------
+def check_driver(model: nn.Module, driver: Driver) -> None:
+    """Refuse, before any training, a variant that cannot run with all its rules in ``driver``."""
+    reason = get_variant(info(model).variant).refusal(driver)
+    if reason is not None:
+        raise CapabilityError(reason)
+
+
 def make_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
     """The training-time rules the model's variant declares, built for a run of ``total_steps`` steps."""
     state = info(model)

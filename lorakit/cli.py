@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {metrics or 'no evaluation data'}; final train loss {loss}")
     print(f"trainable parameters {result.trainable:,} of {result.total:,}; {result.seconds:.1f} s training")
     for key, value in result.extra.items():
-        if isinstance(value, list):  # what a staged variant decided, e.g. LoRA-drop's kept modules
+        if isinstance(value, list):  # what a variant's stages decided (a list of names)
             print(f"{key} ({len(value)}): {', '.join(map(str, value))}")
     print(f"adapter saved to {result.adapter_dir}")
 
@@ -93,9 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = tokenize(job, tokenizer, source, D.read_rows(source, split="test"))
     d = job.data
     if args.all_ranks:
-        from lorakit.variants.dylora import evaluate_all_ranks
-
-        table = evaluate_all_ranks(model, lambda m: evaluate(m, data, d.eval_batch_size))
+        table = lorakit.evaluate_all_ranks(model, lambda m: evaluate(m, data, d.eval_batch_size))
         print("rank  " + "  ".join(f"{k:>10}" for k in next(iter(table.values()))))
         for rank, metrics in table.items():
             print(f"{rank:>4}  " + "  ".join(f"{v:>10.4f}" for v in metrics.values()))
@@ -123,9 +121,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     _, model, _ = _load_adapted(args.adapter)
     if args.rank is not None:
-        from lorakit.variants.dylora import set_rank
-
-        set_rank(model, args.rank)
+        lorakit.set_rank(model, args.rank)
     out = save_peft(model, args.out, overwrite=args.overwrite)
     print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
 
@@ -174,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a saved adapter")
     ev.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     ev.add_argument("--data", help="evaluation data (default: the job's evaluation data)")
-    ev.add_argument("--all-ranks", action="store_true", help="DyLoRA: evaluate every rank 1..R")
+    ev.add_argument(
+        "--all-ranks",
+        action="store_true",
+        help="evaluate every rank the adapter was trained for (variants with rank choices)",
+    )
     ev.set_defaults(func=cmd_eval)
     merge = sub.add_parser("merge", help="fold an adapter into its base and save the plain model")
     merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors"
     )
-    export.add_argument("--rank", type=int, help="DyLoRA: the rank to write (default: the largest)")
+    export.add_argument(
+        "--rank", type=int, help="the rank to write, for variants with rank choices (default: the largest)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace a PEFT adapter already in --out")
     export.set_defaults(func=cmd_export)
     from lorakit.bench.run import add_bench_args
@@ -195,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     from lorakit.federated.config import add_flags
 
-    fed = sub.add_parser("federate", help="federated fine-tuning (DP-DyLoRA) on Flower's simulation engine")
+    fed = sub.add_parser(
+        "federate", help="federated fine-tuning with DP-FedAvg on Flower's simulation engine"
+    )
     add_flags(fed)
     fed.add_argument("--num-cpus", type=int, default=2, help="simulation worker processes (default: 2)")
     fed.set_defaults(func=cmd_federate)

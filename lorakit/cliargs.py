@@ -1,14 +1,13 @@
 """Command-line flags generated from the job dataclasses, and YAML configs checked against them.
 
-Each field's comment in its dataclass (trailing, or on the line above) is its ``--help`` text, so settings
-are documented once.
+Each field's ``help`` metadata (:func:`lorakit.settings.setting`) is its ``--help`` text, so settings are
+documented once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import re
 import typing
 from pathlib import Path
@@ -18,19 +17,12 @@ import yaml
 
 from lorakit.errors import SettingError
 from lorakit.privacy.config import DPConfig
-from lorakit.settings import coerce_field, parse_assignments
+from lorakit.settings import coerce_field, field_help, parse_assignments
 from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
 # Job fields ("") and the nested sections; a section's fields are flags too, and a YAML key of its own.
 SECTIONS: dict[str, type] = {"": JobConfig, "data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
-
-
-def _field_help(cls: type) -> dict[str, str]:
-    """Help text per field: its trailing comment, or a comment line right above it."""
-    source = inspect.getsource(cls)
-    above = {name: text for text, name in re.findall(r"^\s+#\s*(.+)\n\s+(\w+): ", source, flags=re.M)}
-    return {**above, **dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))}
 
 
 def _leaf_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
@@ -55,12 +47,11 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="a variant config field, e.g. --set ratio=16 (repeatable)",
     )
-    for name, (section, f, hint) in _leaf_fields().items():
+    for name, (_, f, hint) in _leaf_fields().items():
         if name == "options":
             continue
-        helps = _field_help(SECTIONS[section])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{helps.get(name, name)} (default: {default})"
+        text = f"{field_help(f)} (default: {default})"
         flag = "--" + name.replace("_", "-")
         if hint is bool:
             parser.add_argument(

@@ -20,7 +20,7 @@ def variants_table() -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, cls in VARIANTS.items():
-        kinds = ", ".join(sorted(cls.kinds))
+        kinds = ", ".join(cls.kinds.names())
         rules = cls.hook.__name__ if cls.hook is not None else ""
         lines.append(f"| `{name}` | `{cls.__name__}` | {cls.paper} | {cls.summary} | {kinds} | {rules} |")
     return "\n".join(lines)

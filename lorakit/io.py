@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lorakit.api import adapted_layers, apply, info
 from lorakit.dirswap import finish_swap
 from lorakit.errors import LorakitError
+from lorakit.targets import set_module
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter.json"
@@ -191,7 +192,7 @@ def load(
     modules = dict(model.named_modules())
     before = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in state.train_modules}
     try:
-        _fill(model, load_tensors(directory, device=device))
+        fill_tensors(model, load_tensors(directory, device=device))
     except Exception as err:
         for name, saved in before.items():  # a fully trained module (a head) may have been filled already
             modules[name].load_state_dict(saved)
@@ -231,7 +232,8 @@ def load_tensors(
     return tensors
 
 
-def _fill(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+def fill_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy saved adapter (and fully trained module) tensors into the adapted ``model``."""
     for name, layer in adapted_layers(model):
         prefix = name + "."
         layer.variant.load_adapter_state(
@@ -246,10 +248,9 @@ def _fill(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 def undo_apply(model: nn.Module) -> None:
-    from lorakit.api import _set_module
-
+    """Put the base layers back and forget the adapter (the model as it was before :func:`apply`)."""
     for name, layer in adapted_layers(model):
-        _set_module(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     for name, param in model.named_parameters():  # unfrozen as before apply
         param.requires_grad_(model.lorakit.trainable_before.get(name, param.requires_grad))
     del model.lorakit

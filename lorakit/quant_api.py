@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.api import TargetError, _output_head_names, _set_module, find_targets
 from lorakit.core.kinds import ALL_KINDS, MATRIX_KINDS, kind_of
 from lorakit.core.nf4_linear import NF4Linear
+from lorakit.core.variant import BaseStorage
 from lorakit.errors import LorakitError
+from lorakit.targets import TargetError, find_targets, output_head_names, set_module
 
 QUANT_TYPES = ("nf4",)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -70,17 +71,14 @@ def quantize(
     return model
 
 
-def quantize_targets(model: nn.Module, names: list[str], config: Any) -> None:
-    """Quantise the layers ``names`` as ``config`` asks (called by :func:`lorakit.apply` for QLoRA).
-
-    ``config`` carries ``base_quantization`` and optionally ``compute_dtype`` and ``double_quant``. Layers
-    that are already quantised stay, but must have been quantised with the same settings: the saved config
-    is what a later load uses to rebuild the base, so it has to describe the base exactly.
+def quantize_targets(model: nn.Module, names: list[str], storage: BaseStorage) -> None:
+    """Quantise the layers ``names`` as a variant's ``base_storage()`` asks (called by :func:`lorakit.apply`
+    for QLoRA). Layers that are already quantised stay, but must have been quantised with the same settings:
+    the saved config is what a later load uses to rebuild the base, so it has to describe the base exactly.
     """
-    quant_type = config.base_quantization
-    check_quant_type(quant_type)
-    dtype = compute_dtype_of(getattr(config, "compute_dtype", torch.bfloat16))
-    double_quant = bool(getattr(config, "double_quant", True))
+    check_quant_type(storage.quant_type)
+    dtype = compute_dtype_of(storage.compute_dtype)
+    double_quant = storage.double_quant
     todo = []
     for name in names:
         layer = model.get_submodule(name)
@@ -106,7 +104,7 @@ def dequantize(model: nn.Module) -> nn.Module:
         dense = layer.to_dense()
         dense.requires_grad_(False)
         dense.train(layer.training)
-        _set_module(model, name, dense)
+        set_module(model, name, dense)
     return model
 
 
@@ -144,7 +142,7 @@ def _select(model: nn.Module, targets: str | list[str] | None) -> list[str]:
     except TargetError:
         names = []
     if not names:
-        heads = sorted(_output_head_names(model))
+        heads = sorted(output_head_names(model))
         kept = f" (the output head {', '.join(heads[:3])} stays in full precision)" if heads else ""
         raise QuantizationError(
             f"{type(model).__name__} has no linear layer to quantise{kept}; NF4 covers nn.Linear and GPT-2 "
@@ -195,7 +193,7 @@ def _quantize_layers(model: nn.Module, names: list[str], dtype: torch.dtype, dou
         dense = model.get_submodule(name)
         layer = NF4Linear.from_linear(dense, compute_dtype=dtype, double_quant=double_quant)
         layer.train(dense.training)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
 
 
 def _enable_input_grads(model: nn.Module) -> None:

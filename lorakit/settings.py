@@ -8,11 +8,26 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from lorakit.errors import SettingError
+
+
+def setting(
+    default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None
+) -> Any:
+    """A settings dataclass field whose ``doc`` is its ``--help`` text (``factory`` for mutable defaults)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": doc})
+    return dataclasses.field(default=default, metadata={"help": doc})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The ``--help`` text of a settings field (its name when it has none)."""
+    return f.metadata.get("help", f.name)
 
 
 def check_settings(settings: object, checks: dict[str, bool], what: str, rules: str | dict[str, str]) -> None:

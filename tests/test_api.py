@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit
 from lorakit.api import TargetError
+from lorakit.core.kinds import LINEAR, KindSet
 from lorakit.io import AdapterFileError
 
 
@@ -61,7 +62,7 @@ def test_unsupported_kind_is_refused_with_the_supported_list() -> None:
     model = nn.Sequential(nn.Embedding(5, 4))
 
     class LinearOnly(lorakit.get_variant("lora")):
-        kinds = frozenset({"linear"})
+        kinds = KindSet([LINEAR])
 
     with pytest.raises(TargetError, match="supports"):
         lorakit.api.find_targets(model, ["0"], LinearOnly.kinds)

@@ -1,7 +1,8 @@
 """Final rank per adapted layer of a saved adapter, as a table and a heatmap (layers x module names).
 
-For AdaLoRA the saved adapter holds only live triplets, so a layer's rank is the length of its ``E``; for
-other variants it is the first dimension of the down projection::
+Each variant reads its own rank from a layer's saved tensors (``Variant.saved_rank``): AdaLoRA's saved adapter
+holds only live triplets, so its rank is the length of ``E``; the others report their configured rank.
+Tensors stored once for several layers (VeRA's projections, LoRA-drop's shared pairs) count for each::
 
     python -m lorakit.bench.ranks runs/bench/adalora --out runs/bench/adalora_ranks.png
 """
@@ -15,18 +16,23 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lorakit.io import WEIGHTS_FILE, read_meta
-
-# The tensor whose first dimension is the rank, by role, for the variants whose rank can differ per layer.
-RANK_TENSOR = {"adalora": "E", "dylora": "A", "lora": "A"}
+from lorakit.variants import get_variant
 
 
 def saved_ranks(adapter_dir: str | Path) -> dict[str, int]:
     """Rank per adapted layer of the adapter saved in ``adapter_dir``."""
     meta = read_meta(adapter_dir)
-    suffix = "." + RANK_TENSOR.get(meta["variant"], "A")
+    variant = get_variant(meta["variant"])
+    config = variant.config_class.from_dict(meta["config"], meta["variant"])
     with safe_open(str(Path(adapter_dir) / WEIGHTS_FILE), "pt") as f:
-        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    return {t: int(shapes[t + suffix][0]) if t + suffix in shapes else 0 for t in meta["targets"]}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes |= {alias: shapes[key] for alias, key in meta.get("tied", {}).items()}
+    ranks = {}
+    for target in meta["targets"]:
+        prefix = target + "."
+        own = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
+        ranks[target] = variant.saved_rank(config, own)
+    return ranks
 
 
 def grid(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[int]]]:

@@ -14,89 +14,190 @@ variants only ever see ``(out, in)`` matrices:
 ``down(x, A)`` applies an ``(r, in)`` factor as a layer of the same kind with ``r`` outputs (same stride,
 padding, padding_idx); ``up(z, B)`` applies an ``(out, r)`` factor as a 1x1 map on the channel dimension.
 Then ``op(x, B @ A) == up(down(x, A), B)`` and a variant never needs to form ``B @ A``.
+
+Each kind is one object of a small class that carries its own behaviour; code elsewhere asks a kind what
+it is (``takes_ids``, ``is_matrix``, ``fan_in_fan_out``, ``kernel_shape``) instead of comparing names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
 class LayerKind:
-    """How one layer type maps its weight to ``(out, in)`` and applies it."""
+    """How one layer type maps its weight to ``(out, in)`` and applies it (the ``nn.Linear`` behaviour)."""
 
-    name: str
-    # Whether ``x`` is a float tensor with features on the last dim (lets variants use matrix fast paths).
-    features_last: bool
+    name = "linear"
+    features_last = True  # ``x`` is a float tensor with features on its last dim (matrix fast paths apply)
+    takes_ids = False  # ``x`` holds integer ids (no dropout on them; LoRA swaps its init)
+    is_matrix = True  # a dense matrix layer: what ``targets="all-linear"`` selects
+    fan_in_fan_out = False  # the weight is stored ``(in, out)`` (PEFT's name for GPT-2's Conv1D)
 
     def matches(self, layer: nn.Module) -> bool:
-        return _MATCHERS[self.name](layer)
+        return isinstance(layer, nn.Linear) or getattr(layer, "lorakit_kind", None) == self.name
 
     # --- weight views ------------------------------------------------------------------------------
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
         """The layer's weight (or ``weight`` in the layer's layout) as ``(out, in)``."""
-        w = _base_weight(layer) if weight is None else weight
-        if self.name == "conv1d_gpt2" or self.name == "embedding":
-            return w.t()
-        if self.name.startswith("conv"):
-            return w.reshape(w.shape[0], -1)
-        return w
+        return _base_weight(layer) if weight is None else weight
 
     def from_2d(self, layer: nn.Module, w2d: Tensor) -> Tensor:
         """Inverse of :meth:`weight_2d`: an ``(out, in)`` matrix in the layer's own layout."""
-        if self.name == "conv1d_gpt2" or self.name == "embedding":
-            return w2d.t()
-        if self.name.startswith("conv"):
-            return w2d.reshape(w2d.shape[0], *layer.weight.shape[1:])
         return w2d
 
     def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
         """``(out, in)`` of the 2-D view, without touching (possibly quantised) weight data."""
-        if self.name == "linear" or _quantized(layer):  # a 4-bit layer has no .weight; it states its shape
-            return int(layer.out_features), int(layer.in_features)
-        w = layer.weight
-        if self.name == "conv1d_gpt2" or self.name == "embedding":
-            return int(w.shape[1]), int(w.shape[0])
-        return int(w.shape[0]), int(w[0].numel())
+        return int(layer.out_features), int(layer.in_features)
+
+    def kernel_shape(self, layer: nn.Module) -> tuple[int, ...]:
+        """A convolution's kernel shape; ``()`` for matrix layers and embeddings."""
+        return ()
 
     # --- application -------------------------------------------------------------------------------
     def op(self, layer: nn.Module, x: Tensor, w2d: Tensor, bias: Tensor | None = None) -> Tensor:
         """Apply an ``(out, in)`` weight to ``x`` exactly as ``layer`` applies its own weight."""
-        if self.name == "linear":
-            return F.linear(x, w2d, bias)
-        if self.name == "conv1d_gpt2":
-            return F.linear(x, w2d, bias)
-        if self.name == "embedding":
-            y = _embed(layer, x, w2d.t())
-            return y if bias is None else y + bias
-        return _conv(layer, x, self.from_2d(layer, w2d), bias, groups=layer.groups)
+        return F.linear(x, w2d, bias)
 
     def down(self, layer: nn.Module, x: Tensor, a: Tensor) -> Tensor:
         """Apply an ``(r, in)`` factor as this kind of layer with ``r`` outputs."""
-        if self.name in ("linear", "conv1d_gpt2"):
-            return F.linear(x, a)
-        if self.name == "embedding":
-            return _embed(layer, x, a.t())
+        return F.linear(x, a)
+
+    def up(self, z: Tensor, b: Tensor) -> Tensor:
+        """Apply an ``(out, r)`` factor on the channel dimension (last dim, or dim 1 for convs)."""
+        return F.linear(z, b)
+
+    def channel_view(self, v: Tensor) -> Tensor:
+        """Reshape a per-output vector ``(out,)`` so it broadcasts against this kind's output."""
+        return v
+
+    def __repr__(self) -> str:
+        return f"LayerKind({self.name})"
+
+
+class GPT2Conv1DKind(LayerKind):
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored ``(in, out)``."""
+
+    name = "conv1d_gpt2"
+    fan_in_fan_out = True
+
+    def matches(self, layer: nn.Module) -> bool:
+        # Matched by structure so transformers stays optional here; a 4-bit layer standing in for a Conv1D
+        # names this kind in ``lorakit_kind``.
+        if getattr(layer, "lorakit_kind", None) == self.name:
+            return True
+        return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
+
+    def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
+        return (_base_weight(layer) if weight is None else weight).t()
+
+    def from_2d(self, layer: nn.Module, w2d: Tensor) -> Tensor:
+        return w2d.t()
+
+    def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
+        if _quantized(layer):  # a 4-bit layer has no .weight; it states its shape
+            return int(layer.out_features), int(layer.in_features)
+        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+
+
+class ConvKind(LayerKind):
+    """``nn.Conv1d/2d/3d``: the view flattens the kernel; factors apply as convolutions on channels."""
+
+    features_last = False
+    is_matrix = False
+
+    def __init__(self, dims: int, module: type[nn.Module]) -> None:
+        self.dims = dims
+        self.module = module
+        self.name = f"conv{dims}d"
+
+    def matches(self, layer: nn.Module) -> bool:
+        return isinstance(layer, self.module)
+
+    def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
+        w = _base_weight(layer) if weight is None else weight
+        return w.reshape(w.shape[0], -1)
+
+    def from_2d(self, layer: nn.Module, w2d: Tensor) -> Tensor:
+        return w2d.reshape(w2d.shape[0], *layer.weight.shape[1:])
+
+    def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
+        w = layer.weight
+        return int(w.shape[0]), int(w[0].numel())
+
+    def kernel_shape(self, layer: nn.Module) -> tuple[int, ...]:
+        return tuple(layer.weight.shape[2:])
+
+    def op(self, layer: nn.Module, x: Tensor, w2d: Tensor, bias: Tensor | None = None) -> Tensor:
+        return _conv(layer, x, self.from_2d(layer, w2d), bias, groups=layer.groups)
+
+    def down(self, layer: nn.Module, x: Tensor, a: Tensor) -> Tensor:
         if layer.groups != 1:
             raise ValueError(f"low-rank factors need groups=1 convolutions, got groups={layer.groups}")
         return _conv(layer, x, a.reshape(a.shape[0], *layer.weight.shape[1:]), None, groups=1)
 
     def up(self, z: Tensor, b: Tensor) -> Tensor:
-        """Apply an ``(out, r)`` factor on the channel dimension (last dim, or dim 1 for convs)."""
-        if self.features_last or self.name == "embedding":
-            return F.linear(z, b)
         return torch.einsum("or,nr...->no...", b, z)
 
     def channel_view(self, v: Tensor) -> Tensor:
-        """Reshape a per-output vector ``(out,)`` so it broadcasts against this kind's output."""
-        if self.name.startswith("conv") and self.name != "conv1d_gpt2":
-            return v.reshape(-1, *([1] * (int(self.name[4]))))
-        return v
+        return v.reshape(-1, *([1] * self.dims))
+
+
+class EmbeddingKind(LayerKind):
+    """``nn.Embedding``: ``y = W[x] = W^T onehot(x)``, so the view is ``(dim, num)`` and ``x`` holds ids."""
+
+    name = "embedding"
+    features_last = False
+    takes_ids = True
+    is_matrix = False
+
+    def matches(self, layer: nn.Module) -> bool:
+        return isinstance(layer, nn.Embedding)
+
+    def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
+        return (_base_weight(layer) if weight is None else weight).t()
+
+    def from_2d(self, layer: nn.Module, w2d: Tensor) -> Tensor:
+        return w2d.t()
+
+    def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
+        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+
+    def op(self, layer: nn.Module, x: Tensor, w2d: Tensor, bias: Tensor | None = None) -> Tensor:
+        y = _embed(layer, x, w2d.t())
+        return y if bias is None else y + bias
+
+    def down(self, layer: nn.Module, x: Tensor, a: Tensor) -> Tensor:
+        return _embed(layer, x, a.t())
+
+
+class KindSet:
+    """The layer kinds a variant (or a PEFT method) supports; membership by kind object or by name."""
+
+    def __init__(self, kinds: Iterable[LayerKind]) -> None:
+        self.kinds = tuple(dict.fromkeys(kinds))
+
+    def __contains__(self, item: object) -> bool:
+        return any(item is k or item == k.name for k in self.kinds)
+
+    def __iter__(self) -> Iterator[LayerKind]:
+        return iter(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def __sub__(self, other: Iterable[LayerKind]) -> KindSet:
+        drop = KindSet(other)
+        return KindSet(k for k in self.kinds if k not in drop)
+
+    def names(self) -> list[str]:
+        return sorted(k.name for k in self.kinds)
+
+    def __repr__(self) -> str:
+        return f"KindSet({self.names()})"
 
 
 def _base_weight(layer: nn.Module) -> Tensor:
@@ -127,32 +228,25 @@ def _conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, grou
     return conv(x, weight, bias, layer.stride, padding, layer.dilation, groups)
 
 
-def _is_gpt2_conv1d(layer: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2 and relatives): matched by structure so transformers stays optional here.
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
-
-
-# A layer that stands in for another (a 4-bit NF4 layer) names the kind it replaces in ``lorakit_kind``.
-_MATCHERS: dict[str, Callable[[nn.Module], bool]] = {
-    "linear": lambda m: isinstance(m, nn.Linear) or getattr(m, "lorakit_kind", None) == "linear",
-    "conv1d_gpt2": lambda m: _is_gpt2_conv1d(m) or getattr(m, "lorakit_kind", None) == "conv1d_gpt2",
-    "conv1d": lambda m: isinstance(m, nn.Conv1d),
-    "conv2d": lambda m: isinstance(m, nn.Conv2d),
-    "conv3d": lambda m: isinstance(m, nn.Conv3d),
-    "embedding": lambda m: isinstance(m, nn.Embedding),
-}
-
+LINEAR = LayerKind()
+CONV1D_GPT2 = GPT2Conv1DKind()
+EMBEDDING = EmbeddingKind()
+# Matched in this order. A layer that stands in for another (a 4-bit NF4 layer) names the kind it replaces in
+# ``lorakit_kind``.
 KINDS: dict[str, LayerKind] = {
-    "linear": LayerKind("linear", features_last=True),
-    "conv1d_gpt2": LayerKind("conv1d_gpt2", features_last=True),
-    "conv1d": LayerKind("conv1d", features_last=False),
-    "conv2d": LayerKind("conv2d", features_last=False),
-    "conv3d": LayerKind("conv3d", features_last=False),
-    "embedding": LayerKind("embedding", features_last=False),
+    k.name: k
+    for k in (
+        LINEAR,
+        CONV1D_GPT2,
+        ConvKind(1, nn.Conv1d),
+        ConvKind(2, nn.Conv2d),
+        ConvKind(3, nn.Conv3d),
+        EMBEDDING,
+    )
 }
 
-ALL_KINDS: frozenset[str] = frozenset(KINDS)
-MATRIX_KINDS: frozenset[str] = frozenset({"linear", "conv1d_gpt2"})
+ALL_KINDS = KindSet(KINDS.values())
+MATRIX_KINDS = KindSet(k for k in KINDS.values() if k.is_matrix)
 
 
 def kind_of(layer: nn.Module) -> LayerKind | None:

@@ -8,11 +8,11 @@ once. Merging is always explicit: ``.eval()`` never changes weights.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
 from lorakit.core.variant import Variant, VariantConfig
 
@@ -26,14 +26,20 @@ class AdaptedLayer(nn.Module):
         kind: LayerKind,
         variant_class: type[Variant],
         config: VariantConfig,
-        shared: dict[str, Any],
+        shared: Shared | None = None,
+        name: str = "",
     ) -> None:
+        """``name`` is the module name in the model (what a variant's shared state is keyed by); ``shared``
+        is the ``apply`` call's shared state (None: a layer on its own)."""
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
+        self.name = name
         self.out_features, self.in_features = kind.shape_2d(base_layer)
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        if not isinstance(shared, variant_class.shared_class):
+            shared = variant_class.shared_class(targets={name: (self.out_features, self.in_features)})
         self.variant = variant_class(config, self, shared)
         self.merged = False
         self.enabled = True

@@ -6,6 +6,11 @@ Everything else has a correct default built on that: the forward pass, merging, 
 saving. Variants override a default only to be faster (a forward that never forms the delta), or because
 their paper says so (DoRA's merged weight, LoRA+'s learning rates). Rules that act during training (AdaLoRA's
 budget, Delta-LoRA's weight update, DyLoRA's rank sampling) live in a :class:`Hook` that the variant declares.
+
+This file and :mod:`lorakit.core.contract` are the whole contract between a variant and the code that drives
+it: every capability a driver may use is a typed member here with a default (stages before the main run,
+the drivers a variant refuses, a rank view, PEFT names, typed shared state, how the base is stored). A driver
+never probes a variant with ``getattr``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lorakit.core.kinds import ALL_KINDS
+from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
+from lorakit.core.kinds import ALL_KINDS, KindSet
 from lorakit.errors import LorakitError
 from lorakit.settings import coerce_field
 
@@ -77,6 +83,20 @@ class VariantConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def base_storage(self) -> BaseStorage | None:
+        """How the target layers' frozen weights must be stored before the adapter wraps them (QLoRA's
+        4-bit base); None: as given."""
+        return None
+
+
+@dataclass(frozen=True)
+class BaseStorage:
+    """A quantised base: ``quant_type`` (``"nf4"``), its compute dtype, and whether scales are quantised."""
+
+    quant_type: str
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+
 
 def require(ok: bool, name: str, value: object, expected: str) -> None:
     """Raise :class:`ConfigError` naming the field unless ``ok`` (used by every ``validate`` method)."""
@@ -130,18 +150,64 @@ class Variant(nn.Module):
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    kinds: ClassVar[frozenset[str]] = ALL_KINDS
-    hook: ClassVar[type[Hook] | None] = None
+    kinds: ClassVar[KindSet] = ALL_KINDS  # the layer kinds it adapts
+    hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
+    stages: ClassVar[Stages | None] = None  # work on the training data before the main run
+    shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
+    peft: ClassVar[PeftSpec | None] = None  # how it reads and writes PEFT's adapter format (None: it doesn't)
 
-    def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
-        """``base`` is a read-only view of the layer (kind, shapes, weight); ``shared`` is one dict per
-        ``apply`` call, for state that all layers share (VeRA's projections)."""
+    def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: Shared) -> None:
+        """``base`` is a read-only view of the layer (name, kind, shapes, weight); ``shared`` is one
+        :attr:`shared_class` object per ``apply`` call, for state all layers share (VeRA's projections)."""
         super().__init__()
         self.config = config
         # Dropout acts on the adapter's input only, never on the base path; integer inputs never drop.
-        self.dropout = (
-            nn.Dropout(config.dropout) if config.dropout > 0 and base.kind.name != "embedding" else None
-        )
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and not base.kind.takes_ids else None
+
+    # --- which drivers can run it ----------------------------------------------------------------------
+    @classmethod
+    def refusal(cls, driver: Driver) -> str | None:
+        """Why this variant cannot run in ``driver`` (None: it can, with all its rules)."""
+        if cls.stages is not None and driver not in cls.stages.drivers:
+            return (
+                f"variant '{cls.name}' runs stages on the training data before the main run, which "
+                f"{driver.value} cannot run with its guarantees; train it with lorakit's loop or choose "
+                "another variant"
+            )
+        return None
+
+    # --- rank view -------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The rank the adapter uses now (outside training): a chosen rank, or the live rank after pruning."""
+        return self.config.rank
+
+    def rank_choices(self) -> range | None:
+        """The ranks :meth:`choose_rank` accepts after training (None: the rank is fixed)."""
+        return None
+
+    def choose_rank(self, b: int | None) -> None:
+        """Use rank ``b`` outside training (None: the largest); only where :meth:`rank_choices` is set."""
+        raise ValueError(f"variant '{self.name}' has a fixed rank; only variants with rank choices take one")
+
+    def round_ranks(self) -> tuple[int, int] | None:
+        """``(low, high)`` when a federated server draws one rank per round for this variant, else None."""
+        return None
+
+    def rank_slices(self, b: int) -> dict[str, tuple[slice, ...]]:
+        """Where the rank-``b`` adapter lives in each parameter (a round's update space when
+        :meth:`round_ranks` is set); default: every parameter whole."""
+        return {}
+
+    @classmethod
+    def saved_rank(cls, config: VariantConfig, shapes: dict[str, tuple[int, ...]]) -> int:
+        """The rank of one saved layer from the config and its saved tensors' shapes (local key -> shape)."""
+        return config.rank
+
+    # --- PEFT interop ----------------------------------------------------------------------------------
+    def peft_problem(self, base: AdaptedLayer) -> str | None:
+        """Why PEFT would read this layer differently (None: it reads it exactly)."""
+        return None
 
     def delta_weight(self) -> Tensor:
         """The change this adapter makes to the base weight, as ``(out, in)``."""

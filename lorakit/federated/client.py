@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import lorakit
+from lorakit.core.contract import Driver
 from lorakit.federated.config import FedConfig
 from lorakit.federated.partition import partition
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
@@ -52,7 +54,9 @@ def adapted_model(cfg: FedConfig) -> tuple[nn.Module, Any]:
     """The adapted model and tokenizer, built once per process for these settings (same seed everywhere)."""
     key = json.dumps({k: v for k, v in cfg.to_run_config().items() if k in _MODEL_FIELDS}, sort_keys=True)
     if key not in _MODELS:
-        _MODELS[key] = prepare_model(job_config(cfg))
+        model, tokenizer = prepare_model(job_config(cfg))
+        lorakit.api.check_driver(model, Driver.FEDERATED)  # before any round trains
+        _MODELS[key] = model, tokenizer
     return _MODELS[key]
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
-from lorakit.settings import check_settings, parse_assignments
+from lorakit.settings import check_settings, field_help, parse_assignments, setting
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
@@ -25,40 +23,48 @@ PARTITIONS = ("iid", "label-skew")
 class FedConfig:
     """Federated fine-tuning with DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963); DP-DyLoRA by default."""
 
-    model: str = "minilm"  # 'minilm' (embedded), a local directory, or a Hugging Face id
-    variant: str = "dp_dylora"  # any registered variant; dp_dylora draws one rank per round
-    rank: int = 8  # adapter rank (DyLoRA: the largest rank R)
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "query,key,value,dense"  # comma-separated module-name suffixes, or 'all-linear'
-    options: str = ""  # further variant fields as JSON, e.g. '{"min_rank": 2}'
-    data: str = "demo"  # training data split among clients: .tsv/.csv/.jsonl path or 'demo'
-    eval_data: str = ""  # server-side evaluation data (default: demo's test split for 'demo')
-    eval_examples: int = 0  # evaluate on the first N evaluation rows (0: all)
-    text_column: str = "sentence"
-    label_column: str = "label"
-    num_labels: int = 2
-    max_length: int = 64  # tokens per example
-    clients: int = 10  # N: clients (partitions of the data)
-    rounds: int = 5  # federated rounds
-    cohort: int = 5  # C: expected clients per round
-    sampling: str = "poisson"  # poisson (each joins with q = C/N) | fixed (exactly C; with DP only C = N)
-    partition: str = "iid"  # iid | label-skew (Dirichlet label proportions per client)
-    skew: float = 0.5  # Dirichlet concentration for label-skew (smaller: more skewed)
-    local_steps: int = 10  # E: local optimizer steps per round on a client
-    batch_size: int = 16  # client batch size
-    lr: float = 5e-3  # client learning rate (AdamW, constant)
-    server_lr: float = 1.0  # server learning rate applied to the aggregated update
-    noise_multiplier: float = 0.0  # sigma: server noise std / S (0: no noise)
-    clip_norm: float = 0.0  # S: clip each client update to this L2 norm (0: no clipping, plain FedAvg)
-    target_epsilon: float = 0.0  # stop before exceeding it (0: none); sets sigma when noise_multiplier is 0
-    delta: float = 1e-5  # delta of client-level (epsilon, delta)-DP; keep it below 1/clients
-    accountant: str = "rdp"  # rdp | prv
-    seed: int = 0  # seeds partitions, ranks and local training (never the DP noise or cohort)
-    dp_insecure_seed: bool = False  # NOT private, tests only: derive DP noise and cohorts from the seed
-    eval_every: int = 1  # evaluate on the server every N rounds (0: only at the end)
-    round_timeout: float = 600.0  # seconds to wait for a round's replies
-    output_dir: str = "runs/federated"  # adapter, metrics.json (per-round history)
+    model: str = setting("minilm", "'minilm' (embedded), a local directory, or a Hugging Face id")
+    variant: str = setting("dp_dylora", "any registered variant; dp_dylora draws one rank per round")
+    rank: int = setting(8, "adapter rank (DyLoRA: the largest rank R)")
+    alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
+    dropout: float = setting(0.0, "dropout on the adapter input (never on the base path)")
+    targets: str = setting("query,key,value,dense", "comma-separated module-name suffixes, or 'all-linear'")
+    options: str = setting("", "further variant fields as JSON, e.g. '{\"min_rank\": 2}'")
+    data: str = setting("demo", "training data split among clients: .tsv/.csv/.jsonl path or 'demo'")
+    eval_data: str = setting("", "server-side evaluation data (default: demo's test split for 'demo')")
+    eval_examples: int = setting(0, "evaluate on the first N evaluation rows (0: all)")
+    text_column: str = setting("sentence", "classification text column")
+    label_column: str = setting("label", "classification label column (integers)")
+    num_labels: int = setting(2, "classes of the classification task")
+    max_length: int = setting(64, "tokens per example")
+    clients: int = setting(10, "N: clients (partitions of the data)")
+    rounds: int = setting(5, "federated rounds")
+    cohort: int = setting(5, "C: expected clients per round")
+    sampling: str = setting(
+        "poisson", "poisson (each joins with q = C/N) | fixed (exactly C; with DP only C = N)"
+    )
+    partition: str = setting("iid", "iid | label-skew (Dirichlet label proportions per client)")
+    skew: float = setting(0.5, "Dirichlet concentration for label-skew (smaller: more skewed)")
+    local_steps: int = setting(10, "E: local optimizer steps per round on a client")
+    batch_size: int = setting(16, "client batch size")
+    lr: float = setting(5e-3, "client learning rate (AdamW, constant)")
+    server_lr: float = setting(1.0, "server learning rate applied to the aggregated update")
+    noise_multiplier: float = setting(0.0, "sigma: server noise std / S (0: no noise)")
+    clip_norm: float = setting(
+        0.0, "S: clip each client update to this L2 norm (0: no clipping, plain FedAvg)"
+    )
+    target_epsilon: float = setting(
+        0.0, "stop before exceeding it (0: none); sets sigma when noise_multiplier is 0"
+    )
+    delta: float = setting(1e-5, "delta of client-level (epsilon, delta)-DP; keep it below 1/clients")
+    accountant: str = setting("rdp", "rdp | prv")
+    seed: int = setting(0, "seeds partitions, ranks and local training (never the DP noise or cohort)")
+    dp_insecure_seed: bool = setting(
+        False, "NOT private, tests only: derive DP noise and cohorts from the seed"
+    )
+    eval_every: int = setting(1, "evaluate on the server every N rounds (0: only at the end)")
+    round_timeout: float = setting(600.0, "seconds to wait for a round's replies")
+    output_dir: str = setting("runs/federated", "adapter, metrics.json (per-round history)")
 
     def __post_init__(self) -> None:
         checks = {
@@ -156,8 +162,7 @@ def parse_options(text: str) -> dict[str, Any]:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`FedConfig` field; its trailing comment is the help text."""
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(FedConfig), flags=re.M))
+    """One ``--flag`` per :class:`FedConfig` field; the field's ``help`` metadata is its help text."""
     for f in dataclasses.fields(FedConfig):
         kind = type(f.default)
         typed = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
@@ -165,7 +170,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,
-            help=f"{helps.get(f.name, f.name)} (default: {f.default!r})",
+            help=f"{field_help(f)} (default: {f.default!r})",
             **typed,
         )
     parser.add_argument(

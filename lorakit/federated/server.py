@@ -28,6 +28,8 @@ from typing import Any
 from torch import nn
 
 import lorakit
+from lorakit.core.contract import Driver
+from lorakit.core.ranks import round_ranks
 from lorakit.federated.client import job_config, make_client_app
 from lorakit.federated.config import FedConfig
 from lorakit.federated.strategy import (
@@ -70,12 +72,8 @@ class FedResult:
 
 
 def rank_range(model: nn.Module) -> tuple[int, int] | None:
-    """``(min_rank, R)`` when the variant trains one rank per round (DP-DyLoRA), else None."""
-    layers = lorakit.adapted_layers(model)
-    if not any(hasattr(layer.variant, "rank_slices") for _, layer in layers):
-        return None
-    config = lorakit.info(model).config
-    return config.min_rank, config.rank
+    """``(low, high)`` when the variant trains one server-drawn rank per round (DP-DyLoRA), else None."""
+    return round_ranks(model)
 
 
 def wait_for_nodes(grid: Any, count: int, timeout: float) -> list[int]:
@@ -99,6 +97,7 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
 
     records = flower.app
     model, tokenizer = prepare_model(job_config(cfg))  # the server's own copy holds the global adapter
+    lorakit.api.check_driver(model, Driver.FEDERATED)
     evaluate_data = _server_eval_data(cfg, tokenizer)
     nodes = wait_for_nodes(grid, cfg.clients, cfg.round_timeout)
     sigma = cfg.noise_multiplier

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 import lorakit
+from lorakit.core.ranks import round_ranks, set_rank
 from lorakit.federated.config import FedConfig
 from lorakit.privacy.randomness import gaussian_noise
 
@@ -33,16 +34,13 @@ Space = dict[str, tuple[nn.Parameter, tuple]]  # name -> (trainable tensor, inde
 
 
 def update_space(model: nn.Module, rank: int | None) -> Space:
-    """The tensors a round exchanges: every trainable parameter, cut to the rank-``rank`` slice where the
-    variant declares ``rank_slices`` (DP-DyLoRA); whole tensors otherwise or when ``rank`` is None."""
+    """The tensors a round exchanges: every trainable parameter, cut to the rank-``rank`` slice the variant
+    declares in ``rank_slices`` (DP-DyLoRA); whole tensors otherwise or when ``rank`` is None."""
     space: Space = {n: (p, (...,)) for n, p in model.named_parameters() if p.requires_grad}
     if rank is None:
         return space
     for layer_name, layer in lorakit.adapted_layers(model):
-        slices = getattr(layer.variant, "rank_slices", None)
-        if slices is None:
-            continue
-        for local, index in slices(rank).items():
+        for local, index in layer.variant.rank_slices(rank).items():
             name = f"{layer_name}.variant.{local}"
             if name in space:
                 space[name] = (space[name][0], index)
@@ -50,10 +48,9 @@ def update_space(model: nn.Module, rank: int | None) -> Space:
 
 
 def use_rank(model: nn.Module, rank: int | None) -> None:
-    """Fix the rank of a DP-DyLoRA model (``None``: the full rank R); no-op for variants without ranks."""
-    if any(hasattr(layer.variant, "rank_slices") for _, layer in lorakit.adapted_layers(model)):
-        from lorakit.variants.dylora import set_rank
-
+    """Fix the round's rank of a model whose server draws one per round (``None``: the largest); a no-op for
+    variants without round ranks."""
+    if round_ranks(model) is not None:
         set_rank(model, rank)
 
 

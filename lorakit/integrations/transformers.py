@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 import lorakit
+from lorakit.core.contract import Driver
 from lorakit.core.variant import Hook
 
 
@@ -40,6 +41,7 @@ class LorakitCallback(TrainerCallback):
         self.backward_done = -1  # the last step whose on_after_backward ran
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        lorakit.api.check_driver(self.model, Driver.TRAINER)
         self.hooks = lorakit.make_hooks(self.model, state.max_steps)
         self.backward_done = -1
 

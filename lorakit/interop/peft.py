@@ -25,6 +25,7 @@ from lorakit.core.layer import AdaptedLayer
 from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
 from lorakit.io import AdapterFileError, atomic_write, undo_apply
+from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,11 +69,13 @@ EXPORTABLE = tuple(v for method in METHODS for v in method.variants)
 def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the model's adapter and trained head in PEFT's format; returns the directory.
 
-    DyLoRA is written at the rank :func:`lorakit.variants.dylora.set_rank` chose (``R`` if none) as a plain
-    LoRA of that rank. A 4-bit (QLoRA) base is not written: load the base in 4 bits on the PEFT side.
+    A variant with rank choices (DyLoRA) is written at the rank :func:`lorakit.set_rank` chose (the largest
+    if none) as a plain LoRA of that rank. A 4-bit (QLoRA) base is not written: load the base in 4 bits on the
+    PEFT side.
     """
     state = info(model)
-    method = next((m for m in METHODS if state.variant in m.variants), None)
+    spec = get_variant(state.variant).peft
+    method = next((m for m in METHODS if spec is not None and m.peft_type == spec.peft_type), None)
     if method is None:
         raise ValueError(
             f"variant '{state.variant}' has no PEFT equivalent; PEFT's formats hold {', '.join(EXPORTABLE)}. "
@@ -96,7 +99,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
             f"{out} already holds a PEFT adapter; choose another directory or overwrite=True"
         )
     variant = layers[0][1].variant
-    rank = int(getattr(variant, "current_rank", variant.config.rank))  # DyLoRA: the chosen rank
+    rank = variant.rank  # a chosen rank (DyLoRA), else the config's
     tensors: dict[str, Tensor] = {}
     for name, layer in layers:
         tensors.update(method.tensors(PREFIX + name, layer, rank))

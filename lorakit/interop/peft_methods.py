@@ -1,4 +1,7 @@
-"""Per method, how a lorakit adapter layer maps onto PEFT's tensors and config fields (and back).
+"""Per PEFT method, how a lorakit adapter layer maps onto PEFT's tensors and config fields (and back).
+
+Which variant is which method, its tensors' PEFT names and its own config fields come from the variant
+(``Variant.peft``, a :class:`lorakit.core.contract.PeftSpec`); this file holds each method's layout.
 
 LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024): ``lora_A = A (r, in)``, ``lora_B = B (out, r)``, scale
 ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), DoRA's magnitude ``lora_magnitude_vector``.
@@ -12,42 +15,66 @@ refused when they differ.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from lorakit.api import AdapterInfo
+from lorakit.core.contract import PeftSpec
+from lorakit.core.kinds import ALL_KINDS, CONV1D_GPT2, KINDS, LINEAR, KindSet
 from lorakit.core.layer import AdaptedLayer
 from lorakit.io import AdapterFileError
+from lorakit.variants import VARIANTS
 
 
 def _kernel(layer: AdaptedLayer) -> tuple[int, ...]:
     """A convolution's kernel shape; ``()`` for the matrix kinds and embeddings."""
-    if layer.kind.name.startswith("conv") and layer.kind.name != "conv1d_gpt2":
-        return tuple(layer.base_layer.weight.shape[2:])
-    return ()
+    return layer.kind.kernel_shape(layer.base_layer)
+
+
+def _spec(layer: AdaptedLayer) -> PeftSpec:
+    spec = type(layer.variant).peft
+    assert spec is not None, "only variants with a PEFT spec reach a PEFT method"
+    return spec
 
 
 @dataclass(frozen=True)
 class PeftMethod:
-    """One PEFT ``peft_type``: the lorakit variants it holds and how their tensors are named and shaped."""
+    """One PEFT ``peft_type``: its key marker, the layer kinds PEFT implements it for, and its layout."""
 
     peft_type: str
-    variants: tuple[str, ...]
     marker: str  # what every adapter key of this method contains, e.g. ".lora_"
-    kinds: frozenset[str]  # the lorakit layer kinds PEFT implements this method for
-    names: dict[str, str] = field(default_factory=dict)  # lorakit parameter -> PEFT key suffix
+    kinds: KindSet  # the lorakit layer kinds PEFT implements this method for
     shared_keys: ClassVar[tuple[str, ...]] = ()  # keys outside every layer, read and written whole
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The registered variants written as this method (from each variant's ``peft`` spec)."""
+        specs = {name: cls.peft for name, cls in VARIANTS.items()}
+        return tuple(n for n, spec in specs.items() if spec is not None and spec.peft_type == self.peft_type)
+
+    def variant_fields(self, state: AdapterInfo) -> dict[str, Any]:
+        """The variant's own PEFT config fields: its flags and its mapped config fields."""
+        spec = VARIANTS[state.variant].peft
+        values = state.config.to_dict()
+        return {**spec.flags, **{peft: values[ours] for ours, peft in spec.config_fields.items()}}
+
+    def variant_for(self, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The first registered variant of this method whose flags ``config`` matches, and the variant's
+        own config fields read from ``config``."""
+        for name in self.variants:
+            spec = VARIANTS[name].peft
+            if all(bool(config.get(k)) == bool(v) for k, v in spec.flags.items()):
+                fields = spec.config_fields.items()
+                return name, {ours: config[peft] for ours, peft in fields if config.get(peft) is not None}
+        raise ValueError(f"no lorakit variant reads this {self.peft_type} adapter's settings")
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         """The method's own fields of ``adapter_config.json``."""
         fields = {"r": rank, "alpha": state.config.alpha, "rank_dropout": 0.0, "module_dropout": 0.0}
         fields |= {"use_effective_conv2d": False, "init_weights": True}
-        if self.peft_type == "LOKR":
-            fields |= {"decompose_both": state.config.decompose_both, "decompose_factor": state.config.factor}
-        return fields
+        return fields | self.variant_fields(state)
 
     def shared_tensors(self, layers: list[AdaptedLayer]) -> dict[str, Tensor]:
         """Tensors every layer shares, under their full PEFT keys (VeRA's projections); none here."""
@@ -61,30 +88,23 @@ class PeftMethod:
     ) -> tuple[str, dict[str, Any]]:
         """The lorakit variant and its settings for a PEFT config of this method."""
         options: dict[str, Any] = {"rank": int(config["r"]), "alpha": float(config["alpha"]), "dropout": 0.0}
-        if self.peft_type == "LOKR":
-            options |= {"decompose_both": bool(config.get("decompose_both")),
-                        "factor": int(config.get("decompose_factor", -1))}  # fmt: skip
-        return self.variants[0], options
+        name, fields = self.variant_for(config)
+        return name, options | fields
 
     def check_export(self, name: str, layer: AdaptedLayer) -> None:
         """Refuse a layer PEFT cannot load as this method."""
-        if layer.kind.name not in self.kinds:
+        if layer.kind not in self.kinds:
             raise ValueError(
-                f"{name}: PEFT's {self.peft_type} has no {layer.kind.name} layers (only {sorted(self.kinds)})"
+                f"{name}: PEFT's {self.peft_type} has no {layer.kind.name} layers (only {self.kinds.names()})"
             )
-        factor = getattr(layer.variant.config, "factor", -1)
-        in_channels = layer.in_features // math.prod(_kernel(layer))
-        for dim in (layer.out_features, in_channels) if factor > 0 else ():
-            if dim % factor == 0 and factor > dim // factor:
-                raise ValueError(
-                    f"{name}: with factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and "
-                    f"lorakit as ({dim // factor}, {factor}); PEFT could not load it. Use factor "
-                    f"{dim // factor} or -1."
-                )
+        problem = layer.variant.peft_problem(layer)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
 
     def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
         """PEFT key suffix -> the lorakit parameter it holds, for one layer."""
-        return {self.names[n]: p for n, p in layer.variant.named_parameters(recurse=False)}
+        names = _spec(layer).names
+        return {names[n]: p for n, p in layer.variant.named_parameters(recurse=False)}
 
     def to_peft(self, layer: AdaptedLayer, suffix: str, t: Tensor, rank: int) -> Tensor:
         """A lorakit tensor in PEFT's shape: a full LoKr ``W2`` of a convolution is a kernel there."""
@@ -121,18 +141,19 @@ class LoRAMethod(PeftMethod):
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         cfg = state.config
-        return {
+        fields = {
             "r": rank,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "use_rslora": bool(getattr(cfg, "rslora", False)),
-            "use_dora": state.variant == "dora",
-            "fan_in_fan_out": all(layer.kind.name == "conv1d_gpt2" for layer in layers),
+            "use_rslora": False,
+            "use_dora": False,
+            "fan_in_fan_out": all(layer.kind.fan_in_fan_out for layer in layers),
             "bias": "none",
             "init_lora_weights": True,
             "rank_pattern": {},
             "alpha_pattern": {},
         }
+        return fields | self.variant_fields(state)
 
     def variant_options(
         self, config: dict[str, Any], tensors: dict[str, Tensor]
@@ -141,19 +162,16 @@ class LoRAMethod(PeftMethod):
             "rank": int(config["r"]),
             "alpha": float(config["lora_alpha"]),
             "dropout": float(config.get("lora_dropout") or 0.0),
-            "rslora": bool(config.get("use_rslora")),
         }
-        return ("dora" if config.get("use_dora") else "lora"), options
+        name, fields = self.variant_for(config)
+        return name, options | fields
 
     def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
-        v = layer.variant
-        if layer.kind.name == "embedding":
-            found = {"lora_embedding_A": v.A, "lora_embedding_B": v.B}
-        else:
-            found = {"lora_A.weight": v.A, "lora_B.weight": v.B}
-        if hasattr(v, "m"):
-            found["lora_magnitude_vector"] = v.m
-        return found
+        own = dict(layer.variant.named_parameters(recurse=False))
+        ids = "embedding_" if layer.kind.takes_ids else ""
+        found = {f"lora_{ids}A" + ("" if ids else ".weight"): own["A"]}
+        found[f"lora_{ids}B" + ("" if ids else ".weight")] = own["B"]
+        return found | {peft: own[ours] for ours, peft in _spec(layer).names.items()}
 
     def to_peft(self, layer: AdaptedLayer, suffix: str, t: Tensor, rank: int) -> Tensor:
         kernel = _kernel(layer)
@@ -175,24 +193,23 @@ class VeRAMethod(PeftMethod):
     shared_keys: ClassVar[tuple[str, ...]] = ("base_model.vera_A", "base_model.vera_B")
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
-        cfg = state.config
-        return {"r": rank, "projection_prng_key": cfg.projection_seed, "save_projection": True,
-                "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "bias": "none",
-                "fan_in_fan_out": all(layer.kind.name == "conv1d_gpt2" for layer in layers)}  # fmt: skip
+        fields = {"r": rank, "save_projection": True, "vera_dropout": state.config.dropout, "bias": "none",
+                  "fan_in_fan_out": all(layer.kind.fan_in_fan_out for layer in layers)}  # fmt: skip
+        return fields | self.variant_fields(state)
 
     def variant_options(
         self, config: dict[str, Any], tensors: dict[str, Tensor]
     ) -> tuple[str, dict[str, Any]]:
-        options = {"rank": int(config["r"]), "dropout": float(config.get("vera_dropout") or 0.0),
-                   "d_initial": float(config.get("d_initial", 0.1)),
-                   "projection_seed": int(config.get("projection_prng_key", 0))}  # fmt: skip
+        options = {"rank": int(config["r"]), "dropout": float(config.get("vera_dropout") or 0.0)}
+        name, fields = self.variant_for(config)
         a, b = (tensors.get(k) for k in self.shared_keys)
         if a is not None and b is not None:
             options["projection_shape"] = [int(b.shape[0]), int(a.shape[1])]
-        return "vera", options
+        return name, options | fields
 
     def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
-        return {"vera_lambda_b": layer.variant.b, "vera_lambda_d": layer.variant.d}
+        own = dict(layer.variant.named_parameters(recurse=False))
+        return {peft: own[ours] for ours, peft in _spec(layer).names.items()}
 
     def shared_tensors(self, layers: list[AdaptedLayer]) -> dict[str, Tensor]:
         v = layers[0].variant
@@ -208,35 +225,11 @@ class VeRAMethod(PeftMethod):
                 param.copy_(tensors[key])
 
 
-MATRIX_AND_CONV = frozenset({"linear", "conv1d", "conv2d"})
+MATRIX_AND_CONV = KindSet([LINEAR, KINDS["conv1d"], KINDS["conv2d"]])
+# The variants of each method come from their ``peft`` specs (a chosen rank and a 4-bit base are not written).
 METHODS = (
-    # DyLoRA is written at its chosen rank; QLoRA's factors without its 4-bit base.
-    LoRAMethod(
-        "LORA",
-        ("lora", "lora_fa", "lora_plus", "qlora", "dora", "dylora"),
-        ".lora_",
-        frozenset({"linear", "conv1d_gpt2", "conv1d", "conv2d", "conv3d", "embedding"}),
-    ),
-    PeftMethod(
-        "LOHA",
-        ("loha",),
-        ".hada_",
-        MATRIX_AND_CONV,
-        {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
-    ),
-    PeftMethod(
-        "LOKR",
-        ("lokr",),
-        ".lokr_",
-        MATRIX_AND_CONV,
-        {
-            "W1": "lokr_w1",
-            "W1a": "lokr_w1_a",
-            "W1b": "lokr_w1_b",
-            "W2": "lokr_w2",
-            "W2a": "lokr_w2_a",
-            "W2b": "lokr_w2_b",
-        },
-    ),
-    VeRAMethod("VERA", ("vera",), ".vera_lambda_", frozenset({"linear", "conv1d_gpt2"})),
+    LoRAMethod("LORA", ".lora_", ALL_KINDS),
+    PeftMethod("LOHA", ".hada_", MATRIX_AND_CONV),
+    PeftMethod("LOKR", ".lokr_", MATRIX_AND_CONV),
+    VeRAMethod("VERA", ".vera_lambda_", KindSet([LINEAR, CONV1D_GPT2])),
 )

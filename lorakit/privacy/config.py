@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from lorakit.errors import LorakitError
+from lorakit.settings import setting
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -38,14 +39,17 @@ def check_accountant(value: str) -> None:
 class DPConfig:
     """DP-SGD (Abadi et al. 2016, arXiv:1607.00133): clip each example's gradient, add Gaussian noise."""
 
-    dp: bool = False  # train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)
-    target_epsilon: float | None = None  # privacy budget; sets the noise if none given; training stops there
-    delta: float = 1e-5  # delta of (epsilon, delta)-DP; keep it well below 1/(training examples)
-    max_grad_norm: float = 1.0  # per-example gradient clipping bound C (DP-SGD)
-    noise_multiplier: float | None = None  # noise std / C (default: chosen to spend target_epsilon)
-    accountant: str = "rdp"  # privacy accountant: rdp | prv
-    # NOT private, tests only: derive the DP noise and Poisson sampling from the seed, not os.urandom
-    dp_insecure_seed: bool = False
+    dp: bool = setting(False, "train with DP-SGD (per-example clipping, Gaussian noise, Poisson sampling)")
+    target_epsilon: float | None = setting(
+        None, "privacy budget; sets the noise if none given; training stops there"
+    )
+    delta: float = setting(1e-5, "delta of (epsilon, delta)-DP; keep it well below 1/(training examples)")
+    max_grad_norm: float = setting(1.0, "per-example gradient clipping bound C (DP-SGD)")
+    noise_multiplier: float | None = setting(None, "noise std / C (default: chosen to spend target_epsilon)")
+    accountant: str = setting("rdp", "privacy accountant: rdp | prv")
+    dp_insecure_seed: bool = setting(
+        False, "NOT private, tests only: DP noise and Poisson sampling from the seed instead of os.urandom"
+    )
 
     def __post_init__(self) -> None:
         check_epsilon(self.target_epsilon)

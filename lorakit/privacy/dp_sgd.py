@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lorakit
+from lorakit.core.contract import Driver
 from lorakit.core.variant import Hook
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
@@ -84,6 +85,7 @@ def train_dp(
     ``dp.target_epsilon`` in ``cfg.steps`` steps. With a target, training stops (with a warning) before a
     step that would exceed it. Epsilon after every step is in the result and on the progress bar.
     """
+    lorakit.api.check_driver(model, Driver.DP_SGD)
     optimizers = require("opacus.optimizers")
     sampling = require("opacus.utils.uniform_sampler")
     from lorakit.privacy.grad_sample import AdapterGradSampleModule
@@ -214,14 +216,9 @@ def train_job_private(
     model: nn.Module,
     data: TokenizedData,
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
-    prepare: Callable[..., Any] | None,
 ) -> tuple[DPTrainResult, dict[str, Any]]:
     """The DP branch of :func:`lorakit.train.job.run_job`: returns the result and the privacy report."""
-    if prepare is not None:
-        raise PrivacyError(
-            f"variant '{job.variant}' runs a selection stage on the data before training, which DP-SGD "
-            "does not cover; train it without --dp or choose another variant"
-        )
+    lorakit.api.check_driver(model, Driver.DP_SGD)  # e.g. stages on the data that DP does not account for
     if job.resume:
         raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
     if job.train.checkpoint_every:

@@ -34,7 +34,7 @@ import lorakit
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, _fill, atomic_write, load_tensors
+from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, atomic_write, fill_tensors, load_tensors
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
@@ -127,7 +127,7 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
     if "settings" in state:  # checkpoints written before settings were recorded are taken as they are
         check_settings_match(json.loads(state["settings"]), settings, copy)
     tensors = load_tensors(copy)
-    _fill(run.model, tensors)
+    fill_tensors(run.model, tensors)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):

@@ -19,29 +19,33 @@ from torch import nn
 
 import lorakit
 from lorakit.distributed.job import ScaleOut
+from lorakit.core.contract import Driver
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
-from lorakit.settings import check_settings, check_types
+from lorakit.settings import check_settings, check_types, setting
 from lorakit.train import data as D
 from lorakit.train import rundir
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import TASKS, head_modules, load_model
+from lorakit.train.stages import run_stages
 
 
 @dataclass
 class DataConfig:
     """Where the data comes from and how to read it."""
 
-    data: str = "demo"  # training data: a .tsv/.csv/.jsonl path, a Hugging Face dataset id, or 'demo'
-    eval_data: str | None = None  # evaluation data (default: the test split of 'demo', else none)
-    text_column: str = "sentence"  # classification text column
-    label_column: str = "label"  # classification label column (class ids 0, 1, ... or class names)
-    prompt_column: str = "prompt"  # causal-LM prompt column (no loss on it)
-    response_column: str = "response"  # causal-LM response column (the loss covers it)
-    max_length: int = 64  # tokens per example
-    eval_batch_size: int = 128  # examples per evaluation batch
+    data: str = setting(
+        "demo", "training data: a .tsv/.csv/.jsonl path, a Hugging Face dataset id, or 'demo'"
+    )
+    eval_data: str | None = setting(None, "evaluation data (default: the test split of 'demo', else none)")
+    text_column: str = setting("sentence", "classification text column")
+    label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
+    prompt_column: str = setting("prompt", "causal-LM prompt column (no loss on it)")
+    response_column: str = setting("response", "causal-LM response column (the loss covers it)")
+    max_length: int = setting(64, "tokens per example")
+    eval_batch_size: int = setting(128, "examples per evaluation batch")
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -58,24 +62,31 @@ class DataConfig:
 class JobConfig:
     """A whole fine-tuning job: model, variant, data and training settings."""
 
-    model: str = "minilm"  # 'minilm' (embedded), a local directory, or a Hugging Face id
-    task: str = "classification"  # classification | causal-lm
-    num_labels: int | None = None  # classes of a classification task (default: from the training data)
-    # class names in class-id order when the labels are names (read from the training data)
-    labels: list[str] | None = None
-    variant: str = "lora"  # a registered variant name (see `lorakit list`)
-    # layers to adapt: comma-separated name suffixes, a regex, or all-linear
-    targets: list[str] | str = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    rank: int = 8  # adapter rank r
-    alpha: float = 16.0  # scale numerator: the update is scaled by alpha / r
-    dropout: float = 0.05  # dropout on the adapter input (never on the base path)
-    options: dict[str, Any] = field(default_factory=dict)  # further variant config fields
-    quantize: str | None = None  # 'nf4' stores the frozen linear weights in 4 bits (QLoRA)
-    output_dir: str = "runs/lorakit"  # where the adapter, metrics.json and checkpoints go
-    overwrite: bool = False  # replace an adapter already in output_dir
-    resume: bool = False  # continue from output_dir/checkpoint
-    # under torchrun: ddp (model replicated) or fsdp (FSDP2, frozen base sharded); batch-size is per rank
-    distributed: str | None = None
+    model: str = setting("minilm", "'minilm' (embedded), a local directory, or a Hugging Face id")
+    task: str = setting("classification", "classification | causal-lm")
+    num_labels: int | None = setting(
+        None, "classes of a classification task (default: from the training data)"
+    )
+    labels: list[str] | None = setting(
+        None, "class names in class-id order when the labels are names (read from the training data)"
+    )
+    variant: str = setting("lora", "a registered variant name (see `lorakit list`)")
+    targets: list[str] | str = setting(
+        doc="layers to adapt: comma-separated name suffixes, a regex, or all-linear",
+        factory=lambda: ["query", "key", "value", "dense"],
+    )
+    rank: int = setting(8, "adapter rank r")
+    alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
+    dropout: float = setting(0.05, "dropout on the adapter input (never on the base path)")
+    options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
+    quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
+    output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
+    overwrite: bool = setting(False, "replace an adapter already in output_dir")
+    resume: bool = setting(False, "continue from output_dir/checkpoint")
+    distributed: str | None = setting(
+        None,
+        "under torchrun: ddp (model replicated) or fsdp (FSDP2, frozen base sharded); batch-size is per rank",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
@@ -350,18 +361,17 @@ def _train(
         else None
     )
     started = time.perf_counter()
-    # A variant with stages before the main run (LoRA-drop's module selection) declares a ``prepare``
-    # classmethod: it may rebuild the adapters in place and returns what it decided, for the report.
-    prepare = getattr(lorakit.get_variant(job.variant), "prepare", None)
     if job.privacy.dp:  # DP-SGD: Poisson sampling, per-example clipping and noise (lorakit.privacy)
         from lorakit.privacy.dp_sgd import train_job_private
 
-        result, decided = train_job_private(job, model, train_data, evaluate_fn, prepare)
+        result, decided = train_job_private(job, model, train_data, evaluate_fn)
         return result, decided, started
+    # Stages before the main run (LoRA-drop's selection) may rebuild the adapters; what they decided goes
+    # into the report. Distributed: they run once on rank 0 with the global batch, the result broadcast.
     if scale is None:
-        decided = prepare(model, batches, job.train) if prepare is not None else {}
-    else:  # LoRA-drop's stages once on rank 0 with the global batch, the result broadcast
-        decided = scale.prepare(prepare, model)
+        decided = run_stages(model, train_data, job.train, Driver.LOOP, train)
+    else:
+        decided = scale.prepare(lambda m, b, c: run_stages(m, b.data, c, Driver.LOOP, train), model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import lorakit
 from lorakit.core.variant import Hook
-from lorakit.settings import check_settings
+from lorakit.settings import check_settings, setting
 from lorakit.train.checkpoint import (
     RunState,
     check_step,
@@ -45,22 +45,24 @@ PRECISIONS = ("fp32", "bf16")
 class TrainConfig:
     """Optimisation settings (the defaults are the reference budget used for every README number)."""
 
-    steps: int = 600  # optimizer steps
-    batch_size: int = 32  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1  # fraction of steps with linear warmup
-    schedule: str = "linear"  # after warmup: linear | cosine | constant
-    clip: float = 1.0  # max gradient norm; 0 disables clipping
-    precision: str = (
-        "fp32"  # fp32, or bf16: autocast matmuls to bfloat16 (weights, grads, optimizer stay fp32)
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(32, "examples per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.1, "fraction of steps with linear warmup")
+    schedule: str = setting("linear", "after warmup: linear | cosine | constant")
+    clip: float = setting(1.0, "max gradient norm; 0 disables clipping")
+    precision: str = setting(
+        "fp32", "fp32, or bf16: autocast matmuls to bfloat16 (weights, grads, optimizer stay fp32)"
     )
-    optimizer: str = "adamw"  # adamw, or a bitsandbytes optimizer: adamw8bit | paged_adamw | paged_adamw8bit
-    eval_every: int = 0  # evaluate every N steps (0: only at the end)
-    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: never)
-    seed: int = 0
-    progress: bool = True
+    optimizer: str = setting(
+        "adamw", "adamw, or a bitsandbytes optimizer: adamw8bit | paged_adamw | paged_adamw8bit"
+    )
+    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
+    checkpoint_every: int = setting(0, "write a resumable checkpoint every N steps (0: never)")
+    seed: int = setting(0, "seeds initialisation, data order, dropout and a variant's sampling")
+    progress: bool = setting(True, "show a progress bar with loss, learning rate and steps per second")
 
     def __post_init__(self) -> None:
         checks = {

@@ -16,11 +16,11 @@ pruned triplets then leave the forward, the penalty and the saved file, which lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Variant, VariantConfig, require
@@ -79,7 +79,7 @@ class AdaLoRA(Variant):
     paper = "arXiv:2303.10512"
     hook = AdaLoRAHook
 
-    def __init__(self, config: AdaLoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: AdaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         r = config.init_r
         self.Q = nn.Parameter(torch.empty(r, base.in_features, device=base.device))  # (r, in) right vectors
@@ -89,6 +89,15 @@ class AdaLoRA(Variant):
         nn.init.normal_(self.P, std=0.02)
         self.scale = config.alpha / config.init_r
         self.register_buffer("keep", None, persistent=False)  # (r_live,) indices once the mask is final
+
+    @property
+    def rank(self) -> int:
+        """The live rank: ``init_r`` until the mask is final, then the triplets kept."""
+        return int(self.triplets()[0].shape[0])
+
+    @classmethod
+    def saved_rank(cls, config: VariantConfig, shapes: dict[str, tuple[int, ...]]) -> int:
+        return int(shapes["E"][0])  # only live triplets are saved
 
     def triplets(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(E, Q, P)`` of the triplets that exist: all until the mask is final, then the live ones."""
@@ -142,4 +151,4 @@ class AdaLoRA(Variant):
 def rank_pattern(model: nn.Module) -> dict[str, int]:
     """Rank per adapted layer: ``init_r`` until the mask is final, then the live triplets each layer kept."""
     layers = [(n, m.variant) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
-    return {n: v.triplets()[0].shape[0] for n, v in layers if isinstance(v, AdaLoRA)}
+    return {n: v.rank for n, v in layers if isinstance(v, AdaLoRA)}

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Hook, require
@@ -78,7 +79,7 @@ class DeltaLoRA(LoRA):
     paper = "arXiv:2309.02411"
     hook = DeltaLoRAHook
 
-    def __init__(self, config: DeltaLoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: DeltaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         self.register_buffer("A_K", torch.zeros_like(self.A))  # (r, in), A_{K+1}
         self.register_buffer("B_K", torch.zeros_like(self.B))  # (out, r), B_{K+1}

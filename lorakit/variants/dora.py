@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed, low_rank
 from lorakit.variants.lora import LoRA, LoRAConfig
@@ -167,8 +168,14 @@ class DoRA(LoRA):
     config_class = DoRAConfig
     summary = "LoRA direction plus a trainable per-row magnitude m; W' = m V / ||V||_row"
     paper = "arXiv:2402.09353"
+    peft = PeftSpec(
+        "LORA",
+        names={"m": "lora_magnitude_vector"},
+        config_fields={"rslora": "use_rslora"},
+        flags={"use_dora": True},
+    )
 
-    def __init__(self, config: DoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: DoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         # Caches are plain attributes, not buffers: they derive from the base weight and A, B, so they are
         # rebuilt after a load or a dtype/device move and never enter the adapter file.

@@ -12,7 +12,7 @@ with no per-step resampling, and returns only the rank-``b_t`` slice of its upda
 (:mod:`lorakit.federated`). Per-client random ranks would give each client a different update space; one
 data-independent rank per round keeps the sensitivity ``S`` and the noise on one fixed space.
 
-This variant is DyLoRA whose hook trains at the rank :func:`lorakit.variants.dylora.set_rank` chose (the
+This variant is DyLoRA whose hook trains at the rank :func:`lorakit.set_rank` chose (the
 server's ``b_t``; ``R`` outside federation) instead of sampling one per step. Rows outside the slice are
 restored after each local step, as in DyLoRA. ``B = 0`` at init, so the model is the base at step 0.
 """
@@ -47,6 +47,11 @@ class DPDyLoRA(DyLoRA):
     summary = "Federated DyLoRA with client-level DP: one server-drawn rank per round, DP-FedAvg updates"
     paper = "arXiv:2405.06368"
     hook = ServerRankHook
+    peft = None  # a federated adapter: exported through lorakit's own format
+
+    def round_ranks(self) -> tuple[int, int]:
+        """The server draws each round's ``b_t`` from ``min_rank..R``."""
+        return self.config.min_rank, self.config.rank
 
     def rank_slices(self, b: int) -> dict[str, tuple[slice, ...]]:
         """Where the rank-``b`` adapter lives in each trainable tensor: ``A[:b]`` ``(b, in)`` and

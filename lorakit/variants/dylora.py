@@ -8,8 +8,8 @@ micro-batches) and the forward uses the truncated factors, scaled by the sampled
 Only the truncated adapter is updated: the hook (:mod:`lorakit.variants.dylora_hook`) restores rows
 ``>= b`` after the optimizer step, so AdamW momentum and weight decay cannot move them; mode ``"frozen"``
 trains rank ``b`` alone (rows ``< b`` get no gradient and are restored too). Outside training the rank is
-``R`` unless :func:`set_rank` chose another; merging uses that rank. :func:`evaluate_all_ranks` scores every
-rank of one trained adapter.
+``R`` unless :meth:`DyLoRA.choose_rank` (``lorakit.set_rank``) chose another; merging and PEFT export use that
+rank, and ``lorakit.evaluate_all_ranks`` scores every rank of one trained adapter.
 
 ``B = 0`` at init (``A = 0`` for embeddings), so every truncation is zero and the model is the base at step 0.
 """
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core import ranks
+from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Variant, VariantConfig, require
@@ -58,8 +59,9 @@ class DyLoRA(Variant):
     summary = "LoRA trained at every rank 1..R at once (rank sampled per step); pick any rank after training"
     paper = "arXiv:2210.07558"
     hook = DyLoRAHook
+    peft = PeftSpec("LORA", flags={"use_dora": False})  # written as a plain LoRA at the chosen rank
 
-    def __init__(self, config: DyLoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: DyLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         r = config.rank
         self.A = nn.Parameter(torch.empty(r, base.in_features, device=base.device))  # (R, in)
@@ -71,8 +73,18 @@ class DyLoRA(Variant):
 
     @property
     def current_rank(self) -> int:
-        """The inference rank: the one :func:`set_rank` chose, else ``R``."""
+        """The inference rank: the one :meth:`choose_rank` chose, else ``R``."""
         return self.chosen if self.chosen is not None else self.config.rank
+
+    @property
+    def rank(self) -> int:
+        return self.current_rank
+
+    def rank_choices(self) -> range:
+        return range(1, self.config.rank + 1)
+
+    def choose_rank(self, b: int | None) -> None:
+        self.chosen = b
 
     def active_rank(self) -> int:
         """The rank the forward uses now: the sampled one in training (once sampled), else the chosen one."""
@@ -108,36 +120,20 @@ class DyLoRA(Variant):
         return w - self.delta_weight(self.merged_rank).to(w.dtype)
 
 
-def _dylora_layers(model: nn.Module) -> list[AdaptedLayer]:
-    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer) and isinstance(m.variant, DyLoRA)]
-    if not layers:
+def _require_dylora(model: nn.Module) -> None:
+    if not any(isinstance(m, AdaptedLayer) and isinstance(m.variant, DyLoRA) for m in model.modules()):
         raise ValueError("the model has no DyLoRA adapter; ranks can only be chosen for variant 'dylora'")
-    return layers
 
 
 def set_rank(model: nn.Module, b: int | None) -> None:
     """Use rank ``b`` (1..R) in every DyLoRA layer outside training; ``None`` restores ``R``."""
-    layers = _dylora_layers(model)
-    top = layers[0].variant.config.rank
-    if b is not None and not (isinstance(b, int) and 1 <= b <= top):
-        raise ValueError(f"rank {b!r} is out of range: choose an integer in [1, {top}]")
-    if any(layer.merged for layer in layers):
-        raise ValueError("cannot change the rank of merged adapters; call lorakit.unmerge(model) first")
-    for layer in layers:
-        layer.variant.chosen = b
+    _require_dylora(model)
+    ranks.set_rank(model, b)
 
 
 def evaluate_all_ranks(
     model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]
 ) -> dict[int, dict[str, float]]:
     """``evaluate(model)`` at every rank 1..R of one trained adapter; the chosen rank is restored after."""
-    layers = _dylora_layers(model)
-    previous = layers[0].variant.chosen
-    try:
-        results = {}
-        for b in range(1, layers[0].variant.config.rank + 1):
-            set_rank(model, b)
-            results[b] = evaluate(model)
-        return results
-    finally:
-        set_rank(model, previous)
+    _require_dylora(model)
+    return ranks.evaluate_all_ranks(model, evaluate)

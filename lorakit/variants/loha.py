@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lorakit.core.kinds import ALL_KINDS
+from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Variant, VariantConfig, require
 
@@ -71,10 +72,11 @@ class LoHa(Variant):
     config_class = LoHaConfig
     summary = "Hadamard product of two low-rank updates, rank up to r^2; one factor starts at zero"
     paper = "arXiv:2108.06098"
+    peft = PeftSpec("LOHA", {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"})
     # Not embeddings: LoHa would form a (dim, vocab) delta every forward; PEFT and LyCORIS skip them too.
-    kinds = ALL_KINDS - {"embedding"}
+    kinds = ALL_KINDS - {EMBEDDING}
 
-    def __init__(self, config: LoHaConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoHaConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         r, d_out, d_in, dev = config.rank, base.out_features, base.in_features, base.device
         self.B1 = nn.Parameter(torch.empty(d_out, r, device=dev))  # (out, r)

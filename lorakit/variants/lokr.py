@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.core.kinds import ALL_KINDS
+from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed
 from lorakit.core.variant import Variant, VariantConfig, require
@@ -106,10 +107,16 @@ class LoKr(Variant):
     config_class = LoKrConfig
     summary = "Kronecker product of a small and a (low-rank) large factor; W1 starts at zero"
     paper = "arXiv:2309.14859"
+    peft = PeftSpec(
+        "LOKR",
+        names={"W1": "lokr_w1", "W1a": "lokr_w1_a", "W1b": "lokr_w1_b"}
+        | {"W2": "lokr_w2", "W2a": "lokr_w2_a", "W2b": "lokr_w2_b"},
+        config_fields={"decompose_both": "decompose_both", "factor": "decompose_factor"},
+    )
     # Not embeddings (as PEFT and LyCORIS): the delta would be formed at (dim, vocab) size every forward.
-    kinds = ALL_KINDS - {"embedding"}
+    kinds = ALL_KINDS - {EMBEDDING}
 
-    def __init__(self, config: LoKrConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoKrConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         r, dev, d_out, d_in = config.rank, base.device, base.out_features, base.in_features
         # Kernel elements per input channel: the conv view is (out, in_ch * k); 1 for Linear and Conv1D.
@@ -136,6 +143,19 @@ class LoKr(Variant):
         else:
             self.W2 = _param(dev, b, d * k)
         self.reset_parameters()
+
+    def peft_problem(self, base: AdaptedLayer) -> str | None:
+        """With an explicit factor PEFT keeps ``(factor, dim / factor)`` where lorakit puts the smaller
+        number first: such a layer would load differently there."""
+        factor = self.config.factor
+        in_channels = base.in_features // math.prod(base.kind.kernel_shape(base.base_layer))
+        for dim in (base.out_features, in_channels) if factor > 0 else ():
+            if dim % factor == 0 and factor > dim // factor:
+                return (
+                    f"with factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and lorakit as "
+                    f"({dim // factor}, {factor}); PEFT could not load it. Use factor {dim // factor} or -1."
+                )
+        return None
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

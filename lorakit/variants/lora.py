@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Variant, VariantConfig
@@ -36,8 +36,9 @@ class LoRA(Variant):
     config_class = LoRAConfig
     summary = "Low-rank update W0 + (alpha/r) B A; B starts at zero"
     paper = "arXiv:2106.09685"
+    peft = PeftSpec("LORA", config_fields={"rslora": "use_rslora"}, flags={"use_dora": False})
 
-    def __init__(self, config: LoRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         r = config.rank
         self.A = nn.Parameter(torch.empty(r, base.in_features, device=base.device))  # (r, in)
@@ -47,7 +48,7 @@ class LoRA(Variant):
 
     def reset_parameters(self, base: AdaptedLayer) -> None:
         with torch.no_grad():
-            if base.kind.name == "embedding":
+            if base.kind.takes_ids:
                 self.A.zero_()
                 nn.init.normal_(self.B)
             else:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, require
 from lorakit.variants.lora import LoRA, LoRAConfig
@@ -72,7 +72,7 @@ class LoRAFA(LoRA):
     paper = "arXiv:2308.03303"
     hook = LoRAFAHook
 
-    def __init__(self, config: LoRAFAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoRAFAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
         # Still a Parameter (saved, loaded, seen by per-sample-gradient tools), just never trained.
         self.A.requires_grad_(False)

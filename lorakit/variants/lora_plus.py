@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import require
 from lorakit.variants.lora import LoRA, LoRAConfig
@@ -55,9 +56,9 @@ class LoRAPlus(LoRA):
     summary = "LoRA with B trained at ratio x the learning rate of A"
     paper = "arXiv:2402.12354"
 
-    def __init__(self, config: LoRAPlusConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoRAPlusConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
-        self.on_embedding = base.kind.name == "embedding"
+        self.on_embedding = base.kind.takes_ids
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         cfg: LoRAPlusConfig = self.config

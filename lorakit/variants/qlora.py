@@ -7,7 +7,7 @@ blocks of 256) and dequantised to the compute dtype (bf16) on every forward; ``A
 "Linear layers" are ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x W + b``, ``W`` stored ``(in, out)``), whose
 weight is quantised transposed, as ``(out, in)``, as bitsandbytes' integration in transformers does.
 
-The 4-bit base is part of the variant: :func:`lorakit.apply` reads ``base_quantization`` from the config
+The 4-bit base is part of the variant: :func:`lorakit.apply` reads the config's ``base_storage()``
 and quantises the target layers (:func:`lorakit.quant_api.quantize_targets`) before wrapping them, so the
 saved ``adapter.json`` says how to rebuild the base and loading onto a fresh full-precision model
 reproduces the trained one exactly (NF4 quantisation is deterministic). The fingerprint is taken on the
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.core.kinds import MATRIX_KINDS
-from lorakit.core.variant import require
+from lorakit.core.variant import BaseStorage, require
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 # The dtypes an NF4 layer can dequantise to (as names, so the config stays JSON).
@@ -64,6 +64,11 @@ class QLoRAConfig(LoRAConfig):
         ok = self.compute_dtype in COMPUTE_DTYPES
         require(ok, "compute_dtype", self.compute_dtype, f"one of {', '.join(COMPUTE_DTYPES)}")
         require(isinstance(self.double_quant, bool), "double_quant", self.double_quant, "True or False")
+
+    def base_storage(self) -> BaseStorage | None:
+        if self.base_quantization is None:
+            return None
+        return BaseStorage(self.base_quantization, self.compute_dtype, self.double_quant)
 
 
 class QLoRA(LoRA):

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Variant, VariantConfig, require
 
@@ -81,6 +81,13 @@ def projections(
     return nn.Parameter(a.to(device), requires_grad=False), nn.Parameter(b.to(device), requires_grad=False)
 
 
+@dataclass
+class VeRAShared(Shared):
+    """The frozen projections ``(A, B)`` of one ``apply`` call, drawn by its first layer."""
+
+    projections: tuple[nn.Parameter, nn.Parameter] | None = None
+
+
 class VeRA(Variant):
     """``dW = diag(b) B[:d_out] diag(d) A[:, :d_in]`` with ``A``, ``B`` frozen and shared."""
 
@@ -88,12 +95,18 @@ class VeRA(Variant):
     config_class = VeRAConfig
     summary = "Shared frozen random A, B; trains only scaling vectors d (r) and b (d_out)"
     paper = "arXiv:2310.11454"
+    shared_class = VeRAShared
+    peft = PeftSpec(
+        "VERA",
+        names={"b": "vera_lambda_b", "d": "vera_lambda_d"},
+        config_fields={"projection_seed": "projection_prng_key", "d_initial": "d_initial"},
+    )
 
-    def __init__(self, config: VeRAConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: VeRAConfig, base: AdaptedLayer, shared: VeRAShared) -> None:
         super().__init__(config, base, shared)
-        if "vera_projections" not in shared:
-            shared["vera_projections"] = projections(config, shared["shapes"], base.device)
-        self.A, self.B = shared["vera_projections"]  # the same two Parameter objects in every layer
+        if shared.projections is None:
+            shared.projections = projections(config, shared.targets, base.device)
+        self.A, self.B = shared.projections  # the same two Parameter objects in every layer
         self.d_in, self.d_out = base.in_features, base.out_features
         self.d = nn.Parameter(torch.full((config.rank,), float(config.d_initial), device=base.device))  # (r,)
         self.b = nn.Parameter(torch.zeros(self.d_out, device=base.device))  # (out,)

@@ -1,0 +1,69 @@
+"""Runs a variant's stages before the main run (``Variant.stages``) on lorakit's tokenised training data.
+
+:class:`DataStages` is the driver's side of :class:`lorakit.core.contract.StageContext`: it trains with
+lorakit's loop on a subset of the data, batches it for scoring, and rebuilds the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+import lorakit
+from lorakit.core.contract import Driver
+from lorakit.core.variant import VariantConfig
+from lorakit.io import undo_apply
+from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
+from lorakit.train.loop import TrainConfig
+
+Trainer = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
+
+
+class DataStages:
+    """A :class:`lorakit.core.contract.StageContext` over ``data``, training with ``train``."""
+
+    def __init__(self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: Trainer) -> None:
+        self.model, self.data, self.cfg, self.trainer = model, data, cfg, train
+        self.seed, self.steps, self.batch_size = cfg.seed, cfg.steps, cfg.batch_size
+        modules = dict(model.named_modules())
+        # Fully trained modules (a new head) as they were before the stages, to restore in ``reapply``.
+        self.heads = {
+            n: {k: v.clone() for k, v in modules[n].state_dict().items()}
+            for n in lorakit.info(model).train_modules
+        }
+
+    def strata(self) -> list[Hashable]:
+        return [label if isinstance(label, int) else None for label in self.data.labels]
+
+    def subset(self, indices: list[int]) -> TokenizedData:
+        d = self.data
+        return TokenizedData([d.input_ids[i] for i in indices], [d.labels[i] for i in indices], d.pad_id)
+
+    def train(self, indices: list[int], steps: int) -> None:
+        stage = dataclasses.replace(self.cfg, steps=steps, eval_every=0, checkpoint_every=0)
+        self.trainer(self.model, BatchSampler(self.subset(indices), self.batch_size, self.seed), stage)
+
+    def batches(self, indices: list[int]) -> Iterator[dict[str, Tensor]]:
+        return eval_batches(self.subset(indices), self.batch_size)
+
+    def config(self) -> VariantConfig:
+        return lorakit.info(self.model).config
+
+    def reapply(self, config: VariantConfig) -> None:
+        undo_apply(self.model)
+        modules = dict(self.model.named_modules())
+        for name, state in self.heads.items():
+            modules[name].load_state_dict(state)
+        lorakit.apply(self.model, config)
+
+
+def run_stages(
+    model: nn.Module, data: TokenizedData, cfg: TrainConfig, driver: Driver, train: Trainer
+) -> dict[str, Any]:
+    """Refuse a variant ``driver`` cannot run, then run its stages (if any); returns what they decided."""
+    lorakit.api.check_driver(model, driver)
+    stages = lorakit.get_variant(lorakit.info(model).variant).stages
+    return stages.run(DataStages(model, data, cfg, train)) if stages is not None else {}

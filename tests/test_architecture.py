@@ -1,0 +1,146 @@
+"""The package's layering holds: imports run one way with no circles, variants never reach up into the code
+that trains them, no code outside ``lorakit/variants`` names a variant or probes one, and every settings
+field documents itself for ``--help``."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import lorakit
+from lorakit.cliargs import SECTIONS
+from lorakit.federated.config import FedConfig
+from lorakit.settings import field_help
+
+PACKAGE = Path(lorakit.__file__).parent
+# What a variant may never import: the code that drives it (and everything above that).
+ABOVE_VARIANTS = (
+    "train",
+    "engine",
+    "privacy",
+    "federated",
+    "integrations",
+    "interop",
+    "bench",
+    "cli",
+    "api",
+    "io",
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports(path: Path) -> set[str]:
+    """lorakit modules ``path`` imports anywhere (function bodies included, ``TYPE_CHECKING`` blocks not)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m in MODULES and m != "lorakit"}  # the package root is only a facade
+
+
+GRAPH = {name: imports(path) - {name} for name, path in MODULES.items()}
+
+
+def cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_imports_have_no_circles() -> None:
+    assert cycles() == []
+
+
+def test_core_and_variants_never_import_the_code_that_drives_them() -> None:
+    for name, targets in GRAPH.items():
+        layer = name.split(".")[1] if "." in name else ""
+        if layer == "core":
+            assert all(t.startswith("lorakit.core") for t in targets), (name, targets)
+        if layer == "variants":
+            above = [t for t in targets if t.split(".")[1] in ABOVE_VARIANTS]
+            assert above == [], (name, above)
+
+
+def test_no_code_outside_variants_names_or_probes_a_variant() -> None:
+    names = set(lorakit.VARIANTS)
+    for name, path in MODULES.items():
+        if name.startswith("lorakit.variants"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("lorakit.variants."), (name, node.module)
+            if isinstance(node, ast.Compare):  # e.g. `variant == "dora"`
+                constants = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
+                assert not names & {c for c in constants if isinstance(c, str)}, (name, ast.unparse(node))
+            if isinstance(node, ast.Dict):  # a table keyed by variant name
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                assert not names & keys, (name, ast.unparse(node)[:80])
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr"):
+                target = ast.unparse(node.args[0])
+                assert "variant" not in target, (name, ast.unparse(node))
+
+
+def test_no_string_tests_on_layer_kind_names_outside_kinds() -> None:
+    for name, path in MODULES.items():
+        if name == "lorakit.core.kinds":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) or (
+                isinstance(node, ast.Call) and ast.unparse(node.func).endswith(".startswith")
+            ):
+                assert "kind.name" not in ast.unparse(node), (name, ast.unparse(node))
+
+
+def test_every_setting_has_help_text_from_its_field_metadata() -> None:
+    for cls in [*SECTIONS.values(), FedConfig]:
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS:  # nested sections are not flags
+                continue
+            assert field_help(f) != f.name and len(field_help(f)) > 5, (cls.__name__, f.name)
