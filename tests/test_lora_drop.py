@@ -11,9 +11,11 @@ from torch import nn
 
 import lorakit
 from lorakit.cli import main
-from lorakit.train.data import BatchSampler, TokenizedData
-from lorakit.train.loop import TrainConfig
-from lorakit.train.lora_drop_stages import importance, run_stages, select, stratified_sample
+from lorakit.core.contract import Driver
+from lorakit.train.data import TokenizedData
+from lorakit.train.loop import TrainConfig, train
+from lorakit.train.stages import run_stages
+from lorakit.variants.lora_drop_stages import importance, select, stratified_sample
 
 
 class Stack(nn.Module):
@@ -77,10 +79,10 @@ def test_importance_is_the_sum_of_squared_adapter_outputs_over_real_tokens() -> 
 
 
 def test_stratified_sample_keeps_class_proportions() -> None:
-    data = TokenizedData([[i] for i in range(100)], [0] * 80 + [1] * 20, 0)
-    sample = stratified_sample(data, 0.1, seed=0)
-    assert sorted(sample.labels) == [0] * 8 + [1] * 2
-    assert stratified_sample(data, 0.1, seed=0).input_ids == sample.input_ids
+    labels = [0] * 80 + [1] * 20
+    sample = stratified_sample(labels, 0.1, seed=0)
+    assert sorted(labels[i] for i in sample) == [0] * 8 + [1] * 2
+    assert stratified_sample(labels, 0.1, seed=0) == sample
 
 
 def test_shared_pairs_are_one_tensor_in_optimizer_and_file_and_reload_exactly(tmp_path) -> None:
@@ -138,9 +140,8 @@ def test_stages_select_then_start_the_main_run_from_fresh_adapters_and_head() ->
     data = TokenizedData(ids, [int(i[0] < 10) for i in ids], 0)
     model = lorakit.apply(Classifier(), "lora_drop", targets=["l0", "l1"], train_modules=["head"], rank=2)
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    decided = run_stages(
-        model, BatchSampler(data, 8, 0), TrainConfig(steps=20, lr=0.05, warmup_ratio=0.0, progress=False)
-    )
+    cfg = TrainConfig(steps=20, lr=0.05, warmup_ratio=0.0, progress=False)
+    decided = run_stages(model, data, cfg, Driver.LOOP, train)
     scores = decided["importance"]
     assert set(scores) == {"l0", "l1"} and min(scores.values()) > 0  # stage 1 trained B away from zero
     assert decided["kept"] == select(scores, 0.9) and model.lorakit.config.kept == decided["kept"]

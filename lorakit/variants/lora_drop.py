@@ -7,8 +7,9 @@ Importance of module ``i`` from a short LoRA run on a stratified sample of the d
 Modules sorted by ``I_i`` are kept until their cumulative importance reaches ``threshold``; each kept module
 gets its own LoRA ``dW_i = s B_i A_i`` and every other module uses the one pair of its weight shape,
 ``dW = s B_shape A_shape`` (the same Parameter objects in every sharing layer: the optimizer and the saved
-file hold them once). The stages run in :meth:`LoRADrop.prepare` (see :mod:`lorakit.train.lora_drop_stages`);
-the selection is stored in the config field ``kept``, so :func:`lorakit.load` rebuilds the sharing.
+file hold them once). The stages (:mod:`lorakit.variants.lora_drop_stages`) run before the main run, in
+every driver that can run them; the selection is stored in the config field ``kept``, so
+:func:`lorakit.load` rebuilds the sharing.
 The paper publishes no code: the sample size, stage-1 length and sharing key (shape and layer kind) are ours.
 
 Before selection (``kept=None``) every module is kept, i.e. the variant is plain LoRA. ``B = 0`` at init
@@ -17,20 +18,16 @@ Before selection (``kept=None``) every module is kept, i.e. the variant is plain
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorakit.core.contract import Shared
+from lorakit.core.kinds import LayerKind
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import ConfigError, require
 from lorakit.variants.lora import LoRA, LoRAConfig
-
-if TYPE_CHECKING:
-    from lorakit.train.loop import TrainConfig
-
-BUILT = "lora_drop_built"  # keys of the per-apply ``shared`` dict
-PAIRS = "lora_drop_pairs"
+from lorakit.variants.lora_drop_stages import LoRADropStages
 
 
 @dataclass
@@ -57,6 +54,13 @@ class LoRADropConfig(LoRAConfig):
             self.kept = list(self.kept)
 
 
+@dataclass
+class LoRADropShared(Shared):
+    """The one ``(A, B)`` pair per ``(kind, out, in)`` that every unselected layer of an ``apply`` uses."""
+
+    pairs: dict[tuple[LayerKind, int, int], tuple[nn.Parameter, nn.Parameter]] = field(default_factory=dict)
+
+
 class LoRADrop(LoRA):
     """LoRA whose unselected modules share one ``(A, B)`` pair per weight shape."""
 
@@ -64,33 +68,18 @@ class LoRADrop(LoRA):
     config_class = LoRADropConfig
     summary = "LoRA on the modules whose output matters most; the others share one LoRA per shape"
     paper = "arXiv:2402.07721"
+    stages = LoRADropStages()
+    shared_class = LoRADropShared
+    peft = None  # PEFT would untie the shared pairs
 
-    def __init__(self, config: LoRADropConfig, base: AdaptedLayer, shared: dict[str, Any]) -> None:
+    def __init__(self, config: LoRADropConfig, base: AdaptedLayer, shared: LoRADropShared) -> None:
         super().__init__(config, base, shared)
-        # ``apply`` builds the layers in the order of ``shared["shapes"]``: the count tells this layer's name.
-        names = list(shared["shapes"])
-        index = shared.get(BUILT, 0)
-        shared[BUILT] = index + 1
-        self.module_name = names[index]
-        if shared["shapes"][self.module_name] != (base.out_features, base.in_features):
-            raise RuntimeError(f"layer order differs from the target list at {self.module_name}")
-        if index == 0 and config.kept is not None and set(config.kept) - set(names):
-            unknown = sorted(set(config.kept) - set(names))
+        self.module_name = base.name
+        if config.kept is not None and set(config.kept) - set(shared.targets):
+            unknown = sorted(set(config.kept) - set(shared.targets))
             raise ConfigError(f"config field 'kept' names modules that are not targets: {unknown[:5]}")
         self.is_shared = config.kept is not None and self.module_name not in config.kept
         if self.is_shared:
             # One pair per (kind, out, in): embeddings start with the other factor at zero.
-            key = (base.kind.name, base.out_features, base.in_features)
-            pair = shared.setdefault(PAIRS, {}).setdefault(key, (self.A, self.B))
-            self.A, self.B = pair  # the first sharing layer's fresh pair, registered here too
-
-    @classmethod
-    def prepare(cls, model: nn.Module, batches: Any, train_config: TrainConfig) -> dict[str, Any]:
-        """Stages 1-3 before the main run: sample LoRA run, importance, selection, fresh shared adapters.
-
-        ``batches`` must expose its ``TokenizedData`` as ``.data`` (``lorakit.train.data.BatchSampler``).
-        Rebuilds the model's adapters in place and returns ``{"kept": [...], "importance": {...}}``.
-        """
-        from lorakit.train.lora_drop_stages import run_stages
-
-        return run_stages(model, batches, train_config)
+            key = (base.kind, base.out_features, base.in_features)
+            self.A, self.B = shared.pairs.setdefault(key, (self.A, self.B))  # the first sharing layer's pair

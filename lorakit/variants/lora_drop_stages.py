@@ -6,35 +6,35 @@
 3. Keep modules in order of importance until the cumulative importance reaches the threshold.
 4. Replace the adapters by fresh ones with that selection (the others share one pair per shape) and restore
    the fully trained modules (a new head) to their initial state, so the main run starts from scratch.
+
+The stages use only the contract (:class:`lorakit.core.contract.StageContext`): the driver trains, batches
+the data and rebuilds the adapters, so this file runs unchanged in every driver that runs stages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-import lorakit
-from lorakit.io import undo_apply
-from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
-from lorakit.train.loop import TrainConfig, train
+from lorakit.core.contract import StageContext, Stages
+from lorakit.core.layer import AdaptedLayer
 
 
-def stratified_sample(data: TokenizedData, ratio: float, seed: int) -> TokenizedData:
-    """``ratio`` of the examples of every class (one stratum for per-token labels), at least one of each."""
-    strata: dict[Any, list[int]] = {}
-    for i, label in enumerate(data.labels):
-        strata.setdefault(label if isinstance(label, int) else None, []).append(i)
+def stratified_sample(strata: list[Hashable], ratio: float, seed: int) -> list[int]:
+    """Sorted indices of ``ratio`` of the examples of every stratum (class), at least one of each."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        groups.setdefault(stratum, []).append(i)
     gen = torch.Generator().manual_seed(seed)
     picked: list[int] = []
-    for members in strata.values():
+    for members in groups.values():
         take = max(1, round(ratio * len(members)))
         picked += [members[j] for j in torch.randperm(len(members), generator=gen)[:take].tolist()]
-    picked.sort()
-    return TokenizedData([data.input_ids[i] for i in picked], [data.labels[i] for i in picked], data.pad_id)
+    return sorted(picked)
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def importance(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[s
     The adapter output is the variant's own forward with a zero base output, so any variant can be scored.
     A batch's ``attention_mask`` excludes padding tokens from layers with features on the last dimension.
     """
-    layers = lorakit.adapted_layers(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
     scores = {name: torch.zeros((), dtype=torch.float64) for name, _ in layers}
     mask: list[Tensor | None] = [None]
 
@@ -90,33 +90,17 @@ def select(scores: dict[str, float], threshold: float) -> list[str]:
     return kept
 
 
-def rebuild(model: nn.Module, kept: list[str], heads: dict[str, dict[str, Tensor]]) -> None:
-    """Fresh adapters with ``kept`` selected; fully trained modules back to the ``heads`` state dicts."""
-    config = dataclasses.replace(lorakit.info(model).config, kept=list(kept))
-    undo_apply(model)
-    modules = dict(model.named_modules())
-    for name, state in heads.items():
-        modules[name].load_state_dict(state)
-    lorakit.apply(model, config)
+class LoRADropStages(Stages):
+    """Sample, score, select, rebuild (the module docstring); a selection given in the config is kept."""
 
-
-def run_stages(model: nn.Module, batches: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """All stages on the adapted ``model`` (variant ``lora_drop``); returns the selection and importances."""
-    info = lorakit.info(model)
-    config = info.config
-    if config.kept is not None:  # a selection given in the config: nothing to decide
-        return {"kept": list(config.kept)}
-    data = getattr(batches, "data", None)
-    if not isinstance(data, TokenizedData):
-        raise ValueError("LoRA-drop's stages need the training data: pass a lorakit.train.data.BatchSampler")
-    sample = stratified_sample(data, config.sample_ratio, cfg.seed)
-    steps = config.sample_steps or max(1, round(config.sample_ratio * cfg.steps))
-    modules = dict(model.named_modules())
-    heads = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in info.train_modules}
-    stage1 = dataclasses.replace(cfg, steps=steps, eval_every=0, checkpoint_every=0)
-    train(model, BatchSampler(sample, cfg.batch_size, cfg.seed), stage1)
-    scores = importance(model, eval_batches(sample, cfg.batch_size))
-    kept = select(scores, config.threshold)
-    rebuild(model, kept, heads)
-    total = sum(scores.values()) or 1.0
-    return {"kept": kept, "importance": {n: round(g / total, 6) for n, g in scores.items()}}
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        config = ctx.config()
+        if config.kept is not None:  # a selection given in the config: nothing to decide
+            return {"kept": list(config.kept)}
+        sample = stratified_sample(ctx.strata(), config.sample_ratio, ctx.seed)
+        ctx.train(sample, config.sample_steps or max(1, round(config.sample_ratio * ctx.steps)))
+        scores = importance(ctx.model, ctx.batches(sample))
+        kept = select(scores, config.threshold)
+        ctx.reapply(dataclasses.replace(config, kept=kept))
+        total = sum(scores.values()) or 1.0
+        return {"kept": kept, "importance": {n: round(g / total, 6) for n, g in scores.items()}}
