@@ -115,7 +115,7 @@ def _memory_rank(rank: int, port: int, mode: str, variant: str, results: dict) -
             yield {"input_ids": ids, "labels": ids}
 
     cfg = TrainConfig(steps=3, batch_size=2, progress=False, warmup_ratio=0.0)
-    result = train(model, batches(), cfg, distributed=group)
+    result = train(model, batches(), cfg, placement=group)
     results[rank] = {
         "mode": mode,
         "variant": variant,

@@ -217,7 +217,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 # --- training support ----------------------------------------------------------------------------------
 def check_driver(model: nn.Module, driver: Driver) -> None:
     """Refuse, before any training, a variant that cannot run with all its rules in ``driver``."""
-    reason = get_variant(info(model).variant).refusal(driver)
+    state = info(model)
+    reason = get_variant(state.variant).refusal(driver, state.config)
     if reason is not None:
         raise CapabilityError(reason)
 

@@ -21,8 +21,11 @@ def variants_table() -> str:
     ]
     for name, cls in VARIANTS.items():
         kinds = ", ".join(cls.kinds.names())
-        rules = cls.hook.__name__ if cls.hook is not None else ""
-        lines.append(f"| `{name}` | `{cls.__name__}` | {cls.paper} | {cls.summary} | {kinds} | {rules} |")
+        # A hook's rules run during training, stages before it (a Stages object, named by its class).
+        rules = [cls.hook.__name__] if cls.hook is not None else []
+        rules += [type(cls.stages).__name__] if cls.stages is not None else []
+        row = [f"`{name}`", f"`{cls.__name__}`", cls.paper, cls.summary, kinds, ", ".join(rules)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

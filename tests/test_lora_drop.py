@@ -13,7 +13,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.core.contract import Driver
 from lorakit.train.data import TokenizedData
-from lorakit.train.loop import TrainConfig, train
+from lorakit.train.loop import TrainConfig, stage_run
 from lorakit.train.stages import run_stages
 from lorakit.variants.lora_drop_stages import importance, select, stratified_sample
 
@@ -141,7 +141,7 @@ def test_stages_select_then_start_the_main_run_from_fresh_adapters_and_head() ->
     model = lorakit.apply(Classifier(), "lora_drop", targets=["l0", "l1"], train_modules=["head"], rank=2)
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
     cfg = TrainConfig(steps=20, lr=0.05, warmup_ratio=0.0, progress=False)
-    decided = run_stages(model, data, cfg, Driver.LOOP, train)
+    decided = run_stages(model, data, cfg, Driver.LOOP, stage_run)
     scores = decided["importance"]
     assert set(scores) == {"l0", "l1"} and min(scores.values()) > 0  # stage 1 trained B away from zero
     assert decided["kept"] == select(scores, 0.9) and model.lorakit.config.kept == decided["kept"]

@@ -9,7 +9,7 @@ default, so a variant states only what differs. Nothing here imports a driver: d
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -87,24 +87,48 @@ class Stages:
 
     drivers: frozenset[Driver] = frozenset({Driver.LOOP})
 
+    def pending(self, config: VariantConfig) -> bool:
+        """Whether the stages still have to run for ``config`` (False once their decision is in it)."""
+        return True
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Run every stage; returns what was decided (for the report), JSON-serialisable."""
         raise NotImplementedError(f"{type(self).__name__} must implement run()")  # abstract
 
 
-class GradientSource(Protocol):
-    """The seam for how one optimizer step's gradients are produced (implemented by drivers).
+class GradientSource:
+    """How one optimizer step's gradients are produced: drivers implement this seam, the engine calls it.
 
-    The default backs the task loss plus the hooks' ``extra_loss`` up through every micro-batch; DP-SGD
-    supplies per-example clipping and noise instead. It leaves the step's gradients in ``p.grad`` and
-    returns the step's training loss.
+    The engine's default backs the task loss plus the hooks' ``extra_loss`` up through every micro-batch;
+    DP-SGD supplies per-example clipping and noise instead. :meth:`backward` leaves the step's gradients in
+    ``p.grad`` and returns the step's training loss; everything around it (hooks, clipping, optimizer,
+    scheduler, checkpoints, progress) stays the engine's.
     """
 
-    def backward(self, step: int, extra_loss: ExtraLoss) -> float: ...
+    clips_globally: bool = True  # the engine then clips the summed gradient to ``TrainConfig.clip``
+    releases_loss: bool = True  # the step's loss may be recorded and shown (DP-SGD: it may not)
 
+    def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must implement backward()")  # abstract
 
-class ExtraLoss(Protocol):
-    def __call__(self, step: int) -> Tensor | None: ...
+    def zero_grad(self, optimizer: Any) -> None:
+        """Clear the step's gradients (and whatever the source keeps beside them)."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def stop_before(self, step: int) -> str | None:
+        """Why the run must end before ``step`` (DP-SGD: its privacy budget), or None to go on."""
+        return None
+
+    def after_step(self, step: int) -> dict[str, str]:
+        """Bookkeeping after a finished step; returns extra progress-bar fields (DP-SGD: epsilon)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint needs to continue this source exactly (the data order), or None."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 @dataclass(frozen=True)

@@ -78,18 +78,8 @@ class LayerKind:
         return f"LayerKind({self.name})"
 
 
-class GPT2Conv1DKind(LayerKind):
-    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored ``(in, out)``."""
-
-    name = "conv1d_gpt2"
-    fan_in_fan_out = True
-
-    def matches(self, layer: nn.Module) -> bool:
-        # Matched by structure so transformers stays optional here; a 4-bit layer standing in for a Conv1D
-        # names this kind in ``lorakit_kind``.
-        if getattr(layer, "lorakit_kind", None) == self.name:
-            return True
-        return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
+class TransposedKind(LayerKind):
+    """A layer whose weight is stored ``(in, out)``: the ``(out, in)`` view is its transpose."""
 
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
         return (_base_weight(layer) if weight is None else weight).t()
@@ -101,6 +91,20 @@ class GPT2Conv1DKind(LayerKind):
         if _quantized(layer):  # a 4-bit layer has no .weight; it states its shape
             return int(layer.out_features), int(layer.in_features)
         return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+
+
+class GPT2Conv1DKind(TransposedKind):
+    """transformers' ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored ``(in, out)``."""
+
+    name = "conv1d_gpt2"
+    fan_in_fan_out = True
+
+    def matches(self, layer: nn.Module) -> bool:
+        # Matched by structure so transformers stays optional here; a 4-bit layer standing in for a Conv1D
+        # names this kind in ``lorakit_kind``.
+        if getattr(layer, "lorakit_kind", None) == self.name:
+            return True
+        return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
 
 
 class ConvKind(LayerKind):
@@ -146,7 +150,7 @@ class ConvKind(LayerKind):
         return v.reshape(-1, *([1] * self.dims))
 
 
-class EmbeddingKind(LayerKind):
+class EmbeddingKind(TransposedKind):
     """``nn.Embedding``: ``y = W[x] = W^T onehot(x)``, so the view is ``(dim, num)`` and ``x`` holds ids."""
 
     name = "embedding"
@@ -156,15 +160,6 @@ class EmbeddingKind(LayerKind):
 
     def matches(self, layer: nn.Module) -> bool:
         return isinstance(layer, nn.Embedding)
-
-    def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
-        return (_base_weight(layer) if weight is None else weight).t()
-
-    def from_2d(self, layer: nn.Module, w2d: Tensor) -> Tensor:
-        return w2d.t()
-
-    def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
-        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
 
     def op(self, layer: nn.Module, x: Tensor, w2d: Tensor, bias: Tensor | None = None) -> Tensor:
         y = _embed(layer, x, w2d.t())

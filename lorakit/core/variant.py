@@ -105,7 +105,8 @@ def require(ok: bool, name: str, value: object, expected: str) -> None:
 
 
 class Hook:
-    """Training-time rules of a variant, run by a training loop at fixed call points.
+    """Training-time rules of a variant, run at fixed call points by the engine (:mod:`lorakit.engine`) in
+    every driver: lorakit's loop, DP-SGD, a ``transformers.Trainer`` and a federated client.
 
     The order within one optimizer step is: ``on_step_start`` -> forward -> loss + ``extra_loss`` ->
     backward (per micro-batch) -> ``on_after_backward`` -> clip -> ``on_before_optimizer_step`` ->
@@ -166,9 +167,10 @@ class Variant(nn.Module):
 
     # --- which drivers can run it ----------------------------------------------------------------------
     @classmethod
-    def refusal(cls, driver: Driver) -> str | None:
-        """Why this variant cannot run in ``driver`` (None: it can, with all its rules)."""
-        if cls.stages is not None and driver not in cls.stages.drivers:
+    def refusal(cls, driver: Driver, config: VariantConfig) -> str | None:
+        """Why this variant with ``config`` cannot run in ``driver`` (None: it can, with all its rules)."""
+        stages = cls.stages
+        if stages is not None and stages.pending(config) and driver not in stages.drivers:
             return (
                 f"variant '{cls.name}' runs stages on the training data before the main run, which "
                 f"{driver.value} cannot run with its guarantees; train it with lorakit's loop or choose "

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.engine.placement import Placement
 from lorakit.train.data import TokenizedData
 
 MODES = ("ddp", "fsdp")
@@ -28,8 +29,10 @@ def writes_files() -> bool:
 
 
 @dataclass
-class Distributed:
-    """This process's place in a data-parallel run, and the operations the training loop asks of it."""
+class Distributed(Placement):
+    """This process's place in a data-parallel run, and the operations the training engine asks of it (the
+    engine's :class:`~lorakit.engine.placement.Placement`: wrap the model, average the loss, let rank 0
+    write). Batches come already sharded (:meth:`sampler`)."""
 
     mode: str  # 'ddp' (replicated model) or 'fsdp' (FSDP2: frozen base sharded, see lorakit.distributed.wrap)
     rank: int
@@ -40,6 +43,16 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_writer(self) -> bool:  # type: ignore[override]
+        return self.is_main
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return self.attach(model)
+
+    def reduce_loss(self, loss: float) -> float:
+        return self.mean(loss)
 
     def place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to this rank's device (its own GPU under NCCL; the CPU under gloo)."""

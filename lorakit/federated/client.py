@@ -2,9 +2,9 @@
 
 A client receives the round's part of the global adapter (the rank-``b_t`` slices for DP-DyLoRA) and
 ``b_t``, fixes that rank with ``set_rank`` (the variant's hook then never resamples), trains ``local_steps``
-steps on its own partition with the ordinary training loop, and returns only the change of that part (with
-DP, nothing else: no loss, no example count). The model and the partition are prepared once per process and
-reused across rounds and across the clients a simulation worker plays.
+steps on its own partition in the training engine (every hook runs), and returns only the change of that
+part (with DP, nothing else: no loss, no example count). The model and the partition are prepared once per
+process and reused across rounds and across the clients a simulation worker plays.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.engine import Engine, LossBackward, TrainConfig, TrainResult
 from lorakit.federated.config import FedConfig
 from lorakit.federated.partition import partition
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
 from lorakit.train import data as D
 from lorakit.train.job import DataConfig, JobConfig, evaluate, prepare_model
-from lorakit.train.loop import TrainConfig, train
 
 _MODELS: dict[str, tuple[nn.Module, Any]] = {}
 _DATA: dict[tuple, D.TokenizedData] = {}
@@ -101,10 +101,18 @@ def train_round(
         seed=seed,
         progress=False,
     )
-    result = train(model, D.BatchSampler(data, local.batch_size, seed), local)
+    result = local_training(model, data, local)
     after = read_space(space)
     update = {n: after[n] - before[n] for n in before}
     return update, len(data), {"train_loss": float(result.final_loss)}
+
+
+def local_training(model: nn.Module, data: D.TokenizedData, local: TrainConfig) -> TrainResult:
+    """A client's local steps in the training engine: every hook runs, and a variant that cannot train in a
+    federated client is refused before the first step."""
+    engine = Engine(model, local, driver=Driver.FEDERATED)
+    batches = D.BatchSampler(data, local.batch_size, local.seed)
+    return engine.run(LossBackward(model, batches, local), TrainResult(steps=0, seconds=0.0), desc="client")
 
 
 def evaluate_round(
@@ -178,4 +186,12 @@ def make_client_app(cfg: FedConfig | None = None) -> Any:
     return app
 
 
-__all__ = ["adapted_model", "client_data", "evaluate_round", "job_config", "make_client_app", "train_round"]
+__all__ = [
+    "adapted_model",
+    "client_data",
+    "evaluate_round",
+    "job_config",
+    "local_training",
+    "make_client_app",
+    "train_round",
+]

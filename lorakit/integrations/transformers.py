@@ -29,46 +29,42 @@ from transformers import Trainer, TrainerCallback
 
 import lorakit
 from lorakit.core.contract import Driver
-from lorakit.core.variant import Hook
+from lorakit.engine.hooks import HookRunner
 
 
 class LorakitCallback(TrainerCallback):
-    """Drives the adapted model's hooks from Trainer events (use :class:`LorakitTrainer` for extra losses)."""
+    """Maps Trainer events onto the engine's hook calls (:class:`lorakit.engine.HookRunner`), the same calls
+    in the same order as every other driver (use :class:`LorakitTrainer` for extra losses and clip order)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.hooks: list[Hook] = []
+        self.hooks = HookRunner([])
         self.backward_done = -1  # the last step whose on_after_backward ran
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        lorakit.api.check_driver(self.model, Driver.TRAINER)
-        self.hooks = lorakit.make_hooks(self.model, state.max_steps)
+        lorakit.api.check_driver(self.model, Driver.TRAINER)  # before any step: refuse what can't run here
+        self.hooks = HookRunner(lorakit.make_hooks(self.model, state.max_steps))
         self.backward_done = -1
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for hook in self.hooks:
-            hook.on_step_start(state.global_step)
+        self.hooks.step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.after_backward(state.global_step)  # a no-op when the clipping step already ran it
-        for hook in self.hooks:
-            hook.on_before_optimizer_step(state.global_step)
+        self.hooks.before_optimizer(state.global_step)
 
     def after_backward(self, step: int) -> None:
         """``on_after_backward`` once per optimizer step (before clipping when run by LorakitTrainer)."""
         if self.backward_done == step:
             return
         self.backward_done = step
-        for hook in self.hooks:
-            hook.on_after_backward(step)
+        self.hooks.after_backward(step)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        for hook in self.hooks:
-            hook.on_after_step(state.global_step)
+        self.hooks.after_step(state.global_step)
 
     def extra_loss(self, step: int) -> Tensor | None:
-        terms = [t for t in (hook.extra_loss(step) for hook in self.hooks) if t is not None]
-        return torch.stack(terms).sum() if terms else None
+        return self.hooks.extra_loss(step)
 
 
 class LorakitTrainer(Trainer):

@@ -6,8 +6,9 @@ probability ``q = batch_size * grad_accum / N``, clips each example's gradient o
 by the expected batch size ``q N``. Opacus does the mechanics (GradSampleModule hooks with lorakit's adapter
 rule, ``DPOptimizer``, ``UniformWithReplacementSampler``, RDP/PRV accountants).
 
-The variants' hooks run as in :func:`lorakit.train.loop.train`, but ``on_after_backward`` and the optimizer
-see only the privatised gradient, so whatever a hook derives from gradients (AdaLoRA's importance scores) is
+The steps run in the engine (:mod:`lorakit.engine`) with every hook, as in :func:`lorakit.train.loop.train`;
+DP-SGD supplies the gradients through the engine's seam, so ``on_after_backward`` and the optimizer see only
+the privatised gradient: whatever a hook derives from gradients (AdaLoRA's importance scores) is
 post-processing and costs no privacy; a data-independent ``extra_loss`` (AdaLoRA's orthogonality term) is
 added after the noise. The global gradient clip of ``TrainConfig.clip`` is replaced by per-example clipping.
 
@@ -19,9 +20,9 @@ does not cover, so they are not reported; evaluation on held-out data is.
 
 from __future__ import annotations
 
-import time
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import lorakit
-from lorakit.core.contract import Driver
+from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
+from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
 from lorakit.train.data import TokenizedData
-from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, make_optimizer, progress_bar
 
 
 @dataclass
@@ -83,9 +83,9 @@ def train_dp(
 
     The noise multiplier is ``dp.noise_multiplier`` or, if unset, the smallest one that spends
     ``dp.target_epsilon`` in ``cfg.steps`` steps. With a target, training stops (with a warning) before a
-    step that would exceed it. Epsilon after every step is in the result and on the progress bar.
+    step that would exceed it. Epsilon after every step is in the result and on the progress bar. The steps
+    run in the engine (:class:`lorakit.engine.Engine`); DP-SGD only supplies how gradients are produced.
     """
-    lorakit.api.check_driver(model, Driver.DP_SGD)
     optimizers = require("opacus.optimizers")
     sampling = require("opacus.utils.uniform_sampler")
     from lorakit.privacy.grad_sample import AdapterGradSampleModule
@@ -97,24 +97,19 @@ def train_dp(
     sigma = dp.noise_multiplier
     if sigma is None:
         sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
-    torch.manual_seed(cfg.seed)  # dropout and the like: not privacy-relevant, so reproducible
+    engine = Engine(model, cfg, driver=Driver.DP_SGD, hooks=hooks)  # seeds dropout and the like
     insecure_seed = cfg.seed if dp.dp_insecure_seed else None
     if dp.dp_insecure_seed:
         warn_insecure("DP-SGD")
-    hooks = lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks
-    base_optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_lambda(cfg))
-    params = [p for g in base_optimizer.param_groups for p in g["params"]]
     gsm = AdapterGradSampleModule(model)
     optimizer = optimizers.DPOptimizer(
-        base_optimizer,
+        engine.optimizer,
         noise_multiplier=sigma,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=expected,
         generator=private_generator(NOISE_STREAM, insecure_seed),
         secure_mode=True,  # noise robust to floating-point attacks (arXiv:2107.10138)
     )
-    accountant = Accountant(dp.accountant)
     sampler = sampling.UniformWithReplacementSampler(
         num_samples=len(data),
         sample_rate=q,
@@ -122,43 +117,16 @@ def train_dp(
         steps=cfg.steps,
     )
     result = DPTrainResult(steps=0, seconds=0.0, delta=dp.delta, noise_multiplier=sigma, sample_rate=q)
-    bar = progress_bar(cfg.steps, 0, cfg.progress, "dp-sgd")
-    began = time.perf_counter()
-    model.train()
+    gradients = DPBackward(gsm, optimizer, data, iter(sampler), cfg.batch_size, engine.params, dp, sigma, q)
     with warnings.catch_warnings():
         # Adapters whose inputs need no gradient (the first layers) make PyTorch say so on every backward.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         try:
-            for step, indices in enumerate(sampler):
-                eps_next = accountant.epsilon_after(dp.delta, sigma, q)
-                if dp.target_epsilon is not None and eps_next > dp.target_epsilon:
-                    result.stopped = (
-                        f"stopped after {step} steps: one more would spend epsilon {eps_next:.3f} > "
-                        f"target {dp.target_epsilon} (delta {dp.delta})"
-                    )
-                    warnings.warn(result.stopped, stacklevel=2)
-                    break
-                _dp_step(gsm, optimizer, data, indices, cfg.batch_size, params, hooks, step)
-                accountant.step(sigma, q)
-                for hook in hooks:
-                    hook.on_after_step(step)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.epsilons.append(eps_next)
-                result.steps = step + 1
-                bar.update(1)
-                bar.set_postfix(eps=f"{eps_next:.3f}", refresh=False)
-                if evaluate is not None and cfg.eval_every and result.steps % cfg.eval_every == 0:
-                    if result.steps < cfg.steps:
-                        result.evals.append((result.steps, evaluate(model)))
-                        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.evals[-1][1].items())
-                        bar.write(f"step {result.steps}: {metrics}, epsilon {eps_next:.3f}")
-                        model.train()
+            engine.run(gradients, result, evaluate=evaluate, desc="dp-sgd", final_evaluation=False)
         finally:
-            bar.close()
             gsm.to_standard_module()  # removes Opacus' hooks and per-parameter attributes
-    result.seconds = time.perf_counter() - began
-    result.epsilon = accountant.epsilon(dp.delta)
+    result.epsilons = gradients.epsilons
+    result.epsilon = gradients.accountant.epsilon(dp.delta)
     if evaluate is not None:
         result.evals.append((result.steps, evaluate(model)))
     if cfg.progress:
@@ -174,41 +142,73 @@ def train_dp(
     return result
 
 
-def _dp_step(
-    gsm: nn.Module,
-    optimizer: object,
-    data: TokenizedData,
-    indices: list[int],
-    batch_size: int,
-    params: list[Tensor],
-    hooks: list[Hook],
-    step: int,
-) -> None:
-    """One DP-SGD step over a Poisson-sampled logical batch, in physical chunks of ``batch_size``; leaves the
-    privatised mean gradient in ``p.grad``, runs ``on_after_backward`` and the optimizer update. The batch's
-    loss and size are statistics of the private data that the accountant does not cover: neither leaves."""
-    for hook in hooks:
-        hook.on_step_start(step)
-    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)] or [[]]
-    for j, chunk in enumerate(chunks):
-        if chunk:
-            per_example_loss(gsm, data.batch(chunk)).mean().backward()
-        for p in params:  # an empty batch, or a tensor this forward did not use: zero per-example gradients
-            if getattr(p, "grad_sample", None) is None:
-                p.grad_sample = torch.zeros((len(chunk), *p.shape), dtype=p.dtype, device=p.device)
-        if j < len(chunks) - 1:  # clip and accumulate this chunk; noise once, after the last
-            optimizer.signal_skip_step(True)
-            optimizer.pre_step()
-            optimizer.zero_grad(set_to_none=True)
-    optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
-    extra = [e for e in (hook.extra_loss(step) for hook in hooks) if e is not None]
-    if extra:  # data-independent regularisers: their gradient is added after the noise
-        sum(extra).backward()
-    for hook in hooks:
-        hook.on_after_backward(step)
-    for hook in hooks:
-        hook.on_before_optimizer_step(step)
-    optimizer.original_optimizer.step()
+class DPBackward(GradientSource):
+    """DP-SGD's gradient seam: one Poisson-sampled logical batch per step, in physical chunks of
+    ``batch_size``, clipped per example, summed, noised once and divided by the expected batch size; a
+    data-independent ``extra_loss`` (AdaLoRA's orthogonality term) adds its gradient after the noise. Stops
+    the run before a step that would exceed the privacy target."""
+
+    clips_globally = False  # per-example clipping replaces the global clip of ``TrainConfig.clip``
+    # The batch's loss and size are statistics of the private data that the accountant does not cover.
+    releases_loss = False
+
+    def __init__(
+        self,
+        gsm: nn.Module,
+        optimizer: Any,
+        data: TokenizedData,
+        batches: Iterator[list[int]],
+        batch_size: int,
+        params: list[Tensor],
+        dp: DPConfig,
+        sigma: float,
+        q: float,
+    ) -> None:
+        self.gsm, self.optimizer, self.data, self.batches = gsm, optimizer, data, batches
+        self.batch_size, self.params, self.dp, self.sigma, self.q = batch_size, params, dp, sigma, q
+        self.accountant = Accountant(dp.accountant)
+        self.epsilons: list[float] = []  # after each step
+        self.eps_next = 0.0
+
+    def stop_before(self, step: int) -> str | None:
+        self.eps_next = self.accountant.epsilon_after(self.dp.delta, self.sigma, self.q)
+        target = self.dp.target_epsilon
+        if target is not None and self.eps_next > target:
+            return (
+                f"stopped after {step} steps: one more would spend epsilon {self.eps_next:.3f} > "
+                f"target {target} (delta {self.dp.delta})"
+            )
+        return None
+
+    def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
+        """Leaves the privatised mean gradient in ``p.grad``; releases no loss (returns NaN)."""
+        indices = next(self.batches)
+        chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)] or [[]]
+        for j, chunk in enumerate(chunks):
+            if chunk:
+                per_example_loss(self.gsm, self.data.batch(chunk)).mean().backward()
+            for (
+                p
+            ) in self.params:  # an empty batch, or a tensor this forward did not use: zero per-example grads
+                if getattr(p, "grad_sample", None) is None:
+                    p.grad_sample = torch.zeros((len(chunk), *p.shape), dtype=p.dtype, device=p.device)
+            if j < len(chunks) - 1:  # clip and accumulate this chunk; noise once, after the last
+                self.optimizer.signal_skip_step(True)
+                self.optimizer.pre_step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.pre_step()  # clip, sum, add noise, divide by the expected batch size
+        extra = extra_loss(step)
+        if extra is not None:  # data-independent regularisers: their gradient is added after the noise
+            extra.backward()
+        return math.nan
+
+    def zero_grad(self, optimizer: Any) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # also clears the per-example gradients
+
+    def after_step(self, step: int) -> dict[str, str]:
+        self.accountant.step(self.sigma, self.q)
+        self.epsilons.append(self.eps_next)
+        return {"eps": f"{self.eps_next:.3f}"}
 
 
 def train_job_private(
@@ -218,7 +218,6 @@ def train_job_private(
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
 ) -> tuple[DPTrainResult, dict[str, Any]]:
     """The DP branch of :func:`lorakit.train.job.run_job`: returns the result and the privacy report."""
-    lorakit.api.check_driver(model, Driver.DP_SGD)  # e.g. stages on the data that DP does not account for
     if job.resume:
         raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
     if job.train.checkpoint_every:

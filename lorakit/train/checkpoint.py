@@ -1,222 +1,35 @@
-"""Resumable checkpoints: written crash-safely, restored from the newest complete copy, checked on resume.
+"""Resumable checkpoints: the engine's (:mod:`lorakit.engine.checkpoint`), named here for the drivers."""
 
-A checkpoint is a directory holding the adapter (``adapter.json`` + ``adapter.safetensors``) and
-``trainer.pt`` (step, losses, optimizer, scheduler, hook and data-order state, random generators, and the
-settings the run must keep). ``trainer.pt`` is written last and atomically, so a directory that holds it and
-the two adapter files is complete.
-
-A new checkpoint is built beside the live one and swapped in with renames (:mod:`lorakit.dirswap`). A kill
-between any two steps leaves at least one complete copy; :func:`restore_checkpoint` takes the newest complete
-one (highest step), and the next write first puts a complete copy live before it deletes anything, so a kill
-at any point, also during the cleanup after an earlier kill, leaves a resume point.
-
-Resuming continues the same run: it must give the same adapter as a run that was never interrupted. So every
-setting that changes the numbers is recorded in the checkpoint and compared on resume; a change is refused
-with the setting's name and the checkpoint's value. Only the settings in :data:`MAY_CHANGE` (how often to
-evaluate, checkpoint or draw progress; where evaluation data comes from) may differ. ``steps`` may not: the
-learning-rate schedule and the variants' schedules (AdaLoRA's budget, Delta-LoRA's start) depend on it.
-"""
-
-from __future__ import annotations
-
-import json
-import math
-import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-
-import lorakit
-from lorakit.core.variant import Hook
-from lorakit.dirswap import finish_swap, siblings, swap_in
-from lorakit.errors import LorakitError
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, atomic_write, fill_tensors, load_tensors
-
-CHECKPOINT_DIR = "checkpoint"
-TRAINER_FILE = "trainer.pt"
-DIVERGED = 1000.0  # a loss this many times the first step's (and above this) stops training
-# Settings that only change what is observed or where it is written, never the trained numbers.
-MAY_CHANGE = frozenset(
-    {
-        "progress",
-        "eval_every",
-        "checkpoint_every",
-        "eval_data",
-        "eval_batch_size",
-        "eval_data_fingerprint",
-        "output_dir",
-        "overwrite",
-        "resume",
-    }
+from lorakit.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    DIVERGED,
+    MAY_CHANGE,
+    TRAINER_FILE,
+    DivergedError,
+    ResumeError,
+    RunState,
+    check_settings_match,
+    check_step,
+    grad_norm,
+    has_checkpoint,
+    restore_checkpoint,
+    run_settings,
+    write_checkpoint,
 )
 
-
-class DivergedError(LorakitError):
-    """The training loss grew far beyond its start; the message names the step and what was kept."""
-
-
-class ResumeError(LorakitError):
-    """A run cannot resume: no checkpoint, an unreadable one, or settings that differ from its settings."""
-
-
-@dataclass
-class RunState:
-    """Everything a checkpoint saves and a resume restores."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    hooks: list[Hook]
-    batches: Any
-    result: Any  # lorakit.train.loop.TrainResult: steps, seconds, losses
-
-
-def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) -> None:
-    """Write ``output_dir/checkpoint`` so that a kill at any point leaves a complete copy to resume from."""
-    final = output_dir / CHECKPOINT_DIR
-    finish_swap(final, _complete)  # after a kill during an earlier swap: a complete copy goes live first
-    tmp, _ = siblings(final)
-    shutil.rmtree(tmp, ignore_errors=True)  # unfinished, or older than the live copy
-    lorakit.save(run.model, tmp)
-    state = {
-        "step": run.result.steps,
-        "seconds": run.result.seconds,
-        "losses": torch.tensor(run.result.losses, dtype=torch.float64),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "hooks": [h.state_dict() for h in run.hooks],
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
-        "settings": json.dumps(settings, default=str),
-    }
-    atomic_write(tmp / TRAINER_FILE, lambda path: torch.save(state, path))  # last: it marks tmp complete
-    swap_in(final)
-
-
-def has_checkpoint(output_dir: Path) -> bool:
-    """Whether ``output_dir`` holds a complete checkpoint copy (live, or left by an interrupted swap)."""
-    return any(_complete(copy) for copy in _copies(output_dir))
-
-
-def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) -> int:
-    """Load the newest complete checkpoint in ``output_dir`` into ``run``; returns the step to continue from.
-
-    Refuses (:class:`ResumeError`) when there is none, or when ``settings`` differ from those it was written
-    with in anything outside :data:`MAY_CHANGE`.
-    """
-    found = []
-    for copy in filter(_complete, _copies(output_dir)):
-        try:
-            found.append((torch.load(copy / TRAINER_FILE, weights_only=True), copy))
-        except Exception as err:  # noqa: BLE001 - a damaged copy: fall back to another complete one
-            damaged = f"{copy / TRAINER_FILE} ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
-            found.append((None, damaged))
-    readable = [(state, copy) for state, copy in found if state is not None]
-    if not readable:
-        detail = f"; unreadable: {', '.join(str(c) for _, c in found)}" if found else ""
-        raise ResumeError(
-            f"no checkpoint to resume in {output_dir}{detail}; train without --resume "
-            "(and with --checkpoint-every N to be able to resume)"
-        )
-    state, copy = max(readable, key=lambda item: item[0]["step"])
-    if "settings" in state:  # checkpoints written before settings were recorded are taken as they are
-        check_settings_match(json.loads(state["settings"]), settings, copy)
-    tensors = load_tensors(copy)
-    fill_tensors(run.model, tensors)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):
-        hook.load_state_dict(hook_state)
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state["batches"] is not None and hasattr(run.batches, "load_state_dict"):
-        run.batches.load_state_dict(state["batches"])
-    run.result.losses = state["losses"].tolist()
-    run.result.seconds = state["seconds"]
-    run.result.steps = state["step"]
-    return state["step"]
-
-
-def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: Path | str) -> None:
-    """Raise :class:`ResumeError` naming the first setting (outside :data:`MAY_CHANGE`) that differs."""
-    for name in sorted(set(saved) | set(current)):
-        if name in MAY_CHANGE:
-            continue
-        old, new = saved.get(name, "(not recorded)"), current.get(name, "(not recorded)")
-        if _same(old, new):
-            continue
-        raise ResumeError(
-            f"cannot resume from {where}: setting {name} is {_show(new)} but the checkpoint was "
-            f"trained with {_show(old)}; resume with {_show(old)}, or start a new run (--overwrite or "
-            "another --output-dir)"
-        )
-
-
-def run_settings(cfg: Any, model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint records: the training config, the adapter's config and base, and ``extra``."""
-    state = lorakit.info(model)
-    settings: dict[str, Any] = dict(vars(cfg))
-    settings.update({k: v for k, v in state.config.to_dict().items() if k != "targets"})
-    settings.update(variant=state.variant, adapted_layers=state.targets, base_fingerprint=state.fingerprint)
-    settings.update(extra or {})
-    return json.loads(json.dumps(settings, default=str))  # the form it is stored in
-
-
-def check_step(
-    step: int, loss: float, grad_norm: Tensor | None, first_loss: float | None, output_dir: Path | None
-) -> None:
-    """Stop training before the optimizer step at (0-based) ``step`` if its numbers are unusable.
-
-    :class:`NonFiniteError` for a NaN or infinite loss or gradient norm; :class:`DivergedError` for a loss
-    over :data:`DIVERGED` times the first step's (and over :data:`DIVERGED`): a run that far gone (a learning
-    rate of 1e6 gives losses near 1e8) cannot recover, and its adapter would only look like a result.
-    """
-    error: type[LorakitError] = NonFiniteError
-    if not math.isfinite(loss):
-        what = f"the loss is {loss} (not finite)"
-    elif grad_norm is not None and not torch.isfinite(grad_norm):
-        what = f"the gradient norm is {grad_norm.item()} (not finite)"
-    elif first_loss is not None and loss > DIVERGED * max(first_loss, 1.0):
-        what = f"the loss is {loss:.4g}, over {DIVERGED:g} times the first step's {first_loss:.4g} (diverged)"
-        error = DivergedError
-    else:
-        return
-    kept = "no checkpoint was written, nothing was saved"
-    if output_dir is not None and has_checkpoint(output_dir):
-        kept = f"the last good checkpoint is kept in {output_dir / CHECKPOINT_DIR}"
-    raise error(
-        f"training stopped at step {step + 1}: {what}; {kept}. Lower --lr, or check settings such as --alpha "
-        "and the data, then train again"
-    )
-
-
-def grad_norm(params: Iterable[Tensor]) -> Tensor:
-    """The total L2 norm of the gradients (NaN or inf if any gradient is)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
-
-def _copies(output_dir: Path) -> tuple[Path, ...]:
-    """The live checkpoint, the one being built, and the one being replaced."""
-    final = output_dir / CHECKPOINT_DIR
-    return (final, *siblings(final))
-
-
-def _complete(copy: Path) -> bool:
-    return all((copy / name).is_file() for name in (TRAINER_FILE, CONFIG_FILE, WEIGHTS_FILE))
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) and value.startswith("(") else repr(value)
+__all__ = [
+    "CHECKPOINT_DIR",
+    "MAY_CHANGE",
+    "TRAINER_FILE",
+    "ResumeError",
+    "RunState",
+    "DIVERGED",
+    "DivergedError",
+    "check_step",
+    "check_settings_match",
+    "grad_norm",
+    "has_checkpoint",
+    "restore_checkpoint",
+    "run_settings",
+    "write_checkpoint",
+]

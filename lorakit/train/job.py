@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.distributed.job import ScaleOut
 from lorakit.core.contract import Driver
+from lorakit.distributed.job import ScaleOut
+from lorakit.engine.placement import LOCAL
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
@@ -27,7 +28,7 @@ from lorakit.quant_api import check_quant_type
 from lorakit.settings import check_settings, check_types, setting
 from lorakit.train import data as D
 from lorakit.train import rundir
-from lorakit.train.loop import TrainConfig, TrainResult, train
+from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
 from lorakit.train.models import TASKS, head_modules, load_model
 from lorakit.train.stages import run_stages
 
@@ -366,12 +367,11 @@ def _train(
 
         result, decided = train_job_private(job, model, train_data, evaluate_fn)
         return result, decided, started
-    # Stages before the main run (LoRA-drop's selection) may rebuild the adapters; what they decided goes
-    # into the report. Distributed: they run once on rank 0 with the global batch, the result broadcast.
-    if scale is None:
-        decided = run_stages(model, train_data, job.train, Driver.LOOP, train)
-    else:
-        decided = scale.prepare(lambda m, b, c: run_stages(m, b.data, c, Driver.LOOP, train), model)
+    # Distributed: stages before the main run (LoRA-drop's selection) run once on rank 0 with the global
+    # batch and the result is broadcast; the loop then finds none pending. Otherwise they run in the loop.
+    decided_first = None
+    if scale is not None:
+        decided_first = scale.prepare(lambda m, b, c: run_stages(m, b.data, c, Driver.LOOP, stage_run), model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,
@@ -387,8 +387,10 @@ def _train(
         output_dir=staging,
         resume=job.resume,
         settings=settings,
-        distributed=None if scale is None else scale.group,
+        placement=LOCAL if scale is None else scale.group,
     )
+    # Stages before the main run (LoRA-drop's selection) ran first; what they decided goes into the report.
+    decided = result.decided if decided_first is None else decided_first
     return result, decided, started
 
 

@@ -7,17 +7,17 @@ lorakit's loop on a subset of the data, batches it for scoring, and rebuilds the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.core.contract import Driver
+from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import VariantConfig
+from lorakit.engine.config import TrainConfig
 from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
-from lorakit.train.loop import TrainConfig
 
 Trainer = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
 
@@ -63,7 +63,26 @@ class DataStages:
 def run_stages(
     model: nn.Module, data: TokenizedData, cfg: TrainConfig, driver: Driver, train: Trainer
 ) -> dict[str, Any]:
-    """Refuse a variant ``driver`` cannot run, then run its stages (if any); returns what they decided."""
+    """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
+    with ``train``; returns what they decided."""
     lorakit.api.check_driver(model, driver)
     stages = lorakit.get_variant(lorakit.info(model).variant).stages
-    return stages.run(DataStages(model, data, cfg, train)) if stages is not None else {}
+    if stages is None or not stages.pending(lorakit.info(model).config):
+        return {}
+    return stages.run(DataStages(model, data, cfg, train))
+
+
+def run_pending_stages(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], cfg: TrainConfig, driver: Driver, train: Trainer
+) -> dict[str, Any]:
+    """:func:`run_stages` on the data behind ``batches``; refuses batches that hide their data when stages
+    are pending (training without them would silently be another method)."""
+    stages = lorakit.get_variant(lorakit.info(model).variant).stages
+    if stages is None or not stages.pending(lorakit.info(model).config):
+        return {}
+    if not isinstance(batches, BatchSampler):
+        raise CapabilityError(
+            f"variant '{lorakit.info(model).variant}' runs stages on the training data before the main run; "
+            "pass a lorakit.train.data.BatchSampler so they can read it"
+        )
+    return run_stages(model, batches.data, cfg, driver, train)

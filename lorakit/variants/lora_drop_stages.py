@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import StageContext, Stages
 from lorakit.core.layer import AdaptedLayer
+from lorakit.core.variant import VariantConfig
 
 
 def stratified_sample(strata: list[Hashable], ratio: float, seed: int) -> list[int]:
@@ -93,9 +94,12 @@ def select(scores: dict[str, float], threshold: float) -> list[str]:
 class LoRADropStages(Stages):
     """Sample, score, select, rebuild (the module docstring); a selection given in the config is kept."""
 
+    def pending(self, config: VariantConfig) -> bool:
+        return config.kept is None  # a selection given in the config: nothing to decide
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         config = ctx.config()
-        if config.kept is not None:  # a selection given in the config: nothing to decide
+        if not self.pending(config):
             return {"kept": list(config.kept)}
         sample = stratified_sample(ctx.strata(), config.sample_ratio, ctx.seed)
         ctx.train(sample, config.sample_steps or max(1, round(config.sample_ratio * ctx.steps)))

@@ -1,4 +1,6 @@
-"""bitsandbytes optimizers by name: 8-bit AdamW (Dettmers et al. 2022, arXiv:2110.02861), paged AdamW.
+"""The run's optimizer over the variants' parameter groups: AdamW, or a bitsandbytes optimizer by name.
+
+bitsandbytes optimizers: 8-bit AdamW (Dettmers et al. 2022, arXiv:2110.02861), paged AdamW.
 
 ``adamw8bit`` keeps both Adam moments in 8 bits (block-wise dynamic quantisation) for every tensor with at
 least 4096 elements (bitsandbytes' ``min_8bit_size``; smaller ones keep 32-bit state): 2 bytes of state per
@@ -14,6 +16,10 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
+
+import lorakit
+from lorakit.engine.config import TrainConfig
 
 # lorakit name -> (bitsandbytes class, the class used where paging is unavailable)
 BNB_OPTIMIZERS: dict[str, tuple[str, str]] = {
@@ -53,3 +59,11 @@ def bnb_optimizer(
         )
         cls_name = unpaged
     return getattr(bnb_optim, cls_name)(groups, lr=lr, weight_decay=weight_decay)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over :func:`lorakit.param_groups` (LoRA+'s rates, shared tensors once)."""
+    groups = lorakit.param_groups(model, cfg.lr, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return bnb_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)

@@ -1,0 +1,36 @@
+"""Where a run's processes are: the seam a distributed run (torchrun with DDP or FSDP2) fills in.
+
+A single process needs none of it. A distributed placement wraps the model for its forward and backward,
+gives each process its shard of the batches, averages what is reported across processes, and lets only
+rank 0 write checkpoints and draw progress; the engine calls these and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+
+class Placement:
+    """One process on one device (the default): every method is the identity."""
+
+    is_writer: bool = True  # this process writes checkpoints and reports and shows progress (rank 0)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model here)."""
+        return model
+
+    def shard(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """This process's batches (a distributed run gives each rank its own part)."""
+        return batches
+
+    def reduce_loss(self, loss: float) -> float:
+        """The step's loss as reported: the mean over processes in a distributed run."""
+        return loss
+
+    def barrier(self) -> None:
+        """Wait for every process (before reading what rank 0 wrote)."""
+
+
+LOCAL = Placement()
