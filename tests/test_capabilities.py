@@ -1,0 +1,173 @@
+"""Every registered variant x every driver: its training rules run, seen by their effect, or the driver
+refuses it with a clear error before any step. Generated from the registry: a new variant joins by itself.
+
+Drivers: lorakit's loop, DP-SGD, ``transformers.Trainer`` (``LorakitTrainer``) and a federated client's local
+training. Effects: AdaLoRA's final mask, DyLoRA's sampled ranks, DP-DyLoRA's fixed round rank, Delta-LoRA's
+extra update of W, LoRA-FA's frozen A, LoRA+'s optimizer groups, VeRA's frozen shared projections, LoRA-drop's
+selection and shared modules; every variant's trainable tensors must move and stay finite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+import lorakit
+from lorakit.core.contract import CapabilityError
+from lorakit.engine import run as engine_run
+from lorakit.federated.client import local_training
+from lorakit.integrations.transformers import LorakitTrainer
+from lorakit.privacy.config import DPConfig
+from lorakit.privacy.dp_sgd import train_dp
+from lorakit.train.data import BatchSampler, TokenizedData
+from lorakit.train.loop import TrainConfig, train
+
+STEPS, BATCH, LR = 8, 8, 1e-2
+DRIVERS = ("loop", "dp_sgd", "trainer", "federated")
+# Settings that make each variant's rule act within STEPS steps (the rest use rank 4).
+CONFIGS = {
+    "adalora": {"init_r": 4, "target_r": 2, "t_init": 1, "t_final": 2},
+    "delta_lora": {"start_step": 2, "lam": 0.5},
+    "dylora": {"min_rank": 1, "seed": 3},
+    "lora_drop": {"threshold": 0.5, "sample_ratio": 0.5},
+    "lora_plus": {"ratio": 4.0},
+    "qlora": {"base_quantization": None},  # the 4-bit base is covered by test_conformance_4bit
+    "vera": {"d_initial": 0.5},
+}
+
+
+class Tiny(nn.Module):
+    """Token ids -> embedding -> two linear layers -> mean -> a frozen head; returns loss and logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(32, 16)
+        self.l0, self.l1 = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None) -> SequenceClassifierOutput:
+        h = torch.tanh(self.l1(torch.tanh(self.l0(self.emb(input_ids)))))
+        logits = self.head(h.mean(1))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def dataset() -> TokenizedData:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32, (64, 6), generator=gen)
+    return TokenizedData(ids.tolist(), [int(row[0] < 16) for row in ids], 0)
+
+
+def adapted(name: str) -> nn.Module:
+    return lorakit.apply(Tiny(), name, targets=["l0", "l1"], rank=4, dropout=0.0, **CONFIGS.get(name, {}))
+
+
+def run_driver(driver: str, model: nn.Module, data: TokenizedData, tmp_path) -> torch.optim.Optimizer:
+    """Train ``model`` with ``driver`` for STEPS steps; returns the optimizer the driver built."""
+    cfg = TrainConfig(
+        steps=STEPS, batch_size=BATCH, lr=LR, warmup_ratio=0.0, schedule="constant", progress=False
+    )
+    built: list[torch.optim.Optimizer] = []
+    make = engine_run.make_optimizer
+    engine_run.make_optimizer = lambda m, c: built.append(make(m, c)) or built[-1]
+    try:
+        if driver == "loop":
+            train(model, BatchSampler(data, BATCH, 0), cfg)
+        elif driver == "dp_sgd":
+            train_dp(model, data, cfg, DPConfig(dp=True, noise_multiplier=0.3, max_grad_norm=1.0))
+        elif driver == "federated":
+            local_training(model, data, cfg)
+        else:
+            rows = [data.batch([i]) for i in range(len(data))]
+            args = TrainingArguments(
+                output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, report_to="none", save_strategy="no", logging_strategy="no",
+                disable_tqdm=True, use_cpu=True,
+            )  # fmt: skip
+            trainer = LorakitTrainer(
+                model=model, args=args, train_dataset=[{k: v[0] for k, v in r.items()} for r in rows]
+            )
+            trainer.train()
+            built.append(trainer.optimizer)
+    finally:
+        engine_run.make_optimizer = make
+    return built[-1]
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_rule(
+    name: str, model: nn.Module, before: dict[str, torch.Tensor], optimizer, ranks: set[int]
+) -> None:
+    """The variant's own rule left its mark (beyond training at all)."""
+    variants = [layer.variant for _, layer in lorakit.adapted_layers(model)]
+    v = variants[0]
+    if (
+        name == "adalora"
+    ):  # the global budget pruned to its final mask: target_r triplets per matrix on average
+        assert sum(x.rank for x in variants) == 2 * len(variants)
+    elif name == "dylora":  # a rank per step, several over the run
+        assert len(ranks) >= 2 and ranks <= set(range(1, 5))
+    elif name == "dp_dylora":  # the chosen round rank b = 2 only: rows >= b never move
+        assert ranks == {2}
+        assert torch.equal(v.A[2:], before["l0.variant.A"][2:]) and not torch.equal(
+            v.A[:2], before["l0.variant.A"][:2]
+        )
+    elif name == "delta_lora":  # from step K the stop-gradient term moves W beyond s B A
+        assert v.active_now
+        assert (v.delta_weight() - v.scale * v.B @ v.A).abs().max() > 0
+    elif name == "lora_fa":  # A frozen at its random init, B trained
+        assert torch.equal(v.A, before.get("l0.variant.A", v.A)) and not v.A.requires_grad
+    elif name == "lora_plus":  # B trains at ratio x the rate of A
+        rate = {id(p): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        assert rate[id(v.B)] == pytest.approx(4.0 * rate[id(v.A)])
+    elif name == "vera":  # the shared projections are frozen and one tensor; d and b train
+        assert v.A is variants[1].A and not v.A.requires_grad
+    elif name == "lora_drop":  # selection made, unselected modules share one pair
+        kept = lorakit.info(model).config.kept
+        assert kept is not None and len(kept) < 2 and any(x.is_shared for x in variants)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("name", list(lorakit.VARIANTS))
+def test_every_variant_runs_its_rules_or_is_refused_in_every_driver(name: str, driver: str, tmp_path) -> None:
+    model, data = adapted(name), dataset()
+    if name == "dp_dylora":
+        lorakit.set_rank(model, 2)  # a round's rank, as the federated server sets it
+    before = trainable(model)
+    ranks: set[int] = set()
+    if name in ("dylora", "dp_dylora"):  # record the rank each training forward uses
+        first = lorakit.adapted_layers(model)[0][1]
+        first.register_forward_hook(
+            lambda m, i, o: ranks.add(m.variant.active_rank()) if m.training else None
+        )
+    refusal = lorakit.get_variant(name).refusal(lorakit.Driver[driver.upper()], lorakit.info(model).config)
+    if refusal is not None:
+        with pytest.raises(CapabilityError, match=f"variant '{name}'"):
+            run_driver(driver, model, data, tmp_path)
+        after = trainable(model)
+        assert all(torch.equal(after[n], before[n]) for n in before)  # refused before any step
+        return
+    optimizer = run_driver(driver, model, data, tmp_path)
+    after = trainable(model)
+    moved = [n for n in after if n in before and not torch.equal(after[n], before[n])]
+    assert moved and all(torch.isfinite(t).all() for t in after.values())
+    check_rule(name, model, before, optimizer, ranks)
+
+
+def test_lora_drop_is_refused_where_its_selection_cannot_run_and_runs_in_the_loop() -> None:
+    refused = [
+        d
+        for d in lorakit.Driver
+        if lorakit.get_variant("lora_drop").refusal(d, adapted("lora_drop").lorakit.config)
+    ]
+    assert lorakit.Driver.LOOP not in refused and lorakit.Driver.DP_SGD in refused
+    given = lorakit.apply(Tiny(), "lora_drop", targets=["l0", "l1"], kept=["l0"])  # selection already made
+    assert lorakit.get_variant("lora_drop").refusal(lorakit.Driver.DP_SGD, given.lorakit.config) is None
