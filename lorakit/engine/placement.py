@@ -26,7 +26,9 @@ class Placement:
         return batches
 
     def reduce_loss(self, loss: float) -> float:
-        """The step's loss as reported: the mean over processes in a distributed run."""
+        """The step's loss as reported: the mean over processes in a distributed run. Called right after
+        the step's backward, before any hook or the clip reads a gradient, so gradients can be averaged in
+        the same collective."""
         return loss
 
     def barrier(self) -> None:

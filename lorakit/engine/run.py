@@ -75,7 +75,8 @@ class Engine:
     def step(self, step: int, gradients: GradientSource) -> float:
         """One optimizer step in the fixed order; returns its training loss."""
         self.hooks.step_start(step)
-        loss = gradients.backward(step, self.hooks.extra_loss)
+        # Reduced across processes before any hook reads a gradient (a distributed run syncs there).
+        loss = self.placement.reduce_loss(gradients.backward(step, self.hooks.extra_loss))
         self.hooks.after_backward(step)
         if gradients.clips_globally:
             clip = self.cfg.clip
@@ -87,7 +88,7 @@ class Engine:
         self.hooks.after_step(step)
         self.scheduler.step()
         gradients.zero_grad(self.optimizer)
-        return self.placement.reduce_loss(loss)
+        return loss
 
     def run(
         self,
