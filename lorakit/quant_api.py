@@ -165,7 +165,7 @@ def _check_layers(model: nn.Module, names: list[str]) -> None:
     for name in names:
         layer = modules[name]
         kind = kind_of(layer)
-        if kind is None or kind.name not in MATRIX_KINDS:
+        if kind is None or kind not in MATRIX_KINDS:
             raise QuantizationError(
                 f"{name} is a {kind.name if kind else type(layer).__name__} layer; NF4 quantises nn.Linear "
                 "and GPT-2 Conv1D layers only: leave it out of targets"

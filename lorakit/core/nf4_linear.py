@@ -126,7 +126,7 @@ class NF4Linear(nn.Module):
                 "this layer is already NF4-quantised; use it as is, or pass the original nn.Linear"
             )
         kind = kind_of(linear)
-        if kind is None or kind.name not in MATRIX_KINDS:
+        if kind is None or kind not in MATRIX_KINDS:
             raise TypeError(
                 f"NF4Linear.from_linear expects an nn.Linear or a GPT-2 Conv1D, got {type(linear).__name__}"
             )
