@@ -19,13 +19,14 @@ from lorakit.engine.config import TrainConfig
 from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
 
-Trainer = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
+# A short training run for the stages (lorakit.train.loop.stage_run): model, batches, settings.
+StageTraining = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
 
 
 class DataStages:
     """A :class:`lorakit.core.contract.StageContext` over ``data``, training with ``train``."""
 
-    def __init__(self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: Trainer) -> None:
+    def __init__(self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: StageTraining) -> None:
         self.model, self.data, self.cfg, self.trainer = model, data, cfg, train
         self.seed, self.steps, self.batch_size = cfg.seed, cfg.steps, cfg.batch_size
         modules = dict(model.named_modules())
@@ -61,7 +62,7 @@ class DataStages:
 
 
 def run_stages(
-    model: nn.Module, data: TokenizedData, cfg: TrainConfig, driver: Driver, train: Trainer
+    model: nn.Module, data: TokenizedData, cfg: TrainConfig, driver: Driver, train: StageTraining
 ) -> dict[str, Any]:
     """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
     with ``train``; returns what they decided."""
@@ -73,7 +74,11 @@ def run_stages(
 
 
 def run_pending_stages(
-    model: nn.Module, batches: Iterable[dict[str, Tensor]], cfg: TrainConfig, driver: Driver, train: Trainer
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    cfg: TrainConfig,
+    driver: Driver,
+    train: StageTraining,
 ) -> dict[str, Any]:
     """:func:`run_stages` on the data behind ``batches``; refuses batches that hide their data when stages
     are pending (training without them would silently be another method)."""
