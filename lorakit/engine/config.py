@@ -41,7 +41,7 @@ class TrainConfig:
             "steps": self.steps > 0,
             "batch_size": self.batch_size > 0,
             "grad_accum": self.grad_accum > 0,
-            "lr": self.lr > 0,
+            "lr": 0 < self.lr < math.inf,
             "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "schedule": self.schedule in SCHEDULES,
