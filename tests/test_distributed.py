@@ -244,4 +244,7 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_p
     one = job(model, data, reference, "lora", {}, batch_size=8, mode=None)
     one.train.steps, one.train.grad_accum = steps, 1
     run_job(one)
-    assert_same_adapter(adapter(out), adapter(reference))
+    got, want = adapter(out), adapter(reference)
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():  # 400 steps of float reordering (2 x 4 vs 8 examples): a few 1e-6
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
