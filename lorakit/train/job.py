@@ -139,7 +139,19 @@ class JobResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values for ``metrics.json``; a number that is not finite (DP-SGD's unreleased loss) is
+        written as ``null``, so the file stays strict JSON."""
+        return _finite_or_none(dataclasses.asdict(self))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
