@@ -40,8 +40,27 @@ def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
 
 
 def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:
-    """``x * keep`` for a boolean ``keep``; ``where`` selects in one pass (a product first casts the mask)."""
-    return torch.where(keep, x, 0.0)
+    """``x * keep`` for a boolean ``keep``, as ``nn.Dropout`` multiplies (a non-finite ``x`` stays NaN).
+
+    The mask's bytes are read as ``uint8``: that product runs in one pass, about twice as fast on a CPU as
+    ``where`` or a product with the ``bool`` tensor (which casts it first)."""
+    return x * keep.view(torch.uint8)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a matrix of rows ``(N, features)``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def rank_first(m: Tensor, rows: Tensor) -> Tensor:
+    """``rows @ m.T`` (``(N, r)`` for ``m`` of shape ``(r, d)``) computed as ``(m @ rows.T).T``.
+
+    The same product, but the BLAS routine runs with the small rank as the output's row count: on a CPU a
+    ``(N, d) @ (d, r)`` product with ``r = 8`` is two to six times slower than ``(r, d) @ (d, N)``, measured
+    for the shapes of BERT and Llama layers, one or two threads. The result is a transposed view; the next
+    product reads it as is. ``(N, r)^T @ (N, d)`` products (``dL/dA``, ``dL/dB``) are written the same way.
+    """
+    return (m @ rows.t()).t()
 
 
 class _LowRankFunction(torch.autograd.Function):
@@ -56,11 +75,10 @@ class _LowRankFunction(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
             mask = _keep_mask(x, p, seed) if p > 0 else None
-            z = (
-                F.linear(_apply_mask(x_c, mask), a_c).div_(1.0 - p)
-                if mask is not None
-                else F.linear(x_c, a_c)
-            )  # (..., r)
+            x_in = _apply_mask(x_c, mask) if mask is not None else x_c
+            z = rank_first(a_c, _rows(x_in)).reshape(*x.shape[:-1], a.shape[0])  # (..., r)
+            if mask is not None:
+                z = z.div_(1.0 - p)
             out = F.linear(z, b_c).mul_(scale)  # (..., out)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.dtypes = (x.dtype, a.dtype, b.dtype)
@@ -78,14 +96,14 @@ class _LowRankFunction(torch.autograd.Function):
         x, mask, a, b, z = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         x_dtype, a_dtype, b_dtype = ctx.dtypes
-        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out), in the forward's compute dtype
-        gz = (g @ b).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz folded with the dropout rescale, (N, r)
+        g = _rows(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
+        gz = rank_first(b.t(), g).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (g.t() @ z.reshape(-1, z.shape[-1])).mul_(ctx.scale).to(b_dtype)
+            grad_b = (_rows(z).t() @ g).t().mul_(ctx.scale).to(b_dtype)  # (out, r), see rank_first
         if need_a:
             x_in = _apply_mask(x.to(a.dtype), mask) if mask is not None else x.to(a.dtype)
-            grad_a = (gz.t() @ x_in.reshape(-1, x.shape[-1])).to(a_dtype)
+            grad_a = (gz.t() @ _rows(x_in)).to(a_dtype)
         if need_x:
             grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
             if ctx.p > 0:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed, low_rank
+from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed, low_rank, rank_first
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 _ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
@@ -108,14 +108,14 @@ class DoRAFunction(torch.autograd.Function):
             shift = bias.detach().to(acc) if bias is not None and mask is None else None
             if mask is None:
                 h = y2  # W0 x + b0
-                z = x2 @ a_c.t()  # (N, r)
+                z = rank_first(a_c, x2)  # (N, r)
                 t = torch.addmm(y2.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x + b0
                 rest = (1 - c) * shift if shift is not None else torch.zeros_like(c)
                 out = torch.addcmul(rest, t, c, out=t if t.dtype == y2.dtype else torch.empty_like(y2))
             else:
                 xm = _apply_mask(x2, mask)
                 h = torch.addmm(y2.new_zeros(()), xm, w0.to(dtype).t(), beta=0, alpha=1 / (1 - p))  # W0 x~
-                z = (xm @ a_c.t()).div_(1 - p)  # (N, r)
+                z = rank_first(a_c, xm).div_(1 - p)  # (N, r)
                 del xm
                 t = torch.addmm(h.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x~
                 out = torch.sub(y2.to(acc), h).addcmul_(t, c).to(y2.dtype)  # y - W0 x~ + c V x~
@@ -135,7 +135,7 @@ class DoRAFunction(torch.autograd.Function):
         if need[1]:
             grad_y = grad if mask is not None else torch.mul(grad, c, out=torch.empty_like(grad))
         if need[5] or need[6]:
-            gzt = (g.t() @ z).to(c.dtype)  # g^T z, (out, r)
+            gzt = (z.t() @ g).t().to(c.dtype)  # g^T z, (out, r), in rank_first's order
             if need[5]:
                 grad_b = (gzt * c[:, None]).mul_(scale).to(b_dtype)
             if need[6]:
@@ -146,7 +146,7 @@ class DoRAFunction(torch.autograd.Function):
                 grad_m = (gh / norm).to(m_dtype)
         if need[0] or need[4]:
             cb = (b.to(c.dtype) * (c * (scale / (1 - p)))[:, None]).to(b.dtype)  # c B, scaled
-            gz = g @ cb  # dL/d(A x * keep), (N, r)
+            gz = rank_first(cb.t(), g)  # dL/d(A x * keep), (N, r)
             if need[4]:
                 x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
                 x_in = _apply_mask(x2, mask) if mask is not None else x2
