@@ -82,6 +82,44 @@ def test_hadamard_function_saves_only_the_factors() -> None:
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv2d"])
+def test_folded_weight_path_equals_two_products(kind: str) -> None:
+    """Without dropout the layer applies ``W0 + dW`` once; output and every gradient equal the two-product
+    path ``y + op(x, dW)`` (the one dropout and autocast use)."""
+    model, x = make_case(kind)
+    lorakit.apply(model, "loha", targets=["layer"], rank=3, alpha=6.0, dropout=0.0)
+    perturb(model)
+    layer, v = model.layer, model.layer.variant
+    results = []
+    for folded in (True, False):
+        x_in = x.clone().requires_grad_(True)
+        out = v(x_in, None if folded else layer.base_layer(x_in), layer)
+        grads = torch.autograd.grad(out.square().sum(), [x_in, v.B1, v.A1, v.B2, v.A2])
+        results.append((out, *grads))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer.weight_folds_exactly(x) and not v.needs_base_output(x, layer)
+
+
+def test_folded_path_is_not_taken_where_it_would_change_the_result() -> None:
+    """Dropout (the base and the adapter see different inputs) and bf16 autocast (``W0 + dW`` in bf16 would
+    round a small ``dW`` away) keep the two-product path: a tiny ``dW`` still reaches the output."""
+    model, x = make_case("linear")
+    lorakit.apply(model, "loha", targets=["layer"], rank=2, alpha=2.0, dropout=0.0)
+    layer, v = model.layer, model.layer.variant
+    with torch.no_grad():
+        v.A2.fill_(1e-3)  # dW about 1e-3 of W0's entries (0.3): below bf16's spacing there
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.weight_folds_exactly(x)
+        out = model(x).float()
+        base_bf16 = layer.base_layer(x).float()
+    assert (out - base_bf16).abs().max() > 0
+    dropped = lorakit.apply(make_case("linear")[0], "loha", targets=["layer"], rank=2, dropout=0.5)
+    perturb(dropped)
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x))  # dropout still drops (the two-product path)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2", "conv2d"])
 def test_merge_adds_delta_exactly_once(kind: str) -> None:
     model, x = make_case(kind)
     w0 = model.layer.weight.detach().clone()

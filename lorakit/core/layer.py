@@ -62,10 +62,27 @@ class AdaptedLayer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
         if self.merged or not self.enabled:
-            return y
+            return self.base_layer(x)
+        y = self.base_layer(x) if self.variant.needs_base_output(x, self) else None
         return self.variant(x, y, self)
+
+    def weight_folds_exactly(self, x: Tensor) -> bool:
+        """Whether ``op(x, W0 + dW)`` may stand in for ``op(x, W0) + op(x, dW)`` in this forward.
+
+        Only for a dense base weight in fp32 or fp64 with ``x`` in the same dtype and no autocast: a bf16 or
+        fp16 ``W0 + dW`` rounds a small ``dW`` away (its spacing near ``|W0| = 0.05`` is ``2e-4``), and a
+        quantised base would be dequantised for it. Not under torch.func transforms (per-example gradients),
+        where the adapter keeps the path its gradients are checked on.
+        """
+        weight = getattr(self.base_layer, "weight", None)  # a 4-bit layer has packed codes instead
+        return (
+            isinstance(weight, Tensor)
+            and weight.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch._C._are_functorch_transforms_active()
+        )
 
     # --- merge / unmerge -----------------------------------------------------------------------------
     def merge(self) -> None:

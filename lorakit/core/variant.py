@@ -215,8 +215,15 @@ class Variant(nn.Module):
         """The change this adapter makes to the base weight, as ``(out, in)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement delta_weight()")  # abstract
 
+    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+        """Whether :meth:`forward` needs the base layer's output for the input ``x``. When False the layer
+        skips the base op and :meth:`forward` gets ``y=None`` and computes the whole output (see
+        :meth:`AdaptedLayer.weight_folds_exactly`). Default: True."""
+        return True
+
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
-        """Adapted output from the input ``x`` and the base output ``y``. Default: ``y + op(x~, dW)``."""
+        """Adapted output from the input ``x`` and the base output ``y`` (None only where
+        :meth:`needs_base_output` said so). Default: ``y + op(x~, dW)``."""
         delta = self.delta_weight().to(y.dtype)
         x = self.drop(x).to(y.dtype) if x.is_floating_point() else x  # embedding inputs stay integer ids
         return y + base.kind.op(base.base_layer, x, delta)

@@ -47,26 +47,28 @@ class _Call(nn.Module):
 def variant_grad_sample(module: Variant, activations: list[Any], backprops: Tensor) -> dict[Tensor, Tensor]:
     """``{p: (N, *p.shape)}``: per-example gradients of ``sum(out_i * g_i)`` for every trainable ``p``.
 
-    ``activations`` is ``[base, x, y]`` as kept by :meth:`AdapterGradSampleModule.capture_activations_hook`
-    and ``backprops`` the gradient of the adapter's output, already scaled to per-example losses.
+    ``activations`` is ``[base, y, x]`` as kept by :meth:`AdapterGradSampleModule.capture_activations_hook`
+    (``y`` None where the adapter computed the whole output, see ``Variant.needs_base_output``) and
+    ``backprops`` the gradient of the adapter's output, already scaled to per-example losses.
     """
-    base, x, y = activations
+    base, y, x = activations
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     names = ["variant." + n for n, _ in named]
     params = tuple(p.detach() for _, p in named)
     call = _Call(module)
-    backprops = backprops.to(y.dtype)
+    backprops = backprops.to((x if y is None else y).dtype)
 
-    def loss(ps: tuple[Tensor, ...], xi: Tensor, yi: Tensor, gi: Tensor) -> Tensor:
+    def loss(ps: tuple[Tensor, ...], xi: Tensor, yi: Tensor | None, gi: Tensor) -> Tensor:
         out = torch.func.functional_call(call, dict(zip(names, ps, strict=True)), (xi, yi, base))
         return (out * gi).sum()
 
     if type(module) not in _LOOP_ONLY:
         try:
-            one = lambda ps, xi, yi, gi: loss(ps, xi[None], yi[None], gi[None])  # noqa: E731  (1, ...) inputs
-            grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0), randomness="different")(
-                params, x, y, backprops
-            )
+            one = lambda ps, xi, yi, gi: loss(ps, xi[None], _first(yi), gi[None])  # noqa: E731  (1, ...) inputs
+            y_dim = None if y is None else 0
+            grads = torch.func.vmap(
+                torch.func.grad(one), in_dims=(None, 0, y_dim, 0), randomness="different"
+            )(params, x, y, backprops)
             return {p: g for (_, p), g in zip(named, grads, strict=True)}
         except RuntimeError as err:
             if "functorch" not in str(err) and "autograd.Function" not in str(err):
@@ -75,13 +77,19 @@ def variant_grad_sample(module: Variant, activations: list[Any], backprops: Tens
     return _loop_grad_sample(named, loss, x, y, backprops)
 
 
-def _loop_grad_sample(named: list[tuple[str, Tensor]], loss: Any, x: Tensor, y: Tensor, g: Tensor) -> dict:
+def _first(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t[None]
+
+
+def _loop_grad_sample(
+    named: list[tuple[str, Tensor]], loss: Any, x: Tensor, y: Tensor | None, g: Tensor
+) -> dict:
     """The same per-example gradients, one autograd call per example."""
     out: dict[Tensor, list[Tensor]] = {p: [] for _, p in named}
     with torch.enable_grad():
         for i in range(x.shape[0]):
             leaves = tuple(p.detach().requires_grad_(True) for _, p in named)
-            value = loss(leaves, x[i : i + 1], y[i : i + 1], g[i : i + 1])
+            value = loss(leaves, x[i : i + 1], None if y is None else y[i : i + 1], g[i : i + 1])
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
             for (_, p), leaf, grad in zip(named, leaves, grads, strict=True):
                 out[p].append(torch.zeros_like(leaf) if grad is None else grad)
@@ -133,8 +141,8 @@ class AdapterGradSampleModule(GradSampleModule):
         x, y, base = forward_input
         if not hasattr(module, "activations"):
             module.activations = []
-        # [base, x, y]: Opacus reads the batch size from the last entry.
-        module.activations.append([base, x.detach(), y.detach()])
+        # [base, y, x]: Opacus reads the batch size from the last entry, and y may be None.
+        module.activations.append([base, None if y is None else y.detach(), x.detach()])
         for _, p in _module_utils.trainable_parameters(module):
             p._forward_counter += 1
 

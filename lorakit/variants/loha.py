@@ -100,3 +100,14 @@ class LoHa(Variant):
 
     def delta_weight(self) -> Tensor:
         return HadamardProduct.apply(self.B1, self.A1, self.B2, self.A2, self.scale)
+
+    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+        # One product with W0 + dW instead of W0 x and dW x: the forward and the input gradient each save one
+        # (N x in x out) product, and dL/d(dW) = g^T x is the one weight product left (PEFT and LyCORIS run
+        # all five). With input dropout the two terms see different inputs, so it needs dropout off.
+        return not ((self.dropout is None or not self.training) and base.weight_folds_exactly(x))
+
+    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
+        if y is None:  # the folded form (needs_base_output)
+            return base.kind.op(base.base_layer, x, base.weight_2d() + self.delta_weight(), base.bias)
+        return super().forward(x, y, base)
