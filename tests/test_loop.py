@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.engine.placement import Placement
 from lorakit.train.loop import TrainConfig, lr_lambda, train
 
 
@@ -115,3 +116,32 @@ def test_bad_training_settings_are_named() -> None:
         TrainConfig(schedule="warm")
     with pytest.raises(ValueError, match="steps=0"):
         TrainConfig(steps=0)
+
+
+class Reseeding(Placement):
+    """A placement that reseeds each step, as a distributed run does per rank."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds = seeds
+
+    def step_seed(self, seed: int, step: int) -> int | None:
+        return self.seeds[step]
+
+
+def test_a_placement_reseeds_every_step_so_ranks_draw_their_own_dropout():
+    """Processes sharing a run seed must not share dropout masks: each step's masks follow the placement's
+    step seed (per rank in a distributed run), not the seed the run started from."""
+    from lorakit.distributed.group import Distributed
+
+    def trained(seeds: list[int]) -> torch.Tensor:
+        model = lorakit.apply(Regression(), "lora", targets=["body"], rank=2, dropout=0.5)
+        train(model, Batches(), TrainConfig(steps=3, lr=0.05, progress=False), placement=Reseeding(seeds))
+        return model.body.variant.B.detach().clone()
+
+    same, again, other = trained([1, 2, 3]), trained([1, 2, 3]), trained([4, 2, 3])
+    assert torch.equal(same, again) and not torch.equal(same, other)
+    ranks = [Distributed("ddp", rank, 2, torch.device("cpu")) for rank in range(2)]
+    seeds = {(r.rank, step): r.step_seed(7, step) for r in ranks for step in range(50)}
+    assert len(set(seeds.values())) == len(seeds)  # every (rank, step) its own stream
+    assert ranks[1].step_seed(7, 3) == seeds[(1, 3)]  # and the same again on resume
+    assert Placement().step_seed(7, 3) is None  # one process keeps its stream

@@ -11,6 +11,7 @@ import atexit
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -53,6 +54,11 @@ class Distributed(Placement):
 
     def reduce_loss(self, loss: float) -> float:
         return self.mean(loss)
+
+    def step_seed(self, seed: int, step: int) -> int | None:
+        # Distinct per rank and per step, deterministic in (seed, rank, step); see Placement.step_seed.
+        # SeedSequence mixes the three into well-spread bits (no overflow or collisions from arithmetic).
+        return int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
     def place(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to this rank's device (its own GPU under NCCL; the CPU under gloo)."""

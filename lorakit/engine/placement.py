@@ -34,5 +34,14 @@ class Placement:
     def barrier(self) -> None:
         """Wait for every process (before reading what rank 0 wrote)."""
 
+    def step_seed(self, seed: int, step: int) -> int | None:
+        """A seed for the global random generator at the start of ``step`` (None: keep its stream).
+
+        One process keeps the stream seeded once (a checkpoint stores and restores it). Processes that share
+        a seed would draw the same dropout masks for different examples: a distributed run reseeds every
+        step from ``(seed, rank, step)``, which also makes a resumed run draw what the uninterrupted one
+        drew. Rules that must agree across processes (DyLoRA's rank) use their own seeded generators."""
+        return None
+
 
 LOCAL = Placement()

@@ -74,6 +74,9 @@ class Engine:
 
     def step(self, step: int, gradients: GradientSource) -> float:
         """One optimizer step in the fixed order; returns its training loss."""
+        seed = self.placement.step_seed(self.cfg.seed, step)
+        if seed is not None:
+            torch.manual_seed(seed)
         self.hooks.step_start(step)
         # Reduced across processes before any hook reads a gradient (a distributed run syncs there).
         loss = self.placement.reduce_loss(gradients.backward(step, self.hooks.extra_loss))
