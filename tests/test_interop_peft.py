@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.errors import LorakitError
 from lorakit.interop import load_peft, save_peft
 from lorakit.io import AdapterFileError
 from lorakit.variants.dylora import set_rank
@@ -190,7 +191,7 @@ def test_vera_crosses_both_ways_with_its_shared_projections(tmp_path) -> None:
 def test_refusals_name_the_problem(tmp_path) -> None:
     base = Net()
     adalora = lorakit.apply(copy.deepcopy(base), "adalora", targets=["fc"])
-    with pytest.raises(ValueError, match="variant 'adalora' has no PEFT equivalent"):
+    with pytest.raises(LorakitError, match="variant 'adalora' has no PEFT equivalent"):
         save_peft(adalora, tmp_path / "adalora")
     ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["fc"], rank=2)
     save_peft(ours, tmp_path / "a")
@@ -198,7 +199,7 @@ def test_refusals_name_the_problem(tmp_path) -> None:
         save_peft(ours, tmp_path / "a")
     save_peft(ours, tmp_path / "a", overwrite=True)
     lorakit.merge(ours, unload=False)
-    with pytest.raises(ValueError, match="unmerge"):
+    with pytest.raises(LorakitError, match="unmerge"):
         save_peft(ours, tmp_path / "b")
 
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -210,7 +211,7 @@ def test_refusals_name_the_problem(tmp_path) -> None:
         ({"bias": "all"}, "trained biases"),
     ]:
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, **change}))
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(LorakitError, match=message):
             load_peft(copy.deepcopy(base), tmp_path / "a")
     with pytest.raises(AdapterFileError, match="no adapter directory .*missing"):
         load_peft(copy.deepcopy(base), tmp_path / "missing")
@@ -246,21 +247,21 @@ def test_a_hub_id_is_fetched_and_a_failed_fetch_names_both_places(tmp_path, monk
 
 def test_exports_peft_could_not_load_right_are_refused(tmp_path) -> None:
     gpt2 = tiny_gpt2()
-    with pytest.raises(ValueError, match="PEFT's LOHA has no conv1d_gpt2 layers"):
+    with pytest.raises(LorakitError, match="PEFT's LOHA has no conv1d_gpt2 layers"):
         save_peft(lorakit.apply(copy.deepcopy(gpt2), "loha", targets=["c_fc"], rank=2), tmp_path / "x")
     tied = lorakit.apply(copy.deepcopy(gpt2), "lora", targets=["c_attn"], rank=2, train_modules=["lm_head"])
-    with pytest.raises(ValueError, match="lm_head shares its weight with transformer.wte"):
+    with pytest.raises(LorakitError, match="lm_head shares its weight with transformer.wte"):
         save_peft(tied, tmp_path / "x")
     both = lorakit.apply(Net(), "lora", targets=["fc", "classifier"], rank=2, train_modules=["classifier"])
-    with pytest.raises(ValueError, match="classifier is both adapted and fully trained"):
+    with pytest.raises(LorakitError, match="classifier is both adapted and fully trained"):
         save_peft(both, tmp_path / "x")
     lokr = lorakit.apply(Wide(), "lokr", targets=["fc"], rank=2, factor=8)  # 48 = 8 x 6: PEFT keeps (8, 6)
-    with pytest.raises(ValueError, match=r"PEFT splits 48 as \(8, 6\) and lorakit as \(6, 8\)"):
+    with pytest.raises(LorakitError, match=r"PEFT splits 48 as \(8, 6\) and lorakit as \(6, 8\)"):
         save_peft(lokr, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     cfg = peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
     peft.get_peft_model(copy.deepcopy(gpt2), cfg).save_pretrained(tmp_path / "tied")
-    with pytest.raises(ValueError, match="lm_head shares its weight with transformer.wte.weight"):
+    with pytest.raises(LorakitError, match="lm_head shares its weight with transformer.wte.weight"):
         load_peft(copy.deepcopy(gpt2), tmp_path / "tied")
 
 
@@ -285,7 +286,7 @@ def test_unreadable_peft_files_leave_the_model_untouched(tmp_path) -> None:
     save_file({**good, "base_model.model.fc.lora_diag": torch.ones(2)}, weights)  # KaSA's extra tensor
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"holds \['lora_A.weight', 'lora_B.weight', 'lora_diag'\]"):
+    with pytest.raises(LorakitError, match=r"holds \['lora_A.weight', 'lora_B.weight', 'lora_diag'\]"):
         load_peft(model, tmp_path)
     assert not hasattr(model, "lorakit") and not any(
         isinstance(m, lorakit.AdaptedLayer) for m in model.modules()

@@ -77,13 +77,15 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     spec = get_variant(state.variant).peft
     method = next((m for m in METHODS if spec is not None and m.peft_type == spec.peft_type), None)
     if method is None:
-        raise ValueError(
+        raise LorakitError(
             f"variant '{state.variant}' has no PEFT equivalent; PEFT's formats hold {', '.join(EXPORTABLE)}. "
             "Use lorakit.save, or lorakit.merge and save the merged model."
         )
     layers = adapted_layers(model)
     if any(layer.merged for _, layer in layers):
-        raise ValueError("the adapter is merged into the base; call lorakit.unmerge(model) before save_peft")
+        raise LorakitError(
+            "the adapter is merged into the base; call lorakit.unmerge(model) before save_peft"
+        )
     for name, layer in layers:
         method.check_export(name, layer)
     modules = dict(model.named_modules())
@@ -91,7 +93,9 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         n for n in state.train_modules if any(isinstance(m, AdaptedLayer) for m in modules[n].modules())
     ]
     if adapted_heads:
-        raise ValueError(f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way")
+        raise LorakitError(
+            f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way"
+        )
     _refuse_tied(model, state.train_modules)
     out = Path(directory)
     if (out / CONFIG_FILE).exists() and not overwrite:

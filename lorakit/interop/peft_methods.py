@@ -24,6 +24,7 @@ from lorakit.api import AdapterInfo
 from lorakit.core.contract import PeftSpec
 from lorakit.core.kinds import ALL_KINDS, CONV1D_GPT2, KINDS, LINEAR, KindSet
 from lorakit.core.layer import AdaptedLayer
+from lorakit.errors import LorakitError
 from lorakit.io import AdapterFileError
 from lorakit.variants import VARIANTS
 
@@ -68,7 +69,7 @@ class PeftMethod:
             if all(bool(config.get(k)) == bool(v) for k, v in spec.flags.items()):
                 fields = spec.config_fields.items()
                 return name, {ours: config[peft] for ours, peft in fields if config.get(peft) is not None}
-        raise ValueError(f"no lorakit variant reads this {self.peft_type} adapter's settings")
+        raise AdapterFileError(f"no lorakit variant reads this {self.peft_type} adapter's settings")
 
     def config(self, state: AdapterInfo, layers: list[AdaptedLayer], rank: int) -> dict[str, Any]:
         """The method's own fields of ``adapter_config.json``."""
@@ -94,12 +95,12 @@ class PeftMethod:
     def check_export(self, name: str, layer: AdaptedLayer) -> None:
         """Refuse a layer PEFT cannot load as this method."""
         if layer.kind not in self.kinds:
-            raise ValueError(
+            raise LorakitError(
                 f"{name}: PEFT's {self.peft_type} has no {layer.kind.name} layers (only {self.kinds.names()})"
             )
         problem = layer.variant.peft_problem(layer)
         if problem is not None:
-            raise ValueError(f"{name}: {problem}")
+            raise LorakitError(f"{name}: {problem}")
 
     def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
         """PEFT key suffix -> the lorakit parameter it holds, for one layer."""
