@@ -335,3 +335,16 @@ def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys)
     assert "delta must be in (0, 1)" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--dp"]) == 2
     assert "--target-epsilon" in capsys.readouterr().err
+
+
+def test_a_non_finite_private_gradient_stops_training(tiny_bert_dir) -> None:
+    """DP-SGD privatises inside the optimizer step; the released gradient is checked right after it, so a
+    NaN stops the run before any checkpoint or adapter is written (post-processing: no privacy cost)."""
+    from lorakit.io import NonFiniteError
+
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("variant.B")).fill_(float("nan"))
+    cfg = TrainConfig(steps=3, batch_size=16, progress=False)
+    with pytest.raises(NonFiniteError, match="training stopped at step 1: the gradient norm is nan"):
+        train_dp(model, demo_data(tokenizer), cfg, DPConfig(dp=True, noise_multiplier=1.0, max_grad_norm=1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_llama
 from transformers import TrainingArguments
@@ -119,3 +120,19 @@ def test_adalora_under_trainer_equals_the_lorakit_loop_so_extra_loss_counts_once
     pattern = rank_pattern(theirs)
     assert sum(pattern.values()) == 2 * len(pattern)  # the budget hook ran to its final mask
     assert loss_on(theirs, data[:16]) < before - 0.05
+
+
+def test_a_non_finite_gradient_stops_the_trainer_before_the_weights_change(tmp_path) -> None:
+    """As lorakit's own loop: a NaN gradient raises NonFiniteError before ``optimizer.step``."""
+    from lorakit.io import NonFiniteError
+
+    model = lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2, alpha=4.0, dropout=0.0)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("variant.B")).fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stopped = r"stopped at step 1: the gradient norm is nan \(not finite\); the Trainer's checkpoints"
+    with pytest.raises(NonFiniteError, match=stopped):
+        trainer_for(model, sequences(16, 0), tmp_path).train()
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # the NaN factor stays as it was set, every other weight untouched
+            assert torch.equal(p, before[n]) or torch.isnan(before[n]).all()

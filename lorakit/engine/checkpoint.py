@@ -169,27 +169,35 @@ def run_settings(cfg: Any, model: nn.Module, extra: dict[str, Any] | None = None
 
 
 def check_step(
-    step: int, loss: float, grad_norm: Tensor | None, first_loss: float | None, output_dir: Path | None
+    step: int,
+    loss: float | None,
+    grad_norm: Tensor | None,
+    first_loss: float | None,
+    output_dir: Path | None,
+    kept: str | None = None,
 ) -> None:
     """Stop training before the optimizer step at (0-based) ``step`` if its numbers are unusable.
 
     :class:`NonFiniteError` for a NaN or infinite loss or gradient norm; :class:`DivergedError` for a loss
     over :data:`DIVERGED` times the first step's (and over :data:`DIVERGED`): a run that far gone (a learning
     rate of 1e6 gives losses near 1e8) cannot recover, and its adapter would only look like a result.
+    ``loss`` None: only the gradient is checked (a driver that does not see or may not release the loss).
+    ``kept``: what the message says was kept (default: lorakit's checkpoint in ``output_dir``, if any).
     """
     error: type[LorakitError] = NonFiniteError
-    if not math.isfinite(loss):
+    if loss is not None and not math.isfinite(loss):
         what = f"the loss is {loss} (not finite)"
     elif grad_norm is not None and not torch.isfinite(grad_norm):
         what = f"the gradient norm is {grad_norm.item()} (not finite)"
-    elif first_loss is not None and loss > DIVERGED * max(first_loss, 1.0):
+    elif loss is not None and first_loss is not None and loss > DIVERGED * max(first_loss, 1.0):
         what = f"the loss is {loss:.4g}, over {DIVERGED:g} times the first step's {first_loss:.4g} (diverged)"
         error = DivergedError
     else:
         return
-    kept = "no checkpoint was written, nothing was saved"
-    if output_dir is not None and has_checkpoint(output_dir):
-        kept = f"the last good checkpoint is kept in {output_dir / CHECKPOINT_DIR}"
+    if kept is None:
+        kept = "no checkpoint was written, nothing was saved"
+        if output_dir is not None and has_checkpoint(output_dir):
+            kept = f"the last good checkpoint is kept in {output_dir / CHECKPOINT_DIR}"
     raise error(
         f"training stopped at step {step + 1}: {what}; {kept}. Lower --lr, or check settings such as --alpha "
         "and the data, then train again"

@@ -88,6 +88,10 @@ class Engine:
                 check_step(step, loss, norm, self.first_loss, self.output_dir)
         self.hooks.before_optimizer(step)
         self.optimizer.step()
+        if not gradients.releases_loss:
+            # DP-SGD privatises (clips per example, adds noise) inside optimizer.step: check the gradient it
+            # released and applied (post-processing, no privacy cost), before any checkpoint or save.
+            check_step(step, None, grad_norm(self.params), None, self.output_dir)
         self.hooks.after_step(step)
         self.scheduler.step()
         gradients.zero_grad(self.optimizer)

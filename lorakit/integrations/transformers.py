@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.engine.checkpoint import check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
 
 
@@ -51,6 +52,11 @@ class LorakitCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.after_backward(state.global_step)  # a no-op when the clipping step already ran it
+        if not args.fp16:  # fp16's loss scaler skips non-finite steps itself (and lowers the scale)
+            # As every lorakit driver: a NaN or infinite gradient stops the run before it reaches the weights.
+            norm = grad_norm(p for p in self.model.parameters() if p.requires_grad)
+            kept = f"the Trainer's checkpoints in {args.output_dir} are as they were"
+            check_step(state.global_step, None, norm, None, None, kept=kept)
         self.hooks.before_optimizer(state.global_step)
 
     def after_backward(self, step: int) -> None:
