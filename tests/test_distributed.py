@@ -248,3 +248,39 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_p
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():  # 400 steps of float reordering (2 x 4 vs 8 examples): a few 1e-6
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_the_multi_node_torchrun_form_trains_like_one_process(setup, tmp_path):
+    """Two "nodes" on this machine (two torchrun launchers, one process each, c10d rendezvous on 127.0.0.1):
+    the form of ``docs/distributed.md``'s several-machine command, giving the single-process adapter."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_harness import free_port
+
+    model, data = setup
+    out, steps, port = tmp_path / "nodes", 12, free_port()
+    flags = ["--model", str(model), "--data", str(data), "--targets", "query,value", "--rank", "4"]
+    flags += ["--alpha", "8", "--dropout", "0", "--lr", "0.02", "--steps", str(steps), "--no-progress"]
+    flags += ["--max-length", "16", "--output-dir", str(out), "--distributed", "ddp", "--batch-size", "4"]
+    nodes = []
+    for node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+        command += ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-id", "lorakit-test"]
+        command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "lorakit", "train", *flags]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env))
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err.decode()[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == steps
+    reference = tmp_path / "single"
+    one = job(model, data, reference, "lora", {}, batch_size=8, mode=None)
+    one.train.steps, one.train.grad_accum = steps, 1
+    run_job(one)
+    got, want = adapter(out), adapter(reference)
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
