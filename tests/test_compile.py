@@ -1,5 +1,5 @@
 """torch.compile with fullgraph=True: adapted models trace without graph breaks, and compiled gradients equal
-eager ones (the hand-written backward functions step aside while the compiler traces)."""
+eager ones (LoRA's low-rank function is traced without a seeded mask; DoRA's and LoKr's step aside)."""
 
 from __future__ import annotations
 

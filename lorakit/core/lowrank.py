@@ -120,7 +120,7 @@ def fused_backward_allowed() -> bool:
     Not under torch.func transforms (per-sample gradients for DP): the functions have no vmap rule, and a
     seeded dropout mask would be shared across the vmapped examples. Not while ``torch.compile`` traces:
     drawing the mask's seed (``.item()``) and seeding a generator break the graph, and the compiler plans its
-    own memory.
+    own memory (:func:`low_rank` still runs its function there, without a seeded mask).
     """
     return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
 
@@ -137,6 +137,11 @@ def low_rank(
     if base.kind.features_last and x.is_floating_point() and fused_backward_allowed():
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
+    if base.kind.features_last and x.is_floating_point() and torch.compiler.is_compiling():
+        # The compiler traces the function too (its products in the fast order), with dropout drawn as the
+        # compiler draws it: a seeded generator inside the graph would break it.
+        x = F.dropout(x, p, training=True) if p > 0 else x
+        return _LowRankFunction.apply(x, a, b, scale, 0.0, 0)
     if p > 0:
         x = F.dropout(x, p, training=True)
     dtype = x.dtype if x.is_floating_point() else a.dtype
