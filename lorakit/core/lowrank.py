@@ -63,6 +63,12 @@ def rank_first(m: Tensor, rows: Tensor) -> Tensor:
     return (m @ rows.t()).t()
 
 
+def gram_rank_first(g: Tensor, z: Tensor) -> Tensor:
+    """``g^T @ z`` (``(out, r)`` for ``g (N, out)``, ``z (N, r)``) computed as ``(z^T @ g)^T``: the same fast
+    order as :func:`rank_first`, for ``dL/dB``-shaped products."""
+    return (_rows(z).t() @ g).t()
+
+
 class _LowRankFunction(torch.autograd.Function):
     """``out = s * B (A x~)``, ``x~ = (x * m) / (1 - p)``; the ``1/(1-p)`` is applied to the small ``z``."""
 
@@ -100,7 +106,7 @@ class _LowRankFunction(torch.autograd.Function):
         gz = rank_first(b.t(), g).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (_rows(z).t() @ g).t().mul_(ctx.scale).to(b_dtype)  # (out, r), see rank_first
+            grad_b = gram_rank_first(g, z).mul_(ctx.scale).to(b_dtype)  # (out, r)
         if need_a:
             x_in = _apply_mask(x.to(a.dtype), mask) if mask is not None else x.to(a.dtype)
             grad_a = (gz.t() @ _rows(x_in)).to(a_dtype)
@@ -134,14 +140,14 @@ def low_rank(
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
     """
     p = p if training else 0.0
-    if base.kind.features_last and x.is_floating_point() and fused_backward_allowed():
+    if base.kind.features_last and x.is_floating_point() and not torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling():
+            # The compiler traces the function too (its products in the fast order), with dropout drawn as
+            # the compiler draws it: a seeded generator inside the graph would break it.
+            x = F.dropout(x, p, training=True) if p > 0 else x
+            return _LowRankFunction.apply(x, a, b, scale, 0.0, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
-    if base.kind.features_last and x.is_floating_point() and torch.compiler.is_compiling():
-        # The compiler traces the function too (its products in the fast order), with dropout drawn as the
-        # compiler draws it: a seeded generator inside the graph would break it.
-        x = F.dropout(x, p, training=True) if p > 0 else x
-        return _LowRankFunction.apply(x, a, b, scale, 0.0, 0)
     if p > 0:
         x = F.dropout(x, p, training=True)
     dtype = x.dtype if x.is_floating_point() else a.dtype

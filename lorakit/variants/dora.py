@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed, low_rank, rank_first
+from lorakit.core.lowrank import (
+    _apply_mask,
+    _keep_mask,
+    fused_backward_allowed,
+    gram_rank_first,
+    low_rank,
+    rank_first,
+)
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 _ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
@@ -135,7 +142,7 @@ class DoRAFunction(torch.autograd.Function):
         if need[1]:
             grad_y = grad if mask is not None else torch.mul(grad, c, out=torch.empty_like(grad))
         if need[5] or need[6]:
-            gzt = (z.t() @ g).t().to(c.dtype)  # g^T z, (out, r), in rank_first's order
+            gzt = gram_rank_first(g, z).to(c.dtype)  # g^T z, (out, r)
             if need[5]:
                 grad_b = (gzt * c[:, None]).mul_(scale).to(b_dtype)
             if need[6]:
