@@ -7,9 +7,11 @@ import copy
 
 import pytest
 import torch
+import torch._inductor.config
 from torch import nn
 
 import lorakit
+from lorakit.core.lowrank import dropout
 
 MATRIX_VARIANTS = ["lora", "dora", "loha", "lokr", "lora_fa"]
 
@@ -25,13 +27,18 @@ def _model(variant: str, dropout: float) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("variant", MATRIX_VARIANTS)
-def test_compiled_fullgraph_gradients_equal_eager(variant: str) -> None:
-    model = _model(variant, dropout=0.0)
+def test_compiled_fullgraph_gradients_equal_eager(variant: str, dropout: float) -> None:
+    # With dropout the compiled graph draws each mask's seed from the global generator as eager does, so
+    # with the same global seed the masks, hence the gradients, are the same.
+    model = _model(variant, dropout=dropout)
     compiled = copy.deepcopy(model)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
     model(x).square().sum().backward()
     torch._dynamo.reset()
+    torch.manual_seed(7)
     torch.compile(compiled, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     eager = [p.grad for p in model.parameters() if p.requires_grad]
     ours = [p.grad for p in compiled.parameters() if p.requires_grad]
@@ -51,3 +58,19 @@ def test_dropout_keeps_the_graph_whole(variant: str) -> None:
     assert out.shape == base.shape and (out - base).abs().max() > 1e-3  # the adapter (with dropout) acts
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_compiled_dropout_draws_the_eager_mask() -> None:
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    torch.manual_seed(3)
+    eager = dropout(x, 0.25)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    with torch._inductor.config.patch(fallback_random=True):  # the seed from ATen's generator, as eager
+        compiled = torch.compile(lambda t: dropout(t, 0.25), fullgraph=True, backend="inductor")(x)
+    torch.testing.assert_close(compiled, eager)
+    kept = eager != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 16,384 draws: 5 standard deviations is 0.017
+    torch.testing.assert_close(eager[kept], x[kept] / 0.75)
+    compiled.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)  # dL/dx = keep / (1 - p)

@@ -269,3 +269,32 @@ def test_fused_function_under_bf16_autocast_matches_fp32() -> None:
     for got, want in zip((v.A.grad, v.B.grad, v.m.grad), fp32, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=2e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_trained_base_weight_gets_the_gradient_of_the_definition(p: float) -> None:
+    """A base weight or bias the user trains too reaches W0 through both ``W0 x`` and ``(c - 1) W0 x~``."""
+    model, x = make_case("linear")
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=p)
+    v, layer = model.layer.variant, model.layer
+    perturb(v)
+    w0, bias = layer.base_layer.weight, layer.base_layer.bias
+    w0.requires_grad_(True)
+    bias.requires_grad_(True)
+    model.train()
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    torch.manual_seed(7)
+    out = model(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * weights).sum().backward()
+
+    wr, br = (t.detach().clone().requires_grad_() for t in (w0, bias))
+    xd = x * _keep_mask(x, p, seed) / (1 - p) if p > 0 else x
+    c = v.m.detach() / (wr + v.scale * v.B.detach() @ v.A.detach()).norm(dim=1).detach()
+    lora = F.linear(F.linear(xd, v.A.detach()), v.B.detach())
+    ref = F.linear(x, wr, br) + (c - 1) * F.linear(xd, wr) + c * v.scale * lora
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w0.grad, wr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias.grad, br.grad, atol=1e-5, rtol=1e-5)

@@ -39,12 +39,49 @@ def _keep_mask(x: Tensor, p: float, seed: int) -> Tensor:
     return bits >= dropped - 2**15
 
 
+@torch.library.custom_op("lorakit::keep_mask", mutates_args=())
+def _keep_mask_op(like: Tensor, p: float, seed: Tensor) -> Tensor:
+    """:func:`_keep_mask` as an operator the compiler keeps whole in its graph: drawing inside a traced
+    function would break the graph (a seeded generator, ``.item()``), and the compiler's own dropout draws
+    one random number per element, several times slower on a CPU. ``seed`` is a one-element int64 tensor
+    drawn in the graph; the mask depends only on it, so the compiler may reorder the call, never repeat a
+    different draw."""
+    return _keep_mask(like, p, int(seed.item()))
+
+
+@_keep_mask_op.register_fake
+def _(like: Tensor, p: float, seed: Tensor) -> Tensor:
+    return torch.empty_like(like, dtype=torch.bool)
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout on an adapter's input: ``x * keep / (1 - p)`` with :func:`_keep_mask`'s mask, eager
+    or compiled (the same draw in both, a quarter of ``bernoulli_``'s random numbers). Under torch.func
+    transforms (DP's per-example gradients) and for non-float inputs it is ``F.dropout``: one mask per
+    vmapped example needs the transform's own randomness."""
+    if not training or p == 0:
+        return x
+    if torch._C._are_functorch_transforms_active() or not x.is_floating_point():
+        return F.dropout(x, p, training=True)
+    return _apply_mask(x, keep_mask(x, p)).mul_(1.0 / (1.0 - p))
+
+
+def keep_mask(x: Tensor, p: float) -> Tensor:
+    """A fresh dropout keep-mask shaped like ``x`` (``bool``), seeded from the global generator, eager or
+    compiled (with the same global seed both draw the same mask)."""
+    seed = torch.randint(0, 2**62, (1,))
+    if torch.compiler.is_compiling():
+        return _keep_mask_op(x.detach(), p, seed)
+    return _keep_mask(x, p, int(seed.item()))
+
+
 def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:
     """``x * keep`` for a boolean ``keep``, as ``nn.Dropout`` multiplies (a non-finite ``x`` stays NaN).
 
     The mask's bytes are read as ``uint8``: that product runs in one pass, about twice as fast on a CPU as
-    ``where`` or a product with the ``bool`` tensor (which casts it first)."""
-    return x * keep.view(torch.uint8)
+    ``where`` or a product with the ``bool`` tensor (which casts it first). Compiled code multiplies by the
+    ``bool`` mask itself: the compiler reads it as a vector mask, while the byte view costs it a scalar loop."""
+    return x * keep if torch.compiler.is_compiling() else x * keep.view(torch.uint8)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -142,14 +179,12 @@ def low_rank(
     p = p if training else 0.0
     if base.kind.features_last and x.is_floating_point() and not torch._C._are_functorch_transforms_active():
         if torch.compiler.is_compiling():
-            # The compiler traces the function too (its products in the fast order), with dropout drawn as
-            # the compiler draws it: a seeded generator inside the graph would break it.
-            x = F.dropout(x, p, training=True) if p > 0 else x
-            return _LowRankFunction.apply(x, a, b, scale, 0.0, 0)
+            # The compiler traces the function too (its products in the fast order), with the mask drawn by
+            # an operator it keeps whole (a seeded generator inside the graph would break it).
+            return _LowRankFunction.apply(dropout(x, p), a, b, scale, 0.0, 0)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
-    if p > 0:
-        x = F.dropout(x, p, training=True)
+    x = dropout(x, p)
     dtype = x.dtype if x.is_floating_point() else a.dtype
     z = base.kind.down(base.base_layer, x, a.to(dtype))
     return base.kind.up(z, b.to(dtype)) * scale

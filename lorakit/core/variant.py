@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
 from lorakit.core.kinds import ALL_KINDS, KindSet
+from lorakit.core.lowrank import dropout
 from lorakit.errors import LorakitError
 from lorakit.settings import coerce_field
 
@@ -229,7 +230,8 @@ class Variant(nn.Module):
         return y + base.kind.op(base.base_layer, x, delta)
 
     def drop(self, x: Tensor) -> Tensor:
-        return self.dropout(x) if self.dropout is not None else x
+        """The adapter's input dropout (identity in eval mode or without dropout)."""
+        return dropout(x, self.dropout.p, self.training) if self.dropout is not None else x
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         """The ``(out, in)`` weight that reproduces the adapted layer. Default ``W0 + dW``."""

@@ -31,9 +31,8 @@ from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import (
     _apply_mask,
-    _keep_mask,
-    fused_backward_allowed,
     gram_rank_first,
+    keep_mask,
     low_rank,
     rank_first,
 )
@@ -101,7 +100,7 @@ class DoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, y: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, m: Tensor,
-        norm: Tensor, scale: float, p: float, seed: int,
+        norm: Tensor, scale: float, p: float, keep: Tensor | None,
     ) -> Tensor:  # fmt: skip
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -111,7 +110,7 @@ class DoRAFunction(torch.autograd.Function):
             a_c, b_c = a.to(dtype), b.to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             y2 = y.reshape(-1, y.shape[-1])  # (N, out)
-            mask = _keep_mask(x2, p, seed) if p > 0 else None
+            mask = keep.reshape(x2.shape) if keep is not None else None
             shift = bias.detach().to(acc) if bias is not None and mask is None else None
             if mask is None:
                 h = y2  # W0 x + b0
@@ -127,7 +126,7 @@ class DoRAFunction(torch.autograd.Function):
                 t = torch.addmm(h.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x~
                 out = torch.sub(y2.to(acc), h).addcmul_(t, c).to(y2.dtype)  # y - W0 x~ + c V x~
             del t
-        ctx.scale, ctx.p, ctx.seed, ctx.dtypes = scale, p, seed, (x.dtype, a.dtype, b.dtype, m.dtype)
+        ctx.scale, ctx.p, ctx.dtypes = scale, p, (x.dtype, a.dtype, b.dtype, m.dtype)
         ctx.save_for_backward(x, mask, w0 if mask is not None else None, a_c, b_c, z, h, c, norm, shift)
         return out.view(y.shape)
 
@@ -215,21 +214,23 @@ class DoRA(LoRA):
         if (
             base.kind.features_last
             and x.is_floating_point()
-            and fused_backward_allowed()
+            # No rule for per-example gradients (torch.func), and none for a trained base weight or bias.
+            and not torch._C._are_functorch_transforms_active()
+            and not _stored_weight(base).requires_grad
             and (bias is None or not bias.requires_grad)
         ):
             p = self.config.dropout if self.training and self.dropout is not None else 0.0
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+            keep = keep_mask(x, p) if p > 0 else None
             w0 = base.weight_2d()
             return DoRAFunction.apply(
-                x, y, w0, bias, self.A, self.B, self.m, self.weight_norm(base), self.scale, p, seed
+                x, y, w0, bias, self.A, self.B, self.m, self.weight_norm(base), self.scale, p, keep
             )
         view = base.kind.channel_view
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be
         # lost (c - 1 exactly 0). The sum is formed in fp32 (by promotion) and cast once to the output dtype.
         c = view(self.m.float() / self.weight_norm(base))  # broadcast on channels
         if self.training and self.dropout is not None:
-            x = self.dropout(x)
+            x = self.drop(x)
             w0x = base.kind.op(base.base_layer, x, base.weight_2d())  # W0 x~: one extra base op
         else:
             w0x = y if base.bias is None else y - view(base.bias.to(y.dtype))  # W0 x, reused from y
