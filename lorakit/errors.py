@@ -15,3 +15,8 @@ class LorakitError(ValueError):
 
 class SettingError(LorakitError):
     """A setting (flag, config-file value, function argument) is out of range or of the wrong type."""
+
+
+class AdapterStateError(LorakitError):
+    """The call does not fit the model's adapter state: no adapter yet, one already, or one that is merged."""
+

@@ -16,6 +16,7 @@ never probes a variant with ``getattr``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,7 +57,7 @@ class VariantConfig:
     def validate(self) -> None:
         """Check field ranges; subclasses extend this and call ``super().validate()``."""
         require(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer")
-        require(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        require(0 < self.alpha < math.inf, "alpha", self.alpha, "a positive finite number")
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
@@ -190,7 +191,7 @@ class Variant(nn.Module):
 
     def choose_rank(self, b: int | None) -> None:
         """Use rank ``b`` outside training (None: the largest); only where :meth:`rank_choices` is set."""
-        raise ValueError(f"variant '{self.name}' has a fixed rank; only variants with rank choices take one")
+        raise ConfigError(f"variant '{self.name}' has a fixed rank; only variants with rank choices take one")
 
     def round_ranks(self) -> tuple[int, int] | None:
         """``(low, high)`` when a federated server draws one rank per round for this variant, else None."""

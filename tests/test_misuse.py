@@ -1,0 +1,116 @@
+"""Misuse of the public API on models of every kind: each is refused up front with a lorakit error that names
+the problem and the fix, and leaves the model as it was; nothing runs into a deep torch error or silently
+computes something else."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from layer_zoo import MLP, perturb
+from torch import nn
+
+import lorakit
+from lorakit.api import TargetError
+from lorakit.core.variant import ConfigError
+from lorakit.errors import AdapterStateError, LorakitError, SettingError
+
+
+def _adapted(**config) -> MLP:
+    torch.manual_seed(0)
+    model = lorakit.apply(MLP(), "lora", targets=["fc1", "fc2"], rank=2, **config)
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: lorakit.info(m),
+        lambda m: lorakit.merge(m),
+        lambda m: lorakit.unmerge(m),
+        lambda m: lorakit.param_groups(m, 1e-3),
+        lambda m: lorakit.save(m, "/tmp/never-written"),
+        lambda m: lorakit.set_rank(m, 2),
+        lambda m: lorakit.disabled(m).__enter__(),
+    ],
+)
+def test_calls_that_need_an_adapter_refuse_a_plain_model(call) -> None:
+    with pytest.raises(AdapterStateError, match="no lorakit adapter"):
+        call(MLP())
+
+
+def test_disabled_after_merge_with_unload_is_refused_not_the_merged_model() -> None:
+    model = lorakit.merge(_adapted())  # a plain model now, holding the adapter in its weights
+    with pytest.raises(AdapterStateError, match="no lorakit adapter"), lorakit.disabled(model):
+        pass
+    merged = lorakit.merge(_adapted(), unload=False)
+    with pytest.raises(AdapterStateError, match="unmerge"), lorakit.disabled(merged):
+        pass
+
+
+def test_a_model_holding_adapters_is_not_wrapped_twice() -> None:
+    with pytest.raises(AdapterStateError, match="already has a lorakit adapter"):
+        lorakit.apply(_adapted(), "lora", targets=["fc1"])
+    inner = nn.Sequential(_adapted())
+    del inner[0].lorakit  # the adapter's layers remain: wrapping them again would stack two adapters
+    with pytest.raises(AdapterStateError, match=r"0\.fc1 already holds a lorakit adapter"):
+        lorakit.apply(inner, "lora", rank=2)
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], r=2))
+    with pytest.raises(AdapterStateError, match="holds a PEFT adapter layer"):
+        lorakit.apply(wrapped, "lora", rank=2)
+
+
+@pytest.mark.parametrize(("variant", "message"), [(None, "NoneType"), (3, "int")])
+def test_a_variant_that_is_neither_a_name_nor_a_config_is_a_config_error(variant, message) -> None:
+    with pytest.raises(ConfigError, match=f"got {message}"):
+        lorakit.apply(MLP(), variant)
+
+
+def test_a_non_module_is_refused() -> None:
+    with pytest.raises(SettingError, match="torch.nn.Module, got str"):
+        lorakit.apply("bert", "lora")
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf, math.nan, 0.0, -1.0])
+def test_alpha_must_be_positive_and_finite(alpha) -> None:
+    for name in ("lora", "loha", "dora"):
+        with pytest.raises(ConfigError, match="'alpha'"):
+            lorakit.apply(MLP(), name, targets=["fc1"], rank=2, alpha=alpha)
+
+
+@pytest.mark.parametrize("train", [["fc1"], [""]])
+def test_a_module_cannot_be_both_adapted_and_trained_in_full(train) -> None:
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 4))
+    model.add_module("fc2", nn.Linear(4, 2))
+    if train == [""]:  # a train module that contains a target
+        model = nn.Sequential()
+        model.add_module("block", nn.Sequential())
+        model.block.add_module("fc1", nn.Linear(4, 4))
+        train = ["block"]
+    with pytest.raises(TargetError, match="overlaps the adapted layer"):
+        lorakit.apply(model, "lora", targets=["fc1"], rank=2, train_modules=train)
+    assert not hasattr(model, "lorakit") and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("lr", "wd"), [(0, 0.0), (-1e-3, 0.0), (math.nan, 0.0), (math.inf, 0.0), ("1e-3", 0.0), (1e-3, -0.1)]
+)
+def test_param_groups_refuse_rates_an_optimizer_would_take_silently(lr, wd) -> None:
+    with pytest.raises(SettingError):
+        lorakit.param_groups(_adapted(), lr, wd)
+
+
+def test_training_a_merged_model_is_refused_before_any_step() -> None:
+    from lorakit.train.loop import TrainConfig, train
+
+    model = lorakit.merge(_adapted(), unload=False)
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        train(model, iter([]), TrainConfig(steps=1, progress=False))
+
+
+def test_capability_errors_are_lorakit_errors() -> None:
+    assert issubclass(lorakit.CapabilityError, LorakitError)
