@@ -223,6 +223,7 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     adapter is gone. ``unload=False`` merges in place and keeps the adapters, so :func:`unmerge` can undo it.
     """
     info(model)
+    check_untied(model)
     for name, layer in adapted_layers(model):
         layer.merge()
         if unload:
@@ -230,6 +231,25 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     if unload:
         del model.lorakit
     return model
+
+
+def check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a base weight that another parameter shares (tied weights, e.g. GPT-2's input
+    embedding and output head): merging writes the adapter into every module holding it, so the other module
+    would change too and the merged model would not compute what the adapted one does."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    for name, layer in adapted_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        own = f"{name}.base_layer.weight"
+        others = [n for n in holders.get(id(weight), []) if n != own]
+        if others:
+            raise AdapterStateError(
+                f"cannot merge into {name}: its weight is shared with {', '.join(others[:3])} (tied "
+                "weights), which merging would change too. Keep the adapter unmerged, or untie the weights "
+                "before lorakit.apply (give each module its own copy, e.g. nn.Parameter(weight.clone()))"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -104,6 +104,52 @@ def test_param_groups_refuse_rates_an_optimizer_would_take_silently(lr, wd) -> N
         lorakit.param_groups(_adapted(), lr, wd)
 
 
+class Tied(nn.Module):
+    """Two layers holding one weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("targets", [["a"], ["a", "b"]])
+@pytest.mark.parametrize("unload", [True, False])
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(targets, unload) -> None:
+    torch.manual_seed(0)
+    model = lorakit.apply(Tied(), "lora", targets=targets, rank=2)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    before, weight = model(x), model.a.base_layer.weight.clone()
+    with pytest.raises(AdapterStateError, match=r"cannot merge into a: its weight is shared with b"):
+        lorakit.merge(model, unload=unload)
+    assert torch.equal(model.a.base_layer.weight, weight) and torch.equal(model(x), before)
+
+
+def test_gpt2_tied_input_embedding_is_adapted_but_not_merged() -> None:
+    from conftest import tiny_gpt2
+
+    model = lorakit.apply(tiny_gpt2(), "lora", targets=["wte"], rank=2)
+    with pytest.raises(AdapterStateError, match="transformer.wte: its weight is shared with lm_head.weight"):
+        lorakit.merge(model)
+
+
+def test_an_untied_copy_merges_exactly() -> None:
+    torch.manual_seed(0)
+    base = Tied()
+    base.b.weight = nn.Parameter(base.a.weight.detach().clone())
+    model = lorakit.apply(base, "lora", targets=["a", "b"], rank=2)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    torch.testing.assert_close(lorakit.merge(model)(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_training_a_merged_model_is_refused_before_any_step() -> None:
     from lorakit.train.loop import TrainConfig, train
 
