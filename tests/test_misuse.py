@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from layer_zoo import MLP, perturb
+from layer_zoo import MLP, Holder, perturb
 from torch import nn
 
 import lorakit
@@ -160,3 +160,41 @@ def test_training_a_merged_model_is_refused_before_any_step() -> None:
 
 def test_capability_errors_are_lorakit_errors() -> None:
     assert issubclass(lorakit.CapabilityError, LorakitError)
+
+
+# --- targets ----------------------------------------------------------------------------------------------
+def test_every_targets_entry_must_match_an_adaptable_layer() -> None:
+    model = MLP()
+    with pytest.raises(TargetError, match=r"no layer matches targets \['fc3'\]. Did you mean"):
+        lorakit.apply(model, "lora", targets=["fc1", "fc3"], rank=2)
+    assert not hasattr(model, "lorakit")
+    with pytest.raises(TargetError, match="targets is empty"):
+        lorakit.apply(model, "lora", targets=[], rank=2)
+
+
+def test_targets_naming_a_layer_lorakit_cannot_adapt_say_why() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(
+        TargetError, match=r"match 1, which lorakit cannot adapt: LayerNorm is not a layer kind"
+    ):
+        lorakit.apply(model, "lora", targets=["1"], rank=2)
+    with pytest.raises(TargetError, match="max_norm=1.0 rescales its rows in place"):
+        lorakit.apply(Holder(nn.Embedding(10, 4, max_norm=1.0)), "lora", targets=["layer"], rank=2)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convolutions_are_refused_by_factor_variants_and_exact_in_the_others(groups) -> None:
+    def model() -> Holder:
+        torch.manual_seed(0)
+        return Holder(nn.Conv2d(4, 8, 3, groups=groups, padding=1))
+
+    for name in ("lora", "dora", "vera", "dylora"):
+        with pytest.raises(TargetError, match=r"cannot adapt layer \(conv2d_grouped\)"):
+            lorakit.apply(model(), name, targets=["layer"], rank=1)
+    x = torch.randn(2, 4, 6, 6)
+    for name in ("loha", "lokr"):
+        adapted = lorakit.apply(model(), name, targets=["layer"], rank=1)
+        perturb(adapted)
+        adapted.eval()
+        expected = adapted(x)
+        torch.testing.assert_close(lorakit.merge(adapted)(x), expected, atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
-from lorakit.core.kinds import ALL_KINDS, KindSet
+from lorakit.core.kinds import FACTOR_KINDS, KindSet
 from lorakit.errors import LorakitError
 from lorakit.settings import coerce_field
 
@@ -152,7 +152,7 @@ class Variant(nn.Module):
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    kinds: ClassVar[KindSet] = ALL_KINDS  # the layer kinds it adapts
+    kinds: ClassVar[KindSet] = FACTOR_KINDS  # the layer kinds it adapts (grouped convolutions: say so)
     hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
     stages: ClassVar[Stages | None] = None  # work on the training data before the main run
     shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
