@@ -198,3 +198,70 @@ def test_grouped_convolutions_are_refused_by_factor_variants_and_exact_in_the_ot
         adapted.eval()
         expected = adapted(x)
         torch.testing.assert_close(lorakit.merge(adapted)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- saving and loading -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
+def test_saving_never_replaces_a_file_already_there(tmp_path, save) -> None:
+    from lorakit.errors import OutputExistsError
+
+    names = {lorakit.save: "adapter.safetensors", lorakit.save_peft: "adapter_model.safetensors"}
+    (tmp_path / names[save]).write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match=names[save]):
+        save(_adapted(), tmp_path)
+    assert (tmp_path / names[save]).read_bytes() == b"mine"
+    assert issubclass(OutputExistsError, FileExistsError)
+    save(_adapted(), tmp_path, overwrite=True)  # replaced on purpose
+    assert (tmp_path / names[save]).read_bytes() != b"mine"
+
+
+@pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
+def test_saving_where_no_directory_can_be_is_an_adapter_file_error(tmp_path, save) -> None:
+    from lorakit.io import AdapterFileError
+
+    (tmp_path / "file").write_text("x")
+    for where, message in [
+        (tmp_path / "file", "is a file, not a directory"),
+        (tmp_path / "file" / "sub", "is a file, not a directory"),
+        ("/proc/lorakit-adapter", "cannot write to /proc/lorakit-adapter"),
+    ]:
+        with pytest.raises(AdapterFileError, match=message):
+            save(_adapted(), where)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_adapter_loaded_onto_its_base_in_another_dtype_says_so(tmp_path) -> None:
+    from lorakit.io import AdapterFileError
+
+    lorakit.save(_adapted(), tmp_path)
+    torch.manual_seed(0)
+    base = MLP().half()
+    with pytest.raises(
+        AdapterFileError, match="trained on a base in float32 but this model's adapted layers are"
+    ):
+        lorakit.load(base, tmp_path)
+    assert not hasattr(base, "lorakit")
+    torch.manual_seed(0)
+    lorakit.load(MLP(), tmp_path)  # the base it was trained on
+
+
+def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.io import AdapterFileError, file_sha256
+
+    lorakit.save(_adapted(), tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    tensors = load_file(weights)
+    tensors["fc1.extra"] = torch.zeros(2)  # a consistent file (checksum recorded) from another adapter
+    save_file(tensors, weights)
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    meta["weights_sha256"] = file_sha256(weights)
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    base = MLP()
+    with pytest.raises(AdapterFileError, match=r"has no place for \(fc1.extra\)"):
+        lorakit.load(base, tmp_path)
+    assert not hasattr(base, "lorakit")
