@@ -265,3 +265,87 @@ def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> Non
     with pytest.raises(AdapterFileError, match=r"has no place for \(fc1.extra\)"):
         lorakit.load(base, tmp_path)
     assert not hasattr(base, "lorakit")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """12 -> 20 -> 3 with a cross-entropy loss, called as ``model(x=..., labels=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(12, 20), nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        return logits if labels is None else nn.functional.cross_entropy(logits, labels)
+
+
+def _batches(count: int | None = None, **change):
+    gen = torch.Generator().manual_seed(0)
+    made = 0
+    while count is None or made < count:
+        made += 1
+        batch = {"x": torch.randn(4, 12, generator=gen), "labels": torch.randint(0, 3, (4,), generator=gen)}
+        for key, value in change.items():
+            if value is None:
+                del batch[key]
+            else:
+                batch[key] = value
+        yield batch
+
+
+def _train(batches, **settings):
+    from lorakit.train.loop import TrainConfig, train
+
+    model = lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2)
+    return train(model, batches, TrainConfig(**{"steps": 3, "progress": False, **settings}))
+
+
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [
+        (lambda: iter([]), "the training batches ran out at step 1"),
+        (lambda: _batches(2), "the training batches ran out at step 3"),
+        (lambda: [{"x": torch.zeros(4, 12)}], "batches must be an iterator of dicts"),
+        (lambda: iter([(torch.zeros(4, 12), torch.zeros(4))]), "each batch must be a dict"),
+        (
+            lambda: _batches(labels=torch.zeros(4, 2, dtype=torch.long)),
+            r"labels \(4, 2\) int64.*RuntimeError",
+        ),
+        (lambda: _batches(labels=torch.full((4,), 7)), "IndexError: Target 7 is out of bounds"),
+        (lambda: _batches(labels=torch.zeros(4)), r"labels \(4,\) float32"),
+        (lambda: _batches(x=torch.zeros(4, 13)), r"x \(4, 13\) float32"),
+        (lambda: _batches(extra=torch.zeros(1)), "unexpected keyword argument 'extra'"),
+        (lambda: _batches(labels=None), r"gave a tensor of shape \(4, 3\) as the loss.*include labels"),
+    ],
+)
+def test_batches_that_do_not_fit_the_model_are_a_batch_error(batches, message) -> None:
+    from lorakit.engine.gradients import BatchError
+
+    with pytest.raises(BatchError, match=message):
+        _train(batches())
+
+
+def test_train_settings_are_type_checked() -> None:
+    from lorakit.train.loop import TrainConfig, train
+
+    assert TrainConfig(steps="3", lr="1e-3").steps == 3  # numbers given as text are read as numbers
+    for bad in ({"steps": 2.5}, {"lr": "fast"}, {"progress": "yes"}):
+        with pytest.raises(SettingError, match=next(iter(bad))):
+            TrainConfig(**bad)
+    with pytest.raises(SettingError, match="cfg must be a lorakit TrainConfig, got dict"):
+        train(lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2), _batches(), {"steps": 3})
+
+
+def test_a_file_where_checkpoints_go_is_refused_before_any_step(tmp_path) -> None:
+    from lorakit.train.checkpoint import ResumeError
+    from lorakit.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, checkpoint_every=1, progress=False)
+    (tmp_path / "file").write_text("x")
+    for where in (tmp_path / "file", tmp_path / "file" / "run"):
+        model = lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2)
+        with pytest.raises(ResumeError, match="file is a file"):
+            train(model, _batches(), cfg, output_dir=where)
+    assert (tmp_path / "file").read_text() == "x"
