@@ -349,3 +349,15 @@ def test_a_file_where_checkpoints_go_is_refused_before_any_step(tmp_path) -> Non
         with pytest.raises(ResumeError, match="file is a file"):
             train(model, _batches(), cfg, output_dir=where)
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_delta_lora_whose_weight_moved_is_not_exported_as_a_plain_lora(tmp_path) -> None:
+    model = lorakit.apply(MLP(), "delta_lora", targets=["fc1"], rank=2, start_step=-1)
+    lorakit.save_peft(model, tmp_path / "fresh")  # W has not moved yet: exactly a LoRA
+    perturb(model)
+    with pytest.raises(LorakitError, match=r"fc1: Delta-LoRA has moved W by lam \* s"):
+        lorakit.save_peft(model, tmp_path / "moved")
+    assert not (tmp_path / "moved").exists()
+    waiting = lorakit.apply(MLP(), "delta_lora", targets=["fc1"], rank=2, start_step=100)
+    perturb(waiting)  # before step K the extra term is off: a plain LoRA
+    lorakit.save_peft(waiting, tmp_path / "waiting")
