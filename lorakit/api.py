@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ from torch import nn
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, VariantConfig
+from lorakit.core.variant import ConfigError, Hook, VariantConfig
+from lorakit.errors import AdapterStateError, SettingError
 from lorakit.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.targets import find_targets as find_targets
 from lorakit.targets import no_match_message, set_module
@@ -51,14 +53,14 @@ def apply(
     ``train_modules`` (suffixes) stay fully trainable and are saved with the adapter, e.g. a new head.
     Remaining keyword arguments are the variant's config fields (``rank=8, alpha=16, dropout=0.05``...).
     """
-    if getattr(model, "lorakit", None) is not None:
-        raise ValueError("model already has a lorakit adapter; apply to a fresh base model, or merge first")
+    check_base_model(model)
     cfg = _resolve_config(variant, targets, train_modules, config)
     variant_class = get_variant(_variant_name(variant))
     names = find_targets(model, cfg.targets, variant_class.kinds)
     modules = dict(model.named_modules())
     check_rank(cfg, {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names})
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
+    check_disjoint(names, train_modules)
     storage = cfg.base_storage()
     if storage is not None:
         # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
@@ -90,6 +92,41 @@ def apply(
     return model
 
 
+def check_base_model(model: nn.Module) -> None:
+    """Refuse what :func:`apply` cannot wrap: a non-module, or a model that already holds adapters (lorakit's,
+    also in a submodule or after ``model.lorakit`` was removed, or PEFT's), which would be wrapped twice."""
+    if not isinstance(model, nn.Module):
+        raise SettingError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "lorakit", None) is not None:
+        raise AdapterStateError(
+            "model already has a lorakit adapter; apply to a fresh base model, or lorakit.merge(model) first"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            raise AdapterStateError(
+                f"{name or 'the model'} already holds a lorakit adapter (an AdaptedLayer); call "
+                "lorakit.merge(model) on the adapted model first, or start from a fresh base model"
+            )
+        # PEFT's adapter layers all derive from this class; matched by name so PEFT stays optional.
+        if any(cls.__name__ == "BaseTunerLayer" for cls in type(module).__mro__):
+            raise AdapterStateError(
+                f"{name or 'the model'} holds a PEFT adapter layer; call model.merge_and_unload() (or "
+                "model.unload()) first, or load the PEFT adapter with lorakit.load_peft on the base model"
+            )
+
+
+def check_disjoint(targets: list[str], train_modules: list[str]) -> None:
+    """Refuse a module that is both adapted and trained in full (or contains, or lies inside, a target):
+    the adapter would be trained on a base that moves, and saved twice under different names."""
+    for module in train_modules:
+        for target in targets:
+            if module == target or target.startswith(module + ".") or module.startswith(target + "."):
+                raise TargetError(
+                    f"train_modules entry {module} overlaps the adapted layer {target}; a module is either "
+                    "adapted (targets) or trained in full (train_modules): remove it from one of them"
+                )
+
+
 def check_rank(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """Refuse a rank above what a target layer can use (:meth:`VariantConfig.max_rank`), naming the layer."""
     for name, (out_features, in_features) in shapes.items():
@@ -109,7 +146,10 @@ def _variant_name(variant: str | VariantConfig) -> str:
     for name, cls in VARIANTS.items():
         if cls.config_class is type(variant):
             return name
-    raise ValueError(f"{type(variant).__name__} is not the config class of any registered variant")
+    raise ConfigError(
+        f"variant must be a registered name ({', '.join(VARIANTS)}) or a variant's config object, "
+        f"got {type(variant).__name__}"
+    )
 
 
 def _resolve_config(
@@ -169,7 +209,9 @@ def info(model: nn.Module) -> AdapterInfo:
     """The :class:`AdapterInfo` of an adapted model; a clear error for a plain one."""
     state = getattr(model, "lorakit", None)
     if state is None:
-        raise ValueError("model has no lorakit adapter; call lorakit.apply(model, ...) or lorakit.load first")
+        raise AdapterStateError(
+            "model has no lorakit adapter; call lorakit.apply(model, ...) or lorakit.load first"
+        )
     return state
 
 
@@ -181,6 +223,7 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     adapter is gone. ``unload=False`` merges in place and keeps the adapters, so :func:`unmerge` can undo it.
     """
     info(model)
+    check_untied(model)
     for name, layer in adapted_layers(model):
         layer.merge()
         if unload:
@@ -188,6 +231,25 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     if unload:
         del model.lorakit
     return model
+
+
+def check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a base weight that another parameter shares (tied weights, e.g. GPT-2's input
+    embedding and output head): merging writes the adapter into every module holding it, so the other module
+    would change too and the merged model would not compute what the adapted one does."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    for name, layer in adapted_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        own = f"{name}.base_layer.weight"
+        others = [n for n in holders.get(id(weight), []) if n != own]
+        if others:
+            raise AdapterStateError(
+                f"cannot merge into {name}: its weight is shared with {', '.join(others[:3])} (tied "
+                "weights), which merging would change too. Keep the adapter unmerged, or untie the weights "
+                "before lorakit.apply (give each module its own copy, e.g. nn.Parameter(weight.clone()))"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -201,9 +263,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """``with lorakit.disabled(model):`` runs the base model (adapters bypassed, weights untouched)."""
+    info(model)  # a plain model (also one merged with unload=True) has nothing to disable: refused
     layers = [layer for _, layer in adapted_layers(model)]
     if any(layer.merged for layer in layers):
-        raise ValueError("cannot disable merged adapters; call lorakit.unmerge(model) first")
+        raise AdapterStateError("cannot disable merged adapters; call lorakit.unmerge(model) first")
     previous = [layer.enabled for layer in layers]
     for layer in layers:
         layer.enabled = False
@@ -218,6 +281,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def check_driver(model: nn.Module, driver: Driver) -> None:
     """Refuse, before any training, a variant that cannot run with all its rules in ``driver``."""
     state = info(model)
+    if any(layer.merged for _, layer in adapted_layers(model)):
+        raise AdapterStateError(
+            "the adapters are merged into the base; call lorakit.unmerge(model) before training"
+        )
     reason = get_variant(state.variant).refusal(driver, state.config)
     if reason is not None:
         raise CapabilityError(reason)
@@ -238,6 +305,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     Groups with the same settings are joined, and a tensor shared by several layers appears once.
     """
     state = info(model)
+    check_rates(lr, weight_decay)
     groups = [g for _, layer in adapted_layers(model) for g in layer.variant.param_groups(lr, weight_decay)]
     modules = dict(model.named_modules())
     extra = [p for n in state.train_modules for p in modules[n].parameters() if p.requires_grad]
@@ -253,3 +321,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
                 seen.add(id(p))
                 target["params"].append(p)
     return [g for g in merged.values() if g["params"]]
+
+
+def check_rates(lr: float, weight_decay: float) -> None:
+    """Refuse a learning rate that is not a positive finite number and a negative or non-finite weight decay:
+    an optimizer takes either silently and trains nothing, or diverges."""
+    for name, value, ok in (
+        ("lr", lr, lambda v: 0 < v < math.inf),
+        ("weight_decay", weight_decay, lambda v: 0 <= v < math.inf),
+    ):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and ok(value)):
+            rule = "a positive number" if name == "lr" else "a number >= 0"
+            raise SettingError(f"{name}={value!r} is invalid: it must be {rule}")

@@ -15,3 +15,13 @@ class LorakitError(ValueError):
 
 class SettingError(LorakitError):
     """A setting (flag, config-file value, function argument) is out of range or of the wrong type."""
+
+
+class AdapterStateError(LorakitError):
+    """The call does not fit the model's adapter state: no adapter yet, one already, or one that is merged."""
+
+
+class OutputExistsError(LorakitError, FileExistsError):
+    """Writing would replace something the user saved; the message names it and how to replace it on purpose.
+
+    Also a ``FileExistsError``, so code that caught that before keeps working."""

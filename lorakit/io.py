@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info
 from lorakit.dirswap import finish_swap
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, OutputExistsError
 from lorakit.targets import set_module
 from lorakit.variants import get_variant
 
@@ -50,20 +50,18 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
 
     state = info(model)
     out = Path(directory)
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds an adapter; choose another directory or pass overwrite=True"
-        )
+    check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "an adapter", overwrite)
     tensors, tied = _collect_tensors(model)
     check_finite_tensors(tensors, f"the adapter was not saved to {out}")
-    out.mkdir(parents=True, exist_ok=True)
     digest: list[str] = []
 
     def write_weights(path: str) -> None:
         save_file(tensors, path, metadata={"format": FORMAT})
         digest.append(file_sha256(path))
 
-    atomic_write(out / WEIGHTS_FILE, write_weights)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / WEIGHTS_FILE, write_weights)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -76,9 +74,52 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "train_modules": state.train_modules,
         "tied": tied,
         "weights_sha256": digest[0],
+        "base_dtypes": base_dtypes(model),
     }
-    atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+    with writing(out):
+        atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
+
+
+def check_output_dir(out: Path, files: tuple[str, ...], what: str, overwrite: bool) -> None:
+    """Refuse to write ``files`` into ``out`` when that would replace a file already there (unless
+    ``overwrite``; also a lone weights file: what the user saved is never replaced unasked) or when ``out``
+    (or a parent) is a file."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise AdapterFileError(f"cannot save {what} to {out}: {parent} is a file, not a directory")
+        if parent.exists():
+            break
+    present = [name for name in files if (out / name).exists()]
+    if present and not overwrite:
+        raise OutputExistsError(
+            f"{out} already holds {what} ({', '.join(present)}); choose another directory or pass "
+            "overwrite=True"
+        )
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Any:
+    """Turn an operating-system refusal while writing into ``out`` into an :class:`AdapterFileError`."""
+    try:
+        yield
+    except OSError as err:
+        raise AdapterFileError(
+            f"cannot write to {out}: {err.strerror or err} ({err.filename or out}); choose a writable "
+            "directory"
+        ) from None
+
+
+def base_dtypes(model: nn.Module) -> list[str]:
+    """The dtypes of the adapted layers' base weights (``"float32"``...): a base loaded in another dtype has
+    another fingerprint, and the load error says so instead of naming another model."""
+    found = {
+        str(t.dtype).removeprefix("torch.")
+        for _, layer in adapted_layers(model)
+        for t in layer.base_layer.state_dict().values()
+        if t.is_floating_point()
+    }
+    return sorted(found)
 
 
 def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -184,7 +225,15 @@ def load(
         raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)
     if state.fingerprint != meta["fingerprint"]:
+        now = base_dtypes(model)
         undo_apply(model)
+        saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
+        if isinstance(saved, list) and saved and saved != now:
+            raise AdapterFileError(
+                f"the adapter in {directory} was trained on a base in {', '.join(map(str, saved))} but this "
+                f"model's adapted layers are {', '.join(now)}; load the base in {saved[0]} (e.g. "
+                f"torch_dtype=torch.{saved[0]}), load the adapter, then convert the model"
+            )
         raise AdapterFileError(
             f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
             "its weights do not match this model's. Load it onto the base it was trained on."
@@ -233,18 +282,32 @@ def load_tensors(
 
 
 def fill_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Copy saved adapter (and fully trained module) tensors into the adapted ``model``."""
+    """Copy saved adapter (and fully trained module) tensors into the adapted ``model``.
+
+    Every saved tensor must belong to an adapted layer or a fully trained module: a file holding others was
+    written for another model or variant, and loading only part of it would run something else silently.
+    """
+    used: set[str] = set()
     for name, layer in adapted_layers(model):
-        prefix = name + "."
-        layer.variant.load_adapter_state(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
+        layer.variant.load_adapter_state(_under(tensors, name))
+        used |= {f"{name}.{k}" for k in layer.variant.adapter_state()}
     modules = dict(model.named_modules())
     for name in info(model).train_modules:
-        prefix = name + "."
-        modules[name].load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = _under(tensors, name)
+        modules[name].load_state_dict(own)  # strict: a key the module lacks is refused by name
+        used |= {f"{name}.{k}" for k in own}
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise AdapterFileError(
+            f"the adapter file holds tensors this model's adapter has no place for ({', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}): it was saved from another model or variant"
         )
+
+
+def _under(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The tensors saved under module ``name``, by their key within it."""
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def undo_apply(model: nn.Module) -> None:

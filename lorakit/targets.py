@@ -10,7 +10,7 @@ import re
 
 from torch import nn
 
-from lorakit.core.kinds import KindSet, kind_of
+from lorakit.core.kinds import KindSet, kind_of, why_not_adaptable
 from lorakit.errors import LorakitError
 
 # Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
@@ -22,7 +22,11 @@ class TargetError(LorakitError):
 
 
 def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> list[str]:
-    """Names of the modules ``targets`` selects, checked against the layer kinds the variant supports."""
+    """Names of the modules ``targets`` selects, checked against the layer kinds the variant supports.
+
+    A list of suffixes must match an adaptable layer with every entry (a misspelt entry would otherwise adapt
+    fewer layers than asked, silently); a regex or ``"all-linear"`` must match at least one.
+    """
     adaptable = {n: kind_of(m) for n, m in model.named_modules() if n and kind_of(m) is not None}
     if targets == "all-linear":
         head = output_head_names(model)
@@ -36,9 +40,10 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
             ) from None
         names = [n for n in adaptable if pattern.fullmatch(n)]
     else:
-        names = [n for n in adaptable if any(n == t or n.endswith("." + t) for t in targets)]
+        check_entries(model, targets, adaptable)
+        names = [n for n in adaptable if any(_suffix_of(n, t) for t in targets)]
     if not names:
-        raise TargetError(no_match_message(targets, list(adaptable)))
+        raise TargetError(no_match_message(targets, list(adaptable), _unadaptable(model, targets)))
     unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n] not in kinds]
     if unsupported:
         raise TargetError(
@@ -46,6 +51,40 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
             "Narrow `targets` to supported layers."
         )
     return names
+
+
+def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, object]) -> None:
+    """Refuse a targets list that is empty, holds a non-text entry, or has an entry matching no adaptable
+    layer (naming the entry, and why the modules it does match cannot be adapted)."""
+    if not targets:
+        raise TargetError("targets is empty; pass module-name suffixes like ['query', 'value'], a regex, or "
+                          "'all-linear'")  # fmt: skip
+    for entry in targets:
+        if not isinstance(entry, str) or not entry:
+            raise TargetError(
+                f"targets entry {entry!r} is not a module name; pass names like ['query', 'value']"
+            )
+        if not any(_suffix_of(n, entry) for n in adaptable):
+            raise TargetError(no_match_message([entry], list(adaptable), _unadaptable(model, [entry])))
+
+
+def _suffix_of(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _unadaptable(model: nn.Module, targets: str | list[str]) -> dict[str, str]:
+    """Modules ``targets`` names that lorakit cannot adapt, with the reason (for the no-match message)."""
+    if targets == "all-linear":
+        return {}
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return {}
+        hits = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
+    else:
+        hits = [(n, m) for n, m in model.named_modules() if n and any(_suffix_of(n, t) for t in targets)]
+    return {n: why_not_adaptable(m) for n, m in hits if kind_of(m) is None}
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -58,14 +97,24 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def no_match_message(targets: str | list[str], adaptable: list[str]) -> str:
+def no_match_message(
+    targets: str | list[str], adaptable: list[str], unadaptable: dict[str, str] | None = None
+) -> str:
     leaves = sorted({n.split(".")[-1] for n in adaptable})
     wanted = [targets] if isinstance(targets, str) else list(targets)
+    if unadaptable:
+        first, reason = next(iter(unadaptable.items()))
+        more = f" (and {len(unadaptable) - 1} more)" if len(unadaptable) > 1 else ""
+        return (
+            f"targets {targets!r} match {first}{more}, which lorakit cannot adapt: {reason}. Adaptable layer "
+            f"names end in: {', '.join(leaves[:30]) or '(none)'}"
+        )
     near = sorted({m for t in wanted for m in difflib.get_close_matches(str(t).split(".")[-1], leaves, n=3)})
     hint = f" Did you mean {near}?" if near else ""
     return (
-        f"no layer matches targets {targets!r}.{hint} Adaptable layer names end in: {', '.join(leaves[:30])}"
-        " (pass suffixes like ['query', 'value'], a regex, or 'all-linear')"
+        f"no layer matches targets {targets!r}.{hint} Adaptable layer names end in: "
+        f"{', '.join(leaves[:30]) or '(none)'} (pass suffixes like ['query', 'value'], a regex, or "
+        "'all-linear')"
     )
 
 

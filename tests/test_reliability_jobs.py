@@ -62,7 +62,7 @@ def trained(tiny_bert_dir, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--overwrite", "--alpha", "inf"], "training stopped at step 1"),
+        (["--overwrite", "--alpha", "inf"], "'alpha' = inf is invalid"),
         (["--overwrite", "--lr", "1e6"], "(diverged)"),
         (["--overwrite", "--text-column", "nope"], "no column 'nope'"),
         (["--overwrite", "--eval-batch-size", "0"], "eval_batch_size=0"),

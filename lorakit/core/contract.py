@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor, nn
 
+from lorakit.errors import LorakitError
+
 if TYPE_CHECKING:
     from lorakit.core.variant import VariantConfig
 
@@ -29,7 +31,7 @@ class Driver(enum.Enum):
     DISTRIBUTED = "a distributed (torchrun) run"
 
 
-class CapabilityError(ValueError):
+class CapabilityError(LorakitError):
     """A variant cannot run in the chosen driver; raised before any training step."""
 
 

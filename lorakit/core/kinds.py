@@ -7,7 +7,9 @@ variants only ever see ``(out, in)`` matrices:
 - ``nn.Linear``: weight ``(out, in)``; the view is the weight itself.
 - transformers' GPT-2 ``Conv1D``: weight stored ``(in, out)``; the view is its transpose.
 - ``nn.Conv1d/2d/3d``: weight ``(out, in/groups, *k)``; the view flattens the kernel:
-  ``(out, in/groups * k)``.
+  ``(out, in/groups * k)``. A grouped convolution (``groups > 1``) is a kind of its own
+  (``conv2d_grouped``): its weight change applies whole (:meth:`LayerKind.op`) but not as two factors, since
+  each output channel sees only its group's inputs; only variants that form the whole change adapt it.
 - ``nn.Embedding``: weight ``(num, dim)`` computes ``y = W[x] = W^T onehot(x)``: the view is
   ``(dim, num)``.
 
@@ -39,6 +41,10 @@ class LayerKind:
 
     def matches(self, layer: nn.Module) -> bool:
         return isinstance(layer, nn.Linear) or getattr(layer, "lorakit_kind", None) == self.name
+
+    def refusal(self, layer: nn.Module) -> str | None:
+        """Why a layer this kind matches cannot be adapted after all (None: it can)."""
+        return None
 
     # --- weight views ------------------------------------------------------------------------------
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
@@ -113,13 +119,15 @@ class ConvKind(LayerKind):
     features_last = False
     is_matrix = False
 
+    grouped = False  # whether it matches convolutions with groups > 1 (and only those)
+
     def __init__(self, dims: int, module: type[nn.Module]) -> None:
         self.dims = dims
         self.module = module
-        self.name = f"conv{dims}d"
+        self.name = f"conv{dims}d" + ("_grouped" if self.grouped else "")
 
     def matches(self, layer: nn.Module) -> bool:
-        return isinstance(layer, self.module)
+        return isinstance(layer, self.module) and (layer.groups > 1) == self.grouped
 
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
         w = _base_weight(layer) if weight is None else weight
@@ -150,6 +158,14 @@ class ConvKind(LayerKind):
         return v.reshape(-1, *([1] * self.dims))
 
 
+class GroupedConvKind(ConvKind):
+    """A convolution with ``groups > 1``: the ``(out, in/groups * k)`` view and :meth:`op` work as for any
+    convolution, but :meth:`down` cannot (an output channel reads only its group's inputs, which one factor
+    ``A`` applied to all inputs cannot express), so only variants that form the whole change adapt it."""
+
+    grouped = True
+
+
 class EmbeddingKind(TransposedKind):
     """``nn.Embedding``: ``y = W[x] = W^T onehot(x)``, so the view is ``(dim, num)`` and ``x`` holds ids."""
 
@@ -160,6 +176,16 @@ class EmbeddingKind(TransposedKind):
 
     def matches(self, layer: nn.Module) -> bool:
         return isinstance(layer, nn.Embedding)
+
+    def refusal(self, layer: nn.Module) -> str | None:
+        if layer.max_norm is not None:
+            # The lookup rescales looked-up rows of the table it is given, in place: the base table changes
+            # at every forward, and the adapter's change would be rescaled on its own, not with the row.
+            return (
+                f"an nn.Embedding with max_norm={layer.max_norm} rescales its rows in place at every lookup, "
+                "so an added weight change can neither be applied nor merged exactly; set max_norm=None"
+            )
+        return None
 
     def op(self, layer: nn.Module, x: Tensor, w2d: Tensor, bias: Tensor | None = None) -> Tensor:
         y = _embed(layer, x, w2d.t())
@@ -236,17 +262,34 @@ KINDS: dict[str, LayerKind] = {
         ConvKind(1, nn.Conv1d),
         ConvKind(2, nn.Conv2d),
         ConvKind(3, nn.Conv3d),
+        GroupedConvKind(1, nn.Conv1d),
+        GroupedConvKind(2, nn.Conv2d),
+        GroupedConvKind(3, nn.Conv3d),
         EMBEDDING,
     )
 }
 
 ALL_KINDS = KindSet(KINDS.values())
 MATRIX_KINDS = KindSet(k for k in KINDS.values() if k.is_matrix)
+# The kinds whose weight change also applies as two factors, ``up(down(x, A), B)``: what the low-rank path
+# of the LoRA family needs, and the kinds a variant adapts unless it says otherwise.
+FACTOR_KINDS = KindSet(k for k in KINDS.values() if not isinstance(k, GroupedConvKind))
 
 
 def kind_of(layer: nn.Module) -> LayerKind | None:
-    """The kind of ``layer``, or None when lorakit cannot adapt it."""
+    """The kind of ``layer``, or None when lorakit cannot adapt it (see :func:`why_not_adaptable`)."""
     for kind in KINDS.values():
         if kind.matches(layer):
-            return kind
+            return None if kind.refusal(layer) is not None else kind
     return None
+
+
+def why_not_adaptable(layer: nn.Module) -> str:
+    """Why :func:`kind_of` gives None for ``layer``: the reason its kind refuses it, or that no kind is it."""
+    for kind in KINDS.values():
+        if kind.matches(layer):
+            return kind.refusal(layer) or f"{kind.name} layers can be adapted"
+    return (
+        f"{type(layer).__name__} is not a layer kind lorakit adapts (nn.Linear, GPT-2's Conv1D, "
+        "nn.Conv1d/2d/3d, nn.Embedding)"
+    )

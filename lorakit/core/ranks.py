@@ -11,12 +11,15 @@ from collections.abc import Callable
 from torch import nn
 
 from lorakit.core.layer import AdaptedLayer
+from lorakit.errors import AdapterStateError, SettingError
 
 
 def _layers(model: nn.Module) -> list[AdaptedLayer]:
     layers = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
     if not layers:
-        raise ValueError("model has no lorakit adapter; call lorakit.apply(model, ...) or lorakit.load first")
+        raise AdapterStateError(
+            "model has no lorakit adapter; call lorakit.apply(model, ...) or lorakit.load first"
+        )
     return layers
 
 
@@ -30,14 +33,16 @@ def set_rank(model: nn.Module, b: int | None) -> None:
     layers = _layers(model)
     choices = layers[0].variant.rank_choices()
     if choices is None:
-        raise ValueError(
+        raise SettingError(
             f"variant '{layers[0].variant.name}' has a fixed rank; a rank can only be chosen for variants "
             "trained at several ranks"
         )
     if b is not None and not (isinstance(b, int) and b in choices):
-        raise ValueError(f"rank {b!r} is out of range: choose an integer in [{choices[0]}, {choices[-1]}]")
+        raise SettingError(f"rank {b!r} is out of range: choose an integer in [{choices[0]}, {choices[-1]}]")
     if any(layer.merged for layer in layers):
-        raise ValueError("cannot change the rank of merged adapters; call lorakit.unmerge(model) first")
+        raise AdapterStateError(
+            "cannot change the rank of merged adapters; call lorakit.unmerge(model) first"
+        )
     for layer in layers:
         layer.variant.choose_rank(b)
 

@@ -16,6 +16,7 @@ never probes a variant with ``getattr``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
-from lorakit.core.kinds import ALL_KINDS, KindSet
+from lorakit.core.kinds import FACTOR_KINDS, KindSet
 from lorakit.core.lowrank import dropout
 from lorakit.errors import LorakitError
 from lorakit.settings import coerce_field
@@ -57,7 +58,7 @@ class VariantConfig:
     def validate(self) -> None:
         """Check field ranges; subclasses extend this and call ``super().validate()``."""
         require(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer")
-        require(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        require(0 < self.alpha < math.inf, "alpha", self.alpha, "a positive finite number")
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
@@ -152,7 +153,7 @@ class Variant(nn.Module):
     config_class: ClassVar[type[VariantConfig]] = VariantConfig
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    kinds: ClassVar[KindSet] = ALL_KINDS  # the layer kinds it adapts
+    kinds: ClassVar[KindSet] = FACTOR_KINDS  # the layer kinds it adapts (grouped convolutions: say so)
     hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
     stages: ClassVar[Stages | None] = None  # work on the training data before the main run
     shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
@@ -191,7 +192,7 @@ class Variant(nn.Module):
 
     def choose_rank(self, b: int | None) -> None:
         """Use rank ``b`` outside training (None: the largest); only where :meth:`rank_choices` is set."""
-        raise ValueError(f"variant '{self.name}' has a fixed rank; only variants with rank choices take one")
+        raise ConfigError(f"variant '{self.name}' has a fixed rank; only variants with rank choices take one")
 
     def round_ranks(self) -> tuple[int, int] | None:
         """``(low, high)`` when a federated server draws one rank per round for this variant, else None."""

@@ -98,6 +98,18 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
     swap_in(final)
 
 
+def check_checkpoint_dir(output_dir: Path) -> None:
+    """Before a run that writes checkpoints into ``output_dir``: refuse a path that is a file (or lies under
+    one), before any step instead of at the first checkpoint."""
+    for place in (output_dir, *output_dir.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ResumeError(
+                    f"output_dir {output_dir}: {place} is a file; name a directory for checkpoints"
+                )
+            return
+
+
 def has_checkpoint(output_dir: Path) -> bool:
     """Whether ``output_dir`` holds a complete checkpoint copy (live, or left by an interrupted swap)."""
     return any(_complete(copy) for copy in _copies(output_dir))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.settings import check_settings, setting
+from lorakit.settings import check_settings, check_types, setting
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -37,6 +37,7 @@ class TrainConfig:
     progress: bool = setting(True, "show a progress bar with loss, learning rate and steps per second")
 
     def __post_init__(self) -> None:
+        check_types(self, "training")  # "3" -> 3; 2.5 steps or lr="x" refused by name
         checks = {
             "steps": self.steps > 0,
             "batch_size": self.batch_size > 0,

@@ -31,6 +31,7 @@ from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
 from lorakit.engine.checkpoint import (
     RunState,
+    check_checkpoint_dir,
     check_step,
     grad_norm,
     restore_checkpoint,
@@ -42,6 +43,7 @@ from lorakit.engine.gradients import LossBackward
 from lorakit.engine.hooks import HookRunner
 from lorakit.engine.optimizers import make_optimizer
 from lorakit.engine.placement import LOCAL, Placement
+from lorakit.errors import SettingError
 
 Result = TypeVar("Result", bound=TrainResult)
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -62,6 +64,8 @@ class Engine:
         hooks: list[Hook] | None = None,
         placement: Placement = LOCAL,
     ) -> None:
+        if not isinstance(cfg, TrainConfig):
+            raise SettingError(f"cfg must be a lorakit TrainConfig, got {type(cfg).__name__}")
         lorakit.api.check_driver(model, driver)
         self.model, self.cfg, self.placement = model, cfg, placement
         torch.manual_seed(cfg.seed)
@@ -120,6 +124,8 @@ class Engine:
         batches = gradients.batches if isinstance(gradients, LossBackward) else None
         state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, batches, result)
         recorded = run_settings(cfg, self.model, settings)
+        if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
+            check_checkpoint_dir(Path(output_dir))
         start = restore_checkpoint(state, Path(output_dir or "."), recorded) if resume else 0
         self.model.train()
         bar = progress_bar(cfg.steps, start, cfg.progress and self.placement.is_writer, desc)

@@ -24,7 +24,7 @@ from lorakit.api import adapted_layers, apply, info
 from lorakit.core.layer import AdaptedLayer
 from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
-from lorakit.io import AdapterFileError, atomic_write, undo_apply
+from lorakit.io import AdapterFileError, atomic_write, check_output_dir, undo_apply, writing
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter_config.json"
@@ -98,10 +98,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         )
     _refuse_tied(model, state.train_modules)
     out = Path(directory)
-    if (out / CONFIG_FILE).exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a PEFT adapter; choose another directory or overwrite=True"
-        )
+    check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "a PEFT adapter", overwrite)
     variant = layers[0][1].variant
     rank = variant.rank  # a chosen rank (DyLoRA), else the config's
     tensors: dict[str, Tensor] = {}
@@ -120,11 +117,12 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         "modules_to_save": list(state.train_modules) or None,
         "inference_mode": True,
     }
-    out.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.contiguous().cpu() for k, v in tensors.items()}
     text = json.dumps(peft_config, indent=2) + "\n"
-    atomic_write(out / WEIGHTS_FILE, lambda path: save_file(contiguous, path, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(text))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / WEIGHTS_FILE, lambda path: save_file(contiguous, path, metadata={"format": "pt"}))
+        atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(text))
     return out
 
 

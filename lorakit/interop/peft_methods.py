@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lorakit.api import AdapterInfo
 from lorakit.core.contract import PeftSpec
-from lorakit.core.kinds import ALL_KINDS, CONV1D_GPT2, KINDS, LINEAR, KindSet
+from lorakit.core.kinds import CONV1D_GPT2, FACTOR_KINDS, KINDS, LINEAR, KindSet
 from lorakit.core.layer import AdaptedLayer
 from lorakit.errors import LorakitError
 from lorakit.io import AdapterFileError
@@ -229,7 +229,7 @@ class VeRAMethod(PeftMethod):
 MATRIX_AND_CONV = KindSet([LINEAR, KINDS["conv1d"], KINDS["conv2d"]])
 # The variants of each method come from their ``peft`` specs (a chosen rank and a 4-bit base are not written).
 METHODS = (
-    LoRAMethod("LORA", ".lora_", ALL_KINDS),
+    LoRAMethod("LORA", ".lora_", FACTOR_KINDS),
     PeftMethod("LOHA", ".hada_", MATRIX_AND_CONV),
     PeftMethod("LOKR", ".lokr_", MATRIX_AND_CONV),
     VeRAMethod("VERA", ".vera_lambda_", KindSet([LINEAR, CONV1D_GPT2])),

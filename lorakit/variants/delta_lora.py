@@ -104,6 +104,16 @@ class DeltaLoRA(LoRA):
         super().load_adapter_state(state)
         self._sync_active()
 
+    def peft_problem(self, base: AdaptedLayer) -> str | None:
+        # PEFT reads the file as a plain LoRA, s B A: once W has moved, that drops the moved part.
+        moved = self.active_now and not (torch.equal(self.A, self.A_K) and torch.equal(self.B, self.B_K))
+        if not moved:
+            return None
+        return (
+            "Delta-LoRA has moved W by lam * s * (B A - B_K A_K), which PEFT's LoRA format cannot hold (it "
+            "would load s B A only); use lorakit.save, or lorakit.merge and save the merged model"
+        )
+
     def delta_weight(self) -> Tensor:
         dw = self.scale * (self.B @ self.A)
         if self.active_now:

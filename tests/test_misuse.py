@@ -1,0 +1,363 @@
+"""Misuse of the public API on models of every kind: each is refused up front with a lorakit error that names
+the problem and the fix, and leaves the model as it was; nothing runs into a deep torch error or silently
+computes something else."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from layer_zoo import MLP, Holder, perturb
+from torch import nn
+
+import lorakit
+from lorakit.api import TargetError
+from lorakit.core.variant import ConfigError
+from lorakit.errors import AdapterStateError, LorakitError, SettingError
+
+
+def _adapted(**config) -> MLP:
+    torch.manual_seed(0)
+    model = lorakit.apply(MLP(), "lora", targets=["fc1", "fc2"], rank=2, **config)
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: lorakit.info(m),
+        lambda m: lorakit.merge(m),
+        lambda m: lorakit.unmerge(m),
+        lambda m: lorakit.param_groups(m, 1e-3),
+        lambda m: lorakit.save(m, "/tmp/never-written"),
+        lambda m: lorakit.set_rank(m, 2),
+        lambda m: lorakit.disabled(m).__enter__(),
+    ],
+)
+def test_calls_that_need_an_adapter_refuse_a_plain_model(call) -> None:
+    with pytest.raises(AdapterStateError, match="no lorakit adapter"):
+        call(MLP())
+
+
+def test_disabled_after_merge_with_unload_is_refused_not_the_merged_model() -> None:
+    model = lorakit.merge(_adapted())  # a plain model now, holding the adapter in its weights
+    with pytest.raises(AdapterStateError, match="no lorakit adapter"), lorakit.disabled(model):
+        pass
+    merged = lorakit.merge(_adapted(), unload=False)
+    with pytest.raises(AdapterStateError, match="unmerge"), lorakit.disabled(merged):
+        pass
+
+
+def test_a_model_holding_adapters_is_not_wrapped_twice() -> None:
+    with pytest.raises(AdapterStateError, match="already has a lorakit adapter"):
+        lorakit.apply(_adapted(), "lora", targets=["fc1"])
+    inner = nn.Sequential(_adapted())
+    del inner[0].lorakit  # the adapter's layers remain: wrapping them again would stack two adapters
+    with pytest.raises(AdapterStateError, match=r"0\.fc1 already holds a lorakit adapter"):
+        lorakit.apply(inner, "lora", rank=2)
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], r=2))
+    with pytest.raises(AdapterStateError, match="holds a PEFT adapter layer"):
+        lorakit.apply(wrapped, "lora", rank=2)
+
+
+@pytest.mark.parametrize(("variant", "message"), [(None, "NoneType"), (3, "int")])
+def test_a_variant_that_is_neither_a_name_nor_a_config_is_a_config_error(variant, message) -> None:
+    with pytest.raises(ConfigError, match=f"got {message}"):
+        lorakit.apply(MLP(), variant)
+
+
+def test_a_non_module_is_refused() -> None:
+    with pytest.raises(SettingError, match="torch.nn.Module, got str"):
+        lorakit.apply("bert", "lora")
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf, math.nan, 0.0, -1.0])
+def test_alpha_must_be_positive_and_finite(alpha) -> None:
+    for name in ("lora", "loha", "dora"):
+        with pytest.raises(ConfigError, match="'alpha'"):
+            lorakit.apply(MLP(), name, targets=["fc1"], rank=2, alpha=alpha)
+
+
+@pytest.mark.parametrize("train", [["fc1"], [""]])
+def test_a_module_cannot_be_both_adapted_and_trained_in_full(train) -> None:
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 4))
+    model.add_module("fc2", nn.Linear(4, 2))
+    if train == [""]:  # a train module that contains a target
+        model = nn.Sequential()
+        model.add_module("block", nn.Sequential())
+        model.block.add_module("fc1", nn.Linear(4, 4))
+        train = ["block"]
+    with pytest.raises(TargetError, match="overlaps the adapted layer"):
+        lorakit.apply(model, "lora", targets=["fc1"], rank=2, train_modules=train)
+    assert not hasattr(model, "lorakit") and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("lr", "wd"), [(0, 0.0), (-1e-3, 0.0), (math.nan, 0.0), (math.inf, 0.0), ("1e-3", 0.0), (1e-3, -0.1)]
+)
+def test_param_groups_refuse_rates_an_optimizer_would_take_silently(lr, wd) -> None:
+    with pytest.raises(SettingError):
+        lorakit.param_groups(_adapted(), lr, wd)
+
+
+class Tied(nn.Module):
+    """Two layers holding one weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("targets", [["a"], ["a", "b"]])
+@pytest.mark.parametrize("unload", [True, False])
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(targets, unload) -> None:
+    torch.manual_seed(0)
+    model = lorakit.apply(Tied(), "lora", targets=targets, rank=2)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    before, weight = model(x), model.a.base_layer.weight.clone()
+    with pytest.raises(AdapterStateError, match=r"cannot merge into a: its weight is shared with b"):
+        lorakit.merge(model, unload=unload)
+    assert torch.equal(model.a.base_layer.weight, weight) and torch.equal(model(x), before)
+
+
+def test_gpt2_tied_input_embedding_is_adapted_but_not_merged() -> None:
+    from conftest import tiny_gpt2
+
+    model = lorakit.apply(tiny_gpt2(), "lora", targets=["wte"], rank=2)
+    with pytest.raises(AdapterStateError, match="transformer.wte: its weight is shared with lm_head.weight"):
+        lorakit.merge(model)
+
+
+def test_an_untied_copy_merges_exactly() -> None:
+    torch.manual_seed(0)
+    base = Tied()
+    base.b.weight = nn.Parameter(base.a.weight.detach().clone())
+    model = lorakit.apply(base, "lora", targets=["a", "b"], rank=2)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    torch.testing.assert_close(lorakit.merge(model)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_a_merged_model_is_refused_before_any_step() -> None:
+    from lorakit.train.loop import TrainConfig, train
+
+    model = lorakit.merge(_adapted(), unload=False)
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        train(model, iter([]), TrainConfig(steps=1, progress=False))
+
+
+def test_capability_errors_are_lorakit_errors() -> None:
+    assert issubclass(lorakit.CapabilityError, LorakitError)
+
+
+# --- targets ----------------------------------------------------------------------------------------------
+def test_every_targets_entry_must_match_an_adaptable_layer() -> None:
+    model = MLP()
+    with pytest.raises(TargetError, match=r"no layer matches targets \['fc3'\]. Did you mean"):
+        lorakit.apply(model, "lora", targets=["fc1", "fc3"], rank=2)
+    assert not hasattr(model, "lorakit")
+    with pytest.raises(TargetError, match="targets is empty"):
+        lorakit.apply(model, "lora", targets=[], rank=2)
+
+
+def test_targets_naming_a_layer_lorakit_cannot_adapt_say_why() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(
+        TargetError, match=r"match 1, which lorakit cannot adapt: LayerNorm is not a layer kind"
+    ):
+        lorakit.apply(model, "lora", targets=["1"], rank=2)
+    with pytest.raises(TargetError, match="max_norm=1.0 rescales its rows in place"):
+        lorakit.apply(Holder(nn.Embedding(10, 4, max_norm=1.0)), "lora", targets=["layer"], rank=2)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_convolutions_are_refused_by_factor_variants_and_exact_in_the_others(groups) -> None:
+    def model() -> Holder:
+        torch.manual_seed(0)
+        return Holder(nn.Conv2d(4, 8, 3, groups=groups, padding=1))
+
+    for name in ("lora", "dora", "vera", "dylora"):
+        with pytest.raises(TargetError, match=r"cannot adapt layer \(conv2d_grouped\)"):
+            lorakit.apply(model(), name, targets=["layer"], rank=1)
+    x = torch.randn(2, 4, 6, 6)
+    for name in ("loha", "lokr"):
+        adapted = lorakit.apply(model(), name, targets=["layer"], rank=1)
+        perturb(adapted)
+        adapted.eval()
+        expected = adapted(x)
+        torch.testing.assert_close(lorakit.merge(adapted)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- saving and loading -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
+def test_saving_never_replaces_a_file_already_there(tmp_path, save) -> None:
+    from lorakit.errors import OutputExistsError
+
+    names = {lorakit.save: "adapter.safetensors", lorakit.save_peft: "adapter_model.safetensors"}
+    (tmp_path / names[save]).write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match=names[save]):
+        save(_adapted(), tmp_path)
+    assert (tmp_path / names[save]).read_bytes() == b"mine"
+    assert issubclass(OutputExistsError, FileExistsError)
+    save(_adapted(), tmp_path, overwrite=True)  # replaced on purpose
+    assert (tmp_path / names[save]).read_bytes() != b"mine"
+
+
+@pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
+def test_saving_where_no_directory_can_be_is_an_adapter_file_error(tmp_path, save) -> None:
+    from lorakit.io import AdapterFileError
+
+    (tmp_path / "file").write_text("x")
+    for where, message in [
+        (tmp_path / "file", "is a file, not a directory"),
+        (tmp_path / "file" / "sub", "is a file, not a directory"),
+        ("/proc/lorakit-adapter", "cannot write to /proc/lorakit-adapter"),
+    ]:
+        with pytest.raises(AdapterFileError, match=message):
+            save(_adapted(), where)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_adapter_loaded_onto_its_base_in_another_dtype_says_so(tmp_path) -> None:
+    from lorakit.io import AdapterFileError
+
+    lorakit.save(_adapted(), tmp_path)
+    torch.manual_seed(0)
+    base = MLP().half()
+    with pytest.raises(
+        AdapterFileError, match="trained on a base in float32 but this model's adapted layers are"
+    ):
+        lorakit.load(base, tmp_path)
+    assert not hasattr(base, "lorakit")
+    torch.manual_seed(0)
+    lorakit.load(MLP(), tmp_path)  # the base it was trained on
+
+
+def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.io import AdapterFileError, file_sha256
+
+    lorakit.save(_adapted(), tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    tensors = load_file(weights)
+    tensors["fc1.extra"] = torch.zeros(2)  # a consistent file (checksum recorded) from another adapter
+    save_file(tensors, weights)
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    meta["weights_sha256"] = file_sha256(weights)
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    base = MLP()
+    with pytest.raises(AdapterFileError, match=r"has no place for \(fc1.extra\)"):
+        lorakit.load(base, tmp_path)
+    assert not hasattr(base, "lorakit")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """12 -> 20 -> 3 with a cross-entropy loss, called as ``model(x=..., labels=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(12, 20), nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        return logits if labels is None else nn.functional.cross_entropy(logits, labels)
+
+
+def _batches(count: int | None = None, **change):
+    gen = torch.Generator().manual_seed(0)
+    made = 0
+    while count is None or made < count:
+        made += 1
+        batch = {"x": torch.randn(4, 12, generator=gen), "labels": torch.randint(0, 3, (4,), generator=gen)}
+        for key, value in change.items():
+            if value is None:
+                del batch[key]
+            else:
+                batch[key] = value
+        yield batch
+
+
+def _train(batches, **settings):
+    from lorakit.train.loop import TrainConfig, train
+
+    model = lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2)
+    return train(model, batches, TrainConfig(**{"steps": 3, "progress": False, **settings}))
+
+
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [
+        (lambda: iter([]), "the training batches ran out at step 1"),
+        (lambda: _batches(2), "the training batches ran out at step 3"),
+        (lambda: [{"x": torch.zeros(4, 12)}], "batches must be an iterator of dicts"),
+        (lambda: iter([(torch.zeros(4, 12), torch.zeros(4))]), "each batch must be a dict"),
+        (
+            lambda: _batches(labels=torch.zeros(4, 2, dtype=torch.long)),
+            r"labels \(4, 2\) int64.*RuntimeError",
+        ),
+        (lambda: _batches(labels=torch.full((4,), 7)), "IndexError: Target 7 is out of bounds"),
+        (lambda: _batches(labels=torch.zeros(4)), r"labels \(4,\) float32"),
+        (lambda: _batches(x=torch.zeros(4, 13)), r"x \(4, 13\) float32"),
+        (lambda: _batches(extra=torch.zeros(1)), "unexpected keyword argument 'extra'"),
+        (lambda: _batches(labels=None), r"gave a tensor of shape \(4, 3\) as the loss.*include labels"),
+    ],
+)
+def test_batches_that_do_not_fit_the_model_are_a_batch_error(batches, message) -> None:
+    from lorakit.engine.gradients import BatchError
+
+    with pytest.raises(BatchError, match=message):
+        _train(batches())
+
+
+def test_train_settings_are_type_checked() -> None:
+    from lorakit.train.loop import TrainConfig, train
+
+    assert TrainConfig(steps="3", lr="1e-3").steps == 3  # numbers given as text are read as numbers
+    for bad in ({"steps": 2.5}, {"lr": "fast"}, {"progress": "yes"}):
+        with pytest.raises(SettingError, match=next(iter(bad))):
+            TrainConfig(**bad)
+    with pytest.raises(SettingError, match="cfg must be a lorakit TrainConfig, got dict"):
+        train(lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2), _batches(), {"steps": 3})
+
+
+def test_a_file_where_checkpoints_go_is_refused_before_any_step(tmp_path) -> None:
+    from lorakit.train.checkpoint import ResumeError
+    from lorakit.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, checkpoint_every=1, progress=False)
+    (tmp_path / "file").write_text("x")
+    for where in (tmp_path / "file", tmp_path / "file" / "run"):
+        model = lorakit.apply(Classifier(), "lora", targets=["fc1"], rank=2)
+        with pytest.raises(ResumeError, match="file is a file"):
+            train(model, _batches(), cfg, output_dir=where)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_delta_lora_whose_weight_moved_is_not_exported_as_a_plain_lora(tmp_path) -> None:
+    model = lorakit.apply(MLP(), "delta_lora", targets=["fc1"], rank=2, start_step=-1)
+    lorakit.save_peft(model, tmp_path / "fresh")  # W has not moved yet: exactly a LoRA
+    perturb(model)
+    with pytest.raises(LorakitError, match=r"fc1: Delta-LoRA has moved W by lam \* s"):
+        lorakit.save_peft(model, tmp_path / "moved")
+    assert not (tmp_path / "moved").exists()
+    waiting = lorakit.apply(MLP(), "delta_lora", targets=["fc1"], rank=2, start_step=100)
+    perturb(waiting)  # before step K the extra term is off: a plain LoRA
+    lorakit.save_peft(waiting, tmp_path / "waiting")
