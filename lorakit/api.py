@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +39,29 @@ class AdapterInfo:
     trainable_before: dict[str, bool] = field(default_factory=dict, repr=False)
 
 
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (else ``model`` itself): the wrapper runs that module's
+    forward, but names every submodule ``_orig_mod.<name>``, which no adapter file or config names."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
+def takes_compiled(fn: _Call) -> _Call:
+    """Let a public function take a compiled model: it works on the module inside, and where it returns
+    the model it returns what it was given (so a compiled model stays compiled)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        root = unwrap(model)
+        out = fn(root, *args, **kwargs)
+        return model if out is root else out
+
+    return wrapper  # type: ignore[return-value]
+
+
+@takes_compiled
 def apply(
     model: nn.Module,
     variant: str | VariantConfig = "lora",
@@ -200,11 +224,13 @@ def fingerprint(layers: Iterator[nn.Module]) -> str:
 
 
 # --- queries -------------------------------------------------------------------------------------------
+@takes_compiled
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     """``(name, layer)`` for every adapted layer, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
 
 
+@takes_compiled
 def info(model: nn.Module) -> AdapterInfo:
     """The :class:`AdapterInfo` of an adapted model; a clear error for a plain one."""
     state = getattr(model, "lorakit", None)
@@ -216,6 +242,7 @@ def info(model: nn.Module) -> AdapterInfo:
 
 
 # --- merge / disable -----------------------------------------------------------------------------------
+@takes_compiled
 def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     """Fold every adapter into its base weight.
 
@@ -252,6 +279,7 @@ def check_untied(model: nn.Module) -> None:
             )
 
 
+@takes_compiled
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` with ``unload=False``: the base weights are restored."""
     info(model)
@@ -260,6 +288,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@takes_compiled
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """``with lorakit.disabled(model):`` runs the base model (adapters bypassed, weights untouched)."""
@@ -278,6 +307,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # --- training support ----------------------------------------------------------------------------------
+@takes_compiled
 def check_driver(model: nn.Module, driver: Driver) -> None:
     """Refuse, before any training, a variant that cannot run with all its rules in ``driver``."""
     state = info(model)
@@ -290,6 +320,7 @@ def check_driver(model: nn.Module, driver: Driver) -> None:
         raise CapabilityError(reason)
 
 
+@takes_compiled
 def make_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
     """The training-time rules the model's variant declares, built for a run of ``total_steps`` steps."""
     state = info(model)
@@ -298,6 +329,7 @@ def make_hooks(model: nn.Module, total_steps: int) -> list[Hook]:
     return [hook_class(model, layers, total_steps)] if hook_class is not None else []
 
 
+@takes_compiled
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer groups: each adapter's groups plus the fully trained modules' groups, both as the variant
     sets them (LoRA+'s rates).

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.api import adapted_layers, apply, info
+from lorakit.api import adapted_layers, apply, info, takes_compiled
 from lorakit.dirswap import finish_swap
 from lorakit.errors import LorakitError, OutputExistsError
 from lorakit.targets import set_module
@@ -38,6 +38,7 @@ class NonFiniteError(LorakitError):
     """A loss, gradient or adapter tensor that must be finite is NaN or infinite."""
 
 
+@takes_compiled
 def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the model's adapter (and fully trained modules) to ``directory``; returns the directory.
 
@@ -208,6 +209,7 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+@takes_compiled
 def load(
     model: nn.Module, directory: str | os.PathLike[str], *, device: str | torch.device | None = None
 ) -> nn.Module:

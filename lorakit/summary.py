@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.api import adapted_layers
+from lorakit.api import adapted_layers, takes_compiled
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Summary:
         return "\n".join(lines)
 
 
+@takes_compiled
 def summary(model: nn.Module) -> Summary:
     """Count trainable and total parameters (each tensor once) and list the adapted layers."""
     params = list(model.parameters())  # parameters() already yields a shared tensor once

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 
 from torch import nn
 
@@ -24,8 +25,9 @@ class TargetError(LorakitError):
 def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> list[str]:
     """Names of the modules ``targets`` selects, checked against the layer kinds the variant supports.
 
-    A list of suffixes must match an adaptable layer with every entry (a misspelt entry would otherwise adapt
-    fewer layers than asked, silently); a regex or ``"all-linear"`` must match at least one.
+    A regex or ``"all-linear"`` must match at least one layer. In a list of suffixes an entry naming modules
+    lorakit cannot adapt is refused, and one matching no module at all is warned about (one list often serves
+    several model families, as in PEFT), so a misspelt entry never adapts fewer layers silently.
     """
     adaptable = {n: kind_of(m) for n, m in model.named_modules() if n and kind_of(m) is not None}
     if targets == "all-linear":
@@ -54,8 +56,8 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
 
 
 def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, object]) -> None:
-    """Refuse a targets list that is empty, holds a non-text entry, or has an entry matching no adaptable
-    layer (naming the entry, and why the modules it does match cannot be adapted)."""
+    """Refuse a targets list that is empty, holds a non-text entry, or has an entry that names only modules
+    lorakit cannot adapt (saying why); warn about an entry that matches no module."""
     if not targets:
         raise TargetError("targets is empty; pass module-name suffixes like ['query', 'value'], a regex, or "
                           "'all-linear'")  # fmt: skip
@@ -65,7 +67,11 @@ def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, obj
                 f"targets entry {entry!r} is not a module name; pass names like ['query', 'value']"
             )
         if not any(_suffix_of(n, entry) for n in adaptable):
-            raise TargetError(no_match_message([entry], list(adaptable), _unadaptable(model, [entry])))
+            unadaptable = _unadaptable(model, [entry])
+            message = no_match_message([entry], list(adaptable), unadaptable)
+            if unadaptable:
+                raise TargetError(message)
+            warnings.warn(f"{message}; the other entries are adapted", UserWarning, stacklevel=4)
 
 
 def _suffix_of(name: str, suffix: str) -> bool:

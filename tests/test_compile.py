@@ -74,3 +74,45 @@ def test_compiled_dropout_draws_the_eager_mask() -> None:
     torch.testing.assert_close(eager[kept], x[kept] / 0.75)
     compiled.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.75)  # dL/dx = keep / (1 - p)
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.head(torch.relu(self.fc1(x)))
+        return nn.functional.cross_entropy(out, labels) if labels is not None else out
+
+
+def test_the_public_api_takes_a_compiled_model(tmp_path) -> None:
+    """torch.compile's wrapper names every module ``_orig_mod.<name>``; the API works on the module inside
+    and hands the compiled model back, so files and names are those of the plain model."""
+    from lorakit.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    base = _Classifier()
+    fresh = copy.deepcopy(base)
+    torch._dynamo.reset()
+    compiled = torch.compile(base, backend="eager")
+    assert lorakit.apply(compiled, "lora", targets=["fc1"], train_modules=["head"], rank=2) is compiled
+    assert [name for name, _ in lorakit.adapted_layers(compiled)] == ["fc1"]
+    assert sum(len(g["params"]) for g in lorakit.param_groups(compiled, 1e-2)) == 4  # A, B, head w and b
+
+    def batches():
+        gen = torch.Generator().manual_seed(1)
+        while True:
+            yield {"x": torch.randn(16, 8, generator=gen), "labels": torch.randint(0, 2, (16,), generator=gen)}
+
+    result = train(compiled, batches(), TrainConfig(steps=20, lr=1e-2, warmup_ratio=0.0))
+    assert result.losses[-1] < result.losses[0]
+    assert lorakit.adapted_layers(compiled)[0][1].variant.B.abs().max() > 0  # the adapter trained
+    lorakit.save(compiled, tmp_path / "adapter")
+    x = torch.randn(4, 8)
+    loaded = lorakit.load(torch.compile(fresh, backend="eager"), tmp_path / "adapter").eval()
+    compiled.eval()  # no adapter dropout
+    torch.testing.assert_close(loaded(x), compiled(x))
+    merged = lorakit.merge(loaded)
+    assert merged is loaded and not lorakit.adapted_layers(merged)
+    torch.testing.assert_close(merged(x), compiled(x), atol=1e-5, rtol=1e-5)

@@ -163,10 +163,14 @@ def test_capability_errors_are_lorakit_errors() -> None:
 
 
 # --- targets ----------------------------------------------------------------------------------------------
-def test_every_targets_entry_must_match_an_adaptable_layer() -> None:
+def test_a_targets_entry_matching_nothing_is_warned_about_and_the_others_adapted() -> None:
     model = MLP()
-    with pytest.raises(TargetError, match=r"no layer matches targets \['fc3'\]. Did you mean"):
+    with pytest.warns(UserWarning, match=r"no layer matches targets \['fc3'\]. Did you mean"):
         lorakit.apply(model, "lora", targets=["fc1", "fc3"], rank=2)
+    assert [name for name, _ in lorakit.adapted_layers(model)] == ["fc1"]
+    model = MLP()
+    with pytest.raises(TargetError, match=r"no layer matches targets \['fc3', 'fc4'\]"):
+        lorakit.apply(model, "lora", targets=["fc3", "fc4"], rank=2)
     assert not hasattr(model, "lorakit")
     with pytest.raises(TargetError, match="targets is empty"):
         lorakit.apply(model, "lora", targets=[], rank=2)

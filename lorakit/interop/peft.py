@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorakit.api import adapted_layers, apply, info
+from lorakit.api import adapted_layers, apply, info, takes_compiled
 from lorakit.core.layer import AdaptedLayer
 from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
@@ -66,6 +66,7 @@ UNSUPPORTED = {
 EXPORTABLE = tuple(v for method in METHODS for v in method.variants)
 
 
+@takes_compiled
 def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the model's adapter and trained head in PEFT's format; returns the directory.
 
@@ -126,6 +127,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     return out
 
 
+@takes_compiled
 def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Apply the PEFT adapter in ``directory`` (or a Hub repo id) to the plain base ``model``, in place.
 
