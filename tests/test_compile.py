@@ -103,7 +103,10 @@ def test_the_public_api_takes_a_compiled_model(tmp_path) -> None:
     def batches():
         gen = torch.Generator().manual_seed(1)
         while True:
-            yield {"x": torch.randn(16, 8, generator=gen), "labels": torch.randint(0, 2, (16,), generator=gen)}
+            yield {
+                "x": torch.randn(16, 8, generator=gen),
+                "labels": torch.randint(0, 2, (16,), generator=gen),
+            }
 
     result = train(compiled, batches(), TrainConfig(steps=20, lr=1e-2, warmup_ratio=0.0))
     assert result.losses[-1] < result.losses[0]

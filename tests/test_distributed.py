@@ -283,3 +283,22 @@ def assert_torchrun_equals_one_process(out: Path, setup, tmp_path: Path, steps: 
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():  # up to 400 steps of float reordering: a few 1e-6
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_replicated_gradients_are_averaged_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FSDP2 path's averaging: within a step's earlier micro-batches gradients only accumulate; the last
+    micro-batch all-reduces each accumulated gradient once and divides by the world size."""
+    from lorakit.distributed import wrap
+
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(wrap.dist, "all_reduce", lambda t: reduced.append(t.clone()))  # one rank's sum
+    layer = torch.nn.Linear(3, 2)
+    averager = wrap.GradientAverager(list(layer.parameters()), world_size=2)
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    with averager.paused():
+        layer(x1).square().sum().backward()
+    assert reduced == []
+    layer(x2).square().sum().backward()
+    assert len(reduced) == 2  # weight and bias, once each
+    want = torch.autograd.grad((layer(x1).square().sum() + layer(x2).square().sum()) / 2, [layer.weight])[0]
+    torch.testing.assert_close(layer.weight.grad, want)

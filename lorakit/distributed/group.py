@@ -8,8 +8,10 @@ is PyTorch's own (``torch.distributed``), with the NCCL backend on GPUs and gloo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from torch import nn
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
 from lorakit.train.data import TokenizedData
+
+if TYPE_CHECKING:
+    from lorakit.distributed.wrap import KeepLocal
 
 MODES = ("ddp", "fsdp")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -39,7 +44,7 @@ class Distributed(Placement):
     rank: int
     world_size: int
     device: torch.device
-    _attached: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)
+    _attached: tuple[nn.Module, nn.Module, KeepLocal] | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -75,8 +80,14 @@ class Distributed(Placement):
         from lorakit.distributed.wrap import wrap
 
         if self._attached is None or self._attached[0] is not model:
-            self._attached = (model, wrap(model, self))
+            self._attached = (model, *wrap(model, self))
         return self._attached[1]
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        # DDP's no_sync, or the FSDP2 path's averaging paused; see Placement.micro_batch.
+        if last or self._attached is None:
+            return contextlib.nullcontext()
+        return self._attached[2]()
 
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has created the run's staging directory)."""

@@ -6,7 +6,7 @@ gradients of the trainable tensors are averaged in backward.
 ``fsdp``: FSDP2's ``fully_shard`` on every block (each child of a ``ModuleList``) and on the root. It shards
 the frozen dense base weights, which hold nearly all the memory of a LoRA-family run; the adapter tensors
 (frozen ones too) and the trained modules are passed as ``ignored_params``: every rank keeps them whole, and
-:func:`average_in_backward` averages their gradients during backward, as DDP does, so every rule, the
+:class:`GradientAverager` averages their gradients during backward, as DDP does, so every rule, the
 clipping and the optimizer see the global batch's gradient. Every variant's training rule reads and writes
 ordinary full tensors (AdaLoRA's masks, DyLoRA's row restore, Delta-LoRA's capture, VeRA's shared
 projections, LoRA+'s groups) and a saved adapter is never a shard. NF4 bases live in buffers, which FSDP2
@@ -15,6 +15,8 @@ never shards or casts: they stay packed, whole on every rank.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,22 +28,36 @@ import lorakit
 if TYPE_CHECKING:
     from lorakit.distributed.group import Distributed
 
+KeepLocal = Callable[[], contextlib.AbstractContextManager[None]]  # a context in which gradients stay local
 
-def average_in_backward(params: list[nn.Parameter], world_size: int) -> None:
-    """Average each of ``params``' gradients over all ranks as soon as backward has accumulated it.
 
-    Runs once per micro-batch; averaging the accumulated gradient again is exact, since the part from earlier
-    micro-batches is already equal on every rank. Backward reaches the tensors in the same order on every
-    rank (the graph does not depend on the data), so the all-reduces pair up.
+class GradientAverager:
+    """Averages each of ``params``' gradients over all ranks as soon as backward has accumulated it.
+
+    Backward reaches the tensors in the same order on every rank (the graph does not depend on the data), so
+    the all-reduces pair up. Within :meth:`paused` (a step's micro-batches before the last) gradients only
+    accumulate locally; the last micro-batch averages the sum, as DDP's ``no_sync`` does.
     """
 
-    @torch.no_grad()
-    def hook(param: nn.Parameter) -> None:
-        dist.all_reduce(param.grad)
-        param.grad.div_(world_size)
+    def __init__(self, params: list[nn.Parameter], world_size: int) -> None:
+        self.world_size = world_size
+        self.active = True
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._average)
 
-    for param in params:
-        param.register_post_accumulate_grad_hook(hook)
+    @torch.no_grad()
+    def _average(self, param: nn.Parameter) -> None:
+        if self.active:
+            dist.all_reduce(param.grad)
+            param.grad.div_(self.world_size)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -70,8 +86,9 @@ def shard(model: nn.Module, group: Distributed) -> nn.Module:
     return model
 
 
-def wrap(model: nn.Module, group: Distributed) -> nn.Module:
-    """The forward module for ``group.mode`` (see the module docstring)."""
+def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
+    """The forward module for ``group.mode`` (see the module docstring), and a context that keeps gradients
+    local (for a step's micro-batches before the last)."""
     if group.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -79,6 +96,7 @@ def wrap(model: nn.Module, group: Distributed) -> nn.Module:
         # No search for unused parameters: it would mark the tensors of a loss term computed outside
         # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
         # in the graph of every step instead.
-        return DistributedDataParallel(model, device_ids=ids)
-    average_in_backward([p for p in model.parameters() if p.requires_grad], group.world_size)
-    return shard(model, group)
+        ddp = DistributedDataParallel(model, device_ids=ids)
+        return ddp, ddp.no_sync
+    averager = GradientAverager([p for p in model.parameters() if p.requires_grad], group.world_size)
+    return shard(model, group), averager.paused

@@ -33,6 +33,7 @@ class LossBackward(GradientSource):
         placement: Placement = LOCAL,
     ) -> None:
         self.model = model
+        self.placement = placement
         self.forward = placement.wrap(model)
         self.batches = batches
         self.shard = placement.shard(batches)
@@ -41,9 +42,10 @@ class LossBackward(GradientSource):
 
     def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
         loss_sum = 0.0
-        for _ in range(self.grad_accum):
-            loss = self.loss(self.next_batch(step), extra_loss, step) / self.grad_accum
-            loss.backward()
+        for i in range(self.grad_accum):
+            with self.placement.micro_batch(last=i == self.grad_accum - 1):
+                loss = self.loss(self.next_batch(step), extra_loss, step) / self.grad_accum
+                loss.backward()
             loss_sum += loss.item()
         return loss_sum
 

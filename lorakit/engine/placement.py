@@ -7,6 +7,7 @@ rank 0 write checkpoints and draw progress; the engine calls these and nothing e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from torch import Tensor, nn
@@ -30,6 +31,12 @@ class Placement:
         the step's backward, before any hook or the clip reads a gradient, so gradients can be averaged in
         the same collective."""
         return loss
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Context for one micro-batch's forward and backward; ``last``: the step's last one. A distributed
+        run averages gradients across processes only there: the earlier micro-batches accumulate locally,
+        and averaging their sum once equals averaging each (``grad_accum - 1`` fewer all-reduces a step)."""
+        return contextlib.nullcontext()
 
     def barrier(self) -> None:
         """Wait for every process (before reading what rank 0 wrote)."""
