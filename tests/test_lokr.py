@@ -191,10 +191,11 @@ def test_kronecker_function_gradients_equal_plain_autograd(p: float) -> None:
     )
     weights = torch.randn(3, 5, 2, 5, generator=gen, dtype=torch.float64)  # a generic upstream gradient
     ours = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    out = KroneckerProduct.apply(*ours, (3, 4), 0.7, p, 11)
+    mask = _keep_mask(x, p, 11) if p > 0 else None
+    out = KroneckerProduct.apply(*ours, (3, 4), 0.7, p, mask)
     (out * weights).sum().backward()
     ref = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    xd = ref[0] * _keep_mask(x, p, 11) / (1 - p) if p > 0 else ref[0]
+    xd = ref[0] * mask / (1 - p) if p > 0 else ref[0]
     expected = 0.7 * ref[1] @ xd.unflatten(-1, (3, 4)) @ ref[2].t()  # (3, 5, 2, 5)
     (expected * weights).sum().backward()
     torch.testing.assert_close(out, expected)

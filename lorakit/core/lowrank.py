@@ -61,7 +61,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     vmapped example needs the transform's own randomness."""
     if not training or p == 0:
         return x
-    if torch._C._are_functorch_transforms_active() or not x.is_floating_point():
+    if not fused_backward_allowed() or not x.is_floating_point():
         return F.dropout(x, p, training=True)
     return _apply_mask(x, keep_mask(x, p)).mul_(1.0 / (1.0 - p))
 
@@ -160,12 +160,11 @@ class _LowRankFunction(torch.autograd.Function):
 def fused_backward_allowed() -> bool:
     """Whether a hand-written autograd function may run here; otherwise plain autograd is used.
 
-    Not under torch.func transforms (per-sample gradients for DP): the functions have no vmap rule, and a
-    seeded dropout mask would be shared across the vmapped examples. Not while ``torch.compile`` traces:
-    drawing the mask's seed (``.item()``) and seeding a generator break the graph, and the compiler plans its
-    own memory (:func:`low_rank` still runs its function there, without a seeded mask).
+    Not under torch.func transforms (per-sample gradients for DP): the functions have no vmap rule, and one
+    dropout mask would be shared across the vmapped examples. ``torch.compile`` traces them: they take their
+    dropout mask as a tensor (:func:`keep_mask`), drawn by an operator the graph keeps whole.
     """
-    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+    return not torch._C._are_functorch_transforms_active()
 
 
 def low_rank(
@@ -177,7 +176,7 @@ def low_rank(
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
     """
     p = p if training else 0.0
-    if base.kind.features_last and x.is_floating_point() and not torch._C._are_functorch_transforms_active():
+    if base.kind.features_last and x.is_floating_point() and fused_backward_allowed():
         if torch.compiler.is_compiling():
             # The compiler traces the function too (its products in the fast order), with the mask drawn by
             # an operator it keeps whole (a seeded generator inside the graph would break it).

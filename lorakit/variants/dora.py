@@ -31,6 +31,7 @@ from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import (
     _apply_mask,
+    fused_backward_allowed,
     gram_rank_first,
     keep_mask,
     low_rank,
@@ -214,8 +215,8 @@ class DoRA(LoRA):
         if (
             base.kind.features_last
             and x.is_floating_point()
-            # No rule for per-example gradients (torch.func), and none for a trained base weight or bias.
-            and not torch._C._are_functorch_transforms_active()
+            and fused_backward_allowed()
+            # The function has no gradient for a base weight or bias that trains too.
             and not _stored_weight(base).requires_grad
             and (bias is None or not bias.requires_grad)
         ):

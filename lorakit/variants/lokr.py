@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, _keep_mask, fused_backward_allowed
+from lorakit.core.lowrank import _apply_mask, fused_backward_allowed, keep_mask
 from lorakit.core.variant import Variant, VariantConfig, require
 
 
@@ -51,9 +51,9 @@ class KroneckerProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, w1: Tensor, w2: Tensor, shape: tuple[int, int], scale: float, p: float, seed: int
-    ) -> Tensor:
-        mask = _keep_mask(x, p, seed) if p > 0 else None
+        ctx: Any, x: Tensor, w1: Tensor, w2: Tensor, shape: tuple[int, int], scale: float, p: float,
+        mask: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         xs = (_apply_mask(x, mask) if mask is not None else x).unflatten(-1, shape)  # (..., c, d)
         out = (w1 @ xs @ w2.t()).mul_(scale / (1 - p))  # (..., a, b)
         ctx.save_for_backward(x, mask, w1, w2)
@@ -184,6 +184,6 @@ class LoKr(Variant):
             xs = self.drop(x).to(y.dtype).unflatten(-1, shape)
             return y + self.scale * (w1 @ xs @ w2.t()).flatten(-2)
         p = self.dropout.p if self.training and self.dropout is not None else 0.0
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        out = KroneckerProduct.apply(x.to(y.dtype), w1, w2, shape, self.scale, p, seed)
+        keep = keep_mask(x, p) if p > 0 else None
+        out = KroneckerProduct.apply(x.to(y.dtype), w1, w2, shape, self.scale, p, keep)
         return y + out.flatten(-2)  # (..., a, b) -> (..., a b)
