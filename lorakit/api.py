@@ -34,6 +34,8 @@ class AdapterInfo:
     train_modules: list[str]
     fingerprint: str
     base_model: str | None
+    # a few values of each targeted base tensor (None: not floating): recognises the base in another dtype
+    base_sample: list[list[float] | None] = field(default_factory=list, repr=False)
     shared: Shared = field(default_factory=Shared)
     # requires_grad of every parameter before apply froze the model, so undoing apply restores it
     trainable_before: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -101,6 +103,7 @@ def apply(
         targets=names,
         train_modules=train_modules,
         fingerprint=fingerprint(modules[n] for n in names),
+        base_sample=base_sample(modules[n] for n in names),
         base_model=_base_model_name(model),
         trainable_before=trainable_before,
     )
@@ -221,6 +224,26 @@ def fingerprint(layers: Iterator[nn.Module]) -> str:
             digest.update(str(tuple(data.shape)).encode())
             digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def base_sample(layers: Iterator[nn.Module], per_tensor: int = 8) -> list[list[float] | None]:
+    """``per_tensor`` values of every floating tensor of the targeted base layers, at fixed scattered
+    positions (None for integer tensors such as packed 4-bit codes).
+
+    The fingerprint is exact, so the same base loaded in another dtype (trained in float32, deployed in
+    bfloat16) has another one; :func:`lorakit.load` then accepts it if these values agree to the rounding
+    of the coarser dtype, which a different model's weights do not."""
+    out: list[list[float] | None] = []
+    for layer in layers:
+        for tensor in layer.state_dict().values():
+            flat = tensor.detach().reshape(-1)
+            if not tensor.is_floating_point() or flat.numel() == 0:
+                out.append(None)
+                continue
+            # Knuth's multiplicative hash spreads the positions over the whole tensor, rows and columns
+            positions = torch.tensor([k * 2654435761 % flat.numel() for k in range(1, per_tensor + 1)])
+            out.append(flat[positions.to(flat.device)].double().cpu().tolist())
+    return out
 
 
 # --- queries -------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "tied": tied,
         "weights_sha256": digest[0],
         "base_dtypes": base_dtypes(model),
+        "base_sample": state.base_sample,
     }
     with writing(out):
         atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
@@ -121,6 +122,31 @@ def base_dtypes(model: nn.Module) -> list[str]:
         if t.is_floating_point()
     }
     return sorted(found)
+
+
+def same_base_in_another_dtype(
+    meta: dict[str, Any], sample: list[list[float] | None], model: nn.Module
+) -> bool:
+    """Whether ``model``'s targeted base is the adapter's base held in another dtype: the dtypes differ and
+    the sampled values (:func:`lorakit.api.base_sample`) agree to the rounding of the coarser dtype (each
+    cast rounds to within half its epsilon, relative). Integer tensors (packed 4-bit codes) must match
+    exactly, which only the fingerprint checks, so a base holding them is never accepted here."""
+    saved, saved_dtypes, now_dtypes = meta.get("base_sample"), meta.get("base_dtypes"), base_dtypes(model)
+    if not isinstance(saved, list) or not isinstance(saved_dtypes, list) or saved_dtypes == now_dtypes:
+        return False
+    if None in sample or None in saved or len(saved) != len(sample):
+        return False
+    try:
+        coarse = max(
+            (torch.finfo(getattr(torch, d)) for d in {*saved_dtypes, *now_dtypes}), key=lambda f: f.eps
+        )
+        want, got = torch.tensor(saved, dtype=torch.float64), torch.tensor(sample, dtype=torch.float64)
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a file edited by hand: not recognised
+        return False
+    if want.shape != got.shape:
+        return False
+    bound = coarse.eps * torch.maximum(want.abs(), got.abs()) + coarse.tiny
+    return bool(((want - got).abs() <= bound).all())
 
 
 def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -226,15 +252,17 @@ def load(
     except LorakitError as err:  # settings or targets in the file that do not fit: the same error, naming it
         raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)
-    if state.fingerprint != meta["fingerprint"]:
+    if state.fingerprint != meta["fingerprint"] and not same_base_in_another_dtype(
+        meta, state.base_sample, model
+    ):
         now = base_dtypes(model)
         undo_apply(model)
         saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
         if isinstance(saved, list) and saved and saved != now:
             raise AdapterFileError(
                 f"the adapter in {directory} was trained on a base in {', '.join(map(str, saved))} but this "
-                f"model's adapted layers are {', '.join(now)}; load the base in {saved[0]} (e.g. "
-                f"torch_dtype=torch.{saved[0]}), load the adapter, then convert the model"
+                f"model's adapted layers are {', '.join(now)}, and their weights differ by more than that "
+                f"rounding: load it onto the base it was trained on"
             )
         raise AdapterFileError(
             f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "

@@ -234,19 +234,43 @@ def test_saving_where_no_directory_can_be_is_an_adapter_file_error(tmp_path, sav
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_an_adapter_loaded_onto_its_base_in_another_dtype_says_so(tmp_path) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_an_adapter_loads_onto_its_base_in_another_dtype(tmp_path, dtype) -> None:
+    """Trained on a float32 base, loaded onto the same base in another dtype (deployment in bfloat16): the
+    exact fingerprint differs, the sampled weights agree to the cast's rounding, so it loads; a different
+    base in that dtype is still refused."""
+    from lorakit.io import AdapterFileError
+
+    trained = _adapted().eval()
+    lorakit.save(trained, tmp_path)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    loaded = lorakit.load(MLP().to(dtype), tmp_path).eval()
+    state = dict(lorakit.adapted_layers(loaded))["fc1"].variant.state_dict()
+    for key, want in dict(lorakit.adapted_layers(trained))["fc1"].variant.state_dict().items():
+        torch.testing.assert_close(state[key], want.to(state[key].dtype))  # the trained tensors
+    tolerance = {torch.bfloat16: 1e-1, torch.float16: 1e-2, torch.float64: 1e-5}[dtype]  # the base's rounding
+    torch.testing.assert_close(loaded(x.to(dtype)).float(), trained(x), atol=tolerance, rtol=tolerance)
+    torch.manual_seed(1)
+    other = MLP().to(dtype)
+    with pytest.raises(AdapterFileError, match="differ by more than that rounding"):
+        lorakit.load(other, tmp_path)
+    assert not hasattr(other, "lorakit")
+
+
+def test_an_adapter_is_refused_by_its_base_moved_beyond_rounding(tmp_path) -> None:
     from lorakit.io import AdapterFileError
 
     lorakit.save(_adapted(), tmp_path)
     torch.manual_seed(0)
-    base = MLP().half()
-    with pytest.raises(
-        AdapterFileError, match="trained on a base in float32 but this model's adapted layers are"
-    ):
-        lorakit.load(base, tmp_path)
-    assert not hasattr(base, "lorakit")
+    moved = MLP()
+    with torch.no_grad():
+        moved.fc1.weight.mul_(1.05)  # 5%: far beyond bfloat16's rounding (0.4%)
+    with pytest.raises(AdapterFileError, match="differ by more than that rounding"):
+        lorakit.load(moved.to(torch.bfloat16), tmp_path)
     torch.manual_seed(0)
-    lorakit.load(MLP(), tmp_path)  # the base it was trained on
+    with pytest.raises(AdapterFileError, match="different base model"):
+        lorakit.load(moved.float(), tmp_path)  # same dtype: the exact fingerprint decides
 
 
 def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> None:
