@@ -227,7 +227,7 @@ def _plain_dora(
 
 
 @pytest.mark.parametrize("kind, with_bias", [("linear", True), ("linear", False), ("conv1d_gpt2", True)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])  # 0.1: W0 x~ from the dropped inputs (CPU)
 def test_fused_function_equals_plain_autograd(kind: str, p: float, with_bias: bool) -> None:
     model, x = make_case(kind)
     if not with_bias:
@@ -298,3 +298,14 @@ def test_a_trained_base_weight_gets_the_gradient_of_the_definition(p: float) -> 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w0.grad, wr.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bias.grad, br.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_w0_on_the_kept_inputs_from_the_dropped_ones_equals_the_dense_product() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, w0, bias = torch.randn(64, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24)
+    keep = _keep_mask(x, 0.1, 5)
+    assert 0 < (~keep).sum() < 0.2 * keep.numel()
+    keep[3] = True  # a row with nothing dropped: an empty bag
+    y = F.linear(x, w0, bias)
+    got = dora.w0_x_kept_from_dropped(x, y, bias, keep, w0, 0.1)
+    torch.testing.assert_close(got, F.linear(x * keep / 0.9, w0), atol=1e-5, rtol=1e-5)

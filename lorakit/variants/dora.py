@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
@@ -87,6 +88,37 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     return norm.masked_fill(norm == 0, 1.0)
 
 
+def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
+    """Whether :func:`w0_x_kept_from_dropped` beats a dense product: on a CPU (a GPU's dense product is
+    cheaper than gathering), outside the compiler (the dropped count is data-dependent), in one float dtype
+    (no autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision), at a small drop rate."""
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and x.dtype == y.dtype == w0.dtype
+        and x.dtype in (torch.float32, torch.float64)
+        and p <= 0.25
+    )
+
+
+def w0_x_kept_from_dropped(
+    x: Tensor, y: Tensor, bias: Tensor | None, keep: Tensor, w0: Tensor, p: float
+) -> Tensor:
+    """``W0 x~`` (``x~ = x * keep / (1 - p)``) from the base output ``y = W0 x + b0``:
+    ``(y - b0 - W0 (x * dropped)) / (1 - p)``. Only the dropped inputs (a fraction ``p``) enter a product:
+    an embedding-bag sum of ``W0``'s columns weighted by them, one bag per row. ``x (N, in)``, ``y (N, out)``.
+    """
+    dropped = ~keep
+    counts = dropped.sum(1)  # dropped inputs per row
+    flat = dropped.view(-1).nonzero().squeeze(1)  # their positions, row by row
+    cols = flat.remainder(x.shape[1])
+    values = x.reshape(-1)[flat]
+    offsets = counts.cumsum(0).sub_(counts)
+    part = F.embedding_bag(cols, w0.t().contiguous(), offsets, mode="sum", per_sample_weights=values)
+    base = y - bias.detach().to(y.dtype) if bias is not None else y.clone()
+    return base.sub_(part).div_(1 - p)
+
+
 class DoRAFunction(torch.autograd.Function):
     """``out = y + (c - 1) W0 x~ + c s B A x~`` with ``c = m / n`` (``n`` the detached row norm), fused.
 
@@ -121,7 +153,11 @@ class DoRAFunction(torch.autograd.Function):
                 out = torch.addcmul(rest, t, c, out=t if t.dtype == y2.dtype else torch.empty_like(y2))
             else:
                 xm = _apply_mask(x2, mask)
-                h = torch.addmm(y2.new_zeros(()), xm, w0.to(dtype).t(), beta=0, alpha=1 / (1 - p))  # W0 x~
+                h = (
+                    w0_x_kept_from_dropped(x2, y2, bias, mask, w0, p)
+                    if sparse_complement_pays(x2, y2, w0, p)
+                    else torch.addmm(y2.new_zeros(()), xm, w0.to(dtype).t(), beta=0, alpha=1 / (1 - p))
+                )  # W0 x~
                 z = rank_first(a_c, xm).div_(1 - p)  # (N, r)
                 del xm
                 t = torch.addmm(h.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x~
