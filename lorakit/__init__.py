@@ -20,10 +20,13 @@ from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.ranks import evaluate_all_ranks, set_rank
 from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
+from lorakit.engine.gradients import BatchError
+from lorakit.errors import AdapterStateError, LorakitError, OutputExistsError, SettingError
 from lorakit.interop import load_peft, save_peft
-from lorakit.io import load, save
+from lorakit.io import AdapterFileError, NonFiniteError, load, save
 from lorakit.quant_api import quantize
 from lorakit.summary import summary
+from lorakit.targets import TargetError
 from lorakit.variants import VARIANTS, get_variant
 
 __version__ = "0.1.0"
@@ -31,11 +34,19 @@ __version__ = "0.1.0"
 __all__ = [
     "VARIANTS",
     "AdaptedLayer",
+    "AdapterFileError",
     "AdapterInfo",
+    "AdapterStateError",
+    "BatchError",
     "CapabilityError",
     "ConfigError",
     "Driver",
     "Hook",
+    "LorakitError",
+    "NonFiniteError",
+    "OutputExistsError",
+    "SettingError",
+    "TargetError",
     "Variant",
     "VariantConfig",
     "adapted_layers",

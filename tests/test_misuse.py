@@ -389,3 +389,13 @@ def test_a_delta_lora_whose_weight_moved_is_not_exported_as_a_plain_lora(tmp_pat
     waiting = lorakit.apply(MLP(), "delta_lora", targets=["fc1"], rank=2, start_step=100)
     perturb(waiting)  # before step K the extra term is off: a plain LoRA
     lorakit.save_peft(waiting, tmp_path / "waiting")
+
+
+def test_every_error_lorakit_raises_is_exported_and_a_lorakit_error() -> None:
+    """Users catch lorakit's errors from the package itself; each is a LorakitError (and a ValueError)."""
+    names = ["AdapterFileError", "AdapterStateError", "BatchError", "CapabilityError", "ConfigError",
+             "NonFiniteError", "OutputExistsError", "SettingError", "TargetError"]  # fmt: skip
+    for name in names:
+        assert name in lorakit.__all__ and issubclass(getattr(lorakit, name), lorakit.LorakitError), name
+    assert issubclass(lorakit.LorakitError, ValueError)
+    assert issubclass(lorakit.OutputExistsError, FileExistsError)
