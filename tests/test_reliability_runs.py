@@ -109,7 +109,8 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
 
     model = adapted()
     with pytest.raises(NonFiniteError, match=r"training stopped at step 7: the loss is nan") as err:
-        train(model, PoisonedAt7(), TrainConfig(**{**CFG.__dict__, "checkpoint_every": 4}), output_dir=out)
+        cfg = TrainConfig(**{**CFG.__dict__, "checkpoint_every": 4})
+        train(model, PoisonedAt7(), cfg, output_dir=out, overwrite=True)
     assert f"last good checkpoint is kept in {out / 'checkpoint'}" in str(err.value)
     assert isinstance(err.value, lorakit.errors.LorakitError)  # the CLI's one-line error, exit 2
     assert (out / "checkpoint" / "adapter.safetensors").read_bytes() != good  # step 4 of this run
@@ -220,3 +221,15 @@ def test_resume_refuses_a_changed_adapter_or_data_and_allows_what_does_not_chang
 def test_infinite_lr_is_refused_up_front() -> None:
     with pytest.raises(ValueError, match="invalid training setting lr=inf"):
         TrainConfig(lr=float("inf"))
+
+
+def test_a_run_never_replaces_an_earlier_runs_checkpoint_unasked(tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 4, "checkpoint_every": 2})
+    train(adapted(), Batches(), cfg, output_dir=out)
+    saved = (out / "checkpoint" / "adapter.safetensors").read_bytes()
+    with pytest.raises(lorakit.OutputExistsError, match="pass resume=True to continue it, overwrite=True"):
+        train(adapted(), Batches(), cfg, output_dir=out)
+    assert (out / "checkpoint" / "adapter.safetensors").read_bytes() == saved  # untouched
+    train(adapted(), Batches(), TrainConfig(**{**cfg.__dict__, "steps": 6}), output_dir=out, overwrite=True)
+    assert (out / "checkpoint" / "adapter.safetensors").read_bytes() != saved  # replaced when asked

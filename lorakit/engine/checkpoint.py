@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import lorakit
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, OutputExistsError
 from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, atomic_write, fill_tensors, load_tensors
 
 CHECKPOINT_DIR = "checkpoint"
@@ -98,16 +98,22 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
     swap_in(final)
 
 
-def check_checkpoint_dir(output_dir: Path) -> None:
+def check_checkpoint_dir(output_dir: Path, *, replaces: bool) -> None:
     """Before a run that writes checkpoints into ``output_dir``: refuse a path that is a file (or lies under
-    one), before any step instead of at the first checkpoint."""
+    one), before any step instead of at the first checkpoint, and (``replaces``: a run that neither resumes
+    nor was told to overwrite) a directory holding an earlier run's checkpoint, which it would replace."""
     for place in (output_dir, *output_dir.parents):
         if place.exists():
             if not place.is_dir():
                 raise ResumeError(
                     f"output_dir {output_dir}: {place} is a file; name a directory for checkpoints"
                 )
-            return
+            break
+    if replaces and has_checkpoint(output_dir):
+        raise OutputExistsError(
+            f"output_dir {output_dir} holds a checkpoint of an earlier run ({output_dir / CHECKPOINT_DIR}); "
+            "pass resume=True to continue it, overwrite=True to replace it, or choose another output_dir"
+        )
 
 
 def has_checkpoint(output_dir: Path) -> bool:

@@ -109,6 +109,7 @@ class Engine:
         evaluate: Evaluate | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         desc: str = "train",
         final_evaluation: bool = True,
         settings: dict[str, Any] | None = None,
@@ -116,7 +117,8 @@ class Engine:
         """Steps until ``cfg.steps`` (or until ``gradients`` stops the run), evaluating every ``eval_every``
         steps and at the end (unless the driver does that itself), checkpointing every ``checkpoint_every``
         steps into ``output_dir``. Each checkpoint records ``cfg``, the adapter's config and ``settings``; a
-        resume with other values is refused (:mod:`lorakit.engine.checkpoint`). A NaN or infinite loss or
+        resume with other values is refused (:mod:`lorakit.engine.checkpoint`), and so is a run that would
+        replace an earlier run's checkpoint in ``output_dir`` unless ``overwrite``. A NaN or infinite loss or
         gradient, or a loss over 1000 times the first step's, stops training before the optimizer step
         (:func:`lorakit.engine.checkpoint.check_step`)."""
         cfg = self.cfg
@@ -125,7 +127,7 @@ class Engine:
         state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, batches, result)
         recorded = run_settings(cfg, self.model, settings)
         if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
-            check_checkpoint_dir(Path(output_dir))
+            check_checkpoint_dir(Path(output_dir), replaces=not resume and not overwrite)
         start = restore_checkpoint(state, Path(output_dir or "."), recorded) if resume else 0
         self.model.train()
         bar = progress_bar(cfg.steps, start, cfg.progress and self.placement.is_writer, desc)

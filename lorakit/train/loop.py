@@ -48,6 +48,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     hooks: list[Hook] | None = None,
     settings: dict[str, Any] | None = None,
     placement: Placement = LOCAL,
@@ -56,7 +57,8 @@ def train(
 
     ``batches`` yields model inputs including ``labels``. With ``output_dir`` and ``checkpoint_every``,
     resumable checkpoints are written atomically to ``output_dir/checkpoint``; ``resume=True`` continues
-    from there (``batches`` must offer ``state_dict``/``load_state_dict`` to resume the data order exactly).
+    from there (``batches`` must offer ``state_dict``/``load_state_dict`` to resume the data order exactly);
+    a directory holding an earlier run's checkpoint is refused unless ``resume`` or ``overwrite``.
     Each checkpoint records ``cfg``, the adapter's config and ``settings`` (e.g. a data fingerprint); a
     resume with different values is refused. A NaN or infinite loss or gradient stops training before the
     optimizer step (:class:`~lorakit.io.NonFiniteError`), as does a loss over 1000 times the first step's
@@ -70,7 +72,13 @@ def train(
     gradients = LossBackward(model, batches, cfg, placement)
     result = TrainResult(steps=0, seconds=0.0, decided=decided)
     return engine.run(
-        gradients, result, evaluate=evaluate, output_dir=output_dir, resume=resume, settings=settings
+        gradients,
+        result,
+        evaluate=evaluate,
+        output_dir=output_dir,
+        resume=resume,
+        overwrite=overwrite,
+        settings=settings,
     )
 
 
