@@ -87,17 +87,24 @@ def check_output_dir(out: Path, files: tuple[str, ...], what: str, overwrite: bo
     """Refuse to write ``files`` into ``out`` when that would replace a file already there (unless
     ``overwrite``; also a lone weights file: what the user saved is never replaced unasked) or when ``out``
     (or a parent) is a file."""
-    for parent in (out, *out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise AdapterFileError(f"cannot save {what} to {out}: {parent} is a file, not a directory")
-        if parent.exists():
-            break
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise AdapterFileError(f"cannot save {what} to {out}: {blocking} is a file, not a directory")
     present = [name for name in files if (out / name).exists()]
     if present and not overwrite:
         raise OutputExistsError(
             f"{out} already holds {what} ({', '.join(present)}); choose another directory or pass "
             "overwrite=True"
         )
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file at ``path`` or at its nearest existing parent, which keeps a directory from being made there
+    (None: there is none)."""
+    for place in (path, *path.parents):
+        if place.exists():
+            return None if place.is_dir() else place
+    return None
 
 
 @contextlib.contextmanager
@@ -124,14 +131,36 @@ def base_dtypes(model: nn.Module) -> list[str]:
     return sorted(found)
 
 
+def check_same_base(
+    meta: dict[str, Any], sample: list[list[float] | None], model: nn.Module, directory: Any
+) -> None:
+    """For a base whose exact fingerprint differs from the adapter's: accept it only as the same base held in
+    another dtype; otherwise undo the adapter and refuse, naming the dtypes when they differ."""
+    now = base_dtypes(model)
+    if same_base_in_another_dtype(meta, sample, now):
+        return
+    undo_apply(model)
+    saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
+    if isinstance(saved, list) and saved and saved != now:
+        raise AdapterFileError(
+            f"the adapter in {directory} was trained on a base in {', '.join(map(str, saved))} but this "
+            f"model's adapted layers are {', '.join(now)}, and their weights differ by more than that "
+            f"rounding: load it onto the base it was trained on"
+        )
+    raise AdapterFileError(
+        f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
+        "its weights do not match this model's. Load it onto the base it was trained on."
+    )
+
+
 def same_base_in_another_dtype(
-    meta: dict[str, Any], sample: list[list[float] | None], model: nn.Module
+    meta: dict[str, Any], sample: list[list[float] | None], now_dtypes: list[str]
 ) -> bool:
     """Whether ``model``'s targeted base is the adapter's base held in another dtype: the dtypes differ and
     the sampled values (:func:`lorakit.api.base_sample`) agree to the rounding of the coarser dtype (each
     cast rounds to within half its epsilon, relative). Integer tensors (packed 4-bit codes) must match
     exactly, which only the fingerprint checks, so a base holding them is never accepted here."""
-    saved, saved_dtypes, now_dtypes = meta.get("base_sample"), meta.get("base_dtypes"), base_dtypes(model)
+    saved, saved_dtypes = meta.get("base_sample"), meta.get("base_dtypes")
     if not isinstance(saved, list) or not isinstance(saved_dtypes, list) or saved_dtypes == now_dtypes:
         return False
     if None in sample or None in saved or len(saved) != len(sample):
@@ -252,22 +281,8 @@ def load(
     except LorakitError as err:  # settings or targets in the file that do not fit: the same error, naming it
         raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)
-    if state.fingerprint != meta["fingerprint"] and not same_base_in_another_dtype(
-        meta, state.base_sample, model
-    ):
-        now = base_dtypes(model)
-        undo_apply(model)
-        saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
-        if isinstance(saved, list) and saved and saved != now:
-            raise AdapterFileError(
-                f"the adapter in {directory} was trained on a base in {', '.join(map(str, saved))} but this "
-                f"model's adapted layers are {', '.join(now)}, and their weights differ by more than that "
-                f"rounding: load it onto the base it was trained on"
-            )
-        raise AdapterFileError(
-            f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
-            "its weights do not match this model's. Load it onto the base it was trained on."
-        )
+    if state.fingerprint != meta["fingerprint"]:
+        check_same_base(meta, state.base_sample, model, directory)
     modules = dict(model.named_modules())
     before = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in state.train_modules}
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
+from collections.abc import Callable
 
 from torch import nn
 
@@ -29,23 +30,19 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     lorakit cannot adapt is refused, and one matching no module at all is warned about (one list often serves
     several model families, as in PEFT), so a misspelt entry never adapts fewer layers silently.
     """
-    adaptable = {n: kind_of(m) for n, m in model.named_modules() if n and kind_of(m) is not None}
+    adaptable = {n: kind for n, m in model.named_modules() if n and (kind := kind_of(m)) is not None}
     if targets == "all-linear":
         head = output_head_names(model)
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise TargetError(
-                f"targets {targets!r} is not a valid regular expression ({err}); fix it"
-            ) from None
-        names = [n for n in adaptable if pattern.fullmatch(n)]
+        if not names:
+            raise TargetError(no_match_message(targets, list(adaptable)))
     else:
-        check_entries(model, targets, adaptable)
-        names = [n for n in adaptable if any(_suffix_of(n, t) for t in targets)]
-    if not names:
-        raise TargetError(no_match_message(targets, list(adaptable), _unadaptable(model, targets)))
+        selects = _selector(targets)
+        if not isinstance(targets, str):
+            check_entries(model, targets, adaptable)
+        names = [n for n in adaptable if selects(n)]
+        if not names:
+            raise TargetError(no_match_message(targets, list(adaptable), _unadaptable(model, selects)))
     unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n] not in kinds]
     if unsupported:
         raise TargetError(
@@ -67,7 +64,7 @@ def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, obj
                 f"targets entry {entry!r} is not a module name; pass names like ['query', 'value']"
             )
         if not any(_suffix_of(n, entry) for n in adaptable):
-            unadaptable = _unadaptable(model, [entry])
+            unadaptable = _unadaptable(model, _selector([entry]))
             message = no_match_message([entry], list(adaptable), unadaptable)
             if unadaptable:
                 raise TargetError(message)
@@ -78,19 +75,24 @@ def _suffix_of(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def _unadaptable(model: nn.Module, targets: str | list[str]) -> dict[str, str]:
-    """Modules ``targets`` names that lorakit cannot adapt, with the reason (for the no-match message)."""
-    if targets == "all-linear":
-        return {}
+def _selector(targets: str | list[str]) -> Callable[[str], bool]:
+    """Whether a module name is selected: a regex must match the whole name, a list entry its suffix."""
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
-        except re.error:
-            return {}
-        hits = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
-    else:
-        hits = [(n, m) for n, m in model.named_modules() if n and any(_suffix_of(n, t) for t in targets)]
-    return {n: why_not_adaptable(m) for n, m in hits if kind_of(m) is None}
+        except re.error as err:
+            raise TargetError(
+                f"targets {targets!r} is not a valid regular expression ({err}); fix it"
+            ) from None
+        return lambda name: pattern.fullmatch(name) is not None
+    return lambda name: any(_suffix_of(name, t) for t in targets)
+
+
+def _unadaptable(model: nn.Module, selects: Callable[[str], bool]) -> dict[str, str]:
+    """Modules ``selects`` picks that lorakit cannot adapt, with the reason (for the no-match message)."""
+    return {
+        n: why_not_adaptable(m) for n, m in model.named_modules() if n and selects(n) and kind_of(m) is None
+    }
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -66,10 +66,15 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     return _apply_mask(x, keep_mask(x, p)).mul_(1.0 / (1.0 - p))
 
 
+def _new_seed() -> Tensor:
+    """A mask seed (one-element int64) from the global generator, so `torch.manual_seed` fixes every mask."""
+    return torch.randint(0, 2**62, (1,))
+
+
 def keep_mask(x: Tensor, p: float) -> Tensor:
     """A fresh dropout keep-mask shaped like ``x`` (``bool``), seeded from the global generator, eager or
     compiled (with the same global seed both draw the same mask)."""
-    seed = torch.randint(0, 2**62, (1,))
+    seed = _new_seed()
     if torch.compiler.is_compiling():
         return _keep_mask_op(x.detach(), p, seed)
     return _keep_mask(x, p, int(seed.item()))
@@ -181,7 +186,7 @@ def low_rank(
             # The compiler traces the function too (its products in the fast order), with the mask drawn by
             # an operator it keeps whole (a seeded generator inside the graph would break it).
             return _LowRankFunction.apply(dropout(x, p), a, b, scale, 0.0, 0)
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+        seed = int(_new_seed().item()) if p > 0 else 0
         return _LowRankFunction.apply(x, a, b, scale, p, seed)
     x = dropout(x, p)
     dtype = x.dtype if x.is_floating_point() else a.dtype

@@ -34,7 +34,15 @@ import lorakit
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError, OutputExistsError
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE, NonFiniteError, atomic_write, fill_tensors, load_tensors
+from lorakit.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    NonFiniteError,
+    atomic_write,
+    file_in_the_way,
+    fill_tensors,
+    load_tensors,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
@@ -102,13 +110,9 @@ def check_checkpoint_dir(output_dir: Path, *, replaces: bool) -> None:
     """Before a run that writes checkpoints into ``output_dir``: refuse a path that is a file (or lies under
     one), before any step instead of at the first checkpoint, and (``replaces``: a run that neither resumes
     nor was told to overwrite) a directory holding an earlier run's checkpoint, which it would replace."""
-    for place in (output_dir, *output_dir.parents):
-        if place.exists():
-            if not place.is_dir():
-                raise ResumeError(
-                    f"output_dir {output_dir}: {place} is a file; name a directory for checkpoints"
-                )
-            break
+    blocking = file_in_the_way(output_dir)
+    if blocking is not None:
+        raise ResumeError(f"output_dir {output_dir}: {blocking} is a file; name a directory for checkpoints")
     if replaces and has_checkpoint(output_dir):
         raise OutputExistsError(
             f"output_dir {output_dir} holds a checkpoint of an earlier run ({output_dir / CHECKPOINT_DIR}); "
