@@ -12,6 +12,7 @@ from torch import nn
 
 import lorakit
 from lorakit.core.lowrank import dropout
+from lorakit.variants import dora_sparse
 
 MATRIX_VARIANTS = ["lora", "dora", "loha", "lokr", "lora_fa"]
 
@@ -27,7 +28,7 @@ def _model(variant: str, dropout: float) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.3])  # DoRA at 0.1: products with the dropped inputs
 @pytest.mark.parametrize("variant", MATRIX_VARIANTS)
 def test_compiled_fullgraph_gradients_equal_eager(variant: str, dropout: float) -> None:
     # With dropout the compiled graph draws each mask's seed from the global generator as eager does, so
@@ -119,3 +120,15 @@ def test_the_public_api_takes_a_compiled_model(tmp_path) -> None:
     merged = lorakit.merge(loaded)
     assert merged is loaded and not lorakit.adapted_layers(merged)
     torch.testing.assert_close(merged(x), compiled(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_dora_forms_its_masked_products_from_the_dropped_inputs(monkeypatch) -> None:
+    calls = []
+    forward, grads = dora_sparse.products_on_kept, dora_sparse.input_grads_on_kept
+    monkeypatch.setattr(dora_sparse, "products_on_kept", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(dora_sparse, "input_grads_on_kept", lambda *a: calls.append("b") or grads(*a))
+    model = _model("dora", dropout=0.1)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    assert sorted(calls) == ["b", "b", "f", "f"]  # two adapted layers, through the operators

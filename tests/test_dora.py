@@ -10,7 +10,14 @@ from torch import nn
 
 import lorakit
 from lorakit.core.lowrank import _keep_mask
-from lorakit.variants import dora
+from lorakit.variants import dora, dora_sparse
+from lorakit.variants.dora_sparse import (
+    dropped_positions,
+    dropped_values,
+    gram_on_dropped,
+    product_at_dropped,
+    product_on_dropped,
+)
 
 
 def perturb(variant: nn.Module, seed: int = 3) -> None:
@@ -255,13 +262,16 @@ def test_fused_function_equals_plain_autograd(kind: str, p: float, with_bias: bo
     assert v.m.grad.abs().min() > 0 and v.A.grad.abs().max() > 0  # every gradient really flows
 
 
-def test_fused_function_under_bf16_autocast_matches_fp32() -> None:
-    model, x = linear_case(dropout=0.0)
+@pytest.mark.parametrize("p", [0.0, 0.1])  # 0.1: fp32 from the dropped inputs, bf16 with dense products
+def test_fused_function_under_bf16_autocast_matches_fp32(p: float) -> None:
+    model, x = linear_case(dropout=p)
     model.train()
     v = model.layer.variant
+    torch.manual_seed(5)  # the same dropout mask in both runs
     model(x).square().mean().backward()
     fp32 = [p.grad.clone() for p in (v.A, v.B, v.m)]
     model.zero_grad()
+    torch.manual_seed(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16
@@ -300,12 +310,52 @@ def test_a_trained_base_weight_gets_the_gradient_of_the_definition(p: float) -> 
     torch.testing.assert_close(bias.grad, br.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_w0_on_the_kept_inputs_from_the_dropped_ones_equals_the_dense_product() -> None:
+def dropped_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An input, a keep-mask dropping about 10% (one row keeps everything: an empty bag) and a weight."""
     gen = torch.Generator().manual_seed(4)
-    x, w0, bias = torch.randn(64, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24)
+    x, w = torch.randn(64, 40, generator=gen), torch.randn(24, 40, generator=gen)
     keep = _keep_mask(x, 0.1, 5)
     assert 0 < (~keep).sum() < 0.2 * keep.numel()
-    keep[3] = True  # a row with nothing dropped: an empty bag
-    y = F.linear(x, w0, bias)
-    got = dora.w0_x_kept_from_dropped(x, y, bias, keep, w0, 0.1)
-    torch.testing.assert_close(got, F.linear(x * keep / 0.9, w0), atol=1e-5, rtol=1e-5)
+    keep[3] = True
+    return x, keep, w
+
+
+def test_products_with_the_dropped_inputs_equal_the_dense_products() -> None:
+    x, keep, w = dropped_case()
+    at = dropped_positions(keep)
+    values = dropped_values(x, at)
+    torch.testing.assert_close(values, x[~keep])
+    dropped = x * ~keep
+    torch.testing.assert_close(product_on_dropped(values, w, at), dropped @ w.t(), atol=1e-5, rtol=1e-5)
+    g = torch.randn(64, 24, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(product_at_dropped(g, w, at), (g @ w)[~keep], atol=1e-5, rtol=1e-5)
+    gz = torch.randn(64, 3, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(gram_on_dropped(gz, values, at, 40), gz.t() @ dropped, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_backward_where_the_gradient_kernel_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return product_at_dropped(*args)
+
+    def grads() -> list[torch.Tensor]:
+        model, x = make_case("linear")
+        lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.1)
+        v = model.layer.variant
+        perturb(v)
+        x = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        model(x).square().sum().backward()
+        return [x.grad, v.A.grad, v.B.grad, v.m.grad]
+
+    monkeypatch.setattr(dora_sparse, "product_at_dropped", counted)
+    folded = grads()
+    assert calls == [1]  # the folded backward ran
+    monkeypatch.setattr(dora_sparse, "_BAG_WEIGHT_GRAD", None)
+    dense = grads()
+    assert calls == [1]
+    for got, want in zip(folded, dense, strict=True):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

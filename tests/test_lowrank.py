@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorakit.core.lowrank import _keep_mask, _LowRankFunction
@@ -12,23 +13,26 @@ def reference(x, a, b, scale, p, seed):
     return scale * (x_in @ a.t()) @ b.t()
 
 
-def test_gradients_match_plain_autograd_with_and_without_dropout() -> None:
-    for p in (0.0, 0.3):
-        torch.manual_seed(0)
-        x = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
-        a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-        out = _LowRankFunction.apply(x, a, b, 1.5, p, 1234)
-        ref = reference(x, a, b, 1.5, p, 1234)
-        torch.testing.assert_close(out, ref)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (x, a, b), g)
-        ref_grads = torch.autograd.grad(ref, (x, a, b), g)
-        for got, want in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(got, want)
-        assert torch.autograd.gradcheck(
-            lambda x, a, b, p=p: _LowRankFunction.apply(x, a, b, 1.5, p, 99), (x, a, b)
-        )
+@pytest.mark.parametrize("with_y", [False, True])  # with y: the base output accumulated in the product
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradients_match_plain_autograd_with_and_without_dropout(p: float, with_y: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    inputs = (x, a, b, y) if with_y else (x, a, b)
+    out = _LowRankFunction.apply(x, a, b, y if with_y else None, 1.5, p, 1234)
+    ref = reference(x, a, b, 1.5, p, 1234) + (y if with_y else 0)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    ref_grads = torch.autograd.grad(ref, inputs, g)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, *y: _LowRankFunction.apply(x, a, b, y[0] if y else None, 1.5, p, 99), inputs
+    )
 
 
 def test_saves_the_input_itself_and_a_boolean_mask_not_a_dropped_copy() -> None:
@@ -36,7 +40,7 @@ def test_saves_the_input_itself_and_a_boolean_mask_not_a_dropped_copy() -> None:
     a, b = torch.randn(4, 32, requires_grad=True), torch.zeros(16, 4, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _LowRankFunction.apply(x, a, b, 2.0, 0.1, 7)
+        _LowRankFunction.apply(x, a, b, None, 2.0, 0.1, 7)
     big = [t for t in saved if t.numel() == x.numel() and t.dtype != torch.bool]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert sum(t.numel() == x.numel() for t in saved) == 2  # x itself and its 1-byte mask
@@ -47,7 +51,7 @@ def test_autocast_computes_in_bf16_and_returns_fp32_gradients() -> None:
     x = torch.randn(16, 32, requires_grad=True)
     a, b = torch.randn(4, 32, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _LowRankFunction.apply(x, a, b, 0.5, 0.2, 11)
+        out = _LowRankFunction.apply(x, a, b, None, 0.5, 0.2, 11)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     ref = reference(

@@ -112,10 +112,15 @@ def gram_rank_first(g: Tensor, z: Tensor) -> Tensor:
 
 
 class _LowRankFunction(torch.autograd.Function):
-    """``out = s * B (A x~)``, ``x~ = (x * m) / (1 - p)``; the ``1/(1-p)`` is applied to the small ``z``."""
+    """``out = [y +] s B (A x~)``, ``x~ = (x * m) / (1 - p)``; the ``1/(1-p)`` is applied to the small ``z``.
+
+    Given the base output ``y`` (same dtype), the last product accumulates onto it (``addmm``): one output
+    tensor and one pass, where a separate product, scaling and sum write three."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, seed: int) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, a: Tensor, b: Tensor, y: Tensor | None, scale: float, p: float, seed: int
+    ) -> Tensor:
         device = x.device.type
         # Under autocast the products run in the autocast dtype, as they would for nn.Linear; backward (which
         # autocast does not cover) uses the same dtype explicitly.
@@ -127,7 +132,11 @@ class _LowRankFunction(torch.autograd.Function):
             z = rank_first(a_c, _rows(x_in)).reshape(*x.shape[:-1], a.shape[0])  # (..., r)
             if mask is not None:
                 z = z.div_(1.0 - p)
-            out = F.linear(z, b_c).mul_(scale)  # (..., out)
+            if y is not None and y.dtype == dtype:
+                out = torch.addmm(_rows(y), _rows(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
+            else:
+                out = F.linear(z, b_c).mul_(scale)  # (..., out)
+                out = out if y is None else y + out.to(y.dtype)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.dtypes = (x.dtype, a.dtype, b.dtype)
         # When A trains, x is needed anyway (and already kept by the network), so the 1-byte mask is kept too
@@ -142,7 +151,7 @@ class _LowRankFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, mask, a, b, z = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        need_x, need_a, need_b, need_y = ctx.needs_input_grad[:4]
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = _rows(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
         gz = rank_first(b.t(), g).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz with the dropout rescale, (N, r)
@@ -159,7 +168,7 @@ class _LowRankFunction(torch.autograd.Function):
                     grad_x, mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
                 )
             grad_x = grad_x.to(x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None
 
 
 def fused_backward_allowed() -> bool:
@@ -173,9 +182,11 @@ def fused_backward_allowed() -> bool:
 
 
 def low_rank(
-    base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool
-) -> Tensor:
-    """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output.
+    base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool,
+    y: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output; with ``y``
+    (the base output), ``y`` plus that, in ``y``'s dtype.
 
     ``a``: ``(r, in)``, ``b``: ``(out, r)``. Matrix layers (Linear, GPT-2 Conv1D) use the memory-lean
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
@@ -185,10 +196,11 @@ def low_rank(
         if torch.compiler.is_compiling():
             # The compiler traces the function too (its products in the fast order), with the mask drawn by
             # an operator it keeps whole (a seeded generator inside the graph would break it).
-            return _LowRankFunction.apply(dropout(x, p), a, b, scale, 0.0, 0)
+            return _LowRankFunction.apply(dropout(x, p), a, b, y, scale, 0.0, 0)
         seed = int(_new_seed().item()) if p > 0 else 0
-        return _LowRankFunction.apply(x, a, b, scale, p, seed)
+        return _LowRankFunction.apply(x, a, b, y, scale, p, seed)
     x = dropout(x, p)
     dtype = x.dtype if x.is_floating_point() else a.dtype
     z = base.kind.down(base.base_layer, x, a.to(dtype))
-    return base.kind.up(z, b.to(dtype)) * scale
+    out = base.kind.up(z, b.to(dtype)) * scale
+    return out if y is None else y + out.to(y.dtype)

@@ -116,7 +116,7 @@ class AdaLoRA(Variant):
             # (DistributedDataParallel waits for a gradient of every trainable tensor).
             return y + 0.0 * (e.sum() + q.sum() + p.sum())
         drop = self.config.dropout if self.dropout is not None else 0.0
-        return y + low_rank(base, x, e[:, None] * q, p, self.scale, drop, self.training).to(y.dtype)
+        return low_rank(base, x, e[:, None] * q, p, self.scale, drop, self.training, y)
 
     def fix(self, live: Tensor) -> None:
         """Make the mask final. A variant loaded resized (``live.sum()`` triplets, when resuming) is first

@@ -121,7 +121,7 @@ class DeltaLoRA(LoRA):
         return dw
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
-        out = y + low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training).to(y.dtype)
+        out = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training, y)
         if not self.active_now:
             return out
         a2 = torch.cat([self.A, self.A_K]).detach()  # (2r, in)

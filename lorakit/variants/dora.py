@@ -7,16 +7,17 @@ norm is detached (Sec. 4.3): A and B get gradients only through the numerator.
 
 Forward without forming ``W'``: with ``c = m / ||V||_row``, ``W' x~ = c * (W0 x~ + s B A x~)``, so
 ``y' = y + (c - 1) * (W0 x~) + c * s B A x~``. Without dropout ``W0 x = y - b0`` is reused; with dropout
-``W0 x~`` costs one extra base op on the dropped input. The row norm never forms a ``d_out x d_in`` product:
+``W0 x~`` costs one extra base op on the dropped-out input (on a CPU, products with the few dropped inputs
+only: :mod:`lorakit.variants.dora_sparse`). The row norm never forms a ``d_out x d_in`` product:
 ``||V_i||^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2`` with ``(out, r)`` temporaries only.
 
 Step 0: ``B = 0`` (``A = 0`` for embeddings) and ``m = ||W0||_row``, so ``c = 1`` and ``W' = W0`` exactly.
 
 Matrix layers (Linear, GPT-2 Conv1D) run the whole adapter as one autograd function, :class:`DoRAFunction`:
-``V x~`` comes out of one matrix product that accumulates onto ``W0 x~`` (or onto ``y``), the scale is one
-fused pass, and backward keeps ``W0 x~`` (without dropout ``y`` itself, so nothing new), the low-rank ``z``
-and a 1-byte dropout mask, where plain autograd keeps ``W0 x~``, the low-rank output and a dropped-out copy
-of ``x`` (PEFT also keeps the base output). The dropout mask is drawn as LoRA's (:mod:`lorakit.core.lowrank`).
+the output is formed in the low-rank product's output buffer with in-place passes, and backward keeps
+``W0 x~`` (without dropout ``y`` itself, so nothing new), the low-rank ``z`` and the 1-byte dropout mask (or
+the dropped positions), where plain autograd keeps ``W0 x~``, the low-rank output and a dropped-out copy of
+``x`` (PEFT also keeps the base output). The dropout mask is drawn as LoRA's (:mod:`lorakit.core.lowrank`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
@@ -37,6 +37,15 @@ from lorakit.core.lowrank import (
     keep_mask,
     low_rank,
     rank_first,
+)
+from lorakit.variants.dora_sparse import (
+    Dropped,
+    dropped_positions,
+    input_grads_on_kept,
+    input_grads_on_kept_op,
+    products_on_kept,
+    products_on_kept_op,
+    sparse_complement_pays,
 )
 from lorakit.variants.lora import LoRA, LoRAConfig
 
@@ -88,46 +97,19 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     return norm.masked_fill(norm == 0, 1.0)
 
 
-def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
-    """Whether :func:`w0_x_kept_from_dropped` beats a dense product: on a CPU (a GPU's dense product is
-    cheaper than gathering), outside the compiler (the dropped count is data-dependent), in one float dtype
-    (no autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision), at a small drop rate."""
-    return (
-        x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and x.dtype == y.dtype == w0.dtype
-        and x.dtype in (torch.float32, torch.float64)
-        and p <= 0.25
-    )
-
-
-def w0_x_kept_from_dropped(
-    x: Tensor, y: Tensor, bias: Tensor | None, keep: Tensor, w0: Tensor, p: float
-) -> Tensor:
-    """``W0 x~`` (``x~ = x * keep / (1 - p)``) from the base output ``y = W0 x + b0``:
-    ``(y - b0 - W0 (x * dropped)) / (1 - p)``. Only the dropped inputs (a fraction ``p``) enter a product:
-    an embedding-bag sum of ``W0``'s columns weighted by them, one bag per row. ``x (N, in)``, ``y (N, out)``.
-    """
-    dropped = ~keep
-    counts = dropped.sum(1)  # dropped inputs per row
-    flat = dropped.view(-1).nonzero().squeeze(1)  # their positions, row by row
-    cols = flat.remainder(x.shape[1])
-    values = x.reshape(-1)[flat]
-    offsets = counts.cumsum(0).sub_(counts)
-    part = F.embedding_bag(cols, w0.t().contiguous(), offsets, mode="sum", per_sample_weights=values)
-    base = y - bias.detach().to(y.dtype) if bias is not None else y.clone()
-    return base.sub_(part).div_(1 - p)
-
-
 class DoRAFunction(torch.autograd.Function):
     """``out = y + (c - 1) W0 x~ + c s B A x~`` with ``c = m / n`` (``n`` the detached row norm), fused.
 
-    ``x~ = x * keep / (1 - p)``. With ``p = 0``, ``W0 x = y - b0`` is reused: ``out = c (y + s B A x) +
-    (1 - c) b0``. ``c`` and the scaled sum are fp32 (rounded once to the output dtype), so a small change of
-    ``m`` is not lost under bf16. Backward, with ``g = dL/dout``: ``dL/dy = c g`` (``p = 0``) or ``g``; the
-    low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``); ``W0 x~`` gets ``(c - 1) g``;
-    ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``, so only ``W0 x~``
-    (``y`` itself when ``p = 0``: no new tensor), the small ``z = A x~`` and the 1-byte mask are saved.
+    ``x~ = x * keep / (1 - p)``. The base products read ``h = W0 (x * keep) + b0``, so ``W0 x~ = k (h - b0)``
+    with ``k = 1 / (1 - p)``; without dropout ``h = y`` is reused. With ``e = k (c - 1)`` and ``z = A x~``:
+    ``out = y + e (h - b0) + c s B z``, formed in fp32 in the output buffer of the low-rank product (the
+    ``- e b0`` rides in as its bias), so a small change of ``m`` is not lost under bf16.
+
+    Backward, with ``g = dL/dout``: ``dL/dh = e g`` (``dL/dy = c g`` when ``h = y``), which reaches ``x`` as
+    ``keep * (e g W0)``; on a CPU that product is folded into ``y``'s own backward (:mod:`.dora_sparse`); the
+    low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``);
+    ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``. Saved: ``h`` (``y``
+    itself without dropout: no new tensor), the small ``z``, the 1-byte mask and the dropped positions.
     """
 
     @staticmethod
@@ -137,70 +119,96 @@ class DoRAFunction(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # the scaled sum's dtype: fp32 for bf16 and fp16
+        acc = torch.promote_types(dtype, torch.float32)  # the sum's dtype: fp32 for bf16 and fp16
         with torch.autocast(device, enabled=False):
             c = m.detach().to(acc) / norm  # (out,)
+            e = (c - 1) / (1 - p)
+            b0 = bias.detach().to(acc) if bias is not None else None
             a_c, b_c = a.to(dtype), b.to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             y2 = y.reshape(-1, y.shape[-1])  # (N, out)
             mask = keep.reshape(x2.shape) if keep is not None else None
-            shift = bias.detach().to(acc) if bias is not None and mask is None else None
+            sparse = mask is not None and sparse_complement_pays(x2, y2, w0, p)
+            at = None  # the dropped positions, kept in eager mode instead of the mask
             if mask is None:
-                h = y2  # W0 x + b0
-                z = rank_first(a_c, x2)  # (N, r)
-                t = torch.addmm(y2.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x + b0
-                rest = (1 - c) * shift if shift is not None else torch.zeros_like(c)
-                out = torch.addcmul(rest, t, c, out=t if t.dtype == y2.dtype else torch.empty_like(y2))
+                h, z = y2, rank_first(a_c, x2)
+            elif sparse:  # W0 (x * keep) + b0 and A (x * keep) from the dropped inputs
+                if torch.compiler.is_compiling():  # the operator finds the positions (a data-dependent count)
+                    h, z = products_on_kept_op(x2, y2, mask, w0, a_c)
+                else:
+                    at = dropped_positions(mask)
+                    h, z = products_on_kept(x2, y2, at, w0, a_c)
+                    mask = None  # backward reads the positions
             else:
                 xm = _apply_mask(x2, mask)
-                h = (
-                    w0_x_kept_from_dropped(x2, y2, bias, mask, w0, p)
-                    if sparse_complement_pays(x2, y2, w0, p)
-                    else torch.addmm(y2.new_zeros(()), xm, w0.to(dtype).t(), beta=0, alpha=1 / (1 - p))
-                )  # W0 x~
-                z = rank_first(a_c, xm).div_(1 - p)  # (N, r)
+                w0_c = w0.to(dtype).t()
+                h = torch.addmm(b0.to(dtype), xm, w0_c) if b0 is not None else xm @ w0_c
+                z = rank_first(a_c, xm)
                 del xm
-                t = torch.addmm(h.to(acc), z.to(acc), b_c.to(acc).t(), alpha=scale)  # V x~
-                out = torch.sub(y2.to(acc), h).addcmul_(t, c).to(y2.dtype)  # y - W0 x~ + c V x~
-            del t
-        ctx.scale, ctx.p, ctx.dtypes = scale, p, (x.dtype, a.dtype, b.dtype, m.dtype)
-        ctx.save_for_backward(x, mask, w0 if mask is not None else None, a_c, b_c, z, h, c, norm, shift)
+            if p > 0:
+                z = z.div_(1 - p)  # (N, r), A x~
+            cb = (b_c.to(acc) * (c * scale)[:, None]).t()  # (c s B)^T, (r, out)
+            rest = -e * b0 if b0 is not None else torch.zeros_like(c)
+            out = torch.addmm(rest, z.to(acc), cb)  # c s B z - e b0
+            if p == 0:
+                out.addcmul_(y2, c)  # y + (c - 1) (y - b0) = c y - (c - 1) b0
+            else:
+                out.addcmul_(h, e).add_(y2)
+            out = out.to(y2.dtype)
+        ctx.scale, ctx.p, ctx.sparse, ctx.dtypes = scale, p, sparse, (x.dtype, a.dtype, b.dtype, m.dtype)
+        positions = at if at is not None else (None, None, None)
+        saved = (x, mask, w0 if p > 0 else None, a_c, b_c, z, h, c, norm, b0, *positions)
+        ctx.save_for_backward(*saved)
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, w0, a, b, z, h, c, norm, shift = ctx.saved_tensors
+        x, mask, w0, a, b, z, h, c, norm, b0, *positions = ctx.saved_tensors
+        at = Dropped(*positions) if positions[0] is not None else None
         x_dtype, a_dtype, b_dtype, m_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         scale, p = ctx.scale, ctx.p
+        e = (c - 1) / (1 - p)
         g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out), in the forward's compute dtype
         grad_x = grad_y = grad_a = grad_b = grad_m = None
-        if need[1]:
-            grad_y = grad if mask is not None else torch.mul(grad, c, out=torch.empty_like(grad))
+        # Folded: y's backward takes dL/dh = e g too (its product with W0 is the one x needs, on every input),
+        # and dL/dx gives it back at the dropped positions, where h does not read x.
+        fold = ctx.sparse and need[0] and need[1]
+        if need[1]:  # dL/dy = c g when h = y, g (1 + e) when the fold adds dL/dh, else g
+            coef = c if p == 0 else 1 + e if fold else None
+            # fp32 coefficient, one rounding of the product (out=): a bf16 c would move in steps of 2**-8
+            grad_y = grad if coef is None else torch.mul(grad, coef, out=torch.empty_like(grad))
         if need[5] or need[6]:
             gzt = gram_rank_first(g, z).to(c.dtype)  # g^T z, (out, r)
             if need[5]:
                 grad_b = (gzt * c[:, None]).mul_(scale).to(b_dtype)
             if need[6]:
-                gh = (g * h).sum(0, dtype=c.dtype)  # sum_N g (W0 x~ [+ b0])
-                if shift is not None:
-                    gh -= shift * g.sum(0, dtype=c.dtype)
+                gh = (g * h).sum(0, dtype=c.dtype)  # sum_N g h
+                if b0 is not None:
+                    gh -= b0 * g.sum(0, dtype=c.dtype)
+                gh /= 1 - p  # sum_N g W0 x~
                 gh += scale * (b.to(c.dtype) * gzt).sum(1)  # sum_N g s B z
                 grad_m = (gh / norm).to(m_dtype)
         if need[0] or need[4]:
             cb = (b.to(c.dtype) * (c * (scale / (1 - p)))[:, None]).to(b.dtype)  # c B, scaled
-            gz = rank_first(cb.t(), g)  # dL/d(A x * keep), (N, r)
-            if need[4]:
-                x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
-                x_in = _apply_mask(x2, mask) if mask is not None else x2
-                grad_a = (gz.t() @ x_in).to(a_dtype)
-            if need[0]:
-                if mask is not None:  # W0 x~ reads x too: (c - 1) g W0, through the same mask
-                    gw = torch.mul(g, (c - 1) / (1 - p), out=torch.empty_like(g))
-                    gx = _apply_mask(torch.addmm(gw @ w0.to(g.dtype), gz, a), mask)
+            gz = rank_first(cb.t(), g)  # dL/d(A (x * keep)), (N, r)
+            x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
+            w0_e = w0.to(c.dtype) * e[:, None] if p > 0 and need[0] else None  # e g W0 = g (e W0)
+            if ctx.sparse:  # h and z read x * keep: products with the dropped inputs
+                args = (gz, a, g, w0_e, x2)
+                if at is not None:
+                    grad_x, grad_a = input_grads_on_kept(*args, at, fold, need[0], need[4])
                 else:
-                    gx = gz @ a
-                grad_x = gx.view(x.shape).to(x_dtype)
+                    grad_x, grad_a = input_grads_on_kept_op(*args, mask, fold, need[0], need[4])
+            else:
+                if need[4]:
+                    grad_a = gz.t() @ (_apply_mask(x2, mask) if mask is not None else x2)
+                if need[0]:
+                    grad_x = gz @ a  # the low-rank path's part, (N, in)
+                    if p > 0:  # h reads x too: keep * (g e W0)
+                        grad_x = _apply_mask(grad_x.addmm_(g, w0_e.to(g.dtype)), mask)
+            grad_a = grad_a.to(a_dtype) if need[4] else None
+            grad_x = grad_x.view(x.shape).to(x_dtype) if need[0] else None
         return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None
 
 

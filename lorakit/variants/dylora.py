@@ -110,7 +110,7 @@ class DyLoRA(Variant):
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         a, up, scale = self.factors(self.active_rank())
         p = self.config.dropout if self.dropout is not None else 0.0
-        return y + low_rank(base, x, a, up, scale, p, self.training).to(y.dtype)
+        return low_rank(base, x, a, up, scale, p, self.training, y)
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         self.merged_rank = self.current_rank

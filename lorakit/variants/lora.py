@@ -60,4 +60,4 @@ class LoRA(Variant):
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         p = self.config.dropout if self.dropout is not None else 0.0
-        return y + low_rank(base, x, self.A, self.B, self.scale, p, self.training).to(y.dtype)
+        return low_rank(base, x, self.A, self.B, self.scale, p, self.training, y)
