@@ -109,7 +109,7 @@ class DoRAFunction(torch.autograd.Function):
     ``keep * (e g W0)``; on a CPU that product is folded into ``y``'s own backward (:mod:`.dora_sparse`); the
     low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``);
     ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``. Saved: ``h`` (``y``
-    itself without dropout: no new tensor), the small ``z``, the 1-byte mask and the dropped positions.
+    itself without dropout: no new tensor), the small ``z``, and the 1-byte mask or the dropped positions.
     """
 
     @staticmethod

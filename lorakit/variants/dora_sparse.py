@@ -13,9 +13,10 @@ input has an exact form that touches only the dropped inputs, a fraction ``p`` (
   embedding bag's gradient for its per-sample weights computes. ``dL/dA`` takes its dropped part back the
   same way (an index-add of ``N x r`` rows).
 
-No input-sized masked copy is formed, and only the positions (8 bytes per dropped input, 0.4 bytes per
-input at ``p = 0.05``) are saved instead of the 1-byte mask. A CPU's dense product costs 2-3x more than the
-bag sums; a GPU's dense product is cheaper than gathering, so elsewhere DoRA keeps the dense products.
+No input-sized masked copy is formed, and in eager mode only the positions (8 bytes per dropped input, 0.4
+bytes per input at ``p = 0.05``) are saved instead of the 1-byte mask; compiled graphs call the operators at
+the end of this module. A CPU's dense product costs 2-3x more than the bag sums; a GPU's dense product is
+cheaper than gathering, so elsewhere DoRA keeps the dense products.
 """
 
 from __future__ import annotations
@@ -28,9 +29,26 @@ from torch import Tensor
 
 from lorakit.core.lowrank import rank_first
 
-# The embedding bag's per-sample-weight gradient kernel: dot(grad_out[bag(i)], weight[index(i)]) for each i.
-_BAG_WEIGHT_GRAD = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
-_SUM = 0  # the kernel's code for mode="sum"
+_SUM = 0  # the embedding bag's code for mode="sum"
+
+
+def _bag_weight_grad_kernel() -> object | None:
+    """The embedding bag's per-sample-weight gradient kernel, ``dot(grad_out[bag(i)], weight[index(i)])`` for
+    each ``i``, if this PyTorch has it with the expected signature and result (it is an internal operator, so
+    it is checked once on a tiny case; without it DoRA keeps the dense products)."""
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is None:
+        return None
+    g, w = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    index, offsets, bags = torch.tensor([2, 0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1, 1])
+    try:
+        got = op(g, w, index, offsets, bags, _SUM, -1)
+    except (RuntimeError, TypeError):
+        return None
+    return op if torch.equal(got, (g[bags] * w[index]).sum(1)) else None
+
+
+_BAG_WEIGHT_GRAD = _bag_weight_grad_kernel()
 
 
 class Dropped(NamedTuple):
