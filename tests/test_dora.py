@@ -262,9 +262,9 @@ def test_fused_function_equals_plain_autograd(kind: str, p: float, with_bias: bo
     assert v.m.grad.abs().min() > 0 and v.A.grad.abs().max() > 0  # every gradient really flows
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])  # 0.1: fp32 from the dropped inputs, bf16 with dense products
-def test_fused_function_under_bf16_autocast_matches_fp32(p: float) -> None:
-    model, x = linear_case(dropout=p)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # 0.1: fp32 from the dropped inputs, bf16 with dense products
+def test_fused_function_under_bf16_autocast_matches_fp32(dropout: float) -> None:
+    model, x = linear_case(dropout=dropout)
     model.train()
     v = model.layer.variant
     torch.manual_seed(5)  # the same dropout mask in both runs
