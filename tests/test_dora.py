@@ -322,8 +322,8 @@ def dropped_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_products_with_the_dropped_inputs_equal_the_dense_products() -> None:
     x, keep, w = dropped_case()
-    at = dropped_positions(keep)
-    values = dropped_values(x, at)
+    at, flat = dropped_positions(keep)
+    values = dropped_values(x, flat)
     torch.testing.assert_close(values, x[~keep])
     dropped = x * ~keep
     torch.testing.assert_close(product_on_dropped(values, w, at), dropped @ w.t(), atol=1e-5, rtol=1e-5)

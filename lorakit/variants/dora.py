@@ -136,8 +136,8 @@ class DoRAFunction(torch.autograd.Function):
                 if torch.compiler.is_compiling():  # the operator finds the positions (a data-dependent count)
                     h, z = products_on_kept_op(x2, y2, mask, w0, a_c)
                 else:
-                    at = dropped_positions(mask)
-                    h, z = products_on_kept(x2, y2, at, w0, a_c)
+                    at, flat = dropped_positions(mask)
+                    h, z = products_on_kept(x2, y2, at, flat, w0, a_c)
                     mask = None  # backward reads the positions
             else:
                 xm = _apply_mask(x2, mask)
