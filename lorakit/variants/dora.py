@@ -32,6 +32,7 @@ from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import (
     _apply_mask,
+    fresh_dropped_indices,
     fused_backward_allowed,
     gram_rank_first,
     keep_mask,
@@ -40,6 +41,7 @@ from lorakit.core.lowrank import (
 )
 from lorakit.variants.dora_sparse import (
     Dropped,
+    dropped_at,
     dropped_positions,
     input_grads_on_kept,
     input_grads_on_kept_op,
@@ -97,17 +99,41 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     return norm.masked_fill(norm == 0, 1.0)
 
 
+def _is_stored_float_weight(base: AdaptedLayer) -> bool:
+    """Whether ``base.weight_2d()`` is a view of the stored weight (a float parameter, not a dequantised copy
+    of packed codes): saving it for backward costs no memory."""
+    weight = getattr(base.base_layer, "weight", None)
+    return (
+        isinstance(weight, nn.Parameter)
+        and weight.is_floating_point()
+        and not hasattr(base.base_layer, "weight_packed")
+    )
+
+
+def _draws_positions(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
+    """Whether the dropout of :class:`DoRAFunction` is drawn as the dropped positions (no mask is formed): in
+    eager mode without autocast, where the function takes the sparse forms."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+        and sparse_complement_pays(x, y, w0, p)
+    )
+
+
 class DoRAFunction(torch.autograd.Function):
     """``out = y + (c - 1) W0 x~ + c s B A x~`` with ``c = m / n`` (``n`` the detached row norm), fused.
 
     ``x~ = x * keep / (1 - p)``. The base products read ``h = W0 (x * keep) + b0``, so ``W0 x~ = k (h - b0)``
     with ``k = 1 / (1 - p)``; without dropout ``h = y`` is reused. With ``e = k (c - 1)`` and ``z = A x~``:
-    ``out = y + e (h - b0) + c s B z``, formed in fp32 in the output buffer of the low-rank product (the
-    ``- e b0`` rides in as its bias), so a small change of ``m`` is not lost under bf16.
+    ``out = y + e (h - b0) + c s B z``, formed in fp32 in two passes (the ``- e b0`` rides on the low-rank
+    product), so a small change of ``m`` is not lost under bf16.
 
     Backward, with ``g = dL/dout``: ``dL/dh = e g`` (``dL/dy = c g`` when ``h = y``), which reaches ``x`` as
-    ``keep * (e g W0)``; on a CPU that product is folded into ``y``'s own backward (:mod:`.dora_sparse`); the
-    low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``);
+    ``keep * (e g W0)``; on a CPU that product is folded into ``y``'s (:mod:`.dora_sparse`). When ``w0`` is
+    the stored weight itself (``w0_stored``, not a dequantised copy) in the compute dtype, ``y``'s part of
+    ``dL/dx``, ``(dL/dy) W0``, is formed here on ``dL/dx``'s own buffer: no scaled copy of ``dL/dy``, no
+    second input gradient for autograd to add, and ``y`` gets none (the base layer's backward has nothing to
+    do). The low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``);
     ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``. Saved: ``h`` (``y``
     itself without dropout: no new tensor), the small ``z``, and the 1-byte mask or the dropped positions.
     """
@@ -115,7 +141,8 @@ class DoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, y: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, m: Tensor,
-        norm: Tensor, scale: float, p: float, keep: Tensor | None,
+        norm: Tensor, scale: float, p: float, keep: Tensor | None, dropped: tuple[Dropped, Tensor] | None,
+        w0_stored: bool,
     ) -> Tensor:  # fmt: skip
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -128,15 +155,15 @@ class DoRAFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             y2 = y.reshape(-1, y.shape[-1])  # (N, out)
             mask = keep.reshape(x2.shape) if keep is not None else None
-            sparse = mask is not None and sparse_complement_pays(x2, y2, w0, p)
+            sparse = dropped is not None or (mask is not None and sparse_complement_pays(x2, y2, w0, p))
             at = None  # the dropped positions, kept in eager mode instead of the mask
-            if mask is None:
+            if mask is None and dropped is None:
                 h, z = y2, rank_first(a_c, x2)
             elif sparse:  # W0 (x * keep) + b0 and A (x * keep) from the dropped inputs
                 if torch.compiler.is_compiling():  # the operator finds the positions (a data-dependent count)
                     h, z = products_on_kept_op(x2, y2, mask, w0, a_c)
                 else:
-                    at, flat = dropped_positions(mask)
+                    at, flat = dropped if dropped is not None else dropped_positions(mask)
                     h, z = products_on_kept(x2, y2, at, flat, w0, a_c)
                     mask = None  # backward reads the positions
             else:
@@ -147,17 +174,29 @@ class DoRAFunction(torch.autograd.Function):
                 del xm
             if p > 0:
                 z = z.div_(1 - p)  # (N, r), A x~
-            cb = (b_c.to(acc) * (c * scale)[:, None]).t()  # (c s B)^T, (r, out)
-            rest = -e * b0 if b0 is not None else torch.zeros_like(c)
-            out = torch.addmm(rest, z.to(acc), cb)  # c s B z - e b0
-            if p == 0:
-                out.addcmul_(y2, c)  # y + (c - 1) (y - b0) = c y - (c - 1) b0
-            else:
-                out.addcmul_(h, e).add_(y2)
-            out = out.to(y2.dtype)
+            # y + e (h - b0) + c s B z: y + e h in one pass (c y when h = y, as e = c - 1), then the low-rank
+            # product added in place, with -e b0 riding on it as one more rank (a column of ones)
+            out = torch.mul(y2, c) if p == 0 else torch.addcmul(y2, h, e)  # promoted to fp32 under bf16
+            zt, cb = z.t().to(acc), (b_c.to(acc) * (c * scale)[:, None]).t()  # z^T (r, N), (c s B)^T (r, out)
+            if b0 is not None:
+                zt, cb = torch.cat([zt, zt.new_ones(1, zt.shape[1])]), torch.cat([cb, (-e * b0)[None]])
+            out = out.addmm_(zt.t(), cb).to(y2.dtype)
         ctx.scale, ctx.p, ctx.sparse, ctx.dtypes = scale, p, sparse, (x.dtype, a.dtype, b.dtype, m.dtype)
+        ctx.base_grad_here = w0_stored and w0.dtype == dtype
         positions = at if at is not None else (None, None, None)
-        saved = (x, mask, w0 if p > 0 else None, a_c, b_c, z, h, c, norm, b0, *positions)
+        saved = (
+            x,
+            mask,
+            w0 if p > 0 or ctx.base_grad_here else None,
+            a_c,
+            b_c,
+            z,
+            h,
+            c,
+            norm,
+            b0,
+            *positions,
+        )
         ctx.save_for_backward(*saved)
         return out.view(y.shape)
 
@@ -171,11 +210,12 @@ class DoRAFunction(torch.autograd.Function):
         e = (c - 1) / (1 - p)
         g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out), in the forward's compute dtype
         grad_x = grad_y = grad_a = grad_b = grad_m = None
-        # Folded: y's backward takes dL/dh = e g too (its product with W0 is the one x needs, on every input),
+        # Folded: y's product takes dL/dh = e g too (its product with W0 is the one x needs, on every input),
         # and dL/dx gives it back at the dropped positions, where h does not read x.
         fold = ctx.sparse and need[0] and need[1]
-        if need[1]:  # dL/dy = c g when h = y, g (1 + e) when the fold adds dL/dh, else g
-            coef = c if p == 0 else 1 + e if fold else None
+        coef = c if p == 0 else 1 + e if fold else None  # dL/dy = coef g (None: 1)
+        here = ctx.base_grad_here and need[0] and need[1]  # (dL/dy) W0 formed here, on dL/dx
+        if need[1] and not here:
             # fp32 coefficient, one rounding of the product (out=): a bf16 c would move in steps of 2**-8
             grad_y = grad if coef is None else torch.mul(grad, coef, out=torch.empty_like(grad))
         if need[5] or need[6]:
@@ -207,9 +247,13 @@ class DoRAFunction(torch.autograd.Function):
                     grad_x = gz @ a  # the low-rank path's part, (N, in)
                     if p > 0:  # h reads x too: keep * (g e W0)
                         grad_x = _apply_mask(grad_x.addmm_(g, w0_e.to(g.dtype)), mask)
+            if here:  # y's part: (dL/dy) W0 = g (coef W0)
+                grad_x = grad_x.addmm_(
+                    g, w0 if coef is None else (w0.to(c.dtype) * coef[:, None]).to(g.dtype)
+                )
             grad_a = grad_a.to(a_dtype) if need[4] else None
             grad_x = grad_x.view(x.shape).to(x_dtype) if need[0] else None
-        return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None
+        return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None, None, None
 
 
 class DoRA(LoRA):
@@ -265,10 +309,17 @@ class DoRA(LoRA):
             and (bias is None or not bias.requires_grad)
         ):
             p = self.config.dropout if self.training and self.dropout is not None else 0.0
-            keep = keep_mask(x, p) if p > 0 else None
             w0 = base.weight_2d()
+            keep = dropped = None
+            if p > 0 and _draws_positions(x, y, w0, p):  # the dropped positions, without a mask
+                flat = fresh_dropped_indices(x, p)
+                dropped = (dropped_at(flat, x.reshape(-1, x.shape[-1]).shape), flat)
+            elif p > 0:
+                keep = keep_mask(x, p)
+            norm = self.weight_norm(base)
+            stored = _is_stored_float_weight(base)
             return DoRAFunction.apply(
-                x, y, w0, bias, self.A, self.B, self.m, self.weight_norm(base), self.scale, p, keep
+                x, y, w0, bias, self.A, self.B, self.m, norm, self.scale, p, keep, dropped, stored
             )
         view = base.kind.channel_view
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be

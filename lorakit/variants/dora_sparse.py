@@ -8,9 +8,9 @@ input has an exact form that touches only the dropped inputs, a fraction ``p`` (
 - forward: ``W0 (x * keep) + b0 = y - W0 (x * dropped)``, and ``A (x * keep) = A x - A (x * dropped)``: an
   embedding-bag sum of the weight's columns weighted by the dropped inputs, one bag per row;
 - backward: for the gradient ``u`` reaching ``W0 (x * keep)``, ``keep * (u W0) = u W0 - dropped * (u W0)``.
-  ``u W0`` is folded into the base layer's own backward (``dL/dy`` takes ``+ u``), so only ``u W0`` at the
-  dropped positions is left: one dot product of length ``d_out`` per dropped input, which is what the
-  embedding bag's gradient for its per-sample weights computes. ``dL/dA`` takes its dropped part back the
+  ``u W0`` is folded into the base layer's input gradient (``dL/dy`` takes ``+ u``), so only ``u W0`` at the
+  dropped positions is left: one dot product of length ``d_out`` per dropped input, a sampled product
+  (``torch.sparse.sampled_addmm`` on the positions' CSR pattern). ``dL/dA`` takes its dropped part back the
   same way (an index-add of one ``r``-vector per dropped input).
 
 No input-sized masked copy is formed, and in eager mode only the positions (8 bytes per dropped input, 0.4
@@ -21,34 +21,14 @@ cheaper than gathering, so elsewhere DoRA keeps the dense products.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorakit.core.lowrank import rank_first
-
-_SUM = 0  # the embedding bag's code for mode="sum"
-
-
-def _bag_weight_grad_kernel() -> object | None:
-    """The embedding bag's per-sample-weight gradient kernel, ``dot(grad_out[bag(i)], weight[index(i)])`` for
-    each ``i``, if this PyTorch has it with the expected signature and result (it is an internal operator, so
-    it is checked once on a tiny case; without it DoRA keeps the dense products)."""
-    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
-    if op is None:
-        return None
-    g, w = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    index, offsets, bags = torch.tensor([2, 0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1, 1])
-    try:
-        got = op(g, w, index, offsets, bags, _SUM, -1)
-    except (RuntimeError, TypeError):
-        return None
-    return op if torch.equal(got, (g[bags] * w[index]).sum(1)) else None
-
-
-_BAG_WEIGHT_GRAD = _bag_weight_grad_kernel()
+from lorakit.core.lowrank import draws_gaps, rank_first
 
 
 class Dropped(NamedTuple):
@@ -65,28 +45,31 @@ class Dropped(NamedTuple):
 
 
 def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
-    """Whether the dropped-input forms beat dense products: on a CPU, in one float dtype (no autocast:
-    ``y`` is then exactly ``W0 x + b0`` in the product's precision), at a small drop rate, with the kernel
-    that computes the backward's dot products."""
+    """Whether the dropped-input forms beat dense products: on a CPU, at a small drop rate (where the masks
+    are drawn as the dropped positions, :func:`~lorakit.core.lowrank.draws_gaps`), in one float dtype (no
+    autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision)."""
     return (
-        x.device.type == "cpu"
+        draws_gaps(x.device, p)
         and x.dtype == y.dtype == w0.dtype
         and x.dtype in (torch.float32, torch.float64)
-        and p <= 0.25
-        and _BAG_WEIGHT_GRAD is not None
     )
 
 
+def dropped_at(flat: Tensor, shape: tuple[int, int]) -> Dropped:
+    """The positions of the sorted flat indices ``flat`` into an ``(N, in)`` input, row by row (int32
+    indices where they fit: half the saved bytes, and int32 division is twice as fast)."""
+    n, d = shape
+    index = torch.int32 if n * d < 2**31 else torch.int64
+    at = flat.to(index)
+    rows = at.div(d, rounding_mode="floor")
+    offsets = torch.searchsorted(flat, torch.arange(n, device=flat.device).mul_(d))  # each row's first
+    return Dropped(rows, at - rows * d, offsets.to(index))
+
+
 def dropped_positions(keep: Tensor) -> tuple[Dropped, Tensor]:
-    """The positions where ``keep`` (``(N, in)``, bool) is False (int32 indices where they fit: half the
-    saved bytes), and their indices into the flattened mask (int64)."""
-    n, d = keep.shape
+    """The positions where ``keep`` (``(N, in)``, bool) is False, and their flat indices (int64)."""
     flat = (~keep).view(-1).nonzero().squeeze(1)
-    rows = flat.div(d, rounding_mode="floor")
-    counts = torch.bincount(rows, minlength=n)
-    offsets = counts.cumsum(0).sub_(counts)
-    index = torch.int32 if keep.numel() < 2**31 else torch.int64
-    return Dropped(rows.to(index), flat.remainder(d).to(index), offsets.to(index)), flat
+    return dropped_at(flat, keep.shape), flat
 
 
 def dropped_values(x: Tensor, flat: Tensor) -> Tensor:
@@ -100,8 +83,17 @@ def product_on_dropped(values: Tensor, w: Tensor, at: Dropped) -> Tensor:
 
 
 def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:
-    """``g w`` (``(N, in)``) at the dropped positions only, ``(nnz,)``: ``g (N, out)``, ``w (out, in)``."""
-    return _BAG_WEIGHT_GRAD(g, w.t().contiguous(), at.cols, at.offsets, at.rows, _SUM, -1)
+    """``g w`` (``(N, in)``) at the dropped positions only, ``(nnz,)``: ``g (N, out)``, ``w (out, in)``. A
+    sampled product on the positions' CSR pattern (one vectorised dot product per position, 1.3x-1.8x faster
+    on a CPU than the embedding bag's per-sample-weight gradient, which computes the same)."""
+    nnz = at.cols.numel()
+    rows_start = torch.cat([at.offsets, at.offsets.new_full((1,), nnz)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR tensors are marked beta
+        pattern = torch.sparse_csr_tensor(
+            rows_start, at.cols, g.new_zeros(nnz), (g.shape[0], w.shape[1]), check_invariants=False
+        )
+    return torch.sparse.sampled_addmm(pattern, g, w, beta=0.0).values()
 
 
 def gram_on_dropped(gz: Tensor, values: Tensor, at: Dropped, width: int) -> Tensor:
