@@ -186,7 +186,7 @@ def test_peft_parity_training_with_dropout() -> None:
     ref.train(), ours.train()
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**62, (1,)).item())  # the seed lorakit's forward draws for its dropout mask
-    # PEFT's dropout module replaced by the same mask (lorakit draws it from a seed, four per 64-bit number)
+    # PEFT's dropout module replaced by the same mask (lorakit draws it from a seed)
     ref.base_model.model.layer.lora_dropout["default"] = _SeededDropout(0.3, seed)
     out_ref = ref(x)
     torch.manual_seed(11)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.core.lowrank import _keep_mask, _LowRankFunction
+from lorakit.core import lowrank
+from lorakit.core.lowrank import _keep_mask, _LowRankFunction, dropped_indices
 
 
 def reference(x, a, b, scale, p, seed):
@@ -66,7 +67,9 @@ def test_the_keep_mask_has_the_dropout_rate_everywhere_and_is_reproducible() -> 
     for p in (0.05, 0.3):
         masks = torch.stack([_keep_mask(x, p, seed) for seed in range(8)]).float()
         assert abs(masks.mean().item() - (1 - p)) < 0.003
-        # every position of the 64-bit words (element index mod 4) and every feature drops at the rate p
+        # every element slot mod 4 (the comparison draw's positions in a 64-bit word), every feature and every
+        # row (the gap draw's tail) drops at the rate p
+        assert (masks.mean(dim=(0, 2, 3)) - (1 - p)).abs().max() < 0.03
         by_slot = masks.flatten(1).view(8, -1, 4).mean(dim=(0, 1))
         torch.testing.assert_close(by_slot, torch.full((4,), 1 - p), atol=0.01, rtol=0)
         assert (masks.mean(dim=(0, 1)) - (1 - p)).abs().max() < 0.03
@@ -75,6 +78,21 @@ def test_the_keep_mask_has_the_dropout_rate_everywhere_and_is_reproducible() -> 
         assert abs(both - (1 - p) ** 2) < 0.005
     assert torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 5))
     assert not torch.equal(_keep_mask(x, 0.1, 5), _keep_mask(x, 0.1, 6))
+
+
+def test_gap_draws_are_the_dropped_elements_and_do_not_depend_on_the_batching(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = torch.empty(300, 50)
+    flat = dropped_indices(x.numel(), 0.05, 7, x.device)
+    assert torch.equal(flat, (~_keep_mask(x, 0.05, 7)).view(-1).nonzero().squeeze(1))
+    assert flat.numel() == flat.unique().numel() and 0 <= flat.min() and flat.max() < x.numel()
+    # the geometric gaps: P(gap = 1) = p, mean 1 / p (about 750 gaps here)
+    gaps = torch.diff(dropped_indices(200_000, 0.05, 8, x.device)).float()
+    assert abs(gaps.mean().item() - 20) < 0.6 and abs((gaps == 1).float().mean().item() - 0.05) < 0.005
+    # a shortfall (forced: three gaps per draw) draws again from where it stopped, on the same random stream
+    monkeypatch.setattr(lowrank, "_gap_count", lambda remaining, p: 3)
+    torch.testing.assert_close(dropped_indices(x.numel(), 0.05, 7, x.device), flat, rtol=0, atol=0)
 
 
 def test_a_drop_rate_next_to_one_still_keeps_a_few() -> None:

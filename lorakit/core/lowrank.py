@@ -31,6 +31,13 @@ def draws_gaps(device: torch.device, p: float) -> bool:
     return device.type == "cpu" and 0 < p <= _GAPS_UP_TO
 
 
+def _gap_count(remaining: int, p: float) -> int:
+    """How many gaps to draw for ``remaining`` elements: past the end in all but about one draw in ``10**9``
+    (six standard deviations above the mean count); the rare shortfall draws again."""
+    mean = remaining * p
+    return int(mean + 6 * math.sqrt(mean) + 16)
+
+
 def dropped_indices(numel: int, p: float, seed: int, device: torch.device) -> Tensor:
     """The flat indices (sorted, int64) of the elements that dropout at rate ``p`` drops among ``numel``,
     reproducible from ``seed``.
@@ -45,9 +52,8 @@ def dropped_indices(numel: int, p: float, seed: int, device: torch.device) -> Te
     per_log = 1.0 / math.log1p(-p)
     runs, last = [], -1  # last: the last index drawn so far
     while last < numel:
-        mean = (numel - 1 - last) * p
-        count = int(mean + 6 * math.sqrt(mean) + 16)  # runs past numel but about once in 10**9 draws
-        u = torch.empty(count, dtype=torch.float32, device=device).uniform_(generator=gen)
+        u = torch.empty(_gap_count(numel - 1 - last, p), dtype=torch.float32, device=device)
+        u.uniform_(generator=gen)
         gaps = u.neg_().log1p_().mul_(per_log).floor_().to(torch.int64).add_(1)
         gaps[:1].add_(last)
         runs.append(gaps.cumsum_(0))
