@@ -15,7 +15,7 @@ def reference(x, a, b, scale, p, seed):
 
 
 @pytest.mark.parametrize("with_y", [False, True])  # with y: the base output accumulated in the product
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3])  # 0.1: the products from the dropped positions; 0.3: the mask
 def test_gradients_match_plain_autograd_with_and_without_dropout(p: float, with_y: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -36,15 +36,21 @@ def test_gradients_match_plain_autograd_with_and_without_dropout(p: float, with_
     )
 
 
-def test_saves_the_input_itself_and_a_boolean_mask_not_a_dropped_copy() -> None:
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_saves_the_input_and_the_dropped_positions_or_a_boolean_mask_not_a_dropped_copy(p: float) -> None:
     x = torch.randn(64, 32, requires_grad=True)
     a, b = torch.randn(4, 32, requires_grad=True), torch.zeros(16, 4, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _LowRankFunction.apply(x, a, b, None, 2.0, 0.1, 7)
+        _LowRankFunction.apply(x, a, b, None, 2.0, p, 7)
     big = [t for t in saved if t.numel() == x.numel() and t.dtype != torch.bool]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    assert sum(t.numel() == x.numel() for t in saved) == 2  # x itself and its 1-byte mask
+    if p < 0.25:  # rows, columns (int32) and row offsets of the dropped inputs, no mask
+        dropped = (~_keep_mask(x, p, 7)).sum().item()
+        assert sorted(t.numel() for t in saved if t.dtype == torch.int32) == [64, dropped, dropped]
+        assert not any(t.dtype == torch.bool for t in saved)
+    else:
+        assert sum(t.numel() == x.numel() for t in saved) == 2  # x itself and its 1-byte mask
 
 
 def test_autocast_computes_in_bf16_and_returns_fp32_gradients() -> None:

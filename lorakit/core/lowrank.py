@@ -4,7 +4,9 @@ Plain autograd saves the dropped-out input (a copy of ``x``, ``N x d_in``) for e
 mask; three adapters reading the same hidden state (query, key, value) save three copies. That is why a
 naively written LoRA step can need *more* activation memory than full fine-tuning. This function instead saves
 the original ``x`` (the very tensor the rest of the network already keeps, so no new memory), the small
-``z = A x~`` (``N x r``) and the dropout mask as booleans (a quarter of an fp32 copy).
+``z = A x~`` (``N x r``) and the dropout mask as booleans (a quarter of an fp32 copy). On a CPU at the usual
+drop rates not even the mask is formed: the products with ``x * keep`` are taken from the dropped inputs
+(:mod:`lorakit.core.dropped`) and their positions are kept (0.4 bytes per input at ``p = 0.05``).
 
 If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs
 only ``z`` and ``dL/dx`` only ``A``, ``B`` and the mask, which backward regenerates from a seed.
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lorakit.core.dropped import Dropped, dropped_at, dropped_values, gram_on_dropped, product_on_dropped
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
@@ -178,48 +182,72 @@ class _LowRankFunction(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
-            mask = _keep_mask(x, p, seed) if p > 0 else None
-            x_in = _apply_mask(x_c, mask) if mask is not None else x_c
-            z = rank_first(a_c, _rows(x_in)).reshape(*x.shape[:-1], a.shape[0])  # (..., r)
-            if mask is not None:
+            x2, mask, at = _rows(x_c), None, None
+            if p > 0 and _positions_pay(x, dtype, p):  # A (x * keep) = A x - A (x * dropped)
+                flat = dropped_indices(x.numel(), p, seed, x.device)
+                at = dropped_at(flat, x2.shape)
+                z = rank_first(a_c, x2).sub_(product_on_dropped(dropped_values(x2, flat), a_c, at))
+            else:
+                mask = _keep_mask(x, p, seed) if p > 0 else None
+                z = rank_first(a_c, _rows(_apply_mask(x_c, mask)) if mask is not None else x2)
+            z = z.reshape(*x.shape[:-1], a.shape[0])  # (..., r)
+            if p > 0:
                 z = z.div_(1.0 - p)
             if y is not None and y.dtype == dtype:
                 out = torch.addmm(_rows(y), _rows(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
             else:
                 out = F.linear(z, b_c).mul_(scale)  # (..., out)
                 out = out if y is None else y + out.to(y.dtype)
-        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.scale, ctx.p, ctx.seed, ctx.sparse = scale, p, seed, at is not None
         ctx.dtypes = (x.dtype, a.dtype, b.dtype)
-        # When A trains, x is needed anyway (and already kept by the network), so the 1-byte mask is kept too
-        # rather than paying for the random numbers twice. With A frozen nothing input-sized is kept: backward
-        # regenerates the mask from the seed.
-        keep_mask = mask if a.requires_grad else None
-        ctx.save_for_backward(
-            x if a.requires_grad else None, keep_mask, a_c, b_c, z if b.requires_grad else None
-        )
+        # When A trains, x is needed anyway (and already kept by the network), so the dropped positions (or
+        # the 1-byte mask) are kept too rather than drawn twice. With A frozen nothing input-sized is kept:
+        # backward draws them again from the seed.
+        keep_a = a.requires_grad
+        positions = tuple(at) if at is not None and keep_a else (None, None, None)
+        saved = (x if keep_a else None, mask if keep_a else None, a_c, b_c, z if b.requires_grad else None)
+        ctx.save_for_backward(*saved, *positions)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, a, b, z = ctx.saved_tensors
+        x, mask, a, b, z, *positions = ctx.saved_tensors
         need_x, need_a, need_b, need_y = ctx.needs_input_grad[:4]
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = _rows(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
         gz = rank_first(b.t(), g).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
+        at = Dropped(*positions) if positions[0] is not None else None
+        if ctx.sparse:  # the dropped positions' flat indices (drawn again from the seed where A is frozen)
+            width = a.shape[-1]
+            numel = g.shape[0] * width
+            flat = at.flat(width) if at is not None else dropped_indices(numel, ctx.p, ctx.seed, g.device)
         if need_b:
             grad_b = gram_rank_first(g, z).mul_(ctx.scale).to(b_dtype)  # (out, r)
         if need_a:
-            x_in = _apply_mask(x.to(a.dtype), mask) if mask is not None else x.to(a.dtype)
-            grad_a = (gz.t() @ _rows(x_in)).to(a_dtype)
+            x2 = _rows(x.to(a.dtype))
+            if ctx.sparse:  # gz^T (x * keep) = gz^T x - gz^T (x * dropped)
+                grad_a = (gz.t() @ x2).sub_(gram_on_dropped(gz, dropped_values(x2, flat), at, x2.shape[1]))
+            else:
+                grad_a = gz.t() @ (_apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
+            grad_a = grad_a.to(a_dtype)
         if need_x:
-            grad_x = (gz @ a).reshape(*grad.shape[:-1], a.shape[-1])
-            if ctx.p > 0:
-                grad_x = _apply_mask(
-                    grad_x, mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
-                )
+            grad_x = gz @ a  # (N, in)
+            if ctx.sparse:  # keep * grad_x: the dropped positions written over
+                grad_x.view(-1).index_fill_(0, flat, 0)
+            grad_x = grad_x.reshape(*grad.shape[:-1], a.shape[-1])
+            if not ctx.sparse and ctx.p > 0:
+                keep = mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
+                grad_x = _apply_mask(grad_x, keep)
             grad_x = grad_x.to(x_dtype)
         return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None
+
+
+def _positions_pay(x: Tensor, dtype: torch.dtype, p: float) -> bool:
+    """Whether the products with the masked input are taken from the dropped positions
+    (:mod:`lorakit.core.dropped`): where the mask is drawn as gaps, in fp32 or fp64 without a cast (a bf16
+    ``A x - A (x * dropped)`` would round differently from ``A (x * keep)``)."""
+    return draws_gaps(x.device, p) and x.dtype == dtype and dtype in (torch.float32, torch.float64)
 
 
 def fused_backward_allowed() -> bool:

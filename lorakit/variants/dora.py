@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.dropped import Dropped, dropped_at, dropped_positions
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import (
     _apply_mask,
@@ -40,9 +41,6 @@ from lorakit.core.lowrank import (
     rank_first,
 )
 from lorakit.variants.dora_sparse import (
-    Dropped,
-    dropped_at,
-    dropped_positions,
     input_grads_on_kept,
     input_grads_on_kept_op,
     products_on_kept,

@@ -22,26 +22,18 @@ cheaper than gathering, so elsewhere DoRA keeps the dense products.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lorakit.core.dropped import (
+    Dropped,
+    dropped_positions,
+    dropped_values,
+    gram_on_dropped,
+    product_on_dropped,
+)
 from lorakit.core.lowrank import draws_gaps, rank_first
-
-
-class Dropped(NamedTuple):
-    """The dropped inputs of an ``(N, in)`` mask, row by row: row and column of each, and where each row's
-    run starts (``offsets``, ``(N,)``), the layout of an embedding bag with one bag per row."""
-
-    rows: Tensor
-    cols: Tensor
-    offsets: Tensor
-
-    def flat(self, width: int) -> Tensor:
-        """Their indices into the flattened ``(N, width)`` input (int64)."""
-        return self.rows.long() * width + self.cols
 
 
 def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
@@ -53,33 +45,6 @@ def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
         and x.dtype == y.dtype == w0.dtype
         and x.dtype in (torch.float32, torch.float64)
     )
-
-
-def dropped_at(flat: Tensor, shape: tuple[int, int]) -> Dropped:
-    """The positions of the sorted flat indices ``flat`` into an ``(N, in)`` input, row by row (int32
-    indices where they fit: half the saved bytes, and int32 division is twice as fast)."""
-    n, d = shape
-    index = torch.int32 if n * d < 2**31 else torch.int64
-    at = flat.to(index)
-    rows = at.div(d, rounding_mode="floor")
-    offsets = torch.searchsorted(flat, torch.arange(n, device=flat.device).mul_(d))  # each row's first
-    return Dropped(rows, at - rows * d, offsets.to(index))
-
-
-def dropped_positions(keep: Tensor) -> tuple[Dropped, Tensor]:
-    """The positions where ``keep`` (``(N, in)``, bool) is False, and their flat indices (int64)."""
-    flat = (~keep).view(-1).nonzero().squeeze(1)
-    return dropped_at(flat, keep.shape), flat
-
-
-def dropped_values(x: Tensor, flat: Tensor) -> Tensor:
-    """``x (N, in)`` at the dropped positions (``flat``: their flat indices), ``(nnz,)``."""
-    return x.reshape(-1).index_select(0, flat)  # index_select: ~5x faster than x[flat]
-
-
-def product_on_dropped(values: Tensor, w: Tensor, at: Dropped) -> Tensor:
-    """``w (x * dropped)`` as rows, ``(N, out)``, for ``w (out, in)`` and the dropped ``values``."""
-    return F.embedding_bag(at.cols, w.t().contiguous(), at.offsets, mode="sum", per_sample_weights=values)
 
 
 def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:
@@ -94,14 +59,6 @@ def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:
             rows_start, at.cols, g.new_zeros(nnz), (g.shape[0], w.shape[1]), check_invariants=False
         )
     return torch.sparse.sampled_addmm(pattern, g, w, beta=0.0).values()
-
-
-def gram_on_dropped(gz: Tensor, values: Tensor, at: Dropped, width: int) -> Tensor:
-    """``gz^T (x * dropped)``, ``(r, width)``, for ``gz (N, r)`` and the dropped ``values``. Indexed along the
-    rows of ``gz^T (r, N)`` (contiguous for the rank-first products): one ``r``-vector per dropped input."""
-    gz_t = gz.t()
-    terms = gz_t.index_select(1, at.rows.long()).mul_(values)  # (r, nnz); int64 indices: the fast kernels
-    return gz_t.new_zeros(gz_t.shape[0], width).index_add_(1, at.cols.long(), terms)
 
 
 def products_on_kept(
