@@ -54,6 +54,22 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def frozen_dense_weight(self) -> Tensor | None:
+        """``weight_2d()`` where it is a view of a frozen float weight parameter and the bias (if any) is
+        frozen; else None. An adapter function may then keep it for backward at no memory cost (not a
+        dequantised copy of 4-bit codes) and form the base layer's input gradient itself (nothing of the base
+        trains)."""
+        weight, bias = getattr(self.base_layer, "weight", None), self.bias
+        if (
+            not isinstance(weight, nn.Parameter)
+            or not weight.is_floating_point()
+            or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or hasattr(self.base_layer, "weight_packed")
+        ):
+            return None
+        return self.weight_2d()
+
     @property
     def device(self) -> torch.device:
         """Where the base weight lives (adapter parameters are created there, in fp32)."""

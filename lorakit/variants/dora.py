@@ -97,17 +97,6 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     return norm.masked_fill(norm == 0, 1.0)
 
 
-def _is_stored_float_weight(base: AdaptedLayer) -> bool:
-    """Whether ``base.weight_2d()`` is a view of the stored weight (a float parameter, not a dequantised copy
-    of packed codes): saving it for backward costs no memory."""
-    weight = getattr(base.base_layer, "weight", None)
-    return (
-        isinstance(weight, nn.Parameter)
-        and weight.is_floating_point()
-        and not hasattr(base.base_layer, "weight_packed")
-    )
-
-
 def _draws_positions(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
     """Whether the dropout of :class:`DoRAFunction` is drawn as the dropped positions (no mask is formed): in
     eager mode without autocast, where the function takes the sparse forms."""
@@ -315,7 +304,7 @@ class DoRA(LoRA):
             elif p > 0:
                 keep = keep_mask(x, p)
             norm = self.weight_norm(base)
-            stored = _is_stored_float_weight(base)
+            stored = base.frozen_dense_weight() is not None
             return DoRAFunction.apply(
                 x, y, w0, bias, self.A, self.B, self.m, norm, self.scale, p, keep, dropped, stored
             )
