@@ -171,19 +171,8 @@ class DoRAFunction(torch.autograd.Function):
         ctx.scale, ctx.p, ctx.sparse, ctx.dtypes = scale, p, sparse, (x.dtype, a.dtype, b.dtype, m.dtype)
         ctx.base_grad_here = w0_stored and w0.dtype == dtype
         positions = at if at is not None else (None, None, None)
-        saved = (
-            x,
-            mask,
-            w0 if p > 0 or ctx.base_grad_here else None,
-            a_c,
-            b_c,
-            z,
-            h,
-            c,
-            norm,
-            b0,
-            *positions,
-        )
+        w0_saved = w0 if p > 0 or ctx.base_grad_here else None
+        saved = (x, mask, w0_saved, a_c, b_c, z, h, c, norm, b0, *positions)
         ctx.save_for_backward(*saved)
         return out.view(y.shape)
 
