@@ -33,6 +33,7 @@ from lorakit.core.dropped import Dropped, dropped_at, dropped_positions
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import (
     _apply_mask,
+    _new_seed,
     fresh_dropped_indices,
     fused_backward_allowed,
     gram_rank_first,
@@ -98,13 +99,9 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
 
 
 def _draws_positions(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
-    """Whether the dropout of :class:`DoRAFunction` is drawn as the dropped positions (no mask is formed): in
-    eager mode without autocast, where the function takes the sparse forms."""
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)
-        and sparse_complement_pays(x, y, w0, p)
-    )
+    """Whether the dropout of :class:`DoRAFunction` is drawn as the dropped positions (no mask is formed):
+    without autocast, where the function takes the sparse forms."""
+    return not torch.is_autocast_enabled(x.device.type) and sparse_complement_pays(x, y, w0, p)
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -129,7 +126,7 @@ class DoRAFunction(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, y: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, m: Tensor,
         norm: Tensor, scale: float, p: float, keep: Tensor | None, dropped: tuple[Dropped, Tensor] | None,
-        w0_stored: bool,
+        seed: Tensor | None, w0_stored: bool,
     ) -> Tensor:  # fmt: skip
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -142,13 +139,18 @@ class DoRAFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             y2 = y.reshape(-1, y.shape[-1])  # (N, out)
             mask = keep.reshape(x2.shape) if keep is not None else None
-            sparse = dropped is not None or (mask is not None and sparse_complement_pays(x2, y2, w0, p))
+            eager_mask = mask is not None and not torch.compiler.is_compiling()
+            sparse = (
+                dropped is not None
+                or seed is not None
+                or (eager_mask and sparse_complement_pays(x2, y2, w0, p))
+            )
             at = None  # the dropped positions, kept in eager mode instead of the mask
-            if mask is None and dropped is None:
+            if mask is None and dropped is None and seed is None:
                 h, z = y2, rank_first(a_c, x2)
             elif sparse:  # W0 (x * keep) + b0 and A (x * keep) from the dropped inputs
-                if torch.compiler.is_compiling():  # the operator finds the positions (a data-dependent count)
-                    h, z = products_on_kept_op(x2, y2, mask, w0, a_c)
+                if seed is not None:  # compiled: the operator draws the positions (a data-dependent count)
+                    h, z = products_on_kept_op(x2, y2, seed, p, w0, a_c)
                 else:
                     at, flat = dropped if dropped is not None else dropped_positions(mask)
                     h, z = products_on_kept(x2, y2, at, flat, w0, a_c)
@@ -172,13 +174,13 @@ class DoRAFunction(torch.autograd.Function):
         ctx.base_grad_here = w0_stored and w0.dtype == dtype
         positions = at if at is not None else (None, None, None)
         w0_saved = w0 if p > 0 or ctx.base_grad_here else None
-        saved = (x, mask, w0_saved, a_c, b_c, z, h, c, norm, b0, *positions)
+        saved = (x, mask, w0_saved, a_c, b_c, z, h, c, norm, b0, seed, *positions)
         ctx.save_for_backward(*saved)
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, w0, a, b, z, h, c, norm, b0, *positions = ctx.saved_tensors
+        x, mask, w0, a, b, z, h, c, norm, b0, seed, *positions = ctx.saved_tensors
         at = Dropped(*positions) if positions[0] is not None else None
         x_dtype, a_dtype, b_dtype, m_dtype = ctx.dtypes
         need = ctx.needs_input_grad
@@ -215,7 +217,7 @@ class DoRAFunction(torch.autograd.Function):
                 if at is not None:
                     grad_x, grad_a = input_grads_on_kept(*args, at, fold, need[0], need[4])
                 else:
-                    grad_x, grad_a = input_grads_on_kept_op(*args, mask, fold, need[0], need[4])
+                    grad_x, grad_a = input_grads_on_kept_op(*args, seed, p, fold, need[0], need[4])
             else:
                 if need[4]:
                     grad_a = gz.t() @ (_apply_mask(x2, mask) if mask is not None else x2)
@@ -229,7 +231,7 @@ class DoRAFunction(torch.autograd.Function):
                 )
             grad_a = grad_a.to(a_dtype) if need[4] else None
             grad_x = grad_x.view(x.shape).to(x_dtype) if need[0] else None
-        return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None, None, None
+        return grad_x, grad_y, None, None, grad_a, grad_b, grad_m, None, None, None, None, None, None, None
 
 
 class DoRA(LoRA):
@@ -286,16 +288,19 @@ class DoRA(LoRA):
         ):
             p = self.config.dropout if self.training and self.dropout is not None else 0.0
             w0 = base.weight_2d()
-            keep = dropped = None
+            keep = dropped = seed = None
             if p > 0 and _draws_positions(x, y, w0, p):  # the dropped positions, without a mask
-                flat = fresh_dropped_indices(x, p)
-                dropped = (dropped_at(flat, x.reshape(-1, x.shape[-1]).shape), flat)
+                if torch.compiler.is_compiling():  # drawn by the operators, from the same seed as eager's
+                    seed = _new_seed()
+                else:
+                    flat = fresh_dropped_indices(x, p)
+                    dropped = (dropped_at(flat, x.reshape(-1, x.shape[-1]).shape), flat)
             elif p > 0:
                 keep = keep_mask(x, p)
             norm = self.weight_norm(base)
             stored = base.frozen_dense_weight() is not None
             return DoRAFunction.apply(
-                x, y, w0, bias, self.A, self.B, self.m, norm, self.scale, p, keep, dropped, stored
+                x, y, w0, bias, self.A, self.B, self.m, norm, self.scale, p, keep, dropped, seed, stored
             )
         view = base.kind.channel_view
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be

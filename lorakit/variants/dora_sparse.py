@@ -15,8 +15,8 @@ input has an exact form that touches only the dropped inputs, a fraction ``p`` (
 
 No input-sized masked copy is formed, and in eager mode only the positions (8 bytes per dropped input, 0.4
 bytes per input at ``p = 0.05``) are saved instead of the 1-byte mask; compiled graphs call the operators at
-the end of this module. A CPU's dense product costs 2-3x more than the bag sums; a GPU's dense product is
-cheaper than gathering, so elsewhere DoRA keeps the dense products.
+the end of this module, which keep a one-element seed instead. A CPU's dense product costs 2-3x more than the
+bag sums; a GPU's dense product is cheaper than gathering, so elsewhere DoRA keeps the dense products.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from torch import Tensor
 
 from lorakit.core.dropped import (
     Dropped,
-    dropped_positions,
+    dropped_at,
     dropped_values,
     gram_on_dropped,
     product_on_dropped,
 )
-from lorakit.core.lowrank import draws_gaps, rank_first
+from lorakit.core.lowrank import draws_gaps, dropped_indices, rank_first
 
 
 def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
@@ -95,34 +95,43 @@ def input_grads_on_kept(
 
 
 # Under torch.compile the dropped count is data-dependent, so the compiled graph calls these operators, which
-# find the positions themselves (from the 1-byte mask the compiled function keeps), whole.
+# draw the positions themselves from the one-element seed the compiled function keeps (the same draw as eager
+# mode's, :func:`~lorakit.core.lowrank.dropped_indices`), whole.
+
+
+def _positions_from(seed: Tensor, p: float, x: Tensor) -> tuple[Dropped, Tensor]:
+    flat = dropped_indices(x.numel(), p, int(seed.item()), x.device)
+    return dropped_at(flat, x.shape), flat
 
 
 @torch.library.custom_op("lorakit::dora_products_on_kept", mutates_args=())
-def products_on_kept_op(x: Tensor, y: Tensor, keep: Tensor, w0: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`products_on_kept` from the mask."""
-    return products_on_kept(x, y, *dropped_positions(keep), w0, a)
+def products_on_kept_op(
+    x: Tensor, y: Tensor, seed: Tensor, p: float, w0: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`products_on_kept` with the dropped positions drawn from ``seed``."""
+    return products_on_kept(x, y, *_positions_from(seed, p, x), w0, a)
 
 
 @products_on_kept_op.register_fake
-def _(x: Tensor, y: Tensor, keep: Tensor, w0: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, y: Tensor, seed: Tensor, p: float, w0: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(y), x.new_empty(x.shape[0], a.shape[0])
 
 
 @torch.library.custom_op("lorakit::dora_input_grads_on_kept", mutates_args=())
 def input_grads_on_kept_op(
-    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, keep: Tensor, fold: bool,
+    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, seed: Tensor, p: float, fold: bool,
     need_x: bool, need_a: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """:func:`input_grads_on_kept` from the mask; a gradient not asked for is an empty tensor."""
-    at, _ = dropped_positions(keep)
+    """:func:`input_grads_on_kept` with the dropped positions drawn from ``seed`` again; a gradient not asked
+    for is an empty tensor."""
+    at, _ = _positions_from(seed, p, x)
     grad_x, grad_a = input_grads_on_kept(gz, a, g, w0_e, x, at, fold, need_x, need_a)
     return (grad_x if need_x else x.new_empty(0)), (grad_a if need_a else x.new_empty(0))
 
 
 @input_grads_on_kept_op.register_fake
 def _(
-    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, keep: Tensor, fold: bool,
+    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, seed: Tensor, p: float, fold: bool,
     need_x: bool, need_a: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
