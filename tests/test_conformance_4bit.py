@@ -9,6 +9,7 @@ tightly as on a dense base; the default bf16 compute is checked on its own. A va
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -194,3 +195,34 @@ def test_bf16_compute(name: str, kind: str) -> None:
         out = model(x)
         plain = lorakit.merge(model)  # dense fp32 layer: differs from the bf16 matmul only by its rounding
         torch.testing.assert_close(plain(x), out, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kind", LINEAR_KINDS)
+def test_dora_with_dropout_keeps_no_full_precision_copy_of_the_4bit_weight(kind: str) -> None:
+    model, x = quantized_case(kind)
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.1)
+    perturb(model)
+    model.train()
+    out_features, in_features = model.layer.out_features, model.layer.in_features
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(2)
+        loss = model(x.requires_grad_()).square().sum()
+    weight_sized = [t for t in saved if t.is_floating_point() and t.numel() == out_features * in_features]
+    assert weight_sized == []  # the dequantised W0 is rebuilt in backward by the 4-bit layer, not kept
+    loss.backward()
+    # the same step on a dense twin holding the dequantised weight (DoRA's fused function there), same mask
+    twin = copy.deepcopy(model)
+    twin.layer.base_layer = twin.layer.base_layer.to_dense().requires_grad_(False)
+    twin.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    torch.manual_seed(2)
+    twin_loss = twin(x2).square().sum()
+    twin_loss.backward()
+    torch.testing.assert_close(loss, twin_loss, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for name, param in model.layer.variant.named_parameters():
+        assert param.grad.abs().sum() > 0
+        torch.testing.assert_close(
+            param.grad, dict(twin.layer.variant.named_parameters())[name].grad, atol=1e-4, rtol=1e-4
+        )

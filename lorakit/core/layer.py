@@ -61,14 +61,20 @@ class AdaptedLayer(nn.Module):
         trains)."""
         weight, bias = getattr(self.base_layer, "weight", None), self.bias
         if (
-            not isinstance(weight, nn.Parameter)
+            self.weight_is_dequantised()
+            or not isinstance(weight, nn.Parameter)
             or not weight.is_floating_point()
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
-            or hasattr(self.base_layer, "weight_packed")
         ):
             return None
         return self.weight_2d()
+
+    def weight_is_dequantised(self) -> bool:
+        """Whether :meth:`weight_2d` dequantises stored codes into a new full-precision tensor (a 4-bit base):
+        an adapter keeping that tensor for backward would keep the full-precision weight the 4-bit storage
+        exists to avoid."""
+        return callable(getattr(self.base_layer, "dequantized_weight", None))
 
     @property
     def device(self) -> torch.device:

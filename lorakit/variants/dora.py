@@ -278,6 +278,7 @@ class DoRA(LoRA):
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         bias = base.bias
+        p = self.config.dropout if self.training and self.dropout is not None else 0.0
         if (
             base.kind.features_last
             and x.is_floating_point()
@@ -285,8 +286,9 @@ class DoRA(LoRA):
             # The function has no gradient for a base weight or bias that trains too.
             and not _stored_weight(base).requires_grad
             and (bias is None or not bias.requires_grad)
+            # With dropout it keeps W0 for backward: a 4-bit base's would be a full-precision copy.
+            and not (p > 0 and base.weight_is_dequantised())
         ):
-            p = self.config.dropout if self.training and self.dropout is not None else 0.0
             w0 = base.weight_2d()
             keep = dropped = seed = None
             if p > 0 and _draws_positions(x, y, w0, p):  # the dropped positions, without a mask
@@ -308,7 +310,11 @@ class DoRA(LoRA):
         c = view(self.m.float() / self.weight_norm(base))  # broadcast on channels
         if self.training and self.dropout is not None:
             x = self.drop(x)
-            w0x = base.kind.op(base.base_layer, x, base.weight_2d())  # W0 x~: one extra base op
+            if base.weight_is_dequantised():  # the 4-bit layer's own op keeps its codes, not W0, for backward
+                w0x = base.base_layer(x)
+                w0x = w0x if base.bias is None else w0x - view(base.bias.to(w0x.dtype))
+            else:
+                w0x = base.kind.op(base.base_layer, x, base.weight_2d())  # W0 x~: one extra base op
         else:
             w0x = y if base.bias is None else y - view(base.bias.to(y.dtype))  # W0 x, reused from y
         lora = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training)
