@@ -119,7 +119,9 @@ class DoRAFunction(torch.autograd.Function):
     second input gradient for autograd to add, and ``y`` gets none (the base layer's backward has nothing to
     do). The low-rank path gets ``c g`` (folded into ``B``: ``(c g) B = g (c B)``);
     ``dL/dm = sum_N g (W0 x~ + s B z) / n`` with ``sum_N g (B z) = rowsum(B * g^T z)``. Saved: ``h`` (``y``
-    itself without dropout: no new tensor), the small ``z``, and the 1-byte mask or the dropped positions.
+    itself without dropout: no new tensor), the small ``z``, and the dropout as given: a 1-byte mask
+    (``keep``), the dropped positions (``dropped``, eager on a CPU) or a one-element ``seed`` the compiled
+    operators draw the same positions from.
     """
 
     @staticmethod
