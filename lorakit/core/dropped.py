@@ -64,3 +64,8 @@ def gram_on_dropped(gz: Tensor, values: Tensor, at: Dropped, width: int) -> Tens
     gz_t = gz.t()
     terms = gz_t.index_select(1, at.rows.long()).mul_(values)  # (r, nnz); int64 indices: the fast kernels
     return gz_t.new_zeros(gz_t.shape[0], width).index_add_(1, at.cols.long(), terms)
+
+
+def gram_on_kept(gz: Tensor, x: Tensor, at: Dropped, flat: Tensor) -> Tensor:
+    """``gz^T (x * keep) = gz^T x - gz^T (x * dropped)``, ``(r, in)``, for ``gz (N, r)`` and ``x (N, in)``."""
+    return (gz.t() @ x).sub_(gram_on_dropped(gz, dropped_values(x, flat), at, x.shape[1]))

@@ -54,21 +54,18 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def frozen_dense_weight(self) -> Tensor | None:
-        """``weight_2d()`` where it is a view of a frozen float weight parameter and the bias (if any) is
-        frozen; else None. An adapter function may then keep it for backward at no memory cost (not a
-        dequantised copy of 4-bit codes) and form the base layer's input gradient itself (nothing of the base
-        trains)."""
+    def has_frozen_dense_weight(self) -> bool:
+        """Whether :meth:`weight_2d` is a view of a frozen float weight parameter and the bias (if any) is
+        frozen. An adapter function may then keep the weight for backward at no memory cost (not a dequantised
+        copy of 4-bit codes) and form the base layer's input gradient itself (nothing of the base trains)."""
         weight, bias = getattr(self.base_layer, "weight", None), self.bias
-        if (
-            self.weight_is_dequantised()
-            or not isinstance(weight, nn.Parameter)
-            or not weight.is_floating_point()
-            or weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-        ):
-            return None
-        return self.weight_2d()
+        return (
+            not self.weight_is_dequantised()
+            and isinstance(weight, nn.Parameter)
+            and weight.is_floating_point()
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+        )
 
     def weight_is_dequantised(self) -> bool:
         """Whether :meth:`weight_2d` dequantises stored codes into a new full-precision tensor (a 4-bit base):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorakit.core.dropped import Dropped, dropped_at, dropped_values, gram_on_dropped, product_on_dropped
+from lorakit.core.dropped import Dropped, dropped_at, dropped_values, gram_on_kept, product_on_dropped
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
@@ -160,6 +160,12 @@ def rank_first(m: Tensor, rows: Tensor) -> Tensor:
     return (m @ rows.t()).t()
 
 
+def rank_first_on_kept(m: Tensor, rows: Tensor, values: Tensor, at: Dropped) -> Tensor:
+    """:func:`rank_first` of the masked rows, ``(rows * keep) @ m.T = rows @ m.T - (rows * dropped) @ m.T``,
+    from the dropped ``values`` at ``at`` (:mod:`lorakit.core.dropped`)."""
+    return rank_first(m, rows).sub_(product_on_dropped(values, m, at))
+
+
 def gram_rank_first(g: Tensor, z: Tensor) -> Tensor:
     """``g^T @ z`` (``(out, r)`` for ``g (N, out)``, ``z (N, r)``) computed as ``(z^T @ g)^T``: the same fast
     order as :func:`rank_first`, for ``dL/dB``-shaped products."""
@@ -183,10 +189,10 @@ class _LowRankFunction(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
             x2, mask, at = _rows(x_c), None, None
-            if p > 0 and _positions_pay(x, dtype, p):  # A (x * keep) = A x - A (x * dropped)
+            if p > 0 and takes_positions(x, dtype, p):
                 flat = dropped_indices(x.numel(), p, seed, x.device)
                 at = dropped_at(flat, x2.shape)
-                z = rank_first(a_c, x2).sub_(product_on_dropped(dropped_values(x2, flat), a_c, at))
+                z = rank_first_on_kept(a_c, x2, dropped_values(x2, flat), at)
             else:
                 mask = _keep_mask(x, p, seed) if p > 0 else None
                 z = rank_first(a_c, _rows(_apply_mask(x_c, mask)) if mask is not None else x2)
@@ -227,7 +233,7 @@ class _LowRankFunction(torch.autograd.Function):
         if need_a:
             x2 = _rows(x.to(a.dtype))
             if ctx.sparse:  # gz^T (x * keep) = gz^T x - gz^T (x * dropped)
-                grad_a = (gz.t() @ x2).sub_(gram_on_dropped(gz, dropped_values(x2, flat), at, x2.shape[1]))
+                grad_a = gram_on_kept(gz, x2, at, flat)
             else:
                 grad_a = gz.t() @ (_apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
             grad_a = grad_a.to(a_dtype)
@@ -243,7 +249,7 @@ class _LowRankFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None
 
 
-def _positions_pay(x: Tensor, dtype: torch.dtype, p: float) -> bool:
+def takes_positions(x: Tensor, dtype: torch.dtype, p: float) -> bool:
     """Whether the products with the masked input are taken from the dropped positions
     (:mod:`lorakit.core.dropped`): where the mask is drawn as gaps, in fp32 or fp64 without a cast (a bf16
     ``A x - A (x * dropped)`` would round differently from ``A (x * keep)``)."""

@@ -302,7 +302,7 @@ class DoRA(LoRA):
             elif p > 0:
                 keep = keep_mask(x, p)
             norm = self.weight_norm(base)
-            stored = base.frozen_dense_weight() is not None
+            stored = base.has_frozen_dense_weight()
             return DoRAFunction.apply(
                 x, y, w0, bias, self.A, self.B, self.m, norm, self.scale, p, keep, dropped, seed, stored
             )

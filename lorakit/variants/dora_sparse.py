@@ -26,25 +26,15 @@ import warnings
 import torch
 from torch import Tensor
 
-from lorakit.core.dropped import (
-    Dropped,
-    dropped_at,
-    dropped_values,
-    gram_on_dropped,
-    product_on_dropped,
-)
-from lorakit.core.lowrank import draws_gaps, dropped_indices, rank_first
+from lorakit.core.dropped import Dropped, dropped_at, dropped_values, gram_on_kept, product_on_dropped
+from lorakit.core.lowrank import dropped_indices, rank_first_on_kept, takes_positions
 
 
 def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
-    """Whether the dropped-input forms beat dense products: on a CPU, at a small drop rate (where the masks
-    are drawn as the dropped positions, :func:`~lorakit.core.lowrank.draws_gaps`), in one float dtype (no
-    autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision)."""
-    return (
-        draws_gaps(x.device, p)
-        and x.dtype == y.dtype == w0.dtype
-        and x.dtype in (torch.float32, torch.float64)
-    )
+    """Whether the dropped-input forms beat dense products: where the low-rank path takes them
+    (:func:`~lorakit.core.lowrank.takes_positions`: a CPU, a small drop rate, fp32/fp64), with ``y`` and
+    ``W0`` in ``x``'s dtype (no autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision)."""
+    return takes_positions(x, x.dtype, p) and y.dtype == w0.dtype == x.dtype
 
 
 def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:
@@ -68,8 +58,7 @@ def products_on_kept(
     ``y = W0 x + b0``, from the dropped inputs: two new tensors, both contiguous."""
     values = dropped_values(x, flat)
     h = product_on_dropped(values, w0, at)
-    z = product_on_dropped(values, a, at).neg_().add_(rank_first(a, x))
-    return torch.sub(y, h, out=h), z
+    return torch.sub(y, h, out=h), rank_first_on_kept(a, x, values, at)
 
 
 def input_grads_on_kept(
@@ -82,7 +71,7 @@ def input_grads_on_kept(
     grad_x = grad_a = None
     flat = at.flat(x.shape[1])
     if need_a:  # gz^T (x * keep) = gz^T x - gz^T (x * dropped)
-        grad_a = (gz.t() @ x).sub_(gram_on_dropped(gz, dropped_values(x, flat), at, x.shape[1]))
+        grad_a = gram_on_kept(gz, x, at, flat)
     if need_x:
         grad_x = gz @ a  # (N, in)
         if w0_e is not None and fold:
