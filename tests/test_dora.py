@@ -9,10 +9,15 @@ from layer_zoo import make_case
 from torch import nn
 
 import lorakit
-from lorakit.core.dropped import dropped_positions, dropped_values, gram_on_dropped, product_on_dropped
+from lorakit.core.dropped import (
+    dropped_positions,
+    dropped_values,
+    gram_on_dropped,
+    product_at_dropped,
+    product_on_dropped,
+)
 from lorakit.core.lowrank import _keep_mask
 from lorakit.variants import dora, dora_sparse
-from lorakit.variants.dora_sparse import product_at_dropped
 
 
 def perturb(variant: nn.Module, seed: int = 3) -> None:

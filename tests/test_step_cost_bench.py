@@ -45,3 +45,13 @@ def test_readme_rewrite_replaces_only_the_marked_section(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="results-step-cost"):
         bench.write_readme(readme, "| new |")
     assert readme.read_text() == "no markers\n"  # nothing written when the section is missing
+
+
+def test_a_run_on_more_threads_rewrites_its_own_section(tmp_path: Path) -> None:
+    bench = _bench()
+    readme = tmp_path / "README.md"
+    one = "<!-- results-step-cost:begin -->\none\n<!-- results-step-cost:end -->\n"
+    two = "<!-- results-step-cost-2-threads:begin -->\nold\n<!-- results-step-cost-2-threads:end -->\n"
+    readme.write_text(one + two)
+    bench.write_readme(readme, "| two |", threads=2)
+    assert readme.read_text() == one + two.replace("old", "| two |")

@@ -46,6 +46,11 @@ class LayerKind:
         """Why a layer this kind matches cannot be adapted after all (None: it can)."""
         return None
 
+    def runs_as_op(self, layer: nn.Module) -> bool:
+        """Whether the layer's own forward is exactly ``op(x, weight_2d(), bias)`` (not a subclass with a
+        forward of its own, such as a quantised layer), so an adapter may compute it in its place."""
+        return type(layer).forward is nn.Linear.forward
+
     # --- weight views ------------------------------------------------------------------------------
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
         """The layer's weight (or ``weight`` in the layer's layout) as ``(out, in)``."""
@@ -111,6 +116,10 @@ class GPT2Conv1DKind(TransposedKind):
         if getattr(layer, "lorakit_kind", None) == self.name:
             return True
         return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
+
+    def runs_as_op(self, layer: nn.Module) -> bool:
+        # transformers' own class: ``addmm(bias, x, weight)``, the op of the transposed view.
+        return type(layer).__name__ == "Conv1D" and type(layer).__module__ == "transformers.pytorch_utils"
 
 
 class ConvKind(LayerKind):

@@ -67,6 +67,21 @@ class AdaptedLayer(nn.Module):
             and (bias is None or not bias.requires_grad)
         )
 
+    def base_output_formable(self, x: Tensor) -> bool:
+        """Whether an adapter may form the base output ``op(x, W0) + b0`` for the input ``x`` itself, inside
+        its own autograd function, instead of calling the base layer: the layer computes exactly its kind's
+        op (:meth:`LayerKind.runs_as_op`), no hook watches it (the hook would be skipped), its weight is a
+        frozen float parameter (:meth:`has_frozen_dense_weight`) in ``x``'s dtype, and no autocast is on
+        (which would choose the product's dtype)."""
+        layer = self.base_layer
+        return (
+            self.kind.runs_as_op(layer)
+            and not _hooked(layer)
+            and self.has_frozen_dense_weight()
+            and x.dtype == layer.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def weight_is_dequantised(self) -> bool:
         """Whether :meth:`weight_2d` dequantises stored codes into a new full-precision tensor (a 4-bit base):
         an adapter keeping that tensor for backward would keep the full-precision weight the 4-bit storage
@@ -131,3 +146,19 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks run around ``module``'s forward or backward: its own, or global ones (as
+    ``nn.Module.__call__`` checks them)."""
+    glob = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or glob._global_forward_hooks
+        or glob._global_forward_pre_hooks
+        or glob._global_backward_hooks
+        or glob._global_backward_pre_hooks
+    )

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorakit.core.dropped import Dropped, dropped_at, dropped_values, gram_on_kept, product_on_dropped
+from lorakit.core.dropped import (
+    Dropped,
+    dropped_at,
+    dropped_values,
+    gram_on_kept,
+    product_at_dropped,
+    product_on_dropped,
+)
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
@@ -176,12 +183,19 @@ class _LowRankFunction(torch.autograd.Function):
     """``out = [y +] s B (A x~)``, ``x~ = (x * m) / (1 - p)``; the ``1/(1-p)`` is applied to the small ``z``.
 
     Given the base output ``y`` (same dtype), the last product accumulates onto it (``addmm``): one output
-    tensor and one pass, where a separate product, scaling and sum write three."""
+    tensor and one pass, where a separate product, scaling and sum write three.
+
+    Given instead the frozen base weight ``w0`` (``(out, in)``, with ``bias``), the function forms the base
+    output itself and accumulates onto that buffer in place; backward then writes ``(dL/dy) W0`` and the
+    adapter's input gradient into one tensor. That saves an output-sized copy in forward and an input-sized
+    sum in backward (autograd would add the base layer's and the adapter's input gradients), and ``y`` is
+    never kept beside the output."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, a: Tensor, b: Tensor, y: Tensor | None, scale: float, p: float, seed: int
-    ) -> Tensor:
+        ctx: Any, x: Tensor, a: Tensor, b: Tensor, y: Tensor | None, scale: float, p: float, seed: int,
+        w0: Tensor | None = None, bias: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         device = x.device.type
         # Under autocast the products run in the autocast dtype, as they would for nn.Linear; backward (which
         # autocast does not cover) uses the same dtype explicitly.
@@ -199,7 +213,10 @@ class _LowRankFunction(torch.autograd.Function):
             z = z.reshape(*x.shape[:-1], a.shape[0])  # (..., r)
             if p > 0:
                 z = z.div_(1.0 - p)
-            if y is not None and y.dtype == dtype:
+            if w0 is not None:  # (..., out): W0 x + b0, then + s B z on the same buffer
+                base = F.linear(x2, w0.to(dtype), None if bias is None else bias.to(dtype))
+                out = base.addmm_(_rows(z), b_c.t(), alpha=scale).view(*x.shape[:-1], w0.shape[0])
+            elif y is not None and y.dtype == dtype:
                 out = torch.addmm(_rows(y), _rows(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
             else:
                 out = F.linear(z, b_c).mul_(scale)  # (..., out)
@@ -212,12 +229,12 @@ class _LowRankFunction(torch.autograd.Function):
         keep_a = a.requires_grad
         positions = tuple(at) if at is not None and keep_a else (None, None, None)
         saved = (x if keep_a else None, mask if keep_a else None, a_c, b_c, z if b.requires_grad else None)
-        ctx.save_for_backward(*saved, *positions)
+        ctx.save_for_backward(*saved, *positions, w0)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, a, b, z, *positions = ctx.saved_tensors
+        x, mask, a, b, z, *positions, w0 = ctx.saved_tensors
         need_x, need_a, need_b, need_y = ctx.needs_input_grad[:4]
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = _rows(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
@@ -237,7 +254,18 @@ class _LowRankFunction(torch.autograd.Function):
             else:
                 grad_a = gz.t() @ (_apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
             grad_a = grad_a.to(a_dtype)
-        if need_x:
+        if need_x and w0 is not None:  # g W0 + keep * (gz A), on one buffer
+            grad_x = g @ w0.to(g.dtype)  # (N, in)
+            if ctx.sparse:  # + gz A, minus it again at the dropped positions
+                at = at if at is not None else dropped_at(flat, (g.shape[0], a.shape[-1]))
+                grad_x.addmm_(gz, a).view(-1).index_add_(0, flat, product_at_dropped(gz, a, at), alpha=-1)
+            elif ctx.p > 0:
+                keep = mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
+                grad_x.add_(_apply_mask(gz @ a, keep.view(grad_x.shape)))
+            else:
+                grad_x.addmm_(gz, a)
+            grad_x = grad_x.reshape(*grad.shape[:-1], a.shape[-1]).to(x_dtype)
+        elif need_x:
             grad_x = gz @ a  # (N, in)
             if ctx.sparse:  # keep * grad_x: the dropped positions written over
                 grad_x.view(-1).index_fill_(0, flat, 0)
@@ -246,7 +274,7 @@ class _LowRankFunction(torch.autograd.Function):
                 keep = mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
                 grad_x = _apply_mask(grad_x, keep)
             grad_x = grad_x.to(x_dtype)
-        return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None
+        return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None, None, None
 
 
 def takes_positions(x: Tensor, dtype: torch.dtype, p: float) -> bool:
@@ -266,24 +294,46 @@ def fused_backward_allowed() -> bool:
     return not torch._C._are_functorch_transforms_active()
 
 
+def forms_base_output(base: AdaptedLayer, x: Tensor) -> bool:
+    """Whether :func:`low_rank` with ``with_base`` forms the base output for ``x`` inside its function (a
+    matrix layer computing exactly its kind's op with a frozen float weight, see
+    :meth:`~lorakit.core.layer.AdaptedLayer.base_output_formable`): a variant built on it then needs no base
+    output from the layer."""
+    return (
+        base.kind.features_last
+        and x.is_floating_point()
+        and fused_backward_allowed()
+        and base.base_output_formable(x)
+    )
+
+
 def low_rank(
     base: AdaptedLayer, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float, training: bool,
-    y: Tensor | None = None,
+    y: Tensor | None = None, with_base: bool = False,
 ) -> Tensor:  # fmt: skip
-    """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output; with ``y``
-    (the base output), ``y`` plus that, in ``y``'s dtype.
+    """``scale * up(down(dropout(x), A), B)`` for any layer kind, shaped like the base output; with
+    ``with_base``, the base output plus that, in the base output's dtype: ``y`` where given, else formed
+    here (a variant's forward given ``y=None`` as its :meth:`~lorakit.core.variant.Variant.needs_base_output`
+    asked, after :func:`forms_base_output`).
 
     ``a``: ``(r, in)``, ``b``: ``(out, r)``. Matrix layers (Linear, GPT-2 Conv1D) use the memory-lean
     function above; convolutions and embeddings go through their kind's ``down``/``up`` with plain autograd.
     """
     p = p if training else 0.0
+    w0 = bias = None
+    if with_base and y is None:
+        # Compiled with dropout, the function is given the masked input: the base output is formed apart.
+        if forms_base_output(base, x) and not (p > 0 and torch.compiler.is_compiling()):
+            w0, bias = base.weight_2d(), base.bias
+        else:
+            y = base.base_layer(x)
     if base.kind.features_last and x.is_floating_point() and fused_backward_allowed():
         if torch.compiler.is_compiling():
             # The compiler traces the function too (its products in the fast order), with the mask drawn by
             # an operator it keeps whole (a seeded generator inside the graph would break it).
-            return _LowRankFunction.apply(dropout(x, p), a, b, y, scale, 0.0, 0)
+            return _LowRankFunction.apply(dropout(x, p), a, b, y, scale, 0.0, 0, w0, bias)
         seed = int(_new_seed().item()) if p > 0 else 0
-        return _LowRankFunction.apply(x, a, b, y, scale, p, seed)
+        return _LowRankFunction.apply(x, a, b, y, scale, p, seed, w0, bias)
     x = dropout(x, p)
     dtype = x.dtype if x.is_floating_point() else a.dtype
     z = base.kind.down(base.base_layer, x, a.to(dtype))

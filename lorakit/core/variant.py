@@ -220,7 +220,8 @@ class Variant(nn.Module):
     def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
         """Whether :meth:`forward` needs the base layer's output for the input ``x``. When False the layer
         skips the base op and :meth:`forward` gets ``y=None`` and computes the whole output (see
-        :meth:`AdaptedLayer.weight_folds_exactly`). Default: True."""
+        :meth:`AdaptedLayer.weight_folds_exactly` and :func:`lorakit.core.lowrank.forms_base_output`).
+        Default: True."""
         return True
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:

@@ -120,11 +120,11 @@ class DeltaLoRA(LoRA):
             dw = dw + self.config.lam * self.scale * (self.B @ self.A - self.B_K @ self.A_K).detach()
         return dw
 
-    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
-        out = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training, y)
+    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
+        out = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training, y, with_base=True)
         if not self.active_now:
             return out
         a2 = torch.cat([self.A, self.A_K]).detach()  # (2r, in)
         b2 = torch.cat([self.B, -self.B_K], dim=1).detach()  # (out, 2r)
         extra = low_rank(base, x, a2, b2, self.config.lam * self.scale, 0.0, self.training)
-        return out + extra.to(y.dtype)
+        return out + extra.to(out.dtype)

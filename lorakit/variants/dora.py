@@ -278,6 +278,9 @@ class DoRA(LoRA):
         self._eval_norm = None if key is None else (key, norm)
         return norm
 
+    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+        return True  # the magnitude scales W0 x~ + b0, which the forward forms from y
+
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         bias = base.bias
         p = self.config.dropout if self.training and self.dropout is not None else 0.0

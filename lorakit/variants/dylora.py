@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lorakit.core import ranks
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import low_rank
+from lorakit.core.lowrank import forms_base_output, low_rank
 from lorakit.core.variant import Variant, VariantConfig, require
 from lorakit.variants.dylora_hook import DyLoRAHook
 from lorakit.variants.lora import LoRA
@@ -107,10 +107,13 @@ class DyLoRA(Variant):
         a, up, scale = self.factors(self.current_rank if b is None else b)
         return scale * (up @ a)
 
-    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+        return not forms_base_output(base, x)  # the low-rank function forms W0 x + b0 on its output buffer
+
+    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
         a, up, scale = self.factors(self.active_rank())
         p = self.config.dropout if self.dropout is not None else 0.0
-        return low_rank(base, x, a, up, scale, p, self.training, y)
+        return low_rank(base, x, a, up, scale, p, self.training, y, with_base=True)
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         self.merged_rank = self.current_rank

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import low_rank
+from lorakit.core.lowrank import forms_base_output, low_rank
 from lorakit.core.variant import Variant, VariantConfig
 
 
@@ -58,6 +58,9 @@ class LoRA(Variant):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)
 
-    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+        return not forms_base_output(base, x)  # the low-rank function forms W0 x + b0 on its output buffer
+
+    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
         p = self.config.dropout if self.dropout is not None else 0.0
-        return low_rank(base, x, self.A, self.B, self.scale, p, self.training, y)
+        return low_rank(base, x, self.A, self.B, self.scale, p, self.training, y, with_base=True)
