@@ -11,6 +11,10 @@ Each side runs its variant's full training step: lorakit's hooks and optimizer g
 
     python benchmarks/step_cost.py --out runs/step_cost.json --readme README.md
     python benchmarks/step_cost.py --model llama --out runs/step_cost_llama.json
+    python benchmarks/step_cost.py --device cuda --all-bf16 --out runs/step_cost_cuda_bf16.json
+
+On a GPU (``--device cuda``) each step is timed between synchronisations, and the step column is the rise of
+the CUDA allocator's peak over what was allocated before the step, instead of resident memory.
 
 ``minilm``: batch 32 padded to 64 tokens, rank 8, alpha 16, targets query/key/value/dense. ``llama``: a
 locally configured Llama-style classifier (hidden 1024, 2 layers, random weights), batch 8 x 64, all
@@ -51,6 +55,7 @@ class Contender:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     bf16: bool = False
+    device: str = "cpu"
     hooks: list[Hook] = field(default_factory=list)
     after_step: Callable[[int], None] | None = None  # PEFT's update_and_allocate (AdaLoRA)
     step: int = 0
@@ -58,7 +63,7 @@ class Contender:
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         for hook in self.hooks:
             hook.on_step_start(self.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.model(**batch).loss
             for hook in self.hooks:
                 extra = hook.extra_loss(self.step)
@@ -157,6 +162,18 @@ def contenders(
     return rows
 
 
+def placed(build: Callable[[], Contender], device: str, all_bf16: bool) -> Callable[[], Contender]:
+    """``build`` with its contender marked as running on ``device`` (the model is built from a base already
+    there), and under bf16 autocast if ``all_bf16``."""
+
+    def build_placed() -> Contender:
+        contender = build()
+        contender.device, contender.bf16 = device, contender.bf16 or all_bf16
+        return contender
+
+    return build_placed
+
+
 def minilm_batch(tokenizer, batch_size: int, max_length: int) -> dict[str, torch.Tensor]:
     """An SST-2 batch padded to ``max_length`` (the worst case of the reference budget)."""
     rows = read_rows(str(SST2)) if SST2.exists() else read_rows("demo")
@@ -195,7 +212,7 @@ def saved_activation_bytes(contender: Contender, batch: dict[str, torch.Tensor])
     model = contender.model
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=contender.bf16):
+        with torch.autocast(contender.device, dtype=torch.bfloat16, enabled=contender.bf16):
             loss = model(**batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -224,6 +241,27 @@ def rss_mb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024
 
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it (nothing to wait for on a CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_peak_start(device: str) -> float:
+    """Reset the peak that :func:`step_peak_mb` reads; return the memory in use now (MiB)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    reset_peak_rss()
+    return rss_mb("VmRSS")
+
+
+def step_peak_mb(device: str, before: float) -> float:
+    """How far the peak rose above ``before`` (MiB): the CUDA allocator's, or the resident memory's."""
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mb("VmHWM")
+    return peak - before
+
+
 def measure(
     builders: dict[str, Callable[[], Contender]], batch: dict[str, torch.Tensor], repeats: int
 ) -> dict[str, dict[str, float]]:
@@ -235,12 +273,13 @@ def measure(
     peaks: dict[str, float] = {name: 0.0 for name in entries}
     for _ in range(repeats):
         for name, entry in entries.items():
-            reset_peak_rss()
-            resident = rss_mb("VmRSS")
+            synchronize(entry.device)
+            before = step_peak_start(entry.device)
             start = time.perf_counter()
             entry.train_step(batch)
+            synchronize(entry.device)
             times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], rss_mb("VmHWM") - resident)
+            peaks[name] = max(peaks[name], step_peak_mb(entry.device, before))
     rows = {}
     for name, entry in entries.items():
         act, state = saved_activation_bytes(entry, batch), state_bytes(entry.model)
@@ -265,8 +304,11 @@ def merged_forward_ratio(base: nn.Module, batch: dict[str, torch.Tensor], target
     with torch.inference_mode():
         for _ in range(3 * repeats + 1):  # a forward is short: more repeats for the same noise
             for name, model in (("base", plain), ("merged", merged)):
+                device = next(model.parameters()).device.type
+                synchronize(device)
                 start = time.perf_counter()
                 model(**inputs)
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     base_s, merged_s = (statistics.median(t[1:]) for t in times.values())
     return {"base_forward_seconds": base_s, "merged_forward_seconds": merged_s, "ratio": merged_s / base_s}
@@ -276,11 +318,11 @@ WITH_PEERS = ("lora", "dora", "dora, dropout 0", "loha", "lokr", "vera", "adalor
 PEERS = {f"lorakit {v}": f"peft {v}" for v in WITH_PEERS}
 
 
-def table(rows: dict[str, dict]) -> str:
+def table(rows: dict[str, dict], peak_column: str = "step RSS MB") -> str:
     ref = rows["full fine-tuning"]
     lines = [
         "| contender | step s | vs full FT | vs PEFT | memory MB: states + activations | vs PEFT "
-        "| step RSS MB |",
+        f"| {peak_column} |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -295,10 +337,15 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, text: str, threads: int = 1) -> None:
-    """Replace the table between the step-cost markers (one section per thread count beyond one), keeping
-    everything else."""
-    section = "results-step-cost" if threads == 1 else f"results-step-cost-{threads}-threads"
+def readme_section(device: str, threads: int, all_bf16: bool) -> str:
+    """The README section a run rewrites: the reference (CPU, one thread, fp32) or one of its own."""
+    if device != "cpu":
+        return f"results-step-cost-{device}" + ("-bf16" if all_bf16 else "")
+    return "results-step-cost" if threads == 1 else f"results-step-cost-{threads}-threads"
+
+
+def write_readme(readme: Path, text: str, section: str = "results-step-cost") -> None:
+    """Replace the table between the ``section`` markers, keeping everything else."""
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     content = readme.read_text()
     if begin not in content or end not in content:
@@ -319,7 +366,11 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="add a LoRA row under bf16 autocast")
     parser.add_argument("--variants", nargs="+", help="only these rows (names as in the table, e.g. 'dora')")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: the reference budget)")
+    parser.add_argument("--device", default="cpu", help="where every contender runs: cpu or cuda")
+    parser.add_argument("--all-bf16", action="store_true", help="every contender under bf16 autocast")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
     torch.set_num_threads(args.threads)  # one thread by default: less noise from a shared machine
     torch.manual_seed(0)
     if args.model == "minilm":
@@ -327,22 +378,25 @@ def main() -> None:
         batch, targets, head = minilm_batch(tokenizer, args.batch_size, 64), MINILM_TARGETS, "classifier"
     else:
         (base, batch), targets, head = llama_model(), LLAMA_TARGETS, "score"
+    base, batch = base.to(args.device), {k: v.to(args.device) for k, v in batch.items()}
     builders = contenders(base, targets, head, every=not args.only_lora, with_bf16=args.bf16)
+    builders = {name: placed(build, args.device, args.all_bf16) for name, build in builders.items()}
     if args.variants:  # full fine-tuning stays: every ratio is also taken against it
         keep = {"full fine-tuning"} | {f"{side} {v}" for v in args.variants for side in ("lorakit", "peft")}
         builders = {name: build for name, build in builders.items() if name in keep}
     rows = measure(builders, batch, args.repeats)
     merged = merged_forward_ratio(base, batch, targets, head, args.repeats)
-    text = table(rows) + (
+    text = table(rows, "step RSS MB" if args.device == "cpu" else f"step {args.device} peak MB") + (
         f"\n\nMerged LoRA model, eval forward: {merged['ratio']:.3f}x the base model's "
         f"({merged['merged_forward_seconds']:.3f} s vs {merged['base_forward_seconds']:.3f} s)."
     )
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    result = {"model": args.model, "device": args.device, "threads": args.threads, "all_bf16": args.all_bf16}
+    result |= {"repeats": args.repeats, "rows": rows}
     args.out.write_text(json.dumps(result | {"merged_forward": merged}, indent=2) + "\n")
     if args.readme is not None:
-        write_readme(args.readme, text, args.threads)
+        write_readme(args.readme, text, readme_section(args.device, args.threads, args.all_bf16))
 
 
 if __name__ == "__main__":

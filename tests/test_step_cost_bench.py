@@ -53,5 +53,7 @@ def test_a_run_on_more_threads_rewrites_its_own_section(tmp_path: Path) -> None:
     one = "<!-- results-step-cost:begin -->\none\n<!-- results-step-cost:end -->\n"
     two = "<!-- results-step-cost-2-threads:begin -->\nold\n<!-- results-step-cost-2-threads:end -->\n"
     readme.write_text(one + two)
-    bench.write_readme(readme, "| two |", threads=2)
+    bench.write_readme(readme, "| two |", bench.readme_section("cpu", 2, all_bf16=False))
     assert readme.read_text() == one + two.replace("old", "| two |")
+    assert bench.readme_section("cpu", 1, all_bf16=False) == "results-step-cost"
+    assert bench.readme_section("cuda", 1, all_bf16=True) == "results-step-cost-cuda-bf16"
