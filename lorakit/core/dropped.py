@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorakit.core.skinny import rank_gram
+
 
 class Dropped(NamedTuple):
     """The dropped inputs of an ``(N, in)`` mask, row by row: row and column of each, and where each row's
@@ -69,7 +71,7 @@ def gram_on_dropped(gz: Tensor, values: Tensor, at: Dropped, width: int) -> Tens
 
 def gram_on_kept(gz: Tensor, x: Tensor, at: Dropped, flat: Tensor) -> Tensor:
     """``gz^T (x * keep) = gz^T x - gz^T (x * dropped)``, ``(r, in)``, for ``gz (N, r)`` and ``x (N, in)``."""
-    return (gz.t() @ x).sub_(gram_on_dropped(gz, dropped_values(x, flat), at, x.shape[1]))
+    return rank_gram(gz.t(), x).sub_(gram_on_dropped(gz, dropped_values(x, flat), at, x.shape[1]))
 
 
 def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:

@@ -29,6 +29,7 @@ from lorakit.core.dropped import (
     product_at_dropped,
     product_on_dropped,
 )
+from lorakit.core.skinny import gram_rank_first, rank_first, rank_gram, rows_of
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer
@@ -151,32 +152,10 @@ def _apply_mask(x: Tensor, keep: Tensor) -> Tensor:
     return x * keep if torch.compiler.is_compiling() else x * keep.view(torch.uint8)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as a matrix of rows ``(N, features)``."""
-    return t.reshape(-1, t.shape[-1])
-
-
-def rank_first(m: Tensor, rows: Tensor) -> Tensor:
-    """``rows @ m.T`` (``(N, r)`` for ``m`` of shape ``(r, d)``) computed as ``(m @ rows.T).T``.
-
-    The same product, but the BLAS routine runs with the small rank as the output's row count: on a CPU a
-    ``(N, d) @ (d, r)`` product with ``r = 8`` is two to six times slower than ``(r, d) @ (d, N)``, measured
-    for the shapes of BERT and Llama layers, one or two threads. The result is a transposed view; the next
-    product reads it as is. ``(N, r)^T @ (N, d)`` products (``dL/dA``, ``dL/dB``) are written the same way.
-    """
-    return (m @ rows.t()).t()
-
-
 def rank_first_on_kept(m: Tensor, rows: Tensor, values: Tensor, at: Dropped) -> Tensor:
     """:func:`rank_first` of the masked rows, ``(rows * keep) @ m.T = rows @ m.T - (rows * dropped) @ m.T``,
     from the dropped ``values`` at ``at`` (:mod:`lorakit.core.dropped`)."""
     return rank_first(m, rows).sub_(product_on_dropped(values, m, at))
-
-
-def gram_rank_first(g: Tensor, z: Tensor) -> Tensor:
-    """``g^T @ z`` (``(out, r)`` for ``g (N, out)``, ``z (N, r)``) computed as ``(z^T @ g)^T``: the same fast
-    order as :func:`rank_first`, for ``dL/dB``-shaped products."""
-    return (_rows(z).t() @ g).t()
 
 
 class _LowRankFunction(torch.autograd.Function):
@@ -202,22 +181,22 @@ class _LowRankFunction(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             a_c, b_c, x_c = a.to(dtype), b.to(dtype), x.to(dtype)
-            x2, mask, at = _rows(x_c), None, None
+            x2, mask, at = rows_of(x_c), None, None
             if p > 0 and takes_positions(x, dtype, p):
                 flat = dropped_indices(x.numel(), p, seed, x.device)
                 at = dropped_at(flat, x2.shape)
                 z = rank_first_on_kept(a_c, x2, dropped_values(x2, flat), at)
             else:
                 mask = _keep_mask(x, p, seed) if p > 0 else None
-                z = rank_first(a_c, _rows(_apply_mask(x_c, mask)) if mask is not None else x2)
+                z = rank_first(a_c, rows_of(_apply_mask(x_c, mask)) if mask is not None else x2)
             z = z.reshape(*x.shape[:-1], a.shape[0])  # (..., r)
             if p > 0:
                 z = z.div_(1.0 - p)
             if w0 is not None:  # (..., out): W0 x + b0, then + s B z on the same buffer
                 base = F.linear(x2, w0.to(dtype), None if bias is None else bias.to(dtype))
-                out = base.addmm_(_rows(z), b_c.t(), alpha=scale).view(*x.shape[:-1], w0.shape[0])
+                out = base.addmm_(rows_of(z), b_c.t(), alpha=scale).view(*x.shape[:-1], w0.shape[0])
             elif y is not None and y.dtype == dtype:
-                out = torch.addmm(_rows(y), _rows(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
+                out = torch.addmm(rows_of(y), rows_of(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
             else:
                 out = F.linear(z, b_c).mul_(scale)  # (..., out)
                 out = out if y is None else y + out.to(y.dtype)
@@ -237,7 +216,7 @@ class _LowRankFunction(torch.autograd.Function):
         x, mask, a, b, z, *positions, w0 = ctx.saved_tensors
         need_x, need_a, need_b, need_y = ctx.needs_input_grad[:4]
         x_dtype, a_dtype, b_dtype = ctx.dtypes
-        g = _rows(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
+        g = rows_of(grad.to(b.dtype))  # (N, out), in the forward's compute dtype
         gz = rank_first(b.t(), g).mul_(ctx.scale / (1.0 - ctx.p))  # dL/dz with the dropout rescale, (N, r)
         grad_x = grad_a = grad_b = None
         at = Dropped(*positions) if positions[0] is not None else None
@@ -248,11 +227,11 @@ class _LowRankFunction(torch.autograd.Function):
         if need_b:
             grad_b = gram_rank_first(g, z).mul_(ctx.scale).to(b_dtype)  # (out, r)
         if need_a:
-            x2 = _rows(x.to(a.dtype))
+            x2 = rows_of(x.to(a.dtype))
             if ctx.sparse:  # gz^T (x * keep) = gz^T x - gz^T (x * dropped)
                 grad_a = gram_on_kept(gz, x2, at, flat)
             else:
-                grad_a = gz.t() @ (_apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
+                grad_a = rank_gram(gz.t(), _apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
             grad_a = grad_a.to(a_dtype)
         if need_x and w0 is not None:  # g W0 + keep * (gz A), on one buffer
             grad_x = g @ w0.to(g.dtype)  # (N, in)

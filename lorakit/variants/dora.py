@@ -40,6 +40,7 @@ from lorakit.core.lowrank import (
     keep_mask,
     low_rank,
     rank_first,
+    rank_gram,
 )
 from lorakit.variants.dora_sparse import (
     input_grads_on_kept,
@@ -222,7 +223,7 @@ class DoRAFunction(torch.autograd.Function):
                     grad_x, grad_a = input_grads_on_kept_op(*args, seed, p, fold, need[0], need[4])
             else:
                 if need[4]:
-                    grad_a = gz.t() @ (_apply_mask(x2, mask) if mask is not None else x2)
+                    grad_a = rank_gram(gz.t(), _apply_mask(x2, mask) if mask is not None else x2)
                 if need[0]:
                     grad_x = gz @ a  # the low-rank path's part, (N, in)
                     if p > 0:  # h reads x too: keep * (g e W0)
