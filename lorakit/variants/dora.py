@@ -36,12 +36,10 @@ from lorakit.core.lowrank import (
     _new_seed,
     fresh_dropped_indices,
     fused_backward_allowed,
-    gram_rank_first,
     keep_mask,
     low_rank,
-    rank_first,
-    rank_gram,
 )
+from lorakit.core.skinny import gram_rank_first, rank_first, rank_gram
 from lorakit.variants.dora_sparse import (
     input_grads_on_kept,
     input_grads_on_kept_op,
