@@ -24,14 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorakit.core.dropped import (
-    Dropped,
-    dropped_at,
-    dropped_values,
-    gram_on_kept,
-    product_at_dropped,
-    product_on_dropped,
-)
+from lorakit.core import dropped
 from lorakit.core.lowrank import dropped_indices, rank_first_on_kept, takes_positions
 
 
@@ -43,17 +36,17 @@ def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
 
 
 def products_on_kept(
-    x: Tensor, y: Tensor, at: Dropped, flat: Tensor, w0: Tensor, a: Tensor
+    x: Tensor, y: Tensor, at: dropped.Dropped, flat: Tensor, w0: Tensor, a: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``W0 (x * keep) + b0`` and ``A (x * keep)`` (``(N, out)``, ``(N, r)``) for ``x (N, in)`` and
     ``y = W0 x + b0``, from the dropped inputs: two new tensors, both contiguous."""
-    values = dropped_values(x, flat)
-    h = product_on_dropped(values, w0, at)
+    values = dropped.dropped_values(x, flat)
+    h = dropped.product_on_dropped(values, w0, at)
     return torch.sub(y, h, out=h), rank_first_on_kept(a, x, values, at)
 
 
 def input_grads_on_kept(
-    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, at: Dropped, fold: bool,
+    gz: Tensor, a: Tensor, g: Tensor, w0_e: Tensor | None, x: Tensor, at: dropped.Dropped, fold: bool,
     need_x: bool, need_a: bool,
 ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
     """``dL/dx`` and ``dL/dA`` of ``s B A (x * keep) + (W0 (x * keep)) e`` for ``gz = dL/d(A (x * keep))``
@@ -62,11 +55,11 @@ def input_grads_on_kept(
     grad_x = grad_a = None
     flat = at.flat(x.shape[1])
     if need_a:  # gz^T (x * keep) = gz^T x - gz^T (x * dropped)
-        grad_a = gram_on_kept(gz, x, at, flat)
+        grad_a = dropped.gram_on_kept(gz, x, at, flat)
     if need_x:
         grad_x = gz @ a  # (N, in)
         if w0_e is not None and fold:
-            grad_x.view(-1).index_copy_(0, flat, product_at_dropped(g, w0_e, at).neg_())
+            grad_x.view(-1).index_copy_(0, flat, dropped.product_at_dropped(g, w0_e, at).neg_())
         else:
             if w0_e is not None:
                 grad_x = grad_x.addmm_(g, w0_e)
@@ -79,9 +72,9 @@ def input_grads_on_kept(
 # mode's, :func:`~lorakit.core.lowrank.dropped_indices`), whole.
 
 
-def _positions_from(seed: Tensor, p: float, x: Tensor) -> tuple[Dropped, Tensor]:
+def _positions_from(seed: Tensor, p: float, x: Tensor) -> tuple[dropped.Dropped, Tensor]:
     flat = dropped_indices(x.numel(), p, int(seed.item()), x.device)
-    return dropped_at(flat, x.shape), flat
+    return dropped.dropped_at(flat, x.shape), flat
 
 
 @torch.library.custom_op("lorakit::dora_products_on_kept", mutates_args=())
