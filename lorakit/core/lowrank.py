@@ -10,6 +10,11 @@ drop rates not even the mask is formed: the products with ``x * keep`` are taken
 
 If ``A`` is frozen (LoRA-FA, arXiv:2308.03303) nothing of size ``N x d_in`` is saved at all: ``dL/dB`` needs
 only ``z`` and ``dL/dx`` only ``A``, ``B`` and the mask, which backward regenerates from a seed.
+
+On a plain frozen matrix layer (:func:`forms_base_output`) the function also forms the base output
+``W0 x + b0`` and the base input gradient itself, so the layer is one node of the graph and neither output is
+copied. The rank-thin products are written in the order and row blocks a CPU runs fast
+(:mod:`lorakit.core.skinny`).
 """
 
 from __future__ import annotations
