@@ -238,26 +238,22 @@ class _LowRankFunction(torch.autograd.Function):
             else:
                 grad_a = rank_gram(gz.t(), _apply_mask(x2, mask.view(x2.shape)) if mask is not None else x2)
             grad_a = grad_a.to(a_dtype)
-        if need_x and w0 is not None:  # g W0 + keep * (gz A), on one buffer
-            grad_x = g @ w0.to(g.dtype)  # (N, in)
-            if ctx.sparse:  # + gz A, minus it again at the dropped positions
-                at = at if at is not None else dropped_at(flat, (g.shape[0], a.shape[-1]))
-                grad_x.addmm_(gz, a).view(-1).index_add_(0, flat, product_at_dropped(gz, a, at), alpha=-1)
-            elif ctx.p > 0:
-                keep = mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
-                grad_x.add_(_apply_mask(gz @ a, keep.view(grad_x.shape)))
-            else:
+        if need_x:  # keep * (gz A), onto g W0 where the base output was formed here
+            grad_x = g @ w0.to(g.dtype) if w0 is not None else None  # (N, in)
+            if grad_x is not None and (ctx.sparse or ctx.p == 0):  # + gz A in place
                 grad_x.addmm_(gz, a)
+                if ctx.sparse:  # minus it again at the dropped positions
+                    at = at if at is not None else dropped_at(flat, (g.shape[0], a.shape[-1]))
+                    grad_x.view(-1).index_add_(0, flat, product_at_dropped(gz, a, at), alpha=-1)
+            else:
+                lowrank_x = gz @ a  # (N, in)
+                if ctx.sparse:  # keep * (gz A): the dropped positions written over
+                    lowrank_x.view(-1).index_fill_(0, flat, 0)
+                elif ctx.p > 0:
+                    keep = mask if mask is not None else _keep_mask(lowrank_x, ctx.p, ctx.seed)
+                    lowrank_x = _apply_mask(lowrank_x, keep.view(lowrank_x.shape))
+                grad_x = lowrank_x if grad_x is None else grad_x.add_(lowrank_x)
             grad_x = grad_x.reshape(*grad.shape[:-1], a.shape[-1]).to(x_dtype)
-        elif need_x:
-            grad_x = gz @ a  # (N, in)
-            if ctx.sparse:  # keep * grad_x: the dropped positions written over
-                grad_x.view(-1).index_fill_(0, flat, 0)
-            grad_x = grad_x.reshape(*grad.shape[:-1], a.shape[-1])
-            if not ctx.sparse and ctx.p > 0:
-                keep = mask if mask is not None else _keep_mask(grad_x, ctx.p, ctx.seed)
-                grad_x = _apply_mask(grad_x, keep)
-            grad_x = grad_x.to(x_dtype)
         return grad_x, grad_a, grad_b, grad if need_y else None, None, None, None, None, None
 
 
