@@ -69,9 +69,11 @@ class Distributed(Placement):
         """Move ``model`` to this rank's device (its own GPU under NCCL; the CPU under gloo)."""
         return model.to(self.device)
 
-    def sampler(self, data: TokenizedData, batch_size: int, seed: int) -> ShardedBatchSampler:
+    def sampler(
+        self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
+    ) -> ShardedBatchSampler:
         """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
-        return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size)
+        return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size, group_by_length)
 
     def attach(self, model: nn.Module) -> nn.Module:
         """The module to run forward and backward on: the DDP wrapper, or ``model`` sharded in place by FSDP2
@@ -92,6 +94,14 @@ class Distributed(Placement):
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has created the run's staging directory)."""
         dist.barrier()
+
+    def processes(self) -> int:
+        return self.world_size
+
+    def total(self, value: int) -> int:
+        count = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over all ranks (the logged loss is the global batch's)."""

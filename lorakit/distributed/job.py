@@ -34,11 +34,13 @@ class ScaleOut:
             )
         return cls(job, join(str(job.distributed)))
 
-    def start(self, model: nn.Module, data: TokenizedData) -> ShardedBatchSampler:
+    def start(
+        self, model: nn.Module, data: TokenizedData, group_by_length: bool = False
+    ) -> ShardedBatchSampler:
         """Move the model to this rank's device; this rank's batches of the training data."""
         self.group.place(model)
         self.data, self.packed = data, packed_digest(model)
-        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed)
+        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed, group_by_length)
 
     def prepare(self, prepare: Prepare | None, model: nn.Module) -> dict[str, Any]:
         """A variant's stage (LoRA-drop's selection) on rank 0 with the global batch, broadcast to all."""

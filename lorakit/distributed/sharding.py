@@ -21,13 +21,21 @@ class ShardedBatchSampler(BatchSampler):
     resumed run continues the same global order whatever rank reads the checkpoint.
     """
 
-    def __init__(self, data: TokenizedData, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        data: TokenizedData,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        group_by_length: bool = False,
+    ) -> None:
         if len(data) < batch_size * world_size:
             raise ValueError(
                 f"the training data has {len(data)} examples, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks); lower --batch-size or use more data"
             )
-        super().__init__(data, batch_size * world_size, seed)
+        super().__init__(data, batch_size * world_size, seed, group_by_length)
         self.rank, self.world_size, self.per_rank = rank, world_size, batch_size
 
     def __next__(self) -> dict[str, Tensor]:

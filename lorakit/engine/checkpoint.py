@@ -93,6 +93,7 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
     state = {
         "step": run.result.steps,
         "seconds": run.result.seconds,
+        "tokens": run.result.tokens,
         "losses": torch.tensor(run.result.losses, dtype=torch.float64),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -161,6 +162,7 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
         run.batches.load_state_dict(state["batches"])
     run.result.losses = state["losses"].tolist()
     run.result.seconds = state["seconds"]
+    run.result.tokens = state.get("tokens", 0)  # a checkpoint written before tokens were counted: 0
     run.result.steps = state["step"]
     return state["step"]
 

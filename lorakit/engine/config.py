@@ -61,8 +61,13 @@ class TrainResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    tokens: int = 0  # input tokens trained on (padding excluded), for the throughput
     stopped: str | None = None  # why training ended before ``cfg.steps``
     decided: dict[str, Any] = field(default_factory=dict)  # what the variant's stages decided (the report)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def final_loss(self) -> float:

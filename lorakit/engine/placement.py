@@ -32,6 +32,14 @@ class Placement:
         the same collective."""
         return loss
 
+    def processes(self) -> int:
+        """How many processes average their gradients (their losses are divided accordingly)."""
+        return 1
+
+    def total(self, value: int) -> int:
+        """The sum of ``value`` over processes (a step's labelled tokens, by which its loss is divided)."""
+        return value
+
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context for one micro-batch's forward and backward; ``last``: the step's last one. A distributed
         run averages gradients across processes only there: the earlier micro-batches accumulate locally,

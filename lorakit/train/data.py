@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import LorakitError
+from lorakit.train import chat
+from lorakit.train.chat import Truncation
 
 
 class DataError(LorakitError):
@@ -275,11 +277,13 @@ class ClassLabels:
 
 @dataclass
 class TokenizedData:
-    """Token ids per example plus labels (class ids, or per-token targets with -100 on prompt tokens)."""
+    """Token ids per example plus labels (class ids, or per-token targets with -100 on prompt tokens);
+    ``truncation``: how ``max_length`` cut a causal-LM data set's answers."""
 
     input_ids: list[list[int]]
     labels: list[int] | list[list[int]]
     pad_id: int
+    truncation: Truncation | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -327,28 +331,45 @@ def tokenize_classification(
     return TokenizedData(ids, labels, tokenizer.pad_token_id or 0)
 
 
-def tokenize_causal(
-    rows: list[Row], tokenizer: Any, prompt_column: str, response_column: str, max_length: int, source: str
-) -> TokenizedData:
+def conversations(
+    rows: list[Row], messages_column: str, prompt_column: str, response_column: str, source: str
+) -> list[chat.Example]:
+    """Causal-LM rows as conversations: a ``messages`` column (multi-turn, optional system turn) where the
+    rows have one, else prompt/response columns (one user and one assistant turn)."""
+    if rows and messages_column in rows[0]:
+        return chat.examples_from_messages(column(rows, messages_column, source), messages_column, source)
+    if rows and prompt_column not in rows[0]:
+        raise DataError(
+            f"{source} has neither a '{messages_column}' column nor a '{prompt_column}' column; its columns "
+            f"are {sorted(rows[0])} (set --messages-column, or --prompt-column and --response-column)"
+        )
     prompts = texts(rows, prompt_column, source)
-    responses = texts(rows, response_column, source)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids, labels = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        seq = (p + r)[:max_length]
-        ids.append(seq)
-        labels.append(([-100] * len(p) + r)[:max_length])  # loss on the response only
+    return chat.examples_from_pairs(prompts, texts(rows, response_column, source))
+
+
+def tokenize_causal(
+    examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int
+) -> TokenizedData:
+    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.train.chat`)."""
+    ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return TokenizedData(ids, labels, pad)
+    return TokenizedData(ids, labels, pad, truncation)
 
 
 class BatchSampler:
-    """Endless shuffled batches from a seeded generator whose state is checkpointed for exact resume."""
+    """Endless shuffled batches from a seeded generator whose state is checkpointed for exact resume.
 
-    def __init__(self, data: TokenizedData, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size = data, batch_size
+    With ``group_by_length`` each epoch's shuffled examples are taken in runs of ``64 * batch_size``, sorted
+    by length within the run and cut into batches, and the batches are shuffled: a batch then holds examples
+    of similar length, so little of it is padding (transformers' ``LengthGroupedSampler`` does the same).
+    """
+
+    GROUP = 64  # batches per sorted run
+
+    def __init__(
+        self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
+    ) -> None:
+        self.data, self.batch_size, self.group_by_length = data, batch_size, group_by_length
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
 
@@ -361,9 +382,21 @@ class BatchSampler:
     def next_indices(self) -> list[int]:
         """The example indices of the next batch (epochs reshuffled; a batch may span two epochs)."""
         if len(self._order) < self.batch_size:
-            self._order += torch.randperm(len(self.data), generator=self.generator).tolist()
+            self._order += self._epoch()
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return take
+
+    def _epoch(self) -> list[int]:
+        order = torch.randperm(len(self.data), generator=self.generator).tolist()
+        if not self.group_by_length:
+            return order
+        size, run = self.batch_size, self.batch_size * self.GROUP
+        batches = []
+        for start in range(0, len(order), run):
+            chunk = sorted(order[start : start + run], key=lambda i: -len(self.data.input_ids[i]))
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [i for b in shuffled for i in batches[b]]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "order": torch.tensor(self._order, dtype=torch.long)}

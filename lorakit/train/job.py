@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,16 @@ import lorakit
 from lorakit.core.contract import Driver
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
+from lorakit.engine.token_loss import TokenLoss, takes_token_loss
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
 from lorakit.settings import check_settings, check_types, setting
+from lorakit.train import chat, rundir
 from lorakit.train import data as D
-from lorakit.train import rundir
 from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
-from lorakit.train.models import TASKS, head_modules, load_model
+from lorakit.train.models import TASKS, head_modules, infer_task, load_model
 from lorakit.train.stages import run_stages
 
 
@@ -43,18 +45,39 @@ class DataConfig:
     eval_data: str | None = setting(None, "evaluation data (default: the test split of 'demo', else none)")
     text_column: str = setting("sentence", "classification text column")
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
-    prompt_column: str = setting("prompt", "causal-LM prompt column (no loss on it)")
-    response_column: str = setting("response", "causal-LM response column (the loss covers it)")
-    max_length: int = setting(64, "tokens per example")
-    eval_batch_size: int = setting(128, "examples per evaluation batch")
+    prompt_column: str = setting("prompt", "causal-LM prompt column: the user turn (no loss on it)")
+    response_column: str = setting(
+        "response", "causal-LM response column: the assistant turn (the loss covers it)"
+    )
+    messages_column: str = setting(
+        "messages",
+        "causal-LM column of whole conversations (lists of {role, content}; the loss covers every assistant "
+        "turn), used instead of the prompt and response columns where the data has it",
+    )
+    chat_template: str = setting(
+        "auto",
+        "causal LM: auto (the tokenizer's chat template, if it has one), none (prompt and response as plain "
+        "text), or the path of a Jinja chat template",
+    )
+    max_length: int = setting(64, "tokens per example (longer ones are cut at the end, and counted)")
+    group_by_length: bool | None = setting(
+        None, "batch examples of similar length together (default: on for causal-lm, off for classification)"
+    )
+    eval_batch_size: int | None = setting(
+        None, "examples per evaluation batch (default: 128 for classification, the batch size for causal-lm)"
+    )
 
     def __post_init__(self) -> None:
         check_types(self, "data")
-        names = ("data", "text_column", "label_column", "prompt_column", "response_column")
-        checks = {name: bool(getattr(self, name).strip()) for name in names}
+        names = ("data", "text_column", "label_column", "prompt_column", "response_column", "messages_column")
+        checks = {name: bool(getattr(self, name).strip()) for name in (*names, "chat_template")}
         checks["eval_data"] = self.eval_data is None or bool(self.eval_data.strip())
-        checks |= {"max_length": self.max_length > 0, "eval_batch_size": self.eval_batch_size > 0}
+        checks |= {
+            "max_length": self.max_length > 0,
+            "eval_batch_size": self.eval_batch_size is None or self.eval_batch_size > 0,
+        }
         rules = {name: "a name, not empty" for name in (*names, "eval_data")}
+        rules["chat_template"] = "auto, none or the path of a Jinja file"
         rules |= {"max_length": "a positive number of tokens", "eval_batch_size": "a positive number"}
         check_settings(self, checks, "data", rules)
 
@@ -64,7 +87,10 @@ class JobConfig:
     """A whole fine-tuning job: model, variant, data and training settings."""
 
     model: str = setting("minilm", "'minilm' (embedded), a local directory, or a Hugging Face id")
-    task: str = setting("classification", "classification | causal-lm")
+    task: str | None = setting(
+        None,
+        "classification | causal-lm (default: causal-lm for a causal language model, else classification)",
+    )
     num_labels: int | None = setting(
         None, "classes of a classification task (default: from the training data)"
     )
@@ -96,7 +122,7 @@ class JobConfig:
         check_types(self, "job")
         checks = {
             "model": bool(self.model.strip()),
-            "task": self.task in TASKS,
+            "task": self.task is None or self.task in TASKS,
             "num_labels": self.num_labels is None or self.num_labels >= 2,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
@@ -120,6 +146,9 @@ class JobConfig:
         if self.labels is not None:
             return D.ClassLabels(self.num_labels or len(self.labels), tuple(self.labels))
         return D.ClassLabels(self.num_labels) if self.num_labels is not None else None
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class EvaluationError(LorakitError):
@@ -184,34 +213,94 @@ def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None =
 
 
 def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> D.TokenizedData:
-    """One data set of ``job`` tokenised for its task (classification labels as the job's class ids)."""
+    """One data set of ``job`` tokenised for its task (classification labels as the job's class ids; a
+    causal LM's conversations in the job's chat template, the loss on the answers)."""
     d = job.data
     if job.task == "classification":
         return D.tokenize_classification(
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
         )
-    return D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
+    examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
+    data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length)
+    if not data.input_ids:
+        raise D.DataError(
+            f"{source}: no example keeps an answer token within max length {d.max_length}; raise --max-length"
+        )
+    return data
+
+
+def chat_template(job: JobConfig, tokenizer: Any) -> str | None:
+    """The chat template a causal-LM job renders its conversations in (None: plain prompt and response)."""
+    return chat.load_template(job.data.chat_template, tokenizer) if job.task == "causal-lm" else None
 
 
 def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.TokenizedData | None]:
-    """Tokenised training data and evaluation data (if any) for ``job``."""
+    """Tokenised training data and evaluation data (if any) for ``job``; how truncation cut the answers of
+    each is printed once."""
     data = read_data(job)
     job = resolve_classes(job, data)
-    out = [tokenize(job, tokenizer, source, rows) for source, rows in data]
+    out = []
+    for source, rows in data:
+        out.append(tokenize(job, tokenizer, source, rows))
+        line = out[-1].truncation.describe(source) if out[-1].truncation is not None else None
+        if line is not None:
+            report(line)
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def report(line: str) -> None:
+    """A line for the user on stderr (once per process in a distributed run: rank 0's)."""
+    from lorakit.distributed import writes_files
+
+    if writes_files():
+        print(line, file=sys.stderr)
+
+
+def group_by_length(job: JobConfig) -> bool:
+    """Whether training batches group examples of similar length (as set; by default for a causal LM)."""
+    grouped = job.data.group_by_length
+    return grouped if grouped is not None else job.task == "causal-lm"
+
+
+def save_chat_template(directory: Path, template: str | None) -> None:
+    """Record the chat template a run rendered its data in (``chat_template.jinja``; none: no file), so that
+    evaluation and generation render prompts the same way."""
+    if template is not None:
+        atomic_write(directory / CHAT_TEMPLATE_FILE, lambda path: Path(path).write_text(template))
+
+
+def saved_chat_template(directory: str | Path) -> str | None:
+    """The chat template recorded with a run (None: it used none, or it predates the record)."""
+    path = Path(directory) / CHAT_TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def eval_batch_size(job: JobConfig) -> int:
+    """Examples per evaluation batch: as set, else 128 for classification and the training batch size for a
+    causal LM (whose activations per example are far larger)."""
+    if job.data.eval_batch_size is not None:
+        return job.data.eval_batch_size
+    return 128 if job.task == "classification" else job.train.batch_size
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> dict[str, float]:
-    """Accuracy and mean loss (classification) or loss and perplexity (causal LM)."""
+    """Accuracy and mean loss (classification), or a causal LM's loss over its labelled tokens (the answers)
+    and its perplexity, ``exp(loss)``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
     loss_sum = 0.0
+    token_loss = isinstance(data.labels[0], list) and takes_token_loss(model)
     try:
         for batch in D.eval_batches(data, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
+            if token_loss:  # summed over the labelled tokens, without the full-vocabulary logits
+                summed, count = TokenLoss.of(model)(**batch)
+                loss_sum += summed.item()
+                total += int(count)
+                continue
             out = model(**batch)
             n = batch["labels"].shape[0]
             loss_sum += out.loss.item() * n
@@ -221,12 +310,19 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
     finally:  # a failed evaluation must not leave a model that is still training in eval mode
         model.train(was_training)
     if isinstance(data.labels[0], list):
-        return {"loss": loss_sum / total, "perplexity": math.exp(min(loss_sum / total, 50))}
+        loss = loss_sum / max(total, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def resolve_task(job: JobConfig) -> JobConfig:
+    """``job`` with its task set: as given, else from the model (causal-lm for a causal language model)."""
+    return job if job.task is not None else dataclasses.replace(job, task=infer_task(job.model))
 
 
 def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     """Load the base model, quantise it if asked, and apply the job's variant."""
+    job = resolve_task(job)
     torch.manual_seed(job.train.seed)  # the new head's initialisation depends on it
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
     if job.labels is not None:  # the names travel with a merged model
@@ -259,11 +355,11 @@ def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, ev
         return
     sample = dataclasses.replace(
         eval_data,
-        input_ids=eval_data.input_ids[: d.eval_batch_size],
-        labels=eval_data.labels[: d.eval_batch_size],
+        input_ids=eval_data.input_ids[: eval_batch_size(job)],
+        labels=eval_data.labels[: eval_batch_size(job)],
     )
     try:
-        evaluate(model, sample, d.eval_batch_size)
+        evaluate(model, sample, eval_batch_size(job))
     except LorakitError:
         raise
     except Exception as err:  # e.g. a label outside the model's classes
@@ -299,6 +395,7 @@ def run_job(job: JobConfig) -> JobResult:
     With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
     """
     out = check_output_dir(job)
+    job = resolve_task(job)
     job = resolve_classes(job)  # every label checked before training; the classes size the head
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
     model, tokenizer = prepare_model(job)
@@ -315,6 +412,7 @@ def run_job(job: JobConfig) -> JobResult:
         if writes:
             job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
             atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+            save_chat_template(staging, chat_template(job, tokenizer))
             lorakit.save(model, staging, overwrite=True)
             if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
                 from lorakit.privacy.report import mark_adapter
@@ -338,11 +436,18 @@ def run_job(job: JobConfig) -> JobResult:
         peak_memory_mb=measure_peak_memory_mb(),
         extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
     )
+    if result.tokens:
+        job_result.extra["tokens_per_second"] = round(result.tokens_per_second, 1)
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is not None and data.truncation is not None:
+            t = data.truncation
+            job_result.extra[f"{name}_answers_cut"] = t.answers_cut
+            job_result.extra[f"{name}_examples_left_out"] = t.left_out
     if result.evals and result.evals[-1][0] == result.steps:
         job_result.metrics = result.evals[-1][1]
     elif eval_data is not None:
         try:
-            job_result.metrics = evaluate(model, eval_data, job.data.eval_batch_size)
+            job_result.metrics = evaluate(model, eval_data, eval_batch_size(job))
         except Exception as err:
             raise EvaluationError(
                 f"the adapter is saved in {out.shown}, but the final evaluation failed "
@@ -365,11 +470,11 @@ def _train(
 ) -> tuple[Any, dict[str, Any], float]:
     """Run the job's training driver; evaluations during training only if asked (``eval_every``)."""
     if scale is None:
-        batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
+        batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed, group_by_length(job))
     else:
-        batches = scale.start(model, train_data)
+        batches = scale.start(model, train_data, group_by_length(job))
     evaluate_fn = (
-        (lambda m: evaluate(m, eval_data, job.data.eval_batch_size))
+        (lambda m: evaluate(m, eval_data, eval_batch_size(job)))
         if eval_data is not None and job.train.eval_every
         else None
     )
