@@ -27,12 +27,15 @@ _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, TokenLoss] = weakref.WeakKeyDict
 
 
 def linear_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor) -> Tensor:
-    """``sum -log softmax(head(hidden))[targets]`` over the rows whose target is not ``-100`` (fp32)."""
+    """``sum -log softmax(head(hidden))[targets]`` over the rows whose target is not ``-100`` (in fp32 at
+    least)."""
     keep = targets != IGNORE
     rows, wanted = hidden[keep], targets[keep]
     if kernels.enabled() and _plain_linear(head):
         return fused_linear_cross_entropy(rows, head.weight, head.bias, wanted)
-    return F.cross_entropy(head(rows).float(), wanted, reduction="sum")
+    logits = head(rows)
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(loss_dtype), wanted, reduction="sum")
 
 
 def _plain_linear(module: nn.Module) -> bool:

@@ -38,19 +38,20 @@ def _chunked(
     rows at a time."""
     need_h, need_w, need_b = need
     dtype = _compute_dtype(weight)
+    loss_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(weight.device.type, enabled=False):
         w = weight.to(dtype)  # (V, d)
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=loss_dtype, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=loss_dtype, device=h.device)
         step = chunk_rows(weight.shape[0])
         for start in range(0, h.shape[0], step):
             rows = h[start : start + step].to(dtype)  # (c, d)
             target = t[start : start + step]
             logits = torch.addmm(b, rows, w.t()) if b is not None else rows @ w.t()
-            logits = logits.float()  # (c, V): the loss in fp32 whatever the product's dtype
+            logits = logits.to(loss_dtype)  # (c, V): the loss in fp32 at least, whatever the product's dtype
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
             if any(need):
@@ -61,7 +62,7 @@ def _chunked(
                 if need_h:
                     grad_h[start : start + step] = (grad.to(dtype) @ w).to(h.dtype)
                 if need_w:
-                    grad_w.addmm_(grad.t(), rows.float())
+                    grad_w.addmm_(grad.t(), rows.to(loss_dtype))
     return total, grad_h, grad_w, grad_b
 
 
@@ -88,7 +89,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, t: Tensor) -> Tensor:
     """The summed cross-entropy of ``h @ weight.T + bias`` against the class ids ``t`` (every row counts:
-    select the labelled rows first), as an fp32 scalar, with no ``N x V`` tensor kept."""
+    select the labelled rows first), a scalar in fp32 (fp64 for fp64 inputs), with no ``N x V`` tensor
+    kept."""
     tensors = (h, weight, bias)
     if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in tensors):
         return _chunked(h, weight, bias, t, (False, False, False))[0]  # evaluation: the loss alone
