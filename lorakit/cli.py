@@ -83,7 +83,13 @@ def _load_adapted(adapter: str):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.train import data as D
-    from lorakit.train.job import eval_batch_size, evaluate, tokenize
+    from lorakit.train.job import (
+        eval_batch_size,
+        evaluate,
+        measure_peak_memory_mb,
+        reset_peak_memory,
+        tokenize,
+    )
 
     job, model, tokenizer = _load_for_eval(args)
     source = args.data or job.data.eval_data or ("demo" if job.data.data == "demo" else None)
@@ -100,8 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         for rank, metrics in table.items():
             print(f"{rank:>4}  " + "  ".join(f"{v:>10.4f}" for v in metrics.values()))
         return
+    reset_peak_memory()
     metrics: dict[str, float] = evaluate(model, data, size)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    metrics["loss_peak_memory_mb"] = measure_peak_memory_mb()  # the loss evaluation's, not generation's
     if args.generate:
         from lorakit.eval.run import generation_eval
 

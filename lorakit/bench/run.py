@@ -6,7 +6,9 @@ settings it changes. Finished runs (with ``metrics.json``) are skipped, so an in
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
 Each run is ``lorakit train`` in a fresh process, so its peak memory is its own. ``lorakit bench`` is the same
-command.
+command. For a causal LM, a ``generate`` mapping (``max_new_tokens``, ``batch_size``, ``answer_pattern``,
+``limit``) adds ``lorakit eval --generate`` after each run (its own process, into ``NAME/eval``), and a run
+with ``train: false`` evaluates the base model as it is, the row every tuned one is read against.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,31 @@ from lorakit.io import CONFIG_FILE
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 REPORT_NAMES = {"results"}  # results.md / results.json / results.png
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
+GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit")  # `lorakit eval --generate`
+EVAL_DIR = "eval"
 
 
 class BenchError(LorakitError):
     """A bench file is malformed or would write outside --out; the message names the fix."""
 
 
+@dataclass
+class Bench:
+    """A bench file: shared settings, the runs, and the generation evaluation after each (None: none)."""
+
+    defaults: dict[str, Any]
+    runs: list[dict[str, Any]]
+    generate: dict[str, Any] | None = None
+
+
 def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The bench's defaults and runs, with every run name checked (see :data:`RUN_NAME`)."""
+    bench = read_bench(path)
+    return bench.defaults, bench.runs
+
+
+def read_bench(path: Path) -> Bench:
+    """The bench file, checked: run names (see :data:`RUN_NAME`), settings the bench fixes, generation."""
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -50,6 +70,11 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise BenchError(f"{path}: 'runs' must be a list of mappings, each with a 'name'")
     if not isinstance(defaults, dict):
         raise BenchError(f"{path}: 'defaults' must be a mapping of `lorakit train` settings")
+    generation = spec.get("generate")
+    if generation is not None and (
+        not isinstance(generation, dict) or sorted(set(generation) - set(GENERATE_FLAGS))
+    ):
+        raise BenchError(f"{path}: 'generate' must be a mapping of {', '.join(GENERATE_FLAGS)}")
     names = [r["name"] for r in runs]
     for name in names:
         if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name in REPORT_NAMES:
@@ -64,7 +89,26 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fixed = [key for key in BENCH_SETS if key in settings]
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
-    return defaults, runs
+    return Bench(defaults, runs, generation)
+
+
+def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any], out: Path) -> int:
+    """``lorakit eval --generate`` of run ``name`` (its adapter, or with ``train: false`` the base model)
+    into ``out/name/eval``, its output appended to the run's log; returns its exit code."""
+    cmd = [sys.executable, "-m", "lorakit.cli", "eval", "--generate", "--overwrite"]
+    cmd += ["--out", str(out / name / EVAL_DIR)]
+    if settings.get("train", True):
+        cmd += ["--adapter", str(out / name)]
+    else:  # the base model as it is, on the job's evaluation data with the job's columns
+        cmd += ["--model", str(settings.get("model", "minilm")), "--data", str(settings.get("eval_data"))]
+        for key in ("prompt_column", "response_column", "messages_column", "max_length", "chat_template"):
+            if key in settings:
+                cmd += [f"--{key.replace('_', '-')}", str(settings[key])]
+    for key, value in generation.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
+    with (out / f"{name}.log").open("a") as log:
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
@@ -91,6 +135,26 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         config.unlink(missing_ok=True)
 
 
+def _run(name: str, settings: dict[str, Any], generation: dict[str, Any] | None, out: Path) -> bool:
+    """Train run ``name`` unless it is finished (or does not train), then evaluate it with generation if the
+    bench asks and it has not been; False if a step failed."""
+    done = (out / name / "metrics.json").exists()
+    if settings.get("train", True) and not done:
+        if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
+            # a run's log marks its directory as this bench's own; this adapter was put there otherwise
+            print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
+            return False
+        code = run_one(name, {k: v for k, v in settings.items() if k != "train"}, out)
+        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
+        if code != 0:
+            return False
+    if generation is None or (out / name / EVAL_DIR / "metrics.json").exists():
+        return True
+    code = evaluate_one(name, settings, generation, out)
+    print(f"[bench] {name}: {'evaluated' if code == 0 else f'evaluation failed ({code})'}", flush=True)
+    return code == 0
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bench", type=Path, help="bench YAML file: 'defaults' and a list of 'runs'")
     parser.add_argument(
@@ -101,7 +165,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     """Run the bench's unfinished runs in order, then report every finished one; 1 if any run failed."""
-    defaults, runs = load_bench(bench)
+    spec = read_bench(bench)
+    defaults, runs = spec.defaults, spec.runs
     wanted = set(only.split(",")) if only else None
     unknown = sorted((wanted or set()) - {r["name"] for r in runs})
     if unknown:
@@ -110,17 +175,10 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     failed = []
     for run in runs:
         name = run["name"]
-        if (wanted and name not in wanted) or (out / name / "metrics.json").exists():
-            continue
-        if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
-            # a run's log marks its directory as this bench's own; this adapter was put there otherwise
-            print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
-            failed.append(name)
+        if wanted and name not in wanted:
             continue
         settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
-        code = run_one(name, settings, out)
-        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
-        if code != 0:
+        if not _run(name, settings, spec.generate, out):
             failed.append(name)
     notes = {r["name"]: r.get("note", "") for r in runs}
     write_report(out, [r["name"] for r in runs], notes, failed=failed)

@@ -5,10 +5,12 @@ Shared by ``lorakit train``, ``lorakit eval`` and the benchmarks, so every numbe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -376,10 +378,23 @@ def data_identity(data: D.TokenizedData) -> str:
     return f"{len(data)} examples, sha256 {digest}"
 
 
+def reset_peak_memory() -> None:
+    """Start measuring the peak from here (after the model and data are loaded): the CUDA allocator's peak,
+    or on Linux the resident high-water mark (``/proc/self/clear_refs``)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def measure_peak_memory_mb() -> float:
-    """Peak accelerator memory of this process if on CUDA, else its peak resident memory (whole process)."""
+    """Peak accelerator memory of this process if on CUDA, else its peak resident memory since
+    :func:`reset_peak_memory` (Linux; elsewhere since the process started)."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return round(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024, 1)
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
@@ -406,6 +421,7 @@ def run_job(job: JobConfig) -> JobResult:
     if scale is not None:
         scale.group.barrier()  # the staging directory exists before any rank reads a checkpoint there
     try:
+        reset_peak_memory()  # the training's peak, not the loading's
         result, decided, started = _train(job, model, train_data, eval_data, staging, scale)
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}

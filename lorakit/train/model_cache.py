@@ -133,6 +133,7 @@ def _convert(name: str, gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # one line says what is happening; no per-tensor bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -142,6 +143,7 @@ def _convert(name: str, gguf: Path, out: Path) -> None:
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     # The model still carries the GGUF quantizer, whose save_pretrained refuses to write; its tensors are
     # plain dequantised floats by now, so it is saved as the plain model it is.
     model.hf_quantizer = None
