@@ -27,12 +27,14 @@ def test_readme_variants_table_is_generated_from_the_registry() -> None:
 def test_every_shipped_bench_file_names_known_settings_and_variants() -> None:
     files = sorted((ROOT / "benchmarks").glob("*.yaml"))
     assert files
-    known = set(_leaf_fields()) | {"options"}
+    known = set(_leaf_fields()) | {"options", "train"}
     for path in files:
         defaults, runs = load_bench(path)
         for run in runs:
             settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
             assert set(settings) <= known, (path, set(settings) - known)
+            if settings.get("train") is False:
+                continue  # the base model, evaluated as it is
             cls = lorakit.get_variant(settings.get("variant", "lora"))
             fields = {"rank": settings.get("rank", 8), **settings.get("options", {})}
             if "dropout" in settings:
@@ -122,3 +124,31 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
     assert "[bench] a:" not in capsys.readouterr().out and not (out / "broken.log").exists()
     assert main(["bench", str(bench), "--out", str(out), "--only", "c"]) == 2
     assert "--only names ['c'] are not runs of" in capsys.readouterr().err
+
+
+def test_a_causal_lm_bench_evaluates_generation_and_the_base_model(chat_llama_dir, tmp_path, capsys) -> None:
+    from lorakit.cli import main
+
+    rows = [{"q": f"What is {a} plus {b}?", "a": f"#### {a + b}"} for a in range(1, 9) for b in range(1, 3)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = tmp_path / "bench.yaml"
+    defaults = {
+        "model": str(chat_llama_dir), "data": str(data), "eval_data": str(data), "prompt_column": "q",
+        "response_column": "a", "max_length": 64, "targets": "all-linear", "steps": 3, "batch_size": 8,
+    }  # fmt: skip
+    runs = [{"name": "base", "train": False, "note": "as it is"}, {"name": "lora", "variant": "lora"}]
+    generate = {"max_new_tokens": 4, "batch_size": 8, "limit": 6}
+    bench.write_text(yaml.safe_dump({"defaults": defaults, "generate": generate, "runs": runs}))
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| run | dev loss | perplexity | exact match |" in table
+    results = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(results) == {"base", "lora"} and "trainable" not in results["base"]
+    assert results["lora"]["generation"]["exact_match_total"] == 6
+    assert results["base"]["metrics"]["loss"] > results["lora"]["metrics"]["loss"]
+    assert "| base |" in table and "| 0 |" in table and "as it is" in table
+    capsys.readouterr()
+    assert main(["bench", str(bench), "--out", str(out)]) == 0  # finished and evaluated: nothing runs again
+    assert "lorakit.cli" not in capsys.readouterr().out
