@@ -241,6 +241,10 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     each is printed once."""
     data = read_data(job)
     job = resolve_classes(job, data)
+    if job.task == "causal-lm" and chat_template(job, tokenizer) is None:
+        chose = job.data.chat_template == "none"
+        why = "--chat-template none" if chose else "the tokenizer has no chat template"
+        report(f"{why}: each prompt and its response are joined as plain text (--chat-template PATH: one)")
     out = []
     for source, rows in data:
         out.append(tokenize(job, tokenizer, source, rows))
