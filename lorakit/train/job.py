@@ -244,7 +244,7 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     if job.task == "causal-lm" and chat_template(job, tokenizer) is None:
         chose = job.data.chat_template == "none"
         why = "--chat-template none" if chose else "the tokenizer has no chat template"
-        report(f"{why}: each prompt and its response are joined as plain text (--chat-template PATH: one)")
+        report(f"{why}: prompts and responses are joined as plain text; --chat-template PATH applies one")
     out = []
     for source, rows in data:
         out.append(tokenize(job, tokenizer, source, rows))
