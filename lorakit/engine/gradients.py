@@ -49,8 +49,8 @@ class LossBackward(GradientSource):
     def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
         micro = [self.next_batch(step) for _ in range(self.grad_accum)]
         self.tokens += sum(_input_tokens(batch) for batch in micro)
-        # The step's loss is the mean over its labelled tokens in every micro-batch and process; each
-        # process's gradients are averaged over processes, hence the factor world_size.
+        # The step's loss is the mean over its labelled tokens in every micro-batch and process; gradients
+        # are then averaged over the processes, so each process's sum is divided by labelled / processes.
         labelled = self.placement.total(sum(_labelled(b) for b in micro)) if self.token_loss else 0
         loss_sum = 0.0
         for i, batch in enumerate(micro):
@@ -101,13 +101,12 @@ class LossBackward(GradientSource):
         # the adapter parameters, their gradients and the optimizer state stay fp32.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.run_model(batch, device, step)
-        if per is None:
-            loss = scalar_loss(out, batch, step)
-            extra = extra_loss(step)
-            return loss if extra is None else loss + extra
-        loss = out[0] / per
+        if per is None:  # the caller divides the sum by grad_accum
+            loss, share = scalar_loss(out, batch, step), 1.0
+        else:
+            loss, share = out[0] / per, 1.0 / self.grad_accum
         extra = extra_loss(step)
-        return loss if extra is None else loss + extra / self.grad_accum
+        return loss if extra is None else loss + extra * share
 
     def run_model(self, batch: dict[str, Tensor], device: torch.device, step: int) -> Any:
         """The model's output on ``batch``; an input the model rejects (a missing or unknown key, labels of
