@@ -100,9 +100,10 @@ class JobConfig:
         None, "class names in class-id order when the labels are names (read from the training data)"
     )
     variant: str = setting("lora", "a registered variant name (see `lorakit list`)")
-    targets: list[str] | str = setting(
-        doc="layers to adapt: comma-separated name suffixes, a regex, or all-linear",
-        factory=lambda: ["query", "key", "value", "dense"],
+    targets: list[str] | str | None = setting(
+        None,
+        "layers to adapt: comma-separated name suffixes, a regex, or all-linear (default: all-linear for a "
+        "causal LM; query,key,value,dense for classification, the BERT reference budget)",
     )
     rank: int = setting(8, "adapter rank r")
     alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
@@ -198,7 +199,8 @@ def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
 def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None) -> JobConfig:
     """``job`` with its classes read from the training data (the number, and the names of named labels),
     after checking every row of the training and evaluation data against them; before any training, so a
-    label problem never costs a run. A causal-LM job is returned as it is."""
+    label problem never costs a run. A causal-LM job is returned as it is (its task set)."""
+    job = resolve_task(job)
     if job.task != "classification":
         return job
     data = read_data(job) if data is None else data
@@ -321,6 +323,14 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
+def targets(job: JobConfig) -> list[str] | str:
+    """The layers ``job`` adapts: as set, else every linear layer of a causal LM (the output head excluded)
+    and the attention and feed-forward projections of a BERT-style classifier (the reference budget)."""
+    if job.targets is not None:
+        return job.targets
+    return "all-linear" if job.task == "causal-lm" else ["query", "key", "value", "dense"]
+
+
 def resolve_task(job: JobConfig) -> JobConfig:
     """``job`` with its task set: as given, else from the model (causal-lm for a causal language model)."""
     return job if job.task is not None else dataclasses.replace(job, task=infer_task(job.model))
@@ -340,7 +350,7 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
         quantize(model, job.quantize)
     config = {"rank": job.rank, "alpha": job.alpha, "dropout": job.dropout, **job.options}
     lorakit.apply(
-        model, job.variant, targets=job.targets, train_modules=head_modules(model, job.task), **config
+        model, job.variant, targets=targets(job), train_modules=head_modules(model, job.task), **config
     )
     return model, tokenizer
 
