@@ -33,6 +33,45 @@ def test_class_ids_count_from_the_data_and_names_become_a_sorted_vocabulary() ->
 
 
 @pytest.mark.parametrize(
+    ("labels", "expected", "ids"),
+    [
+        (("1.0", "0.0", "+1", " 0 "), ClassLabels(2), [1, 0, 1, 0]),  # whole numbers written as text are ids
+        ((1.0, 0, "1"), ClassLabels(2), [1, 0, 1]),
+        (("nan", "inf", "nan"), ClassLabels(2, ("inf", "nan")), [1, 0, 1]),  # text that is no decimal: a name
+        ((" pos", "neg ", "1e3"), ClassLabels(3, ("1e3", "neg", "pos")), [2, 1, 0]),  # stripped
+    ],
+)
+def test_the_label_rules_read_ids_and_names_the_same_from_every_value(labels, expected, ids) -> None:
+    classes = ClassLabels.from_rows(rows(*labels), "label", "d")
+    assert classes == expected and classes.ids(rows(*labels), "label", "d") == ids
+
+
+def test_every_file_format_reads_the_same_labels_the_same_way(tmp_path) -> None:
+    labels = ["1.0", " 0", "2", "1"]
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "".join(f"t\t{v}\n" for v in labels))
+    (tmp_path / "a.csv").write_text("sentence,label\n" + "".join(f"t,{v}\n" for v in labels))
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"sentence": "t", "label": {float(v)}}}\n' for v in labels))
+    (tmp_path / "b.jsonl").write_text("".join(f'{{"sentence": "t", "label": "{v}"}}\n' for v in labels))
+    for name in ("a.tsv", "a.csv", "a.jsonl", "b.jsonl"):
+        job = resolve_classes(JobConfig(data=DataConfig(data=str(tmp_path / name))))
+        assert (job.num_labels, job.labels) == (3, None), name
+        assert ClassLabels(3).ids(read_rows(str(tmp_path / name)), "label", name) == [1, 0, 2, 1], name
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\na\t0\nb\t1\nc\t-1\n")
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", "label": -1}\n')
+    for name, row in (("bad.tsv", 3), ("bad.jsonl", 2)):
+        with pytest.raises(DataError, match=f"{name} row {row}: label .* is negative"):
+            resolve_classes(JobConfig(data=DataConfig(data=str(tmp_path / name))))
+
+
+def test_class_names_given_on_the_command_line_follow_the_same_rules() -> None:
+    assert _job(["--labels", " neg , pos"]).labels == ["neg", "pos"]
+    with pytest.raises(DataError, match="1 is a class id, not a name"):
+        _job(["--labels", "a,1"])
+    with pytest.raises(DataError, match="holds the control character"):
+        JobConfig(labels=["a", "b\x00"])
+
+
+@pytest.mark.parametrize(
     ("labels", "count", "message"),
     [
         ((1.9, 0), None, r"row 1: label 1.9 in column 'label' is not a whole number"),
@@ -47,6 +86,15 @@ def test_class_ids_count_from_the_data_and_names_become_a_sorted_vocabulary() ->
         ((0, [1]), None, r"row 2: label \[1\] .* is not a class"),
         ((0, " "), None, "row 2 has an empty label"),
         ((0, None), None, "row 2 has no 'label' value"),
+        ((0, "-1"), None, r"row 2: label '-1' .* is negative: class ids count from 0"),
+        ((0, " -2 "), None, r"row 2: label ' -2 ' .* is negative"),
+        (("0\x00", "1"), None, r"row 1: label '0\\x00' .* holds the control character '\\x00'"),
+        (("pos", "ne\ng"), None, r"row 2: .* holds the control character '\\n'"),
+        ((0, float("nan")), None, r"row 2: label nan .* is not a whole number"),
+        ((0, float("inf")), None, r"row 2: label inf .* is not a whole number"),
+        ((0, "2.5"), None, r"row 2: label '2.5' .* is not a whole number"),
+        ((0, 1000), None, r"run up to 1000 but 1, 2, 3, 4, 5 and 994 more never occur; .* --num-labels 1001"),
+        ((0, "2"), None, r"run up to 2 but 1 never occur"),
     ],
 )
 def test_bad_labels_are_refused_naming_the_row_and_the_fix(labels, count, message) -> None:
@@ -222,12 +270,26 @@ def test_long_fields_and_all_file_types_read(tmp_path) -> None:
         ("a.jsonl", "\n\n", "has no rows"),
         ("a.tsv", "sentence\tsentence\na\tb\n", "must name each column once"),
         ("a.txt", "hello", "unknown data file type"),
+        ("a.jsonl", '["a", 1]\n["b", 0]\n', "line 1 is a JSON list, not an object"),
+        ("a.json", '[["a", 1],\n["b", 0]]\n', "item 1 is a JSON list, not an object"),
+        ("a.json", '[{"a": 1}\n', "not valid JSON"),
     ],
 )
 def test_malformed_data_files_name_the_line(tmp_path, name, text, message) -> None:
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         read_rows(str(tmp_path / name))
+
+
+def test_a_byte_order_mark_is_dropped_and_a_directory_is_named(tmp_path) -> None:
+    (tmp_path / "a.tsv").write_bytes("\ufeffsentence\tlabel\na\t1\n".encode())
+    (tmp_path / "a.jsonl").write_bytes('\ufeff{"sentence": "a", "label": 1}\n'.encode())
+    for name in ("a.tsv", "a.jsonl"):
+        assert list(read_rows(str(tmp_path / name))[0]) == ["sentence", "label"]
+    (tmp_path / "data.tsv").mkdir()
+    for name in ("data.tsv", "."):
+        with pytest.raises(DataError, match="is a directory; pass a data file"):
+            read_rows(str(tmp_path / name))
 
 
 def test_a_row_without_the_label_names_the_row(tmp_path) -> None:

@@ -94,6 +94,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "job")
+        if self.labels is not None:  # stripped and checked like the labels in the data
+            self.labels = D.check_class_names(self.labels)
         checks = {
             "model": bool(self.model.strip()),
             "task": self.task in TASKS,
