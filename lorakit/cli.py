@@ -137,7 +137,8 @@ def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.simulate import simulate
 
     cfg = from_args(args)
-    dp = f"clip {cfg.clip_norm}, noise {cfg.noise_multiplier or 'from target'}" if cfg.private else "no DP"
+    noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
+    dp = f"clip {cfg.clip_norm}, noise {noise or 0}" if cfg.private else "no DP"
     print(
         f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
         f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"

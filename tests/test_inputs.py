@@ -13,7 +13,9 @@ import lorakit
 from lorakit.api import TargetError
 from lorakit.cli import build_parser
 from lorakit.cliargs import job_from_args
+from lorakit.core.variant import ConfigError
 from lorakit.errors import LorakitError, SettingError
+from lorakit.privacy.config import PrivacyError
 from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.train.job import DataConfig, JobConfig, resolve_classes
 from lorakit.train.loop import TrainConfig
@@ -310,3 +312,82 @@ def test_given_class_names_fix_the_order_and_must_cover_the_data(tmp_path) -> No
         resolve_classes(dataclasses.replace(job, labels=["neg", "meh"]))
     with pytest.raises(DataError, match=r"3 class names \(pos, neg, meh\) but num_labels is 2"):
         resolve_classes(dataclasses.replace(job, num_labels=2))
+
+
+# --- one parser for every numeric setting: train, federate, bench and job files -----------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--warmup-ratio", "2"], r"warmup_ratio=2.0: it must be a number in \[0, 1\); warmup_ratio: fract"),
+        (["--lr", "inf"], r"lr=inf: it must be a finite number > 0"),
+        (["--steps", "0"], r"steps=0: it must be an integer >= 1"),
+        (["--num-labels", "0"], r"num_labels=0: it must be an integer >= 2"),
+        (["--clip", "-0.5"], r"clip=-0.5: it must be a finite number >= 0"),
+    ],
+)
+def test_a_number_out_of_range_names_its_range_and_meaning(argv, message) -> None:
+    with pytest.raises(SettingError, match=message):
+        _job(argv)
+
+
+def test_an_optional_number_is_unset_only_when_none_and_zero_is_checked() -> None:
+    assert _job([]).num_labels is None and _job(["--num-labels", "none"]).num_labels is None
+    with pytest.raises(SettingError, match="num_labels=0"):
+        _job(["--num-labels", "0"])
+
+
+def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never_replaced() -> None:
+    assert _job(["--variant", "adalora"]).variant_config() == {"alpha": 16.0, "dropout": 0.05}  # rank: init_r
+    assert _job(["--variant", "delta_lora"]).variant_config() == {"rank": 8, "alpha": 16.0}  # no dropout
+    assert _job([]).variant_config() == {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+    assert _job(["--variant", "adalora", "--set", "init_r=4", "--set", "target_r=2"]).variant_config()
+    with pytest.raises(ConfigError, match="'rank' = 8 is invalid: it must be unset or init_r = 12"):
+        _job(["--variant", "adalora", "--rank", "8"])
+    with pytest.raises(ConfigError, match="'dropout' = 0.05 is invalid"):
+        _job(["--variant", "delta_lora", "--dropout", "0.05"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
+        (["--target-epsilon", "0", "--clip-norm", "1"], PrivacyError, "target_epsilon = 0.0 is invalid"),
+        (["--noise-multiplier", "0", "--target-epsilon", "3", "--clip-norm", "1"], PrivacyError, "no noise"),
+        (["--eval-examples", "0"], SettingError, r"eval_examples=0: it must be an integer >= 1"),
+        (["--rounds", "0"], SettingError, r"rounds=0: it must be an integer >= 1"),
+        (["--skew", "0"], SettingError, r"skew=0.0: it must be a finite number > 0"),
+        (["--lr", "nan"], SettingError, r"lr=nan: it must be a finite number > 0"),
+        (["--num-labels", "1"], SettingError, r"num_labels=1: it must be an integer >= 2"),
+    ],
+)
+def test_federate_reads_numbers_with_the_same_parser(argv, error, message) -> None:
+    from lorakit.federated.config import from_args
+
+    with pytest.raises(error, match=message):
+        from_args(build_parser().parse_args(["federate", *argv]))
+
+
+def test_federate_tells_unset_from_zero_in_flags_and_in_flowers_run_config() -> None:
+    from lorakit.federated.config import FedConfig, from_args
+
+    cfg = from_args(build_parser().parse_args(["federate", "--clip-norm", "1", "--target-epsilon", "2"]))
+    assert (cfg.target_epsilon, cfg.noise_multiplier, cfg.accounted) == (2.0, None, True)
+    assert FedConfig.from_run_config(cfg.to_run_config()) == cfg  # unset travels as "" and comes back
+    assert FedConfig().to_run_config()["target_epsilon"] == "" and not FedConfig().private
+    with pytest.raises(PrivacyError, match="target_epsilon = 0.0 is invalid"):
+        FedConfig.from_run_config({"target_epsilon": 0, "clip_norm": 1})
+    assert FedConfig.from_run_config({"rounds": "3", "lr": 1}).rounds == 3  # Flower may give text or ints
+
+
+def test_a_bench_file_is_checked_whole_before_any_run(tmp_path) -> None:
+    from lorakit.bench.run import BenchError, load_bench
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("defaults: {steps: 10}\nruns:\n  - {name: a}\n  - {name: b, warmup_ratio: 2}\n")
+    with pytest.raises(BenchError, match=r"run b: invalid training setting warmup_ratio=2.0"):
+        load_bench(bench)
+    bench.write_text("runs:\n  - {name: a, lr: abc}\n")
+    with pytest.raises(BenchError, match="run a: invalid training setting lr='abc': it must be a number"):
+        load_bench(bench)
+    bench.write_text("runs:\n  - {name: a, variant: adalora, epochs: 3}\n")
+    with pytest.raises(BenchError, match=r"run a: unknown setting\(s\) \['epochs'\]"):
+        load_bench(bench)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lorakit.bench.report import write_report
+from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE
 
@@ -64,7 +65,17 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fixed = [key for key in BENCH_SETS if key in settings]
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
+    for run in runs:  # every setting of every run read and range-checked before the first run starts
+        try:
+            job_from_values(job_values(run_settings(defaults, run), f"run {run['name']}"))
+        except LorakitError as err:
+            raise BenchError(f"{path}: run {run['name']}: {err}") from None
     return defaults, runs
+
+
+def run_settings(defaults: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The ``lorakit train`` settings of one run: the bench's defaults, then the run's own."""
+    return {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
@@ -117,8 +128,7 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
             print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
             failed.append(name)
             continue
-        settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
-        code = run_one(name, settings, out)
+        code = run_one(name, run_settings(defaults, run), out)
         print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
         if code != 0:
             failed.append(name)

@@ -188,8 +188,8 @@ def texts(rows: list[Row], name: str, source: str) -> list[str]:
 #   negative one is refused, and so is a number with a fraction (lorakit trains no regression heads);
 # - text is stripped of surrounding whitespace; text that is a decimal number ([+-]digits[.digits]) is read as
 #   that number, any other text ("pos", "nan", "inf", "1e3") is a class name;
-# - text holding a control character (NUL, a line break, an escape) is refused, and so are empty text, true and
-#   false, null, lists and mappings.
+# - text holding a control character (NUL, a line break, an escape) is refused, and so are empty text, true
+#   and false, null, lists and mappings.
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 
@@ -287,7 +287,8 @@ class ClassLabels:
         missing = len(ids) < ids[-1] + 1
         if count is None and missing:  # one mistyped id (1000 for 1) would silently make a 1001-class head
             absent = sorted(set(range(ids[-1] + 1)) - set(ids))
-            shown = ", ".join(map(str, absent[:5])) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            shown = ", ".join(map(str, absent[:5])) + more
             raise DataError(
                 f"{source}: the class ids in '{name}' run up to {ids[-1]} but {shown} never occur; fix the "
                 f"labels, or set --num-labels {ids[-1] + 1} if those classes exist"

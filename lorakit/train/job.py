@@ -19,13 +19,14 @@ from torch import nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.core.variant import ConfigError, VariantConfig
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
-from lorakit.settings import check_settings, check_types, setting
+from lorakit.settings import check_fields, check_settings, setting
 from lorakit.train import data as D
 from lorakit.train import rundir
 from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
@@ -45,18 +46,15 @@ class DataConfig:
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
     prompt_column: str = setting("prompt", "causal-LM prompt column (no loss on it)")
     response_column: str = setting("response", "causal-LM response column (the loss covers it)")
-    max_length: int = setting(64, "tokens per example")
-    eval_batch_size: int = setting(128, "examples per evaluation batch")
+    max_length: int = setting(64, "tokens per example", within="[1, inf)")
+    eval_batch_size: int = setting(128, "examples per evaluation batch", within="[1, inf)")
 
     def __post_init__(self) -> None:
-        check_types(self, "data")
+        check_fields(self, "data")
         names = ("data", "text_column", "label_column", "prompt_column", "response_column")
         checks = {name: bool(getattr(self, name).strip()) for name in names}
         checks["eval_data"] = self.eval_data is None or bool(self.eval_data.strip())
-        checks |= {"max_length": self.max_length > 0, "eval_batch_size": self.eval_batch_size > 0}
-        rules = {name: "a name, not empty" for name in (*names, "eval_data")}
-        rules |= {"max_length": "a positive number of tokens", "eval_batch_size": "a positive number"}
-        check_settings(self, checks, "data", rules)
+        check_settings(self, checks, "data", "it must be a name, not empty")
 
 
 @dataclass
@@ -66,7 +64,7 @@ class JobConfig:
     model: str = setting("minilm", "'minilm' (embedded), a local directory, or a Hugging Face id")
     task: str = setting("classification", "classification | causal-lm")
     num_labels: int | None = setting(
-        None, "classes of a classification task (default: from the training data)"
+        None, "classes of a classification task (default: from the training data)", within="[2, inf)"
     )
     labels: list[str] | None = setting(
         None, "class names in class-id order when the labels are names (read from the training data)"
@@ -76,9 +74,13 @@ class JobConfig:
         doc="layers to adapt: comma-separated name suffixes, a regex, or all-linear",
         factory=lambda: ["query", "key", "value", "dense"],
     )
-    rank: int = setting(8, "adapter rank r")
-    alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
-    dropout: float = setting(0.05, "dropout on the adapter input (never on the base path)")
+    rank: int | None = setting(None, "adapter rank r (unset: 8 where the variant takes it, else its own)")
+    alpha: float | None = setting(
+        None, "scale numerator: the update is scaled by alpha / r (unset: 16 where the variant takes it)"
+    )
+    dropout: float | None = setting(
+        None, "dropout on the adapter input, never on the base path (unset: 0.05 where the variant takes it)"
+    )
     options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
@@ -93,35 +95,56 @@ class JobConfig:
     privacy: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
-        check_types(self, "job")
+        check_fields(self, "job")
         if self.labels is not None:  # stripped and checked like the labels in the data
             self.labels = D.check_class_names(self.labels)
         checks = {
             "model": bool(self.model.strip()),
             "task": self.task in TASKS,
-            "num_labels": self.num_labels is None or self.num_labels >= 2,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
         }
         rules = {
             "model": "a model name or path",
             "task": f"one of {', '.join(TASKS)}",
-            "num_labels": "at least 2 (lorakit trains no regression heads); unset: counted from the data",
             "labels": "at least 2 distinct class names",
             "output_dir": "a directory path",
         }
         check_settings(self, checks, "job", rules)
         if self.quantize is not None:
             check_quant_type(self.quantize)
-        # the variant's settings are checked now, before anything is read or written
-        config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, **self.options}
-        lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+        self.variant_config()  # the variant's settings are checked now, before anything is read or written
+
+    def variant_config(self) -> dict[str, Any]:
+        """The variant's config fields: rank, alpha and dropout as set, then the options; a setting left unset
+        takes the reference budget's value (:data:`BUDGET`) where the variant accepts it, else the variant's
+        own default (AdaLoRA's rank follows its init_r, Delta-LoRA has no dropout)."""
+        given = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        config = {k: v for k, v in given.items() if v is not None} | self.options
+        config_class = lorakit.get_variant(self.variant).config_class
+        config_class.from_dict(config, self.variant)  # what the user set must hold as it is
+        for name, value in BUDGET.items():
+            if name not in config and _accepts(config_class, {**config, name: value}, self.variant):
+                config[name] = value
+        return config
 
     def classes(self) -> D.ClassLabels | None:
         """The classes given or recorded (None until :func:`resolve_classes` counts them in the data)."""
         if self.labels is not None:
             return D.ClassLabels(self.num_labels or len(self.labels), tuple(self.labels))
         return D.ClassLabels(self.num_labels) if self.num_labels is not None else None
+
+
+# The command line's reference budget for the settings every variant shares (the README's numbers use it).
+BUDGET: dict[str, Any] = {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+
+
+def _accepts(config_class: type[VariantConfig], values: dict[str, Any], variant: str) -> bool:
+    try:
+        config_class.from_dict(values, variant)
+    except ConfigError:
+        return False
+    return True
 
 
 class EvaluationError(LorakitError):
@@ -238,9 +261,12 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
         from lorakit.quant_api import quantize
 
         quantize(model, job.quantize)
-    config = {"rank": job.rank, "alpha": job.alpha, "dropout": job.dropout, **job.options}
     lorakit.apply(
-        model, job.variant, targets=job.targets, train_modules=head_modules(model, job.task), **config
+        model,
+        job.variant,
+        targets=job.targets,
+        train_modules=head_modules(model, job.task),
+        **job.variant_config(),
     )
     return model, tokenizer
 
