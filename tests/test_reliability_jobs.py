@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
+from lorakit.errors import DiskFullError
 from lorakit.train import job as J
 
 
@@ -91,7 +92,10 @@ def test_a_run_that_fails_while_saving_leaves_the_old_adapter(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(J.lorakit, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        DiskFullError,
+        match="trained adapter was not saved; no checkpoint is kept: free space and train again; the adapter",
+    ):
         cfg = J.TrainConfig(steps=2, batch_size=8, progress=False)
         J.run_job(J.JobConfig(model=str(tiny_bert_dir), output_dir=str(trained), overwrite=True, train=cfg))
     assert snapshot(trained) == before and leftovers(trained) == []

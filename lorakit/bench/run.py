@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from lorakit import dirlock
 from lorakit.bench.report import write_report
 from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError
@@ -117,6 +118,11 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     unknown = sorted((wanted or set()) - {r["name"] for r in runs})
     if unknown:
         raise BenchError(f"--only names {unknown} are not runs of {bench}")
+    with dirlock.exclusive(out.absolute(), f"--out {out}", "lorakit bench"):  # one bench per directory
+        return _run_all(defaults, runs, wanted, out)
+
+
+def _run_all(defaults: dict[str, Any], runs: list[dict[str, Any]], wanted: set[str] | None, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for run in runs:

@@ -5,6 +5,7 @@ Shared by ``lorakit train``, ``lorakit eval`` and the benchmarks, so every numbe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,17 +21,19 @@ from torch import nn
 import lorakit
 from lorakit.core.contract import Driver
 from lorakit.core.variant import ConfigError, VariantConfig
+from lorakit.distributed import writes_files
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
-from lorakit.errors import LorakitError
+from lorakit.errors import DiskFullError, LorakitError, is_disk_full
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
 from lorakit.settings import check_fields, check_settings, setting
 from lorakit.train import data as D
 from lorakit.train import rundir
+from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
-from lorakit.train.models import TASKS, head_modules, load_model
+from lorakit.train.models import TASKS, head_modules, load_model, name_classes
 from lorakit.train.stages import run_stages
 
 
@@ -254,9 +257,7 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     """Load the base model, quantise it if asked, and apply the job's variant."""
     torch.manual_seed(job.train.seed)  # the new head's initialisation depends on it
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
-    if job.labels is not None:  # the names travel with a merged model
-        model.config.id2label = dict(enumerate(job.labels))
-        model.config.label2id = {name: i for i, name in enumerate(job.labels)}
+    name_classes(model, job.labels)  # the names travel with a merged model
     if job.quantize:
         from lorakit.quant_api import quantize
 
@@ -320,12 +321,19 @@ def measure_peak_memory_mb() -> float:
 def run_job(job: JobConfig) -> JobResult:
     """Train and evaluate one job; writes the adapter, ``job.json`` and ``metrics.json`` to its output_dir.
 
-    Everything is checked before training. The run is built beside the output directory and swapped in once
-    the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an adapter already
-    there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
+    The process that writes holds the output directory's lock for the whole run, so a second run into it is
+    refused at its start. Everything is checked before training. The run is built beside the output directory
+    and swapped in once the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an
+    adapter already there. The final evaluation runs after the adapter is saved: if it fails, the adapter is
+    kept.
 
-    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
+    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 locks and writes.
     """
+    with rundir.exclusive(job.output_dir) if writes_files() else contextlib.nullcontext():
+        return _run_job(job)
+
+
+def _run_job(job: JobConfig) -> JobResult:
     out = check_output_dir(job)
     job = resolve_classes(job)  # every label checked before training; the classes size the head
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
@@ -341,13 +349,7 @@ def run_job(job: JobConfig) -> JobResult:
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}
         if writes:
-            job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
-            atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
-            lorakit.save(model, staging, overwrite=True)
-            if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
-                from lorakit.privacy.report import mark_adapter
-
-                mark_adapter(staging, decided)
+            _save_run(job, model, out, decided)
     except BaseException:
         if writes:
             rundir.abandon(out)
@@ -379,8 +381,38 @@ def run_job(job: JobConfig) -> JobResult:
             ) from None
     if writes:
         metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
-        atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        try:
+            atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskFullError(
+                f"no space left on {out.shown}: the adapter is saved there, but {rundir.METRICS_FILE} was "
+                f"not written; `lorakit eval --adapter {out.shown}` gives its metrics"
+            ) from None
     return job_result
+
+
+def _save_run(job: JobConfig, model: nn.Module, out: rundir.RunDir, decided: dict[str, Any]) -> None:
+    """Write ``job.json`` and the adapter into the run's staging directory; a full disk is named with the
+    resume point that survived it."""
+    staging = out.staging
+    job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+    try:
+        atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+        lorakit.save(model, staging, overwrite=True)
+        if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+            from lorakit.privacy.report import mark_adapter
+
+            mark_adapter(staging, decided)
+    except (OSError, LorakitError) as err:
+        if not is_disk_full(err):
+            raise
+        before = f"; the adapter already in {out.shown} is untouched" if rundir.holds_adapter(out) else ""
+        raise DiskFullError(
+            f"no space left on {staging.parent}: the trained adapter was not saved; "
+            f"{resume_point(staging)}{before}"
+        ) from None
 
 
 def _train(
