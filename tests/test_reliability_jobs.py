@@ -52,6 +52,25 @@ def adapter_still_works(out: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", "--adapter", str(out), "--out", str(tmp_path / "peft")]) == 0
 
 
+def killed_at_batch(batch: int, train_argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``lorakit train`` until it draws its ``batch``-th batch, then kill it (no handler can catch it)."""
+
+    class Killed(BaseException):
+        pass
+
+    real_next, drawn = J.D.BatchSampler.__next__, []
+
+    def killed(self):
+        drawn.append(1)
+        if len(drawn) == batch:
+            raise Killed
+        return real_next(self)
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(J.D.BatchSampler, "__next__", killed)
+        main(train_argv)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_bert_dir, tmp_path_factory) -> Path:
     """One good adapter that every failing run below tries, and fails, to replace."""
@@ -159,22 +178,8 @@ def test_an_interrupted_run_resumes_to_the_identical_adapter_and_a_changed_setti
     reference = tmp_path / "reference"
     assert main(argv(tiny_bert_dir, reference, "--checkpoint-every", "2")) == 0
 
-    class Killed(BaseException):
-        pass
-
-    real_next = J.D.BatchSampler.__next__
-    drawn = []
-
-    def killed_at_batch_6(self):
-        drawn.append(1)
-        if len(drawn) == 6:
-            raise Killed
-        return real_next(self)
-
     out = tmp_path / "run"
-    with monkeypatch.context() as m, pytest.raises(Killed):
-        m.setattr(J.D.BatchSampler, "__next__", killed_at_batch_6)
-        main(argv(tiny_bert_dir, out, "--checkpoint-every", "2"))
+    killed_at_batch(6, argv(tiny_bert_dir, out, "--checkpoint-every", "2"), monkeypatch)
     assert not out.exists() and leftovers(out) == [".run.lorakit-new"]  # the resume point, beside
     capsys.readouterr()
     assert main(argv(tiny_bert_dir, out)) == 2  # neither --resume nor --overwrite: refused, nothing lost

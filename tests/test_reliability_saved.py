@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from test_reliability_jobs import argv, leftovers
+from test_reliability_jobs import argv, killed_at_batch, leftovers
 
 import lorakit
 from lorakit.cli import main
 from lorakit.io import AdapterFileError
-from lorakit.train import job as J
 
 CHAT = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
 
@@ -62,21 +61,8 @@ def test_a_checkpoint_or_an_interrupted_run_is_named_with_the_fix_by_every_comma
     err = one_error(["eval", "--adapter", str(named / "checkpoint")], capsys)
     assert f"is a training checkpoint, not a finished adapter: the run's adapter is {named}" in err
 
-    class Killed(BaseException):
-        pass
-
-    real_next, drawn = J.D.BatchSampler.__next__, []
-
-    def killed_at_batch_5(self):
-        drawn.append(1)
-        if len(drawn) == 5:
-            raise Killed
-        return real_next(self)
-
     out = tmp_path / "run"
-    with monkeypatch.context() as m, pytest.raises(Killed):
-        m.setattr(J.D.BatchSampler, "__next__", killed_at_batch_5)
-        main(argv(tiny_bert_dir, out, "--checkpoint-every", "2"))
+    killed_at_batch(5, argv(tiny_bert_dir, out, "--checkpoint-every", "2"), monkeypatch)
     staging = tmp_path / ".run.lorakit-new"
     interrupted = f"the run into {out} was interrupted at the checkpoint of step 4; `lorakit train ... "
     resume = f"--output-dir {out} --resume` continues it"
