@@ -72,8 +72,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from lorakit.train.saved import write_peft
 
     write_peft(args.adapter, args.out, args.rank, args.overwrite)
-    out = args.out
-    print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+    loader = f"peft.PeftModel.from_pretrained(base_model, '{args.out}')"
+    print(f"PEFT adapter saved to {args.out} (load it with {loader})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
