@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 
@@ -20,6 +21,8 @@ def test_every_project_error_derives_from_the_one_base() -> None:
     from lorakit.train.models import ModelError
 
     for cls in (
+        lorakit.DirectoryInUseError,
+        lorakit.DiskFullError,
         TargetError,
         ConfigError,
         AdapterFileError,
