@@ -73,7 +73,7 @@ def test_a_held_lock_refuses_merge_export_bench_and_train_and_is_released_after(
         "merge": ["merge", "--adapter", str(adapter), "--out"],
         "export": ["export", "--adapter", str(adapter), "--overwrite", "--out"],
         "bench": ["bench", str(bench), "--out"],
-        "train": [*argv(tiny_bert_dir, tmp_path / "unused")[:-1], "--overwrite", "--output-dir"],
+        "train": [*argv(tiny_bert_dir, tmp_path / "unused"), "--overwrite", "--output-dir"],  # the last wins
     }
     capsys.readouterr()
     for name, command in commands.items():

@@ -329,7 +329,8 @@ def run_job(job: JobConfig) -> JobResult:
 
     With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 locks and writes.
     """
-    with rundir.exclusive(job.output_dir) if writes_files() else contextlib.nullcontext():
+    writer = job.distributed is None or writes_files()  # a process outside a distributed run writes its own
+    with rundir.exclusive(job.output_dir) if writer else contextlib.nullcontext():
         return _run_job(job)
 
 
