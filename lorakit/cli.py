@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import typing
@@ -12,8 +10,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
-from lorakit.errors import LorakitError
-from lorakit.train.rundir import JOB_FILE
+from lorakit.errors import LorakitError, is_disk_full
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -44,43 +41,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"adapter saved to {result.adapter_dir}")
 
 
-def _saved_job(adapter: str):
-    from lorakit.train.job import DataConfig, JobConfig
-    from lorakit.train.loop import TrainConfig
-
-    path = Path(adapter) / JOB_FILE
-    meta = lorakit.io.read_meta(adapter)
-    if not path.is_file():
-        return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"], num_labels=2)
-    from lorakit.privacy.config import DPConfig
-
-    # a job.json written before a section existed lacks it: that section takes its defaults
-    sections = {"data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
-    try:
-        raw = json.loads(path.read_text())
-        job = JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise LorakitError(
-            f"cannot read {path}: {_one_line(err)}; it must be the {JOB_FILE} `lorakit train` wrote "
-            "(restore it, or train again)"
-        ) from None
-    # a job.json written before the classes were recorded: two classes, as then
-    return job if job.task != "classification" or job.num_labels else dataclasses.replace(job, num_labels=2)
-
-
-def _load_adapted(adapter: str):
-    from lorakit.train.models import load_model
-
-    job = _saved_job(adapter)
-    model, tokenizer = load_model(job.model, job.task, job.num_labels)
-    if job.quantize:
-        from lorakit.quant_api import quantize
-
-        quantize(model, job.quantize)
-    lorakit.load(model, adapter)
-    return job, model, tokenizer
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.train import data as D
     from lorakit.train.job import (
@@ -91,10 +51,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tokenize,
     )
 
+    source = _eval_data(args)  # before the model is loaded
     job, model, tokenizer = _load_for_eval(args)
-    source = args.data or job.data.eval_data or ("demo" if job.data.data == "demo" else None)
-    if source is None:
-        raise LorakitError("no evaluation data: pass --data PATH")
     job.data.eval_data, job.data.data = source, source
     rows = D.read_rows(source, split="test")
     rows = rows[: args.limit] if args.limit else rows
@@ -121,16 +79,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(shown)
 
 
+def _check_model_args(args: argparse.Namespace) -> None:
+    if args.adapter is not None and args.model is not None:
+        raise LorakitError("pass --adapter (a tuned model) or --model (a base model as it is), not both")
+    if args.adapter is None and args.model is None:
+        raise LorakitError("pass --adapter DIR (a tuned model) or --model NAME (a base model as it is)")
+
+
+def _eval_data(args: argparse.Namespace) -> str:
+    """The data to evaluate on: ``--data``, else the adapter's job's evaluation data (never other data)."""
+    from lorakit.train.saved import eval_source, saved_job
+
+    _check_model_args(args)
+    if args.adapter is not None:
+        return eval_source(saved_job(args.adapter), args.adapter, args.data)
+    if not args.data:
+        raise LorakitError("evaluating a base --model needs --data PATH")
+    return args.data
+
+
 def _load_for_eval(args: argparse.Namespace):
     """The model to evaluate or generate with: the adapted model of ``--adapter`` (its job's settings, its
     chat template), or the base ``--model`` as it is; flags given override the job's data settings."""
     from lorakit.train.job import CHAT_TEMPLATE_FILE, DataConfig, JobConfig, resolve_task, saved_chat_template
     from lorakit.train.models import load_model
+    from lorakit.train.saved import load_adapted
 
+    _check_model_args(args)
     if args.adapter is not None:
-        if args.model is not None:
-            raise LorakitError("pass --adapter (a tuned model) or --model (a base model as it is), not both")
-        job, model, tokenizer = _load_adapted(args.adapter)
+        job, model, tokenizer = load_adapted(args.adapter)
         template = saved_chat_template(args.adapter)
         if job.task == "causal-lm" and args.chat_template is not None:
             raise LorakitError(
@@ -140,13 +117,11 @@ def _load_for_eval(args: argparse.Namespace):
         # the run's own template (none if it used none), whatever the tokenizer ships
         tokenizer.chat_template = template
         job.data.chat_template = "auto" if template is not None else "none"
-    elif args.model is not None:
+    else:
         job = resolve_task(
             JobConfig(model=args.model, data=DataConfig(chat_template=args.chat_template or "auto"))
         )
         model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
-    else:
-        raise LorakitError("pass --adapter DIR (a tuned model) or --model NAME (a base model as it is)")
     for name in ("prompt_column", "response_column", "messages_column", "max_length"):
         if getattr(args, name, None) is not None:
             setattr(job.data, name, getattr(args, name))
@@ -207,27 +182,18 @@ def _prompts_from_file(path: Path, job) -> list[str]:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory for the merged model")
-    _, model, tokenizer = _load_adapted(args.adapter)
-    merged = lorakit.merge(model)
-    from lorakit.quant_api import dequantize
+    from lorakit.train.saved import write_merged
 
-    dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    print(f"merged model saved to {out}")
+    write_merged(args.adapter, args.out)
+    print(f"merged model saved to {args.out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lorakit.interop import save_peft
+    from lorakit.train.saved import write_peft
 
-    _, model, _ = _load_adapted(args.adapter)
-    if args.rank is not None:
-        lorakit.set_rank(model, args.rank)
-    out = save_peft(model, args.out, overwrite=args.overwrite)
-    print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+    write_peft(args.adapter, args.out, args.rank, args.overwrite)
+    loader = f"peft.PeftModel.from_pretrained(base_model, '{args.out}')"
+    print(f"PEFT adapter saved to {args.out} (load it with {loader})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -241,7 +207,8 @@ def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.simulate import simulate
 
     cfg = from_args(args)
-    dp = f"clip {cfg.clip_norm}, noise {cfg.noise_multiplier or 'from target'}" if cfg.private else "no DP"
+    noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
+    dp = f"clip {cfg.clip_norm}, noise {noise or 0}" if cfg.private else "no DP"
     print(
         f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
         f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"
@@ -380,6 +347,9 @@ USER_ERRORS = (LorakitError, ValueError, OSError, ImportError)
 
 
 def _one_line(err: BaseException) -> str:
+    if is_disk_full(err) and not isinstance(err, LorakitError):  # a write no handler nearer to it named
+        where = Path(err.filename).parent if isinstance(err, OSError) and err.filename else "the device"
+        return f"no space left on {where}; free space and run the command again"
     if isinstance(err, OSError) and err.strerror and err.filename is not None:  # a path the system refused
         return f"cannot use {err.filename}: {err.strerror} (check that the path exists and is writable)"
     return " ".join(str(err).split()) or type(err).__name__
@@ -406,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in lorakit: still one line, with the way to see the traceback
         if debug:
             raise
+        if is_disk_full(err):  # a library's own error type for a full disk
+            print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
+            return 2
         print(
             f"lorakit: internal error: {type(err).__name__}: {_one_line(err)} "
             "(rerun with --debug for the traceback and report it)",

@@ -10,8 +10,8 @@ import yaml
 
 import lorakit
 from lorakit.bench.report import write_report
-from lorakit.bench.run import load_bench
-from lorakit.cliargs import _leaf_fields
+from lorakit.bench.run import load_bench, run_settings
+from lorakit.cliargs import _leaf_fields, job_from_values, job_values
 from lorakit.docs import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,19 +27,14 @@ def test_readme_variants_table_is_generated_from_the_registry() -> None:
 def test_every_shipped_bench_file_names_known_settings_and_variants() -> None:
     files = sorted((ROOT / "benchmarks").glob("*.yaml"))
     assert files
-    known = set(_leaf_fields()) | {"options", "train"}
+    known = set(_leaf_fields()) | {"options"}
     for path in files:
         defaults, runs = load_bench(path)
-        for run in runs:
-            settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
+        for run in runs:  # load_bench builds every run's job: each field read and range-checked
+            settings = run_settings(defaults, run)
             assert set(settings) <= known, (path, set(settings) - known)
-            if settings.get("train") is False:
-                continue  # the base model, evaluated as it is
-            cls = lorakit.get_variant(settings.get("variant", "lora"))
-            fields = {"rank": settings.get("rank", 8), **settings.get("options", {})}
-            if "dropout" in settings:
-                fields["dropout"] = settings["dropout"]
-            cls.config_class.from_dict(fields, cls.name)  # validates every field and range
+            job = job_from_values(job_values(settings, run["name"]))
+            assert job.variant == settings.get("variant", "lora")
 
 
 def test_report_writes_a_table_and_a_plot(tmp_path) -> None:
@@ -103,12 +98,17 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
                 "runs": [
                     {"name": "a", "variant": "lora", "rank": 2},
                     {"name": "b", "variant": "dora", "rank": 4, "note": "rank 4"},
-                    {"name": "broken", "variant": "no_such_variant"},
+                    {"name": "broken", "data": str(tmp_path / "missing.tsv")},  # fails when it runs
                 ],
             }
         )
     )
     out = tmp_path / "out"
+    spec = yaml.safe_load(bench.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "runs": [*spec["runs"], {"name": "c", "variant": "no_such"}]}))
+    assert main(["bench", str(bad), "--out", str(out)]) == 2  # a setting no run can take: nothing runs
+    assert "run c: unknown variant 'no_such'" in capsys.readouterr().err and not out.exists()
     assert main(["bench", str(bench), "--out", str(out)]) == 1  # one run failed, the others still ran
     table = (out / "results.md").read_text()
     trainable = {r["name"]: r["trainable"] for r in json.loads((out / "results.json").read_text())}
@@ -116,7 +116,7 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
         set(trainable) == {"a", "b"} and trainable["b"] > 2 * trainable["a"] - 2 * 32
     )  # DoRA at twice the rank
     assert "| broken | failed: see broken.log |" in table and "| rank 4 |" in table
-    assert "unknown variant 'no_such_variant'" in (out / "broken.log").read_text()
+    assert "missing.tsv does not exist" in (out / "broken.log").read_text()
     assert (out / "results.png").stat().st_size > 10_000
     capsys.readouterr()
     (out / "broken.log").unlink()

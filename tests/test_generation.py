@@ -160,9 +160,9 @@ def test_eval_generate_writes_metrics_the_merged_model_reproduces(chat_llama_dir
     assert main(argv) == 0
     assert main(["merge", "--adapter", str(run), "--out", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    from lorakit.cli import _load_adapted
+    from lorakit.train.saved import load_adapted
 
-    _, adapted, tokenizer = _load_adapted(str(run))
+    _, adapted, tokenizer = load_adapted(str(run))
     hi = chat.Example(({"role": "user", "content": "hi"},))
     ids = torch.tensor([chat.prompt_ids(tokenizer, CHATML, hi)])
     with torch.no_grad():

@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
+from lorakit import dirlock
 from lorakit.bench.report import write_report
+from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE
 
@@ -89,6 +91,11 @@ def read_bench(path: Path) -> Bench:
         fixed = [key for key in BENCH_SETS if key in settings]
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
+    for run in runs:  # every setting of every run read and range-checked before the first run starts
+        try:
+            job_from_values(job_values(run_settings(defaults, run), f"run {run['name']}"))
+        except LorakitError as err:
+            raise BenchError(f"{path}: run {run['name']}: {err}") from None
     return Bench(defaults, runs, generation)
 
 
@@ -97,7 +104,7 @@ def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any]
     into ``out/name/eval``, its output appended to the run's log; returns its exit code."""
     cmd = [sys.executable, "-m", "lorakit.cli", "eval", "--generate", "--overwrite"]
     cmd += ["--out", str(out / name / EVAL_DIR)]
-    if settings.get("train", True):
+    if trains(settings):
         cmd += ["--adapter", str(out / name)]
     else:  # the base model as it is, on the job's evaluation data with the job's columns
         cmd += ["--model", str(settings.get("model", "minilm")), "--data", str(settings.get("eval_data"))]
@@ -109,6 +116,16 @@ def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
     with (out / f"{name}.log").open("a") as log:
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_settings(defaults: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The ``lorakit train`` settings of one run: the bench's defaults, then the run's own."""
+    return {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note", "train")}}
+
+
+def trains(run: dict[str, Any]) -> bool:
+    """Whether the run trains (``train: false``: the base model, evaluated as it is)."""
+    return run.get("train", True) is not False
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
@@ -135,22 +152,22 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         config.unlink(missing_ok=True)
 
 
-def _run(name: str, settings: dict[str, Any], generation: dict[str, Any] | None, out: Path) -> bool:
-    """Train run ``name`` unless it is finished (or does not train), then evaluate it with generation if the
-    bench asks and it has not been; False if a step failed."""
-    done = (out / name / "metrics.json").exists()
-    if settings.get("train", True) and not done:
+def _run(name: str, run: dict[str, Any], settings: dict[str, Any], generation: dict[str, Any] | None,
+         out: Path) -> bool:  # fmt: skip
+    """Train run ``name`` with ``settings`` unless it is finished (or does not train), then evaluate it with
+    generation if the bench asks and it has not been; False if a step failed."""
+    if trains(run) and not (out / name / "metrics.json").exists():
         if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
             # a run's log marks its directory as this bench's own; this adapter was put there otherwise
             print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
             return False
-        code = run_one(name, {k: v for k, v in settings.items() if k != "train"}, out)
+        code = run_one(name, settings, out)
         print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
         if code != 0:
             return False
     if generation is None or (out / name / EVAL_DIR / "metrics.json").exists():
         return True
-    code = evaluate_one(name, settings, generation, out)
+    code = evaluate_one(name, {**settings, "train": trains(run)}, generation, out)
     print(f"[bench] {name}: {'evaluated' if code == 0 else f'evaluation failed ({code})'}", flush=True)
     return code == 0
 
@@ -166,22 +183,25 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     """Run the bench's unfinished runs in order, then report every finished one; 1 if any run failed."""
     spec = read_bench(bench)
-    defaults, runs = spec.defaults, spec.runs
     wanted = set(only.split(",")) if only else None
-    unknown = sorted((wanted or set()) - {r["name"] for r in runs})
+    unknown = sorted((wanted or set()) - {r["name"] for r in spec.runs})
     if unknown:
         raise BenchError(f"--only names {unknown} are not runs of {bench}")
+    with dirlock.exclusive(out.absolute(), f"--out {out}", "lorakit bench"):  # one bench per directory
+        return _run_all(spec, wanted, out)
+
+
+def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for run in runs:
+    for run in spec.runs:
         name = run["name"]
         if wanted and name not in wanted:
             continue
-        settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
-        if not _run(name, settings, spec.generate, out):
+        if not _run(name, run, run_settings(spec.defaults, run), spec.generate, out):
             failed.append(name)
-    notes = {r["name"]: r.get("note", "") for r in runs}
-    write_report(out, [r["name"] for r in runs], notes, failed=failed)
+    notes = {r["name"]: r.get("note", "") for r in spec.runs}
+    write_report(out, [r["name"] for r in spec.runs], notes, failed=failed)
     return 1 if failed else 0
 
 

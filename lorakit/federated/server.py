@@ -100,7 +100,7 @@ def run_server(grid: Any, cfg: FedConfig, report: Callable[[str], None] = print)
     lorakit.api.check_driver(model, Driver.FEDERATED)
     evaluate_data = _server_eval_data(cfg, tokenizer)
     nodes = wait_for_nodes(grid, cfg.clients, cfg.round_timeout)
-    sigma = cfg.noise_multiplier
+    sigma = cfg.noise_multiplier or 0.0  # unset: from the target below, else no noise
     if cfg.target_epsilon and not sigma:
         sigma = noise_for_budget(cfg.target_epsilon, cfg.delta, cfg.sample_rate, cfg.rounds, cfg.accountant)
     accountant = Accountant(cfg.accountant) if cfg.private else None

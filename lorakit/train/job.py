@@ -22,18 +22,21 @@ from torch import nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.core.variant import ConfigError, VariantConfig
+from lorakit.distributed import writes_files
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.errors import LorakitError
+from lorakit.errors import DiskFullError, LorakitError, is_disk_full
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
-from lorakit.settings import check_settings, check_types, setting
+from lorakit.settings import check_fields, check_settings, setting
 from lorakit.train import chat, rundir
 from lorakit.train import data as D
+from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
-from lorakit.train.models import TASKS, head_modules, infer_task, load_model
+from lorakit.train.models import TASKS, head_modules, infer_task, load_model, name_classes
 from lorakit.train.stages import run_stages
 
 
@@ -61,27 +64,24 @@ class DataConfig:
         "causal LM: auto (the tokenizer's chat template, if it has one), none (prompt and response as plain "
         "text), or the path of a Jinja chat template",
     )
-    max_length: int = setting(64, "tokens per example (longer ones are cut at the end, and counted)")
+    max_length: int = setting(
+        64, "tokens per example (longer ones are cut at the end, and counted)", within="[1, inf)"
+    )
     group_by_length: bool | None = setting(
         None, "batch examples of similar length together (default: on for causal-lm, off for classification)"
     )
     eval_batch_size: int | None = setting(
-        None, "examples per evaluation batch (default: 128 for classification, the batch size for causal-lm)"
+        None,
+        "examples per evaluation batch (default: 128 for classification, the batch size for causal-lm)",
+        within="[1, inf)",
     )
 
     def __post_init__(self) -> None:
-        check_types(self, "data")
+        check_fields(self, "data")
         names = ("data", "text_column", "label_column", "prompt_column", "response_column", "messages_column")
         checks = {name: bool(getattr(self, name).strip()) for name in (*names, "chat_template")}
         checks["eval_data"] = self.eval_data is None or bool(self.eval_data.strip())
-        checks |= {
-            "max_length": self.max_length > 0,
-            "eval_batch_size": self.eval_batch_size is None or self.eval_batch_size > 0,
-        }
-        rules = {name: "a name, not empty" for name in (*names, "eval_data")}
-        rules["chat_template"] = "auto, none or the path of a Jinja file"
-        rules |= {"max_length": "a positive number of tokens", "eval_batch_size": "a positive number"}
-        check_settings(self, checks, "data", rules)
+        check_settings(self, checks, "data", "it must be a name, not empty")
 
 
 @dataclass
@@ -94,7 +94,7 @@ class JobConfig:
         "classification | causal-lm (default: causal-lm for a causal language model, else classification)",
     )
     num_labels: int | None = setting(
-        None, "classes of a classification task (default: from the training data)"
+        None, "classes of a classification task (default: from the training data)", within="[2, inf)"
     )
     labels: list[str] | None = setting(
         None, "class names in class-id order when the labels are names (read from the training data)"
@@ -105,9 +105,13 @@ class JobConfig:
         "layers to adapt: comma-separated name suffixes, a regex, or all-linear (default: all-linear for a "
         "causal LM; query,key,value,dense for classification, the BERT reference budget)",
     )
-    rank: int = setting(8, "adapter rank r")
-    alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
-    dropout: float = setting(0.05, "dropout on the adapter input (never on the base path)")
+    rank: int | None = setting(None, "adapter rank r (unset: 8 where the variant takes it, else its own)")
+    alpha: float | None = setting(
+        None, "scale numerator: the update is scaled by alpha / r (unset: 16 where the variant takes it)"
+    )
+    dropout: float | None = setting(
+        None, "dropout on the adapter input, never on the base path (unset: 0.05 where the variant takes it)"
+    )
     options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
@@ -122,27 +126,38 @@ class JobConfig:
     privacy: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
-        check_types(self, "job")
+        check_fields(self, "job")
+        if self.labels is not None:  # stripped and checked like the labels in the data
+            self.labels = D.check_class_names(self.labels)
         checks = {
             "model": bool(self.model.strip()),
             "task": self.task is None or self.task in TASKS,
-            "num_labels": self.num_labels is None or self.num_labels >= 2,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
         }
         rules = {
             "model": "a model name or path",
             "task": f"one of {', '.join(TASKS)}",
-            "num_labels": "at least 2 (lorakit trains no regression heads); unset: counted from the data",
             "labels": "at least 2 distinct class names",
             "output_dir": "a directory path",
         }
         check_settings(self, checks, "job", rules)
         if self.quantize is not None:
             check_quant_type(self.quantize)
-        # the variant's settings are checked now, before anything is read or written
-        config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, **self.options}
-        lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+        self.variant_config()  # the variant's settings are checked now, before anything is read or written
+
+    def variant_config(self) -> dict[str, Any]:
+        """The variant's config fields: rank, alpha and dropout as set, then the options; a setting left unset
+        takes the reference budget's value (:data:`BUDGET`) where the variant accepts it, else the variant's
+        own default (AdaLoRA's rank follows its init_r, Delta-LoRA has no dropout)."""
+        given = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        config = {k: v for k, v in given.items() if v is not None} | self.options
+        config_class = lorakit.get_variant(self.variant).config_class
+        config_class.from_dict(config, self.variant)  # what the user set must hold as it is
+        for name, value in BUDGET.items():
+            if name not in config and _accepts(config_class, {**config, name: value}, self.variant):
+                config[name] = value
+        return config
 
     def classes(self) -> D.ClassLabels | None:
         """The classes given or recorded (None until :func:`resolve_classes` counts them in the data)."""
@@ -152,6 +167,16 @@ class JobConfig:
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# The command line's reference budget for the settings every variant shares (the README's numbers use it).
+BUDGET: dict[str, Any] = {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+
+
+def _accepts(config_class: type[VariantConfig], values: dict[str, Any], variant: str) -> bool:
+    try:
+        config_class.from_dict(values, variant)
+    except ConfigError:
+        return False
+    return True
 
 
 class EvaluationError(LorakitError):
@@ -341,16 +366,17 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     job = resolve_task(job)
     torch.manual_seed(job.train.seed)  # the new head's initialisation depends on it
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
-    if job.labels is not None:  # the names travel with a merged model
-        model.config.id2label = dict(enumerate(job.labels))
-        model.config.label2id = {name: i for i, name in enumerate(job.labels)}
+    name_classes(model, job.labels)  # the names travel with a merged model
     if job.quantize:
         from lorakit.quant_api import quantize
 
         quantize(model, job.quantize)
-    config = {"rank": job.rank, "alpha": job.alpha, "dropout": job.dropout, **job.options}
     lorakit.apply(
-        model, job.variant, targets=targets(job), train_modules=head_modules(model, job.task), **config
+        model,
+        job.variant,
+        targets=targets(job),
+        train_modules=head_modules(model, job.task),
+        **job.variant_config(),
     )
     return model, tokenizer
 
@@ -417,12 +443,20 @@ def measure_peak_memory_mb() -> float:
 def run_job(job: JobConfig) -> JobResult:
     """Train and evaluate one job; writes the adapter, ``job.json`` and ``metrics.json`` to its output_dir.
 
-    Everything is checked before training. The run is built beside the output directory and swapped in once
-    the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an adapter already
-    there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
+    The process that writes holds the output directory's lock for the whole run, so a second run into it is
+    refused at its start. Everything is checked before training. The run is built beside the output directory
+    and swapped in once the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an
+    adapter already there. The final evaluation runs after the adapter is saved: if it fails, the adapter is
+    kept.
 
-    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
+    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 locks and writes.
     """
+    writer = job.distributed is None or writes_files()  # a process outside a distributed run writes its own
+    with rundir.exclusive(job.output_dir) if writer else contextlib.nullcontext():
+        return _run_job(job)
+
+
+def _run_job(job: JobConfig) -> JobResult:
     out = check_output_dir(job)
     job = resolve_task(job)
     job = resolve_classes(job)  # every label checked before training; the classes size the head
@@ -440,14 +474,7 @@ def run_job(job: JobConfig) -> JobResult:
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}
         if writes:
-            job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
-            atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
-            save_chat_template(staging, chat_template(job, tokenizer))
-            lorakit.save(model, staging, overwrite=True)
-            if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
-                from lorakit.privacy.report import mark_adapter
-
-                mark_adapter(staging, decided)
+            _save_run(job, model, out, decided, chat_template(job, tokenizer))
     except BaseException:
         if writes:
             rundir.abandon(out)
@@ -486,8 +513,41 @@ def run_job(job: JobConfig) -> JobResult:
             ) from None
     if writes:
         metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
-        atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        try:
+            atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskFullError(
+                f"no space left on {out.shown}: the adapter is saved there, but {rundir.METRICS_FILE} was "
+                f"not written; `lorakit eval --adapter {out.shown}` gives its metrics"
+            ) from None
     return job_result
+
+
+def _save_run(
+    job: JobConfig, model: nn.Module, out: rundir.RunDir, decided: dict[str, Any], template: str | None
+) -> None:
+    """Write ``job.json``, the chat template (if the run used one) and the adapter into the run's staging
+    directory; a full disk is named with the resume point that survived it."""
+    staging = out.staging
+    job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+    try:
+        atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+        save_chat_template(staging, template)
+        lorakit.save(model, staging, overwrite=True)
+        if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+            from lorakit.privacy.report import mark_adapter
+
+            mark_adapter(staging, decided)
+    except (OSError, LorakitError) as err:
+        if not is_disk_full(err):
+            raise
+        before = f"; the adapter already in {out.shown} is untouched" if rundir.holds_adapter(out) else ""
+        raise DiskFullError(
+            f"no space left on {staging.parent}: the trained adapter was not saved; "
+            f"{resume_point(staging)}{before}"
+        ) from None
 
 
 def _train(

@@ -116,6 +116,14 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
     return model, tokenizer
 
 
+def name_classes(model: nn.Module, labels: list[str] | None) -> None:
+    """Record class names in the model's config (``id2label``/``label2id``), so a merged or exported model
+    predicts named classes; ids alone keep the config's own names."""
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
 def head_modules(model: nn.Module, task: str) -> list[str]:
     """Modules a new task head consists of (trained in full and saved with the adapter)."""
     if task != "classification":
