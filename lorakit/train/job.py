@@ -248,7 +248,7 @@ def check_output_dir(job: JobConfig) -> rundir.RunDir:
     return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
 
 
-def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any) -> None:
+def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | None, eval_data: Any) -> None:
     """Refuse, before training, data that would fail later: no examples, or evaluation data the model
     cannot evaluate (the first evaluation batch is run once, as a sanity check)."""
     d = job.data
