@@ -637,6 +637,28 @@ def test_a_client_that_failed_leaves_nothing_behind_for_the_next_one_its_process
     assert result.rounds[0]["used"] == 3
 
 
+def test_an_adapter_in_the_output_directory_is_replaced_only_on_request_and_only_by_a_finished_run(
+    tiny_bert_dir, tmp_path, local_engine, capsys
+) -> None:
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=1)
+    run_local(cfg)
+    out = Path(cfg.output_dir)
+    saved = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert main(cli_args(cfg)) == 2  # before, the adapter was replaced without a word
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained adapter; pass --overwrite to replace it" in err[0]
+    assert local_engine == [] and {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    diverging = diverging_cfg(tiny_bert_dir, tmp_path, private=False)
+    diverging.overwrite = True
+    assert main(cli_args(diverging)) == 2  # a run that fails leaves the adapter as it was
+    assert "no client update could be used" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    assert main([*cli_args(cfg), "--seed", "3", "--overwrite"]) == 0
+    assert f"adapter saved to {out}" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".fed")) == []  # no staging left
+
+
 def test_a_run_in_which_no_round_aggregated_saves_nothing(tiny_bert_dir, tmp_path, capsys) -> None:
     """Empty Poisson cohorts in every round, or a budget too small for one round: no training, no adapter."""
     seed = next(s for s in range(100) if not sample_cohort(list(range(4)), POISSON_ONE, random.Random(s * 2)))

@@ -65,6 +65,7 @@ class FedConfig:
     eval_every: int = setting(1, "evaluate on the server every N rounds (0: only at the end)")
     round_timeout: float = setting(600.0, "seconds to wait for a round's replies")
     output_dir: str = setting("runs/federated", "adapter, metrics.json (per-round history)")
+    overwrite: bool = setting(False, "replace an adapter already in output_dir")
 
     def __post_init__(self) -> None:
         checks = {

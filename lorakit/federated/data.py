@@ -46,10 +46,7 @@ def job_config(cfg: FedConfig, classes: D.ClassLabels | None = None) -> JobConfi
     )
 
 
-CheckedData = tuple[JobConfig, list[tuple[str, list[D.Row]]]]
-
-
-def check_run_data(cfg: FedConfig) -> CheckedData:
+def check_run_data(cfg: FedConfig) -> tuple[JobConfig, list[tuple[str, list[D.Row]]]]:
     """Server side, before any round: the job with its classes read from the training data, after every row of
     the training and evaluation data was checked against them, and the split among the clients made once.
     Returns the job and ``(source, rows)`` of the training and (if any) the server's evaluation data."""
@@ -114,7 +111,6 @@ def client_job(cfg: FedConfig, text: str) -> JobConfig:
 
 
 __all__ = [
-    "CheckedData",
     "check_run_data",
     "classes_text",
     "client_data",

@@ -28,7 +28,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from lorakit.core.contract import Driver
 from lorakit.core.ranks import round_ranks
 from lorakit.federated.client import local_config, make_client_app
 from lorakit.federated.config import FedConfig
-from lorakit.federated.data import CheckedData, check_run_data, classes_text
+from lorakit.federated.data import check_run_data, classes_text
 from lorakit.federated.failures import Failure, FederatedError, read_reason
 from lorakit.federated.strategy import (
     DPFedAvg,
@@ -62,6 +61,7 @@ from lorakit.privacy.randomness import (
 )
 from lorakit.privacy.report import mark_adapter, privacy_record
 from lorakit.train import data as D
+from lorakit.train import rundir
 from lorakit.train.job import JobConfig, check_data, evaluate, prepare_model, tokenize
 
 log = logging.getLogger("lorakit.federated")
@@ -141,21 +141,33 @@ def setup_clients(grid: Any, cfg: FedConfig, nodes: list[int], classes: str) -> 
     return holders
 
 
-def check_run(cfg: FedConfig) -> CheckedData:
-    """What a run checks before any client is asked: the data (every row, the classes, the split:
+@dataclass
+class CheckedRun:
+    """What :func:`check_run` found: the job (with the classes), the data read, and the output directory."""
+
+    job: JobConfig
+    data: list[tuple[str, list[D.Row]]]
+    out: rundir.RunDir
+
+
+def check_run(cfg: FedConfig) -> CheckedRun:
+    """What a run checks before any client is asked: the output directory (an adapter there is replaced only
+    with ``overwrite``), the data (every row, the classes, the split:
     :func:`~lorakit.federated.data.check_run_data`) and the settings of the clients' local training."""
-    checked = check_run_data(cfg)
+    out = rundir.open_run_dir(cfg.output_dir, overwrite=cfg.overwrite, resume=False)
+    job, data = check_run_data(cfg)
     local_config(cfg, cfg.batch_size, cfg.seed)
-    return checked
+    return CheckedRun(job, data, out)
 
 
 def run_server(
-    grid: Any, cfg: FedConfig, report: Callable[[str], None] = print, checked: CheckedData | None = None
+    grid: Any, cfg: FedConfig, report: Callable[[str], None] = print, checked: CheckedRun | None = None
 ) -> FedResult:
     """All rounds of a federated run over ``grid``; writes the adapter and ``metrics.json`` to output_dir.
     ``checked``: what :func:`check_run` returned for ``cfg`` (else it runs here, before any client is
     asked)."""
-    job, data = checked if checked is not None else check_run(cfg)
+    checked = checked if checked is not None else check_run(cfg)
+    job, data = checked.job, checked.data
     model, tokenizer = prepare_model(job)  # the server's own copy holds the global adapter
     lorakit.api.check_driver(model, Driver.FEDERATED)
     evaluate_data = _server_eval_data(cfg, job, tokenizer, data)
@@ -177,7 +189,7 @@ def run_server(
     aggregator = DPFedAvg(cfg, sigma, private_generator(NOISE_STREAM, insecure_seed))
     rounds = _Rounds(grid, cfg, model, holders, classes, evaluate_data, aggregator, report)
     result = rounds.run_all(sigma, cohort_gen)
-    _save(model, cfg, job, result)
+    _save(model, cfg, checked, result)
     return result
 
 
@@ -430,20 +442,28 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _save(model: nn.Module, cfg: FedConfig, job: JobConfig, result: FedResult) -> None:
-    out = Path(cfg.output_dir)
+def _save(model: nn.Module, cfg: FedConfig, checked: CheckedRun, result: FedResult) -> None:
+    """Write the adapter, ``job.json`` and ``metrics.json`` beside the output directory and swap them in
+    (:mod:`lorakit.train.rundir`): an adapter already there is replaced whole or not at all."""
     use_rank(model, None)
-    lorakit.save(model, out, overwrite=True)
-    result.adapter_dir = str(out)
-    (out / "job.json").write_text(json.dumps(dataclasses.asdict(job), indent=2) + "\n")  # for `lorakit eval`
+    result.adapter_dir = checked.out.shown
+    job_text = json.dumps(dataclasses.asdict(checked.job), indent=2) + "\n"  # for `lorakit eval`
     summary = {"config": cfg.to_run_config(), **dataclasses.asdict(result)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if result.privacy is not None:
-        mark_adapter(out, result.privacy)
+    staging = rundir.begin(checked.out, resume=False)
+    try:
+        lorakit.save(model, staging, overwrite=True)
+        (staging / rundir.JOB_FILE).write_text(job_text)
+        (staging / rundir.METRICS_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if result.privacy is not None:
+            mark_adapter(staging, result.privacy)
+    except BaseException:
+        rundir.abandon(checked.out)
+        raise
+    rundir.commit(checked.out)
 
 
 def make_server_app(
-    cfg: FedConfig | None = None, results: list[Any] | None = None, checked: CheckedData | None = None
+    cfg: FedConfig | None = None, results: list[Any] | None = None, checked: CheckedRun | None = None
 ) -> Any:
     """A Flower ``ServerApp``; with ``cfg`` None the settings come from the run config (deployment).
     ``results`` (a list) receives the :class:`FedResult`, or the exception that ended the run; ``checked``:
