@@ -15,22 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 pytest.importorskip("flwr", reason="federated tests need lorakit[federated]")
 
 from fed_harness import use_local_engine  # noqa: E402
+from test_fuzz import FUZZ  # noqa: E402  (the same settings: derandomized, 40 cases)
 
 from lorakit.cli import main  # noqa: E402
-
-FUZZ = settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,  # the same cases on every run: a failure reproduces
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 # Values near and past each setting's limits; the counts stay small so that a case that trains stays cheap.
 COUNTS = st.sampled_from([-1, 0, 1, 2, 3])
