@@ -337,9 +337,10 @@ class _Rounds:
             if msg.has_error():
                 failures.append((client, read_reason(msg.error.reason, self.cfg.private)))
                 continue
-            metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
+            content = msg.content
+            metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
             examples = int(metrics.pop("num-examples", 0))  # absent under DP: only plain FedAvg weighs by it
-            update = msg.content["update"].to_torch_state_dict() if "update" in msg.content else {}
+            update = content["update"].to_torch_state_dict() if "update" in content else {}
             replies.append(Reply(client, update, examples, metrics))
         failures += [(c, Failure("timeout")) for c in clients if c not in answered]
         return sorted(replies, key=lambda r: r.client), sorted(failures, key=lambda f: f[0])

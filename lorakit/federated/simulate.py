@@ -14,7 +14,8 @@ from lorakit.privacy import require
 
 def simulate(cfg: FedConfig, num_cpus: int = 2) -> FedResult:
     """Run all rounds of ``cfg`` in Flower's simulation engine; returns the server's :class:`FedResult`.
-    The data is checked before the engine starts, so a bad file or label costs no simulation."""
+    The output directory, the data and the clients' settings are checked before the engine starts
+    (:func:`~lorakit.federated.server.check_run`), so a mistake there costs no simulation."""
     if num_cpus < 1:
         raise SettingError(f"--num-cpus {num_cpus}: the simulation needs at least 1 worker process")
     checked = check_run(cfg)
