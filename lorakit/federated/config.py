@@ -39,8 +39,10 @@ class FedConfig:
         None, "evaluate on the first N evaluation rows (unset: all)", within="[1, inf)"
     )
     text_column: str = setting("sentence", "classification text column")
-    label_column: str = setting("label", "classification label column (integers)")
-    num_labels: int = setting(2, "classes of the classification task", within="[2, inf)")
+    label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
+    num_labels: int | None = setting(
+        None, "classes of the classification task (unset: counted from the training data)", within="[2, inf)"
+    )
     max_length: int = setting(64, "tokens per example", within="[1, inf)")
     clients: int = setting(10, "N: clients (partitions of the data)", within="[1, inf)")
     rounds: int = setting(5, "federated rounds", within="[1, inf)")
@@ -78,6 +80,7 @@ class FedConfig:
     )
     round_timeout: float = setting(600.0, "seconds to wait for a round's replies", within="(0, inf)")
     output_dir: str = setting("runs/federated", "adapter, metrics.json (per-round history)")
+    overwrite: bool = setting(False, "replace an adapter already in output_dir")
 
     def __post_init__(self) -> None:
         check_fields(self, "federated")  # types and ranges, as for `lorakit train`

@@ -244,7 +244,7 @@ def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None =
 def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> D.TokenizedData:
     """One data set of ``job`` tokenised for its task (classification labels as the job's class ids; a
     causal LM's conversations in the job's chat template, the loss on the answers)."""
-    d = job.data
+    job, d = resolve_task(job), job.data
     if job.task == "classification":
         return D.tokenize_classification(
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
@@ -386,7 +386,7 @@ def check_output_dir(job: JobConfig) -> rundir.RunDir:
     return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
 
 
-def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any) -> None:
+def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | None, eval_data: Any) -> None:
     """Refuse, before training, data that would fail later: no examples, or evaluation data the model
     cannot evaluate (the first evaluation batch is run once, as a sanity check)."""
     d = job.data
