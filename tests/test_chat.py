@@ -68,12 +68,15 @@ def test_chat_template_choice_auto_none_or_a_file(tokenizer, tmp_path) -> None:
     assert chat.load_template("auto", tokenizer) == CHATML
     assert chat.load_template("none", tokenizer) is None
     path = tmp_path / "t.jinja"
-    path.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    path.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     template = chat.load_template(str(path), tokenizer)
     example = chat.examples_from_pairs(["hi"], ["there"])[0]
     ids, labels = chat.tokenize_example(tokenizer, template, example)
     assert tokenizer.decode(ids) == "[user] hi\n[assistant] there\n"
-    assert labelled_text(tokenizer, ids, labels) == "[assistant] there\n"
+    assert labelled_text(tokenizer, ids, labels) == "there\n"
     with pytest.raises(chat.ChatError, match="is not a file"):
         chat.load_template(str(tmp_path / "missing.jinja"), tokenizer)
 

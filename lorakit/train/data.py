@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import re
 import unicodedata
@@ -134,9 +135,14 @@ def _csv_rows(text: str, source: str, suffix: str) -> list[Row]:
     for number, row in table[1:]:
         if len(row) != len(header):
             sep = "tabs" if tsv else "commas"
+            hint = (
+                "; a .tsv field holds no tab or line break: put such text in .jsonl or quoted .csv"
+                if tsv
+                else ""
+            )
             raise DataError(
                 f"{source} line {number} has {len(row)} field(s) where the header has {len(header)} "
-                f"({', '.join(header)}); separate every field with {sep}"
+                f"({', '.join(header)}); separate every field with {sep}{hint}"
             )
         rows.append(dict(zip(header, row, strict=True)))
     return rows
@@ -175,11 +181,16 @@ def column(rows: list[Row], name: str, source: str) -> list[Any]:
 
 
 def texts(rows: list[Row], name: str, source: str) -> list[str]:
-    """A text field of every row: strings (numbers are written out; lists and objects are refused)."""
+    """A text field of every row: strings (numbers are written out; lists, objects and a number that is not
+    finite, a spreadsheet's missing value, are refused)."""
     values = column(rows, name, source)
     for number, value in enumerate(values, 1):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise DataError(f"{source} row {number}: '{name}' must be text, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(
+                f"{source} row {number}: '{name}' is {value} (a missing value); give every row text"
+            )
     return [str(v) for v in values]
 
 
@@ -380,27 +391,44 @@ def tokenize_classification(
     return TokenizedData(ids, labels, tokenizer.pad_token_id or 0)
 
 
+MESSAGES_COLUMN = "messages"  # the default conversations column: rows without it are prompt/response rows
+
+
 def conversations(
-    rows: list[Row], messages_column: str, prompt_column: str, response_column: str, source: str
+    rows: list[Row],
+    messages_column: str,
+    prompt_column: str,
+    response_column: str,
+    source: str,
+    answers: bool = True,
 ) -> list[chat.Example]:
     """Causal-LM rows as conversations: a ``messages`` column (multi-turn, optional system turn) where the
-    rows have one, else prompt/response columns (one user and one assistant turn)."""
+    rows have one, else prompt/response columns (one user and one assistant turn). With ``answers`` (training
+    and evaluation data) every conversation must end with the assistant's answer; without (prompts to answer)
+    the response column may be absent and a conversation may end with the user's turn."""
     if rows and messages_column in rows[0]:
-        return chat.examples_from_messages(column(rows, messages_column, source), messages_column, source)
+        values = column(rows, messages_column, source)
+        return chat.examples_from_messages(values, messages_column, source, answers)
+    if rows and messages_column != MESSAGES_COLUMN:  # named on purpose: no silent fall-back to other columns
+        raise DataError(
+            f"{source} has no column '{messages_column}' (--messages-column); its columns are "
+            f"{sorted(rows[0])}"
+        )
     if rows and prompt_column not in rows[0]:
         raise DataError(
             f"{source} has neither a '{messages_column}' column nor a '{prompt_column}' column; its columns "
             f"are {sorted(rows[0])} (set --messages-column, or --prompt-column and --response-column)"
         )
     prompts = texts(rows, prompt_column, source)
-    return chat.examples_from_pairs(prompts, texts(rows, response_column, source))
+    responses = texts(rows, response_column, source) if answers or response_column in rows[0] else None
+    return chat.examples_from_pairs(prompts, responses, source, (prompt_column, response_column))
 
 
 def tokenize_causal(
-    examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int
+    examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int, source: str = "data"
 ) -> TokenizedData:
     """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.train.chat`)."""
-    ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length)
+    ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length, source)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TokenizedData(ids, labels, pad, truncation)
 
