@@ -12,6 +12,12 @@ import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
 from lorakit.errors import LorakitError, is_disk_full
 
+if typing.TYPE_CHECKING:
+    from torch import nn
+
+    from lorakit.train.chat import Example
+    from lorakit.train.job import JobConfig
+
 
 def cmd_list(args: argparse.Namespace) -> None:
     rows = [(name, cls.__name__, cls.paper, cls.summary) for name, cls in lorakit.VARIANTS.items()]
@@ -52,6 +58,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
 
     source = _eval_data(args)  # before the model is loaded
+    pattern, out = None, None
+    if args.generate:  # every flag of the generation checked before the model is loaded
+        from lorakit.eval.run import GenerationReport
+        from lorakit.eval.scoring import compile_pattern
+
+        pattern, out = compile_pattern(args.answer_pattern), _eval_out(args)
+        GenerationReport.check_out(out, args.overwrite)
     job, model, tokenizer = _load_for_eval(args)
     job.data.eval_data, job.data.data = source, source
     rows = D.read_rows(source, split="test")
@@ -68,13 +81,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     metrics: dict[str, float] = evaluate(model, data, size)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     metrics["loss_peak_memory_mb"] = measure_peak_memory_mb()  # the loss evaluation's, not generation's
-    if args.generate:
+    if out is not None:
         from lorakit.eval.run import generation_eval
 
-        report = generation_eval(job, model, tokenizer, rows, source, args)
+        report = generation_eval(
+            job, model, tokenizer, rows, source, pattern, args.max_new_tokens, args.batch_size
+        )
         metrics |= report.metrics
         shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
-        report.write(_eval_out(args), metrics, args.overwrite)
+        report.write(out, metrics, args.overwrite)
         shown += f"; generations in {report.path}"
     print(shown)
 
@@ -98,35 +113,61 @@ def _eval_data(args: argparse.Namespace) -> str:
     return args.data
 
 
-def _load_for_eval(args: argparse.Namespace):
-    """The model to evaluate or generate with: the adapted model of ``--adapter`` (its job's settings, its
-    chat template), or the base ``--model`` as it is; flags given override the job's data settings."""
-    from lorakit.train.job import CHAT_TEMPLATE_FILE, DataConfig, JobConfig, resolve_task, saved_chat_template
-    from lorakit.train.models import load_model
-    from lorakit.train.saved import load_adapted
+def _eval_job(args: argparse.Namespace) -> JobConfig | None:
+    """The job of the model that evaluates or generates, before it is loaded: the ``--adapter``'s (its saved
+    settings; None without ``job.json``) or a base ``--model``'s; flags given override its data settings."""
+    from lorakit.train.job import DataConfig, JobConfig, resolve_task
+    from lorakit.train.saved import saved_job
 
     _check_model_args(args)
     if args.adapter is not None:
-        job, model, tokenizer = load_adapted(args.adapter)
-        template = saved_chat_template(args.adapter)
-        if job.task == "causal-lm" and args.chat_template is not None:
-            raise LorakitError(
-                f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "
-                "in its directory, or none); --chat-template applies to a base --model only"
-            )
-        # the run's own template (none if it used none), whatever the tokenizer ships
-        tokenizer.chat_template = template
-        job.data.chat_template = "auto" if template is not None else "none"
+        job = saved_job(args.adapter)
     else:
         job = resolve_task(
             JobConfig(model=args.model, data=DataConfig(chat_template=args.chat_template or "auto"))
         )
-        model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    if job is not None:
+        _override_data(args, job)
+        _check_task_flags(args, job)
+    return job
+
+
+def _override_data(args: argparse.Namespace, job: JobConfig) -> None:
     for name in ("prompt_column", "response_column", "messages_column", "max_length"):
         if getattr(args, name, None) is not None:
             setattr(job.data, name, getattr(args, name))
+
+
+def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
+    """Refuse flags the job's model cannot honour: generation from a classifier, another chat template for an
+    adapter (it renders prompts in its run's own)."""
+    from lorakit.train.job import CHAT_TEMPLATE_FILE
+
     if args.generate and job.task != "causal-lm":
-        raise LorakitError("--generate needs a causal language model; this one is a classifier")
+        what = "lorakit generate" if args.command == "generate" else "--generate"
+        raise LorakitError(f"{what} needs a causal language model; this one is a classifier")
+    if args.adapter is not None and job.task == "causal-lm" and args.chat_template is not None:
+        raise LorakitError(
+            f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "
+            "in its directory, or none); --chat-template applies to a base --model only"
+        )
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[JobConfig, nn.Module, typing.Any]:
+    """The model to evaluate or generate with: the adapted model of ``--adapter`` (its job's settings, its
+    chat template), or the base ``--model`` as it is; flags given override the job's data settings."""
+    from lorakit.train.job import check_context
+    from lorakit.train.models import load_model
+    from lorakit.train.saved import load_adapted
+
+    job = _eval_job(args)
+    if args.adapter is not None:
+        job, model, tokenizer = load_adapted(args.adapter)
+        _override_data(args, job)
+        _check_task_flags(args, job)  # again: an adapter without job.json
+    else:
+        model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    check_context(job, model)
     return job, model, tokenizer
 
 
@@ -140,45 +181,62 @@ def _eval_out(args: argparse.Namespace) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lorakit.eval.run import answer_prompts
+    from lorakit.train import chat
 
     args.generate = True  # the checks of a model that generates
-    job, model, tokenizer = _load_for_eval(args)
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        prompts += _prompts_from_file(Path(args.prompts_file), job)
-    if not prompts:
-        raise LorakitError("no prompt: pass one or more prompts, or --prompts-file FILE")
     if args.compare_base and args.adapter is None:
         raise LorakitError("--compare-base compares an --adapter's answers with its base model's")
+    job = _eval_job(args)
+    prompts = [chat.Example(({"role": "user", "content": text},)) for text in args.prompts]
+    for number, text in enumerate(args.prompts, 1):
+        if not text.strip():
+            raise LorakitError(f"prompt {number} is empty; pass the text to answer")
+    if args.prompts_file:
+        from_file = _prompts_from_file(Path(args.prompts_file), job)
+        if not from_file:
+            raise LorakitError(f"--prompts-file {args.prompts_file} holds no prompt; write one per line")
+        prompts += from_file
+    if not prompts:
+        raise LorakitError("no prompt: pass one or more prompts, or --prompts-file FILE")
+    job, model, tokenizer = _load_for_eval(args)
     tuned = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
     base = None
     if args.compare_base:
         with lorakit.disabled(model):
             base = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
     for i, prompt in enumerate(prompts):
-        print(f"### prompt {i + 1}\n{prompt}")
+        print(f"### prompt {i + 1}\n{prompt.prompt[-1]['content']}")
         print(f"--- tuned\n{tuned[i]}" if base is not None else f"--- answer\n{tuned[i]}")
         if base is not None:
             print(f"--- base\n{base[i]}")
         print()
 
 
-def _prompts_from_file(path: Path, job) -> list[str]:
-    """Prompts from a data file (its prompt column, or each conversation's last user turn) or from a text
-    file (one per line)."""
+def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
+    """Prompts from a data file (its prompt column, or each conversation up to its last user turn) or from a
+    text file (one per line), as conversations to answer."""
+    from lorakit.train import chat
     from lorakit.train import data as D
+    from lorakit.train.job import DataConfig
 
+    if path.is_dir():
+        raise LorakitError(f"--prompts-file {path} is a directory; pass a text file (one prompt per line)")
+    if not path.is_file():
+        raise LorakitError(f"--prompts-file {path} does not exist; check the path")
     if path.suffix.lower() in D.FILE_TYPES:
-        d = job.data
+        d = job.data if job is not None else DataConfig()
+        rows = D.read_rows(str(path))
         examples = D.conversations(
-            D.read_rows(str(path)), d.messages_column, d.prompt_column, d.response_column, str(path)
+            rows, d.messages_column, d.prompt_column, d.response_column, str(path), answers=False
         )
-        return [example.prompt[-1]["content"] for example in examples]
+        return [chat.Example(example.prompt) for example in examples]
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise LorakitError(f"cannot read prompts from {path}: {err}") from None
-    return [line for line in lines if line.strip()]
+    except UnicodeDecodeError:
+        raise LorakitError(f"--prompts-file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise LorakitError(f"cannot read --prompts-file {path}: {err.strerror or err}") from None
+    return [chat.Example(({"role": "user", "content": line},)) for line in lines if line.strip()]
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -249,8 +307,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens",
         type=_positive,
-        default=256,
-        help="tokens generated per answer at most (default: 256)",
+        help="tokens generated per answer at most (default: 256, or fewer where the model's context ends)",
     )
     parser.add_argument(
         "--batch-size", type=_positive, default=16, help="prompts generated together (default: 16)"

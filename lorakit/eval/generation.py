@@ -2,7 +2,7 @@
 
 Prompts are sorted by length and left-padded in batches, so a batch wastes little on padding and every row's
 new tokens start at the same position; transformers' ``generate`` decodes them greedily with its KV cache,
-stopping a row at the end-of-sequence token (an instruct model's end-of-turn). The outputs come back in the
+stopping a row at an end-of-sequence token (an instruct model's end-of-turn). The outputs come back in the
 order of the prompts.
 """
 
@@ -30,7 +30,9 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = stop_tokens(model, tokenizer)
+    # Padding is masked out and left of every prompt, so any id serves where the tokenizer names none.
+    pad = next(i for i in (tokenizer.pad_token_id, *stop, 0) if i is not None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="prompt")
@@ -53,7 +55,7 @@ def generate(
                 top_p=None,
                 top_k=None,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop or None,
             )
             for r, i in enumerate(rows):
                 texts[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
@@ -62,3 +64,12 @@ def generate(
         bar.close()
         model.train(was_training)
     return texts
+
+
+def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the tokenizer's end-of-sequence token and those of the model's
+    generation config (an instruct model's end-of-turn token may be either); none: answers run to
+    ``max_new_tokens``."""
+    config = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [tokenizer.eos_token_id, *(config if isinstance(config, list) else [config])]
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -1,38 +1,49 @@
 """``lorakit eval --generate`` and ``lorakit generate``: a causal LM's answers to a job's prompts, scored.
 
 Each evaluation row's prompt is rendered as in training (the run's chat template) and answered greedily; the
-answer's final number (or ``--answer-pattern``'s match) is compared with the reference's. The metrics and one
-JSON line per row (prompt, reference, generation, both extracted answers, whether they match) are written to
-an output directory: ``metrics.json`` and ``generations.jsonl``.
+answer's final number (or ``--answer-pattern``'s match) is compared with the reference's. A reference without
+a final answer is not scored (it is counted and reported; data none of whose references has one is refused
+before anything is generated). The metrics and one JSON line per row (prompt, reference, generation, both
+extracted answers, whether they match) are written to an output directory: ``metrics.json`` and
+``generations.jsonl``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lorakit.errors import OutputExistsError
-from lorakit.eval.generation import generate
-from lorakit.eval.scoring import compile_pattern, score
-from lorakit.io import atomic_write
+from lorakit.errors import LorakitError, OutputExistsError, SettingError
+from lorakit.eval.generation import generate, stop_tokens
+from lorakit.eval.scoring import extract_answer, score
+from lorakit.io import CONFIG_FILE, atomic_write
 from lorakit.train import chat
 from lorakit.train import data as D
-from lorakit.train.job import JobConfig, chat_template
+from lorakit.train.job import JobConfig, chat_template, report
+from lorakit.train.models import context_length
 
 METRICS_FILE, GENERATIONS_FILE = "metrics.json", "generations.jsonl"
+DEFAULT_NEW_TOKENS = 256  # per answer, where the model's context leaves room for them
+
+
+class GenerationError(LorakitError):
+    """Prompts or references that cannot be generated from or scored; the message names the fix."""
 
 
 @dataclass
 class GenerationReport:
-    """Exact match over ``total`` rows and the rows themselves."""
+    """Exact match over the ``total`` rows whose reference has a final answer, ``unscored`` rows without one,
+    and the rows themselves."""
 
     correct: int
     total: int
+    unscored: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
 
@@ -40,61 +51,139 @@ class GenerationReport:
     def metrics(self) -> dict[str, float]:
         return {"exact_match": self.correct / self.total if self.total else 0.0}
 
-    def write(self, out: Path, metrics: dict[str, float], overwrite: bool = False) -> None:
-        """``metrics.json`` (with the counts) and ``generations.jsonl`` in ``out``; files of an earlier
-        evaluation there are replaced only with ``overwrite``."""
+    @staticmethod
+    def check_out(out: Path, overwrite: bool) -> None:
+        """Refuse, before anything is generated, an ``out`` that cannot take the evaluation: a file, a run's
+        own directory (its ``metrics.json`` is the training's), an earlier evaluation without ``overwrite``,
+        or a place that cannot be written."""
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(
+                f"--out {out} is a file; name a directory for {METRICS_FILE} and {GENERATIONS_FILE}"
+            )
+        if (out / CONFIG_FILE).is_file():
+            raise OutputExistsError(
+                f"--out {out} is a run's directory (its {METRICS_FILE} is the training's); name another "
+                "directory, or leave --out out to write to ADAPTER/eval"
+            )
         existing = [name for name in (METRICS_FILE, GENERATIONS_FILE) if (out / name).exists()]
         if existing and not overwrite:
             raise OutputExistsError(
                 f"{out} already holds an evaluation ({', '.join(existing)}); pass --out with a new directory "
                 "or --overwrite to replace it"
             )
+        anchor = out
+        while not anchor.exists() and anchor.parent != anchor:
+            anchor = anchor.parent
+        if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+            raise SettingError(f"--out {out}: cannot write in {anchor}; name a writable directory")
+
+    def write(self, out: Path, metrics: dict[str, float], overwrite: bool = False) -> None:
+        """``metrics.json`` (with the counts) and ``generations.jsonl`` in ``out``; files of an earlier
+        evaluation there are replaced only with ``overwrite``."""
+        self.check_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
         atomic_write(out / GENERATIONS_FILE, lambda path: Path(path).write_text(lines, encoding="utf-8"))
-        record = {**metrics, "exact_match_correct": self.correct, "exact_match_total": self.total}
+        record = {
+            **metrics,
+            "exact_match_correct": self.correct,
+            "exact_match_total": self.total,
+            "exact_match_unscored": self.unscored,
+        }
         text = json.dumps(record, indent=2) + "\n"
         atomic_write(out / METRICS_FILE, lambda path: Path(path).write_text(text))
         self.path = out / GENERATIONS_FILE
 
 
 def generation_eval(
-    job: JobConfig, model: nn.Module, tokenizer: Any, rows: list[D.Row], source: str, args: argparse.Namespace
+    job: JobConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[D.Row],
+    source: str,
+    pattern: re.Pattern[str] | None,
+    max_new_tokens: int | None,
+    batch_size: int,
 ) -> GenerationReport:
     """Generate an answer to every row of ``rows`` and score it against the row's reference answer."""
     d = job.data
     examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
+    expected = [extract_answer(example.answer or "", pattern) for example in examples]
+    unscored = sum(answer is None for answer in expected)
+    finds = "the pattern's match" if pattern is not None else "GSM8K's '#### N' or a number"
+    if unscored == len(examples):
+        raise GenerationError(
+            f"none of the {len(examples)} references in {source} has a final answer ({finds}), so nothing "
+            "can be scored; pass --answer-pattern that finds the answers, or other --data"
+        )
+    if unscored:
+        report(
+            f"{source}: {unscored} of {len(examples)} references have no final answer ({finds}); they are "
+            "not scored"
+        )
     template = chat_template(job, tokenizer)
-    prompts = [chat.prompt_ids(tokenizer, template, example) for example in examples]
-    texts = generate(
-        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
-    )
-    pattern = compile_pattern(args.answer_pattern)
-    report = GenerationReport(correct=0, total=len(examples))
-    for example, text in zip(examples, texts, strict=True):
-        reference = example.answer or ""
-        scored = score(text, reference, pattern)
-        report.correct += scored.correct
-        report.rows.append(
+    prompts = chat.prompts_ids(tokenizer, template, examples, f"{source} row")
+    budget = new_tokens(model, tokenizer, prompts, max_new_tokens, f"{source} row")
+    texts = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    result = GenerationReport(correct=0, total=len(examples) - unscored, unscored=unscored)
+    for example, text, answer in zip(examples, texts, expected, strict=True):
+        scored = score(text, example.answer or "", pattern)
+        result.correct += answer is not None and scored.correct
+        result.rows.append(
             {
                 "prompt": example.prompt[-1]["content"],
-                "reference": reference,
+                "reference": example.answer or "",
                 "generation": text,
                 "predicted": scored.predicted,
                 "expected": scored.expected,
-                "correct": scored.correct,
+                "correct": scored.correct if answer is not None else None,
             }
         )
-    return report
+    return result
+
+
+def new_tokens(
+    model: nn.Module, tokenizer: Any, prompts: list[list[int]], requested: int | None, what: str
+) -> int:
+    """Tokens to generate per answer: ``requested``, or by default up to :data:`DEFAULT_NEW_TOKENS`; within
+    the model's context after the longest prompt (a prompt that fills it, or a ``requested`` number that would
+    pass it, is refused naming the prompt, ``what`` N). Where no token ends an answer, that is said once."""
+    if not stop_tokens(model, tokenizer):
+        report(
+            "neither the tokenizer nor the model names an end-of-sequence token: every answer runs to "
+            "--max-new-tokens"
+        )
+    context = context_length(model)
+    if context is None:
+        return requested or DEFAULT_NEW_TOKENS
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    room = context - len(prompts[longest])
+    if room < 1:
+        raise GenerationError(
+            f"{what} {longest + 1} has {len(prompts[longest])} tokens, which fill the model's context of "
+            f"{context} tokens and leave none to answer with; shorten it"
+        )
+    if requested is None:
+        return min(DEFAULT_NEW_TOKENS, room)
+    if requested > room:
+        raise SettingError(
+            f"--max-new-tokens {requested} after the {len(prompts[longest])} tokens of {what} {longest + 1} "
+            f"passes the model's context of {context} tokens; pass --max-new-tokens {room} or less"
+        )
+    return requested
 
 
 def answer_prompts(
-    model: nn.Module, tokenizer: Any, job: JobConfig, prompts: list[str], max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    job: JobConfig,
+    prompts: list[chat.Example],
+    max_new_tokens: int | None,
+    batch_size: int,
 ) -> list[str]:
-    """The model's answers to user prompts, rendered in the job's chat template."""
+    """The model's answers to conversations that end with the user's turn, rendered in the job's chat
+    template."""
     template = chat_template(job, tokenizer)
-    examples = [chat.Example(({"role": "user", "content": prompt},)) for prompt in prompts]
-    ids = [chat.prompt_ids(tokenizer, template, example) for example in examples]
-    return generate(
-        model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False
-    )
+    ids = chat.prompts_ids(tokenizer, template, prompts, "prompt")
+    budget = new_tokens(model, tokenizer, ids, max_new_tokens, "prompt")
+    return generate(model, tokenizer, ids, max_new_tokens=budget, batch_size=batch_size, progress=False)

@@ -21,27 +21,33 @@ NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
-    """``--answer-pattern`` compiled (None: GSM8K's marker, else the last number)."""
+    """``--answer-pattern`` compiled (None: GSM8K's marker, else the last number); a pattern that is not a
+    regular expression, or that matches empty text (it would find an answer in every text), is refused."""
     if pattern is None:
         return None
+    example = r"pass one whose first group is the answer, e.g. 'answer is (\S+)'"
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
     except re.error as err:
         raise SettingError(
-            f"--answer-pattern {pattern!r} is not a valid regular expression ({err}); pass one whose first "
-            r"group is the answer, e.g. 'answer is (\S+)'"
+            f"--answer-pattern {pattern!r} is not a valid regular expression ({err}); {example}"
         ) from None
+    if compiled.search("") is not None:
+        raise SettingError(
+            f"--answer-pattern {pattern!r} matches empty text, so it finds an answer in any text; {example}"
+        )
+    return compiled
 
 
 def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | None:
     """The final answer in ``text``: the last match of ``pattern`` (its first group), else by default the
-    number after GSM8K's ``####``, else the last number; None when there is none."""
+    number after GSM8K's ``####``, else the last number; None when there is none (or the match is blank)."""
     if pattern is not None:
         matches = list(pattern.finditer(text))
         if not matches:
             return None
-        last = matches[-1]
-        return (last.group(1) if pattern.groups else last.group(0)).strip()
+        found = matches[-1].group(1) if pattern.groups else matches[-1].group(0)
+        return found.strip() if found and found.strip() else None  # an optional group that took no part
     marked = GSM8K_MARKER.findall(text)
     if marked:
         return marked[-1].strip()

@@ -27,7 +27,7 @@ from lorakit.distributed import writes_files
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.errors import DiskFullError, LorakitError, is_disk_full
+from lorakit.errors import DiskFullError, LorakitError, SettingError, is_disk_full
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
@@ -36,7 +36,8 @@ from lorakit.train import chat, rundir
 from lorakit.train import data as D
 from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
-from lorakit.train.models import TASKS, head_modules, infer_task, load_model, name_classes
+from lorakit.train.models import TASKS, context_length, head_modules, infer_task, load_model, name_classes
+from lorakit.train.rundir import CHAT_TEMPLATE_FILE
 from lorakit.train.stages import run_stages
 
 
@@ -55,7 +56,7 @@ class DataConfig:
         "response", "causal-LM response column: the assistant turn (the loss covers it)"
     )
     messages_column: str = setting(
-        "messages",
+        D.MESSAGES_COLUMN,
         "causal-LM column of whole conversations (lists of {role, content}; the loss covers every assistant "
         "turn), used instead of the prompt and response columns where the data has it",
     )
@@ -166,7 +167,6 @@ class JobConfig:
         return D.ClassLabels(self.num_labels) if self.num_labels is not None else None
 
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The command line's reference budget for the settings every variant shares (the README's numbers use it).
 BUDGET: dict[str, Any] = {"rank": 8, "alpha": 16.0, "dropout": 0.05}
 
@@ -250,7 +250,7 @@ def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> 
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
         )
     examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
-    data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length)
+    data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length, source)
     if not data.input_ids:
         raise D.DataError(
             f"{source}: no example keeps an answer token within max length {d.max_length}; raise --max-length"
@@ -268,17 +268,29 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     each is printed once."""
     data = read_data(job)
     job = resolve_classes(job, data)
-    if job.task == "causal-lm" and chat_template(job, tokenizer) is None:
-        chose = job.data.chat_template == "none"
-        why = "--chat-template none" if chose else "the tokenizer has no chat template"
-        report(f"{why}: prompts and responses are joined as plain text; --chat-template PATH applies one")
-    out = []
-    for source, rows in data:
-        out.append(tokenize(job, tokenizer, source, rows))
-        line = out[-1].truncation.describe(source) if out[-1].truncation is not None else None
+    out = [tokenize(job, tokenizer, source, rows) for source, rows in data]  # a data error is the one line
+    for line in causal_notes(job, tokenizer):
+        report(line)
+    for (source, _), tokenized in zip(data, out, strict=True):
+        line = tokenized.truncation.describe(source) if tokenized.truncation is not None else None
         if line is not None:
             report(line)
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def causal_notes(job: JobConfig, tokenizer: Any) -> list[str]:
+    """What the user should know about how a causal-LM job's text is formed: plain text without a chat
+    template, and answers without an end where the tokenizer has no end-of-sequence token."""
+    if job.task != "causal-lm" or chat_template(job, tokenizer) is not None:
+        return []
+    why = "--chat-template none" if job.data.chat_template == "none" else "the tokenizer has no chat template"
+    notes = [f"{why}: prompts and responses are joined as plain text; --chat-template PATH applies one"]
+    if tokenizer.eos_token_id is None:
+        notes.append(
+            "the tokenizer has no end-of-sequence token: answers are trained without an end, so generation "
+            "runs to --max-new-tokens (set eos_token in the model's tokenizer_config.json to fix it)"
+        )
+    return notes
 
 
 def report(line: str) -> None:
@@ -299,13 +311,34 @@ def save_chat_template(directory: Path, template: str | None) -> None:
     """Record the chat template a run rendered its data in (``chat_template.jinja``; none: no file), so that
     evaluation and generation render prompts the same way."""
     if template is not None:
-        atomic_write(directory / CHAT_TEMPLATE_FILE, lambda path: Path(path).write_text(template))
+        atomic_write(directory / CHAT_TEMPLATE_FILE, lambda path: Path(path).write_text(template, "utf-8"))
 
 
-def saved_chat_template(directory: str | Path) -> str | None:
-    """The chat template recorded with a run (None: it used none, or it predates the record)."""
+def run_chat_template(directory: str | Path, job: JobConfig, tokenizer: Any) -> str | None:
+    """The chat template a finished causal-LM run rendered its data in: its ``chat_template.jinja``, checked;
+    without that file, none where the run chose none, else the tokenizer's own (``auto``, as in training).
+    A damaged copy, or a missing copy of a template given by path, is a :class:`chat.ChatError`."""
     path = Path(directory) / CHAT_TEMPLATE_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    restore = "restore it from the run's copy (the model was tuned on that format), or train again"
+    if path.exists():
+        what = f"the run's chat template {path}"
+        template = chat.read_template(path, what, restore)
+        chat.check_template(tokenizer, template, what, restore)
+        return template
+    if job.data.chat_template in ("none", "auto"):
+        return chat.load_template(job.data.chat_template, tokenizer)
+    raise chat.ChatError(
+        f"{path} is missing: the run rendered its data in the chat template {job.data.chat_template} and "
+        f"kept a copy there; {restore}"
+    )
+
+
+def adopt_run_template(job: JobConfig, tokenizer: Any, directory: str | Path) -> None:
+    """Make the run's chat template the tokenizer's (and the job's choice), whatever the tokenizer ships, so
+    that evaluation, generation and a merged or exported tokenizer render prompts as the training did."""
+    template = run_chat_template(directory, job, tokenizer)
+    tokenizer.chat_template = template
+    job.data.chat_template = "auto" if template is not None else "none"
 
 
 def eval_batch_size(job: JobConfig) -> int:
@@ -348,12 +381,33 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
-def targets(job: JobConfig) -> list[str] | str:
-    """The layers ``job`` adapts: as set, else every linear layer of a causal LM (the output head excluded)
-    and the attention and feed-forward projections of a BERT-style classifier (the reference budget)."""
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+
+def targets(job: JobConfig, model: nn.Module) -> list[str] | str:
+    """The layers ``job`` adapts: as set, else every linear layer of a causal LM (the output head excluded),
+    the attention and feed-forward projections of a BERT-style classifier (the reference budget), and every
+    linear layer of another classifier (a causal LM with a classification head has no layers of those
+    names)."""
     if job.targets is not None:
         return job.targets
-    return "all-linear" if job.task == "causal-lm" else ["query", "key", "value", "dense"]
+    if job.task == "classification":
+        names = {
+            name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)
+        }
+        if names.issuperset(BERT_TARGETS):
+            return BERT_TARGETS
+    return "all-linear"
+
+
+def check_context(job: JobConfig, model: nn.Module) -> None:
+    """Refuse a ``max_length`` longer than the model's context (its position embeddings end there)."""
+    context = context_length(model)
+    if context is not None and job.data.max_length > context:
+        raise SettingError(
+            f"--max-length {job.data.max_length} is longer than the model's context of {context} tokens; "
+            f"pass --max-length {context} or less"
+        )
 
 
 def resolve_task(job: JobConfig) -> JobConfig:
@@ -374,7 +428,7 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     lorakit.apply(
         model,
         job.variant,
-        targets=targets(job),
+        targets=targets(job, model),
         train_modules=head_modules(model, job.task),
         **job.variant_config(),
     )
@@ -462,6 +516,7 @@ def _run_job(job: JobConfig) -> JobResult:
     job = resolve_classes(job)  # every label checked before training; the classes size the head
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
     model, tokenizer = prepare_model(job)
+    check_context(job, model)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
     writes = scale is None or scale.group.is_main

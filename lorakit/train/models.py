@@ -39,13 +39,36 @@ def infer_task(name: str) -> str:
         return "causal-lm"
     if name in EMBEDDED:
         return "classification"
+    architectures = _architectures(name)
+    return "causal-lm" if any(a.endswith(_CAUSAL) for a in architectures or []) else "classification"
+
+
+def _architectures(name: str) -> list[str] | None:
+    """The architectures a model's config names (None: it names none, or the config cannot be read)."""
     from transformers import AutoConfig
 
     try:
-        architectures = AutoConfig.from_pretrained(resolve_model(name)).architectures or []
+        return AutoConfig.from_pretrained(resolve_model(name)).architectures or None
     except (OSError, ValueError):  # loading the model says what is wrong with it
-        return "classification"
-    return "causal-lm" if any(a.endswith(_CAUSAL) for a in architectures) else "classification"
+        return None
+
+
+def check_task(name: str, task: str) -> None:
+    """Refuse ``causal-lm`` for a model whose config names only other architectures (an encoder such as BERT
+    would load with a language-model head it never trained, and predict the next token from both sides)."""
+    if task != "causal-lm" or name in GGUF_MODELS:
+        return
+    architectures = _architectures(name)
+    if architectures and not any(a.endswith(_CAUSAL) for a in architectures):
+        raise ModelError(
+            f"'{name}' is not a causal language model (its architecture is {', '.join(architectures)}); "
+            "train it with --task classification, or pass a causal LM (e.g. smollm2) for --task causal-lm"
+        )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens the model takes at once (its position embeddings; None where its config names none)."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 def resolve_model(name: str) -> str:
@@ -88,6 +111,7 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
     path = resolve_model(name)
     if name in GGUF_MODELS and task != "causal-lm":
         raise ModelError(f"'{name}' is a causal language model: train it with --task causal-lm")
+    check_task(name, task)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected here
     hf_logging.disable_progress_bar()

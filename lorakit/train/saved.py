@@ -25,7 +25,7 @@ from lorakit import dirlock
 from lorakit.dirswap import building, siblings, staged_for
 from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
-from lorakit.train.job import DataConfig, JobConfig
+from lorakit.train.job import DataConfig, JobConfig, adopt_run_template
 from lorakit.train.loop import TrainConfig
 from lorakit.train.models import load_model, name_classes
 from lorakit.train.rundir import JOB_FILE
@@ -74,10 +74,12 @@ def eval_source(job: JobConfig | None, adapter: str, data: str | None) -> str:
 
 def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
     """``(job, model, tokenizer)``: the base the adapter was trained on, with its classes named in its config,
-    quantised as in training, with the adapter loaded. Without ``job.json`` the base, task and number of
-    classes are read from the adapter itself."""
+    quantised as in training, with the adapter loaded; a causal LM's tokenizer carries the run's chat
+    template. Without ``job.json`` the base, task and number of classes are read from the adapter itself."""
     job = saved_job(adapter) or _job_from_adapter(adapter)
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    if job.task == "causal-lm":  # prompts rendered, and a merged tokenizer's template, as in training
+        adopt_run_template(job, tokenizer, adapter)
     name_classes(model, job.labels)
     if job.quantize:
         from lorakit.quant_api import quantize
