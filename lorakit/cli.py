@@ -205,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
+    from lorakit.train.rundir import exclusive
 
     cfg = from_args(args)
     noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
@@ -213,7 +214,8 @@ def cmd_federate(args: argparse.Namespace) -> None:
         f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
         f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"
     )
-    result = simulate(cfg, num_cpus=args.num_cpus)
+    with exclusive(cfg.output_dir, "lorakit federate"):  # one run writes an output directory at a time
+        result = simulate(cfg, num_cpus=args.num_cpus)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no evaluation data"
     if result.epsilon is not None:
         metrics += f"; epsilon {result.epsilon:.3f} at delta {result.delta:g}"

@@ -129,6 +129,9 @@ class Engine:
         if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
             check_checkpoint_dir(Path(output_dir), replaces=not resume and not overwrite)
         start = restore_checkpoint(state, Path(output_dir or "."), recorded) if resume else 0
+        # Gradients left on the parameters (an earlier run in this process that failed mid-step) would be
+        # added to the first step's.
+        gradients.zero_grad(self.optimizer)
         self.model.train()
         bar = progress_bar(cfg.steps, start, cfg.progress and self.placement.is_writer, desc)
         began = time.perf_counter() - result.seconds
