@@ -71,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.generate:
         from lorakit.eval.run import generation_eval
 
-        report = generation_eval(job, model, tokenizer, rows, source, args)
+        answered = rows[: args.generate_limit] if args.generate_limit else rows
+        report = generation_eval(job, model, tokenizer, answered, source, args)
         metrics |= report.metrics
         shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
         report.write(_eval_out(args), metrics, args.overwrite)
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(ev)
     ev.add_argument("--data", help="evaluation data (default: the job's evaluation data)")
     ev.add_argument("--limit", type=_positive, help="evaluate the first N rows only")
+    ev.add_argument(
+        "--generate-limit", type=_positive, help="with --generate: answer the first N rows (the loss: all)"
+    )
     ev.add_argument(
         "--all-ranks",
         action="store_true",
