@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
+from lorakit.core.quantized import QuantizedBase
 from lorakit.core.variant import Variant, VariantConfig
 
 
@@ -58,7 +59,7 @@ class AdaptedLayer(nn.Module):
         """Whether :meth:`weight_2d` is a view of a frozen float weight parameter and the bias (if any) is
         frozen. An adapter function may then keep the weight for backward at no memory cost (not a dequantised
         copy of 4-bit codes) and form the base layer's input gradient itself (nothing of the base trains)."""
-        weight, bias = getattr(self.base_layer, "weight", None), self.bias
+        weight, bias = self.stored_weight(), self.bias
         return (
             not self.weight_is_dequantised()
             and isinstance(weight, nn.Parameter)
@@ -86,7 +87,13 @@ class AdaptedLayer(nn.Module):
         """Whether :meth:`weight_2d` dequantises stored codes into a new full-precision tensor (a 4-bit base):
         an adapter keeping that tensor for backward would keep the full-precision weight the 4-bit storage
         exists to avoid."""
-        return callable(getattr(self.base_layer, "dequantized_weight", None))
+        return isinstance(self.base_layer, QuantizedBase)
+
+    def stored_weight(self) -> Tensor:
+        """The tensor the base weight is stored in: the weight itself, or a quantised layer's codes (what a
+        cache derived from the weight is keyed on)."""
+        layer = self.base_layer
+        return layer.stored_weight() if isinstance(layer, QuantizedBase) else layer.weight
 
     @property
     def device(self) -> torch.device:
@@ -109,10 +116,9 @@ class AdaptedLayer(nn.Module):
         quantised base would be dequantised for it. Not under torch.func transforms (per-example gradients),
         where the adapter keeps the path its gradients are checked on.
         """
-        weight = getattr(self.base_layer, "weight", None)  # a 4-bit layer has packed codes instead
+        weight = self.stored_weight()  # a 4-bit layer's packed codes are no float weight
         return (
-            isinstance(weight, Tensor)
-            and weight.dtype in (torch.float32, torch.float64)
+            weight.dtype in (torch.float32, torch.float64)
             and x.dtype == weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not torch._C._are_functorch_transforms_active()
@@ -123,10 +129,9 @@ class AdaptedLayer(nn.Module):
         """Fold the adapter into the base weight in place (a quantised base is dequantised first)."""
         if self.merged:
             return
-        to_dense = getattr(self.base_layer, "to_dense", None)
-        if to_dense is not None:
+        if isinstance(self.base_layer, QuantizedBase):
             # Re-quantising would lose the adapter's detail: merging into a 4-bit base gives a dense layer.
-            self.base_layer = to_dense()
+            self.base_layer = self.base_layer.to_dense()
             self.base_layer.requires_grad_(False)
         with torch.no_grad():
             w0 = self.weight_2d()

@@ -72,12 +72,6 @@ def _key(*tensors: Tensor) -> tuple | None:
         return None
 
 
-def _stored_weight(base: AdaptedLayer) -> Tensor:
-    # The tensor holding W0, whose version keys the caches: the packed codes of a 4-bit (NF4) base.
-    layer = base.base_layer
-    return layer.weight_packed if hasattr(layer, "weight_packed") else layer.weight
-
-
 def w0_sq_norms(w0: Tensor) -> Tensor:
     """``||W0_i||^2`` per row in fp32, ``(out,)``."""
     return torch.cat([rows.float().square().sum(1) for rows in w0.split(_ROWS)])
@@ -260,7 +254,7 @@ class DoRA(LoRA):
         self.m = nn.Parameter(self.w0_sq(base.weight_2d(), base).sqrt())  # (out,)
 
     def w0_sq(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
-        key = _key(_stored_weight(base))
+        key = _key(base.stored_weight())
         if key is None:
             return w0_sq_norms(w0)
         if self._w0_sq is None or self._w0_sq[0] != key:
@@ -269,7 +263,7 @@ class DoRA(LoRA):
 
     def weight_norm(self, base: AdaptedLayer) -> Tensor:
         """``||W0 + s B A||_row`` (fp32, detached, ``(out,)``); cached in eval mode until W0, A, B change."""
-        key = None if self.training else _key(_stored_weight(base), self.A, self.B)  # training: A, B move
+        key = None if self.training else _key(base.stored_weight(), self.A, self.B)  # training: A, B move
         if key is not None and self._eval_norm is not None and self._eval_norm[0] == key:
             return self._eval_norm[1]
         w0 = base.weight_2d()
@@ -288,7 +282,7 @@ class DoRA(LoRA):
             and x.is_floating_point()
             and fused_backward_allowed()
             # The function has no gradient for a base weight or bias that trains too.
-            and not _stored_weight(base).requires_grad
+            and not base.stored_weight().requires_grad
             and (bias is None or not bias.requires_grad)
             # With dropout it keeps W0 for backward: a 4-bit base's would be a full-precision copy.
             and not (p > 0 and base.weight_is_dequantised())
