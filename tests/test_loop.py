@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.core.contract import Driver, GradientSource
 from lorakit.engine.placement import Placement
-from lorakit.train.loop import TrainConfig, lr_lambda, train
+from lorakit.engine.run import Engine
+from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, train
 
 
 class Regression(nn.Module):
@@ -145,3 +147,42 @@ def test_a_placement_reseeds_every_step_so_ranks_draw_their_own_dropout():
     assert len(set(seeds.values())) == len(seeds)  # every (rank, step) its own stream
     assert ranks[1].step_seed(7, 3) == seeds[(1, 3)]  # and the same again on resume
     assert Placement().step_seed(7, 3) is None  # one process keeps its stream
+
+
+class CountingSource(GradientSource):
+    """A gradient source of its own (not the loop's LossBackward) whose position is part of the run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.drawn = model, 0
+
+    def backward(self, step: int, extra_loss) -> float:
+        gen = torch.Generator().manual_seed(self.drawn)  # the batch depends on the source's position
+        self.drawn += 1
+        x = torch.randn(8, 4, generator=gen)
+        loss = self.model(x, x.flip(-1) * 2)
+        loss.backward()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
+def test_the_engine_checkpoints_and_resumes_any_gradient_source_through_its_seam(tmp_path) -> None:
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=4, progress=False)
+    full = adapted()
+    Engine(full, cfg, driver=Driver.LOOP).run(CountingSource(full), TrainResult(steps=0, seconds=0.0))
+    interrupted = adapted()
+    Engine(interrupted, cfg, driver=Driver.LOOP).run(
+        CountingSource(interrupted), TrainResult(steps=0, seconds=0.0), output_dir=tmp_path
+    )
+    resumed = adapted()
+    source = CountingSource(resumed)
+    result = Engine(resumed, cfg, driver=Driver.LOOP).run(
+        source, TrainResult(steps=0, seconds=0.0), output_dir=tmp_path, resume=True
+    )
+    assert result.steps == 6 and source.drawn == 6  # restored at 4, then two more draws
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import lorakit
+from lorakit.core.contract import GradientSource
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError, OutputExistsError
@@ -79,7 +80,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     hooks: list[Hook]
-    batches: Any
+    gradients: GradientSource  # its state_dict resumes what it draws (the data order)
     result: Any  # lorakit.train.loop.TrainResult: steps, seconds, losses
 
 
@@ -99,7 +100,7 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
         "hooks": [h.state_dict() for h in run.hooks],
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
+        "batches": run.gradients.state_dict(),
         "settings": json.dumps(settings, default=str),
     }
     atomic_write(tmp / TRAINER_FILE, lambda path: torch.save(state, path))  # last: it marks tmp complete
@@ -157,8 +158,8 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state["batches"] is not None and hasattr(run.batches, "load_state_dict"):
-        run.batches.load_state_dict(state["batches"])
+    if state["batches"] is not None:
+        run.gradients.load_state_dict(state["batches"])
     run.result.losses = state["losses"].tolist()
     run.result.seconds = state["seconds"]
     run.result.steps = state["step"]

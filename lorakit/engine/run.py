@@ -39,7 +39,6 @@ from lorakit.engine.checkpoint import (
     write_checkpoint,
 )
 from lorakit.engine.config import TrainConfig, TrainResult, lr_lambda
-from lorakit.engine.gradients import LossBackward
 from lorakit.engine.hooks import HookRunner
 from lorakit.engine.optimizers import make_optimizer
 from lorakit.engine.placement import LOCAL, Placement
@@ -123,8 +122,7 @@ class Engine:
         (:func:`lorakit.engine.checkpoint.check_step`)."""
         cfg = self.cfg
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        batches = gradients.batches if isinstance(gradients, LossBackward) else None
-        state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, batches, result)
+        state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, gradients, result)
         recorded = run_settings(cfg, self.model, settings)
         if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
             check_checkpoint_dir(Path(output_dir), replaces=not resume and not overwrite)
