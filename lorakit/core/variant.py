@@ -157,7 +157,15 @@ class Variant(nn.Module):
     hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
     stages: ClassVar[Stages | None] = None  # work on the training data before the main run
     shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
-    peft: ClassVar[PeftSpec | None] = None  # how it reads and writes PEFT's adapter format (None: it doesn't)
+    # How it reads and writes PEFT's adapter format (None: it doesn't). Declared by each class itself, never
+    # inherited (see __init_subclass__).
+    peft: ClassVar[PeftSpec | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes its parent's math would be written as the parent and read back as it,
+        # without a word: a PEFT spec counts only on the class that declares it.
+        cls.peft = cls.__dict__.get("peft")
 
     def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: Shared) -> None:
         """``base`` is a read-only view of the layer (name, kind, shapes, weight); ``shared`` is one

@@ -30,7 +30,7 @@ from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Hook, require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
 @dataclass
@@ -78,6 +78,7 @@ class DeltaLoRA(LoRA):
     summary = "LoRA that also moves W by lam x the change of s B A (stored as two low-rank pairs)"
     paper = "arXiv:2309.02411"
     hook = DeltaLoRAHook
+    peft = LORA_PEFT  # s B A as a LoRA while W has not moved; peft_problem refuses it once it has
 
     def __init__(self, config: DeltaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

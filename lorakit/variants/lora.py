@@ -29,6 +29,10 @@ class LoRAConfig(VariantConfig):
     rslora: bool = False
 
 
+# PEFT's LoRA format: the factors under PEFT's names, the scale from r and lora_alpha (or rsLoRA's).
+LORA_PEFT = PeftSpec("LORA", config_fields={"rslora": "use_rslora"}, flags={"use_dora": False})
+
+
 class LoRA(Variant):
     """``dW = (alpha / r) B A``."""
 
@@ -36,7 +40,7 @@ class LoRA(Variant):
     config_class = LoRAConfig
     summary = "Low-rank update W0 + (alpha/r) B A; B starts at zero"
     paper = "arXiv:2106.09685"
-    peft = PeftSpec("LORA", config_fields={"rslora": "use_rslora"}, flags={"use_dora": False})
+    peft = LORA_PEFT
 
     def __init__(self, config: LoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

@@ -31,7 +31,7 @@ from torch import nn
 from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
 @dataclass
@@ -71,6 +71,7 @@ class LoRAFA(LoRA):
     summary = "LoRA with A frozen at a random init; only B trains (less activation memory)"
     paper = "arXiv:2308.03303"
     hook = LoRAFAHook
+    peft = LORA_PEFT  # the same forward as LoRA; PEFT's LoRA-FA is LoRA with a frozen A in its optimizer
 
     def __init__(self, config: LoRAFAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
