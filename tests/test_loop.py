@@ -186,3 +186,24 @@ def test_the_engine_checkpoints_and_resumes_any_gradient_source_through_its_seam
     assert result.steps == 6 and source.drawn == 6  # restored at 4, then two more draws
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_a_users_hooks_run_beside_the_variants_own_rules() -> None:
+    model = lorakit.apply(Regression(), "adalora", init_r=4, target_r=1, t_init=1, t_final=2, dropout=0.0)
+    layers = [layer for _, layer in lorakit.adapted_layers(model)]
+
+    class Steps(lorakit.Hook):
+        def on_after_step(self, step: int) -> None:
+            seen.append(step)
+
+    seen: list[int] = []
+    train(model, Batches(), TrainConfig(steps=6, lr=1e-2, progress=False), hooks=[Steps(model, layers, 6)])
+    assert seen == list(range(6))
+    assert layers[0].variant.rank == 1  # AdaLoRA's budget still pruned to its final mask
+
+
+def test_passing_the_variants_own_hook_again_is_refused() -> None:
+    model = lorakit.apply(Regression(), "adalora", init_r=4, target_r=1, t_init=1, t_final=2, dropout=0.0)
+    twice = lorakit.make_hooks(model, 6)
+    with pytest.raises(lorakit.SettingError, match="AdaLoRAHook, which the variant declares"):
+        train(model, Batches(), TrainConfig(steps=6, lr=1e-2, progress=False), hooks=twice)

@@ -39,7 +39,7 @@ from lorakit.engine.checkpoint import (
     write_checkpoint,
 )
 from lorakit.engine.config import TrainConfig, TrainResult, lr_lambda
-from lorakit.engine.hooks import HookRunner
+from lorakit.engine.hooks import HookRunner, with_user_hooks
 from lorakit.engine.optimizers import make_optimizer
 from lorakit.engine.placement import LOCAL, Placement
 from lorakit.errors import SettingError
@@ -52,6 +52,7 @@ class Engine:
     """The optimizer, schedule and hooks of one run of ``cfg.steps`` steps on the adapted ``model``.
 
     Built before anything trains: a variant that cannot run with all its rules in ``driver`` is refused here.
+    ``hooks`` are the caller's own, run after the variant's hooks at every call point.
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class Engine:
         lorakit.api.check_driver(model, driver)
         self.model, self.cfg, self.placement = model, cfg, placement
         torch.manual_seed(cfg.seed)
-        self.hooks = HookRunner(lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks)
+        self.hooks = HookRunner(with_user_hooks(lorakit.make_hooks(model, cfg.steps), hooks or []))
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
