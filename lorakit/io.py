@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
 
 
+def lorakit_version() -> str:
+    """The version of the installed lorakit, from its package metadata ("unknown" in an uninstalled tree)."""
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class AdapterFileError(LorakitError):
     """An adapter directory is missing, unreadable, or does not fit the model."""
 
@@ -47,8 +56,6 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     and ``adapter.json`` records the SHA-256 of the weights file, so an interrupted or mixed save is detected
     on load instead of silently pairing one save's config with another's weights.
     """
-    from lorakit import __version__
-
     state = info(model)
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "an adapter", overwrite)
@@ -66,7 +73,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lorakit_version": __version__,
+        "lorakit_version": lorakit_version(),
         "variant": state.variant,
         "config": state.config.to_dict(),
         "base_model": state.base_model,

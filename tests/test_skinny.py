@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.core import skinny
-from lorakit.core.skinny import gram_rank_first, rank_first, rank_gram
+from lorakit.kernels import skinny
+from lorakit.kernels.skinny import gram_rank_first, rank_first, rank_gram
 
 
 @pytest.fixture

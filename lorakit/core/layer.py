@@ -3,6 +3,10 @@
 It freezes the base layer, gives the variant a read-only view of it (kind, shapes, ``weight_2d()``
 dequantised when the base is stored quantised, ``bias``), and implements enable/disable, merge and unmerge
 once. Merging is always explicit: ``.eval()`` never changes weights.
+
+The forward asks the variant for its computation form (:meth:`Variant.form`) and the kernels' policy, through
+the slot in :mod:`lorakit.core.seam`, whether a kernel computes it; otherwise, and wherever hooks watch the
+variant (a kernel would skip its call), the variant's plain forward runs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import Tensor, nn
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
 from lorakit.core.quantized import QuantizedBase
+from lorakit.core.seam import fast_forward
 from lorakit.core.variant import Variant, VariantConfig
 
 
@@ -105,8 +110,20 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
+        if not _hooked(self.variant):  # per-example gradient tools watch the variant's call (DP-SGD)
+            form = self.variant.form(self)
+            out = None if form is None else fast_forward(self, x, form)
+            if out is not None:
+                return out
         y = self.base_layer(x) if self.variant.needs_base_output(x, self) else None
         return self.variant(x, y, self)
+
+    def factored(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``B A`` applied to ``x`` as this layer applies its weight, without forming ``B A``:
+        ``up(down(x, A), B)`` for ``A (r, in)`` and ``B (out, r)``, in ``x``'s dtype (for ids: the
+        factors')."""
+        dtype = x.dtype if x.is_floating_point() else a.dtype
+        return self.kind.up(self.kind.down(self.base_layer, x, a.to(dtype)), b.to(dtype))
 
     def weight_folds_exactly(self, x: Tensor) -> bool:
         """Whether ``op(x, W0 + dW)`` may stand in for ``op(x, W0) + op(x, dW)`` in this forward.

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import lorakit
+from lorakit.api import info
 from lorakit.core.contract import GradientSource
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
@@ -43,6 +43,7 @@ from lorakit.io import (
     file_in_the_way,
     fill_tensors,
     load_tensors,
+    save,
 )
 
 CHECKPOINT_DIR = "checkpoint"
@@ -90,7 +91,7 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
     finish_swap(final, _complete)  # after a kill during an earlier swap: a complete copy goes live first
     tmp, _ = siblings(final)
     shutil.rmtree(tmp, ignore_errors=True)  # unfinished, or older than the live copy
-    lorakit.save(run.model, tmp)
+    save(run.model, tmp)
     state = {
         "step": run.result.steps,
         "seconds": run.result.seconds,
@@ -183,7 +184,7 @@ def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: 
 
 def run_settings(cfg: Any, model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint records: the training config, the adapter's config and base, and ``extra``."""
-    state = lorakit.info(model)
+    state = info(model)
     settings: dict[str, Any] = dict(vars(cfg))
     settings.update({k: v for k, v in state.config.to_dict().items() if k != "targets"})
     settings.update(variant=state.variant, adapted_layers=state.targets, base_fingerprint=state.fingerprint)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import lorakit
+from lorakit.api import check_driver, make_hooks
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
 from lorakit.engine.checkpoint import (
@@ -66,10 +66,10 @@ class Engine:
     ) -> None:
         if not isinstance(cfg, TrainConfig):
             raise SettingError(f"cfg must be a lorakit TrainConfig, got {type(cfg).__name__}")
-        lorakit.api.check_driver(model, driver)
+        check_driver(model, driver)
         self.model, self.cfg, self.placement = model, cfg, placement
         torch.manual_seed(cfg.seed)
-        self.hooks = HookRunner(with_user_hooks(lorakit.make_hooks(model, cfg.steps), hooks or []))
+        self.hooks = HookRunner(with_user_hooks(make_hooks(model, cfg.steps), hooks or []))
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -5,9 +5,9 @@
 
 Memory: ``dL/dB = s g^T z`` needs only ``z = A x~`` (``N x r``); ``dL/dA`` would need the input
 (``N x d_in``).
-With ``A`` frozen, :func:`~lorakit.core.lowrank.low_rank` keeps no input-sized tensor for the adapter on
-Linear and GPT-2 Conv1D layers, with dropout too (the mask is regenerated from a seed in backward).
-Convolutions and embeddings go through plain autograd.
+The forward is LoRA's; with ``A`` frozen, the low-rank kernel (``lorakit.kernels.lowrank``) keeps no
+input-sized tensor for the adapter on Linear and GPT-2 Conv1D layers, with dropout too (the mask is drawn
+again from its seed in backward).
 
 Optional v2 correction (``precondition=True``, as PEFT's ``create_lorafa_optimizer``): just before the
 optimizer step, after gradient clipping, ``g_B <- (1/s^2) g_B (A A^T)^+``. With ``g_B = s G A^T`` (``G`` the

@@ -1,13 +1,13 @@
 """Products with one side as thin as the adapter's rank (``r`` = 8 or so), in the order and blocking a CPU
-runs fast. Used by the low-rank path (:mod:`lorakit.core.lowrank`), DoRA and the dropped-input products.
+runs fast. Used by the low-rank and DoRA kernels and the dropped-input products.
 
-- Order: a ``(N, d) @ (d, r)`` product is two to six times slower than the same product computed as
-  ``((r, d) @ (d, N))^T`` (measured for the shapes of BERT and Llama layers), and an ``(out, N) @ (N, r)``
-  product likewise against ``((r, N) @ (N, out))^T``: BLAS runs best with the rank as the output's rows.
-- Blocking: on several CPU threads, BLAS runs these rank-row products on one thread (``(8, 1536) @ (1536,
-  2048)``: 2.1 ms with one thread, 2.3 ms with two). Split along ``N`` into one block per thread, a batched
-  product runs the blocks in parallel (0.9 ms with two threads); the ``N``-summing products add the blocks'
-  partial results (``(8, 2048) @ (2048, 1536)``: 2.1 to 1.2 ms).
+- Order: on a CPU a ``(N, d) @ (d, r)`` product runs several times slower than the same product computed as
+  ``((r, d) @ (d, N))^T`` (for the shapes of BERT and Llama layers), and an ``(out, N) @ (N, r)`` product
+  likewise against ``((r, N) @ (N, out))^T``: BLAS runs best with the rank as the output's rows. The result
+  is the same product (a transposed view), so the order is kept on every device.
+- Blocking (CPU, several threads): BLAS runs these rank-row products on one thread whatever the thread count.
+  Split along ``N`` into one block per thread, a batched product runs the blocks in parallel; the
+  ``N``-summing products add the blocks' partial results. Measured in ``docs/performance.md``.
 """
 
 from __future__ import annotations
