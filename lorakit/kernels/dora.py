@@ -27,7 +27,7 @@ from lorakit.kernels.dora_positions import (
 )
 from lorakit.kernels.dropped import Dropped, dropped_at
 from lorakit.kernels.gaps import GAP_MASK, drawn_as_gaps, fresh_dropped_indices
-from lorakit.kernels.policy import choose
+from lorakit.kernels.policy import mask_kernel
 from lorakit.kernels.registry import Kernel, register
 from lorakit.kernels.skinny import gram_rank_first, rank_first, rank_gram, rows_of
 
@@ -180,7 +180,7 @@ def reads_positions(layer: AdaptedLayer, x: Tensor, form: WeightDecomposed) -> b
     return (
         runs(layer, x, form)
         and layer.base_output_formable(x)
-        and choose("keep_mask", x, form.p, x, form.p) is GAP_MASK
+        and mask_kernel(x, form.p) is GAP_MASK
     )
 
 

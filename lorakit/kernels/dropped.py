@@ -47,7 +47,7 @@ def dropped_at(flat: Tensor, shape: tuple[int, int]) -> Dropped:
 
 def dropped_values(x: Tensor, flat: Tensor) -> Tensor:
     """``x (N, in)`` at the dropped positions (``flat``: their flat indices), ``(nnz,)``."""
-    return x.reshape(-1).index_select(0, flat)  # index_select: one gather (x[flat] takes the general indexing path)
+    return x.reshape(-1).index_select(0, flat)  # one gather; x[flat] takes the general indexing path
 
 
 def product_on_dropped(values: Tensor, w: Tensor, at: Dropped) -> Tensor:

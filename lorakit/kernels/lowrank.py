@@ -40,7 +40,7 @@ from lorakit.kernels.dropped import (
     rank_first_on_kept,
 )
 from lorakit.kernels.gaps import GAP_MASK, drawn_as_gaps, dropped_indices
-from lorakit.kernels.policy import choose
+from lorakit.kernels.policy import mask_kernel
 from lorakit.kernels.registry import Kernel, register
 from lorakit.kernels.skinny import gram_rank_first, rank_first, rank_gram, rows_of
 
@@ -159,7 +159,7 @@ def reads_positions(layer: AdaptedLayer, x: Tensor, form: LowRank) -> bool:
         runs(layer, x, form)
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(x.device.type)
-        and choose("keep_mask", x, form.p, x, form.p) is GAP_MASK
+        and mask_kernel(x, form.p) is GAP_MASK
     )
 
 

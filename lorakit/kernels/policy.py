@@ -64,11 +64,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def choose(
-    computes: type | str, x: Tensor, p: float, *case: Any, layer: nn.Module | None = None
+    computes: type | str, x: Tensor, *case: Any, p: float = 0.0, layer: nn.Module | None = None
 ) -> Kernel | None:
     """The first registered kernel for ``computes`` that covers ``x``'s device and compute dtype, the
-    dropout rate ``p``, the layer's kind (for a form) and its own condition on ``case``; None when the
-    kernels are off or none covers it."""
+    dropout rate ``p``, the ``layer``'s kind (for a form) and its own condition on ``case`` (``when(*case)``);
+    None when the kernels are off or none covers it. Any kernel, a model-level one too, is chosen here."""
     if not enabled():
         return None
     device, dtype = x.device.type, compute_dtype(x)
@@ -88,12 +88,17 @@ class Policy:
     """What core's slot asks (:class:`lorakit.core.seam.FastPaths`), answered from the registry."""
 
     def forward(self, layer: nn.Module, x: Tensor, form: Form) -> Tensor | None:
-        kernel = choose(type(form), x, form.p, layer, x, form, layer=layer)
+        kernel = choose(type(form), x, layer, x, form, p=form.p, layer=layer)
         return None if kernel is None else kernel.run(layer, x, form)
 
     def keep_mask(self, x: Tensor, p: float, seed: int) -> Tensor | None:
-        kernel = choose("keep_mask", x, p, x, p)
+        kernel = mask_kernel(x, p)
         return None if kernel is None else kernel.run(x, p, seed)
+
+
+def mask_kernel(x: Tensor, p: float) -> Kernel | None:
+    """The kernel that draws dropout's keep-mask for ``x`` at rate ``p`` (None: the plain draw)."""
+    return choose("keep_mask", x, x, p, p=p)
 
 
 POLICY = Policy()
