@@ -177,11 +177,7 @@ def reads_positions(layer: AdaptedLayer, x: Tensor, form: WeightDecomposed) -> b
     """Where ``W0 x~`` is taken from the dropped inputs as ``y - W0 (x * dropped)``: ``y`` must be exactly
     ``W0 x + b0`` in ``x``'s dtype (a plain base layer, no hook, no autocast:
     :meth:`~lorakit.core.layer.AdaptedLayer.base_output_formable`), and the mask drawn as gaps."""
-    return (
-        runs(layer, x, form)
-        and layer.base_output_formable(x)
-        and mask_kernel(x, form.p) is GAP_MASK
-    )
+    return runs(layer, x, form) and layer.base_output_formable(x) and mask_kernel(x, form.p) is GAP_MASK
 
 
 def dora(layer: AdaptedLayer, x: Tensor, form: WeightDecomposed, positions: bool = False) -> Tensor:
