@@ -11,43 +11,32 @@ import pytest
 import torch
 from layer_zoo import make_case
 from torch import nn
-from variant_cases import case_config
+from variant_cases import config_with_dropout
 
 import lorakit
 from lorakit.core.dropout import keep_mask
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import ConfigError
 from lorakit.kernels.gaps import drawn_as_gaps
 from lorakit.kernels.lowrank import _LowRankFunction, forms_base_output
-
-
-def _config(variant: str, dropout: float) -> dict | None:
-    """The variant's test config with ``dropout`` (None where the config refuses it). QLoRA runs unquantised
-    here (its 4-bit base calls its own layer: tests/test_conformance_4bit.py)."""
-    config = case_config(variant) | {"dropout": dropout}
-    try:
-        lorakit.get_variant(variant).config_class.from_dict(config)
-    except ConfigError:
-        return None
-    return config
 
 
 def _low_rank_form(variant: str) -> bool:
     """Whether ``variant`` on a linear layer declares the low-rank computation form."""
     model, _ = make_case("linear")
-    layer = lorakit.apply(model, variant, targets=["layer"], **_config(variant, 0.0)).layer
+    layer = lorakit.apply(model, variant, targets=["layer"], **config_with_dropout(variant, 0.0)).layer
     return isinstance(layer.variant.form(layer), LowRank)
 
 
 # Every variant whose forward is the low-rank form, with each dropout rate its config takes; LoRA-FA freezes A
-# (its masks are drawn again in backward).
+# (its masks are drawn again in backward). QLoRA runs unquantised here (its 4-bit base calls its own layer:
+# tests/test_conformance_4bit.py).
 CASES = [
     (name, p)
     for name in lorakit.VARIANTS
     if _low_rank_form(name)
     for p in (0.0, 0.1)
-    if _config(name, p) is not None
+    if config_with_dropout(name, p) is not None
 ]
 
 
@@ -79,7 +68,7 @@ def test_function_with_the_base_weight_equals_the_base_product_plus_the_adapter(
 def _pair(variant: str, kind: str, dropout: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """The same adapted model twice: the second forced to call its base layer."""
     model, x = make_case(kind)
-    model = lorakit.apply(model, variant, targets=["layer"], **_config(variant, dropout)).train()
+    model = lorakit.apply(model, variant, targets=["layer"], **config_with_dropout(variant, dropout)).train()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -11,33 +11,22 @@ import pytest
 import torch
 import torch._inductor.config
 from torch import nn
-from variant_cases import case_config
+from variant_cases import config_with_dropout
 
 import lorakit
 from lorakit.core.dropout import dropout
-from lorakit.core.variant import ConfigError
 from lorakit.kernels import dora_positions
-
-
-def _config(variant: str, dropout: float) -> dict | None:
-    """The variant's test config with ``dropout`` (None where its config refuses that rate)."""
-    config = case_config(variant) | {"dropout": dropout}
-    try:
-        lorakit.get_variant(variant).config_class.from_dict(config)
-    except ConfigError:
-        return None
-    return config
 
 
 def _cases(*rates: float) -> list[tuple[str, float]]:
     linear = [n for n, cls in lorakit.VARIANTS.items() if "linear" in cls.kinds]
-    return [(n, p) for n in linear for p in rates if _config(n, p) is not None]
+    return [(n, p) for n in linear for p in rates if config_with_dropout(n, p) is not None]
 
 
 def _model(variant: str, dropout: float) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
-    model = lorakit.apply(base, variant, targets=["0", "2"], **_config(variant, dropout)).train()
+    model = lorakit.apply(base, variant, targets=["0", "2"], **config_with_dropout(variant, dropout)).train()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

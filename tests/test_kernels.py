@@ -10,7 +10,7 @@ Other kernels (dropout's mask) are checked by what their computation must give.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -18,13 +18,12 @@ import torch
 from layer_zoo import make_case
 from test_conformance import perturb
 from torch import Tensor, nn
-from variant_cases import case_config
+from variant_cases import config_with_dropout
 
 import lorakit
 from lorakit.core.dropout import draw_keep_mask, keep_mask
 from lorakit.core.kinds import LINEAR
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import ConfigError
 from lorakit.kernels import KERNELS, Kernel
 from lorakit.kernels.policy import compute_dtype
 
@@ -56,27 +55,13 @@ class Case:
         return f"{self.kernel}-{self.variant}-{where}"
 
 
-def config(variant: str, p: float) -> dict | None:
-    """The variant's test config with dropout ``p`` (None where the config refuses it); QLoRA's base is
-    quantised by the case, not by apply."""
-    values = case_config(variant) | {"dropout": p}
-    cls = lorakit.get_variant(variant).config_class
-    if "base_quantization" in {f.name for f in dataclasses.fields(cls)}:
-        values["base_quantization"] = None
-    try:
-        cls.from_dict(values)
-    except ConfigError:
-        return None
-    return values
-
-
 def build(case: Case) -> tuple[nn.Module, AdaptedLayer, Tensor]:
     """The adapted one-layer model of ``case`` (adapter moved off its init, training mode) and its input."""
     dtype, _ = PRECISIONS[case.precision]
     model, x = make_case(case.kind)
     if case.base == "nf4":
         lorakit.quantize(model, compute_dtype=torch.float32, targets=["layer"])
-    lorakit.apply(model, case.variant, targets=["layer"], **config(case.variant, case.p))
+    lorakit.apply(model, case.variant, targets=["layer"], **config_with_dropout(case.variant, case.p))
     perturb(model)
     if case.base == "hooked":
         model.layer.base_layer.register_forward_hook(lambda m, i, out: out * 1.5 + 0.25)
@@ -105,28 +90,30 @@ def form_kernels() -> list[Kernel]:
     return [k for k in KERNELS.values() if isinstance(k.computes, type)]
 
 
+def applicable(
+    kernel: Kernel, variant: str, kind: str, device: str, precision: str, p: float, base: str
+) -> bool:
+    """Whether the combination exists at all (before asking the kernel whether it claims it)."""
+    return (
+        kind in lorakit.get_variant(variant).kinds
+        and device in kernel.devices
+        and kernel.dropout(p)
+        and config_with_dropout(variant, p) is not None
+        and (base == "plain" or precision == "fp32")
+        and (base != "nf4" or kind in ("linear", "conv1d_gpt2"))
+        and not (precision == "fp16" and device == "cpu")  # fp16 products on a CPU: not what runs anywhere
+    )
+
+
 def cases() -> list[Case]:
     found = []
     for kernel in form_kernels():
-        for variant, cls in lorakit.VARIANTS.items():
-            for kind in kernel.kinds or []:
-                for device, precision, p, base in (
-                    (d, pr, p, b)
-                    for d in DEVICES
-                    for pr in PRECISIONS
-                    for p in RATES
-                    for b in BASES
-                    if d in kernel.devices and (b == "plain" or pr == "fp32")
-                ):
-                    if kind not in cls.kinds or not kernel.dropout(p) or config(variant, p) is None:
-                        continue
-                    if base == "nf4" and kind.name not in ("linear", "conv1d_gpt2"):
-                        continue
-                    if precision == "fp16" and device == "cpu":
-                        continue  # fp16 products on a CPU: not what runs anywhere
-                    case = Case(kernel.name, variant, kind.name, device, precision, p, base)
-                    if claimed(case):
-                        found.append(case)
+        kinds = [k.name for k in kernel.kinds or []]
+        for combo in itertools.product(lorakit.VARIANTS, kinds, DEVICES, PRECISIONS, RATES, BASES):
+            if applicable(kernel, *combo):
+                case = Case(kernel.name, *combo)
+                if claimed(case):
+                    found.append(case)
     return found
 
 
@@ -174,7 +161,7 @@ def test_every_form_kernel_is_tested_and_every_form_variant_has_a_kernel_case() 
         model, x = make_case("linear")
         if "linear" not in lorakit.get_variant(variant).kinds:
             continue
-        layer = lorakit.apply(model, variant, targets=["layer"], **config(variant, 0.0)).layer
+        layer = lorakit.apply(model, variant, targets=["layer"], **config_with_dropout(variant, 0.0)).layer
         if layer.variant.form(layer) is not None:
             assert any(c.variant == variant for c in CASES), variant
 
