@@ -20,6 +20,10 @@ from lorakit.core.forms import Form
 class FastPaths(Protocol):
     """What the kernels' policy answers (``lorakit.kernels.policy``)."""
 
+    def active(self) -> bool:
+        """Whether any kernel may run now (False: the kernels are switched off)."""
+        ...
+
     def forward(self, layer: nn.Module, x: Tensor, form: Form) -> Tensor | None:
         """The adapted ``layer``'s whole output for ``x`` from a kernel registered for ``form``, or None where
         no kernel covers the case (the layer then calls the variant's plain forward)."""
@@ -38,6 +42,11 @@ def install(paths: FastPaths | None) -> None:
     """Put ``paths`` in the slot (None: empty it)."""
     global _installed
     _installed = paths
+
+
+def fast_paths_active() -> bool:
+    """Whether an installed policy may run kernels now (asked before a form is built for it)."""
+    return _installed is not None and _installed.active()
 
 
 def fast_forward(layer: nn.Module, x: Tensor, form: Form) -> Tensor | None:

@@ -87,6 +87,9 @@ def choose(
 class Policy:
     """What core's slot asks (:class:`lorakit.core.seam.FastPaths`), answered from the registry."""
 
+    def active(self) -> bool:
+        return enabled()
+
     def forward(self, layer: nn.Module, x: Tensor, form: Form) -> Tensor | None:
         kernel = choose(type(form), x, layer, x, form, p=form.p, layer=layer)
         return None if kernel is None else kernel.run(layer, x, form)
