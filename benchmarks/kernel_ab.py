@@ -1,14 +1,13 @@
 """In-process A/B of the kernels: one variant's training step with some kernels held back, interleaved.
 
-Each arm is the registry with the named kernels removed (``row_blocks``: the per-thread row blocks of the
-rank-thin products; ``all``: every kernel, i.e. the plain forms). One model steps through every arm in each
-repeat, the arms' order rotating and reversing from repeat to repeat (both orders), so machine load and the
-model's slow drift hit all arms alike. Reported per arm: the median step, and the median (with quartiles) of
-the per-repeat ratios against the first arm, the robust number on a loaded machine.
+Each arm is the registry with the named kernels removed (``all``: every kernel, i.e. the plain forms). One
+model steps through every arm in each repeat, the arms' order rotating and reversing from repeat to repeat
+(both orders), so machine load and the model's slow drift hit all arms alike. Reported per arm: the median
+step, and the median (with quartiles) of the per-repeat ratios against the first arm, the robust number on a
+loaded machine.
 
     python benchmarks/kernel_ab.py --variant lora --arms - lowrank_positions lowrank_positions,gap_mask \\
         --repeats 20 --out runs/kernel_ab_lora.json
-    python benchmarks/kernel_ab.py --threads 2 --arms - row_blocks --out runs/kernel_ab_blocks.json
 
 ``minilm``, batch 32 padded to 64 tokens, rank 8, alpha 16, dropout 0.05, targets query/key/value/dense: the
 step-cost benchmark's setting (``benchmarks/step_cost.py``).
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.kernels import KERNELS, skinny
+from lorakit.kernels import KERNELS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import step_cost  # noqa: E402  (the benchmark next to this one)
@@ -36,17 +35,13 @@ import step_cost  # noqa: E402  (the benchmark next to this one)
 
 @contextlib.contextmanager
 def held_back(names: list[str]) -> Iterator[None]:
-    """The registry without ``names`` (``all``: every kernel; ``row_blocks``: one product per call)."""
-    names = [*KERNELS, "row_blocks"] if "all" in names else names
-    registered, blocks = dict(KERNELS), skinny._blocks
+    """The registry without ``names`` (``all``: every kernel)."""
+    registered = dict(KERNELS)
     KERNELS.clear()
-    KERNELS.update({n: k for n, k in registered.items() if n not in names})
-    if "row_blocks" in names:
-        skinny._blocks = lambda n, *operands: 1
+    KERNELS.update({n: k for n, k in registered.items() if n not in names and "all" not in names})
     try:
         yield
     finally:
-        skinny._blocks = blocks
         KERNELS.clear()
         KERNELS.update(registered)
 
@@ -93,7 +88,7 @@ def main() -> None:
         "--arms",
         nargs="+",
         default=["-", "all"],
-        help="kernels held back per arm, comma-separated ('-': none; 'all'; 'row_blocks')",
+        help="kernels held back per arm, comma-separated ('-': none; 'all')",
     )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -101,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     arms = [[n for n in arm.split(",") if n and n != "-"] for arm in args.arms]
-    unknown = sorted({n for arm in arms for n in arm} - set(KERNELS) - {"all", "row_blocks"})
+    unknown = sorted({n for arm in arms for n in arm} - set(KERNELS) - {"all"})
     if unknown:
         raise SystemExit(f"unknown kernels {unknown}; registered: {', '.join(KERNELS)}")
     rows = measure(args.variant, arms, args.repeats)
