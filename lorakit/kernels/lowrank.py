@@ -15,7 +15,7 @@ only ``z`` and ``dL/dx`` only ``A``, ``B`` and the mask, which backward draws ag
 
 On a plain frozen matrix layer (:func:`forms_base_output`) the function also forms the base output
 ``W0 x + b0`` and the base input gradient itself, so the layer is one node of the graph and neither output is
-copied. The rank-thin products are written in the order and row blocks a CPU runs fast
+copied. The rank-thin products are written in the order a CPU runs fast
 (:mod:`lorakit.kernels.skinny`).
 """
 
