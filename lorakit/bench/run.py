@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.bench.report import write_report
 from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
