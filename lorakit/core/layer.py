@@ -47,6 +47,8 @@ class AdaptedLayer(nn.Module):
         if not isinstance(shared, variant_class.shared_class):
             shared = variant_class.shared_class(targets={name: (self.out_features, self.in_features)})
         self.variant = variant_class(config, self, shared)
+        if config.adapter_dtype != "float32":  # its floating tensors (shared ones once: the same Parameter)
+            self.variant.to(getattr(torch, config.adapter_dtype))
         self.merged = False
         self.enabled = True
         self.train(base_layer.training)  # a model put in eval mode before apply stays in eval mode
