@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from lorakit.bench.report import write_report
 from lorakit.bench.run import read_bench
 from lorakit.train.data import read_rows
+from lorakit.train.job import measure_peak_memory_mb, reset_peak_memory
 from lorakit.train.models import load_model
 
 NAME = "trl_peft_lora"
@@ -63,7 +63,7 @@ def main() -> None:
     config = SFTConfig(
         output_dir=str(run / "trainer"), max_steps=d["steps"], per_device_train_batch_size=d["batch_size"],
         learning_rate=float(d["lr"]), lr_scheduler_type=d.get("schedule", "linear"),
-        warmup_ratio=d.get("warmup_ratio", 0.1), weight_decay=d.get("weight_decay", 0.0),
+        warmup_steps=int(d.get("warmup_ratio", 0.1) * d["steps"]), weight_decay=d.get("weight_decay", 0.0),
         max_grad_norm=d.get("clip", 1.0), seed=d.get("seed", 0), max_length=d["max_length"],
         completion_only_loss=True, train_sampling_strategy="group_by_length", packing=False, bf16=False,
         use_cpu=True, include_num_input_tokens_seen="non_padding", logging_steps=10, save_strategy="no",
@@ -76,9 +76,11 @@ def main() -> None:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=lora
     )
+    reset_peak_memory()  # the training's peak, measured as lorakit measures its own
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
+    peak = measure_peak_memory_mb()
     tuned = trainer.model
     trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     total = sum(p.numel() for p in tuned.parameters())
@@ -86,7 +88,6 @@ def main() -> None:
     merged_dir = run / "merged"
     tuned.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
-    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     cmd = [
         sys.executable, "-m", "lorakit.cli", "eval", "--model", str(merged_dir), "--data", d["eval_data"],
         "--prompt-column", d["prompt_column"], "--response-column", d["response_column"],
@@ -105,10 +106,7 @@ def main() -> None:
         "final_loss": output.training_loss,
         "adapter_dir": str(run),
         "peak_memory_mb": peak,
-        "extra": {
-            "tokens_per_second": round(tokens / seconds, 1) if tokens else 0.0,
-            "library": "trl + peft",
-        },
+        "extra": {"tokens_per_second": round(tokens / seconds, 1) if tokens else 0.0},
     }
     (run / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     names = [r["name"] for r in bench.runs] + [NAME]

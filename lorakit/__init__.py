@@ -5,6 +5,7 @@
 >>> lorakit.save(model, "adapter/")
 """
 
+from lorakit import kernels  # the fast paths: importing them installs their policy in core's slot
 from lorakit.api import (
     AdapterInfo,
     adapted_layers,
@@ -24,13 +25,13 @@ from lorakit.dirlock import DirectoryInUseError
 from lorakit.engine.gradients import BatchError
 from lorakit.errors import AdapterStateError, DiskFullError, LorakitError, OutputExistsError, SettingError
 from lorakit.interop import load_peft, save_peft
-from lorakit.io import AdapterFileError, NonFiniteError, load, save
+from lorakit.io import AdapterFileError, NonFiniteError, load, lorakit_version, save
 from lorakit.quant_api import quantize
 from lorakit.summary import summary
 from lorakit.targets import TargetError
 from lorakit.variants import VARIANTS, get_variant
 
-__version__ = "0.1.0"
+__version__ = lorakit_version()
 
 __all__ = [
     "VARIANTS",
@@ -58,6 +59,7 @@ __all__ = [
     "evaluate_all_ranks",
     "get_variant",
     "info",
+    "kernels",
     "load",
     "load_peft",
     "make_hooks",

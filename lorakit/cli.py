@@ -84,8 +84,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if out is not None:
         from lorakit.eval.run import generation_eval
 
+        answered = rows[: args.generate_limit] if args.generate_limit else rows
         report = generation_eval(
-            job, model, tokenizer, rows, source, pattern, args.max_new_tokens, args.batch_size
+            job, model, tokenizer, answered, source, pattern, args.max_new_tokens, args.batch_size
         )
         metrics |= report.metrics
         shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
@@ -263,6 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
+    from lorakit.train.rundir import exclusive
 
     cfg = from_args(args)
     noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
@@ -271,7 +273,8 @@ def cmd_federate(args: argparse.Namespace) -> None:
         f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
         f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"
     )
-    result = simulate(cfg, num_cpus=args.num_cpus)
+    with exclusive(cfg.output_dir, "lorakit federate"):  # one run writes an output directory at a time
+        result = simulate(cfg, num_cpus=args.num_cpus)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no evaluation data"
     if result.epsilon is not None:
         metrics += f"; epsilon {result.epsilon:.3f} at delta {result.delta:g}"
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(ev)
     ev.add_argument("--data", help="evaluation data (default: the job's evaluation data)")
     ev.add_argument("--limit", type=_positive, help="evaluate the first N rows only")
+    ev.add_argument(
+        "--generate-limit", type=_positive, help="with --generate: answer the first N rows (the loss: all)"
+    )
     ev.add_argument(
         "--all-ranks",
         action="store_true",

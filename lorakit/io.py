@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.api import adapted_layers, apply, info, takes_compiled
 from lorakit.dirswap import finish_swap
 from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
@@ -31,6 +32,14 @@ WEIGHTS_FILE = "adapter.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"  # what marks a PEFT adapter directory (lorakit.load_peft reads it)
 FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
+
+
+def lorakit_version() -> str:
+    """The version of the installed lorakit, from its package metadata ("unknown" in an uninstalled tree)."""
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class AdapterFileError(LorakitError):
@@ -50,8 +59,6 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     and ``adapter.json`` records the SHA-256 of the weights file, so an interrupted or mixed save is detected
     on load instead of silently pairing one save's config with another's weights.
     """
-    from lorakit import __version__
-
     state = info(model)
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "an adapter", overwrite)
@@ -64,7 +71,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "lorakit_version": __version__,
+        "lorakit_version": lorakit_version(),
         "variant": state.variant,
         "config": state.config.to_dict(),
         "base_model": state.base_model,

@@ -1,6 +1,7 @@
-"""The package's layering holds: imports run one way with no circles, variants never reach up into the code
-that trains them, no code outside ``lorakit/variants`` names a variant or probes one, and every settings
-field documents itself for ``--help``."""
+"""The package's layering holds: imports run one way with no circles (the package root included), variants
+never reach up into the code that trains them, the kernels are reached only through the policy the package
+root installs, no code outside ``lorakit/variants`` names a variant or probes one, and every settings field
+documents itself for ``--help``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lorakit.settings import field_help
 PACKAGE = Path(lorakit.__file__).parent
 # What a variant may never import: the code that drives it (and everything above that).
 ABOVE_VARIANTS = (
+    "lorakit",  # the package root
     "train",
     "engine",
     "privacy",
@@ -35,14 +37,17 @@ def module_name(path: Path) -> str:
 
 
 # The drivers and tools on top; the engine below them may use the public API (api, io) and core.
-DRIVERS = ("train", "privacy", "federated", "integrations", "interop", "bench", "cli", "cliargs")
+DRIVERS = ("lorakit", "train", "privacy", "federated", "integrations", "interop", "bench", "cli", "cliargs")
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 # Below core: the error types and the settings parser, which import nothing of lorakit but each other.
 FOUNDATION = ("lorakit.errors", "lorakit.settings")
 
 
 def imports(path: Path) -> set[str]:
-    """lorakit modules ``path`` imports anywhere (function bodies included, ``TYPE_CHECKING`` blocks not)."""
+    """lorakit modules ``path`` imports anywhere (function bodies included, ``TYPE_CHECKING`` blocks not),
+    with the packages they are in: importing ``lorakit.engine.run`` from outside ``lorakit.engine`` runs
+    ``lorakit/engine/__init__.py`` first. The package root counts where it is named (``import lorakit``), not
+    as every module's parent."""
     tree = ast.parse(path.read_text())
     typing_only = {
         id(n)
@@ -59,7 +64,16 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in found if m in MODULES and m != "lorakit"}  # the package root is only a facade
+    importer = module_name(path)
+    found |= {p for m in found for p in packages_of(m) if not f"{importer}.".startswith(f"{p}.")}
+    return {m for m in found if m in MODULES}
+
+
+def packages_of(module: str) -> set[str]:
+    """The packages below the root that ``module`` lies in (their ``__init__`` runs when it is first
+    imported from outside them)."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(2, len(parts))}
 
 
 GRAPH = {name: imports(path) - {name} for name, path in MODULES.items()}
@@ -108,12 +122,38 @@ def test_core_and_variants_never_import_the_code_that_drives_them() -> None:
             assert all(t.startswith("lorakit.core") or t in FOUNDATION for t in targets), (name, targets)
         if name in FOUNDATION:
             assert all(t in FOUNDATION for t in targets), (name, targets)
-        if layer == "engine":  # the engine serves the drivers and never reaches up to one
-            drivers = [t for t in targets if t.split(".")[1] in DRIVERS]
+        if layer == "engine":  # the engine serves the drivers and never reaches up to one (nor to the root)
+            drivers = [t for t in targets if layer_of(t) in DRIVERS]
             assert drivers == [], (name, drivers)
         if layer == "variants":
-            above = [t for t in targets if t.split(".")[1] in ABOVE_VARIANTS]
+            above = [t for t in targets if layer_of(t) in ABOVE_VARIANTS]
             assert above == [], (name, above)
+
+
+def layer_of(module: str) -> str:
+    """``lorakit.engine.run`` -> ``engine``; the package root (which imports every layer) -> ``"lorakit"``."""
+    return module.split(".")[1] if "." in module else "lorakit"
+
+
+KERNELS = "lorakit.kernels"
+POLICY_INSTALLER = "lorakit"  # the package root imports the kernels, which install their policy in core
+
+
+def test_only_the_package_root_imports_the_kernels_and_variants_import_nothing_of_them() -> None:
+    for name, targets in GRAPH.items():
+        reached = sorted(t for t in targets if t == KERNELS or t.startswith(KERNELS + "."))
+        if name.startswith("lorakit.variants"):
+            assert reached == [], (name, reached)
+        elif name != POLICY_INSTALLER and not name.startswith(KERNELS):
+            assert reached == [], (name, reached)
+    assert KERNELS in GRAPH[POLICY_INSTALLER]
+
+
+def test_the_root_is_in_the_graph_and_the_engine_reaches_the_api_directly() -> None:
+    assert "lorakit" in GRAPH and "lorakit.api" in GRAPH["lorakit"]
+    for name in GRAPH:
+        if name.startswith("lorakit.engine"):  # the root imports the engine's gradients: no way back
+            assert "lorakit" not in GRAPH[name], name
 
 
 def test_no_code_outside_variants_names_or_probes_a_variant() -> None:

@@ -1,6 +1,7 @@
-"""The low-rank function forming the base output itself (``low_rank(..., with_base=True)`` given no ``y``):
+"""The low-rank kernel forming the base output itself (:func:`lorakit.kernels.lowrank.forms_base_output`):
 the same outputs and gradients as calling the base layer, and the base layer called whenever it must be
-(hooks, an overridden forward, autocast, another dtype, a 4-bit or a training base)."""
+(hooks, an overridden forward, autocast, another dtype, a 4-bit or a training base). Every registered variant
+whose form is the low-rank one joins the generated cases."""
 
 from __future__ import annotations
 
@@ -10,15 +11,33 @@ import pytest
 import torch
 from layer_zoo import make_case
 from torch import nn
-from variant_cases import case_config
+from variant_cases import config_with_dropout
 
 import lorakit
+from lorakit.core.dropout import keep_mask
+from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _keep_mask, _LowRankFunction, forms_base_output
+from lorakit.kernels.gaps import drawn_as_gaps
+from lorakit.kernels.lowrank import _LowRankFunction, forms_base_output
 
-# Every variant built on the low-rank path; LoRA-FA freezes A (its masks are drawn again in backward), QLoRA
-# runs unquantised here (its 4-bit base calls its own layer: tests/test_conformance_4bit.py).
-VARIANTS = ["lora", "lora_fa", "lora_plus", "delta_lora", "dylora", "adalora", "lora_drop", "qlora"]
+
+def _low_rank_form(variant: str) -> bool:
+    """Whether ``variant`` on a linear layer declares the low-rank computation form."""
+    model, _ = make_case("linear")
+    layer = lorakit.apply(model, variant, targets=["layer"], **config_with_dropout(variant, 0.0)).layer
+    return isinstance(layer.variant.form(layer), LowRank)
+
+
+# Every variant whose forward is the low-rank form, with each dropout rate its config takes; LoRA-FA freezes A
+# (its masks are drawn again in backward). QLoRA runs unquantised here (its 4-bit base calls its own layer:
+# tests/test_conformance_4bit.py).
+CASES = [
+    (name, p)
+    for name in lorakit.VARIANTS
+    if _low_rank_form(name)
+    for p in (0.0, 0.1)
+    if config_with_dropout(name, p) is not None
+]
 
 
 @pytest.mark.parametrize("a_trains", [True, False])
@@ -31,8 +50,8 @@ def test_function_with_the_base_weight_equals_the_base_product_plus_the_adapter(
     w0, bias = torch.randn(6, 7, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     a = torch.randn(3, 7, dtype=torch.float64, requires_grad=a_trains)
     b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    out = _LowRankFunction.apply(x, a, b, None, 1.5, p, 1234, w0, bias)
-    x_in = x * _keep_mask(x, p, 1234) / (1 - p) if p > 0 else x
+    out = _LowRankFunction.apply(x, a, b, None, 1.5, p, 1234, w0, bias, drawn_as_gaps(p))
+    x_in = x * keep_mask(x, p, 1234) / (1 - p) if p > 0 else x
     ref = x @ w0.t() + bias + 1.5 * (x_in @ a.t()) @ b.t()
     torch.testing.assert_close(out, ref)
     inputs = (x, a, b) if a_trains else (x, b)
@@ -42,17 +61,14 @@ def test_function_with_the_base_weight_equals_the_base_product_plus_the_adapter(
     ):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(
-        lambda x, b: _LowRankFunction.apply(x, a, b, None, 1.5, p, 99, w0, bias), (x, b)
+        lambda x, b: _LowRankFunction.apply(x, a, b, None, 1.5, p, 99, w0, bias, drawn_as_gaps(p)), (x, b)
     )
 
 
 def _pair(variant: str, kind: str, dropout: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """The same adapted model twice: the second forced to call its base layer."""
     model, x = make_case(kind)
-    config = case_config(variant) | {
-        "dropout": dropout if variant != "delta_lora" else 0.0
-    }  # Delta-LoRA: none
-    model = lorakit.apply(model, variant, targets=["layer"], **config).train()
+    model = lorakit.apply(model, variant, targets=["layer"], **config_with_dropout(variant, dropout)).train()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -64,15 +80,14 @@ def _pair(variant: str, kind: str, dropout: float) -> tuple[nn.Module, nn.Module
     return model, plain, x.requires_grad_()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("variant", "dropout"), CASES)
 def test_variants_give_the_same_outputs_and_gradients_as_with_the_base_layer_called(
     variant: str, kind: str, dropout: float
 ) -> None:
     fused, plain, x = _pair(variant, kind, dropout)
     layer = fused.layer
-    assert forms_base_output(layer, x) and not layer.variant.needs_base_output(x, layer)
+    assert forms_base_output(layer, x) and not forms_base_output(plain.layer, x)
     grads = []
     for model in (fused, plain):
         torch.manual_seed(5)  # the same dropout masks
@@ -93,7 +108,7 @@ def test_the_base_layer_still_runs_where_a_hook_watches_it() -> None:
     assert forms_base_output(layer, x)
     seen = []
     handle = layer.base_layer.register_forward_hook(lambda m, i, out: seen.append(out) or out * 2)
-    assert not forms_base_output(layer, x) and layer.variant.needs_base_output(x, layer)
+    assert not forms_base_output(layer, x)
     with torch.no_grad(), lorakit.disabled(model):
         base_twice = model(x)  # the hook doubles the base output
     out = model(x)

@@ -2,9 +2,11 @@
 refuses it with a clear error before any step. Generated from the registry: a new variant joins by itself.
 
 Drivers: lorakit's loop, DP-SGD, ``transformers.Trainer`` (``LorakitTrainer``) and a federated client's local
-training. Effects: AdaLoRA's final mask, DyLoRA's sampled ranks, DP-DyLoRA's fixed round rank, Delta-LoRA's
-extra update of W, LoRA-FA's frozen A, LoRA+'s optimizer groups, VeRA's frozen shared projections, LoRA-drop's
-selection and shared modules; every variant's trainable tensors must move and stay finite.
+training. What every variant's declared capabilities promise is checked for each: its hook runs at every call
+point it takes part in, its stages run, the optimizer has its parameter groups' rates (LoRA+), its frozen
+tensors stay (LoRA-FA's A, VeRA's projections), its trainable tensors move and stay finite. Each method's own
+mark on top: AdaLoRA's final mask, DyLoRA's sampled ranks, DP-DyLoRA's fixed round rank, Delta-LoRA's extra
+update of W, LoRA-drop's selection and shared modules.
 """
 
 from __future__ import annotations
@@ -103,48 +105,108 @@ def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_rule(
-    name: str, model: nn.Module, before: dict[str, torch.Tensor], optimizer, ranks: set[int]
-) -> None:
-    """The variant's own rule left its mark (beyond training at all)."""
+def adalora_pruned(model: nn.Module, before: dict, optimizer, ranks: set[int]) -> None:
+    """The global budget pruned to its final mask: target_r triplets per matrix on average."""
     variants = [layer.variant for _, layer in lorakit.adapted_layers(model)]
-    v = variants[0]
-    if (
-        name == "adalora"
-    ):  # the global budget pruned to its final mask: target_r triplets per matrix on average
-        assert sum(x.rank for x in variants) == 2 * len(variants)
-    elif name == "dylora":  # a rank per step, several over the run
-        assert len(ranks) >= 2 and ranks <= set(range(1, 5))
-    elif name == "dp_dylora":  # the chosen round rank b = 2 only: rows >= b never move
-        assert ranks == {2}
-        assert torch.equal(v.A[2:], before["l0.variant.A"][2:]) and not torch.equal(
-            v.A[:2], before["l0.variant.A"][:2]
-        )
-    elif name == "delta_lora":  # from step K the stop-gradient term moves W beyond s B A
-        assert v.active_now
-        assert (v.delta_weight() - v.scale * v.B @ v.A).abs().max() > 0
-    elif name == "lora_fa":  # A frozen at its random init, B trained
-        assert torch.equal(v.A, before.get("l0.variant.A", v.A)) and not v.A.requires_grad
-    elif name == "lora_plus":  # B trains at ratio x the rate of A
-        rate = {id(p): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups for p in g["params"]}
-        assert rate[id(v.B)] == pytest.approx(4.0 * rate[id(v.A)])
-    elif name == "vera":  # the shared projections are frozen and one tensor; d and b train
-        assert v.A is variants[1].A and not v.A.requires_grad
-    elif name == "lora_drop":  # selection made, unselected modules share one pair
-        kept = lorakit.info(model).config.kept
-        assert kept is not None and len(kept) < 2 and any(x.is_shared for x in variants)
+    assert sum(x.rank for x in variants) == 2 * len(variants)
+
+
+def dylora_sampled(model: nn.Module, before: dict, optimizer, ranks: set[int]) -> None:
+    """A rank per step, several over the run."""
+    assert len(ranks) >= 2 and ranks <= set(range(1, 5))
+
+
+def dp_dylora_round_rank(model: nn.Module, before: dict, optimizer, ranks: set[int]) -> None:
+    """The chosen round rank b = 2 only: rows >= b never move."""
+    v = lorakit.adapted_layers(model)[0][1].variant
+    assert ranks == {2}
+    a0 = before["l0.variant.A"]
+    assert torch.equal(v.A[2:], a0[2:]) and not torch.equal(v.A[:2], a0[:2])
+
+
+def delta_lora_moved(model: nn.Module, before: dict, optimizer, ranks: set[int]) -> None:
+    """From step K the stop-gradient term moves W beyond s B A."""
+    v = lorakit.adapted_layers(model)[0][1].variant
+    assert v.active_now and (v.delta_weight() - v.scale * v.B @ v.A).abs().max() > 0
+
+
+def lora_drop_selected(model: nn.Module, before: dict, optimizer, ranks: set[int]) -> None:
+    """Selection made, unselected modules share one pair."""
+    variants = [layer.variant for _, layer in lorakit.adapted_layers(model)]
+    kept = lorakit.info(model).config.kept
+    assert kept is not None and len(kept) < 2 and any(x.is_shared for x in variants)
+
+
+# Each method's own mark beyond the rules every variant's declared capabilities are checked by (below).
+EFFECTS = {
+    "adalora": adalora_pruned,
+    "dylora": dylora_sampled,
+    "dp_dylora": dp_dylora_round_rank,
+    "delta_lora": delta_lora_moved,
+    "lora_drop": lora_drop_selected,
+}
+CALL_POINTS = (
+    "on_step_start",
+    "extra_loss",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_after_step",
+)
+
+
+def declared_call_points(cls: type) -> list[str]:
+    """The call points the variant's hook class takes part in (overrides of ``lorakit.Hook``'s)."""
+    if cls.hook is None:
+        return []
+    return [n for n in CALL_POINTS if getattr(cls.hook, n) is not getattr(lorakit.Hook, n)]
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, calls: list[str]) -> None:
+    original = getattr(owner, name)
+
+    def record(self, *args, **kwargs):
+        calls.append(name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, record)
+
+
+def check_declared(name: str, model: nn.Module, before: dict, optimizer, calls: list[str]) -> None:
+    """What the variant's declared capabilities promise, whatever the variant: its hook ran at every call
+    point it takes part in, its stages ran, the optimizer has its parameter groups' rates, and its frozen
+    tensors (requires_grad False) stayed as they were."""
+    cls = lorakit.get_variant(name)
+    for point in declared_call_points(cls):
+        assert point in calls, f"{name}: its hook's {point} never ran"
+    if cls.stages is not None:
+        assert "run" in calls, f"{name}: its stages never ran"
+    declared = {id(p): g["lr"] for g in lorakit.param_groups(model, LR) for p in g["params"]}
+    used = {id(p): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    assert used.keys() == declared.keys() and all(used[k] == pytest.approx(declared[k]) for k in used)
+    for layer_name, layer in lorakit.adapted_layers(model):
+        for p_name, p in layer.variant.named_parameters():
+            key = f"{layer_name}.variant.{p_name}"
+            if not p.requires_grad and key in before:
+                assert torch.equal(p, before[key]), f"{name}: frozen {p_name} moved"
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(lorakit.VARIANTS))
-def test_every_variant_runs_its_rules_or_is_refused_in_every_driver(name: str, driver: str, tmp_path) -> None:
+def test_every_variant_runs_its_rules_or_is_refused_in_every_driver(
+    name: str, driver: str, tmp_path, monkeypatch
+) -> None:
+    cls, calls = lorakit.get_variant(name), []
+    for point in declared_call_points(cls):
+        spy(monkeypatch, cls.hook, point, calls)
+    if cls.stages is not None:
+        spy(monkeypatch, type(cls.stages), "run", calls)
     model, data = adapted(name), dataset()
-    if name == "dp_dylora":
+    first = lorakit.adapted_layers(model)[0][1]
+    if first.variant.round_ranks() is not None:
         lorakit.set_rank(model, 2)  # a round's rank, as the federated server sets it
-    before = trainable(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ranks: set[int] = set()
-    if name in ("dylora", "dp_dylora"):  # record the rank each training forward uses
-        first = lorakit.adapted_layers(model)[0][1]
+    if first.variant.rank_choices() is not None:  # record the rank each training forward uses
         first.register_forward_hook(
             lambda m, i, o: ranks.add(m.variant.active_rank()) if m.training else None
         )
@@ -153,13 +215,22 @@ def test_every_variant_runs_its_rules_or_is_refused_in_every_driver(name: str, d
         with pytest.raises(CapabilityError, match=f"variant '{name}'"):
             run_driver(driver, model, data, tmp_path)
         after = trainable(model)
-        assert all(torch.equal(after[n], before[n]) for n in before)  # refused before any step
+        assert all(torch.equal(after[n], before[n]) for n in after)  # refused before any step
         return
     optimizer = run_driver(driver, model, data, tmp_path)
     after = trainable(model)
     moved = [n for n in after if n in before and not torch.equal(after[n], before[n])]
     assert moved and all(torch.isfinite(t).all() for t in after.values())
-    check_rule(name, model, before, optimizer, ranks)
+    check_declared(name, model, before, optimizer, calls)
+    if name in EFFECTS:
+        EFFECTS[name](model, before, optimizer, ranks)
+
+
+def test_every_variant_with_training_rules_has_its_effect_checked() -> None:
+    """A variant with a hook or stages has its own mark in EFFECTS (a hook that only preconditions the
+    optimizer's gradient, LoRA-FA's, is checked by tests/test_lora_fa_clip_order.py)."""
+    ruled = {n for n, cls in lorakit.VARIANTS.items() if cls.hook is not None or cls.stages is not None}
+    assert ruled - set(EFFECTS) <= {"lora_fa"}, sorted(ruled - set(EFFECTS))
 
 
 def test_lora_drop_is_refused_where_its_selection_cannot_run_and_runs_in_the_loop() -> None:

@@ -1,5 +1,7 @@
 """torch.compile with fullgraph=True: adapted models trace without graph breaks, and compiled gradients equal
-eager ones, with dropout too (the fused functions take their mask as a tensor drawn by one operator)."""
+eager ones, with dropout too (the fused functions take their mask as a tensor drawn by one operator). Every
+registered variant on linear layers, with every dropout rate its config accepts (0.1: the CPU kernels that
+read the dropped positions; 0.3: those with a mask)."""
 
 from __future__ import annotations
 
@@ -9,18 +11,22 @@ import pytest
 import torch
 import torch._inductor.config
 from torch import nn
+from variant_cases import config_with_dropout
 
 import lorakit
-from lorakit.core.lowrank import dropout
-from lorakit.variants import dora_sparse
+from lorakit.core.dropout import dropout
+from lorakit.kernels import dora_positions
 
-MATRIX_VARIANTS = ["lora", "dora", "loha", "lokr", "lora_fa"]
+
+def _cases(*rates: float) -> list[tuple[str, float]]:
+    linear = [n for n, cls in lorakit.VARIANTS.items() if "linear" in cls.kinds]
+    return [(n, p) for n in linear for p in rates if config_with_dropout(n, p) is not None]
 
 
 def _model(variant: str, dropout: float) -> nn.Module:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
-    model = lorakit.apply(base, variant, targets=["0", "2"], rank=4, alpha=8.0, dropout=dropout).train()
+    model = lorakit.apply(base, variant, targets=["0", "2"], **config_with_dropout(variant, dropout)).train()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -28,8 +34,7 @@ def _model(variant: str, dropout: float) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.3])  # DoRA at 0.1: products with the dropped inputs
-@pytest.mark.parametrize("variant", MATRIX_VARIANTS)
+@pytest.mark.parametrize(("variant", "dropout"), _cases(0.0, 0.1, 0.3))
 def test_compiled_fullgraph_gradients_equal_eager(variant: str, dropout: float) -> None:
     # With dropout the compiled graph draws each mask's seed from the global generator as eager does, so
     # with the same global seed the masks, hence the gradients, are the same.
@@ -48,7 +53,7 @@ def test_compiled_fullgraph_gradients_equal_eager(variant: str, dropout: float) 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "lokr"])
+@pytest.mark.parametrize("variant", [n for n, _ in _cases(0.5)])
 def test_dropout_keeps_the_graph_whole(variant: str) -> None:
     model = _model(variant, dropout=0.5)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
@@ -124,9 +129,9 @@ def test_the_public_api_takes_a_compiled_model(tmp_path) -> None:
 
 def test_compiled_dora_forms_its_masked_products_from_the_dropped_inputs(monkeypatch) -> None:
     calls = []
-    forward, grads = dora_sparse.products_on_kept, dora_sparse.input_grads_on_kept
-    monkeypatch.setattr(dora_sparse, "products_on_kept", lambda *a: calls.append("f") or forward(*a))
-    monkeypatch.setattr(dora_sparse, "input_grads_on_kept", lambda *a: calls.append("b") or grads(*a))
+    forward, grads = dora_positions.products_on_kept, dora_positions.input_grads_on_kept
+    monkeypatch.setattr(dora_positions, "products_on_kept", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(dora_positions, "input_grads_on_kept", lambda *a: calls.append("b") or grads(*a))
     model = _model("dora", dropout=0.1)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()

@@ -9,15 +9,16 @@ from layer_zoo import make_case
 from torch import nn
 
 import lorakit
-from lorakit.core.dropped import (
-    dropped_positions,
+from lorakit.core.dropout import keep_mask
+from lorakit.kernels import KERNELS, dora_positions
+from lorakit.kernels.dropped import (
+    dropped_at,
     dropped_values,
     gram_on_dropped,
     product_at_dropped,
     product_on_dropped,
 )
-from lorakit.core.lowrank import _keep_mask
-from lorakit.variants import dora, dora_sparse
+from lorakit.variants import dora
 
 
 def perturb(variant: nn.Module, seed: int = 3) -> None:
@@ -143,7 +144,7 @@ class _SeededDropout(nn.Module):
         self.p, self.seed = p, seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * _keep_mask(x, self.p, self.seed) / (1 - self.p)
+        return x * keep_mask(x, self.p, self.seed) / (1 - self.p)
 
 
 def _peft_pair(kind: str, dropout: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
@@ -227,7 +228,7 @@ def _plain_dora(
     w0 = layer.weight_2d()
     bias = layer.bias
     y = F.linear(x, w0, bias)
-    xd = x * _keep_mask(x, p, seed) / (1 - p) if p > 0 else x
+    xd = x * keep_mask(x, p, seed) / (1 - p) if p > 0 else x
     norm = (w0 + scale * b @ a).norm(dim=1).detach()
     c = m / norm
     return y + (c - 1) * F.linear(xd, w0) + c * scale * F.linear(F.linear(xd, a), b)
@@ -300,7 +301,7 @@ def test_a_trained_base_weight_gets_the_gradient_of_the_definition(p: float) -> 
     (out * weights).sum().backward()
 
     wr, br = (t.detach().clone().requires_grad_() for t in (w0, bias))
-    xd = x * _keep_mask(x, p, seed) / (1 - p) if p > 0 else x
+    xd = x * keep_mask(x, p, seed) / (1 - p) if p > 0 else x
     c = v.m.detach() / (wr + v.scale * v.B.detach() @ v.A.detach()).norm(dim=1).detach()
     lora = F.linear(F.linear(xd, v.A.detach()), v.B.detach())
     ref = F.linear(x, wr, br) + (c - 1) * F.linear(xd, wr) + c * v.scale * lora
@@ -314,7 +315,7 @@ def dropped_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An input, a keep-mask dropping about 10% (one row keeps everything: an empty bag) and a weight."""
     gen = torch.Generator().manual_seed(4)
     x, w = torch.randn(64, 40, generator=gen), torch.randn(24, 40, generator=gen)
-    keep = _keep_mask(x, 0.1, 5)
+    keep = keep_mask(x, 0.1, 5)
     assert 0 < (~keep).sum() < 0.2 * keep.numel()
     keep[3] = True
     return x, keep, w
@@ -322,7 +323,8 @@ def dropped_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_products_with_the_dropped_inputs_equal_the_dense_products() -> None:
     x, keep, w = dropped_case()
-    at, flat = dropped_positions(keep)
+    flat = (~keep).view(-1).nonzero().squeeze(1)
+    at = dropped_at(flat, keep.shape)
     values = dropped_values(x, flat)
     torch.testing.assert_close(values, x[~keep])
     dropped = x * ~keep
@@ -342,22 +344,41 @@ def test_the_dropped_input_forms_and_the_dense_products_give_the_same_gradients(
         calls.append(1)
         return product_at_dropped(*args)
 
-    def grads() -> list[torch.Tensor]:
+    def grads(kernel: str) -> list[torch.Tensor]:
         model, x = make_case("linear")
         lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.1)
-        v = model.layer.variant
+        layer, v = model.layer, model.layer.variant
         perturb(v)
         x = x.clone().requires_grad_()
         torch.manual_seed(3)
-        model(x).square().sum().backward()
+        KERNELS[kernel].run(layer, x, v.form(layer)).square().sum().backward()
         return [x.grad, v.A.grad, v.B.grad, v.m.grad]
 
-    monkeypatch.setattr(dora_sparse.dropped, "product_at_dropped", counted)
-    folded = grads()
+    monkeypatch.setattr(dora_positions.dropped, "product_at_dropped", counted)
+    folded = grads("dora_positions")
     assert calls == [1]  # the folded backward ran
-    monkeypatch.setattr(dora, "sparse_complement_pays", lambda *args: False)  # as on a GPU: dense products
-    dense = grads()
+    dense = grads("dora")  # as on a GPU: dense products
     assert calls == [1]
     for got, want in zip(folded, dense, strict=True):
         assert got.abs().max() > 0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_base_layer_whose_output_a_hook_changes_keeps_the_definition_with_dropout() -> None:
+    """``W0 x~`` may be taken as ``y - W0 (x * dropped)`` only where ``y`` is exactly ``W0 x + b0``."""
+    model, x = make_case("linear")
+    lorakit.apply(model, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.1)
+    v, layer = model.layer.variant, model.layer
+    perturb(v)
+    layer.base_layer.register_forward_hook(lambda m, i, out: out * 1.5 + 0.25)
+    model.train()
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    torch.manual_seed(7)
+    out = model(x)
+    w0, b0 = layer.base_layer.weight, layer.base_layer.bias
+    xd = x * keep_mask(x, 0.1, seed) / 0.9
+    c = v.m / (w0 + v.scale * v.B @ v.A).norm(dim=1)
+    y = F.linear(x, w0, b0) * 1.5 + 0.25
+    expected = y + (c - 1) * F.linear(xd, w0) + c * v.scale * F.linear(F.linear(xd, v.A), v.B)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -119,6 +119,10 @@ def test_train_then_eval_generate_and_generate_on_a_chat_model(chat_llama_dir, t
     # an evaluation already there is not replaced silently
     assert main(["eval", "--adapter", str(run), "--generate", "--max-new-tokens", "8"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    argv = ["eval", "--adapter", str(run), "--generate", "--generate-limit", "3", "--max-new-tokens", "4"]
+    assert main([*argv, "--out", str(tmp_path / "e3")]) == 0
+    three = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert three["exact_match_total"] == 3 and three["loss"] == pytest.approx(saved["loss"])  # loss on all 8
 
     assert main(["generate", "--adapter", str(run), "What is 2 plus 3?", "--compare-base"]) == 0
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -336,3 +337,58 @@ def test_a_peft_sequence_classification_adapter_with_its_head(tmp_path) -> None:
         want = theirs.eval()(input_ids=ids).logits
         assert (want - base(input_ids=ids).logits).abs().max() > 1e-2
         assert (ours(input_ids=ids).logits - want).abs().max() <= 1e-5
+
+
+PEFT_VARIANTS = [name for name, cls in lorakit.VARIANTS.items() if cls.peft is not None]
+
+
+class Pair(nn.Module):
+    """Two linear layers whose sizes factor (LoKr), 12 -> 16 -> 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("name", PEFT_VARIANTS)
+def test_every_variant_with_a_peft_spec_round_trips_through_peft(tmp_path, name: str) -> None:
+    torch.manual_seed(0)
+    base = Pair().eval()
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(1))
+    config: dict = {"rank": 4, "alpha": 8.0, "dropout": 0.0}
+    fields = {f.name for f in dataclasses.fields(lorakit.get_variant(name).config_class)}
+    if "base_quantization" in fields:  # PEFT's side gets the dense base: compare against the same base
+        config["base_quantization"] = None
+    ours = lorakit.apply(copy.deepcopy(base), name, targets=["fc1", "fc2"], **config)
+    perturb(ours)
+    ours.eval()
+    save_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    back = load_peft(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        out = ours(x)
+        assert (out - base(x)).abs().max() > 1e-2  # the adapter changes the output
+        assert (theirs(x) - out).abs().max() <= 1e-5
+        assert (back(x) - out).abs().max() <= 1e-5
+
+
+def test_a_subclass_does_not_inherit_its_parents_peft_spec(tmp_path, monkeypatch) -> None:
+    from lorakit.variants.lora import LoRA
+
+    class ScaledLoRA(LoRA):
+        """A toy method: LoRA's output scaled, which PEFT's LoRA format cannot say."""
+
+        name = "scaled_lora"
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor, base) -> torch.Tensor:
+            return 3.0 * super().forward(x, y, base)
+
+    monkeypatch.setitem(lorakit.VARIANTS, "scaled_lora", ScaledLoRA)
+    assert ScaledLoRA.peft is None and LoRA.peft is not None
+    model = lorakit.apply(MLP(), "scaled_lora", targets=["fc1"], rank=4)
+    with pytest.raises(LorakitError, match="variant 'scaled_lora' has no PEFT equivalent"):
+        save_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()

@@ -102,3 +102,33 @@ def test_every_variant_tunes_saves_loads_merges_and_exports_a_chat_llm(name, set
 def test_the_peft_methods_cover_the_variants_that_declare_them() -> None:
     declared = {cls.peft.peft_type for cls in lorakit.VARIANTS.values() if cls.peft is not None}
     assert declared <= {m.peft_type for m in METHODS}
+
+
+@pytest.mark.parametrize("name", list(lorakit.VARIANTS))
+def test_every_variant_stores_its_adapter_in_bf16_on_request(name, setup, tmp_path) -> None:
+    """``adapter_dtype="bfloat16"``: every adapter tensor in bf16 (half the memory, as QLoRA's paper keeps
+    them), gradients in bf16, training moves them, and save -> load gives the same tensors and outputs."""
+    tokenizer, data, base = setup
+    config = {**OVERRIDES.get(name, case_config(name)), "adapter_dtype": "bfloat16"}
+    if name == "delta_lora":
+        config["dropout"] = 0.0
+    model = lorakit.apply(
+        copy.deepcopy(base), name, targets=TARGETS if name != "qlora" else "all-linear", **config
+    )
+    adapter = {n: p for n, p in model.named_parameters() if ".variant." in n}
+    assert adapter and {p.dtype for p in adapter.values()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in adapter.items() if p.requires_grad}
+    cfg = TrainConfig(steps=3, batch_size=8, lr=2e-2, warmup_ratio=0.0, progress=False)
+    if lorakit.get_variant(name).refusal(Driver.LOOP, lorakit.info(model).config) is not None:
+        return
+    train(model, BatchSampler(data, 8, 0), cfg)
+    assert any(not torch.equal(adapter[n], t) for n, t in before.items())
+    model.eval()
+    ids = torch.tensor([data.input_ids[0]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    lorakit.save(model, tmp_path)
+    reloaded = lorakit.load(copy.deepcopy(base), tmp_path).eval()
+    assert {p.dtype for n, p in reloaded.named_parameters() if ".variant." in n} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)

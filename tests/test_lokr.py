@@ -11,10 +11,11 @@ from layer_zoo import Holder, make_case, perturb
 from torch import nn
 
 import lorakit
+from lorakit.core.dropout import keep_mask
 from lorakit.core.kinds import KINDS
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _keep_mask
-from lorakit.variants.lokr import KroneckerProduct, LoKr, LoKrConfig, factorization
+from lorakit.kernels.kronecker import KroneckerProduct
+from lorakit.variants.lokr import LoKr, LoKrConfig, factorization
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 
@@ -109,7 +110,7 @@ def test_vec_trick_forward_equals_explicit_kron(kind: str, rank: int) -> None:
     seed = int(torch.randint(0, 2**62, (1,)).item())  # the seed the forward draws for its mask
     torch.manual_seed(1)
     out = model(x)
-    expected = F.linear(x, w0, b0) + F.linear(x * _keep_mask(x, 0.5, seed) / 0.5, by_index)
+    expected = F.linear(x, w0, b0) + F.linear(x * keep_mask(x, 0.5, seed) / 0.5, by_index)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -191,7 +192,7 @@ def test_kronecker_function_gradients_equal_plain_autograd(p: float) -> None:
     )
     weights = torch.randn(3, 5, 2, 5, generator=gen, dtype=torch.float64)  # a generic upstream gradient
     ours = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    mask = _keep_mask(x, p, 11) if p > 0 else None
+    mask = keep_mask(x, p, 11) if p > 0 else None
     out = KroneckerProduct.apply(*ours, (3, 4), 0.7, p, mask)
     (out * weights).sum().backward()
     ref = [t.clone().requires_grad_() for t in (x, w1, w2)]

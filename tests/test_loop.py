@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.core.contract import Driver, GradientSource
 from lorakit.engine.placement import Placement
-from lorakit.train.loop import TrainConfig, lr_lambda, train
+from lorakit.engine.run import Engine
+from lorakit.train.loop import TrainConfig, TrainResult, lr_lambda, train
 
 
 class Regression(nn.Module):
@@ -145,3 +147,79 @@ def test_a_placement_reseeds_every_step_so_ranks_draw_their_own_dropout():
     assert len(set(seeds.values())) == len(seeds)  # every (rank, step) its own stream
     assert ranks[1].step_seed(7, 3) == seeds[(1, 3)]  # and the same again on resume
     assert Placement().step_seed(7, 3) is None  # one process keeps its stream
+
+
+def test_gradients_left_on_the_model_do_not_reach_the_first_step() -> None:
+    """An earlier run in the same process that failed after its backward left gradients (NaN here) on the
+    parameters; a new run starts from none."""
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    models = [lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2, dropout=0.0) for _ in "ab"]
+    for p in models[1].parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, float("nan"))
+    cfg = TrainConfig(steps=2, lr=1e-2, warmup_ratio=0.0, progress=False)
+    losses = [train(m, iter(lambda: batch, None), cfg).losses for m in models]
+    assert losses[0] == losses[1]
+
+
+class CountingSource(GradientSource):
+    """A gradient source of its own (not the loop's LossBackward) whose position is part of the run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.drawn = model, 0
+
+    def backward(self, step: int, extra_loss) -> float:
+        gen = torch.Generator().manual_seed(self.drawn)  # the batch depends on the source's position
+        self.drawn += 1
+        x = torch.randn(8, 4, generator=gen)
+        loss = self.model(x, x.flip(-1) * 2)
+        loss.backward()
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
+def test_the_engine_checkpoints_and_resumes_any_gradient_source_through_its_seam(tmp_path) -> None:
+    cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=4, progress=False)
+    full = adapted()
+    Engine(full, cfg, driver=Driver.LOOP).run(CountingSource(full), TrainResult(steps=0, seconds=0.0))
+    interrupted = adapted()
+    Engine(interrupted, cfg, driver=Driver.LOOP).run(
+        CountingSource(interrupted), TrainResult(steps=0, seconds=0.0), output_dir=tmp_path
+    )
+    resumed = adapted()
+    source = CountingSource(resumed)
+    result = Engine(resumed, cfg, driver=Driver.LOOP).run(
+        source, TrainResult(steps=0, seconds=0.0), output_dir=tmp_path, resume=True
+    )
+    assert result.steps == 6 and source.drawn == 6  # restored at 4, then two more draws
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_a_users_hooks_run_beside_the_variants_own_rules() -> None:
+    model = lorakit.apply(Regression(), "adalora", init_r=4, target_r=1, t_init=1, t_final=2, dropout=0.0)
+    layers = [layer for _, layer in lorakit.adapted_layers(model)]
+
+    class Steps(lorakit.Hook):
+        def on_after_step(self, step: int) -> None:
+            seen.append(step)
+
+    seen: list[int] = []
+    train(model, Batches(), TrainConfig(steps=6, lr=1e-2, progress=False), hooks=[Steps(model, layers, 6)])
+    assert seen == list(range(6))
+    assert layers[0].variant.rank == 1  # AdaLoRA's budget still pruned to its final mask
+
+
+def test_passing_the_variants_own_hook_again_is_refused() -> None:
+    model = lorakit.apply(Regression(), "adalora", init_r=4, target_r=1, t_init=1, t_final=2, dropout=0.0)
+    twice = lorakit.make_hooks(model, 6)
+    with pytest.raises(lorakit.SettingError, match="AdaLoRAHook, which the variant declares"):
+        train(model, Batches(), TrainConfig(steps=6, lr=1e-2, progress=False), hooks=twice)

@@ -112,3 +112,13 @@ def test_the_lock_file_names_its_owner_and_an_unlocked_one_is_stale(tmp_path, ca
         pass
     assert "taking over the lock of out left by lorakit export, pid 999999 on gone" in capsys.readouterr().err
     assert not lock.exists()
+
+
+def test_a_held_lock_refuses_federate_before_any_round(tiny_bert_dir, tmp_path, capsys) -> None:
+    target = tmp_path / "fed-out"
+    command = ["federate", "--model", str(tiny_bert_dir), "--clients", "2", "--cohort", "1", "--rounds", "1"]
+    with dirlock.exclusive(target, str(target), "lorakit test"):
+        assert main([*command, "--output-dir", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is being written by another lorakit command (lorakit test" in err
+    assert not target.exists() and not dirlock.lock_path(target).exists()

@@ -8,6 +8,7 @@ from conftest import tiny_llama
 from transformers import TrainingArguments
 
 import lorakit
+from lorakit.errors import SettingError
 from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern
@@ -136,3 +137,36 @@ def test_a_non_finite_gradient_stops_the_trainer_before_the_weights_change(tmp_p
     for n, p in model.named_parameters():
         if p.requires_grad:  # the NaN factor stays as it was set, every other weight untouched
             assert torch.equal(p, before[n]) or torch.isnan(before[n]).all()
+
+
+@pytest.mark.parametrize(
+    ("optim", "expected"),
+    [("adamw_torch", "AdamW"), ("sgd", "SGD"), ("adafactor", "Adafactor"), ("adamw_bnb_8bit", "AdamW")],
+)
+def test_the_optimizer_is_the_one_training_arguments_name(tmp_path, optim: str, expected: str) -> None:
+    if "bnb" in optim:
+        pytest.importorskip("bitsandbytes")
+    model = lorakit.apply(tiny_llama(), "lora_plus", targets=["q_proj", "v_proj"], rank=4, ratio=4.0)
+    trainer = trainer_for(model, sequences(8, 0), tmp_path, optim=optim, adam_beta1=0.8)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer).__name__ == expected
+    module = type(optimizer).__module__
+    assert module.startswith("bitsandbytes") == ("bnb" in optim)
+    if "adamw" in optim:
+        assert all(g["betas"][0] == 0.8 for g in optimizer.param_groups)  # the Trainer's arguments
+    if "bnb" in optim:
+        assert optimizer.args.optim_bits == 8  # 8-bit state, as the Trainer builds it
+    rates = sorted({g["lr"] for g in optimizer.param_groups})
+    assert rates == [LR, 4.0 * LR]  # lorakit's groups: LoRA+'s rate for B
+
+
+def test_an_optimizer_that_builds_its_own_groups_is_refused(tmp_path) -> None:
+    model = lorakit.apply(tiny_llama(), "lora", targets=["q_proj"], rank=4)
+    trainer = trainer_for(model, sequences(8, 0), tmp_path)
+    trainer.optimizer_cls_and_kwargs = (torch.optim.SGD, {"params": list(model.parameters()), "lr": 0.1})
+    with pytest.raises(SettingError, match="builds its own params, so lorakit's parameter groups"):
+        trainer.create_optimizer()
+    missing = trainer_for(model, sequences(8, 0), tmp_path, optim="galore_adamw")
+    missing.optimizer_cls_and_kwargs = None
+    with pytest.raises(SettingError, match="TrainingArguments.optim='galore_adamw': "):
+        missing.create_optimizer()

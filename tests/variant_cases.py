@@ -37,3 +37,17 @@ CASES: dict[str, dict[str, Any]] = {
 
 def case_config(name: str) -> dict[str, Any]:
     return dict(CASES.get(name, {"rank": 4}))
+
+
+def config_with_dropout(name: str, p: float) -> dict[str, Any] | None:
+    """:func:`case_config` with adapter dropout ``p``; None where the variant's config refuses that rate
+    (Delta-LoRA has no dropout)."""
+    from lorakit import get_variant
+    from lorakit.core.variant import ConfigError
+
+    config = case_config(name) | {"dropout": p}
+    try:
+        get_variant(name).config_class.from_dict(config)
+    except ConfigError:
+        return None
+    return config

@@ -6,9 +6,10 @@ settings it changes. Finished runs (with ``metrics.json``) are skipped, so an in
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
 Each run is ``lorakit train`` in a fresh process, so its peak memory is its own. ``lorakit bench`` is the same
-command. For a causal LM, a ``generate`` mapping (``max_new_tokens``, ``batch_size``, ``answer_pattern``,
-``limit``) adds ``lorakit eval --generate`` after each run (its own process, into ``NAME/eval``), and a run
-with ``train: false`` evaluates the base model as it is, the row every tuned one is read against.
+command. For a causal LM, a ``generate`` mapping (flags of ``lorakit eval --generate``: ``max_new_tokens``,
+``batch_size``, ``answer_pattern``, ``limit``, ``generate_limit``) adds that evaluation after each run (in
+its own process, into ``NAME/eval``), and a run with ``train: false`` evaluates the base model as it is, the
+row every tuned one is read against.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.bench.report import write_report
 from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError
@@ -33,7 +34,8 @@ from lorakit.io import CONFIG_FILE
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 REPORT_NAMES = {"results"}  # results.md / results.json / results.png
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
-GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit")  # `lorakit eval --generate`
+# flags of `lorakit eval --generate` a bench file may set
+GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
 EVAL_DIR = "eval"
 
 

@@ -23,11 +23,13 @@ it is (``takes_ids``, ``is_matrix``, ``fan_in_fan_out``, ``kernel_shape``) inste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lorakit.core.quantized import QuantizedBase
 
 
 class LayerKind:
@@ -40,7 +42,7 @@ class LayerKind:
     fan_in_fan_out = False  # the weight is stored ``(in, out)`` (PEFT's name for GPT-2's Conv1D)
 
     def matches(self, layer: nn.Module) -> bool:
-        return isinstance(layer, nn.Linear) or getattr(layer, "lorakit_kind", None) == self.name
+        return isinstance(layer, nn.Linear) or _stands_in_for(layer, self)
 
     def refusal(self, layer: nn.Module) -> str | None:
         """Why a layer this kind matches cannot be adapted after all (None: it can)."""
@@ -99,7 +101,7 @@ class TransposedKind(LayerKind):
         return w2d.t()
 
     def shape_2d(self, layer: nn.Module) -> tuple[int, int]:
-        if _quantized(layer):  # a 4-bit layer has no .weight; it states its shape
+        if isinstance(layer, QuantizedBase):  # a 4-bit layer has no .weight; it states its shape
             return int(layer.out_features), int(layer.in_features)
         return int(layer.weight.shape[1]), int(layer.weight.shape[0])
 
@@ -113,7 +115,7 @@ class GPT2Conv1DKind(TransposedKind):
     def matches(self, layer: nn.Module) -> bool:
         # Matched by structure so transformers stays optional here; a 4-bit layer standing in for a Conv1D
         # names this kind in ``lorakit_kind``.
-        if getattr(layer, "lorakit_kind", None) == self.name:
+        if _stands_in_for(layer, self):
             return True
         return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and layer.weight.dim() == 2
 
@@ -233,12 +235,12 @@ class KindSet:
 def _base_weight(layer: nn.Module) -> Tensor:
     # Quantised layers expose a dequantised view (in the layout of the layer they replace); plain layers
     # their weight.
-    getter: Callable[[], Tensor] | None = getattr(layer, "dequantized_weight", None)
-    return getter() if getter is not None else layer.weight
+    return layer.dequantized_weight() if isinstance(layer, QuantizedBase) else layer.weight
 
 
-def _quantized(layer: nn.Module) -> bool:
-    return callable(getattr(layer, "dequantized_weight", None))
+def _stands_in_for(layer: nn.Module, kind: LayerKind) -> bool:
+    """Whether ``layer`` is a quantised layer standing in for a layer of ``kind``."""
+    return isinstance(layer, QuantizedBase) and layer.lorakit_kind == kind.name
 
 
 def _embed(layer: nn.Module, x: Tensor, table: Tensor) -> Tensor:

@@ -3,6 +3,10 @@
 It freezes the base layer, gives the variant a read-only view of it (kind, shapes, ``weight_2d()``
 dequantised when the base is stored quantised, ``bias``), and implements enable/disable, merge and unmerge
 once. Merging is always explicit: ``.eval()`` never changes weights.
+
+The forward asks the variant for its computation form (:meth:`Variant.form`) and the kernels' policy, through
+the slot in :mod:`lorakit.core.seam`, whether a kernel computes it; otherwise, and wherever hooks watch the
+variant (a kernel would skip its call), the variant's plain forward runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
+from lorakit.core.quantized import QuantizedBase
+from lorakit.core.seam import fast_forward, fast_paths_active
 from lorakit.core.variant import Variant, VariantConfig
 
 
@@ -41,6 +47,8 @@ class AdaptedLayer(nn.Module):
         if not isinstance(shared, variant_class.shared_class):
             shared = variant_class.shared_class(targets={name: (self.out_features, self.in_features)})
         self.variant = variant_class(config, self, shared)
+        if config.adapter_dtype != "float32":  # its floating tensors (shared ones once: the same Parameter)
+            self.variant.to(getattr(torch, config.adapter_dtype))
         self.merged = False
         self.enabled = True
         self.train(base_layer.training)  # a model put in eval mode before apply stays in eval mode
@@ -58,7 +66,7 @@ class AdaptedLayer(nn.Module):
         """Whether :meth:`weight_2d` is a view of a frozen float weight parameter and the bias (if any) is
         frozen. An adapter function may then keep the weight for backward at no memory cost (not a dequantised
         copy of 4-bit codes) and form the base layer's input gradient itself (nothing of the base trains)."""
-        weight, bias = getattr(self.base_layer, "weight", None), self.bias
+        weight, bias = self.stored_weight(), self.bias
         return (
             not self.weight_is_dequantised()
             and isinstance(weight, nn.Parameter)
@@ -86,7 +94,13 @@ class AdaptedLayer(nn.Module):
         """Whether :meth:`weight_2d` dequantises stored codes into a new full-precision tensor (a 4-bit base):
         an adapter keeping that tensor for backward would keep the full-precision weight the 4-bit storage
         exists to avoid."""
-        return callable(getattr(self.base_layer, "dequantized_weight", None))
+        return isinstance(self.base_layer, QuantizedBase)
+
+    def stored_weight(self) -> Tensor:
+        """The tensor the base weight is stored in: the weight itself, or a quantised layer's codes (what a
+        cache derived from the weight is keyed on)."""
+        layer = self.base_layer
+        return layer.stored_weight() if isinstance(layer, QuantizedBase) else layer.weight
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +112,20 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not self.enabled:
             return self.base_layer(x)
+        if fast_paths_active() and not _hooked(self.variant):  # a kernel would skip a hooked variant's call
+            form = self.variant.form(self)
+            out = None if form is None else fast_forward(self, x, form)
+            if out is not None:
+                return out
         y = self.base_layer(x) if self.variant.needs_base_output(x, self) else None
         return self.variant(x, y, self)
+
+    def factored(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``B A`` applied to ``x`` as this layer applies its weight, without forming ``B A``:
+        ``up(down(x, A), B)`` for ``A (r, in)`` and ``B (out, r)``, in ``x``'s dtype (for ids: the
+        factors')."""
+        dtype = x.dtype if x.is_floating_point() else a.dtype
+        return self.kind.up(self.kind.down(self.base_layer, x, a.to(dtype)), b.to(dtype))
 
     def weight_folds_exactly(self, x: Tensor) -> bool:
         """Whether ``op(x, W0 + dW)`` may stand in for ``op(x, W0) + op(x, dW)`` in this forward.
@@ -109,10 +135,9 @@ class AdaptedLayer(nn.Module):
         quantised base would be dequantised for it. Not under torch.func transforms (per-example gradients),
         where the adapter keeps the path its gradients are checked on.
         """
-        weight = getattr(self.base_layer, "weight", None)  # a 4-bit layer has packed codes instead
+        weight = self.stored_weight()  # a 4-bit layer's packed codes are no float weight
         return (
-            isinstance(weight, Tensor)
-            and weight.dtype in (torch.float32, torch.float64)
+            weight.dtype in (torch.float32, torch.float64)
             and x.dtype == weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not torch._C._are_functorch_transforms_active()
@@ -123,10 +148,9 @@ class AdaptedLayer(nn.Module):
         """Fold the adapter into the base weight in place (a quantised base is dequantised first)."""
         if self.merged:
             return
-        to_dense = getattr(self.base_layer, "to_dense", None)
-        if to_dense is not None:
+        if isinstance(self.base_layer, QuantizedBase):
             # Re-quantising would lose the adapter's detail: merging into a 4-bit base gives a dense layer.
-            self.base_layer = to_dense()
+            self.base_layer = self.base_layer.to_dense()
             self.base_layer.requires_grad_(False)
         with torch.no_grad():
             w0 = self.weight_2d()

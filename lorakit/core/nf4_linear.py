@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lorakit.core.kinds import MATRIX_KINDS, kind_of
 from lorakit.core.quant import _FLOAT_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
+from lorakit.core.quantized import QuantizedBase
 
 
 class _NF4LinearFunction(torch.autograd.Function):
@@ -50,7 +51,7 @@ class _NF4LinearFunction(torch.autograd.Function):
 _FP32_STATE = ("weight_absmax", "weight_nested_absmax", "weight_offset")
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedBase):
     """A frozen linear layer whose weight is stored in NF4 (QLoRA, arXiv:2305.14314), the base of QLoRA.
 
     Build one with :meth:`from_linear` from an ``nn.Linear`` or a GPT-2 ``Conv1D``. The quantised weight lives
@@ -159,6 +160,10 @@ class NF4Linear(nn.Module):
         layout: ``(out, in)`` for ``nn.Linear``, ``(in, out)`` (a transposed view) for a GPT-2 ``Conv1D``."""
         w = dequantize_nf4(self.quantized_weight, dtype)  # (out, in)
         return w if self.lorakit_kind == "linear" else w.t()
+
+    def stored_weight(self) -> Tensor:
+        """The packed 4-bit codes."""
+        return self.weight_packed
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():

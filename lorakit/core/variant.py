@@ -3,9 +3,12 @@
 A variant only has to say what change it makes to a layer's ``(out, in)`` weight
 (:meth:`Variant.delta_weight`).
 Everything else has a correct default built on that: the forward pass, merging, unmerging, parameter groups,
-saving. Variants override a default only to be faster (a forward that never forms the delta), or because
-their paper says so (DoRA's merged weight, LoRA+'s learning rates). Rules that act during training (AdaLoRA's
-budget, Delta-LoRA's weight update, DyLoRA's rank sampling) live in a :class:`Hook` that the variant declares.
+saving. Variants override a default where their paper says so (a forward that never forms the delta, DoRA's
+merged weight, LoRA+'s learning rates), always in plain PyTorch. Speed lives elsewhere: a variant whose
+forward is one of the computation forms of :mod:`lorakit.core.forms` declares it (:meth:`Variant.form`), and
+a kernel registered for that form may compute it (``lorakit.kernels``); the variant never names a kernel.
+Rules that act during training (AdaLoRA's budget, Delta-LoRA's weight update, DyLoRA's rank sampling) live in
+a :class:`Hook` that the variant declares.
 
 This file and :mod:`lorakit.core.contract` are the whole contract between a variant and the code that drives
 it: every capability a driver may use is a typed member here with a default (stages before the main run,
@@ -24,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
+from lorakit.core.dropout import dropout
+from lorakit.core.forms import Form
 from lorakit.core.kinds import FACTOR_KINDS, KindSet
-from lorakit.core.lowrank import dropout
 from lorakit.errors import LorakitError
 from lorakit.settings import coerce_field
 
@@ -37,13 +41,19 @@ class ConfigError(LorakitError):
     """A variant config field is unknown or out of range; the message names the field and the fix."""
 
 
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")  # how an adapter's own tensors may be stored
+
+
 @dataclass
 class VariantConfig:
     """Fields every variant shares.
 
     ``targets``: which layers to adapt: a list of module-name suffixes, a regex (full match on the module
     name), or ``"all-linear"`` (every linear layer except the output head). ``train_modules``: module-name
-    suffixes trained in full and saved with the adapter (e.g. a new classification head).
+    suffixes trained in full and saved with the adapter (e.g. a new classification head). ``adapter_dtype``:
+    how the adapter's own tensors are stored, ``float32`` or, as QLoRA's paper keeps them, ``bfloat16`` (half
+    the adapter's memory and its optimizer state's; an update smaller than bf16's spacing near a weight,
+    about 0.4% of it, is rounded away).
     """
 
     rank: int = 8
@@ -51,6 +61,7 @@ class VariantConfig:
     dropout: float = 0.05
     targets: str | list[str] = "all-linear"
     train_modules: list[str] = field(default_factory=list)
+    adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,6 +71,8 @@ class VariantConfig:
         require(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer")
         require(0 < self.alpha < math.inf, "alpha", self.alpha, "a positive finite number")
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        dtypes = ", ".join(ADAPTER_DTYPES)
+        require(self.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", self.adapter_dtype, f"one of {dtypes}")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         self.train_modules = list(self.train_modules)
@@ -157,7 +170,18 @@ class Variant(nn.Module):
     hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
     stages: ClassVar[Stages | None] = None  # work on the training data before the main run
     shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
-    peft: ClassVar[PeftSpec | None] = None  # how it reads and writes PEFT's adapter format (None: it doesn't)
+    # How it reads and writes PEFT's adapter format (None: it doesn't). Declared by each class itself, never
+    # inherited (see __init_subclass__).
+    peft: ClassVar[PeftSpec | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes its parent's math would be written as the parent and read back as it,
+        # without a word: a PEFT spec counts only on the class that declares it.
+        cls.peft = cls.__dict__.get("peft")
+        # Likewise a kernel would compute the parent's form in place of a forward the subclass rewrote.
+        if "forward" in cls.__dict__ and "form" not in cls.__dict__:
+            cls.form = Variant.form  # type: ignore[method-assign]
 
     def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: Shared) -> None:
         """``base`` is a read-only view of the layer (name, kind, shapes, weight); ``shared`` is one
@@ -220,9 +244,19 @@ class Variant(nn.Module):
     def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
         """Whether :meth:`forward` needs the base layer's output for the input ``x``. When False the layer
         skips the base op and :meth:`forward` gets ``y=None`` and computes the whole output (see
-        :meth:`AdaptedLayer.weight_folds_exactly` and :func:`lorakit.core.lowrank.forms_base_output`).
-        Default: True."""
+        :meth:`AdaptedLayer.weight_folds_exactly`). Default: True."""
         return True
+
+    def form(self, base: AdaptedLayer) -> Form | None:
+        """The computation form of :meth:`forward` in this call (:mod:`lorakit.core.forms`), built from the
+        parameters as they are now, through which a registered kernel may compute it instead; None: only
+        :meth:`forward` computes it. A class that writes its own :meth:`forward` declares its own form (or
+        none): it never inherits its parent's."""
+        return None
+
+    def dropout_rate(self) -> float:
+        """The rate of the adapter's input dropout in this call (0 without dropout or outside training)."""
+        return self.dropout.p if self.dropout is not None and self.training else 0.0
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         """Adapted output from the input ``x`` and the base output ``y`` (None only where

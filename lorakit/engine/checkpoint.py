@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import lorakit
+from lorakit.api import info
+from lorakit.core.contract import GradientSource
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
@@ -44,6 +45,7 @@ from lorakit.io import (
     file_in_the_way,
     fill_tensors,
     load_tensors,
+    save,
 )
 
 CHECKPOINT_DIR = "checkpoint"
@@ -86,7 +88,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     hooks: list[Hook]
-    batches: Any
+    gradients: GradientSource  # its state_dict resumes what it draws (the data order)
     result: Any  # lorakit.train.loop.TrainResult: steps, seconds, losses
 
 
@@ -129,7 +131,7 @@ def checkpoint_step(output_dir: Path) -> int | None:
 
 
 def _write_copy(run: RunState, tmp: Path, settings: dict[str, Any]) -> None:
-    lorakit.save(run.model, tmp)
+    save(run.model, tmp)
     state = {
         "step": run.result.steps,
         "seconds": run.result.seconds,
@@ -140,7 +142,7 @@ def _write_copy(run: RunState, tmp: Path, settings: dict[str, Any]) -> None:
         "hooks": [h.state_dict() for h in run.hooks],
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
+        "batches": run.gradients.state_dict(),
         "settings": json.dumps(settings, default=str),
     }
     # serialised here and written by Python's file calls: a full disk is an OSError naming ENOSPC, not torch's
@@ -201,8 +203,8 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state["batches"] is not None and hasattr(run.batches, "load_state_dict"):
-        run.batches.load_state_dict(state["batches"])
+    if state["batches"] is not None:
+        run.gradients.load_state_dict(state["batches"])
     run.result.losses = state["losses"].tolist()
     run.result.seconds = state["seconds"]
     run.result.tokens = state.get("tokens", 0)  # a checkpoint written before tokens were counted: 0
@@ -229,7 +231,7 @@ def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: 
 
 def run_settings(cfg: Any, model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint records: the training config, the adapter's config and base, and ``extra``."""
-    state = lorakit.info(model)
+    state = info(model)
     settings: dict[str, Any] = dict(vars(cfg))
     settings.update({k: v for k, v in state.config.to_dict().items() if k != "targets"})
     settings.update(variant=state.variant, adapted_layers=state.targets, base_fingerprint=state.fingerprint)

@@ -10,7 +10,7 @@ process with the whole batch would take.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,18 @@ from lorakit.errors import LorakitError
 
 class BatchError(LorakitError):
     """The training batches do not fit the model: they ran out, are not model inputs, or give no loss."""
+
+
+@runtime_checkable
+class ResumableBatches(Protocol):
+    """Batches that can continue where a checkpoint left them (``lorakit.train.data.BatchSampler``): their
+    generator and pending order. Other iterators resume with a fresh order."""
+
+    def __next__(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class LossBackward(GradientSource):
@@ -126,11 +138,11 @@ class LossBackward(GradientSource):
             ) from err
 
     def state_dict(self) -> dict[str, Any] | None:
-        # A BatchSampler's generator and pending order resume the data order exactly; a plain iterator can't.
-        return self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        # Resumable batches continue the data order exactly; a plain iterator can't.
+        return self.batches.state_dict() if isinstance(self.batches, ResumableBatches) else None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if hasattr(self.batches, "load_state_dict"):
+        if isinstance(self.batches, ResumableBatches):
             self.batches.load_state_dict(state)
 
 

@@ -14,6 +14,20 @@ from typing import Any
 from torch import Tensor
 
 from lorakit.core.variant import Hook
+from lorakit.errors import SettingError
+
+
+def with_user_hooks(own: list[Hook], user: list[Hook]) -> list[Hook]:
+    """The variant's own hooks, then the user's: a user's hook adds to the variant's rules and never replaces
+    them. A user hook of the same class as one of the variant's would run those rules twice: refused."""
+    classes = {type(hook) for hook in own}
+    twice = [type(hook).__name__ for hook in user if type(hook) in classes]
+    if twice:
+        raise SettingError(
+            f"hooks holds {twice[0]}, which the variant declares and the engine already runs; "
+            "pass only your own hooks (they run after the variant's at every call point)"
+        )
+    return [*own, *user]
 
 
 class HookRunner:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import lorakit
+from lorakit.api import param_groups
 from lorakit.engine.config import TrainConfig
 
 # lorakit name -> (bitsandbytes class, the class used where paging is unavailable)
@@ -63,7 +63,7 @@ def bnb_optimizer(
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over :func:`lorakit.param_groups` (LoRA+'s rates, shared tensors once)."""
-    groups = lorakit.param_groups(model, cfg.lr, cfg.weight_decay)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return bnb_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import lorakit
+from lorakit.api import check_driver, make_hooks
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
 from lorakit.engine.checkpoint import (
@@ -39,8 +39,7 @@ from lorakit.engine.checkpoint import (
     write_checkpoint,
 )
 from lorakit.engine.config import TrainConfig, TrainResult, lr_lambda
-from lorakit.engine.gradients import LossBackward
-from lorakit.engine.hooks import HookRunner
+from lorakit.engine.hooks import HookRunner, with_user_hooks
 from lorakit.engine.optimizers import make_optimizer
 from lorakit.engine.placement import LOCAL, Placement
 from lorakit.errors import SettingError
@@ -53,6 +52,7 @@ class Engine:
     """The optimizer, schedule and hooks of one run of ``cfg.steps`` steps on the adapted ``model``.
 
     Built before anything trains: a variant that cannot run with all its rules in ``driver`` is refused here.
+    ``hooks`` are the caller's own, run after the variant's hooks at every call point.
     """
 
     def __init__(
@@ -66,10 +66,10 @@ class Engine:
     ) -> None:
         if not isinstance(cfg, TrainConfig):
             raise SettingError(f"cfg must be a lorakit TrainConfig, got {type(cfg).__name__}")
-        lorakit.api.check_driver(model, driver)
+        check_driver(model, driver)
         self.model, self.cfg, self.placement = model, cfg, placement
         torch.manual_seed(cfg.seed)
-        self.hooks = HookRunner(lorakit.make_hooks(model, cfg.steps) if hooks is None else hooks)
+        self.hooks = HookRunner(with_user_hooks(make_hooks(model, cfg.steps), hooks or []))
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -123,12 +123,14 @@ class Engine:
         (:func:`lorakit.engine.checkpoint.check_step`)."""
         cfg = self.cfg
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        batches = gradients.batches if isinstance(gradients, LossBackward) else None
-        state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, batches, result)
+        state = RunState(self.model, self.optimizer, self.scheduler, self.hooks.hooks, gradients, result)
         recorded = run_settings(cfg, self.model, settings)
         if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
             check_checkpoint_dir(Path(output_dir), replaces=not resume and not overwrite)
         start = restore_checkpoint(state, Path(output_dir or "."), recorded) if resume else 0
+        # Gradients left on the parameters (an earlier run in this process that failed mid-step) would be
+        # added to the first step's.
+        gradients.zero_grad(self.optimizer)
         self.model.train()
         bar = progress_bar(cfg.steps, start, cfg.progress and self.placement.is_writer, desc)
         began = time.perf_counter() - result.seconds

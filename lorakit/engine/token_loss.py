@@ -3,10 +3,11 @@
 A causal LM's own forward forms the logits of every position (``N x V`` floats; autograd keeps them and their
 softmax) before its loss averages over the labelled ones. Here the backbone's last hidden states are taken
 instead, shifted so position ``i`` predicts token ``i + 1``, and only the labelled positions (the answer, in
-completion-only fine-tuning) go through the head, a chunk at a time where the fast path is on
-(:mod:`lorakit.kernels.cross_entropy`). The loss is returned as a sum with its token count, so a step can
-divide by the number of labelled tokens in all its micro-batches and processes, as one process with the whole
-batch would (a mean of per-micro-batch means weighs a short answer's tokens more).
+completion-only fine-tuning) go through the head, a chunk at a time where the fast path is on (the fused
+linear cross-entropy of ``lorakit/kernels``, reached through :mod:`lorakit.core.seam`). The loss is returned
+as a sum with its token count, so a step can divide by the number of labelled tokens in all its
+micro-batches and processes, as one process with the whole batch would (a mean of per-micro-batch means
+weighs a short answer's tokens more).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit import kernels
-from lorakit.kernels.cross_entropy import fused_linear_cross_entropy
+from lorakit.core.seam import fast_linear_cross_entropy
 
 IGNORE = -100  # the label of a position the loss does not cover
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -31,8 +31,10 @@ def linear_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor) -> Te
     least)."""
     keep = targets != IGNORE
     rows, wanted = hidden[keep], targets[keep]
-    if kernels.enabled() and _plain_linear(head):
-        return fused_linear_cross_entropy(rows, head.weight, head.bias, wanted)
+    if _plain_linear(head):  # a kernel may then take the head's weight itself
+        fast = fast_linear_cross_entropy(rows, head.weight, head.bias, wanted)
+        if fast is not None:
+            return fast
     logits = head(rows)
     loss_dtype = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.to(loss_dtype), wanted, reduction="sum")

@@ -154,7 +154,7 @@ def check_run(cfg: FedConfig) -> CheckedRun:
     """What a run checks before any client is asked: the output directory (an adapter there is replaced only
     with ``overwrite``), the data (every row, the classes, the split:
     :func:`~lorakit.federated.data.check_run_data`) and the settings of the clients' local training."""
-    out = rundir.open_run_dir(cfg.output_dir, overwrite=cfg.overwrite, resume=False)
+    out = rundir.open_run_dir(cfg.output_dir, overwrite=cfg.overwrite, resume=False, resumable=False)
     job, data = check_run_data(cfg)
     local_config(cfg, cfg.batch_size, cfg.seed)
     return CheckedRun(job, data, out)

@@ -1,8 +1,9 @@
 """Run lorakit's training rules inside a ``transformers.Trainer``.
 
-``LorakitTrainer`` is a drop-in ``Trainer`` for an adapted model: it builds the optimizer from the variants'
-parameter groups (LoRA+ rates), adds the hooks' extra losses (AdaLoRA's orthogonality penalty) and runs every
-hook at the same call points as lorakit's own loop, through :class:`LorakitCallback`::
+``LorakitTrainer`` is a drop-in ``Trainer`` for an adapted model: it builds the optimizer that
+``TrainingArguments.optim`` names over the variants' parameter groups (LoRA+ rates), adds the hooks' extra
+losses (AdaLoRA's orthogonality penalty) and runs every hook at the same call points as lorakit's own loop,
+through :class:`LorakitCallback`::
 
     trainer = LorakitTrainer(model=lorakit.apply(model, "adalora"), args=args, train_dataset=ds)
     trainer.train()
@@ -25,12 +26,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import OptimizerNames
 
 import lorakit
 from lorakit.core.contract import Driver
 from lorakit.engine.checkpoint import check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
+from lorakit.errors import SettingError
 
 
 class LorakitCallback(TrainerCallback):
@@ -73,6 +76,32 @@ class LorakitCallback(TrainerCallback):
         return self.hooks.extra_loss(step)
 
 
+class OptimizerError(SettingError):
+    """The Trainer's optimizer setting cannot be honoured with lorakit's parameter groups."""
+
+
+def optimizer_for(args: TrainingArguments, model: nn.Module) -> tuple[Any, dict[str, Any]]:
+    """The optimizer class and arguments the Trainer's own rule gives for ``args.optim``."""
+    try:
+        return Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ImportError, ValueError) as err:
+        name, detail = OptimizerNames(args.optim).value, " ".join(str(err).split())
+        raise OptimizerError(f"TrainingArguments.optim={name!r}: {detail}") from None
+
+
+def refuse_unsupported(optim: str, optimizer_cls: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse an optimizer that builds its own parameter groups or takes the model (GaLore, LOMO, layer-wise
+    and factory optimizers): lorakit's groups would be replaced, or could not be passed at all."""
+    own = sorted({"params", "model", "optimizer_dict"} & set(kwargs))
+    takes_groups = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)
+    if own or not takes_groups:
+        how = f"builds its own {own[0]}" if own else "is not a torch optimizer over parameter groups"
+        raise OptimizerError(
+            f"TrainingArguments.optim={optim!r} {how}, so lorakit's parameter groups cannot be used; choose "
+            "an optimizer over parameter groups, e.g. adamw_torch, adamw_bnb_8bit or paged_adamw_8bit"
+        )
+
+
 class LorakitTrainer(Trainer):
     """A ``Trainer`` that runs lorakit's hooks, adds their losses and uses the variants' parameter groups."""
 
@@ -81,16 +110,15 @@ class LorakitTrainer(Trainer):
         self.lorakit_callback = LorakitCallback(self.model)
         self.add_callback(self.lorakit_callback)
 
-    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The optimizer ``TrainingArguments.optim`` names (or ``optimizer_cls_and_kwargs``), as the Trainer
+        would build it, over the variants' parameter groups (LoRA+'s rates) instead of the Trainer's two
+        weight-decay groups; an optimizer that cannot take those groups is refused."""
         if self.optimizer is None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or optimizer_for(self.args, self.model)
+            refuse_unsupported(OptimizerNames(self.args.optim).value, optimizer_cls, kwargs)
             groups = lorakit.param_groups(self.model, self.args.learning_rate, self.args.weight_decay)
-            self.optimizer = torch.optim.AdamW(
-                groups,
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-                weight_decay=self.args.weight_decay,
-            )
+            self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:

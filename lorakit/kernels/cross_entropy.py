@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorakit.kernels.registry import Kernel, register
+
 _CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MB in fp32), whatever the vocabulary size
 
 
@@ -95,3 +97,8 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, t
     if not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in tensors):
         return _chunked(h, weight, bias, t, (False, False, False))[0]  # evaluation: the loss alone
     return _FusedLinearCrossEntropy.apply(h, weight, bias, t)
+
+
+FUSED_LINEAR_CROSS_ENTROPY = register(
+    Kernel("fused_linear_cross_entropy", "linear_cross_entropy", fused_linear_cross_entropy)
+)

@@ -113,6 +113,11 @@ class JobConfig:
     dropout: float | None = setting(
         None, "dropout on the adapter input, never on the base path (unset: 0.05 where the variant takes it)"
     )
+    adapter_dtype: str | None = setting(
+        None,
+        "how the adapter's own weights are stored: float32, or bfloat16 as in QLoRA's paper (half their "
+        "memory and their optimizer state's) (unset: float32)",
+    )
     options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
@@ -152,6 +157,7 @@ class JobConfig:
         takes the reference budget's value (:data:`BUDGET`) where the variant accepts it, else the variant's
         own default (AdaLoRA's rank follows its init_r, Delta-LoRA has no dropout)."""
         given = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        given["adapter_dtype"] = self.adapter_dtype
         config = {k: v for k, v in given.items() if v is not None} | self.options
         config_class = lorakit.get_variant(self.variant).config_class
         config_class.from_dict(config, self.variant)  # what the user set must hold as it is

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
@@ -50,11 +50,11 @@ class RunDir:
 
 
 @contextlib.contextmanager
-def exclusive(output_dir: str | os.PathLike[str]) -> Iterator[None]:
+def exclusive(output_dir: str | os.PathLike[str], command: str = "lorakit train") -> Iterator[None]:
     """Hold the lock of the run directory ``output_dir`` for the whole block: the one process that writes it
-    (under torchrun, rank 0) calls this around the run."""
+    (under torchrun, rank 0) calls this around the run; ``command`` is named to a second one."""
     run = run_path(output_dir)
-    with dirlock.exclusive(run.path, f"--output-dir {run.shown}", "lorakit train"):
+    with dirlock.exclusive(run.path, f"--output-dir {run.shown}", command):
         yield
 
 
@@ -78,8 +78,11 @@ def run_path(output_dir: str | os.PathLike[str]) -> RunDir:
     return RunDir(path, shown)
 
 
-def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> RunDir:
-    """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap)."""
+def open_run_dir(
+    output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool, resumable: bool = True
+) -> RunDir:
+    """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap).
+    ``resumable``: whether the command offers ``--resume`` (``lorakit federate`` does not)."""
     run = run_path(output_dir)
     path, shown = run.path, run.shown
     finish_swap(path, lambda d: (d / CONFIG_FILE).is_file())  # a kill while an earlier run was swapped in
@@ -94,9 +97,10 @@ def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume:
             "a run resumable"
         )
     if not resume and (path / CONFIG_FILE).is_file() and not overwrite:
+        to_continue = "--resume to continue, " if resumable else ""
         raise OutputDirError(
-            f"{shown} already holds a trained adapter; pass --overwrite to replace it, "
-            "--resume to continue, or choose another --output-dir"
+            f"{shown} already holds a trained adapter; pass --overwrite to replace it, {to_continue}"
+            "or choose another --output-dir"
         )
     if not resume and interrupted and not overwrite:
         raise OutputDirError(

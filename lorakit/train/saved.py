@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 import lorakit
-from lorakit import dirlock
+import lorakit.dirlock as dirlock
 from lorakit.dirswap import building, siblings, staged_for
 from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint

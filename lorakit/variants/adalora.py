@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import Shared
+from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import forms_base_output, low_rank
 from lorakit.core.variant import Variant, VariantConfig, require
 from lorakit.variants.adalora_budget import AdaLoRAHook
 
@@ -109,18 +109,18 @@ class AdaLoRA(Variant):
         e, q, p = self.triplets()
         return self.scale * (p @ (e[:, None] * q))
 
-    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
-        return not forms_base_output(base, x)  # the low-rank function forms W0 x + b0 on its output buffer
-
-    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         e, q, p = self.triplets()
         if e.shape[0] == 0:  # global masking can prune every triplet of a matrix
             # E, Q, P stay in the graph with zero gradient, so every step's backward reaches the same tensors
             # (DistributedDataParallel waits for a gradient of every trainable tensor).
-            y = base.base_layer(x) if y is None else y
             return y + 0.0 * (e.sum() + q.sum() + p.sum())
-        drop = self.config.dropout if self.dropout is not None else 0.0
-        return low_rank(base, x, e[:, None] * q, p, self.scale, drop, self.training, y, with_base=True)
+        # W0 x + b0 + s P (E * (Q x~)), Eq. 3 applied to x~
+        return y + (self.scale * base.factored(self.drop(x), e[:, None] * q, p)).to(y.dtype)
+
+    def form(self, base: AdaptedLayer) -> LowRank | None:
+        e, q, p = self.triplets()
+        return LowRank(e[:, None] * q, p, self.scale, self.dropout_rate()) if e.shape[0] else None
 
     def fix(self, live: Tensor) -> None:
         """Make the mask final. A variant loaded resized (``live.sum()`` triplets, when resuming) is first

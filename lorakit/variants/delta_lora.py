@@ -11,7 +11,8 @@ captured by the hook in ``on_after_step(K)`` (once per optimizer step, whatever 
 Before that the extra term is off. The base weight is never written (frozen, quantised or sharded bases
 work), nothing is lost to bf16 rounding of lr-sized deltas, and the saved adapter ``A, B, A_K, B_K`` plus
 ``lam`` reproduces the trained model from the original base. The forward never forms ``B A``: the extra term
-is one detached rank-``2r`` pass, ``[B, -B_K] [A; A_K] x``, that passes gradient to ``x`` but not to ``A, B``.
+is a pass through detached factors, which gives gradient to ``x`` but not to ``A, B``; as a low-rank form it
+is one product of rank ``3r``, ``s [B, lam sg(B), -lam B_K] [A; sg(A); A_K] x``.
 
 No adapter dropout: the paper removes it so that the gradient of ``B A`` is the gradient of ``W``,
 which its update of ``W`` relies on.
@@ -27,10 +28,10 @@ import torch
 from torch import Tensor
 
 from lorakit.core.contract import Shared
+from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import low_rank
 from lorakit.core.variant import Hook, require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
 @dataclass
@@ -78,6 +79,7 @@ class DeltaLoRA(LoRA):
     summary = "LoRA that also moves W by lam x the change of s B A (stored as two low-rank pairs)"
     paper = "arXiv:2309.02411"
     hook = DeltaLoRAHook
+    peft = LORA_PEFT  # s B A as a LoRA while W has not moved; peft_problem refuses it once it has
 
     def __init__(self, config: DeltaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
@@ -120,11 +122,20 @@ class DeltaLoRA(LoRA):
             dw = dw + self.config.lam * self.scale * (self.B @ self.A - self.B_K @ self.A_K).detach()
         return dw
 
-    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
-        out = low_rank(base, x, self.A, self.B, self.scale, 0.0, self.training, y, with_base=True)
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        s, lam, a, b = self.scale, self.config.lam, self.A, self.B
+        out = y + (s * base.factored(x, a, b)).to(y.dtype)  # W0 x + s B A x
         if not self.active_now:
             return out
-        a2 = torch.cat([self.A, self.A_K]).detach()  # (2r, in)
-        b2 = torch.cat([self.B, -self.B_K], dim=1).detach()  # (out, 2r)
-        extra = low_rank(base, x, a2, b2, self.config.lam * self.scale, 0.0, self.training)
-        return out + extra.to(out.dtype)
+        # + lam s (sg(B A) - B_K A_K) x: gradient reaches x, not A or B
+        moved = base.factored(x, a.detach(), b.detach()) - base.factored(x, self.A_K, self.B_K)
+        return out + (lam * s * moved).to(y.dtype)
+
+    def form(self, base: AdaptedLayer) -> LowRank:
+        if not self.active_now:
+            return LowRank(self.A, self.B, self.scale, 0.0)
+        # s [B, lam sg(B), -lam B_K] [A; sg(A); A_K] = s B A + lam s (sg(B A) - B_K A_K), one rank-3r product
+        lam, a, b = self.config.lam, self.A, self.B
+        a3 = torch.cat([a, a.detach(), self.A_K])  # (3r, in)
+        b3 = torch.cat([b, lam * b.detach(), -lam * self.B_K], dim=1)  # (out, 3r)
+        return LowRank(a3, b3, self.scale, 0.0)

@@ -47,7 +47,7 @@ class DPDyLoRA(DyLoRA):
     summary = "Federated DyLoRA with client-level DP: one server-drawn rank per round, DP-FedAvg updates"
     paper = "arXiv:2405.06368"
     hook = ServerRankHook
-    peft = None  # a federated adapter: exported through lorakit's own format
+    peft = None  # a federated adapter: exported through lorakit's own format (no class inherits a spec)
 
     def round_ranks(self) -> tuple[int, int]:
         """The server draws each round's ``b_t`` from ``min_rank..R``."""

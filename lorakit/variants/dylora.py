@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from lorakit.core import ranks
 from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import forms_base_output, low_rank
 from lorakit.core.variant import Variant, VariantConfig, require
 from lorakit.variants.dylora_hook import DyLoRAHook
 from lorakit.variants.lora import LoRA
@@ -107,13 +107,13 @@ class DyLoRA(Variant):
         a, up, scale = self.factors(self.current_rank if b is None else b)
         return scale * (up @ a)
 
-    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
-        return not forms_base_output(base, x)  # the low-rank function forms W0 x + b0 on its output buffer
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        a, up, scale = self.factors(self.active_rank())  # W0 x + b0 + (alpha / b) B[:, :b] A[:b] x~
+        return y + (scale * base.factored(self.drop(x), a, up)).to(y.dtype)
 
-    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
+    def form(self, base: AdaptedLayer) -> LowRank:
         a, up, scale = self.factors(self.active_rank())
-        p = self.config.dropout if self.dropout is not None else 0.0
-        return low_rank(base, x, a, up, scale, p, self.training, y, with_base=True)
+        return LowRank(a, up, scale, self.dropout_rate())
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         self.merged_rank = self.current_rank

@@ -7,9 +7,8 @@
 (``(b, d k)``, as LyCORIS and PEFT), so ``kron(W1, W2)`` is the flattened ``(out, in * k)`` kernel.
 
 Init as PEFT: ``W1`` (or ``W1a``) is zero and the other factors Kaiming-uniform, so ``dW = 0`` at step 0.
-Linear and GPT-2 Conv1D never form ``dW``: ``kron(W1, W2) x = vec(W1 X W2^T)``, ``X = x~`` viewed ``(c, d)``,
-through :class:`KroneckerProduct`, which saves only ``x`` (kept by the network anyway), the 1-byte dropout
-mask and the two factors, and recomputes the ``(N, a, d)`` intermediate in backward.
+The forward is ``y + op(x~, dW)`` (the default); it is the Kronecker computation form
+(:class:`~lorakit.core.forms.Kronecker`), which a kernel may compute on matrix layers without forming ``dW``.
 """
 
 from __future__ import annotations
@@ -17,15 +16,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.forms import Kronecker
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import _apply_mask, fused_backward_allowed, keep_mask
 from lorakit.core.variant import Variant, VariantConfig, require
 
 
@@ -39,46 +37,6 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     limit = math.isqrt(dim) if factor <= 0 else min(factor, math.isqrt(dim))
     m = max(k for k in range(1, limit + 1) if dim % k == 0)
     return m, dim // m
-
-
-class KroneckerProduct(torch.autograd.Function):
-    """``s W1 X W2^T`` for ``X = x~`` viewed ``(..., c, d)``, ``x~ = x * keep / (1 - p)``: ``(..., a, b)``.
-
-    Plain autograd keeps ``W1 X`` (``N x a d``, the input's size when ``a = c``) and a dropped-out copy of
-    ``x``. Backward with ``G = s dL/dout``: ``dX = W1^T G W2``, ``dW2 = sum_N G^T (W1 X)`` (recomputed, a
-    ``1 / b`` fraction of the forward's work), ``dW1 = sum_N (G W2) X^T``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, w1: Tensor, w2: Tensor, shape: tuple[int, int], scale: float, p: float,
-        mask: Tensor | None,
-    ) -> Tensor:  # fmt: skip
-        xs = (_apply_mask(x, mask) if mask is not None else x).unflatten(-1, shape)  # (..., c, d)
-        out = (w1 @ xs @ w2.t()).mul_(scale / (1 - p))  # (..., a, b)
-        ctx.save_for_backward(x, mask, w1, w2)
-        ctx.shape, ctx.factor = shape, scale / (1 - p)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, mask, w1, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        xs = (_apply_mask(x, mask) if mask is not None else x).unflatten(-1, ctx.shape)
-        xs = xs.reshape(-1, *ctx.shape)  # (N, c, d)
-        g = (grad * ctx.factor).reshape(-1, *grad.shape[-2:])  # (N, a, b)
-        gw2 = g @ w2  # (N, a, d)
-        grad_x = grad_w1 = grad_w2 = None
-        if need[0]:
-            grad_x = (w1.t() @ gw2).flatten(-2)  # (N, c d)
-            grad_x = _apply_mask(grad_x, mask.reshape(grad_x.shape)) if mask is not None else grad_x
-            grad_x = grad_x.view(x.shape)
-        if need[1]:
-            grad_w1 = (gw2 @ xs.transpose(1, 2)).sum(0)  # (a, c)
-        if need[2]:
-            u = w1 @ xs  # (N, a, d), recomputed
-            grad_w2 = g.flatten(0, 1).t() @ u.flatten(0, 1)  # (b, d)
-        return grad_x, grad_w1, grad_w2, None, None, None, None
 
 
 def _param(device: torch.device, *shape: int) -> nn.Parameter:
@@ -174,16 +132,6 @@ class LoKr(Variant):
         w1, w2 = self.factors()
         return self.scale * torch.kron(w1, w2)  # (a b, c d k)
 
-    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
-        if not base.kind.features_last:
-            return super().forward(x, y, base)  # convolutions: y + op(x~, dW)
-        w1, w2 = (w.to(y.dtype) for w in self.factors())
-        shape = (self.shape[2], self.shape[3])  # (c, d)
-        # kron(W1, W2)[i b + j, p d + q] = W1[i, p] W2[j, q], so (dW x)[i b + j] = s (W1 X W2^T)[i, j].
-        if not fused_backward_allowed():
-            xs = self.drop(x).to(y.dtype).unflatten(-1, shape)
-            return y + self.scale * (w1 @ xs @ w2.t()).flatten(-2)
-        p = self.dropout.p if self.training and self.dropout is not None else 0.0
-        keep = keep_mask(x, p) if p > 0 else None
-        out = KroneckerProduct.apply(x.to(y.dtype), w1, w2, shape, self.scale, p, keep)
-        return y + out.flatten(-2)  # (..., a, b) -> (..., a b)
+    def form(self, base: AdaptedLayer) -> Kronecker:
+        w1, w2 = self.factors()
+        return Kronecker(w1, w2, self.scale, self.dropout_rate())

@@ -5,7 +5,8 @@
 
 ``A`` starts Kaiming-uniform (as ``nn.Linear``) and ``B`` at zero, so ``dW = 0`` and the adapted model equals
 the base at step 0. Embedding layers swap the roles (``A = 0``, ``B ~ N(0, 1)``) as in the authors' code.
-The forward never forms ``B A``; see :mod:`lorakit.core.lowrank` for the memory-lean backward.
+The forward never forms ``B A``. It is the low-rank computation form (:class:`~lorakit.core.forms.LowRank`),
+which a kernel may compute with a leaner backward.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.contract import PeftSpec, Shared
+from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.lowrank import forms_base_output, low_rank
 from lorakit.core.variant import Variant, VariantConfig
 
 
@@ -29,6 +30,10 @@ class LoRAConfig(VariantConfig):
     rslora: bool = False
 
 
+# PEFT's LoRA format: the factors under PEFT's names, the scale from r and lora_alpha (or rsLoRA's).
+LORA_PEFT = PeftSpec("LORA", config_fields={"rslora": "use_rslora"}, flags={"use_dora": False})
+
+
 class LoRA(Variant):
     """``dW = (alpha / r) B A``."""
 
@@ -36,7 +41,7 @@ class LoRA(Variant):
     config_class = LoRAConfig
     summary = "Low-rank update W0 + (alpha/r) B A; B starts at zero"
     paper = "arXiv:2106.09685"
-    peft = PeftSpec("LORA", config_fields={"rslora": "use_rslora"}, flags={"use_dora": False})
+    peft = LORA_PEFT
 
     def __init__(self, config: LoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)
@@ -58,9 +63,9 @@ class LoRA(Variant):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)
 
-    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
-        return not forms_base_output(base, x)  # the low-rank function forms W0 x + b0 on its output buffer
+    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+        # h = W0 x + s B A x~ (Eq. 3), W0 x + b0 being the base layer's output y
+        return y + (self.scale * base.factored(self.drop(x), self.A, self.B)).to(y.dtype)
 
-    def forward(self, x: Tensor, y: Tensor | None, base: AdaptedLayer) -> Tensor:
-        p = self.config.dropout if self.dropout is not None else 0.0
-        return low_rank(base, x, self.A, self.B, self.scale, p, self.training, y, with_base=True)
+    def form(self, base: AdaptedLayer) -> LowRank:
+        return LowRank(self.A, self.B, self.scale, self.dropout_rate())

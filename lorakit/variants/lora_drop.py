@@ -70,7 +70,7 @@ class LoRADrop(LoRA):
     paper = "arXiv:2402.07721"
     stages = LoRADropStages()
     shared_class = LoRADropShared
-    peft = None  # PEFT would untie the shared pairs
+    peft = None  # PEFT would untie the shared pairs (said here for the reader: no class inherits a spec)
 
     def __init__(self, config: LoRADropConfig, base: AdaptedLayer, shared: LoRADropShared) -> None:
         super().__init__(config, base, shared)

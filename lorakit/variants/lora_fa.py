@@ -5,9 +5,9 @@
 
 Memory: ``dL/dB = s g^T z`` needs only ``z = A x~`` (``N x r``); ``dL/dA`` would need the input
 (``N x d_in``).
-With ``A`` frozen, :func:`~lorakit.core.lowrank.low_rank` keeps no input-sized tensor for the adapter on
-Linear and GPT-2 Conv1D layers, with dropout too (the mask is regenerated from a seed in backward).
-Convolutions and embeddings go through plain autograd.
+The forward is LoRA's; with ``A`` frozen, the low-rank kernel (``lorakit.kernels.lowrank``) keeps no
+input-sized tensor for the adapter on Linear and GPT-2 Conv1D layers, with dropout too (the mask is drawn
+again from its seed in backward).
 
 Optional v2 correction (``precondition=True``, as PEFT's ``create_lorafa_optimizer``): just before the
 optimizer step, after gradient clipping, ``g_B <- (1/s^2) g_B (A A^T)^+``. With ``g_B = s G A^T`` (``G`` the
@@ -31,7 +31,7 @@ from torch import nn
 from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
 @dataclass
@@ -71,6 +71,7 @@ class LoRAFA(LoRA):
     summary = "LoRA with A frozen at a random init; only B trains (less activation memory)"
     paper = "arXiv:2308.03303"
     hook = LoRAFAHook
+    peft = LORA_PEFT  # the same forward as LoRA; PEFT's LoRA-FA is LoRA with a frozen A in its optimizer
 
     def __init__(self, config: LoRAFAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

@@ -24,7 +24,7 @@ from torch import nn
 from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
 @dataclass
@@ -55,6 +55,7 @@ class LoRAPlus(LoRA):
     config_class = LoRAPlusConfig
     summary = "LoRA with B trained at ratio x the learning rate of A"
     paper = "arXiv:2402.12354"
+    peft = LORA_PEFT  # the same forward as LoRA; the learning rates are no part of the adapter file
 
     def __init__(self, config: LoRAPlusConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

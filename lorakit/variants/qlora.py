@@ -32,7 +32,7 @@ import torch
 
 from lorakit.core.kinds import MATRIX_KINDS
 from lorakit.core.variant import BaseStorage, require
-from lorakit.variants.lora import LoRA, LoRAConfig
+from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 # The dtypes an NF4 layer can dequantise to (as names, so the config stays JSON).
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -80,3 +80,4 @@ class QLoRA(LoRA):
     paper = "arXiv:2305.14314"
     # NF4 stores linear weights (nn.Linear, GPT-2 Conv1D transposed); other kinds are not adapted.
     kinds = MATRIX_KINDS
+    peft = LORA_PEFT  # the factors of a LoRA; PEFT loads the base in 4 bits itself

@@ -1,12 +1,12 @@
-"""Dropout by the dropped positions: products with a masked input ``x * keep`` from the few dropped inputs.
+"""Products with a masked input ``x * keep`` from the few dropped inputs (CPU kernels).
 
 At a small drop rate ``p`` (0.05 by default) a product with the masked input has an exact form that
 touches only the dropped inputs: ``w (x * keep) = w x - w (x * dropped)``; for a gradient ``u`` reaching
 the masked input, ``keep * u`` is ``u`` with its dropped positions written over. So neither an input-sized
 masked copy nor the mask need be formed: the positions (8 bytes per dropped input, 0.4 per input at
 ``p = 0.05``) are kept instead of the 1-byte mask. They come straight from the mask's gap draw
-(:func:`lorakit.core.lowrank.dropped_indices`). Used by the low-rank path (:mod:`lorakit.core.lowrank`) and
-by variants with more products on the masked input.
+(:func:`lorakit.kernels.gaps.dropped_indices`). Used by the low-rank kernel (:mod:`lorakit.kernels.lowrank`)
+and DoRA's (:mod:`lorakit.kernels.dora_positions`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorakit.core.skinny import rank_gram
+from lorakit.kernels.skinny import rank_first, rank_gram
 
 
 class Dropped(NamedTuple):
@@ -36,7 +36,7 @@ class Dropped(NamedTuple):
 
 def dropped_at(flat: Tensor, shape: tuple[int, int]) -> Dropped:
     """The positions of the sorted flat indices ``flat`` into an ``(N, in)`` input, row by row (int32
-    indices where they fit: half the saved bytes, and int32 division is twice as fast)."""
+    indices where they fit: half the saved bytes, and a cheaper division)."""
     n, d = shape
     index = torch.int32 if n * d < 2**31 else torch.int64
     at = flat.to(index)
@@ -45,15 +45,9 @@ def dropped_at(flat: Tensor, shape: tuple[int, int]) -> Dropped:
     return Dropped(rows, at - rows * d, offsets.to(index))
 
 
-def dropped_positions(keep: Tensor) -> tuple[Dropped, Tensor]:
-    """The positions where ``keep`` (``(N, in)``, bool) is False, and their flat indices (int64)."""
-    flat = (~keep).view(-1).nonzero().squeeze(1)
-    return dropped_at(flat, keep.shape), flat
-
-
 def dropped_values(x: Tensor, flat: Tensor) -> Tensor:
     """``x (N, in)`` at the dropped positions (``flat``: their flat indices), ``(nnz,)``."""
-    return x.reshape(-1).index_select(0, flat)  # index_select: ~5x faster than x[flat]
+    return x.reshape(-1).index_select(0, flat)  # one gather; x[flat] takes the general indexing path
 
 
 def product_on_dropped(values: Tensor, w: Tensor, at: Dropped) -> Tensor:
@@ -74,10 +68,16 @@ def gram_on_kept(gz: Tensor, x: Tensor, at: Dropped, flat: Tensor) -> Tensor:
     return rank_gram(gz.t(), x).sub_(gram_on_dropped(gz, dropped_values(x, flat), at, x.shape[1]))
 
 
+def rank_first_on_kept(m: Tensor, rows: Tensor, values: Tensor, at: Dropped) -> Tensor:
+    """:func:`~lorakit.kernels.skinny.rank_first` of the masked rows,
+    ``(rows * keep) @ m.T = rows @ m.T - (rows * dropped) @ m.T``, from the dropped ``values`` at ``at``."""
+    return rank_first(m, rows).sub_(product_on_dropped(values, m, at))
+
+
 def product_at_dropped(g: Tensor, w: Tensor, at: Dropped) -> Tensor:
     """``g w`` (``(N, in)``) at the dropped positions only, ``(nnz,)``: ``g (N, out)``, ``w (out, in)``. A
-    sampled product on the positions' CSR pattern (one vectorised dot product per position, 1.3x-1.8x faster
-    on a CPU than the embedding bag's per-sample-weight gradient, which computes the same)."""
+    sampled product on the positions' CSR pattern: one vectorised dot product per position, where the
+    embedding bag's per-sample-weight gradient (which computes the same) is slower on a CPU."""
     nnz = at.cols.numel()
     rows_start = torch.cat([at.offsets, at.offsets.new_full((1,), nnz)])
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""DoRA's products with the dropout-masked input, computed from the few dropped inputs (CPU).
+"""DoRA's products with the dropout-masked input, computed from the few dropped inputs (CPU kernel).
 
 With input dropout, DoRA (arXiv:2402.09353, Eq. 5 with ``x~ = dropout(x)``) needs ``W0 x~`` besides the base
 output ``y = W0 x + b0``: twice the base layer's matrix products of a LoRA step. Each product with the masked
@@ -15,8 +15,9 @@ input has an exact form that touches only the dropped inputs, a fraction ``p`` (
 
 No input-sized masked copy is formed, and in eager mode only the positions (8 bytes per dropped input, 0.4
 bytes per input at ``p = 0.05``) are saved instead of the 1-byte mask; compiled graphs call the operators at
-the end of this module, which keep a one-element seed instead. A CPU's dense product costs 2-3x more than the
-bag sums; a GPU's dense product is cheaper than gathering, so elsewhere DoRA keeps the dense products.
+the end of this module, which keep a one-element seed instead. On a CPU the dense products cost several times
+the bag sums; a GPU's dense product is cheaper than gathering, so elsewhere DoRA's kernel keeps the dense
+products.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorakit.core import dropped
-from lorakit.core.lowrank import dropped_indices, rank_first_on_kept, takes_positions
-
-
-def sparse_complement_pays(x: Tensor, y: Tensor, w0: Tensor, p: float) -> bool:
-    """Whether the dropped-input forms beat dense products: where the low-rank path takes them
-    (:func:`~lorakit.core.lowrank.takes_positions`: a CPU, a small drop rate, fp32/fp64), with ``y`` and
-    ``W0`` in ``x``'s dtype (no autocast: ``y`` is then exactly ``W0 x + b0`` in the product's precision)."""
-    return takes_positions(x, x.dtype, p) and y.dtype == w0.dtype == x.dtype
+import lorakit.kernels.dropped as dropped
+from lorakit.kernels.dropped import rank_first_on_kept
+from lorakit.kernels.gaps import dropped_indices
 
 
 def products_on_kept(
@@ -69,7 +64,7 @@ def input_grads_on_kept(
 
 # Under torch.compile the dropped count is data-dependent, so the compiled graph calls these operators, which
 # draw the positions themselves from the one-element seed the compiled function keeps (the same draw as eager
-# mode's, :func:`~lorakit.core.lowrank.dropped_indices`), whole.
+# mode's, :func:`~lorakit.kernels.gaps.dropped_indices`), whole.
 
 
 def _positions_from(seed: Tensor, p: float, x: Tensor) -> tuple[dropped.Dropped, Tensor]:
