@@ -302,3 +302,18 @@ def test_replicated_gradients_are_averaged_once_per_step(monkeypatch: pytest.Mon
     assert len(reduced) == 2  # weight and bias, once each
     want = torch.autograd.grad((layer(x1).square().sum() + layer(x2).square().sum()) / 2, [layer.weight])[0]
     torch.testing.assert_close(layer.weight.grad, want)
+
+
+def test_dp_dylora_is_refused_by_lorakit_train_with_where_it_runs(setup, tmp_path, capsys) -> None:
+    """Outside a federated run DP-DyLoRA would train plain LoRA: `lorakit train` refuses it, with or without
+    --distributed, before anything is loaded or written."""
+    from lorakit.cli import main
+
+    model, data = setup
+    flags = ["train", "--variant", "dp_dylora", "--model", str(model), "--data", str(data)]
+    for extra in ([], ["--distributed", "ddp"]):
+        out = tmp_path / f"run{len(extra)}"
+        assert main([*flags, *extra, "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "lorakit federate" in err[0] and "variant 'dp_dylora'" in err[0]
+        assert not out.exists()

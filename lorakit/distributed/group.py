@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lorakit.core.contract import Driver
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
 from lorakit.train.data import TokenizedData
@@ -45,6 +46,7 @@ class Distributed(Placement):
     world_size: int
     device: torch.device
     _attached: tuple[nn.Module, nn.Module, KeepLocal] | None = field(default=None, repr=False)
+    driver = Driver.DISTRIBUTED  # a class attribute, not a field: variants may refuse a distributed run
 
     @property
     def is_main(self) -> bool:

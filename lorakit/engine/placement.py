@@ -12,11 +12,14 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from lorakit.core.contract import Driver
+
 
 class Placement:
     """One process on one device (the default): every method is the identity."""
 
     is_writer: bool = True  # this process writes checkpoints and reports and shows progress (rank 0)
+    driver: Driver = Driver.LOOP  # what lorakit's loop in this placement is to a variant (its refusal)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model here)."""

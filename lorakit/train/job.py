@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.core.contract import Driver
+from lorakit.core.contract import CapabilityError, Driver
+from lorakit.core.variant import VariantConfig
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.errors import LorakitError
@@ -111,9 +112,18 @@ class JobConfig:
         check_settings(self, checks, "job", rules)
         if self.quantize is not None:
             check_quant_type(self.quantize)
-        # the variant's settings are checked now, before anything is read or written
+        self.variant_config()  # the variant's settings are checked now, before anything is read or written
+
+    def variant_config(self) -> VariantConfig:
+        """The variant's config from the job's rank, alpha, dropout and options (checked)."""
         config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, **self.options}
-        lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+        return lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+
+    def driver(self) -> Driver:
+        """How the job trains, as a variant sees it (:meth:`lorakit.Variant.refusal`)."""
+        if self.privacy.dp:
+            return Driver.DP_SGD
+        return Driver.DISTRIBUTED if self.distributed else Driver.LOOP
 
     def classes(self) -> D.ClassLabels | None:
         """The classes given or recorded (None until :func:`resolve_classes` counts them in the data)."""
@@ -243,6 +253,13 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def check_variant_runs(job: JobConfig) -> None:
+    """Refuse, before anything is loaded, a variant that cannot run in the job's driver (its refusal)."""
+    reason = lorakit.get_variant(job.variant).refusal(job.driver(), job.variant_config())
+    if reason is not None:
+        raise CapabilityError(reason)
+
+
 def check_output_dir(job: JobConfig) -> rundir.RunDir:
     """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`)."""
     return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
@@ -298,6 +315,7 @@ def run_job(job: JobConfig) -> JobResult:
 
     With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
     """
+    check_variant_runs(job)
     out = check_output_dir(job)
     job = resolve_classes(job)  # every label checked before training; the classes size the head
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
@@ -383,7 +401,8 @@ def _train(
     # batch and the result is broadcast; the loop then finds none pending. Otherwise they run in the loop.
     decided_first = None
     if scale is not None:
-        decided_first = scale.prepare(lambda m, b, c: run_stages(m, b.data, c, Driver.LOOP, stage_run), model)
+        stages = lambda m, b, c: run_stages(m, b.data, c, Driver.DISTRIBUTED, stage_run)  # noqa: E731
+        decided_first = scale.prepare(stages, model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,

@@ -67,8 +67,8 @@ def train(
     ``placement`` (a :class:`lorakit.distributed.Distributed`) wraps the model (DDP / FSDP2) and only its
     rank 0 writes.
     """
-    decided = run_pending_stages(model, batches, cfg, Driver.LOOP, stage_run)
-    engine = Engine(model, cfg, driver=Driver.LOOP, hooks=hooks, placement=placement)
+    decided = run_pending_stages(model, batches, cfg, placement.driver, stage_run)
+    engine = Engine(model, cfg, driver=placement.driver, hooks=hooks, placement=placement)
     gradients = LossBackward(model, batches, cfg, placement)
     result = TrainResult(steps=0, seconds=0.0, decided=decided)
     return engine.run(
