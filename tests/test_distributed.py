@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import WORLD, job, spawn_jobs, without_dropout, write_data
+from dist_harness import (
+    WORLD,
+    Jobs,
+    Probes,
+    free_port,
+    job,
+    run_ranks,
+    spawn_jobs,
+    without_dropout,
+    write_data,
+)
 from safetensors.torch import load_file
 
 import lorakit
@@ -146,11 +157,12 @@ def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
 
 def test_distributed_needs_torchrun_and_refuses_dp_sgd(setup, tmp_path, monkeypatch):
     from lorakit.cli import main
+    from lorakit.distributed import LaunchError
 
     model, data = setup
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+    with pytest.raises(LaunchError, match="torchrun --nproc_per_node"):
         run_job(job(model, data, tmp_path / "a", "lora", {}, 4, "ddp"))
     private = job(model, data, tmp_path / "b", "lora", {}, 4, "fsdp")
     private.privacy.dp, private.privacy.noise_multiplier = True, 1.0
@@ -317,3 +329,99 @@ def test_dp_dylora_is_refused_by_lorakit_train_with_where_it_runs(setup, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "lorakit federate" in err[0] and "variant 'dp_dylora'" in err[0]
         assert not out.exists()
+
+
+def test_a_torchrun_process_without_distributed_is_refused(setup, tmp_path, monkeypatch, capsys) -> None:
+    """One of several torchrun processes with no --distributed would train the whole job into the shared
+    output directory: it stops with one line that names the fix, before anything is written."""
+    from dist_harness import loopback_env
+
+    from lorakit.cli import main
+
+    model, data = setup
+    for rank in range(WORLD):
+        for name, value in loopback_env(rank, free_port()).items():
+            monkeypatch.setenv(name, value)
+        out = tmp_path / "out"
+        assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "WORLD_SIZE=2" in err[0] and "--distributed ddp" in err[0]
+        assert not out.exists() and not any(tmp_path.glob(".out*"))
+
+
+def test_train_help_shows_the_torchrun_launches(capsys) -> None:
+    from lorakit.cli import main
+
+    assert main(["train", "--help"]) == 0
+    shown = capsys.readouterr().out
+    for form in ("--nproc_per_node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts"):
+        assert form in shown
+    assert "--resume auto" in shown
+
+
+def test_a_dead_rank_is_named_and_its_run_resumes_in_its_own_layout_from_rank_0s_files(setup, tmp_path):
+    """Rank 1 dies at step 6 of 8 (a checkpoint holds step 4): rank 0 stops with one line that names rank 1
+    and --resume. The checkpoint records the 2-rank layout, so one process cannot resume it; a 2-rank
+    relaunch with `--resume auto` continues from step 4 (4 steps x 2 micro-batches) to the adapter of one
+    process with the same global batch. Rank 0 alone touches files: it also ends a swap an earlier run left
+    half done (a rename every rank used to make)."""
+    from lorakit.engine.checkpoint import ResumeError
+
+    model, data = setup
+    out = tmp_path / "run"
+    two = job(model, data, out, "lora", {}, batch_size=4, mode="ddp")
+    two.train.checkpoint_every = 2
+    died = run_ranks(Jobs([[two]] * WORLD), Probes(exit_at=(1, 5)))
+    assert died[1].died and died[0].error is not None
+    assert died[0].error.startswith("PeerFailedError: rank 0 stopped because rank 1 of this 2-process run")
+    assert "by peer" in died[0].error and "--resume (or --resume auto)" in died[0].error
+    assert not out.exists() and (tmp_path / ".run.lorakit-new" / "checkpoint").is_dir()
+
+    alone = dataclasses.replace(two, distributed=None, resume=True)
+    with pytest.raises(ResumeError, match="setting distributed is None but the checkpoint was trained with"):
+        run_job(alone)
+
+    earlier = tmp_path / ".run.lorakit-old"  # a kill between the renames of an earlier run's swap
+    earlier.mkdir()
+    (earlier / lorakit.io.CONFIG_FILE).write_text("{}")
+    again = dataclasses.replace(two, resume="auto")
+    ranks = run_ranks(Jobs([[again]] * WORLD), Probes(writes_under=str(tmp_path), batches=True))
+    assert [r.error for r in ranks] == [None, None]
+    assert ranks[1].writes == [] and any("os.rename" in w for w in ranks[0].writes)
+    assert ranks[0].batches == ranks[1].batches == [4] * (8 - 4) * 2  # resumed at step 4
+    assert_same_adapter(adapter(out), adapter(single_process(setup, tmp_path, "lora", {})))
+    assert json.loads((out / "metrics.json").read_text())["extra"]["world_size"] == WORLD
+
+
+def test_ranks_started_with_different_jobs_all_stop_before_training_naming_the_difference(setup, tmp_path):
+    """Rank 1's launcher got another learning rate, a data file with flipped labels and fewer rows, and a
+    copy of the base with one changed weight: both ranks stop before anything is written, with one line."""
+    from safetensors.torch import save_file
+
+    model, data = setup
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:40]
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**row, "label": 1 - row["label"]}) + "\n" for row in rows))
+    other = without_dropout(model, tmp_path / "other-bert")
+    weights = load_file(str(other / "model.safetensors"))
+    weights["bert.embeddings.word_embeddings.weight"][7] += 0.01  # a weight outside the adapted layers
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    first = job(model, data, out, "lora", {}, batch_size=4, mode="ddp")
+    second = job(other, flipped, out, "lora", {}, batch_size=4, mode="ddp")
+    second.train.lr = 1e-2
+    ranks = run_ranks(Jobs([[first], [second]]))
+    assert ranks[0].error == ranks[1].error and ranks[0].error is not None
+    err = ranks[0].error
+    want = "the ranks disagree before training: setting lr is 0.01 on rank 1 but 0.02 on rank 0"
+    assert err.startswith(f"RanksDisagreeError: {want}"), err
+    assert "; also training data on rank 1; also base model on rank 1." in err
+    assert not out.exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_ddp_never_broadcasts_the_frozen_buffers(setup):
+    """A 4-bit base's packed codes are buffers, several times the adapter's gradients in bytes; they are
+    checked identical before training and never broadcast (rank 1's changed code survives two steps)."""
+    from dist_harness import BufferBroadcasts
+
+    assert [r.error for r in run_ranks(BufferBroadcasts(setup[0]))] == [None, None]

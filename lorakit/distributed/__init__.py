@@ -8,7 +8,15 @@ and says who writes (:func:`writes_files`). :mod:`lorakit.distributed.sync` keep
 identical; :mod:`lorakit.distributed.memory` reports what each rank holds of the base weights.
 """
 
-from lorakit.distributed.group import MODES, Distributed, join, writes_files
+from lorakit.distributed.group import MODES, Distributed, LaunchError, check_one_process, join, writes_files
 from lorakit.distributed.sharding import ShardedBatchSampler
 
-__all__ = ["MODES", "Distributed", "ShardedBatchSampler", "join", "writes_files"]
+__all__ = [
+    "MODES",
+    "Distributed",
+    "LaunchError",
+    "ShardedBatchSampler",
+    "check_one_process",
+    "join",
+    "writes_files",
+]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,14 +20,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.core.contract import Driver
+from lorakit.distributed.failures import peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
+from lorakit.errors import LorakitError
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
     from lorakit.distributed.wrap import KeepLocal
 
 MODES = ("ddp", "fsdp")
+T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -91,9 +95,28 @@ class Distributed(Placement):
             return contextlib.nullcontext()
         return self._attached[2]()
 
+    def lost_peer(self, err: BaseException) -> bool:
+        return peer_failed(err)
+
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has created the run's staging directory)."""
         dist.barrier()
+
+    def on_main(self, decide: Callable[[], T]) -> T:
+        """``decide()`` on rank 0 alone (it looks at or changes files, as only rank 0 may); every rank gets
+        its result, or raises the error it raised, so all stop with the same line. The result travels
+        pickled between the run's own processes: plain values only."""
+        outcome: list[Any] = [None]
+        if self.is_main:
+            try:
+                outcome[0] = (True, decide())
+            except Exception as err:  # noqa: BLE001 - raised below, on every rank
+                outcome[0] = (False, err)
+        dist.broadcast_object_list(outcome, src=0)
+        done, value = outcome[0]
+        if not done:
+            raise value
+        return value
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over all ranks (the logged loss is the global batch's)."""
@@ -102,12 +125,28 @@ class Distributed(Placement):
         return float(total.item()) / self.world_size
 
 
+class LaunchError(LorakitError):
+    """The processes were launched in a way the job cannot run in; the message shows the launch that works."""
+
+
+def check_one_process() -> None:
+    """Refuse a job without ``--distributed`` in one of several processes torchrun started: each would train
+    the whole job into the same output directory, racing the others' files."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world.isdigit() and int(world) > 1:
+        raise LaunchError(
+            f"this process is one of {world} that torchrun started (WORLD_SIZE={world}) but the job is not "
+            "distributed, so each would train the whole job into the same --output-dir; add --distributed "
+            "ddp (or fsdp), or run a single process without torchrun"
+        )
+
+
 def _check_launch(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
+        raise LaunchError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise ValueError(
+        raise LaunchError(
             f"--distributed {mode} needs a torchrun launch (missing {', '.join(missing)}); run e.g. "
             f"`torchrun --nproc_per_node 2 -m lorakit train --distributed {mode} ...`"
         )

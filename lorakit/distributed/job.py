@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lorakit.distributed.agree import check_ranks_agree, describe
+from lorakit.distributed.failures import peer_failures
 from lorakit.distributed.group import Distributed, join
 from lorakit.distributed.memory import base_weight_bytes, packed_digest
 from lorakit.distributed.sharding import ShardedBatchSampler
@@ -33,6 +36,15 @@ class ScaleOut:
                 "noising the whole batch. Train with --dp on a single process (no --distributed)."
             )
         return cls(job, join(str(job.distributed)))
+
+    def watch(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which a broken collective (a peer process that died) becomes one clear error."""
+        return peer_failures(self.group.rank, self.group.world_size, bool(self.job.train.checkpoint_every))
+
+    def agree(self, model: nn.Module, training: str, evaluation: str | None) -> None:
+        """Every rank runs rank 0's job (settings, data, base model, code), or all stop here with one line
+        (:mod:`lorakit.distributed.agree`). ``training``, ``evaluation``: the data's identities."""
+        check_ranks_agree(describe(self.job, model, training, evaluation), self.group.world_size)
 
     def start(self, model: nn.Module, data: TokenizedData) -> ShardedBatchSampler:
         """Move the model to this rank's device; this rank's batches of the training data."""

@@ -95,8 +95,10 @@ def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
         ids = [group.device.index] if group.device.type == "cuda" else None
         # No search for unused parameters: it would mark the tensors of a loss term computed outside
         # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
-        # in the graph of every step instead.
-        ddp = DistributedDataParallel(model, device_ids=ids)
+        # in the graph of every step instead. No buffer broadcasts: the buffers are frozen (a 4-bit base's
+        # packed codes and scales, several times the adapter's gradients) and were checked identical on
+        # every rank before training (lorakit.distributed.agree), so broadcasting them each forward is waste.
+        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return ddp, ddp.no_sync
     averager = GradientAverager([p for p in model.parameters() if p.requires_grad], group.world_size)
     return shard(model, group), averager.paused

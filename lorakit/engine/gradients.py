@@ -89,7 +89,7 @@ class LossBackward(GradientSource):
         except torch.OutOfMemoryError:
             raise
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
-            if isinstance(err, LorakitError):
+            if isinstance(err, LorakitError) or self.placement.lost_peer(err):
                 raise
             raise BatchError(
                 f"the model cannot run on the training batch of step {step + 1} ({describe(batch)}): "

@@ -41,6 +41,11 @@ class Placement:
         and averaging their sum once equals averaging each (``grad_accum - 1`` fewer all-reduces a step)."""
         return contextlib.nullcontext()
 
+    def lost_peer(self, err: BaseException) -> bool:
+        """Whether ``err`` is a collective that another process's failure broke, not an error of this
+        process's own (never, in one process)."""
+        return False
+
     def barrier(self) -> None:
         """Wait for every process (before reading what rank 0 wrote)."""
 

@@ -20,6 +20,7 @@ from torch import nn
 import lorakit
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import VariantConfig
+from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.errors import LorakitError
@@ -84,7 +85,9 @@ class JobConfig:
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
     overwrite: bool = setting(False, "replace an adapter already in output_dir")
-    resume: bool = setting(False, "continue from output_dir/checkpoint")
+    resume: bool | str = setting(
+        False, "continue from output_dir's checkpoint; auto: continue if there is one, else start (restarts)"
+    )
     distributed: str | None = setting(
         None,
         "under torchrun: ddp (model replicated) or fsdp (FSDP2, frozen base sharded); batch-size is per rank",
@@ -101,6 +104,7 @@ class JobConfig:
             "num_labels": self.num_labels is None or self.num_labels >= 2,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
+            "resume": self.resume in (True, False, "auto"),
         }
         rules = {
             "model": "a model name or path",
@@ -108,6 +112,7 @@ class JobConfig:
             "num_labels": "at least 2 (lorakit trains no regression heads); unset: counted from the data",
             "labels": "at least 2 distinct class names",
             "output_dir": "a directory path",
+            "resume": "true, false or auto",
         }
         check_settings(self, checks, "job", rules)
         if self.quantize is not None:
@@ -260,9 +265,21 @@ def check_variant_runs(job: JobConfig) -> None:
         raise CapabilityError(reason)
 
 
-def check_output_dir(job: JobConfig) -> rundir.RunDir:
-    """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`)."""
-    return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
+def open_output(job: JobConfig, scale: ScaleOut | None) -> tuple[rundir.RunDir, bool]:
+    """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`), and
+    whether the run resumes (``resume: auto``: whether it holds an interrupted run's checkpoint).
+
+    In a distributed run rank 0 alone looks at the directory and decides (so it alone would hold a lock on
+    it); the other ranks take its decision, or stop with its error."""
+    opened: list[rundir.RunDir] = []
+
+    def check() -> bool:
+        resume = rundir.interrupted_run(job.output_dir) if job.resume == "auto" else bool(job.resume)
+        opened.append(rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=resume))
+        return resume
+
+    resume = check() if scale is None else scale.group.on_main(check)
+    return (opened[0] if opened else rundir.locate(job.output_dir)), resume
 
 
 def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any) -> None:
@@ -315,19 +332,33 @@ def run_job(job: JobConfig) -> JobResult:
 
     With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
     """
+    if not job.distributed:
+        check_one_process()  # not one of several processes torchrun started
     check_variant_runs(job)
-    out = check_output_dir(job)
-    job = resolve_classes(job)  # every label checked before training; the classes size the head
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
+    if scale is None:
+        return _run_job(job, None)
+    with scale.watch():  # a peer process that dies is named as such, not as an error of this one
+        return _run_job(job, scale)
+
+
+def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
+    """:func:`run_job` once the job may run in its driver (and has joined its process group)."""
+    out, resume = open_output(job, scale)
+    # every label checked before training (the classes size the head); what ran records the resume taken
+    job = dataclasses.replace(resolve_classes(job), resume=resume)
     model, tokenizer = prepare_model(job)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
+    identity = data_identity(train_data)
+    if scale is not None:  # every rank runs rank 0's job, or all stop here
+        scale.agree(model, identity, data_identity(eval_data) if eval_data is not None else None)
     writes = scale is None or scale.group.is_main
     staging = rundir.begin(out, resume=job.resume) if writes else out.staging
     if scale is not None:
         scale.group.barrier()  # the staging directory exists before any rank reads a checkpoint there
     try:
-        result, decided, started = _train(job, model, train_data, eval_data, staging, scale)
+        result, decided, started = _train(job, model, train_data, eval_data, staging, scale, identity)
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}
         if writes:
@@ -380,8 +411,10 @@ def _train(
     eval_data: Any,
     staging: Path,
     scale: ScaleOut | None,
+    identity: str,
 ) -> tuple[Any, dict[str, Any], float]:
-    """Run the job's training driver; evaluations during training only if asked (``eval_every``)."""
+    """Run the job's training driver; evaluations during training only if asked (``eval_every``).
+    ``identity``: the training data's (:func:`data_identity`), which a resume must train on again."""
     if scale is None:
         batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
     else:
@@ -408,7 +441,10 @@ def _train(
         "task": job.task,
         "num_labels": job.num_labels,
         "quantize": job.quantize,
-        "training_data": data_identity(train_data),
+        "training_data": identity,
+        # the global batch and the summation order: a checkpoint resumes only in the same layout
+        "distributed": job.distributed,
+        "world_size": 1 if scale is None else scale.group.world_size,
     }
     result: TrainResult = train(
         model,

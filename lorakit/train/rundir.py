@@ -42,6 +42,19 @@ class RunDir:
         return siblings(self.path)[0]
 
 
+def locate(output_dir: str | os.PathLike[str]) -> RunDir:
+    """Where a run with ``output_dir`` puts its result and builds it; looks at nothing (a distributed run's
+    other ranks use this, rank 0 alone opens the directory with :func:`open_run_dir`)."""
+    return RunDir(Path(output_dir).expanduser().absolute(), str(output_dir))
+
+
+def interrupted_run(output_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``output_dir`` has an interrupted run with a checkpoint to resume (``--resume auto``); reads
+    only, and is False for a path :func:`open_run_dir` refuses anyway."""
+    run = locate(output_dir)
+    return run.path.parent != run.path and has_checkpoint(run.staging)
+
+
 def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> RunDir:
     """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap)."""
     shown = str(output_dir)
