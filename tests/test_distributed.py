@@ -66,11 +66,15 @@ def single_process(setup, tmp: Path, variant: str, options: dict) -> Path:
 
 
 def check_matches_single_process(setup, tmp_path: Path, mode: str, cases: dict[str, dict]) -> None:
-    """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 8 examples x 2."""
+    """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 8 examples x 2; every rank
+    trains on its 4 examples of each global batch, LoRA-drop's stage included."""
     model, data = setup
-    spawn_jobs(
-        [job(model, data, tmp_path / mode / v, v, o, batch_size=4, mode=mode) for v, o in cases.items()]
+    ranks = spawn_jobs(
+        [job(model, data, tmp_path / mode / v, v, o, batch_size=4, mode=mode) for v, o in cases.items()],
+        Probes(batches=True),
     )
+    stage = RULES["lora_drop"]["sample_steps"] * 2 if "lora_drop" in cases else 0
+    assert ranks[0].batches == ranks[1].batches == [4] * (len(cases) * 8 * 2 + stage)
     for variant, options in cases.items():
         want = adapter(single_process(setup, tmp_path, variant, options))
         assert_same_adapter(adapter(tmp_path / mode / variant), want)
@@ -137,7 +141,7 @@ def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path):
 
 # --- one process: sharding, refusals, bytes ---------------------------------------------------------------
 def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
-    from lorakit.distributed import ShardedBatchSampler
+    from lorakit.distributed import Distributed, ShardedBatchSampler
     from lorakit.train.data import BatchSampler, TokenizedData
 
     data = TokenizedData([[i, i + 1] for i in range(10)], list(range(10)), 0)
@@ -152,7 +156,7 @@ def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
     resumed.load_state_dict(state)
     assert torch.equal(next(resumed)["labels"], next(ranks[1])["labels"])
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        ShardedBatchSampler(data, 6, 0, 0, 2)
+        Distributed("ddp", 0, 2, torch.device("cpu")).sampler(data, 6, 0)
 
 
 def test_distributed_needs_torchrun_and_refuses_dp_sgd(setup, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.core.contract import Driver
 from lorakit.distributed.failures import peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
 from lorakit.errors import LorakitError
 from lorakit.train.data import TokenizedData
@@ -77,15 +78,25 @@ class Distributed(Placement):
 
     def sampler(self, data: TokenizedData, batch_size: int, seed: int) -> ShardedBatchSampler:
         """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
+        if len(data) < batch_size * self.world_size:
+            raise ValueError(
+                f"the training data has {len(data)} examples, fewer than one global batch "
+                f"({batch_size} per rank x {self.world_size} ranks); lower --batch-size or use more data"
+            )
         return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size)
+
+    def for_stages(self) -> Placement:
+        # A variant's stages train data-parallel on the unwrapped model (lorakit.distributed.sync).
+        return StagePlacement(self)
 
     def attach(self, model: nn.Module) -> nn.Module:
         """The module to run forward and backward on: the DDP wrapper, or ``model`` sharded in place by FSDP2
-        (with its replicated trainable tensors' gradients averaged in backward). Wraps ``model`` once;
-        attaching it again returns the same module."""
+        (with its replicated trainable tensors' gradients averaged in backward), once every rank holds rank
+        0's adapter. Wraps ``model`` once; attaching it again returns the same module."""
         from lorakit.distributed.wrap import wrap
 
         if self._attached is None or self._attached[0] is not model:
+            match_rank_0(model, self.rank)
             self._attached = (model, *wrap(model, self))
         return self._attached[1]
 

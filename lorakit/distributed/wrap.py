@@ -16,6 +16,7 @@ never shards or casts: they stay packed, whole on every rank.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,11 @@ def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
         # in the graph of every step instead. No buffer broadcasts: the buffers are frozen (a 4-bit base's
         # packed codes and scales, several times the adapter's gradients) and were checked identical on
         # every rank before training (lorakit.distributed.agree), so broadcasting them each forward is waste.
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers (absent before), which still
+            # broadcasts every buffer once at construction; broadcast_buffers=False never does.
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return ddp, ddp.no_sync
     averager = GradientAverager([p for p in model.parameters() if p.requires_grad], group.world_size)
     return shard(model, group), averager.paused

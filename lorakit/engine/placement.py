@@ -41,6 +41,11 @@ class Placement:
         and averaging their sum once equals averaging each (``grad_accum - 1`` fewer all-reduces a step)."""
         return contextlib.nullcontext()
 
+    def for_stages(self) -> Placement:
+        """Where a variant's stages before the main run (LoRA-drop's selection) train: here, in one process;
+        a distributed run trains them data-parallel before it wraps the model."""
+        return self
+
     def lost_peer(self, err: BaseException) -> bool:
         """Whether ``err`` is a collective that another process's failure broke, not an error of this
         process's own (never, in one process)."""

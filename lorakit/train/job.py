@@ -30,9 +30,8 @@ from lorakit.quant_api import check_quant_type
 from lorakit.settings import check_settings, check_types, setting
 from lorakit.train import data as D
 from lorakit.train import rundir
-from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
+from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import TASKS, head_modules, load_model
-from lorakit.train.stages import run_stages
 
 
 @dataclass
@@ -430,12 +429,6 @@ def _train(
 
         result, decided = train_job_private(job, model, train_data, evaluate_fn)
         return result, decided, started
-    # Distributed: stages before the main run (LoRA-drop's selection) run once on rank 0 with the global
-    # batch and the result is broadcast; the loop then finds none pending. Otherwise they run in the loop.
-    decided_first = None
-    if scale is not None:
-        stages = lambda m, b, c: run_stages(m, b.data, c, Driver.DISTRIBUTED, stage_run)  # noqa: E731
-        decided_first = scale.prepare(stages, model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,
@@ -457,8 +450,7 @@ def _train(
         placement=LOCAL if scale is None else scale.group,
     )
     # Stages before the main run (LoRA-drop's selection) ran first; what they decided goes into the report.
-    decided = result.decided if decided_first is None else decided_first
-    return result, decided, started
+    return result, result.decided, started
 
 
 def _one_line(err: BaseException) -> str:
