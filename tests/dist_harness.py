@@ -68,11 +68,19 @@ def without_dropout(model_dir: Path, out: Path) -> Path:
 
 
 def job(
-    model: Path, data: Path, out: Path, variant: str, options: dict, batch_size: int, mode: str | None
+    model: Path,
+    data: Path,
+    out: Path,
+    variant: str,
+    options: dict,
+    batch_size: int,
+    mode: str | None,
+    quantize: str | None = None,
 ) -> JobConfig:
     """``steps`` 8 with 2 micro-batches per step; ``batch_size`` per rank (the global batch is world x it)."""
     return JobConfig(
         model=str(model),
+        quantize=quantize,
         variant=variant,
         targets=["query", "value"],
         rank=4,

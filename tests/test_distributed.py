@@ -22,6 +22,7 @@ from dist_harness import (
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit.core.contract import Driver
 from lorakit.train.job import run_job
 
 # Settings that exercise each variant's training rule within 8 steps: AdaLoRA prunes from step 2 and fixes
@@ -37,6 +38,12 @@ RULES = {
 }
 EVERY_VARIANT = {name: RULES.get(name, {}) for name in lorakit.VARIANTS}
 EVERY_VARIANT["qlora"] = {"compute_dtype": "float32"}
+# DP-DyLoRA trains only in federated runs: every variant that accepts the distributed driver
+EVERY_VARIANT = {
+    name: options
+    for name, options in EVERY_VARIANT.items()
+    if lorakit.get_variant(name).refusal(Driver.DISTRIBUTED, lorakit.get_variant(name).config_class()) is None
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,31 +64,33 @@ def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
             torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
 
 
-def single_process(setup, tmp: Path, variant: str, options: dict) -> Path:
+def single_process(setup, tmp: Path, variant: str, options: dict, quantize: str | None = None) -> Path:
     """The reference: one process with the same global batch (2 ranks x 4 examples -> 8)."""
     model, data = setup
     out = tmp / "single" / variant
-    run_job(job(model, data, out, variant, options, batch_size=4 * WORLD, mode=None))
+    run_job(job(model, data, out, variant, options, batch_size=4 * WORLD, mode=None, quantize=quantize))
     return out
 
 
-def check_matches_single_process(setup, tmp_path: Path, mode: str, cases: dict[str, dict]) -> None:
+def check_matches_single_process(
+    setup, tmp_path: Path, mode: str, cases: dict[str, dict], quantize: str | None = None
+) -> None:
     """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 8 examples x 2; every rank
     trains on its 4 examples of each global batch, LoRA-drop's stage included."""
     model, data = setup
-    ranks = spawn_jobs(
-        [job(model, data, tmp_path / mode / v, v, o, batch_size=4, mode=mode) for v, o in cases.items()],
-        Probes(batches=True),
-    )
+    jobs = [job(model, data, tmp_path / mode / v, v, o, 4, mode, quantize) for v, o in cases.items()]
+    ranks = spawn_jobs(jobs, Probes(batches=True))
     stage = RULES["lora_drop"]["sample_steps"] * 2 if "lora_drop" in cases else 0
     assert ranks[0].batches == ranks[1].batches == [4] * (len(cases) * 8 * 2 + stage)
     for variant, options in cases.items():
-        want = adapter(single_process(setup, tmp_path, variant, options))
+        want = adapter(single_process(setup, tmp_path, variant, options, quantize))
         assert_same_adapter(adapter(tmp_path / mode / variant), want)
         trained = [k for k, t in want.items() if t.is_floating_point() and t.abs().sum() > 1e-4]
         assert trained, f"{variant}: the saved adapter is all zeros"
         metrics = json.loads((tmp_path / mode / variant / "metrics.json").read_text())
         assert metrics["extra"]["world_size"] == WORLD and metrics["steps"] == 8
+        if quantize is not None and mode == "fsdp":  # the 4-bit base sharded: half of 4.5 of 32 bits
+            assert 0.12 / WORLD < metrics["extra"]["base_bytes_ratio"] <= 0.135 / WORLD
     if "adalora" in cases:  # same masks: the final budget, target_r x matrices, and the single process's
         ada = adapter(tmp_path / mode / "adalora")
         assert sum(ada[k].numel() for k in ada if k.endswith(".E")) == 2 * 4
@@ -100,9 +109,11 @@ def test_ddp_matches_single_process_with_adalora_and_lora_drop(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_every_variant_matches_single_process(setup, tmp_path, mode):
-    check_matches_single_process(setup, tmp_path, mode, EVERY_VARIANT)
+@pytest.mark.parametrize(("mode", "quantize"), [("ddp", None), ("fsdp", None), ("fsdp", "nf4")])
+def test_every_variant_matches_single_process(setup, tmp_path, mode, quantize):
+    """Every variant, on a dense base and (FSDP2, whose sharding of a 4-bit base is new) on a 4-bit one."""
+    cases = EVERY_VARIANT if quantize is None else {v: o for v, o in EVERY_VARIANT.items() if v != "qlora"}
+    check_matches_single_process(setup, tmp_path, mode, cases, quantize)
 
 
 def logits(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tensor:
@@ -135,8 +146,10 @@ def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path):
         assert extra["distributed"] == "fsdp" and extra["base_fp32_bytes"] > 0
         if variant == "lora":  # dense fp32 base: each rank holds half of it
             assert extra["base_bytes_ratio"] == pytest.approx(1 / WORLD, abs=0.01)
-        else:  # NF4 base: packed, not sharded, never cast: 4.5 bits of 32 per rank
-            assert 0.12 < extra["base_bytes_ratio"] <= 0.135
+        else:  # NF4 base: packed (4.5 bits of 32), never cast, and each rank holds half of it
+            assert 0.12 / WORLD < extra["base_bytes_ratio"] <= 0.135 / WORLD
+        got, want = (json.loads((where / "metrics.json").read_text()) for where in (out, reference))
+        assert (got["trainable"], got["total"]) == (want["trainable"], want["total"])
 
 
 # --- one process: sharding, refusals, bytes ---------------------------------------------------------------

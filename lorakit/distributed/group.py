@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import lorakit
 from lorakit.core.contract import Driver
 from lorakit.distributed.failures import peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
@@ -29,6 +30,7 @@ from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
     from lorakit.distributed.wrap import KeepLocal
+    from lorakit.summary import Summary
 
 MODES = ("ddp", "fsdp")
 T = TypeVar("T")
@@ -51,6 +53,7 @@ class Distributed(Placement):
     world_size: int
     device: torch.device
     _attached: tuple[nn.Module, nn.Module, KeepLocal] | None = field(default=None, repr=False)
+    counts: Summary | None = field(default=None, repr=False)  # the model's parameter counts as trained
     driver = Driver.DISTRIBUTED  # a class attribute, not a field: variants may refuse a distributed run
 
     @property
@@ -97,6 +100,7 @@ class Distributed(Placement):
 
         if self._attached is None or self._attached[0] is not model:
             match_rank_0(model, self.rank)
+            self.counts = lorakit.summary(model)  # before FSDP2 makes a 4-bit base's storage parameters
             self._attached = (model, *wrap(model, self))
         return self._attached[1]
 

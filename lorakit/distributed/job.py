@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+import lorakit
 from lorakit.distributed.agree import check_ranks_agree, describe
 from lorakit.distributed.failures import peer_failures
 from lorakit.distributed.group import Distributed, join
@@ -17,6 +18,7 @@ from lorakit.errors import SettingError
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
+    from lorakit.summary import Summary
     from lorakit.train.job import JobConfig
 
 
@@ -51,6 +53,11 @@ class ScaleOut:
         self.group.place(model)
         self.packed = packed_digest(model)
         return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed)
+
+    def counts(self, model: nn.Module) -> Summary:
+        """The model's parameter counts as it trained (taken before FSDP2 made a 4-bit base's storage
+        parameters, see :mod:`lorakit.distributed.wrap`)."""
+        return self.group.counts or lorakit.summary(model)
 
     def finish(self, model: nn.Module) -> dict[str, Any]:
         """Check the ranks agree and the 4-bit base is untouched; the report for ``metrics.json``."""

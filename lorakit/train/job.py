@@ -374,7 +374,7 @@ def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
         raise
     if writes:
         rundir.commit(out)
-    counts = lorakit.summary(model)
+    counts = lorakit.summary(model) if scale is None else scale.counts(model)
     job_result = JobResult(
         metrics={},
         trainable=counts.trainable,
