@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +30,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.core.contract import Driver
 from lorakit.train.job import run_job
+from lorakit.train.rundir import locate
 
 # Settings that exercise each variant's training rule within 8 steps: AdaLoRA prunes from step 2 and fixes
 # its mask at step 6 (a matrix may lose every triplet), DyLoRA samples ranks 1..4, Delta-LoRA moves W from
@@ -65,18 +72,21 @@ def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 def single_process(setup, tmp: Path, variant: str, options: dict, quantize: str | None = None) -> Path:
-    """The reference: one process with the same global batch (2 ranks x 4 examples -> 8)."""
+    """The reference: one process with the same examples in the same micro-batches, each padded on its own
+    (the ranks' batch 4, grad-accum 2 x 2 ranks = 4)."""
     model, data = setup
     out = tmp / "single" / variant
-    run_job(job(model, data, out, variant, options, batch_size=4 * WORLD, mode=None, quantize=quantize))
+    one = job(model, data, out, variant, options, batch_size=4, mode=None, quantize=quantize)
+    one.train.grad_accum *= WORLD
+    run_job(one)
     return out
 
 
 def check_matches_single_process(
     setup, tmp_path: Path, mode: str, cases: dict[str, dict], quantize: str | None = None
 ) -> None:
-    """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 8 examples x 2; every rank
-    trains on its 4 examples of each global batch, LoRA-drop's stage included."""
+    """2 ranks x 4 examples x 2 micro-batches end with the adapter of 1 process x 4 examples x 4
+    micro-batches; every rank trains on its 4 examples of each global batch, LoRA-drop's stage included."""
     model, data = setup
     jobs = [job(model, data, tmp_path / mode / v, v, o, 4, mode, quantize) for v, o in cases.items()]
     ranks = spawn_jobs(jobs, Probes(batches=True))
@@ -218,44 +228,44 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
-    import contextlib
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from dist_harness import free_port
-
-    from lorakit.train.rundir import RunDir
-
+def train_flags(setup, out: Path, steps: int) -> list[str]:
+    """`lorakit train` flags for a 2-rank DDP run of LoRA on the test data (batch 4 per rank)."""
     model, data = setup
-    out, steps = tmp_path / "killed", 400
     flags = ["--model", str(model), "--data", str(data), "--targets", "query,value", "--rank", "4"]
     flags += ["--alpha", "8", "--dropout", "0", "--lr", "0.02", "--steps", str(steps), "--no-progress"]
-    flags += ["--checkpoint-every", "5"]
-    flags += ["--max-length", "16", "--output-dir", str(out), "--distributed", "ddp"]
+    return [*flags, "--max-length", "16", "--output-dir", str(out), "--batch-size", "4"]
 
-    def torchrun(*extra: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-        command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lorakit"]
-        return subprocess.Popen(
-            [*command, "train", *flags, "--batch-size", "4", *extra],
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
 
-    # The run is built in its staging directory beside the output directory (lorakit.train.rundir).
-    checkpoint = RunDir(out.resolve(), str(out)).staging / "checkpoint" / "trainer.pt"
-    first = torchrun()
+def torchrun(flags: list[str], *launcher: str) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 [launcher] -m lorakit train FLAGS`` on 127.0.0.1, stderr piped."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher, "-m", "lorakit"]
+    return subprocess.Popen(
+        [*command, "train", *flags],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def wait_for_checkpoint(run: subprocess.Popen, out: Path) -> Path:
+    """The run's checkpoint file, once it exists (the run is built in its staging directory beside the
+    output directory, lorakit.train.rundir)."""
+    checkpoint = locate(out).staging / "checkpoint" / "trainer.pt"
     deadline = time.monotonic() + 240
-    while not checkpoint.exists() and first.poll() is None:
+    while not checkpoint.exists() and run.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.05)
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_path):
+    out, steps = tmp_path / "killed", 400
+    flags = [*train_flags(setup, out, steps), "--checkpoint-every", "5", "--distributed", "ddp"]
+    first = torchrun(flags)
+    checkpoint = wait_for_checkpoint(first, out)
     # torchrun starts each rank in a session of its own: kill the ranks themselves, then the launcher.
     for pid in [*descendants(first.pid), first.pid]:
         with contextlib.suppress(ProcessLookupError):
@@ -264,7 +274,7 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_p
     assert not out.exists(), "the run finished before it could be killed"  # it appears when committed
     saved = torch.load(checkpoint, weights_only=True)["step"]
     assert 0 < saved < steps
-    second = torchrun("--resume")
+    second = torchrun([*flags, "--resume"])
     _, err = second.communicate(timeout=300)
     errors = [line for line in err.decode().splitlines() if "error" in line.lower()]
     assert second.returncode == 0, "\n".join(errors[:10])
@@ -272,20 +282,39 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_adapter(setup, tmp_p
 
 
 @pytest.mark.slow
+def test_torchrun_restarts_continue_from_the_checkpoint_with_resume_auto(setup, tmp_path):
+    """torchrun's own restarts (--max-restarts) rerun the same command: with `--resume auto` the first
+    attempt starts, and after one rank is killed the restarted ranks continue from the checkpoint."""
+    out, steps = tmp_path / "elastic", 300
+    flags = [*train_flags(setup, out, steps), "--checkpoint-every", "5", "--distributed", "ddp"]
+    run = torchrun([*flags, "--resume", "auto"], "--max-restarts", "1")
+    wait_for_checkpoint(run, out)
+    assert run.poll() is None, "the run finished before a rank could be killed"
+    os.kill(descendants(run.pid)[-1], signal.SIGKILL)  # one rank, not the launcher
+    _, err = run.communicate(timeout=400)
+    assert run.returncode == 0, err.decode()[-2000:]
+    assert json.loads((out / "job.json").read_text())["resume"] is True  # the restart resumed
+    assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == steps
+    assert_torchrun_equals_one_process(out, setup, tmp_path, steps)
+
+
+@pytest.mark.slow
+def test_torchrun_without_distributed_stops_every_rank_before_it_writes(setup, tmp_path):
+    out = tmp_path / "plain"
+    run = torchrun(train_flags(setup, out, 4))
+    _, err = run.communicate(timeout=300)
+    refused = [line for line in err.decode().splitlines() if line.startswith("lorakit: error:")]
+    assert run.returncode != 0 and len(refused) == WORLD
+    assert all("WORLD_SIZE=2" in line and "--distributed ddp" in line for line in refused)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_the_multi_node_torchrun_form_trains_like_one_process(setup, tmp_path):
     """Two "nodes" on this machine (two torchrun launchers, one process each, c10d rendezvous on 127.0.0.1):
     the form of ``docs/distributed.md``'s several-machine command, giving the single-process adapter."""
-    import os
-    import subprocess
-    import sys
-
-    from dist_harness import free_port
-
-    model, data = setup
     out, steps, port = tmp_path / "nodes", 12, free_port()
-    flags = ["--model", str(model), "--data", str(data), "--targets", "query,value", "--rank", "4"]
-    flags += ["--alpha", "8", "--dropout", "0", "--lr", "0.02", "--steps", str(steps), "--no-progress"]
-    flags += ["--max-length", "16", "--output-dir", str(out), "--distributed", "ddp", "--batch-size", "4"]
+    flags = [*train_flags(setup, out, steps), "--distributed", "ddp"]
     nodes = []
     for node in range(2):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
@@ -301,12 +330,12 @@ def test_the_multi_node_torchrun_form_trains_like_one_process(setup, tmp_path):
 
 def assert_torchrun_equals_one_process(out: Path, setup, tmp_path: Path, steps: int) -> None:
     """The LoRA adapter a 2-rank ``lorakit train`` run (batch 4 per rank) wrote to ``out`` equals one
-    process's with batch 8, to the float tolerance of summing 2 x 4 instead of 8 examples for ``steps``."""
+    process's with batch 4 and grad-accum 2, to the float tolerance of the summation order over ``steps``."""
     model, data = setup
     assert json.loads((out / "metrics.json").read_text())["steps"] == steps
     reference = tmp_path / "single"
-    one = job(model, data, reference, "lora", {}, batch_size=8, mode=None)
-    one.train.steps, one.train.grad_accum = steps, 1
+    one = job(model, data, reference, "lora", {}, batch_size=4, mode=None)
+    one.train.steps, one.train.grad_accum = steps, WORLD
     run_job(one)
     got, want = adapter(out), adapter(reference)
     assert sorted(got) == sorted(want)
@@ -442,3 +471,15 @@ def test_ddp_never_broadcasts_the_frozen_buffers(setup):
     from dist_harness import BufferBroadcasts
 
     assert [r.error for r in run_ranks(BufferBroadcasts(setup[0]))] == [None, None]
+
+
+def test_the_docs_say_what_is_exact_sharded_and_refused() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    section = readme[readme.index("## Distributed training") :].split("\n## ")[0]
+    guide = root.joinpath("docs", "distributed.md").read_text()
+    for text in (section, guide):
+        assert "batch `b` and grad-accum `W x G`" in text  # exact against this one process, not batch W x b
+        assert "0.127 / `W`" in text  # a 4-bit base sharded by FSDP2
+        for refused in ("DP-SGD", "DP-DyLoRA", "world size", "--resume auto", "without"):
+            assert refused in text, refused
