@@ -43,10 +43,10 @@ class ScaleOut:
         """A context in which a broken collective (a peer process that died) becomes one clear error."""
         return peer_failures(self.group.rank, self.group.world_size, bool(self.job.train.checkpoint_every))
 
-    def agree(self, model: nn.Module, training: str, evaluation: str | None) -> None:
-        """Every rank runs rank 0's job (settings, data, base model, code), or all stop here with one line
-        (:mod:`lorakit.distributed.agree`). ``training``, ``evaluation``: the data's identities."""
-        check_ranks_agree(describe(self.job, model, training, evaluation), self.group.world_size)
+    def agree(self, job: JobConfig, model: nn.Module, training: str, evaluation: str | None) -> None:
+        """Every rank runs rank 0's ``job`` (settings, data, base model, code), or all stop here with one
+        line (:mod:`lorakit.distributed.agree`). ``training``, ``evaluation``: the data's identities."""
+        check_ranks_agree(describe(job, model, training, evaluation), self.group.world_size)
 
     def start(self, model: nn.Module, data: TokenizedData) -> ShardedBatchSampler:
         """Move the model to this rank's device; this rank's batches of the training data."""

@@ -8,8 +8,8 @@ generator seeded by ``(seed, t)``; Delta-LoRA's capture is a copy of identical f
 before the main run (LoRA-drop's sample, train, score and select) trains too: :class:`StagePlacement` runs its
 training data-parallel like the main run (each rank its share of the global batch, gradients averaged), and
 every rank scores the whole sample with the identical adapter, so all ranks decide the same. Before the main
-run, :func:`match_rank_0` gives every rank rank 0's adapter config and tensors (fresh adapters after a stage
-are initialised from each rank's own random stream).
+run, :func:`match_rank_0` gives every rank rank 0's adapter config and tensors, so the ranks start identical
+whatever their random streams drew.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
 from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler
@@ -80,8 +81,6 @@ class StagePlacement(Placement):
         return model
 
     def shard(self, batches: Any) -> Any:
-        from lorakit.distributed.sharding import ShardedBatchSampler
-
         if not isinstance(batches, BatchSampler):
             raise TypeError(f"a stage trains on a BatchSampler, got {type(batches).__name__}")
         return ShardedBatchSampler.share_of(batches, self.group.rank, self.group.world_size)

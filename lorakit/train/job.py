@@ -351,7 +351,7 @@ def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
     check_data(job, model, train_data, eval_data)
     identity = data_identity(train_data)
     if scale is not None:  # every rank runs rank 0's job, or all stop here
-        scale.agree(model, identity, data_identity(eval_data) if eval_data is not None else None)
+        scale.agree(job, model, identity, data_identity(eval_data) if eval_data is not None else None)
     writes = scale is None or scale.group.is_main
     staging = rundir.begin(out, resume=job.resume) if writes else out.staging
     if scale is not None:
