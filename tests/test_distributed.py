@@ -139,12 +139,19 @@ def logits(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tenso
         return model.eval()(**{k: v for k, v in rows.batch(list(range(16))).items() if k != "labels"}).logits
 
 
-def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path):
+def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path, capsys):
+    """FSDP2 shards the base, dense or 4-bit, trains the single process's adapter, saves it whole and
+    evaluates the sharded model as one process evaluates the saved adapter."""
+    from lorakit.cli import main
+
     model, data = setup
     cases = {"lora": {}, "qlora": {"compute_dtype": "float32"}}
-    spawn_jobs(
-        [job(model, data, tmp_path / "fsdp" / v, v, o, batch_size=4, mode="fsdp") for v, o in cases.items()]
-    )
+    jobs = [
+        job(model, data, tmp_path / "fsdp" / v, v, o, batch_size=4, mode="fsdp") for v, o in cases.items()
+    ]
+    for one in jobs:
+        one.data.eval_data = str(data)
+    spawn_jobs(jobs)
     for variant, options in cases.items():
         out = tmp_path / "fsdp" / variant
         reference = single_process(setup, tmp_path, variant, options)
@@ -160,6 +167,9 @@ def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path):
             assert 0.12 / WORLD < extra["base_bytes_ratio"] <= 0.135 / WORLD
         got, want = (json.loads((where / "metrics.json").read_text()) for where in (out, reference))
         assert (got["trainable"], got["total"]) == (want["trainable"], want["total"])
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(out), "--data", str(data)]) == 0
+        assert capsys.readouterr().out.strip() == ", ".join(f"{k} {v:.4f}" for k, v in got["metrics"].items())
 
 
 # --- one process: sharding, refusals, bytes ---------------------------------------------------------------
