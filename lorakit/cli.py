@@ -162,7 +162,8 @@ TORCHRUN_FORMS = """distributed training under torchrun (--batch-size is per pro
   several nodes: torchrun --nnodes 2 --nproc_per_node 8 --node-rank N --rdzv-backend c10d \\
                    --rdzv-endpoint HOST0:29500 --rdzv-id RUN -m lorakit train --distributed fsdp ...
                  (the same command on every node, N = 0, 1, ...; --output-dir on a shared file system)
-  restarts:      torchrun --max-restarts 3 ... -m lorakit train --resume auto --checkpoint-every 50 ...
+  restarts:      TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 3 ... \\
+                   -m lorakit train --resume auto --checkpoint-every 50 ...
 """
 
 

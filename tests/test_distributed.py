@@ -63,12 +63,14 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / lorakit.io.WEIGHTS_FILE))
 
 
-def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_same_adapter(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float = 1e-4, atol: float = 1e-6
+) -> None:
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():
         assert got[key].shape == tensor.shape, key
         if tensor.numel():  # AdaLoRA saves a fully pruned matrix as empty tensors
-            torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+            torch.testing.assert_close(got[key], tensor, rtol=rtol, atol=atol, msg=key)
 
 
 def single_process(setup, tmp: Path, variant: str, options: dict, quantize: str | None = None) -> Path:
@@ -94,7 +96,10 @@ def check_matches_single_process(
     assert ranks[0].batches == ranks[1].batches == [4] * (len(cases) * 8 * 2 + stage)
     for variant, options in cases.items():
         want = adapter(single_process(setup, tmp_path, variant, options, quantize))
-        assert_same_adapter(adapter(tmp_path / mode / variant), want)
+        # --quantize nf4 computes the base in bfloat16 (lorakit.quantize's default), where the 1e-8 float
+        # differences of the summation order grow (to 1e-4 in LoRA+'s B at its 16x rate, under DDP too)
+        tolerance = {"rtol": 1e-2, "atol": 1e-3} if quantize else {}
+        assert_same_adapter(adapter(tmp_path / mode / variant), want, **tolerance)
         trained = [k for k, t in want.items() if t.is_floating_point() and t.abs().sum() > 1e-4]
         assert trained, f"{variant}: the saved adapter is all zeros"
         metrics = json.loads((tmp_path / mode / variant / "metrics.json").read_text())
@@ -246,16 +251,18 @@ def train_flags(setup, out: Path, steps: int) -> list[str]:
     return [*flags, "--max-length", "16", "--output-dir", str(out), "--batch-size", "4"]
 
 
-def torchrun(flags: list[str], *launcher: str) -> subprocess.Popen:
-    """``torchrun --nproc_per_node 2 [launcher] -m lorakit train FLAGS`` on 127.0.0.1, stderr piped."""
+def torchrun(flags: list[str], *launcher: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 LAUNCHER -m lorakit train FLAGS``, stderr piped; by default with a static
+    rendezvous on 127.0.0.1."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher, "-m", "lorakit"]
+    launcher = launcher or ("--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+    command += [*launcher, "-m", "lorakit"]
     return subprocess.Popen(
         [*command, "train", *flags],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
@@ -297,12 +304,13 @@ def test_torchrun_restarts_continue_from_the_checkpoint_with_resume_auto(setup, 
     attempt starts, and after one rank is killed the restarted ranks continue from the checkpoint."""
     out, steps = tmp_path / "elastic", 300
     flags = [*train_flags(setup, out, steps), "--checkpoint-every", "5", "--distributed", "ddp"]
-    run = torchrun([*flags, "--resume", "auto"], "--max-restarts", "1")
+    restarts = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # pytorch#135712, docs/distributed.md
+    run = torchrun([*flags, "--resume", "auto"], "--standalone", "--max-restarts", "1", env=restarts)
     wait_for_checkpoint(run, out)
     assert run.poll() is None, "the run finished before a rank could be killed"
     os.kill(descendants(run.pid)[-1], signal.SIGKILL)  # one rank, not the launcher
     _, err = run.communicate(timeout=400)
-    assert run.returncode == 0, err.decode()[-2000:]
+    assert run.returncode == 0, "\n".join(line for line in err.decode().splitlines() if "lorakit" in line)
     assert json.loads((out / "job.json").read_text())["resume"] is True  # the restart resumed
     assert torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)["step"] == steps
     assert_torchrun_equals_one_process(out, setup, tmp_path, steps)
