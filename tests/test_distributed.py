@@ -501,3 +501,24 @@ def test_the_docs_say_what_is_exact_sharded_and_refused() -> None:
         assert "0.127 / `W`" in text  # a 4-bit base sharded by FSDP2
         for refused in ("DP-SGD", "DP-DyLoRA", "world size", "--resume auto", "without"):
             assert refused in text, refused
+
+
+def test_a_rank_that_cannot_reach_the_others_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken rendezvous (here: the address a restarted rank read from an earlier attempt) is one line that
+    names the workaround, not an internal error."""
+    import torch.distributed as dist
+    from dist_harness import loopback_env
+
+    from lorakit.distributed import LaunchError, join
+
+    for name, value in loopback_env(1, free_port()).items():
+        monkeypatch.setenv(name, value)
+    gloo = "[pair.cc:152] timed out connecting: SO_ERROR: Connection refused, remote=[127.0.0.1]:44934"
+
+    def refused(backend: str) -> None:
+        raise RuntimeError(f"Gloo connectFullMesh failed with {gloo}")
+
+    monkeypatch.setattr(dist, "init_process_group", refused)
+    with pytest.raises(LaunchError, match="rank 1 could not connect to the other processes") as caught:
+        join("ddp")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in str(caught.value) and "\n" not in str(caught.value)

@@ -50,7 +50,6 @@ def peer_failures(rank: int, world_size: int, checkpoints: bool) -> Iterator[Non
         if isinstance(err, LorakitError) or not peer_failed(err):
             raise
         who = f"rank {1 - rank}" if world_size == 2 else "another rank"
-        detail = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(err).split())).split(". ")[0][:160]
         then = (
             "relaunch the same command with --resume (or --resume auto) to continue from the last checkpoint"
             if checkpoints
@@ -59,5 +58,10 @@ def peer_failures(rank: int, world_size: int, checkpoints: bool) -> Iterator[Non
         )
         raise PeerFailedError(
             f"rank {rank} stopped because {who} of this {world_size}-process run failed or was stopped "
-            f"({detail}); that process's own error (torchrun names it) says why. Fix it, then {then}"
+            f"({brief(err)}); that process's own error (torchrun names it) says why. Fix it, then {then}"
         ) from err
+
+
+def brief(err: BaseException) -> str:
+    """The backend's message in one short line, without the source location it starts with."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(err).split())).split(". ")[0][:160]

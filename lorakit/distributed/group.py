@@ -21,7 +21,7 @@ from torch import nn
 
 import lorakit
 from lorakit.core.contract import Driver
-from lorakit.distributed.failures import peer_failed
+from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
@@ -177,7 +177,16 @@ def join(mode: str) -> Distributed:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend)
+        except RuntimeError as err:  # torch's DistError types derive from it
+            if not peer_failed(err):
+                raise
+            raise LaunchError(
+                f"rank {os.environ['RANK']} could not connect to the other processes of the run "
+                f"({brief(err)}); check that every node reaches the rendezvous address, and for torchrun's "
+                "restarts set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md)"
+            ) from err
         atexit.register(_leave)
     return Distributed(mode, dist.get_rank(), dist.get_world_size(), device)
 
