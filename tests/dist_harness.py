@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -116,16 +117,12 @@ class Outcome:
 
 
 def _watch_writes(root: str, into: list[str]) -> None:
-    import sys
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
     def audit(event: str, args: tuple[Any, ...]) -> None:
         if event == "open":
             path, mode, flags = args
-            writing = (
-                any(c in mode for c in "wax+")
-                if isinstance(mode, str)
-                else bool(flags & 0o3 or flags & 0o100)
-            )
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & writes)
         else:
             path, writing = (args[0] if args else ""), event in CHANGES
         if writing and isinstance(path, (str, bytes, os.PathLike)):
