@@ -98,13 +98,17 @@ def _memory_rank(rank: int, port: int, mode: str, variant: str, results: dict) -
     import lorakit
     from lorakit.distributed import join
     from lorakit.distributed.memory import base_weight_bytes
+    from lorakit.engine.token_loss import TokenLoss, takes_token_loss
     from lorakit.train.loop import TrainConfig, train
 
     group = join(mode)
     model = llama()
     options = {"compute_dtype": "float32"} if variant == "qlora" else {}
     lorakit.apply(model, variant, targets="all-linear", rank=8, dropout=0.0, **options)
-    group.attach(model)  # wrapped before the memory is read; train() below reuses this wrapping
+    # Wrapped (as train() wraps it: the module that runs the model to its token loss) before the memory is
+    # read; train() below reuses this wrapping.
+    group.begin(model)
+    group.attach(TokenLoss.of(model) if takes_token_loss(model) else model)
     base, held = base_weight_bytes(model), held_bytes(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of the training steps only
 

@@ -12,6 +12,12 @@ AdamW) on minilm, batch 32, length 64, rank 8 on query/key/value/dense, fp32 bas
 median of interleaved repeats.
 
     python benchmarks/qlora_memory.py --out runs/qlora_memory.json
+    python benchmarks/qlora_memory.py --smollm2 --out runs/qlora_memory_smollm2.json
+
+``--smollm2``: the real LLM (SmolLM2-135M-Instruct): its base-weight bytes stored in fp32, bf16 and NF4 +
+double quantisation (every linear layer of the blocks; the tied embedding and head stay as they are), the peak
+resident memory of LoRA training steps on each (batch 4 x 256 GSM8K tokens, rank 8, all-linear), each base
+in its own process so the peaks are its own: LoRA on the fp32 base, LoRA on the bf16 base, QLoRA.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,14 +181,82 @@ def markdown(memory: list[dict], steps: list[dict], batch_size: int, length: int
     return "\n".join(lines)
 
 
+def smollm2_peak(storage: str, steps: int = 3) -> dict:
+    """LoRA training steps on SmolLM2 with its base stored as ``storage`` (fp32, bf16 or nf4): the base-weight
+    bytes and the peak resident memory of the steps (measured from after loading), in this process."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from step_cost import rss_mb, smollm2_batch
+
+    from lorakit.distributed.memory import base_weight_bytes
+    from lorakit.engine.token_loss import TokenLoss
+    from lorakit.train.job import reset_peak_memory
+
+    model, tokenizer = load_model("smollm2", "causal-lm")
+    batch = smollm2_batch(tokenizer, 4, 256)
+    config = {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": "all-linear"}
+    if storage == "bf16":
+        model.to(torch.bfloat16)
+    variant = "qlora" if storage == "nf4" else "lora"
+    extra = {"compute_dtype": "float32"} if storage == "nf4" else {}
+    lorakit.apply(model, variant, **config, **extra)
+    opt = torch.optim.AdamW(lorakit.param_groups(model, 1e-4))
+    before = rss_mb("VmRSS")
+    reset_peak_memory()
+    for _ in range(steps):
+        summed, count = TokenLoss.of(model)(**batch)
+        (summed / count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    weights = base_weight_bytes(model)
+    return {
+        "storage": storage,
+        "base_weight_mib": weights["per_rank"] / MIB,
+        "base_over_fp32": weights["ratio"],
+        "resident_before_steps_mib": before,
+        "peak_mib": rss_mb("VmHWM"),
+    }
+
+
+def smollm2_table(rows: list[dict]) -> str:
+    lines = [
+        "| SmolLM2-135M base | base weights MiB | vs fp32 | resident before the steps MiB | peak during the "
+        "steps MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = {"fp32": "fp32, LoRA", "bf16": "bf16, LoRA", "nf4": "NF4 + DQ, QLoRA"}
+    for r in rows:
+        lines.append(
+            f"| {names[r['storage']]} | {r['base_weight_mib']:.1f} | {r['base_over_fp32']:.3f}x | "
+            f"{r['resident_before_steps_mib']:.0f} | {r['peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--smollm2", action="store_true", help="the real LLM: fp32, bf16 and NF4 bases")
+    # one child process per base storage (its own peak)
+    parser.add_argument("--peak", choices=["fp32", "bf16", "nf4"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers of the 1B-shaped Llama stack")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed LoRA steps per base")
     args = parser.parse_args()
+    if args.peak:  # a child: one base, its own peak
+        Path(args.out).write_text(json.dumps(smollm2_peak(args.peak)) + "\n")
+        return
+    if args.smollm2:
+        rows = []
+        for storage in ("fp32", "bf16", "nf4"):
+            child = Path(args.out).with_suffix(f".{storage}.json")
+            cmd = [sys.executable, __file__, "--peak", storage, "--out", str(child)]
+            subprocess.run(cmd, check=True)
+            rows.append(json.loads(child.read_text()))
+            child.unlink()
+        print(smollm2_table(rows))
+        Path(args.out).write_text(json.dumps({"smollm2": rows}, indent=2) + "\n")
+        return
     memory = [minilm_memory(), llama_1b_memory(args.layers)]
     steps = step_times(args.batch_size, args.length, args.repeats)
     print(markdown(memory, steps, args.batch_size, args.length))

@@ -12,13 +12,17 @@ Each side runs its variant's full training step: lorakit's hooks and optimizer g
     python benchmarks/step_cost.py --out runs/step_cost.json --readme README.md
     python benchmarks/step_cost.py --model llama --out runs/step_cost_llama.json
     python benchmarks/step_cost.py --device cuda --all-bf16 --out runs/step_cost_cuda_bf16.json
+    python benchmarks/step_cost.py --model smollm2 --out runs/step_cost_smollm2.json
 
 On a GPU (``--device cuda``) each step is timed between synchronisations, and the step column is the rise of
 the CUDA allocator's peak over what was allocated before the step, instead of resident memory.
 
 ``minilm``: batch 32 padded to 64 tokens, rank 8, alpha 16, targets query/key/value/dense. ``llama``: a
 locally configured Llama-style classifier (hidden 1024, 2 layers, random weights), batch 8 x 64, all
-projections.
+projections. ``smollm2``: the real LLM (SmolLM2-135M-Instruct) on 4 GSM8K examples of 256 tokens in its chat
+template, the loss on the answers, every linear layer of the blocks adapted; each library computes the loss
+its own way (transformers' for PEFT and full fine-tuning, lorakit's token loss for lorakit), and QLoRA's row
+adds its base-weight bytes against fp32.
 Dropout 0.05 where both libraries have input dropout (LoHa and LoKr have none in PEFT: 0 on both sides).
 """
 
@@ -39,10 +43,13 @@ from torch import nn
 
 import lorakit
 from lorakit.core.variant import Hook
+from lorakit.distributed.memory import base_weight_bytes
+from lorakit.engine.token_loss import TokenLoss, takes_token_loss
 from lorakit.train.data import BatchSampler, read_rows, tokenize_classification
 from lorakit.train.models import load_model
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-5
@@ -59,12 +66,19 @@ class Contender:
     hooks: list[Hook] = field(default_factory=list)
     after_step: Callable[[int], None] | None = None  # PEFT's update_and_allocate (AdaLoRA)
     step: int = 0
+    token_loss: bool = False  # lorakit's causal-LM loss (no full-vocabulary logits) instead of the model's
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.token_loss:
+            return self.model(**batch).loss
+        summed, count = TokenLoss.of(self.model)(**batch)
+        return summed / count
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         for hook in self.hooks:
             hook.on_step_start(self.step)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.model(**batch).loss
+            loss = self.loss(batch)
             for hook in self.hooks:
                 extra = hook.extra_loss(self.step)
                 loss = loss if extra is None else loss + extra
@@ -86,10 +100,12 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
 
-def ours(base: nn.Module, variant: str, targets: list[str], head: str, **config: object) -> Contender:
-    model = lorakit.apply(copy.deepcopy(base), variant, targets=targets, train_modules=[head], **config)
+def ours(base: nn.Module, variant: str, targets: list[str], head: str | None, **config: object) -> Contender:
+    heads = [head] if head is not None else []
+    model = lorakit.apply(copy.deepcopy(base), variant, targets=targets, train_modules=heads, **config)
     optimizer = torch.optim.AdamW(lorakit.param_groups(model, LR))
-    return Contender(model, optimizer, hooks=lorakit.make_hooks(model, 10_000))
+    hooks = lorakit.make_hooks(model, 10_000)
+    return Contender(model, optimizer, hooks=hooks, token_loss=takes_token_loss(model))
 
 
 def peft(base: nn.Module, config: object, optimizer: str = "adamw") -> Contender:
@@ -108,12 +124,12 @@ def peft(base: nn.Module, config: object, optimizer: str = "adamw") -> Contender
 
 
 def contenders(
-    base: nn.Module, targets: list[str], head: str, every: bool, with_bf16: bool = False
+    base: nn.Module, targets: list[str], head: str | None, every: bool, with_bf16: bool = False
 ) -> dict[str, Callable[[], Contender]]:
     """Builders by row name. ``every``: all variants; otherwise LoRA, PEFT's LoRA and full fine-tuning."""
     from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
 
-    common = {"target_modules": targets, "modules_to_save": [head]}
+    common = {"target_modules": targets, "modules_to_save": [head] if head is not None else None}
     lora = {"rank": 8, "alpha": 16, "dropout": 0.05}
     peft_lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, **common}
 
@@ -135,6 +151,14 @@ def contenders(
         rows["lorakit lora, bf16 autocast"] = lambda: bf16(ours(base, "lora", targets, head, **lora))
     if not every:
         return rows
+    if head is None:  # a causal LM: LoRA, DoRA and QLoRA against PEFT and full fine-tuning
+        qlora_compute = "bfloat16" if base_device(base) == "cuda" else "float32"
+        return rows | {
+            "peft dora": lambda: peft(base, LoraConfig(**peft_lora, use_dora=True)),
+            "lorakit dora": lambda: ours(base, "dora", targets, head, **lora),
+            # fp32 compute on a CPU (bf16 there is emulated and many times slower); the paper's bf16 on a GPU
+            "lorakit qlora": lambda: ours(base, "qlora", targets, head, **lora, compute_dtype=qlora_compute),
+        }
     steps = {"init_r": 12, "target_r": 8, "tinit": 200, "tfinal": 1000, "deltaT": 10, "total_step": 10_000}
     adalora = {"alpha": 16, "dropout": 0.05, "init_r": 12, "target_r": 8, "t_init": 200, "t_final": 1000}
     adalora |= {"delta_t": 10, "total_steps": 10_000}
@@ -160,6 +184,10 @@ def contenders(
         "lorakit lora+": lambda: ours(base, "lora_plus", targets, head, **lora, ratio=16.0),
     }
     return rows
+
+
+def base_device(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
 
 
 def placed(build: Callable[[], Contender], device: str, all_bf16: bool) -> Callable[[], Contender]:
@@ -201,6 +229,24 @@ def llama_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 2}
 
 
+def smollm2_batch(tokenizer, batch_size: int, length: int) -> dict[str, torch.Tensor]:
+    """``batch_size`` GSM8K training examples rendered in the chat template and cut at ``length`` tokens (the
+    first that reach it: no padding), with the loss on the answer tokens."""
+    from lorakit.train import chat
+    from lorakit.train.data import conversations, tokenize_causal
+
+    rows = read_rows(str(GSM8K))[:400]
+    examples = conversations(rows, "messages", "question", "answer", str(GSM8K))
+    data = tokenize_causal(examples, tokenizer, chat.load_template("auto", tokenizer), length)
+    full = [i for i, ids in enumerate(data.input_ids) if len(ids) == length][:batch_size]
+    return data.batch(full)
+
+
+def smollm2_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    base, tokenizer = load_model("smollm2", "causal-lm")
+    return base, smollm2_batch(tokenizer, 4, 256)
+
+
 def saved_activation_bytes(contender: Contender, batch: dict[str, torch.Tensor]) -> int:
     storages: dict[int, int] = {}
 
@@ -213,7 +259,7 @@ def saved_activation_bytes(contender: Contender, batch: dict[str, torch.Tensor])
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast(contender.device, dtype=torch.bfloat16, enabled=contender.bf16):
-            loss = model(**batch).loss
+            loss = contender.loss(batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(n for ptr, n in storages.items() if ptr not in params)  # weights are not activations
@@ -294,8 +340,8 @@ def measure(
     return rows
 
 
-def merged_forward_ratio(base: nn.Module, batch: dict[str, torch.Tensor], targets: list[str], head: str,
-                         repeats: int) -> dict[str, float]:  # fmt: skip
+def merged_forward_ratio(base: nn.Module, batch: dict[str, torch.Tensor], targets: list[str],
+                         head: str | None, repeats: int) -> dict[str, float]:  # fmt: skip
     """Eval forward of a LoRA model merged with ``lorakit.merge`` over the base model's, interleaved."""
     merged = lorakit.merge(ours(base, "lora", targets, head, rank=8, alpha=16).model.eval())
     plain = copy.deepcopy(base).eval()
@@ -337,8 +383,10 @@ def table(rows: dict[str, dict], peak_column: str = "step RSS MB") -> str:
     return "\n".join(lines)
 
 
-def readme_section(device: str, threads: int, all_bf16: bool) -> str:
+def readme_section(device: str, threads: int, all_bf16: bool, model: str = "minilm") -> str:
     """The README section a run rewrites: the reference (CPU, one thread, fp32) or one of its own."""
+    if model == "smollm2":
+        return "results-step-cost-smollm2" + (f"-{device}" if device != "cpu" else "")
     if device != "cpu":
         return f"results-step-cost-{device}" + ("-bf16" if all_bf16 else "")
     return "results-step-cost" if threads == 1 else f"results-step-cost-{threads}-threads"
@@ -357,7 +405,7 @@ def write_readme(readme: Path, text: str, section: str = "results-step-cost") ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--model", choices=["minilm", "llama", "smollm2"], default="minilm")
     parser.add_argument("--only-lora", action="store_true", help="LoRA, PEFT LoRA and full fine-tuning only")
     parser.add_argument("--out", type=Path, default=Path("runs/step_cost.json"))
     parser.add_argument("--readme", type=Path, help="rewrite this README's step-cost table with the result")
@@ -376,8 +424,10 @@ def main() -> None:
     if args.model == "minilm":
         base, tokenizer = load_model("minilm", "classification")
         batch, targets, head = minilm_batch(tokenizer, args.batch_size, 64), MINILM_TARGETS, "classifier"
-    else:
+    elif args.model == "llama":
         (base, batch), targets, head = llama_model(), LLAMA_TARGETS, "score"
+    else:
+        (base, batch), targets, head = smollm2_model(), LLAMA_TARGETS, None
     base, batch = base.to(args.device), {k: v.to(args.device) for k, v in batch.items()}
     builders = contenders(base, targets, head, every=not args.only_lora, with_bf16=args.bf16)
     builders = {name: placed(build, args.device, args.all_bf16) for name, build in builders.items()}
@@ -390,13 +440,23 @@ def main() -> None:
         f"\n\nMerged LoRA model, eval forward: {merged['ratio']:.3f}x the base model's "
         f"({merged['merged_forward_seconds']:.3f} s vs {merged['base_forward_seconds']:.3f} s)."
     )
+    if "lorakit dora" in rows and "lorakit lora" in rows:
+        ratio = rows["lorakit dora"]["step_seconds"] / rows["lorakit lora"]["step_seconds"]
+        text += f" DoRA step: {ratio:.2f}x lorakit's LoRA step."
+    if "lorakit qlora" in rows:
+        weights = base_weight_bytes(ours(base, "qlora", targets, head, rank=8, alpha=16, dropout=0.05).model)
+        rows["lorakit qlora"]["base_weight_bytes"] = weights
+        text += (
+            f" QLoRA's base weights (NF4 + double quantisation): {weights['per_rank'] / 2**20:.1f} MiB, "
+            f"{weights['ratio']:.3f}x their {weights['fp32'] / 2**20:.1f} MiB in fp32."
+        )
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "device": args.device, "threads": args.threads, "all_bf16": args.all_bf16}
     result |= {"repeats": args.repeats, "rows": rows}
     args.out.write_text(json.dumps(result | {"merged_forward": merged}, indent=2) + "\n")
     if args.readme is not None:
-        write_readme(args.readme, text, readme_section(args.device, args.threads, args.all_bf16))
+        write_readme(args.readme, text, readme_section(args.device, args.threads, args.all_bf16, args.model))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import typing
@@ -12,8 +10,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
-from lorakit.errors import LorakitError
-from lorakit.train.rundir import JOB_FILE
+from lorakit.errors import LorakitError, is_disk_full
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -44,86 +41,160 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"adapter saved to {result.adapter_dir}")
 
 
-def _saved_job(adapter: str):
-    from lorakit.train.job import DataConfig, JobConfig
-    from lorakit.train.loop import TrainConfig
-
-    path = Path(adapter) / JOB_FILE
-    meta = lorakit.io.read_meta(adapter)
-    if not path.is_file():
-        return JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"], num_labels=2)
-    from lorakit.privacy.config import DPConfig
-
-    # a job.json written before a section existed lacks it: that section takes its defaults
-    sections = {"data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
-    try:
-        raw = json.loads(path.read_text())
-        job = JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise LorakitError(
-            f"cannot read {path}: {_one_line(err)}; it must be the {JOB_FILE} `lorakit train` wrote "
-            "(restore it, or train again)"
-        ) from None
-    # a job.json written before the classes were recorded: two classes, as then
-    return job if job.task != "classification" or job.num_labels else dataclasses.replace(job, num_labels=2)
-
-
-def _load_adapted(adapter: str):
-    from lorakit.train.models import load_model
-
-    job = _saved_job(adapter)
-    model, tokenizer = load_model(job.model, job.task, job.num_labels)
-    if job.quantize:
-        from lorakit.quant_api import quantize
-
-        quantize(model, job.quantize)
-    lorakit.load(model, adapter)
-    return job, model, tokenizer
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.train import data as D
-    from lorakit.train.job import evaluate, tokenize
+    from lorakit.train.job import (
+        eval_batch_size,
+        evaluate,
+        measure_peak_memory_mb,
+        reset_peak_memory,
+        tokenize,
+    )
 
-    job, model, tokenizer = _load_adapted(args.adapter)
-    source = args.data or job.data.eval_data or ("demo" if job.data.data == "demo" else None)
-    if source is None:
-        raise LorakitError("no evaluation data: pass --data PATH")
+    source = _eval_data(args)  # before the model is loaded
+    job, model, tokenizer = _load_for_eval(args)
     job.data.eval_data, job.data.data = source, source
-    data = tokenize(job, tokenizer, source, D.read_rows(source, split="test"))
-    d = job.data
+    rows = D.read_rows(source, split="test")
+    rows = rows[: args.limit] if args.limit else rows
+    data = tokenize(job, tokenizer, source, rows)
+    size = eval_batch_size(job)
     if args.all_ranks:
-        table = lorakit.evaluate_all_ranks(model, lambda m: evaluate(m, data, d.eval_batch_size))
+        table = lorakit.evaluate_all_ranks(model, lambda m: evaluate(m, data, size))
         print("rank  " + "  ".join(f"{k:>10}" for k in next(iter(table.values()))))
         for rank, metrics in table.items():
             print(f"{rank:>4}  " + "  ".join(f"{v:>10.4f}" for v in metrics.values()))
         return
-    metrics = evaluate(model, data, d.eval_batch_size)
-    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    reset_peak_memory()
+    metrics: dict[str, float] = evaluate(model, data, size)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    metrics["loss_peak_memory_mb"] = measure_peak_memory_mb()  # the loss evaluation's, not generation's
+    if args.generate:
+        from lorakit.eval.run import generation_eval
+
+        answered = rows[: args.generate_limit] if args.generate_limit else rows
+        report = generation_eval(job, model, tokenizer, answered, source, args)
+        metrics |= report.metrics
+        shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
+        report.write(_eval_out(args), metrics, args.overwrite)
+        shown += f"; generations in {report.path}"
+    print(shown)
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    if args.adapter is not None and args.model is not None:
+        raise LorakitError("pass --adapter (a tuned model) or --model (a base model as it is), not both")
+    if args.adapter is None and args.model is None:
+        raise LorakitError("pass --adapter DIR (a tuned model) or --model NAME (a base model as it is)")
+
+
+def _eval_data(args: argparse.Namespace) -> str:
+    """The data to evaluate on: ``--data``, else the adapter's job's evaluation data (never other data)."""
+    from lorakit.train.saved import eval_source, saved_job
+
+    _check_model_args(args)
+    if args.adapter is not None:
+        return eval_source(saved_job(args.adapter), args.adapter, args.data)
+    if not args.data:
+        raise LorakitError("evaluating a base --model needs --data PATH")
+    return args.data
+
+
+def _load_for_eval(args: argparse.Namespace):
+    """The model to evaluate or generate with: the adapted model of ``--adapter`` (its job's settings, its
+    chat template), or the base ``--model`` as it is; flags given override the job's data settings."""
+    from lorakit.train.job import CHAT_TEMPLATE_FILE, DataConfig, JobConfig, resolve_task, saved_chat_template
+    from lorakit.train.models import load_model
+    from lorakit.train.saved import load_adapted
+
+    _check_model_args(args)
+    if args.adapter is not None:
+        job, model, tokenizer = load_adapted(args.adapter)
+        template = saved_chat_template(args.adapter)
+        if job.task == "causal-lm" and args.chat_template is not None:
+            raise LorakitError(
+                f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "
+                "in its directory, or none); --chat-template applies to a base --model only"
+            )
+        # the run's own template (none if it used none), whatever the tokenizer ships
+        tokenizer.chat_template = template
+        job.data.chat_template = "auto" if template is not None else "none"
+    else:
+        job = resolve_task(
+            JobConfig(model=args.model, data=DataConfig(chat_template=args.chat_template or "auto"))
+        )
+        model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    for name in ("prompt_column", "response_column", "messages_column", "max_length"):
+        if getattr(args, name, None) is not None:
+            setattr(job.data, name, getattr(args, name))
+    if args.generate and job.task != "causal-lm":
+        raise LorakitError("--generate needs a causal language model; this one is a classifier")
+    return job, model, tokenizer
+
+
+def _eval_out(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    if args.adapter is None:
+        raise LorakitError("--generate on a base --model needs --out DIR for its metrics and generations")
+    return Path(args.adapter) / "eval"
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.eval.run import answer_prompts
+
+    args.generate = True  # the checks of a model that generates
+    job, model, tokenizer = _load_for_eval(args)
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += _prompts_from_file(Path(args.prompts_file), job)
+    if not prompts:
+        raise LorakitError("no prompt: pass one or more prompts, or --prompts-file FILE")
+    if args.compare_base and args.adapter is None:
+        raise LorakitError("--compare-base compares an --adapter's answers with its base model's")
+    tuned = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
+    base = None
+    if args.compare_base:
+        with lorakit.disabled(model):
+            base = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
+    for i, prompt in enumerate(prompts):
+        print(f"### prompt {i + 1}\n{prompt}")
+        print(f"--- tuned\n{tuned[i]}" if base is not None else f"--- answer\n{tuned[i]}")
+        if base is not None:
+            print(f"--- base\n{base[i]}")
+        print()
+
+
+def _prompts_from_file(path: Path, job) -> list[str]:
+    """Prompts from a data file (its prompt column, or each conversation's last user turn) or from a text
+    file (one per line)."""
+    from lorakit.train import data as D
+
+    if path.suffix.lower() in D.FILE_TYPES:
+        d = job.data
+        examples = D.conversations(
+            D.read_rows(str(path)), d.messages_column, d.prompt_column, d.response_column, str(path)
+        )
+        return [example.prompt[-1]["content"] for example in examples]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise LorakitError(f"cannot read prompts from {path}: {err}") from None
+    return [line for line in lines if line.strip()]
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory for the merged model")
-    _, model, tokenizer = _load_adapted(args.adapter)
-    merged = lorakit.merge(model)
-    from lorakit.quant_api import dequantize
+    from lorakit.train.saved import write_merged
 
-    dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    print(f"merged model saved to {out}")
+    write_merged(args.adapter, args.out)
+    print(f"merged model saved to {args.out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lorakit.interop import save_peft
+    from lorakit.train.saved import write_peft
 
-    _, model, _ = _load_adapted(args.adapter)
-    if args.rank is not None:
-        lorakit.set_rank(model, args.rank)
-    out = save_peft(model, args.out, overwrite=args.overwrite)
-    print(f"PEFT adapter saved to {out} (load it with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+    write_peft(args.adapter, args.out, args.rank, args.overwrite)
+    loader = f"peft.PeftModel.from_pretrained(base_model, '{args.out}')"
+    print(f"PEFT adapter saved to {args.out} (load it with {loader})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -135,18 +206,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
+    from lorakit.train.rundir import exclusive
 
     cfg = from_args(args)
-    dp = f"clip {cfg.clip_norm}, noise {cfg.noise_multiplier or 'from target'}" if cfg.private else "no DP"
+    noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
+    dp = f"clip {cfg.clip_norm}, noise {noise or 0}" if cfg.private else "no DP"
     print(
         f"federated {cfg.variant} on {cfg.model}: {cfg.clients} clients ({cfg.partition}), "
         f"{cfg.rounds} rounds, cohort {cfg.cohort} ({cfg.sampling}), {cfg.local_steps} local steps; {dp}"
     )
-    result = simulate(cfg, num_cpus=args.num_cpus)
+    with exclusive(cfg.output_dir, "lorakit federate"):  # one run writes an output directory at a time
+        result = simulate(cfg, num_cpus=args.num_cpus)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no evaluation data"
     if result.epsilon is not None:
         metrics += f"; epsilon {result.epsilon:.3f} at delta {result.delta:g}"
     print(f"done after {len(result.rounds)} rounds: {metrics}; adapter saved to {result.adapter_dir}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Which model answers (a tuned adapter, or a base model as it is), and data settings over the job's."""
+    parser.add_argument("--adapter", help="directory written by `lorakit train`")
+    parser.add_argument("--model", help="a base model as it is, instead of --adapter (e.g. smollm2)")
+    parser.add_argument(
+        "--chat-template", help="with --model: auto (default), none, or the path of a Jinja chat template"
+    )
+    parser.add_argument("--prompt-column", help="causal-LM prompt column (default: the job's)")
+    parser.add_argument("--response-column", help="causal-LM reference answer column (default: the job's)")
+    parser.add_argument("--messages-column", help="causal-LM conversations column (default: the job's)")
+    parser.add_argument(
+        "--max-length", type=_positive, help="tokens per example for the loss (default: the job's)"
+    )
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=256,
+        help="tokens generated per answer at most (default: 256)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, default=16, help="prompts generated together (default: 16)"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,15 +292,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_job_flags(train)
     train.set_defaults(func=cmd_train)
-    ev = sub.add_parser("eval", help="evaluate a saved adapter")
-    ev.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
+    ev = sub.add_parser("eval", help="evaluate a saved adapter (or a base model)")
+    _add_model_flags(ev)
     ev.add_argument("--data", help="evaluation data (default: the job's evaluation data)")
+    ev.add_argument("--limit", type=_positive, help="evaluate the first N rows only")
+    ev.add_argument(
+        "--generate-limit", type=_positive, help="with --generate: answer the first N rows (the loss: all)"
+    )
     ev.add_argument(
         "--all-ranks",
         action="store_true",
         help="evaluate every rank the adapter was trained for (variants with rank choices)",
     )
+    ev.add_argument(
+        "--generate",
+        action="store_true",
+        help="causal LM: also answer every prompt (greedy) and score exact match of the final answers",
+    )
+    ev.add_argument(
+        "--answer-pattern",
+        help="regular expression whose first group is the final answer (default: GSM8K's '#### N', else the "
+        "last number)",
+    )
+    ev.add_argument("--out", help="directory for metrics.json and generations.jsonl (default: ADAPTER/eval)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
+    _add_generation_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    gen = sub.add_parser("generate", help="print a tuned causal LM's answers to prompts")
+    _add_model_flags(gen)
+    gen.add_argument("prompts", nargs="*", help="prompts (the user's turn)")
+    gen.add_argument("--prompts-file", help="more prompts: a text file (one per line) or a data file")
+    gen.add_argument(
+        "--compare-base", action="store_true", help="show the base model's answers beside the tuned ones"
+    )
+    _add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
     merge = sub.add_parser("merge", help="fold an adapter into its base and save the plain model")
     merge.add_argument("--adapter", required=True, help="directory written by `lorakit train`")
     merge.add_argument("--out", required=True, help="new directory for the merged model (safetensors)")
@@ -230,6 +367,9 @@ USER_ERRORS = (LorakitError, ValueError, OSError, ImportError)
 
 
 def _one_line(err: BaseException) -> str:
+    if is_disk_full(err) and not isinstance(err, LorakitError):  # a write no handler nearer to it named
+        where = Path(err.filename).parent if isinstance(err, OSError) and err.filename else "the device"
+        return f"no space left on {where}; free space and run the command again"
     if isinstance(err, OSError) and err.strerror and err.filename is not None:  # a path the system refused
         return f"cannot use {err.filename}: {err.strerror} (check that the path exists and is writable)"
     return " ".join(str(err).split()) or type(err).__name__
@@ -256,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in lorakit: still one line, with the way to see the traceback
         if debug:
             raise
+        if is_disk_full(err):  # a library's own error type for a full disk
+            print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
+            return 2
         print(
             f"lorakit: internal error: {type(err).__name__}: {_one_line(err)} "
             "(rerun with --debug for the traceback and report it)",

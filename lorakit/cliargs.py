@@ -17,7 +17,7 @@ import yaml
 
 from lorakit.errors import SettingError
 from lorakit.privacy.config import DPConfig
-from lorakit.settings import coerce_field, field_help, parse_assignments
+from lorakit.settings import coerce_field, field_help, flag_type, parse_assignments
 from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
@@ -47,7 +47,7 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="a variant config field, e.g. --set ratio=16 (repeatable)",
     )
-    for name, (_, f, hint) in _leaf_fields().items():
+    for name, (section, f, hint) in _leaf_fields().items():
         if name == "options":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -72,15 +72,8 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, type=_names, default=argparse.SUPPRESS, help=f"{text}; comma-separated"
             )
         else:
-            parser.add_argument(
-                flag, dest=name, type=_scalar_type(hint), default=argparse.SUPPRESS, help=text
-            )
-
-
-def _scalar_type(hint: Any) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    return base if base in (int, float, str) else str
+            parse = flag_type(SECTIONS[section], name)
+            parser.add_argument(flag, dest=name, type=parse, default=argparse.SUPPRESS, help=text)
 
 
 def _flag(parse: Any) -> Any:
@@ -133,17 +126,26 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         values.update(_read_yaml(Path(args.config)))
     leaves = _leaf_fields()
     values.update({k: v for k, v in vars(args).items() if k in leaves})
+    return job_from_values(values, getattr(args, "set", []) or [])
+
+
+def job_from_values(values: dict[str, Any], assignments: list[str] | None = None) -> JobConfig:
+    """A job from flat setting values (as :func:`job_values` gives them) and ``--set`` assignments, each value
+    read as its field's type and range-checked (:mod:`lorakit.settings`)."""
+    values = dict(values)
+    leaves = _leaf_fields()
     options = values.pop("options", None) or {}
     if not isinstance(options, dict):
         raise SettingError(f"options must be a mapping of variant config fields, got {options!r}")
     if any(not isinstance(key, str) for key in options):
         raise SettingError(f"options must map field names (text) to values, got keys {list(options)}")
     options = dict(options)
-    options.update(parse_assignments(getattr(args, "set", []) or []))
+    options.update(parse_assignments(assignments or []))
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
         section = leaves[name][0]
-        sections[section][name] = coerce_field(SECTIONS[section], name, value, section or "job")
+        what = {"": "job", "train": "training"}.get(section, section)  # as the settings classes say
+        sections[section][name] = coerce_field(SECTIONS[section], name, value, what)
     return JobConfig(
         **sections[""],
         options=options,
@@ -158,6 +160,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise SettingError(f"cannot read config {path}: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise SettingError(f"config {path} must be a mapping of settings (name: value lines)")
+    return job_values(raw, f"config {path}")
+
+
+def job_values(raw: dict[Any, Any], where: str) -> dict[str, Any]:
+    """Job settings written as a mapping (a config file, a bench run), sections (``train:``...) flattened;
+    an unknown name is refused, naming ``where`` and the known ones."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key and key in SECTIONS and isinstance(value, dict):
@@ -168,7 +176,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     unknown = sorted(set(flat) - known, key=str)
     if unknown:
         raise SettingError(
-            f"config {path}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
+            f"{where}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
         )
     if isinstance(flat.get("targets"), str):
         flat["targets"] = _targets(flat["targets"])

@@ -14,18 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from lorakit import dirlock
 from lorakit.api import adapted_layers, apply, info, takes_compiled
 from lorakit.dirswap import finish_swap
-from lorakit.errors import LorakitError, OutputExistsError
+from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
 from lorakit.targets import set_module
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"  # what marks a PEFT adapter directory (lorakit.load_peft reads it)
 FORMAT = "lorakit-adapter"
 FORMAT_VERSION = 1
 
@@ -54,15 +57,10 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "an adapter", overwrite)
     tensors, tied = _collect_tensors(model)
     check_finite_tensors(tensors, f"the adapter was not saved to {out}")
-    digest: list[str] = []
-
-    def write_weights(path: str) -> None:
-        save_file(tensors, path, metadata={"format": FORMAT})
-        digest.append(file_sha256(path))
-
-    with writing(out):
+    weights = safetensors_bytes(tensors, {"format": FORMAT})
+    with writing(out, "the adapter"):
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / WEIGHTS_FILE, write_weights)
+        atomic_write(out / WEIGHTS_FILE, lambda path: Path(path).write_bytes(weights))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -74,13 +72,19 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "targets": state.targets,
         "train_modules": state.train_modules,
         "tied": tied,
-        "weights_sha256": digest[0],
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_dtypes": base_dtypes(model),
         "base_sample": state.base_sample,
     }
-    with writing(out):
+    with writing(out, "the adapter"):
         atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes, written by Python's own file calls so that a full disk is an ``OSError``
+    naming ENOSPC (safetensors' own writer reports it as a generic error)."""
+    return safetensors.torch.save(tensors, metadata=metadata)
 
 
 def check_output_dir(out: Path, files: tuple[str, ...], what: str, overwrite: bool) -> None:
@@ -108,11 +112,16 @@ def file_in_the_way(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def writing(out: Path) -> Any:
-    """Turn an operating-system refusal while writing into ``out`` into an :class:`AdapterFileError`."""
+def writing(out: Path, what: str) -> Any:
+    """Turn an operating-system refusal while writing ``what`` into ``out`` into a :class:`DiskFullError`
+    (no space left) or an :class:`AdapterFileError` (any other), naming the place."""
     try:
         yield
     except OSError as err:
+        if is_disk_full(err):
+            raise DiskFullError(
+                f"no space left on {out}: {what} was not saved completely; free space and save again"
+            ) from None
         raise AdapterFileError(
             f"cannot write to {out}: {err.strerror or err} ({err.filename or out}); choose a writable "
             "directory"
@@ -150,6 +159,27 @@ def check_same_base(
     raise AdapterFileError(
         f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
         "its weights do not match this model's. Load it onto the base it was trained on."
+    )
+
+
+def check_same_targets(saved: list[Any], model: nn.Module, directory: Path) -> None:
+    """The adapter's config selects other layers on ``model`` than the adapter file lists: undo the adapter
+    and refuse, naming the cause: layers the model lacks (another base), or a file whose two lists disagree
+    (``adapter.json`` was edited)."""
+    adapted = [name for name, _ in adapted_layers(model)]
+    undo_apply(model)
+    modules = dict(model.named_modules())
+    missing = [str(name) for name in saved if str(name) not in modules]
+    if missing:
+        raise AdapterFileError(
+            f"the adapter in {directory} adapts layers this model does not have ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}): load it onto the base it was trained on"
+        )
+    shown = ", ".join(adapted[:3]) + (" ..." if len(adapted) > 3 else "")
+    raise AdapterFileError(
+        f"{directory / CONFIG_FILE} does not agree with itself: its config's targets select {len(adapted)} "
+        f"layer(s) on this model ({shown}), not the {len(saved)} its targets list names; it was edited: "
+        "restore it or re-save the adapter"
     )
 
 
@@ -236,10 +266,15 @@ def atomic_write(path: Path, write: Any) -> None:
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``adapter.json`` of ``directory``, checked for format and variant."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    if not path.is_file() and not dirlock.held(Path(directory)):  # a run that holds it may be mid-swap
         with contextlib.suppress(OSError):  # a kill between the renames of a save left the adapter beside
             finish_swap(Path(directory), lambda d: (d / CONFIG_FILE).is_file())
     if not path.is_file():
+        if (Path(directory) / PEFT_CONFIG_FILE).is_file():
+            raise AdapterFileError(
+                f"{directory} holds a PEFT adapter ({PEFT_CONFIG_FILE}), not a lorakit one; load it with "
+                "lorakit.load_peft(model, directory)"
+            )
         raise AdapterFileError(
             f"{directory} is not a lorakit adapter directory (no {CONFIG_FILE}); pass the "
             "directory that lorakit.save or `lorakit train` wrote"
@@ -251,6 +286,16 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise AdapterFileError(f"{path} is not a lorakit adapter file (format={found!r})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AdapterFileError(
+            f"{path}: format_version {version!r} is not a version number; re-save the adapter"
+        )
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path} was saved in format version {version} by lorakit {meta.get('lorakit_version', '?')}; "
+            f"this lorakit reads up to version {FORMAT_VERSION}: upgrade lorakit to load it"
+        )
     fields = {"variant": str, "config": dict, "fingerprint": str, "targets": list, "train_modules": list}
     for name, kind in {**fields, "tied": dict}.items():
         if not isinstance(meta.get(name, {} if name == "tied" else None), kind):
@@ -281,6 +326,8 @@ def load(
     except LorakitError as err:  # settings or targets in the file that do not fit: the same error, naming it
         raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)
+    if state.targets != meta["targets"]:
+        check_same_targets(meta["targets"], model, Path(directory))
     if state.fingerprint != meta["fingerprint"]:
         check_same_base(meta, state.base_sample, model, directory)
     modules = dict(model.named_modules())

@@ -1,14 +1,25 @@
-"""Shared pieces of the settings dataclasses: one value parser for ``--set`` and config files, type checks
-against each field's annotation, and validation that names the first invalid field."""
+"""Shared pieces of the settings dataclasses: one value parser for flags, ``--set`` and config files, type and
+range checks against each field's annotation and declared interval, and validation that names the first
+invalid field.
+
+Every numeric setting goes through the same steps wherever it comes from (a command-line flag, a YAML job or
+bench file, Flower's run config, a Python argument): text is read by :func:`parse_value`, converted to the
+field's type by :func:`coerce_field`, and checked against the interval its :func:`setting` declares by
+:func:`check_fields`. An optional setting (``int | None``) is unset only when it is None: 0 is a number like
+any other and must lie in the interval.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -17,12 +28,60 @@ from lorakit.errors import SettingError
 
 
 def setting(
-    default: Any = dataclasses.MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    within: str | None = None,
 ) -> Any:
-    """A settings dataclass field whose ``doc`` is its ``--help`` text (``factory`` for mutable defaults)."""
+    """A settings dataclass field whose ``doc`` is its ``--help`` text (``factory`` for mutable defaults).
+
+    ``within``: the interval a numeric value must lie in, written as in mathematics: ``"[1, inf)"`` (at least
+    1), ``"(0, inf)"`` (positive and finite), ``"[0, 1)"``; checked by :func:`check_fields`.
+    """
+    metadata = {"help": doc} | ({"within": Interval.parse(within)} if within is not None else {})
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": doc})
-    return dataclasses.field(default=default, metadata={"help": doc})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of numbers, each end open or closed; an open end at ``inf`` refuses infinity (and NaN lies in
+    no interval)."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        """``"[0, 1)"`` -> ``Interval(0, 1, True, False)``."""
+        match = re.fullmatch(r"\s*([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])\s*", text)
+        if match is None:
+            raise ValueError(f"not an interval: {text!r} (write it as [low, high), (0, inf), ...)")
+        left, low, high, right = match.groups()
+        return cls(float(low), float(high), left == "[", right == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        """What a value must be, in words: ``an integer >= 1``, ``a number in [0, 1)``, or ``a finite number
+        > 0`` (an open end at infinity)."""
+        kind = "an integer" if integer else "a number"
+        if self.high == math.inf and not self.high_closed:
+            low = _number(self.low)
+            return f"{kind if integer else 'a finite number'} {'>=' if self.low_closed else '>'} {low}"
+        left, right = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
+        return f"{kind} in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else str(value)
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -116,11 +175,11 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
     return True, value  # an annotation this check does not know: leave it to the field's own validation
 
 
-def _describe(hint: Any) -> str:
+def _describe(hint: Any, unset: str = "null") -> str:
     names = []
     for option in _options(hint):
         if option is type(None):
-            names.append("null")
+            names.append(unset)
         elif option in (int, float):
             names.append({int: "an integer", float: "a number"}[option])
         elif option is str:
@@ -146,11 +205,43 @@ def coerce_field(cls: type, name: str, value: Any, what: str) -> Any:
     raise SettingError(f"invalid {what} setting {name}={value!r}: it must be {_describe(hint)}")
 
 
-def check_types(settings: object, what: str) -> None:
-    """Raise ``SettingError`` naming the first field whose value is not of its annotated type; numbers given
-    as text and whole floats given for integers are converted in place."""
+def check_fields(settings: object, what: str) -> None:
+    """Raise ``SettingError`` naming the first field whose value is not of its annotated type, or is a number
+    outside the interval its :func:`setting` declares; numbers given as text and whole floats given for
+    integers are converted in place. None (an optional setting left unset) has no range."""
+    hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):  # type: ignore[arg-type]
         value = getattr(settings, f.name)
         converted = coerce_field(type(settings), f.name, value, what)
         if converted is not value:
             object.__setattr__(settings, f.name, converted)
+        interval = f.metadata.get("within")
+        if interval is None or converted is None or isinstance(converted, bool):
+            continue
+        if not isinstance(converted, (int, float)) or converted not in interval:
+            integer = int in _options(hints[f.name])
+            raise SettingError(
+                f"invalid {what} setting {f.name}={converted!r}: it must be {interval.describe(integer)}; "
+                f"{f.name}: {field_help(f)}"
+            )
+
+
+def flag_type(cls: type, name: str) -> Callable[[str], Any]:
+    """The argparse ``type`` of field ``cls.name``: the text read like a config-file value and converted to
+    the field's type (``none`` unsets an optional setting); the range is checked when the settings are built,
+    as for a config file."""
+    hint = typing.get_type_hints(cls)[name]
+    text_field = str in _options(hint)
+
+    def parse(text: str) -> Any:
+        if type(None) in _options(hint) and text.strip().lower() in ("none", "null"):
+            return None
+        value = text if text_field else parse_value(text)
+        try:
+            return coerce_field(cls, name, value, "")
+        except SettingError:
+            described = _describe(hint, unset="none")
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: it must be {described}") from None
+
+    parse.__name__ = _describe(hint, unset="none")  # argparse names the type in its own messages
+    return parse

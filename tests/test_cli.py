@@ -146,10 +146,10 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
     assert main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["metrics"]) == {"loss", "perplexity"}
-    from lorakit.train.data import tokenize_causal
+    from lorakit.train.data import conversations, tokenize_causal
     from lorakit.train.job import evaluate
 
-    tokens = tokenize_causal(rows, tokenizer, "q", "a", 64, "qa")
+    tokens = tokenize_causal(conversations(rows, "messages", "q", "a", "qa"), tokenizer, None, 64)
     base_loss = evaluate(LlamaForCausalLM.from_pretrained(model_dir), tokens)["loss"]
     assert metrics["metrics"]["loss"] < base_loss - 0.2, (base_loss, metrics["metrics"])
     assert main(["eval", "--adapter", str(run)]) == 0

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 
@@ -20,6 +21,8 @@ def test_every_project_error_derives_from_the_one_base() -> None:
     from lorakit.train.models import ModelError
 
     for cls in (
+        lorakit.DirectoryInUseError,
+        lorakit.DiskFullError,
         TargetError,
         ConfigError,
         AdapterFileError,
@@ -124,7 +127,8 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
         (["--rank", "10000"], "rank 10000 is above what layer"),
         (["--max-length", "0"], "max_length=0"),
         (["--num-labels", "1"], "num_labels=1"),
-        (["--rank", "x"], "invalid int value: 'x'"),
+        (["--rank", "x"], "argument --rank: invalid value 'x': it must be an integer or none"),
+        (["--warmup-ratio", "2"], "warmup_ratio=2.0: it must be a number in [0, 1); warmup_ratio: fraction"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

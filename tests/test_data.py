@@ -11,6 +11,7 @@ from lorakit.train.data import (
     BatchSampler,
     DataError,
     column,
+    conversations,
     demo_rows,
     read_rows,
     tokenize_causal,
@@ -63,9 +64,8 @@ def test_classification_batches_pad_and_mask(tokenizer) -> None:
 
 
 def test_causal_labels_cover_the_response_only(tokenizer) -> None:
-    data = tokenize_causal(
-        [{"prompt": "good morning", "response": "hello"}], tokenizer, "prompt", "response", 32, "x"
-    )
+    rows = [{"prompt": "good morning", "response": "hello"}]
+    data = tokenize_causal(conversations(rows, "messages", "prompt", "response", "x"), tokenizer, None, 32)
     ids, labels = data.input_ids[0], data.labels[0]
     n_prompt = len(tokenizer("good morning")["input_ids"])
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]

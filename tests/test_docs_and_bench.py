@@ -10,8 +10,8 @@ import yaml
 
 import lorakit
 from lorakit.bench.report import write_report
-from lorakit.bench.run import load_bench
-from lorakit.cliargs import _leaf_fields
+from lorakit.bench.run import load_bench, run_settings
+from lorakit.cliargs import _leaf_fields, job_from_values, job_values
 from lorakit.docs import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +30,11 @@ def test_every_shipped_bench_file_names_known_settings_and_variants() -> None:
     known = set(_leaf_fields()) | {"options"}
     for path in files:
         defaults, runs = load_bench(path)
-        for run in runs:
-            settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
+        for run in runs:  # load_bench builds every run's job: each field read and range-checked
+            settings = run_settings(defaults, run)
             assert set(settings) <= known, (path, set(settings) - known)
-            cls = lorakit.get_variant(settings.get("variant", "lora"))
-            fields = {"rank": settings.get("rank", 8), **settings.get("options", {})}
-            if "dropout" in settings:
-                fields["dropout"] = settings["dropout"]
-            cls.config_class.from_dict(fields, cls.name)  # validates every field and range
+            job = job_from_values(job_values(settings, run["name"]))
+            assert job.variant == settings.get("variant", "lora")
 
 
 def test_report_writes_a_table_and_a_plot(tmp_path) -> None:
@@ -101,12 +98,17 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
                 "runs": [
                     {"name": "a", "variant": "lora", "rank": 2},
                     {"name": "b", "variant": "dora", "rank": 4, "note": "rank 4"},
-                    {"name": "broken", "variant": "no_such_variant"},
+                    {"name": "broken", "data": str(tmp_path / "missing.tsv")},  # fails when it runs
                 ],
             }
         )
     )
     out = tmp_path / "out"
+    spec = yaml.safe_load(bench.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "runs": [*spec["runs"], {"name": "c", "variant": "no_such"}]}))
+    assert main(["bench", str(bad), "--out", str(out)]) == 2  # a setting no run can take: nothing runs
+    assert "run c: unknown variant 'no_such'" in capsys.readouterr().err and not out.exists()
     assert main(["bench", str(bench), "--out", str(out)]) == 1  # one run failed, the others still ran
     table = (out / "results.md").read_text()
     trainable = {r["name"]: r["trainable"] for r in json.loads((out / "results.json").read_text())}
@@ -114,7 +116,7 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
         set(trainable) == {"a", "b"} and trainable["b"] > 2 * trainable["a"] - 2 * 32
     )  # DoRA at twice the rank
     assert "| broken | failed: see broken.log |" in table and "| rank 4 |" in table
-    assert "unknown variant 'no_such_variant'" in (out / "broken.log").read_text()
+    assert "missing.tsv does not exist" in (out / "broken.log").read_text()
     assert (out / "results.png").stat().st_size > 10_000
     capsys.readouterr()
     (out / "broken.log").unlink()
@@ -122,3 +124,31 @@ def test_lorakit_bench_runs_each_job_reports_them_and_resumes(tiny_bert_dir, tmp
     assert "[bench] a:" not in capsys.readouterr().out and not (out / "broken.log").exists()
     assert main(["bench", str(bench), "--out", str(out), "--only", "c"]) == 2
     assert "--only names ['c'] are not runs of" in capsys.readouterr().err
+
+
+def test_a_causal_lm_bench_evaluates_generation_and_the_base_model(chat_llama_dir, tmp_path, capsys) -> None:
+    from lorakit.cli import main
+
+    rows = [{"q": f"What is {a} plus {b}?", "a": f"#### {a + b}"} for a in range(1, 9) for b in range(1, 3)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = tmp_path / "bench.yaml"
+    defaults = {
+        "model": str(chat_llama_dir), "data": str(data), "eval_data": str(data), "prompt_column": "q",
+        "response_column": "a", "max_length": 64, "targets": "all-linear", "steps": 3, "batch_size": 8,
+    }  # fmt: skip
+    runs = [{"name": "base", "train": False, "note": "as it is"}, {"name": "lora", "variant": "lora"}]
+    generate = {"max_new_tokens": 4, "batch_size": 8, "limit": 6}
+    bench.write_text(yaml.safe_dump({"defaults": defaults, "generate": generate, "runs": runs}))
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| run | dev loss | perplexity | exact match |" in table
+    results = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(results) == {"base", "lora"} and "trainable" not in results["base"]
+    assert results["lora"]["generation"]["exact_match_total"] == 6
+    assert results["base"]["metrics"]["loss"] > results["lora"]["metrics"]["loss"]
+    assert "| base |" in table and "| 0 |" in table and "as it is" in table
+    capsys.readouterr()
+    assert main(["bench", str(bench), "--out", str(out)]) == 0  # finished and evaluated: nothing runs again
+    assert "lorakit.cli" not in capsys.readouterr().out

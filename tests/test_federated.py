@@ -26,79 +26,26 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
+from fed_harness import failed_run, run_local, use_local_engine  # noqa: E402
+from flwr.app import ArrayRecord, Error, Message  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.cli import main  # noqa: E402
+from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.federated import FedConfig, partition  # noqa: E402
-from lorakit.federated.client import make_client_app  # noqa: E402
-from lorakit.federated.server import make_server_app  # noqa: E402
+from lorakit.federated.failures import FederatedError  # noqa: E402
 from lorakit.federated.strategy import DPFedAvg, Reply, draw_rank, sample_cohort, update_space  # noqa: E402
 from lorakit.privacy import PrivacyError  # noqa: E402
 from lorakit.privacy.accountant import Accountant  # noqa: E402
+from lorakit.train import data as D  # noqa: E402
 from lorakit.variants.dylora import set_rank  # noqa: E402
 
 APP_DIR = Path(lorakit.__file__).parent / "federated" / "flwr_app"
 
 
-class LocalGrid(Grid):
-    """Delivers each message to the real ClientApp in this process, one Context per virtual SuperNode."""
-
-    def __init__(self, client_app, num_nodes: int, tamper=None) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as in a ServerApp process
-        self.app, self.tamper, self.sent = client_app, tamper, []
-        self.contexts = {
-            101 + i: Context(
-                run_id=1,
-                node_id=101 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
-
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError("LocalGrid only answers send_and_receive")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("LocalGrid only answers send_and_receive")
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as err:  # as Flower does: the failure comes back as an error reply
-                reply = Message(Error(code=0, reason=str(err)), reply_to=msg)
-            replies.append(self.tamper(reply) if self.tamper else reply)
-        return replies
-
-
-def run_local(cfg: FedConfig, tamper=None):
-    results: list = []
-    grid = LocalGrid(make_client_app(cfg), cfg.clients, tamper)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    make_server_app(cfg, results)(grid, context)
-    assert len(results) == 1 and not isinstance(results[0], Exception), results
-    return results[0], grid
+@pytest.fixture
+def local_engine(monkeypatch) -> list:
+    return use_local_engine(monkeypatch)
 
 
 # --- partitions, cohorts, ranks ----------------------------------------------------------------------------
@@ -314,10 +261,10 @@ def test_clients_evaluate_when_the_server_has_no_data(tiny_bert_dir, tmp_path) -
     assert 0 <= result.metrics["accuracy"] <= 1 and result.metrics["loss"] > 0
 
 
-def test_a_nan_update_is_dropped_and_the_round_goes_on(tiny_bert_dir, tmp_path, capsys) -> None:
-    poisoned = []
+def poison_first_update(poisoned: list):
+    """A tamper that turns the first update a client sends into NaN (``poisoned`` gets its node id)."""
 
-    def tamper(msg):
+    def tamper(msg, sent):
         if not poisoned and not msg.has_error() and "update" in msg.content:
             arrays = msg.content["update"].to_torch_state_dict()
             first = next(iter(arrays))
@@ -326,11 +273,39 @@ def test_a_nan_update_is_dropped_and_the_round_goes_on(tiny_bert_dir, tmp_path, 
             poisoned.append(msg.metadata.src_node_id)
         return msg
 
-    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=2, cohort=4, clip_norm=1.0, noise_multiplier=0.5)
-    result, _ = run_local(cfg, tamper)  # q = 1: every client in every round
+    return tamper
+
+
+def test_a_nan_update_is_dropped_and_the_round_goes_on(tiny_bert_dir, tmp_path, capsys) -> None:
+    poisoned: list = []
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=2, cohort=4)  # every client every round
+    result, _ = run_local(cfg, poison_first_update(poisoned))
     assert result.rounds[0]["dropped"] == 1 and result.rounds[0]["used"] == 3 and len(result.rounds) == 2
-    assert f"dropped the update of client {poisoned[0]}" in capsys.readouterr().out
+    client = poisoned[0] - 101  # the partition that node holds
+    assert (
+        f"round 1: dropped the update of client {client}: unusable-update: tensor" in capsys.readouterr().out
+    )
     state = _saved_tensors(tmp_path / "fed")  # the dropped NaN never reached the global adapter
+    assert state and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_under_dp_a_dropped_update_is_reported_by_its_code_alone(
+    tiny_bert_dir, tmp_path, capsys, caplog
+) -> None:
+    """Which client failed and how many did are not released under DP: one line with the reason code."""
+    poisoned: list = []
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=2, cohort=4, clip_norm=1.0, noise_multiplier=0.5)
+    result, _ = run_local(cfg, poison_first_update(poisoned))
+    assert poisoned and len(result.rounds) == 2
+    assert all(
+        set(entry) == {"round", "rank", "epsilon", "accuracy", "loss", "seconds"} for entry in result.rounds
+    )
+    out = capsys.readouterr().out
+    line = "round 1: client updates were dropped (unusable-update); whose and how many is not released"
+    assert line in out and line in caplog.text
+    assert "client 0" not in out + caplog.text and "tensor" not in out + caplog.text
+    assert "clients" not in out.split("round 1/2")[1]  # the progress line counts no clients
+    state = _saved_tensors(tmp_path / "fed")
     assert state and all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -396,7 +371,7 @@ def run_and_listen(cfg: FedConfig):
     """Run ``cfg``; returns the result, the grid (what was sent) and every reply as the server got it."""
     replies: list[dict] = []
 
-    def listen(msg):
+    def listen(msg, sent):
         if not msg.has_error() and "update" in msg.content:
             replies.append(
                 {
@@ -464,16 +439,18 @@ def test_under_dp_no_per_client_statistic_reaches_the_server_or_the_files(
     cfg = dp_round_cfg(tiny_bert_dir, tmp_path, insecure=False)
     result, _, replies = run_and_listen(cfg)
     assert len(replies) == 8 and all(r["metrics"] == {} for r in replies)  # only the update leaves a client
-    released = {"round", "rank", "cohort", "used", "dropped", "epsilon", "accuracy", "loss", "seconds"}
+    released = {"round", "rank", "epsilon", "accuracy", "loss", "seconds"}  # no cohort size, no counts
     assert all(set(entry) <= released for entry in result.rounds)
     saved = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
-    assert all("train_loss" not in entry and "clipped" not in entry for entry in saved["rounds"])
+    assert all(set(entry) <= released for entry in saved["rounds"])
+    assert "cohort sizes, used and dropped counts" in saved["privacy"]["not_released"]
     out = capsys.readouterr().out
     assert "not released: per-client training losses, example counts" in out and "train_loss" not in out
     plain, _, plain_replies = run_and_listen(
         tiny_cfg(tiny_bert_dir, tmp_path, variant="lora", options="", rounds=1, cohort=4)
     )
     assert plain_replies[0]["metrics"]["train_loss"] > 0 and plain.rounds[0]["train_loss"] > 0  # without DP
+    assert (plain.rounds[0]["cohort"], plain.rounds[0]["used"], plain.rounds[0]["dropped"]) == (4, 4, 0)
 
 
 def test_federated_lora_without_noise_beats_the_base_model(tmp_path) -> None:
@@ -491,6 +468,241 @@ def test_federated_lora_without_noise_beats_the_base_model(tmp_path) -> None:
     result, _ = run_local(cfg)
     assert result.epsilon is None and result.rounds[-1]["rank"] is None
     assert result.metrics["accuracy"] > base + 0.15, (base, result.metrics)
+
+
+# --- data checked before any round, failures that stop the run --------------------------------------------
+def write_rows(path: Path, rows: list[tuple[str, object]]) -> Path:
+    path.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    return path
+
+
+def demo_file(path: Path, count: int, names=None, split: str = "train") -> Path:
+    """The first ``count`` demo rows as a TSV file, labels written as ``names[label]`` when given."""
+    rows = [(r["sentence"], names[r["label"]] if names else r["label"]) for r in D.demo_rows(split)[:count]]
+    return write_rows(path, rows)
+
+
+def bad_data(case: str, tmp_path: Path) -> tuple[dict, str]:
+    """Settings whose data no client could train on, and what the error must say."""
+    if case == "missing file":
+        return {"data": str(tmp_path / "missing.tsv")}, "missing.tsv does not exist"
+    if case == "label above num_labels":
+        rows = [("good", 0), ("bad", 1), ("odd", 2), ("fine", 1)]
+        path = write_rows(tmp_path / "three.tsv", rows)
+        return {"data": str(path), "num_labels": 2}, "label 2 is outside the 2 classes 0..1"
+    if case == "more clients than rows":
+        path = write_rows(tmp_path / "three.tsv", [("good", 0), ("bad", 1), ("odd", 1)])
+        return {
+            "data": str(path)
+        }, "3 example(s), fewer than the 4 clients (each needs at least one); lower --clients to at most 3"
+    if case == "evaluation label outside the classes":
+        path = demo_file(tmp_path / "train.tsv", 40, ["neg", "pos"])
+        test = write_rows(tmp_path / "test.tsv", [("good", "pos"), ("odd", "meh")])
+        return {"data": str(path), "eval_data": str(test)}, "label 'meh' is not one of the classes"
+    assert case == "ids and names mixed"
+    path = write_rows(tmp_path / "mixed.tsv", [("good", 0), ("bad", "neg"), ("odd", 1), ("fine", 1)])
+    return {"data": str(path)}, "mix class ids"
+
+
+BAD_DATA = [
+    "missing file",
+    "label above num_labels",
+    "more clients than rows",
+    "evaluation label outside the classes",
+    "ids and names mixed",
+]
+
+
+def cli_args(cfg: FedConfig) -> list[str]:
+    """``lorakit federate`` flags for every setting of ``cfg`` that differs from the default."""
+    default = FedConfig()
+    args = ["federate"]
+    for name, value in cfg.to_run_config().items():
+        if value != getattr(default, name):
+            flag = "--" + name.replace("_", "-")
+            args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_data_no_client_could_train_on_stops_the_run_before_any_round(
+    case: str, tiny_bert_dir, tmp_path, local_engine, capsys
+) -> None:
+    """Checked once, on the server, the way `lorakit train` checks it: one line, exit 2, nothing sent or
+    saved (before, every client failed and the run printed "adapter saved", exit 0, an untrained adapter)."""
+    changes, expected = bad_data(case, tmp_path)
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, **changes)
+    assert main(cli_args(cfg)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorakit: error: ") and expected in err[0], err
+    assert local_engine == [] and not Path(cfg.output_dir).exists()  # checked before the engine started
+    error, grid = failed_run(cfg)  # a deployed ServerApp (no `lorakit federate` before it) checks it too
+    assert isinstance(error, LorakitError) and expected in str(error)
+    assert grid.sent == [] and not Path(cfg.output_dir).exists()
+
+
+def test_class_names_are_read_as_lorakit_train_reads_them(tiny_bert_dir, tmp_path) -> None:
+    """Names sorted into class ids, the head sized by them, the names saved for `lorakit eval`."""
+    names = ["neutral", "negative", "positive"]  # the demo's labels 0 and 1 become negative and positive
+    data = demo_file(tmp_path / "train.tsv", 120, names[1:])
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([*rows, "it is a film .\tneutral", "a film .\tneutral"]) + "\n")
+    test = demo_file(tmp_path / "test.tsv", 40, names[1:], split="test")
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, data=str(data), eval_data=str(test), rounds=2, cohort=4)
+    result, grid = run_local(cfg)
+    assert all(entry["used"] == 4 for entry in result.rounds)  # every client trained in every round
+    job = json.loads((Path(cfg.output_dir) / "job.json").read_text())
+    assert job["labels"] == sorted(names) and job["num_labels"] == 3
+    head = _saved_tensors(Path(cfg.output_dir))
+    assert [t.shape[0] for n, t in head.items() if n.startswith("classifier") and t.dim() == 2] == [3]
+    sent = {json.dumps(json.loads(m.content["config"]["classes"])) for m in grid.sent}
+    assert sent == {json.dumps({"num_labels": 3, "labels": sorted(names)})}  # the server's classes, to all
+    assert main(["eval", "--adapter", cfg.output_dir, "--data", str(test)]) == 0
+
+
+def diverging_cfg(tiny_bert_dir, tmp_path, private: bool) -> FedConfig:
+    """Local training that diverges on every client (a learning rate of 1e4)."""
+    dp = dict(clip_norm=1.0, noise_multiplier=0.5) if private else {}
+    return tiny_cfg(
+        tiny_bert_dir, tmp_path, variant="lora", options="", lr=1e4, local_steps=3, cohort=4, **dp
+    )
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_round_in_which_every_client_fails_stops_the_run_and_saves_nothing(
+    private: bool, tiny_bert_dir, tmp_path, capsys, caplog
+) -> None:
+    """Before, such a run printed "adapter saved", exit 0, with an untrained adapter."""
+    cfg = diverging_cfg(tiny_bert_dir, tmp_path, private)
+    error, grid = failed_run(cfg)
+    assert isinstance(error, FederatedError) and not Path(cfg.output_dir).exists()
+    assert str(error).startswith("round 1: no client update could be used")
+    assert str(error).endswith("the run stopped and nothing was saved")
+    reasons = [m.error.reason for m in grid.replies if m.has_error()]
+    assert len(reasons) == 4 and not any(m.metadata.message_type == "train" for m in grid.sent[4:][4:])
+    if not private:  # the first client's own message
+        assert "client 0: diverged: DivergedError: training stopped at step 2: the loss is" in str(error)
+        return
+    # Under DP the clients send a fixed code; their losses reach neither the server nor any output.
+    assert set(reasons) == {"lorakit:diverged"}
+    released = str(error) + capsys.readouterr().out + caplog.text
+    assert "a client reported diverged (a client's local training diverged" in str(error)
+    assert "the loss is" not in released and "first step's 0." not in released
+
+
+def test_under_dp_the_server_keeps_only_a_known_code_of_whatever_a_client_sends(
+    tiny_bert_dir, tmp_path, capsys, caplog
+) -> None:
+    """A client's reply text (here, an old client's message quoting its losses, and a crash's traceback) is
+    cut to its code on the server: only ``diverged`` and ``unreported`` are printed."""
+    texts = iter(
+        [
+            "lorakit:diverged: DivergedError: the loss is 1.252e+05, over 1000 times the first step's 0.6966",
+            "Traceback (most recent call last): ValueError: row 'my secret sentence'",
+        ]
+    )
+
+    def tamper(msg, sent):
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "1":
+            reason = next(texts, None)
+            if reason is not None:
+                return Message(Error(code=0, reason=reason), reply_to=sent)
+        return msg
+
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=1, cohort=4, clip_norm=1.0, noise_multiplier=0.5)
+    run_local(cfg, tamper)
+    released = capsys.readouterr().out + caplog.text
+    assert "round 1: client updates were dropped (diverged, unreported)" in released
+    assert "loss is" not in released and "secret" not in released and "Traceback" not in released
+
+
+def test_settings_a_client_would_refuse_stop_the_run_before_any_round(tiny_bert_dir, tmp_path) -> None:
+    with pytest.raises(LorakitError, match="lr=inf"):  # refused where the settings are read
+        tiny_cfg(tiny_bert_dir, tmp_path, lr=float("inf"))
+
+
+def test_a_global_adapter_that_is_no_longer_finite_stops_the_run(tiny_bert_dir, tmp_path) -> None:
+    error, grid = failed_run(tiny_cfg(tiny_bert_dir, tmp_path, server_lr=1e300))
+    assert isinstance(error, FederatedError) and not Path(tmp_path / "fed").exists()
+    assert str(error).startswith("round 1: the global adapter holds NaN or infinite values")
+    assert "lower --server-lr" in str(error)
+
+
+def test_a_client_that_failed_leaves_nothing_behind_for_the_next_one_its_process_plays(
+    tiny_bert_dir, tmp_path
+) -> None:
+    """A process (a simulation worker) keeps its model across clients and runs: a client whose step failed
+    left NaN gradients on it, and every later client on that process failed too."""
+    failed_run(tiny_cfg(tiny_bert_dir, tmp_path, server_lr=1e30, rounds=2))  # round 2's clients get NaN
+    result, _ = run_local(tiny_cfg(tiny_bert_dir, tmp_path, rounds=1))
+    assert result.rounds[0]["used"] == 3
+
+
+def test_an_adapter_in_the_output_directory_is_replaced_only_on_request_and_only_by_a_finished_run(
+    tiny_bert_dir, tmp_path, local_engine, capsys
+) -> None:
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=1)
+    run_local(cfg)
+    out = Path(cfg.output_dir)
+    saved = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert main(cli_args(cfg)) == 2  # before, the adapter was replaced without a word
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained adapter; pass --overwrite to replace it" in err[0]
+    assert local_engine == [] and {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    diverging = diverging_cfg(tiny_bert_dir, tmp_path, private=False)
+    diverging.overwrite = True
+    assert main(cli_args(diverging)) == 2  # a run that fails leaves the adapter as it was
+    assert "no client update could be used" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    assert main([*cli_args(cfg), "--seed", "3", "--overwrite"]) == 0
+    assert f"adapter saved to {out}" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".fed")) == []  # no staging left
+
+
+def test_a_run_in_which_no_round_aggregated_saves_nothing(tiny_bert_dir, tmp_path, capsys) -> None:
+    """Empty Poisson cohorts in every round, or a budget too small for one round: no training, no adapter."""
+    seed = next(s for s in range(100) if not sample_cohort(list(range(4)), POISSON_ONE, random.Random(s * 2)))
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=1, cohort=1, sampling="poisson", seed=seed)
+    error, grid = failed_run(cfg)
+    assert isinstance(error, FederatedError) and not Path(cfg.output_dir).exists()
+    assert "no client update was aggregated in any of the 1 round(s)" in str(error)
+    assert "raise --cohort or --rounds" in str(error) and "round 1/1" in capsys.readouterr().out
+    budget = dict(clip_norm=1.0, noise_multiplier=0.3, target_epsilon=0.5, sampling="poisson", cohort=2)
+    error, grid = failed_run(tiny_cfg(tiny_bert_dir, tmp_path, **budget))
+    assert str(error).startswith("stopped before round 1: it would spend epsilon")
+    assert "no round ran, so nothing was saved" in str(error) and not Path(cfg.output_dir).exists()
+    assert not any(m.metadata.message_type == "train" for m in grid.sent)
+
+
+POISSON_ONE = FedConfig(clients=4, cohort=1, sampling="poisson")
+
+
+def test_supernodes_that_hold_the_same_partition_are_refused_before_round_1(tiny_bert_dir, tmp_path) -> None:
+    error, grid = failed_run(tiny_cfg(tiny_bert_dir, tmp_path), partitions=[0, 1, 1, 3])
+    assert isinstance(error, FederatedError) and "SuperNodes 102 and 103 both hold partition 1" in str(error)
+    assert {m.metadata.message_type for m in grid.sent} == {"query"}  # nothing trained
+
+
+def test_the_insecure_seed_repeats_a_run_whatever_the_node_ids_and_the_reply_order(tiny_bert_dir, tmp_path):
+    """Flower's simulation gives its nodes new random ids each run, and replies arrive in any order; the
+    cohort is drawn over partitions and the replies summed in partition order, so the runs are identical."""
+    dp = dict(clip_norm=0.5, noise_multiplier=0.5, dp_insecure_seed=True)
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, rounds=3, cohort=2, sampling="poisson", **dp)
+    runs = []
+    for i, node_ids in enumerate([[101, 102, 103, 104], [904, 17, 350, 12]]):
+        cfg.output_dir = str(tmp_path / f"run{i}")
+        with pytest.warns(UserWarning, match="NOT a guarantee"):
+            _, grid = run_local(cfg, node_ids=node_ids, shuffle=random.Random(i))
+        partition = {node: p for p, node in enumerate(node_ids)}
+        trained = [
+            sorted(partition[m.metadata.dst_node_id] for m in grid.sent if m.metadata.group_id == str(rnd))
+            for rnd in (1, 2, 3)
+        ]
+        runs.append((trained, _saved_tensors(Path(cfg.output_dir))))
+    (cohorts, first), (again, second) = runs
+    assert cohorts == again and len({len(c) for c in cohorts}) > 1  # Poisson cohorts, the same partitions
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
 
 
 # --- Flower's simulation engine and a real deployment (slow) ------------------------------------------------
@@ -514,6 +726,53 @@ def test_cli_federate_runs_on_flowers_simulation_engine(tiny_bert_dir, tmp_path,
     assert "round 1/2  rank" in text and "round 2/2" in text and "epsilon" in text
     saved = json.loads((out / "metrics.json").read_text())
     assert len(saved["rounds"]) == 2 and saved["epsilon"] > 0 and (out / "adapter.safetensors").exists()
+
+
+def federate_process(tiny_bert_dir, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``lorakit federate`` on Flower's Ray engine in a process of its own (all it and its workers print)."""
+    args = ["--model", str(tiny_bert_dir), "--clients", "3", "--cohort", "2", "--rounds", "2", "--rank", "4"]
+    args += ["--local-steps", "2", "--targets", "query,value", "--max-length", "24", "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lorakit", "federate", *args, *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+
+
+@pytest.mark.slow
+def test_a_diverging_dp_simulation_ends_in_one_line_and_prints_no_client_loss(
+    tiny_bert_dir, tmp_path
+) -> None:
+    """Every client diverges on Ray's workers: exit 2, the reason code, nothing saved, and no loss or
+    traceback in anything the run and Flower print (before: exit 0, "adapter saved", the losses logged)."""
+    out = tmp_path / "diverged"
+    run = federate_process(
+        tiny_bert_dir,
+        out,
+        "--lr",
+        "1e4",
+        "--clip-norm",
+        "1.0",
+        "--noise-multiplier",
+        "0.5",
+        "--variant",
+        "lora",
+    )
+    printed = run.stdout + run.stderr
+    assert run.returncode == 2, printed[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("lorakit:")]
+    assert errors == [errors[0]] and "no client update could be used; a client reported diverged" in errors[0]
+    assert "the loss is" not in printed and "Traceback" not in printed and "first step's 0." not in printed
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_insecure_seed_simulations_give_identical_adapters(tiny_bert_dir, tmp_path) -> None:
+    """Flower's node ids differ between the runs; the cohorts (Poisson, q = 2/3) and the noise do not."""
+    flags = ["--clip-norm", "0.5", "--noise-multiplier", "0.5", "--dp-insecure-seed", "--rounds", "3"]
+    runs = [federate_process(tiny_bert_dir, tmp_path / f"run{i}", *flags) for i in range(2)]
+    for run in runs:
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    first, second = (_saved_tensors(tmp_path / f"run{i}") for i in range(2))
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
 
 
 def _free_port() -> int:
@@ -578,7 +837,7 @@ def test_deployment_superlink_supernodes_and_flwr_run_over_loopback(tiny_bert_di
         assert "round 2/2" in run.stdout, run.stdout[-3000:]
         saved = json.loads((out / "metrics.json").read_text())
         assert [r["round"] for r in saved["rounds"]] == [1, 2] and saved["epsilon"] > 0
-        assert all(r["used"] == 2 for r in saved["rounds"])
+        assert all("used" not in r and "cohort" not in r for r in saved["rounds"])  # DP: no counts released
     finally:
         for proc in procs:
             try:

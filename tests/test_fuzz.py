@@ -1,11 +1,15 @@
-"""Property-based fuzzing of everything that reads user input: config files, data files, and both adapter
-formats. Random and mutated inputs give a result or a clear :class:`lorakit.errors.LorakitError`, never
-another exception; a failed adapter load leaves the model exactly as it was."""
+"""Property-based fuzzing of everything that reads user input: config and job files (through the command
+line), bench files, data files, and both adapter formats. Random and mutated inputs give a result or a clear
+:class:`lorakit.errors.LorakitError`, never another exception; a failed adapter load leaves the model exactly
+as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +22,9 @@ from layer_zoo import MLP, perturb
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.cli import build_parser
-from lorakit.cliargs import _leaf_fields, job_from_args
+from lorakit.bench.run import load_bench, run_settings
+from lorakit.cli import build_parser, main
+from lorakit.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
 from lorakit.errors import LorakitError
 from lorakit.interop import load_peft, save_peft
 from lorakit.train.data import ClassLabels, read_rows, texts
@@ -64,6 +69,98 @@ def test_any_config_text_is_a_job_or_a_lorakit_error(text: str) -> None:
             job_from_args(build_parser().parse_args(["train", "--config", str(path)]))
         except LorakitError:
             pass
+
+
+# --- job files through the command line, and bench files ----------------------------------------------------
+EDGES = st.sampled_from(
+    [
+        0,
+        -1,
+        1,
+        2,
+        0.5,
+        -0.0,
+        1e308,
+        2**40,
+        math.nan,
+        math.inf,
+        "0",
+        "1e-3",
+        "1.0",
+        "none",
+        "",
+        "abc",
+        None,
+        True,
+    ]
+)
+JOB_KEYS = (
+    st.sampled_from(sorted(_leaf_fields()))
+    | st.sampled_from(["data", "train", "privacy"])
+    | st.text(max_size=6)
+)
+NUMERIC = sorted(
+    name for name, (_, _, hint) in _leaf_fields().items() if {int, float} & {hint, *typing.get_args(hint)}
+)
+JOB_FILES = st.dictionaries(  # mostly numbers, near and across their ranges: most become jobs
+    st.sampled_from(NUMERIC), EDGES | st.integers(-3, 700) | st.floats(-1, 2), max_size=5
+) | st.dictionaries(
+    JOB_KEYS,
+    EDGES | json_values | st.dictionaries(st.sampled_from(sorted(_leaf_fields())), EDGES, max_size=3),
+    max_size=6,
+)
+
+
+class Reached(BaseException):
+    """The job file became a job and training would start now."""
+
+
+def within_ranges(job: Any) -> None:
+    """Every number of a built job lies in the interval its setting declares, and the variant takes it."""
+    for section in (job, job.data, job.train, job.privacy):
+        for f in dataclasses.fields(section):
+            value, interval = getattr(section, f.name), f.metadata.get("within")
+            if interval is not None and value is not None:
+                assert value in interval, (f.name, value)
+    job.variant_config()
+
+
+@FUZZ
+@given(values=JOB_FILES)
+def test_any_job_file_becomes_a_checked_job_or_one_line(values: dict[Any, Any], monkeypatch, capsys) -> None:
+    """``lorakit train --config FILE``: a job whose every number is in range, or exit 2 with one line."""
+
+    def reached(job: Any) -> None:
+        within_ranges(job)
+        raise Reached
+
+    with tempfile.TemporaryDirectory() as tmp, monkeypatch.context() as m:
+        m.setattr("lorakit.train.job.run_job", reached)
+        path = Path(tmp) / "job.yaml"
+        path.write_text(yaml.safe_dump(values))
+        capsys.readouterr()
+        try:
+            code = main(["train", "--config", str(path), "--output-dir", str(Path(tmp) / "out")])
+        except Reached:
+            return
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+    assert "internal error" not in err
+
+
+@FUZZ
+@given(JOB_FILES, st.lists(JOB_FILES, max_size=3))
+def test_any_bench_file_is_runs_of_checked_jobs_or_a_lorakit_error(defaults: dict, runs: list[dict]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.yaml"
+        spec = {"defaults": defaults, "runs": [{"name": f"r{i}", **run} for i, run in enumerate(runs)]}
+        path.write_text(yaml.safe_dump(spec))
+        try:
+            loaded_defaults, loaded = load_bench(path)
+        except LorakitError:
+            return
+    for run in loaded:
+        within_ranges(job_from_values(job_values(run_settings(loaded_defaults, run), run["name"])))
 
 
 # --- data files ------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import lorakit
 from lorakit.api import TargetError
 from lorakit.cli import build_parser
 from lorakit.cliargs import job_from_args
+from lorakit.core.variant import ConfigError
 from lorakit.errors import LorakitError, SettingError
+from lorakit.privacy.config import PrivacyError
 from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.train.job import DataConfig, JobConfig, resolve_classes
 from lorakit.train.loop import TrainConfig
@@ -33,6 +35,45 @@ def test_class_ids_count_from_the_data_and_names_become_a_sorted_vocabulary() ->
 
 
 @pytest.mark.parametrize(
+    ("labels", "expected", "ids"),
+    [
+        (("1.0", "0.0", "+1", " 0 "), ClassLabels(2), [1, 0, 1, 0]),  # whole numbers written as text are ids
+        ((1.0, 0, "1"), ClassLabels(2), [1, 0, 1]),
+        (("nan", "inf", "nan"), ClassLabels(2, ("inf", "nan")), [1, 0, 1]),  # text that is no decimal: a name
+        ((" pos", "neg ", "1e3"), ClassLabels(3, ("1e3", "neg", "pos")), [2, 1, 0]),  # stripped
+    ],
+)
+def test_the_label_rules_read_ids_and_names_the_same_from_every_value(labels, expected, ids) -> None:
+    classes = ClassLabels.from_rows(rows(*labels), "label", "d")
+    assert classes == expected and classes.ids(rows(*labels), "label", "d") == ids
+
+
+def test_every_file_format_reads_the_same_labels_the_same_way(tmp_path) -> None:
+    labels = ["1.0", " 0", "2", "1"]
+    (tmp_path / "a.tsv").write_text("sentence\tlabel\n" + "".join(f"t\t{v}\n" for v in labels))
+    (tmp_path / "a.csv").write_text("sentence,label\n" + "".join(f"t,{v}\n" for v in labels))
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"sentence": "t", "label": {float(v)}}}\n' for v in labels))
+    (tmp_path / "b.jsonl").write_text("".join(f'{{"sentence": "t", "label": "{v}"}}\n' for v in labels))
+    for name in ("a.tsv", "a.csv", "a.jsonl", "b.jsonl"):
+        job = resolve_classes(JobConfig(data=DataConfig(data=str(tmp_path / name))))
+        assert (job.num_labels, job.labels) == (3, None), name
+        assert ClassLabels(3).ids(read_rows(str(tmp_path / name)), "label", name) == [1, 0, 2, 1], name
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\na\t0\nb\t1\nc\t-1\n")
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", "label": -1}\n')
+    for name, row in (("bad.tsv", 3), ("bad.jsonl", 2)):
+        with pytest.raises(DataError, match=f"{name} row {row}: label .* is negative"):
+            resolve_classes(JobConfig(data=DataConfig(data=str(tmp_path / name))))
+
+
+def test_class_names_given_on_the_command_line_follow_the_same_rules() -> None:
+    assert _job(["--labels", " neg , pos"]).labels == ["neg", "pos"]
+    with pytest.raises(DataError, match="1 is a class id, not a name"):
+        _job(["--labels", "a,1"])
+    with pytest.raises(DataError, match="holds the control character"):
+        JobConfig(labels=["a", "b\x00"])
+
+
+@pytest.mark.parametrize(
     ("labels", "count", "message"),
     [
         ((1.9, 0), None, r"row 1: label 1.9 in column 'label' is not a whole number"),
@@ -47,6 +88,15 @@ def test_class_ids_count_from_the_data_and_names_become_a_sorted_vocabulary() ->
         ((0, [1]), None, r"row 2: label \[1\] .* is not a class"),
         ((0, " "), None, "row 2 has an empty label"),
         ((0, None), None, "row 2 has no 'label' value"),
+        ((0, "-1"), None, r"row 2: label '-1' .* is negative: class ids count from 0"),
+        ((0, " -2 "), None, r"row 2: label ' -2 ' .* is negative"),
+        (("0\x00", "1"), None, r"row 1: label '0\\x00' .* holds the control character '\\x00'"),
+        (("pos", "ne\ng"), None, r"row 2: .* holds the control character '\\n'"),
+        ((0, float("nan")), None, r"row 2: label nan .* is not a whole number"),
+        ((0, float("inf")), None, r"row 2: label inf .* is not a whole number"),
+        ((0, "2.5"), None, r"row 2: label '2.5' .* is not a whole number"),
+        ((0, 1000), None, r"run up to 1000 but 1, 2, 3, 4, 5 and 994 more never occur; .* --num-labels 1001"),
+        ((0, "2"), None, r"run up to 2 but 1 never occur"),
     ],
 )
 def test_bad_labels_are_refused_naming_the_row_and_the_fix(labels, count, message) -> None:
@@ -222,12 +272,26 @@ def test_long_fields_and_all_file_types_read(tmp_path) -> None:
         ("a.jsonl", "\n\n", "has no rows"),
         ("a.tsv", "sentence\tsentence\na\tb\n", "must name each column once"),
         ("a.txt", "hello", "unknown data file type"),
+        ("a.jsonl", '["a", 1]\n["b", 0]\n', "line 1 is a JSON list, not an object"),
+        ("a.json", '[["a", 1],\n["b", 0]]\n', "item 1 is a JSON list, not an object"),
+        ("a.json", '[{"a": 1}\n', "not valid JSON"),
     ],
 )
 def test_malformed_data_files_name_the_line(tmp_path, name, text, message) -> None:
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         read_rows(str(tmp_path / name))
+
+
+def test_a_byte_order_mark_is_dropped_and_a_directory_is_named(tmp_path) -> None:
+    (tmp_path / "a.tsv").write_bytes("\ufeffsentence\tlabel\na\t1\n".encode())
+    (tmp_path / "a.jsonl").write_bytes('\ufeff{"sentence": "a", "label": 1}\n'.encode())
+    for name in ("a.tsv", "a.jsonl"):
+        assert list(read_rows(str(tmp_path / name))[0]) == ["sentence", "label"]
+    (tmp_path / "data.tsv").mkdir()
+    for name in ("data.tsv", "."):
+        with pytest.raises(DataError, match="is a directory; pass a data file"):
+            read_rows(str(tmp_path / name))
 
 
 def test_a_row_without_the_label_names_the_row(tmp_path) -> None:
@@ -248,3 +312,82 @@ def test_given_class_names_fix_the_order_and_must_cover_the_data(tmp_path) -> No
         resolve_classes(dataclasses.replace(job, labels=["neg", "meh"]))
     with pytest.raises(DataError, match=r"3 class names \(pos, neg, meh\) but num_labels is 2"):
         resolve_classes(dataclasses.replace(job, num_labels=2))
+
+
+# --- one parser for every numeric setting: train, federate, bench and job files -----------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--warmup-ratio", "2"], r"warmup_ratio=2.0: it must be a number in \[0, 1\); warmup_ratio: fract"),
+        (["--lr", "inf"], r"lr=inf: it must be a finite number > 0"),
+        (["--steps", "0"], r"steps=0: it must be an integer >= 1"),
+        (["--num-labels", "0"], r"num_labels=0: it must be an integer >= 2"),
+        (["--clip", "-0.5"], r"clip=-0.5: it must be a finite number >= 0"),
+    ],
+)
+def test_a_number_out_of_range_names_its_range_and_meaning(argv, message) -> None:
+    with pytest.raises(SettingError, match=message):
+        _job(argv)
+
+
+def test_an_optional_number_is_unset_only_when_none_and_zero_is_checked() -> None:
+    assert _job([]).num_labels is None and _job(["--num-labels", "none"]).num_labels is None
+    with pytest.raises(SettingError, match="num_labels=0"):
+        _job(["--num-labels", "0"])
+
+
+def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never_replaced() -> None:
+    assert _job(["--variant", "adalora"]).variant_config() == {"alpha": 16.0, "dropout": 0.05}  # rank: init_r
+    assert _job(["--variant", "delta_lora"]).variant_config() == {"rank": 8, "alpha": 16.0}  # no dropout
+    assert _job([]).variant_config() == {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+    assert _job(["--variant", "adalora", "--set", "init_r=4", "--set", "target_r=2"]).variant_config()
+    with pytest.raises(ConfigError, match="'rank' = 8 is invalid: it must be unset or init_r = 12"):
+        _job(["--variant", "adalora", "--rank", "8"])
+    with pytest.raises(ConfigError, match="'dropout' = 0.05 is invalid"):
+        _job(["--variant", "delta_lora", "--dropout", "0.05"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
+        (["--target-epsilon", "0", "--clip-norm", "1"], PrivacyError, "target_epsilon = 0.0 is invalid"),
+        (["--noise-multiplier", "0", "--target-epsilon", "3", "--clip-norm", "1"], PrivacyError, "no noise"),
+        (["--eval-examples", "0"], SettingError, r"eval_examples=0: it must be an integer >= 1"),
+        (["--rounds", "0"], SettingError, r"rounds=0: it must be an integer >= 1"),
+        (["--skew", "0"], SettingError, r"skew=0.0: it must be a finite number > 0"),
+        (["--lr", "nan"], SettingError, r"lr=nan: it must be a finite number > 0"),
+        (["--num-labels", "1"], SettingError, r"num_labels=1: it must be an integer >= 2"),
+    ],
+)
+def test_federate_reads_numbers_with_the_same_parser(argv, error, message) -> None:
+    from lorakit.federated.config import from_args
+
+    with pytest.raises(error, match=message):
+        from_args(build_parser().parse_args(["federate", *argv]))
+
+
+def test_federate_tells_unset_from_zero_in_flags_and_in_flowers_run_config() -> None:
+    from lorakit.federated.config import FedConfig, from_args
+
+    cfg = from_args(build_parser().parse_args(["federate", "--clip-norm", "1", "--target-epsilon", "2"]))
+    assert (cfg.target_epsilon, cfg.noise_multiplier, cfg.accounted) == (2.0, None, True)
+    assert FedConfig.from_run_config(cfg.to_run_config()) == cfg  # unset travels as "" and comes back
+    assert FedConfig().to_run_config()["target_epsilon"] == "" and not FedConfig().private
+    with pytest.raises(PrivacyError, match="target_epsilon = 0.0 is invalid"):
+        FedConfig.from_run_config({"target_epsilon": 0, "clip_norm": 1})
+    assert FedConfig.from_run_config({"rounds": "3", "lr": 1}).rounds == 3  # Flower may give text or ints
+
+
+def test_a_bench_file_is_checked_whole_before_any_run(tmp_path) -> None:
+    from lorakit.bench.run import BenchError, load_bench
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("defaults: {steps: 10}\nruns:\n  - {name: a}\n  - {name: b, warmup_ratio: 2}\n")
+    with pytest.raises(BenchError, match=r"run b: invalid training setting warmup_ratio=2.0"):
+        load_bench(bench)
+    bench.write_text("runs:\n  - {name: a, lr: abc}\n")
+    with pytest.raises(BenchError, match="run a: invalid training setting lr='abc': it must be a number"):
+        load_bench(bench)
+    bench.write_text("runs:\n  - {name: a, variant: adalora, epochs: 3}\n")
+    with pytest.raises(BenchError, match=r"run a: unknown setting\(s\) \['epochs'\]"):
+        load_bench(bench)

@@ -145,3 +145,19 @@ def test_a_placement_reseeds_every_step_so_ranks_draw_their_own_dropout():
     assert len(set(seeds.values())) == len(seeds)  # every (rank, step) its own stream
     assert ranks[1].step_seed(7, 3) == seeds[(1, 3)]  # and the same again on resume
     assert Placement().step_seed(7, 3) is None  # one process keeps its stream
+
+
+def test_gradients_left_on_the_model_do_not_reach_the_first_step() -> None:
+    """An earlier run in the same process that failed after its backward left gradients (NaN here) on the
+    parameters; a new run starts from none."""
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    models = [lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2, dropout=0.0) for _ in "ab"]
+    for p in models[1].parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, float("nan"))
+    cfg = TrainConfig(steps=2, lr=1e-2, warmup_ratio=0.0, progress=False)
+    losses = [train(m, iter(lambda: batch, None), cfg).losses for m in models]
+    assert losses[0] == losses[1]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
+from lorakit.errors import DiskFullError
 from lorakit.train import job as J
 
 
@@ -49,6 +50,25 @@ def adapter_still_works(out: Path, tmp_path: Path, capsys) -> None:
     assert "accuracy" in capsys.readouterr().out
     assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", "--adapter", str(out), "--out", str(tmp_path / "peft")]) == 0
+
+
+def killed_at_batch(batch: int, train_argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``lorakit train`` until it draws its ``batch``-th batch, then kill it (no handler can catch it)."""
+
+    class Killed(BaseException):
+        pass
+
+    real_next, drawn = J.D.BatchSampler.__next__, []
+
+    def killed(self):
+        drawn.append(1)
+        if len(drawn) == batch:
+            raise Killed
+        return real_next(self)
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(J.D.BatchSampler, "__next__", killed)
+        main(train_argv)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +111,10 @@ def test_a_run_that_fails_while_saving_leaves_the_old_adapter(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(J.lorakit, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(
+        DiskFullError,
+        match="trained adapter was not saved; no checkpoint is kept: free space and train again; the adapter",
+    ):
         cfg = J.TrainConfig(steps=2, batch_size=8, progress=False)
         J.run_job(J.JobConfig(model=str(tiny_bert_dir), output_dir=str(trained), overwrite=True, train=cfg))
     assert snapshot(trained) == before and leftovers(trained) == []
@@ -155,22 +178,8 @@ def test_an_interrupted_run_resumes_to_the_identical_adapter_and_a_changed_setti
     reference = tmp_path / "reference"
     assert main(argv(tiny_bert_dir, reference, "--checkpoint-every", "2")) == 0
 
-    class Killed(BaseException):
-        pass
-
-    real_next = J.D.BatchSampler.__next__
-    drawn = []
-
-    def killed_at_batch_6(self):
-        drawn.append(1)
-        if len(drawn) == 6:
-            raise Killed
-        return real_next(self)
-
     out = tmp_path / "run"
-    with monkeypatch.context() as m, pytest.raises(Killed):
-        m.setattr(J.D.BatchSampler, "__next__", killed_at_batch_6)
-        main(argv(tiny_bert_dir, out, "--checkpoint-every", "2"))
+    killed_at_batch(6, argv(tiny_bert_dir, out, "--checkpoint-every", "2"), monkeypatch)
     assert not out.exists() and leftovers(out) == [".run.lorakit-new"]  # the resume point, beside
     capsys.readouterr()
     assert main(argv(tiny_bert_dir, out)) == 2  # neither --resume nor --overwrite: refused, nothing lost

@@ -1,4 +1,8 @@
-"""Side-by-side report of finished runs: a markdown table and a plot of accuracy against the costs."""
+"""Side-by-side report of finished runs: a markdown table and a plot of quality against the costs.
+
+Classification runs are read by test accuracy; causal-LM runs by the completion loss on the evaluation data
+(and its perplexity), with exact match of the generated final answers where the bench evaluated generation.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,28 @@ from typing import Any
 
 
 def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
+    """Each finished run's ``metrics.json``, with its generation evaluation (``eval/metrics.json``) under
+    ``generation``; a run that only evaluated (the base model) has that alone."""
     rows = []
     for name in names:
-        path = out / name / "metrics.json"
-        if path.exists():
-            rows.append({"name": name, **json.loads(path.read_text())})
+        path, evaluated = out / name / "metrics.json", out / name / "eval" / "metrics.json"
+        row: dict[str, Any] = {"name": name, **json.loads(path.read_text())} if path.exists() else {}
+        if evaluated.exists():
+            generation = json.loads(evaluated.read_text())
+            row = row or {"name": name, "metrics": {k: generation[k] for k in ("loss", "perplexity")}}
+            row["generation"] = generation
+        if row:
+            rows.append(row)
     return rows
 
 
+def _causal(rows: list[dict[str, Any]]) -> bool:
+    return any("perplexity" in r["metrics"] for r in rows)
+
+
 def markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str] = ()) -> str:
+    if _causal(rows):
+        return _causal_markdown(rows, notes, failed)
     lines = [
         "| run | test accuracy | trainable params | train seconds | peak memory MB | beyond the budget |",
         "|---|---|---|---|---|---|",
@@ -32,6 +49,29 @@ def markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str
     return "\n".join(lines) + "\n"
 
 
+def _causal_markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str]) -> str:
+    lines = [
+        "| run | dev loss | perplexity | exact match | trainable params | tokens/s | train seconds "
+        "| peak memory MB | beyond the budget |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, g = r["metrics"], r.get("generation")
+        exact = f"{g['exact_match']:.4f} ({g['exact_match_correct']}/{g['exact_match_total']})" if g else ""
+        trained = "trainable" in r
+        cells = [
+            r["name"], f"{m['loss']:.4f}", f"{m['perplexity']:.3f}", exact,
+            f"{r['trainable']:,}" if trained else "0",
+            f"{r['extra'].get('tokens_per_second', 0):.0f}" if trained else "",
+            f"{r['seconds']:.0f}" if trained else "",
+            f"{r['peak_memory_mb']:.0f}" if trained and r.get("peak_memory_mb") else "",
+            notes.get(r["name"], ""),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"| {name} | failed: see {name}.log | | | | | | | {notes.get(name, '')} |" for name in failed]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     """Accuracy against trainable parameters, train seconds and peak memory; False without matplotlib."""
     try:
@@ -44,7 +84,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.ticker import NullFormatter
 
     colours = plt.get_cmap("tab20")
-    done = [r for r in rows if r["metrics"].get("accuracy") is not None]
+    metric, ylabel = ("loss", "dev completion loss") if _causal(rows) else ("accuracy", "test accuracy")
+    done = [r for r in rows if r["metrics"].get(metric) is not None and r.get("trainable")]
     axes_x = [("trainable", "trainable parameters", True), ("seconds", "train seconds", False)]
     if any(r.get("peak_memory_mb") for r in done):
         axes_x.append(("peak_memory_mb", "peak memory MB", False))
@@ -52,14 +93,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     for ax, (key, label, log) in zip(axes, axes_x, strict=True):
         for i, r in enumerate(done):
             if r.get(key):  # one colour per run across the panels
-                ax.scatter(r[key], r["metrics"]["accuracy"], s=36, color=colours(i % 20))
-                ax.annotate(r["name"], (r[key], r["metrics"]["accuracy"]), textcoords="offset points",
+                ax.scatter(r[key], r["metrics"][metric], s=36, color=colours(i % 20))
+                ax.annotate(r["name"], (r[key], r["metrics"][metric]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)  # fmt: skip
         ax.set_xscale("log" if log else "linear")
         ax.xaxis.set_minor_formatter(NullFormatter())  # only the decades are labelled
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylabel(ylabel)
     fig.suptitle("lorakit variants, same budget")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

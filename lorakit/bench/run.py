@@ -6,7 +6,10 @@ settings it changes. Finished runs (with ``metrics.json``) are skipped, so an in
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
 Each run is ``lorakit train`` in a fresh process, so its peak memory is its own. ``lorakit bench`` is the same
-command.
+command. For a causal LM, a ``generate`` mapping (flags of ``lorakit eval --generate``: ``max_new_tokens``,
+``batch_size``, ``answer_pattern``, ``limit``, ``generate_limit``) adds that evaluation after each run (in
+its own process, into ``NAME/eval``), and a run with ``train: false`` evaluates the base model as it is, the
+row every tuned one is read against.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import argparse
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lorakit import dirlock
 from lorakit.bench.report import write_report
+from lorakit.cliargs import job_from_values, job_values
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE
 
@@ -28,14 +34,32 @@ from lorakit.io import CONFIG_FILE
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 REPORT_NAMES = {"results"}  # results.md / results.json / results.png
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
+# flags of `lorakit eval --generate` a bench file may set
+GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
+EVAL_DIR = "eval"
 
 
 class BenchError(LorakitError):
     """A bench file is malformed or would write outside --out; the message names the fix."""
 
 
+@dataclass
+class Bench:
+    """A bench file: shared settings, the runs, and the generation evaluation after each (None: none)."""
+
+    defaults: dict[str, Any]
+    runs: list[dict[str, Any]]
+    generate: dict[str, Any] | None = None
+
+
 def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The bench's defaults and runs, with every run name checked (see :data:`RUN_NAME`)."""
+    bench = read_bench(path)
+    return bench.defaults, bench.runs
+
+
+def read_bench(path: Path) -> Bench:
+    """The bench file, checked: run names (see :data:`RUN_NAME`), settings the bench fixes, generation."""
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -50,6 +74,11 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise BenchError(f"{path}: 'runs' must be a list of mappings, each with a 'name'")
     if not isinstance(defaults, dict):
         raise BenchError(f"{path}: 'defaults' must be a mapping of `lorakit train` settings")
+    generation = spec.get("generate")
+    if generation is not None and (
+        not isinstance(generation, dict) or sorted(set(generation) - set(GENERATE_FLAGS))
+    ):
+        raise BenchError(f"{path}: 'generate' must be a mapping of {', '.join(GENERATE_FLAGS)}")
     names = [r["name"] for r in runs]
     for name in names:
         if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name in REPORT_NAMES:
@@ -64,7 +93,41 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fixed = [key for key in BENCH_SETS if key in settings]
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
-    return defaults, runs
+    for run in runs:  # every setting of every run read and range-checked before the first run starts
+        try:
+            job_from_values(job_values(run_settings(defaults, run), f"run {run['name']}"))
+        except LorakitError as err:
+            raise BenchError(f"{path}: run {run['name']}: {err}") from None
+    return Bench(defaults, runs, generation)
+
+
+def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any], out: Path) -> int:
+    """``lorakit eval --generate`` of run ``name`` (its adapter, or with ``train: false`` the base model)
+    into ``out/name/eval``, its output appended to the run's log; returns its exit code."""
+    cmd = [sys.executable, "-m", "lorakit.cli", "eval", "--generate", "--overwrite"]
+    cmd += ["--out", str(out / name / EVAL_DIR)]
+    if trains(settings):
+        cmd += ["--adapter", str(out / name)]
+    else:  # the base model as it is, on the job's evaluation data with the job's columns
+        cmd += ["--model", str(settings.get("model", "minilm")), "--data", str(settings.get("eval_data"))]
+        for key in ("prompt_column", "response_column", "messages_column", "max_length", "chat_template"):
+            if key in settings:
+                cmd += [f"--{key.replace('_', '-')}", str(settings[key])]
+    for key, value in generation.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
+    with (out / f"{name}.log").open("a") as log:
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_settings(defaults: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The ``lorakit train`` settings of one run: the bench's defaults, then the run's own."""
+    return {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note", "train")}}
+
+
+def trains(run: dict[str, Any]) -> bool:
+    """Whether the run trains (``train: false``: the base model, evaluated as it is)."""
+    return run.get("train", True) is not False
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
@@ -91,6 +154,26 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         config.unlink(missing_ok=True)
 
 
+def _run(name: str, run: dict[str, Any], settings: dict[str, Any], generation: dict[str, Any] | None,
+         out: Path) -> bool:  # fmt: skip
+    """Train run ``name`` with ``settings`` unless it is finished (or does not train), then evaluate it with
+    generation if the bench asks and it has not been; False if a step failed."""
+    if trains(run) and not (out / name / "metrics.json").exists():
+        if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
+            # a run's log marks its directory as this bench's own; this adapter was put there otherwise
+            print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
+            return False
+        code = run_one(name, settings, out)
+        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
+        if code != 0:
+            return False
+    if generation is None or (out / name / EVAL_DIR / "metrics.json").exists():
+        return True
+    code = evaluate_one(name, {**settings, "train": trains(run)}, generation, out)
+    print(f"[bench] {name}: {'evaluated' if code == 0 else f'evaluation failed ({code})'}", flush=True)
+    return code == 0
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bench", type=Path, help="bench YAML file: 'defaults' and a list of 'runs'")
     parser.add_argument(
@@ -101,29 +184,26 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     """Run the bench's unfinished runs in order, then report every finished one; 1 if any run failed."""
-    defaults, runs = load_bench(bench)
+    spec = read_bench(bench)
     wanted = set(only.split(",")) if only else None
-    unknown = sorted((wanted or set()) - {r["name"] for r in runs})
+    unknown = sorted((wanted or set()) - {r["name"] for r in spec.runs})
     if unknown:
         raise BenchError(f"--only names {unknown} are not runs of {bench}")
+    with dirlock.exclusive(out.absolute(), f"--out {out}", "lorakit bench"):  # one bench per directory
+        return _run_all(spec, wanted, out)
+
+
+def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for run in runs:
+    for run in spec.runs:
         name = run["name"]
-        if (wanted and name not in wanted) or (out / name / "metrics.json").exists():
+        if wanted and name not in wanted:
             continue
-        if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
-            # a run's log marks its directory as this bench's own; this adapter was put there otherwise
-            print(f"[bench] {name}: {out / name} holds an adapter this bench did not train; not replacing it")
+        if not _run(name, run, run_settings(spec.defaults, run), spec.generate, out):
             failed.append(name)
-            continue
-        settings = {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note")}}
-        code = run_one(name, settings, out)
-        print(f"[bench] {name}: {'done' if code == 0 else f'failed ({code}), see {name}.log'}", flush=True)
-        if code != 0:
-            failed.append(name)
-    notes = {r["name"]: r.get("note", "") for r in runs}
-    write_report(out, [r["name"] for r in runs], notes, failed=failed)
+    notes = {r["name"]: r.get("note", "") for r in spec.runs}
+    write_report(out, [r["name"] for r in spec.runs], notes, failed=failed)
     return 1 if failed else 0
 
 

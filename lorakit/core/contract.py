@@ -110,6 +110,7 @@ class GradientSource:
 
     clips_globally: bool = True  # the engine then clips the summed gradient to ``TrainConfig.clip``
     releases_loss: bool = True  # the step's loss may be recorded and shown (DP-SGD: it may not)
+    tokens: int = 0  # input tokens backed up so far (padding excluded), for the throughput report
 
     def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement backward()")  # abstract

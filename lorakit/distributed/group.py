@@ -64,6 +64,11 @@ class Distributed(Placement):
     def is_writer(self) -> bool:  # type: ignore[override]
         return self.is_main
 
+    def begin(self, model: nn.Module) -> None:
+        # every rank starts from rank 0's adapter; the counts before FSDP2 makes 4-bit storage parameters
+        match_rank_0(model, self.rank)
+        self.counts = lorakit.summary(model)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return self.attach(model)
 
@@ -79,14 +84,16 @@ class Distributed(Placement):
         """Move ``model`` to this rank's device (its own GPU under NCCL; the CPU under gloo)."""
         return model.to(self.device)
 
-    def sampler(self, data: TokenizedData, batch_size: int, seed: int) -> ShardedBatchSampler:
+    def sampler(
+        self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
+    ) -> ShardedBatchSampler:
         """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
         if len(data) < batch_size * self.world_size:
             raise ValueError(
                 f"the training data has {len(data)} examples, fewer than one global batch "
                 f"({batch_size} per rank x {self.world_size} ranks); lower --batch-size or use more data"
             )
-        return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size)
+        return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size, group_by_length)
 
     def for_stages(self) -> Placement:
         # A variant's stages train data-parallel on the unwrapped model (lorakit.distributed.sync).
@@ -94,13 +101,11 @@ class Distributed(Placement):
 
     def attach(self, model: nn.Module) -> nn.Module:
         """The module to run forward and backward on: the DDP wrapper, or ``model`` sharded in place by FSDP2
-        (with its replicated trainable tensors' gradients averaged in backward), once every rank holds rank
-        0's adapter. Wraps ``model`` once; attaching it again returns the same module."""
+        (with its replicated trainable tensors' gradients averaged in backward). Wraps ``model`` once;
+        attaching it again returns the same module."""
         from lorakit.distributed.wrap import wrap
 
         if self._attached is None or self._attached[0] is not model:
-            match_rank_0(model, self.rank)
-            self.counts = lorakit.summary(model)  # before FSDP2 makes a 4-bit base's storage parameters
             self._attached = (model, *wrap(model, self))
         return self._attached[1]
 
@@ -132,6 +137,14 @@ class Distributed(Placement):
         if not done:
             raise value
         return value
+
+    def processes(self) -> int:
+        return self.world_size
+
+    def total(self, value: int) -> int:
+        count = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over all ranks (the logged loss is the global batch's)."""

@@ -48,11 +48,13 @@ class ScaleOut:
         line (:mod:`lorakit.distributed.agree`). ``training``, ``evaluation``: the data's identities."""
         check_ranks_agree(describe(job, model, training, evaluation), self.group.world_size)
 
-    def start(self, model: nn.Module, data: TokenizedData) -> ShardedBatchSampler:
+    def start(
+        self, model: nn.Module, data: TokenizedData, group_by_length: bool = False
+    ) -> ShardedBatchSampler:
         """Move the model to this rank's device; this rank's batches of the training data."""
         self.group.place(model)
         self.packed = packed_digest(model)
-        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed)
+        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed, group_by_length)
 
     def counts(self, model: nn.Module) -> Summary:
         """The model's parameter counts as it trained (taken before FSDP2 made a 4-bit base's storage

@@ -21,15 +21,23 @@ class ShardedBatchSampler(BatchSampler):
     resumed run continues the same global order whatever rank reads the checkpoint.
     """
 
-    def __init__(self, data: TokenizedData, batch_size: int, seed: int, rank: int, world_size: int) -> None:
-        super().__init__(data, batch_size * world_size, seed)
+    def __init__(
+        self,
+        data: TokenizedData,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        group_by_length: bool = False,
+    ) -> None:
+        super().__init__(data, batch_size * world_size, seed, group_by_length)
         self.rank, self.world_size, self.per_rank = rank, world_size, batch_size
 
     @classmethod
     def share_of(cls, batches: BatchSampler, rank: int, world_size: int) -> ShardedBatchSampler:
         """Rank ``rank``'s ``batches.batch_size`` examples of each global batch of ``world_size`` times as
         many, drawn from where ``batches``' generator is (the order of one process with the global batch)."""
-        sharded = cls(batches.data, batches.batch_size, 0, rank, world_size)
+        sharded = cls(batches.data, batches.batch_size, 0, rank, world_size, batches.group_by_length)
         sharded.load_state_dict(batches.state_dict())
         return sharded
 

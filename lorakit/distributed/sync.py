@@ -75,10 +75,9 @@ class StagePlacement(Placement):
         self.is_writer = group.is_main
         self.params: list[nn.Parameter] = []
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def begin(self, model: nn.Module) -> None:
         broadcast_adapter(model)  # the stage starts from rank 0's adapter
         self.params = [p for p in model.parameters() if p.requires_grad]
-        return model
 
     def shard(self, batches: Any) -> Any:
         if not isinstance(batches, BatchSampler):
@@ -100,6 +99,12 @@ class StagePlacement(Placement):
     # No reseeding per rank and step (Placement.step_seed keeps the stream): the stage rebuilds the adapters
     # from the random stream it leaves, which is then one process's (bit-identical without dropout). The
     # price: in the stage the ranks draw the same dropout masks for their different examples.
+
+    def processes(self) -> int:
+        return self.group.processes()
+
+    def total(self, value: int) -> int:
+        return self.group.total(value)
 
     def lost_peer(self, err: BaseException) -> bool:
         return self.group.lost_peer(err)

@@ -19,6 +19,8 @@ learning-rate schedule and the variants' schedules (AdaLoRA's budget, Delta-LoRA
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 import lorakit
 from lorakit.core.variant import Hook
 from lorakit.dirswap import finish_swap, siblings, swap_in
-from lorakit.errors import LorakitError, OutputExistsError
+from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
 from lorakit.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -63,6 +65,11 @@ MAY_CHANGE = frozenset(
 )
 
 
+# Settings a checkpoint records that follow from others (the base and its storage, the targets, the data and
+# how it is tokenised): compared last, so the setting that changed them is the one named.
+DERIVED = frozenset({"base_fingerprint", "adapted_layers", "training_data"})
+
+
 class DivergedError(LorakitError):
     """The training loss grew far beyond its start; the message names the step and what was kept."""
 
@@ -89,10 +96,44 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
     finish_swap(final, _complete)  # after a kill during an earlier swap: a complete copy goes live first
     tmp, _ = siblings(final)
     shutil.rmtree(tmp, ignore_errors=True)  # unfinished, or older than the live copy
+    try:
+        _write_copy(run, tmp, settings)
+    except (OSError, LorakitError) as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial copy: its space back, the live copy untouched
+        raise DiskFullError(
+            f"no space left on {output_dir}: the checkpoint of step {run.result.steps} was not written; "
+            f"{resume_point(output_dir)}"
+        ) from None
+    swap_in(final)
+
+
+def resume_point(output_dir: Path) -> str:
+    """What a run stopped by a full disk can continue from, in words, with how to continue."""
+    step = checkpoint_step(output_dir)
+    if step is None:
+        return "no checkpoint is kept: free space and train again"
+    return (
+        f"the checkpoint of step {step} is kept in {output_dir}: free space, then --resume continues from it"
+    )
+
+
+def checkpoint_step(output_dir: Path) -> int | None:
+    """The step of the newest complete, readable checkpoint in ``output_dir`` (None: there is none)."""
+    steps = []
+    for copy in filter(_complete, _copies(output_dir)):
+        with contextlib.suppress(Exception):  # a damaged copy is not a resume point
+            steps.append(int(torch.load(copy / TRAINER_FILE, weights_only=True)["step"]))
+    return max(steps) if steps else None
+
+
+def _write_copy(run: RunState, tmp: Path, settings: dict[str, Any]) -> None:
     lorakit.save(run.model, tmp)
     state = {
         "step": run.result.steps,
         "seconds": run.result.seconds,
+        "tokens": run.result.tokens,
         "losses": torch.tensor(run.result.losses, dtype=torch.float64),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -102,8 +143,11 @@ def write_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]) 
         "batches": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
         "settings": json.dumps(settings, default=str),
     }
-    atomic_write(tmp / TRAINER_FILE, lambda path: torch.save(state, path))  # last: it marks tmp complete
-    swap_in(final)
+    # serialised here and written by Python's file calls: a full disk is an OSError naming ENOSPC, not torch's
+    # "unexpected pos"; written last, it marks the copy complete
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(tmp / TRAINER_FILE, lambda path: Path(path).write_bytes(buffer.getvalue()))
 
 
 def check_checkpoint_dir(output_dir: Path, *, replaces: bool) -> None:
@@ -161,13 +205,16 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
         run.batches.load_state_dict(state["batches"])
     run.result.losses = state["losses"].tolist()
     run.result.seconds = state["seconds"]
+    run.result.tokens = state.get("tokens", 0)  # a checkpoint written before tokens were counted: 0
     run.result.steps = state["step"]
     return state["step"]
 
 
 def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: Path | str) -> None:
-    """Raise :class:`ResumeError` naming the first setting (outside :data:`MAY_CHANGE`) that differs."""
-    for name in sorted(set(saved) | set(current)):
+    """Raise :class:`ResumeError` naming the first setting (outside :data:`MAY_CHANGE`) that differs; the
+    settings a user sets come before those derived from them (:data:`DERIVED`), so a changed ``--quantize``
+    is named as such and not as the base fingerprint it changes."""
+    for name in sorted(set(saved) | set(current), key=lambda name: (name in DERIVED, name)):
         if name in MAY_CHANGE:
             continue
         old, new = saved.get(name, "(not recorded)"), current.get(name, "(not recorded)")

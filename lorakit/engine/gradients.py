@@ -1,7 +1,10 @@
 """The engine's default gradient source: the task loss plus the hooks' extra loss, backed up per micro-batch.
 
 Gradient accumulation and precision live here: each of ``grad_accum`` micro-batches adds
-``(loss + extra_loss) / grad_accum`` to ``p.grad``, under bf16 autocast when the precision asks for it.
+``(loss + extra_loss) / grad_accum`` to ``p.grad``, under bf16 autocast when the precision asks for it. A
+causal LM's token loss (:mod:`lorakit.engine.token_loss`) is instead summed over each micro-batch's labelled
+tokens and divided by the labelled tokens of the whole step, in every micro-batch and process: the mean one
+process with the whole batch would take.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from lorakit.core.contract import GradientSource
 from lorakit.engine.config import TrainConfig
 from lorakit.engine.placement import LOCAL, Placement
+from lorakit.engine.token_loss import TokenLoss, predicted_tokens, takes_token_loss
 from lorakit.errors import LorakitError
 
 
@@ -34,17 +38,30 @@ class LossBackward(GradientSource):
     ) -> None:
         self.model = model
         self.placement = placement
-        self.forward = placement.wrap(model)
+        self.token_loss = takes_token_loss(model)
+        placement.begin(model)
+        self.forward = placement.wrap(TokenLoss.of(model) if self.token_loss else model)
         self.batches = batches
         self.shard = placement.shard(batches)
         self.grad_accum = cfg.grad_accum
         self.precision = cfg.precision
+        self.tokens = 0  # input tokens seen (padding excluded), for the throughput report
 
     def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
+        micro = [self.next_batch(step) for _ in range(self.grad_accum)]
+        self.tokens += sum(_input_tokens(batch) for batch in micro)
+        # The step's loss is the mean over its labelled tokens in every micro-batch and process; gradients
+        # are then averaged over the processes, so each process's sum is divided by labelled / processes.
+        labelled = self.placement.total(sum(_labelled(b) for b in micro)) if self.token_loss else 0
         loss_sum = 0.0
-        for i in range(self.grad_accum):
+        for i, batch in enumerate(micro):
             with self.placement.micro_batch(last=i == self.grad_accum - 1):
-                loss = self.loss(self.next_batch(step), extra_loss, step) / self.grad_accum
+                if self.token_loss:
+                    loss = self.loss(
+                        batch, extra_loss, step, per=max(labelled, 1) / self.placement.processes()
+                    )
+                else:
+                    loss = self.loss(batch, extra_loss, step) / self.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         return loss_sum
@@ -70,15 +87,27 @@ class LossBackward(GradientSource):
             )
         return batch
 
-    def loss(self, batch: dict[str, Tensor], extra_loss: Callable[[int], Tensor | None], step: int) -> Tensor:
+    def loss(
+        self,
+        batch: dict[str, Tensor],
+        extra_loss: Callable[[int], Tensor | None],
+        step: int,
+        per: float | None = None,
+    ) -> Tensor:
+        """The micro-batch's loss plus the hooks' extra loss (each micro-batch carries its share of the
+        extra loss: ``1 / grad_accum`` of it, as the task loss's mean); with ``per``, the token loss is the
+        micro-batch's summed token loss divided by ``per``."""
         device = next(p for p in self.model.parameters()).device
         # bf16 autocast: matrix products run in bfloat16 (tensor cores on GPUs, AMX on recent x86 CPUs) while
         # the adapter parameters, their gradients and the optimizer state stay fp32.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.run_model(batch, device, step)
-        loss = scalar_loss(out, batch, step)
+        if per is None:  # the caller divides the sum by grad_accum
+            loss, share = scalar_loss(out, batch, step), 1.0
+        else:
+            loss, share = out[0] / per, 1.0 / self.grad_accum
         extra = extra_loss(step)
-        return loss if extra is None else loss + extra
+        return loss if extra is None else loss + extra * share
 
     def run_model(self, batch: dict[str, Tensor], device: torch.device, step: int) -> Any:
         """The model's output on ``batch``; an input the model rejects (a missing or unknown key, labels of
@@ -104,6 +133,24 @@ class LossBackward(GradientSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(state)
+
+
+def _input_tokens(batch: dict[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    if isinstance(mask, Tensor):
+        return int(mask.sum())
+    return ids.numel() if isinstance(ids, Tensor) else 0
+
+
+def _labelled(batch: dict[str, Any]) -> int:
+    labels = batch.get("labels")
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise BatchError(
+            "a causal language model's batches need per-token labels (batch, sequence), -100 where the loss "
+            f"does not count; got {describe(batch)}"
+        )
+    return predicted_tokens(labels)
 
 
 def scalar_loss(out: Any, batch: dict[str, Tensor], step: int) -> Tensor:

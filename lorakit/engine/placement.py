@@ -21,8 +21,13 @@ class Placement:
     is_writer: bool = True  # this process writes checkpoints and reports and shows progress (rank 0)
     driver: Driver = Driver.LOOP  # what lorakit's loop in this placement is to a variant (its refusal)
 
+    def begin(self, model: nn.Module) -> None:
+        """Before a run's first step, with the adapted ``model``: a distributed run gives every process rank
+        0's adapter here (nothing to do in one process)."""
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model here)."""
+        """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model, or the module
+        that runs it to its loss, here)."""
         return model
 
     def shard(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
@@ -34,6 +39,14 @@ class Placement:
         the step's backward, before any hook or the clip reads a gradient, so gradients can be averaged in
         the same collective."""
         return loss
+
+    def processes(self) -> int:
+        """How many processes average their gradients (their losses are divided accordingly)."""
+        return 1
+
+    def total(self, value: int) -> int:
+        """The sum of ``value`` over processes (a step's labelled tokens, by which its loss is divided)."""
+        return value
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context for one micro-batch's forward and backward; ``last``: the step's last one. A distributed

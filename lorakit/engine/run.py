@@ -129,9 +129,13 @@ class Engine:
         if output_dir is not None and cfg.checkpoint_every and self.placement.is_writer:
             check_checkpoint_dir(Path(output_dir), replaces=not resume and not overwrite)
         start = restore_checkpoint(state, Path(output_dir or "."), recorded) if resume else 0
+        # Gradients left on the parameters (an earlier run in this process that failed mid-step) would be
+        # added to the first step's.
+        gradients.zero_grad(self.optimizer)
         self.model.train()
         bar = progress_bar(cfg.steps, start, cfg.progress and self.placement.is_writer, desc)
         began = time.perf_counter() - result.seconds
+        tokens_before = result.tokens - gradients.tokens  # tokens of the run before a resume
         try:
             for step in range(start, cfg.steps):
                 result.stopped = gradients.stop_before(step)
@@ -141,6 +145,9 @@ class Engine:
                 self.first_loss = result.losses[0] if result.losses else None
                 loss = self.step(step, gradients)
                 fields = {"lr": f"{self.scheduler.get_last_lr()[0]:.2e}", **gradients.after_step(step)}
+                result.tokens = tokens_before + gradients.tokens
+                if result.tokens:
+                    fields["tok/s"] = f"{result.tokens / max(time.perf_counter() - began, 1e-9):.0f}"
                 if gradients.releases_loss:
                     result.losses.append(loss)
                     fields = {"loss": f"{loss:.4f}", **fields}

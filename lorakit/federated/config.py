@@ -1,7 +1,9 @@
 """Settings of a federated run, as flat values: the same object is a CLI, a Flower run config and a job.
 
 Flower's run config (``--run-config`` / ``[tool.flwr.app.config]``) holds only strings, numbers and booleans,
-so "unset" is ``0`` or ``""`` here, and the variant's extra fields travel as a JSON string.
+so an unset optional number is ``""`` there (None here; 0 is a number and is checked like any other), and the
+variant's extra fields travel as a JSON string. Every number is read and range-checked by
+:func:`lorakit.settings.check_fields`, as ``lorakit train``'s are.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
-from lorakit.settings import check_settings, field_help, parse_assignments, setting
+from lorakit.settings import check_fields, check_settings, field_help, flag_type, parse_assignments, setting
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
@@ -32,29 +35,39 @@ class FedConfig:
     options: str = setting("", "further variant fields as JSON, e.g. '{\"min_rank\": 2}'")
     data: str = setting("demo", "training data split among clients: .tsv/.csv/.jsonl path or 'demo'")
     eval_data: str = setting("", "server-side evaluation data (default: demo's test split for 'demo')")
-    eval_examples: int = setting(0, "evaluate on the first N evaluation rows (0: all)")
+    eval_examples: int | None = setting(
+        None, "evaluate on the first N evaluation rows (unset: all)", within="[1, inf)"
+    )
     text_column: str = setting("sentence", "classification text column")
-    label_column: str = setting("label", "classification label column (integers)")
-    num_labels: int = setting(2, "classes of the classification task")
-    max_length: int = setting(64, "tokens per example")
-    clients: int = setting(10, "N: clients (partitions of the data)")
-    rounds: int = setting(5, "federated rounds")
-    cohort: int = setting(5, "C: expected clients per round")
+    label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
+    num_labels: int | None = setting(
+        None, "classes of the classification task (unset: counted from the training data)", within="[2, inf)"
+    )
+    max_length: int = setting(64, "tokens per example", within="[1, inf)")
+    clients: int = setting(10, "N: clients (partitions of the data)", within="[1, inf)")
+    rounds: int = setting(5, "federated rounds", within="[1, inf)")
+    cohort: int = setting(5, "C: expected clients per round", within="[1, inf)")
     sampling: str = setting(
         "poisson", "poisson (each joins with q = C/N) | fixed (exactly C; with DP only C = N)"
     )
     partition: str = setting("iid", "iid | label-skew (Dirichlet label proportions per client)")
-    skew: float = setting(0.5, "Dirichlet concentration for label-skew (smaller: more skewed)")
-    local_steps: int = setting(10, "E: local optimizer steps per round on a client")
-    batch_size: int = setting(16, "client batch size")
-    lr: float = setting(5e-3, "client learning rate (AdamW, constant)")
-    server_lr: float = setting(1.0, "server learning rate applied to the aggregated update")
-    noise_multiplier: float = setting(0.0, "sigma: server noise std / S (0: no noise)")
-    clip_norm: float = setting(
-        0.0, "S: clip each client update to this L2 norm (0: no clipping, plain FedAvg)"
+    skew: float = setting(
+        0.5, "Dirichlet concentration for label-skew (smaller: more skewed)", within="(0, inf)"
     )
-    target_epsilon: float = setting(
-        0.0, "stop before exceeding it (0: none); sets sigma when noise_multiplier is 0"
+    local_steps: int = setting(10, "E: local optimizer steps per round on a client", within="[1, inf)")
+    batch_size: int = setting(16, "client batch size", within="[1, inf)")
+    lr: float = setting(5e-3, "client learning rate (AdamW, constant)", within="(0, inf)")
+    server_lr: float = setting(
+        1.0, "server learning rate applied to the aggregated update", within="(0, inf)"
+    )
+    noise_multiplier: float | None = setting(
+        None, "sigma: server noise std / S (unset: from target_epsilon, else 0)", within="[0, inf)"
+    )
+    clip_norm: float = setting(
+        0.0, "S: clip each client update to this L2 norm (0: no clipping, plain FedAvg)", within="[0, inf)"
+    )
+    target_epsilon: float | None = setting(
+        None, "stop before exceeding it (unset: no budget); sets sigma when noise_multiplier is unset"
     )
     delta: float = setting(1e-5, "delta of client-level (epsilon, delta)-DP; keep it below 1/clients")
     accountant: str = setting("rdp", "rdp | prv")
@@ -62,28 +75,17 @@ class FedConfig:
     dp_insecure_seed: bool = setting(
         False, "NOT private, tests only: derive DP noise and cohorts from the seed"
     )
-    eval_every: int = setting(1, "evaluate on the server every N rounds (0: only at the end)")
-    round_timeout: float = setting(600.0, "seconds to wait for a round's replies")
+    eval_every: int = setting(
+        1, "evaluate on the server every N rounds (0: only at the end)", within="[0, inf)"
+    )
+    round_timeout: float = setting(600.0, "seconds to wait for a round's replies", within="(0, inf)")
     output_dir: str = setting("runs/federated", "adapter, metrics.json (per-round history)")
+    overwrite: bool = setting(False, "replace an adapter already in output_dir")
 
     def __post_init__(self) -> None:
-        checks = {
-            "clients": self.clients >= 1,
-            "rounds": self.rounds >= 1,
-            "cohort": self.cohort >= 1,
-            "local_steps": self.local_steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "server_lr": self.server_lr > 0,
-            "noise_multiplier": self.noise_multiplier >= 0,
-            "clip_norm": self.clip_norm >= 0,
-            "skew": self.skew > 0,
-            "sampling": self.sampling in SAMPLINGS,
-            "partition": self.partition in PARTITIONS,
-            "round_timeout": self.round_timeout > 0,
-            "eval_every": self.eval_every >= 0,
-        }
-        rules = f"counts >= 1, rates > 0; sampling one of {SAMPLINGS}, partition one of {PARTITIONS}"
+        check_fields(self, "federated")  # types and ranges, as for `lorakit train`
+        checks = {"sampling": self.sampling in SAMPLINGS, "partition": self.partition in PARTITIONS}
+        rules = {"sampling": f"one of {', '.join(SAMPLINGS)}", "partition": f"one of {', '.join(PARTITIONS)}"}
         check_settings(self, checks, "federated", rules)
         if self.cohort > self.clients:
             raise ValueError(
@@ -92,9 +94,13 @@ class FedConfig:
             )
         check_delta(self.delta)
         check_accountant(self.accountant)
-        if self.target_epsilon:
-            check_epsilon(self.target_epsilon)
-        if (self.noise_multiplier > 0 or self.target_epsilon) and not self.clip_norm > 0:
+        check_epsilon(self.target_epsilon)  # unset is None: 0 is refused like any epsilon <= 0
+        if self.noise_multiplier == 0 and self.target_epsilon is not None:
+            raise PrivacyError(
+                "noise_multiplier 0 adds no noise, so no target_epsilon can hold: leave noise_multiplier "
+                "unset (the target sets it) or drop target_epsilon"
+            )
+        if (self.noise_multiplier or self.target_epsilon is not None) and not self.clip_norm > 0:
             raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")
         if self.accounted and self.sampling == "fixed" and self.cohort < self.clients:
             raise PrivacyError(
@@ -118,7 +124,7 @@ class FedConfig:
     @property
     def accounted(self) -> bool:
         """DP with noise: the accountant reports a finite epsilon for the Poisson-sampled cohorts."""
-        return self.private and (self.noise_multiplier > 0 or bool(self.target_epsilon))
+        return self.private and (bool(self.noise_multiplier) or self.target_epsilon is not None)
 
     @property
     def sample_rate(self) -> float:
@@ -133,21 +139,20 @@ class FedConfig:
         return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
     def to_run_config(self) -> dict[str, Any]:
-        """Flat values for Flower's run config."""
-        return dataclasses.asdict(self)
+        """Flat values for Flower's run config (an unset number as ``""``: TOML has no null)."""
+        return {k: "" if v is None else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_run_config(cls, values: dict[str, Any]) -> FedConfig:
         """Build from a Flower run config; unknown keys are an error naming the valid ones."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
+        names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ValueError(f"unknown federated setting(s) {unknown}; valid settings: {', '.join(names)}")
-        typed = {}
-        for key, value in values.items():
-            kind = type(names[key].default)
-            typed[key] = float(value) if kind is float and isinstance(value, int) else value
-        return cls(**typed)
+        numbers = {
+            name for name, hint in typing.get_type_hints(cls).items() if hint in (int | None, float | None)
+        }
+        return cls(**{k: None if v == "" and k in numbers else v for k, v in values.items()})
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -164,8 +169,8 @@ def parse_options(text: str) -> dict[str, Any]:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`FedConfig` field; the field's ``help`` metadata is its help text."""
     for f in dataclasses.fields(FedConfig):
-        kind = type(f.default)
-        typed = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        flag = isinstance(f.default, bool)
+        typed = {"action": argparse.BooleanOptionalAction} if flag else {"type": flag_type(FedConfig, f.name)}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

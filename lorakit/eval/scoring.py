@@ -1,0 +1,78 @@
+"""The final answer of a generated text, and exact match against the reference's.
+
+GSM8K (Cobbe et al., 2021, arXiv:2110.14168) ends every reference solution with ``#### N``; a model's answer
+is read the same way when it writes that marker, else as the last number in its text (the usual lenient
+reading for models that were not taught the marker). Numbers compare by value after dropping thousands
+separators, a currency sign and trailing zeros (``1,000.00`` equals ``1000``). A pattern of one's own
+(``--answer-pattern``) is a regular expression whose first group (or whole match) is the answer; its last
+match in a text counts, for the reference and the generation alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from lorakit.errors import SettingError
+
+GSM8K_MARKER = re.compile(r"####\s*(\$?\s*-?[\d,]*\.?\d+)")
+NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
+    """``--answer-pattern`` compiled (None: GSM8K's marker, else the last number)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise SettingError(
+            f"--answer-pattern {pattern!r} is not a valid regular expression ({err}); pass one whose first "
+            r"group is the answer, e.g. 'answer is (\S+)'"
+        ) from None
+
+
+def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | None:
+    """The final answer in ``text``: the last match of ``pattern`` (its first group), else by default the
+    number after GSM8K's ``####``, else the last number; None when there is none."""
+    if pattern is not None:
+        matches = list(pattern.finditer(text))
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last.group(1) if pattern.groups else last.group(0)).strip()
+    marked = GSM8K_MARKER.findall(text)
+    if marked:
+        return marked[-1].strip()
+    numbers = NUMBER.findall(text)
+    return numbers[-1].strip() if numbers else None
+
+
+def normalize(answer: str) -> str:
+    """A number by value (``1,000.00`` -> ``1000``, ``$5`` -> ``5``); other text stripped and lower-cased."""
+    cleaned = answer.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return answer.strip().lower()
+    if not value.is_finite():
+        return answer.strip().lower()
+    value = value.normalize()
+    return format(value.quantize(Decimal(1)) if value == value.to_integral() else value, "f")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One generation scored against its reference."""
+
+    predicted: str | None
+    expected: str | None
+    correct: bool
+
+
+def score(generated: str, reference: str, pattern: re.Pattern[str] | None = None) -> Scored:
+    """Exact match of the final answers of ``generated`` and ``reference``."""
+    predicted, expected = extract_answer(generated, pattern), extract_answer(reference, pattern)
+    correct = predicted is not None and expected is not None and normalize(predicted) == normalize(expected)
+    return Scored(predicted, expected, correct)

@@ -1,0 +1,185 @@
+"""A finished run's adapter directory, as ``eval``, ``merge``, ``export`` and ``generate`` read it, and what
+they make of it.
+
+:func:`saved_job` checks the directory once for all of them and refuses, naming the fix, what is no finished
+adapter: a training checkpoint, the unfinished run beside an output directory, a run that was interrupted
+before its first adapter (``--resume`` continues it), a directory without ``adapter.json``.
+:func:`load_adapted` loads the base the job names, with its classes, and the adapter onto it.
+:func:`write_merged` and :func:`write_peft` build their output beside the target and swap it in
+(:func:`lorakit.dirswap.building`) while holding the target's lock, carrying what the model needs downstream:
+class names, tokenizer (and its chat template), generation config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+import lorakit
+from lorakit import dirlock
+from lorakit.dirswap import building, siblings, staged_for
+from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
+from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
+from lorakit.train.job import DataConfig, JobConfig
+from lorakit.train.loop import TrainConfig
+from lorakit.train.models import load_model, name_classes
+from lorakit.train.rundir import JOB_FILE
+
+
+def saved_job(adapter: str) -> JobConfig | None:
+    """The job that trained the adapter in ``adapter`` (None: the directory has an adapter but no
+    ``job.json``); refuses a directory that holds no finished adapter, naming what it is and the fix."""
+    path = Path(adapter)
+    _check_finished(path, adapter)
+    read_meta(path)  # format, fields and variant of adapter.json
+    file = path / JOB_FILE
+    if not file.is_file():
+        return None
+    from lorakit.privacy.config import DPConfig
+
+    # a job.json written before a section existed lacks it: that section takes its defaults
+    sections = {"data": DataConfig, "train": TrainConfig, "privacy": DPConfig}
+    try:
+        raw = json.loads(file.read_text())
+        job = JobConfig(**{**raw, **{k: cls(**raw.get(k, {})) for k, cls in sections.items()}})
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise AdapterFileError(
+            f"cannot read {file}: {' '.join(str(err).split())[:300]}; it must be the {JOB_FILE} `lorakit "
+            "train` wrote (restore it, or train again)"
+        ) from None
+    # a job.json written before the classes were recorded: two classes, as then
+    return job if job.task != "classification" or job.num_labels else dataclasses.replace(job, num_labels=2)
+
+
+def eval_source(job: JobConfig | None, adapter: str, data: str | None) -> str:
+    """The data to evaluate on: ``data`` (``--data``) or the job's evaluation data; without either, an error
+    saying to pass ``--data``, never a fallback to other data."""
+    if data:
+        return data
+    if job is None:
+        raise AdapterFileError(
+            f"{adapter} has no {JOB_FILE} (`lorakit train` writes it), so which data the adapter was made "
+            "for is unknown: pass --data PATH"
+        )
+    source = job.data.eval_data or ("demo" if job.data.data == "demo" else None)
+    if source is None:
+        raise AdapterFileError(f"the job in {adapter} had no evaluation data: pass --data PATH")
+    return source
+
+
+def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
+    """``(job, model, tokenizer)``: the base the adapter was trained on, with its classes named in its config,
+    quantised as in training, with the adapter loaded. Without ``job.json`` the base, task and number of
+    classes are read from the adapter itself."""
+    job = saved_job(adapter) or _job_from_adapter(adapter)
+    model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
+    name_classes(model, job.labels)
+    if job.quantize:
+        from lorakit.quant_api import quantize
+
+        quantize(model, job.quantize)
+    lorakit.load(model, adapter)
+    return job, model, tokenizer
+
+
+def write_merged(adapter: str, out: str) -> None:
+    """Fold the adapter into its base and save the plain model (safetensors), its tokenizer and, for a causal
+    LM, its generation config to the new or empty directory ``out``."""
+    target = Path(out).absolute()
+    _refuse_not_empty(target, out)
+    with dirlock.exclusive(target, out, "lorakit merge"):
+        _refuse_not_empty(target, out)
+        _, model, tokenizer = load_adapted(adapter)
+        merged = lorakit.merge(model)
+        from lorakit.quant_api import dequantize
+
+        dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
+        with building(target, out, "the merged model") as new:
+            merged.save_pretrained(new, safe_serialization=True)  # config (class names), generation config
+            tokenizer.save_pretrained(new)  # with its chat template
+
+
+def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> None:
+    """Write the adapter in PEFT's format to ``out`` with the tokenizer (and its chat template) and, for a
+    causal LM, the generation config; an adapter already there is replaced only with ``overwrite``."""
+    from lorakit.interop import save_peft
+
+    target = Path(out).absolute()
+    with dirlock.exclusive(target, out, "lorakit export"):
+        if (target / PEFT_CONFIG_FILE).exists() and not overwrite:
+            raise lorakit.OutputExistsError(
+                f"{out} already holds a PEFT adapter ({PEFT_CONFIG_FILE}); pass --overwrite to replace it, "
+                "or choose another --out"
+            )
+        job, model, tokenizer = load_adapted(adapter)
+        if rank is not None:
+            lorakit.set_rank(model, rank)
+        with building(target, out, "the PEFT adapter") as new:
+            save_peft(model, new)
+            tokenizer.save_pretrained(new)
+            if job.task != "classification" and model.generation_config is not None:
+                model.generation_config.save_pretrained(new)
+
+
+def _check_finished(path: Path, shown: str) -> None:
+    """Refuse a training checkpoint or an unfinished run as if it were a finished adapter, naming the fix."""
+    if (path / TRAINER_FILE).is_file():
+        run = path.absolute().parent
+        raise AdapterFileError(f"{shown} is a training checkpoint, not a finished adapter: {_about_run(run)}")
+    if staged_for(path.absolute()) is not None:
+        raise AdapterFileError(
+            f"{shown} is an unfinished run, not a finished adapter: {_about_run(path.absolute())}"
+        )
+    if not (path / CONFIG_FILE).is_file() and has_checkpoint(siblings(path.absolute())[0]):
+        run = siblings(path.absolute())[0]
+        raise AdapterFileError(f"{shown} holds no adapter yet: {_about_run(run)}")
+
+
+def _about_run(run: Path) -> str:
+    """Where the run that wrote checkpoint directory ``run`` (or its staging directory) stands; the fix."""
+    output = staged_for(run)
+    if output is not None:
+        step = checkpoint_step(run)
+        at = f" at the checkpoint of step {step}" if step is not None else ""
+        resume = f"`lorakit train ... --output-dir {output} --resume`"
+        return f"the run into {output} was interrupted{at}; {resume} continues it"
+    if (run / CONFIG_FILE).is_file():
+        return f"the run's adapter is {run}; pass that directory"
+    return f"its run has not finished; `lorakit train ... --output-dir {run} --resume` continues it"
+
+
+def _job_from_adapter(adapter: str) -> JobConfig:
+    """A job for an adapter saved without ``job.json``: its base model, classification when it saved a trained
+    head (else causal LM), and as many classes as that head has."""
+    meta = read_meta(adapter)
+    task = "classification" if meta["train_modules"] else "causal-lm"
+    job = JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"], task=task)
+    if task != "classification":
+        return job
+    base, _ = load_model(job.model, task, 2)
+    return dataclasses.replace(job, num_labels=_head_classes(base, Path(adapter) / WEIGHTS_FILE))
+
+
+def _head_classes(base: nn.Module, weights: Path) -> int:
+    """The number of classes of the head saved in ``weights``: the first size of a saved head tensor where the
+    two-class ``base`` has 2 (its other sizes equal); 2 if none differs."""
+    try:
+        with safe_open(str(weights), "pt") as saved:
+            shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - unreadable: lorakit.load names the problem when it reads the file
+        return 2
+    for key, tensor in base.state_dict().items():
+        shape = shapes.get(key)
+        if shape and tensor.dim() and tensor.shape[0] == 2 and shape[1:] == tuple(tensor.shape[1:]):
+            return int(shape[0])
+    return 2
+
+
+def _refuse_not_empty(target: Path, shown: str) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise lorakit.OutputExistsError(f"{shown} is not empty; choose a new directory for the merged model")

@@ -1,0 +1,173 @@
+"""Looking at a tuned causal LM: answer extraction, batched greedy generation (equal to transformers' own on
+the merged model), and `lorakit eval --generate` / `lorakit generate` end to end on a tiny chat Llama."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import CHATML, chat_tokenizer, tiny_chat_llama
+from transformers import AutoModelForCausalLM
+
+import lorakit
+from lorakit.cli import main
+from lorakit.eval.generation import generate
+from lorakit.eval.scoring import compile_pattern, extract_answer, normalize, score
+from lorakit.train import chat
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("She sold 48/2 = 24 clips.\n#### 72", "72"),
+        ("#### 1,234.", "1,234"),
+        ("So 3 + 4 = 7 apples, and 7 * 2 = 14 in all.", "14"),  # no marker: the last number
+        ("The answer is -3.5 degrees", "-3.5"),
+        ("It costs $12 and #### $ 12", "$ 12"),
+        ("no number at all", None),
+    ],
+)
+def test_the_final_answer_is_gsm8ks_marker_else_the_last_number(text, answer) -> None:
+    assert extract_answer(text) == answer
+
+
+def test_answers_compare_by_value_and_a_pattern_of_ones_own_counts() -> None:
+    assert normalize("1,000.00") == normalize("1000") == "1000"
+    assert normalize("$ 12") == "12" and normalize("-3.50") == "-3.5" and normalize("Paris ") == "paris"
+    assert score("so #### 1,000", "... #### 1000").correct
+    assert not score("#### 999", "#### 1000").correct
+    assert not score("I do not know", "#### 3").correct  # nothing to compare is wrong, not right
+    pattern = compile_pattern(r"answer is (\w+)")
+    assert score("The answer is Paris. Or is it? The answer is Rome", "the answer is rome", pattern).correct
+    assert extract_answer("x = 4, y = 5", compile_pattern(r"\d")) == "5"  # no group: the whole last match
+    with pytest.raises(lorakit.SettingError, match="answer-pattern"):
+        compile_pattern("(unclosed")
+
+
+@pytest.fixture(scope="module")
+def tuned_chat_model():
+    """A tiny chat Llama (fp64, so greedy decoding does not hinge on rounding) with a perturbed LoRA."""
+    tokenizer = chat_tokenizer()
+    model = tiny_chat_llama(len(tokenizer)).double()
+    lorakit.apply(model, "lora", targets="all-linear", rank=4, dropout=0.0)
+    with torch.no_grad():
+        for _, layer in lorakit.adapted_layers(model):
+            layer.variant.B.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    return model, tokenizer
+
+
+def test_batched_generation_equals_transformers_generate_on_the_merged_model(tuned_chat_model) -> None:
+    model, tokenizer = tuned_chat_model
+    questions = ["What is 2 plus 3?", "Natalia sold 48 clips", "hi", "What is 5 plus 5? Say it in words."]
+    examples = [chat.Example(({"role": "user", "content": q},)) for q in questions]
+    prompts = [chat.prompt_ids(tokenizer, CHATML, e) for e in examples]
+    ours = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3, progress=False)
+    merged = lorakit.merge(model, unload=False)
+    expected = []
+    for ids in prompts:  # one prompt at a time, no padding: transformers' own greedy decoding
+        out = merged.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        expected.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+    lorakit.unmerge(model)
+    assert ours == expected
+    assert len({text for text in ours}) > 1  # the prompts got different answers: the check is not vacuous
+
+
+def _arithmetic_rows(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"question": f"What is {a} plus {b}?", "answer": f"The answer is {a + b}. #### {a + b}"})
+    return rows
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_train_then_eval_generate_and_generate_on_a_chat_model(chat_llama_dir, tmp_path, capsys) -> None:
+    train = _write(tmp_path / "train.jsonl", _arithmetic_rows(48, 0))
+    dev = _write(tmp_path / "dev.jsonl", _arithmetic_rows(8, 1))
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model", str(chat_llama_dir), "--data", train, "--eval-data", dev,
+        "--prompt-column", "question", "--response-column", "answer", "--max-length", "128",
+        "--steps", "12", "--batch-size", "8", "--lr", "1e-2", "--targets", "all-linear",
+        "--output-dir", str(run), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    job = json.loads((run / "job.json").read_text())
+    assert job["task"] == "causal-lm"  # inferred from the model's architecture
+    assert (run / "chat_template.jinja").read_text() == CHATML  # what eval and generate render prompts with
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["extra"]["tokens_per_second"] > 0 and metrics["extra"]["train_answers_cut"] == 0
+    capsys.readouterr()
+
+    assert main(["eval", "--adapter", str(run), "--generate", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"loss {metrics['metrics']['loss']:.4f}" in out and "exact match" in out and "/8)" in out
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == saved["exact_match_total"] == 8
+    assert saved["exact_match"] == sum(r["correct"] for r in rows) / 8
+    assert all(r["expected"] == r["reference"].split("#### ")[1] for r in rows)
+    # an evaluation already there is not replaced silently
+    assert main(["eval", "--adapter", str(run), "--generate", "--max-new-tokens", "8"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    argv = ["eval", "--adapter", str(run), "--generate", "--generate-limit", "3", "--max-new-tokens", "4"]
+    assert main([*argv, "--out", str(tmp_path / "e3")]) == 0
+    three = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert three["exact_match_total"] == 3 and three["loss"] == pytest.approx(saved["loss"])  # loss on all 8
+
+    assert main(["generate", "--adapter", str(run), "What is 2 plus 3?", "--compare-base"]) == 0
+    out = capsys.readouterr().out
+    assert "--- tuned" in out and "--- base" in out and "What is 2 plus 3?" in out
+
+    # the base model as it is, on the same data
+    base_out = tmp_path / "base-eval"
+    argv = [
+        "eval", "--model", str(chat_llama_dir), "--data", dev, "--prompt-column", "question",
+        "--response-column", "answer", "--max-length", "128", "--generate", "--max-new-tokens", "4",
+        "--out", str(base_out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    base = json.loads((base_out / "metrics.json").read_text())
+    assert base["loss"] > metrics["metrics"]["loss"]  # the tuned model fits the answers better
+
+
+def test_generation_errors_are_one_line(chat_llama_dir, tmp_path, capsys) -> None:
+    assert main(["generate", "--model", str(chat_llama_dir)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(chat_llama_dir), "hi", "--compare-base"]) == 2
+    assert "--compare-base" in capsys.readouterr().err
+    assert main(["eval", "--model", str(chat_llama_dir), "--data", "x.jsonl", "--generate"]) == 2
+    assert main(["eval"]) == 2
+    assert "--adapter DIR" in capsys.readouterr().err
+
+
+def test_eval_generate_writes_metrics_the_merged_model_reproduces(chat_llama_dir, tmp_path) -> None:
+    """A merged adapter loads in plain transformers with the run's chat template, and answers as the
+    adapted model did."""
+    train = _write(tmp_path / "train.jsonl", _arithmetic_rows(16, 2))
+    run, merged_dir = tmp_path / "run", tmp_path / "merged"
+    argv = [
+        "train", "--model", str(chat_llama_dir), "--data", train, "--prompt-column", "question",
+        "--response-column", "answer", "--max-length", "128", "--steps", "4", "--batch-size", "8",
+        "--lr", "1e-2", "--targets", "all-linear", "--output-dir", str(run), "--no-progress",
+        "--dropout", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["merge", "--adapter", str(run), "--out", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    from lorakit.train.saved import load_adapted
+
+    _, adapted, tokenizer = load_adapted(str(run))
+    hi = chat.Example(({"role": "user", "content": "hi"},))
+    ids = torch.tensor([chat.prompt_ids(tokenizer, CHATML, hi)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,104 @@
+"""Every registered variant on a tiny chat Llama, the way an LLM is tuned: chat-formatted batches with the
+loss on the answers, a few steps of training, then save -> load (exact), merge (a plain transformers model
+that loads with ``from_pretrained``) and, where PEFT has the method, an export that ``peft`` loads.
+Generated from the registry: a new variant joins by itself."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import chat_tokenizer, tiny_chat_llama
+from transformers import AutoModelForCausalLM
+from variant_cases import case_config
+
+import lorakit
+from lorakit.core.contract import Driver
+from lorakit.interop import save_peft
+from lorakit.interop.peft_methods import METHODS
+from lorakit.train import chat
+from lorakit.train.data import BatchSampler, tokenize_causal
+from lorakit.train.loop import TrainConfig, train
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A real 4-bit base for QLoRA here (the generated cases quantise nothing); Delta-LoRA moves W from step 2.
+OVERRIDES = {
+    "qlora": {"rank": 4, "alpha": 8.0},
+    "delta_lora": {"rank": 4, "lam": 0.5, "start_step": 2},
+    "vera": {"rank": 4, "d_initial": 0.5},
+}
+QUESTIONS = [
+    (f"What is {a} plus {b}?", f"The answer is {a + b}. #### {a + b}") for a in range(1, 7) for b in (2, 5)
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = chat_tokenizer()
+    examples = chat.examples_from_pairs(*zip(*QUESTIONS, strict=True))
+    data = tokenize_causal(examples, tokenizer, tokenizer.chat_template, 96)
+    base = tiny_chat_llama(len(tokenizer)).eval()
+    return tokenizer, data, base
+
+
+def build(name: str, base: torch.nn.Module) -> torch.nn.Module:
+    config = OVERRIDES.get(name, case_config(name))
+    if name == "delta_lora":
+        config["dropout"] = 0.0
+    model = copy.deepcopy(base)
+    if name == "qlora":
+        return lorakit.apply(model, name, targets="all-linear", **config)
+    return lorakit.apply(model, name, targets=TARGETS, **config)
+
+
+@pytest.mark.parametrize("name", list(lorakit.VARIANTS))
+def test_every_variant_tunes_saves_loads_merges_and_exports_a_chat_llm(name, setup, tmp_path) -> None:
+    tokenizer, data, base = setup
+    model = build(name, base)
+    cfg = TrainConfig(steps=6, batch_size=8, lr=2e-2, warmup_ratio=0.0, progress=False)
+    refusal = lorakit.get_variant(name).refusal(Driver.LOOP, lorakit.info(model).config)
+    if refusal is not None:  # a variant that runs only in another driver says so before any step
+        with pytest.raises(lorakit.CapabilityError):
+            train(model, BatchSampler(data, 8, 0, group_by_length=True), cfg)
+        return
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, BatchSampler(data, 8, 0, group_by_length=True), cfg)
+    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved, "no trainable tensor moved"
+    assert result.tokens >= 6 * 8 * min(len(x) for x in data.input_ids)  # counted for the throughput
+
+    model.eval()
+    width = min(len(data.input_ids[0]), len(data.input_ids[1]))
+    ids = torch.tensor([data.input_ids[0][:width], data.input_ids[1][:width]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    lorakit.save(model, tmp_path / "adapter")
+    reloaded = lorakit.load(copy.deepcopy(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+    quantised = lorakit.info(model).config.base_storage() is not None
+    tol = {"rtol": 5e-2, "atol": 5e-2} if quantised else {"rtol": 1e-4, "atol": 1e-4}
+    problems = [layer.variant.peft_problem(layer) for _, layer in lorakit.adapted_layers(model)]
+    if lorakit.get_variant(name).peft is not None and any(problems):  # refused with the reason, not wrong
+        with pytest.raises(lorakit.LorakitError, match="PEFT"):
+            save_peft(model, tmp_path / "peft")
+    elif lorakit.get_variant(name).peft is not None and not quantised:
+        save_peft(model, tmp_path / "peft")
+        peft = pytest.importorskip("peft")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, logits, **tol)
+    merged = lorakit.merge(model)
+    merged.save_pretrained(tmp_path / "merged", safe_serialization=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, logits, **tol)
+
+
+def test_the_peft_methods_cover_the_variants_that_declare_them() -> None:
+    declared = {cls.peft.peft_type for cls in lorakit.VARIANTS.values() if cls.peft is not None}
+    assert declared <= {m.peft_type for m in METHODS}
