@@ -66,7 +66,7 @@ class Distributed(Placement):
 
     def begin(self, model: nn.Module) -> None:
         # every rank starts from rank 0's adapter; the counts before FSDP2 makes 4-bit storage parameters
-        match_rank_0(model, self.rank)
+        match_rank_0(model, self.world_size)
         self.counts = lorakit.summary(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:

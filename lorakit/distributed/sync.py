@@ -8,8 +8,8 @@ generator seeded by ``(seed, t)``; Delta-LoRA's capture is a copy of identical f
 before the main run (LoRA-drop's sample, train, score and select) trains too: :class:`StagePlacement` runs its
 training data-parallel like the main run (each rank its share of the global batch, gradients averaged), and
 every rank scores the whole sample with the identical adapter, so all ranks decide the same. Before the main
-run, :func:`match_rank_0` gives every rank rank 0's adapter config and tensors, so the ranks start identical
-whatever their random streams drew.
+run, :func:`match_rank_0` checks that they did and gives every rank rank 0's adapter tensors, so the ranks
+start identical whatever their random streams drew.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import lorakit
 from lorakit.core.contract import Driver
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
-from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler
 
 if TYPE_CHECKING:
@@ -48,15 +47,19 @@ def broadcast_adapter(model: nn.Module) -> None:
         dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
 
 
-def match_rank_0(model: nn.Module, rank: int) -> None:
-    """Give every rank rank 0's adapter: the config it ended with (a stage's decision, such as LoRA-drop's
-    kept modules; a rank whose own differs rebuilds its adapters from it) and then every adapter tensor."""
-    config = [lorakit.info(model).config.to_dict()]
-    dist.broadcast_object_list(config, src=0)
-    if rank != 0 and config[0] != lorakit.info(model).config.to_dict():
-        name = lorakit.info(model).variant
-        undo_apply(model)
-        lorakit.apply(model, lorakit.get_variant(name).config_class.from_dict(config[0], name))
+def match_rank_0(model: nn.Module, world_size: int) -> None:
+    """Give every rank rank 0's adapter tensors, once every rank is found to hold an adapter of rank 0's
+    config (a stage's decision, such as LoRA-drop's kept modules, is the same on every rank: its training is
+    data-parallel and its scoring identical; a difference is a bug, raised on every rank)."""
+    configs: list[Any] = [None] * world_size
+    dist.all_gather_object(configs, lorakit.info(model).config.to_dict())
+    differ = [rank for rank, config in enumerate(configs) if config != configs[0]]
+    if differ:
+        raise RuntimeError(
+            f"rank {differ[0]}'s adapter config differs from rank 0's after the variant's stages "
+            f"({configs[differ[0]]} vs {configs[0]}); a stage is not deterministic across ranks. Report this "
+            "with the variant and settings used."
+        )
     broadcast_adapter(model)
 
 
