@@ -9,8 +9,8 @@ Memory: a Llama-style causal LM configured here (hidden 1024, intermediate 2816,
 bytes of the adapted layers' base weights held after wrapping, all parameter and buffer bytes held, and the
 peak resident memory during 3 training steps (Linux ``VmHWM`` reset after wrapping: the model is built whole
 on each rank before FSDP2 shards it, so loading itself still peaks at the full model; glibc's mmap
-threshold is fixed so that freed tensors leave resident memory). Rows: DDP, FSDP2, and FSDP2 with an NF4
-base (QLoRA: packed, not sharded).
+threshold is fixed so that freed tensors leave resident memory). Rows: DDP and FSDP2, each with a dense
+fp32 base (LoRA) and an NF4 base (QLoRA: packed; FSDP2 shards it too).
 
     python benchmarks/distributed.py --out runs/distributed.json
 """
@@ -98,13 +98,17 @@ def _memory_rank(rank: int, port: int, mode: str, variant: str, results: dict) -
     import lorakit
     from lorakit.distributed import join
     from lorakit.distributed.memory import base_weight_bytes
+    from lorakit.engine.token_loss import TokenLoss, takes_token_loss
     from lorakit.train.loop import TrainConfig, train
 
     group = join(mode)
     model = llama()
     options = {"compute_dtype": "float32"} if variant == "qlora" else {}
     lorakit.apply(model, variant, targets="all-linear", rank=8, dropout=0.0, **options)
-    group.attach(model)  # wrapped before the memory is read; train() below reuses this wrapping
+    # Wrapped (as train() wraps it: the module that runs the model to its token loss) before the memory is
+    # read; train() below reuses this wrapping.
+    group.begin(model)
+    group.attach(TokenLoss.of(model) if takes_token_loss(model) else model)
     base, held = base_weight_bytes(model), held_bytes(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of the training steps only
 
@@ -152,16 +156,18 @@ def throughput(steps: int, report: dict) -> None:
 
 
 def memory(report: dict) -> None:
-    """Per-rank bytes and peak memory of the Llama-style model: DDP, FSDP2, FSDP2 with an NF4 base."""
-    for mode, variant in (("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "qlora")):
-        rows = memory_run(mode, variant)
-        report["memory"] += rows
-        print(json.dumps(rows[0]), flush=True)
-    ddp, fsdp = report["memory"][0], report["memory"][2]
-    report["peak_ratio_fsdp_over_ddp"] = round(
-        fsdp["peak_rss_mib_training"] / ddp["peak_rss_mib_training"], 3
-    )
-    print(f"peak memory per rank during training, FSDP2 / DDP: {report['peak_ratio_fsdp_over_ddp']:.2f}")
+    """Per-rank bytes and peak memory of the Llama-style model under DDP and FSDP2, dense and NF4 base."""
+    rows = {}
+    for mode, variant in (("ddp", "lora"), ("fsdp", "lora"), ("ddp", "qlora"), ("fsdp", "qlora")):
+        rows[mode, variant] = memory_run(mode, variant)
+        report["memory"] += rows[mode, variant]
+        print(json.dumps(rows[mode, variant][0]), flush=True)
+    for variant in ("lora", "qlora"):
+        ddp, fsdp = rows["ddp", variant][0], rows["fsdp", variant][0]
+        for what in ("base_mib_per_rank", "peak_rss_mib_training"):
+            ratio = round(fsdp[what] / ddp[what], 3)
+            report[f"{variant}_{what}_fsdp_over_ddp"] = ratio
+            print(f"{variant}, {what}, FSDP2 / DDP: {ratio:.3f}")
 
 
 def main() -> None:

@@ -324,6 +324,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lorakit: error: {message} (see {self.prog} --help)\n")
 
 
+# `lorakit train --help` ends with the launches of a distributed run (docs/distributed.md has the details).
+TORCHRUN_FORMS = """distributed training under torchrun (--batch-size is per process):
+  one machine:   torchrun --nproc_per_node 4 -m lorakit train --distributed ddp ...
+  several nodes: torchrun --nnodes 2 --nproc_per_node 8 --node-rank N --rdzv-backend c10d \\
+                   --rdzv-endpoint HOST0:29500 --rdzv-id RUN -m lorakit train --distributed fsdp ...
+                 (the same command on every node, N = 0, 1, ...; --output-dir on a shared file system)
+  restarts:      TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --max-restarts 3 ... \\
+                   -m lorakit train --resume auto --checkpoint-every 50 ...
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lorakit", description="Fine-tune models with the LoRA family.")
     parser.add_argument("--version", action="version", version=f"lorakit {lorakit.__version__}")
@@ -331,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the variants").set_defaults(func=cmd_list)
     train = sub.add_parser(
-        "train", help="fine-tune a model with a variant", formatter_class=argparse.HelpFormatter
+        "train",
+        help="fine-tune a model with a variant",
+        epilog=TORCHRUN_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_flags(train)
     train.set_defaults(func=cmd_train)

@@ -59,6 +59,14 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
             )
         elif name == "targets":
             parser.add_argument(flag, dest=name, type=_flag(_targets), default=argparse.SUPPRESS, help=text)
+        elif name == "resume":  # --resume, --resume auto, --no-resume
+            parser.add_argument(
+                flag, dest=name, nargs="?", const=True, type=_flag(_resume), default=argparse.SUPPRESS,
+                metavar="auto", help=text,
+            )  # fmt: skip
+            parser.add_argument(
+                "--no-resume", dest=name, action="store_false", default=argparse.SUPPRESS, help="start anew"
+            )
         elif name == "labels":
             parser.add_argument(
                 flag, dest=name, type=_names, default=argparse.SUPPRESS, help=f"{text}; comma-separated"
@@ -99,6 +107,12 @@ def _targets(text: str) -> str | list[str]:
             "targets is empty; pass module-name suffixes like query,value, a regex or all-linear"
         )
     return names
+
+
+def _resume(text: str) -> str:
+    if text != "auto":
+        raise SettingError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
 
 
 def _names(text: str) -> list[str]:

@@ -1,24 +1,30 @@
 """Every registered variant x every driver: its training rules run, seen by their effect, or the driver
 refuses it with a clear error before any step. Generated from the registry: a new variant joins by itself.
 
-Drivers: lorakit's loop, DP-SGD, ``transformers.Trainer`` (``LorakitTrainer``) and a federated client's local
-training. What every variant's declared capabilities promise is checked for each: its hook runs at every call
-point it takes part in, its stages run, the optimizer has its parameter groups' rates (LoRA+), its frozen
-tensors stay (LoRA-FA's A, VeRA's projections), its trainable tensors move and stay finite. Each method's own
-mark on top: AdaLoRA's final mask, DyLoRA's sampled ranks, DP-DyLoRA's fixed round rank, Delta-LoRA's extra
-update of W, LoRA-drop's selection and shared modules.
+Drivers: lorakit's loop, DP-SGD, ``transformers.Trainer`` (``LorakitTrainer``), a federated client's local
+training and a distributed run (lorakit's loop on a torchrun rank: DDP over a gloo group of one process here;
+``tests/test_distributed.py`` runs two). What every variant's declared capabilities promise is checked for
+each: its hook runs at every call point it takes part in, its stages run, the optimizer has its parameter
+groups' rates (LoRA+), its frozen tensors stay (LoRA-FA's A, VeRA's projections), its trainable tensors move
+and stay finite. Each method's own mark on top: AdaLoRA's final mask, DyLoRA's sampled ranks, DP-DyLoRA's
+fixed round rank, Delta-LoRA's extra update of W, LoRA-drop's selection and shared modules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+import torch.distributed as dist
+from dist_harness import free_port
 from torch import nn
 from transformers import TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import lorakit
 from lorakit.core.contract import CapabilityError
+from lorakit.distributed import Distributed
 from lorakit.engine import run as engine_run
 from lorakit.federated.client import local_training
 from lorakit.integrations.transformers import LorakitTrainer
@@ -28,7 +34,7 @@ from lorakit.train.data import BatchSampler, TokenizedData
 from lorakit.train.loop import TrainConfig, train
 
 STEPS, BATCH, LR = 8, 8, 1e-2
-DRIVERS = ("loop", "dp_sgd", "trainer", "federated")
+DRIVERS = ("loop", "dp_sgd", "trainer", "federated", "distributed")
 # Settings that make each variant's rule act within STEPS steps (the rest use rank 4).
 CONFIGS = {
     "adalora": {"init_r": 4, "target_r": 2, "t_init": 1, "t_final": 2},
@@ -68,6 +74,14 @@ def adapted(name: str) -> nn.Module:
     return lorakit.apply(Tiny(), name, targets=["l0", "l1"], rank=4, dropout=0.0, **CONFIGS.get(name, {}))
 
 
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[Distributed]:
+    """A gloo process group of one process: the distributed driver's code path (DDP) without a second rank."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield Distributed("ddp", 0, 1, torch.device("cpu"))
+    dist.destroy_process_group()
+
+
 def run_driver(driver: str, model: nn.Module, data: TokenizedData, tmp_path) -> torch.optim.Optimizer:
     """Train ``model`` with ``driver`` for STEPS steps; returns the optimizer the driver built."""
     cfg = TrainConfig(
@@ -83,6 +97,9 @@ def run_driver(driver: str, model: nn.Module, data: TokenizedData, tmp_path) -> 
             train_dp(model, data, cfg, DPConfig(dp=True, noise_multiplier=0.3, max_grad_norm=1.0))
         elif driver == "federated":
             local_training(model, data, cfg)
+        elif driver == "distributed":
+            group = Distributed("ddp", 0, 1, torch.device("cpu"))  # one per model: it wraps the model once
+            train(model, group.sampler(data, BATCH, 0), cfg, placement=group)
         else:
             rows = [data.batch([i]) for i in range(len(data))]
             args = TrainingArguments(
@@ -193,8 +210,10 @@ def check_declared(name: str, model: nn.Module, before: dict, optimizer, calls: 
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("name", list(lorakit.VARIANTS))
 def test_every_variant_runs_its_rules_or_is_refused_in_every_driver(
-    name: str, driver: str, tmp_path, monkeypatch
+    name: str, driver: str, tmp_path, monkeypatch, request: pytest.FixtureRequest
 ) -> None:
+    if driver == "distributed":
+        request.getfixturevalue("one_rank")
     cls, calls = lorakit.get_variant(name), []
     for point in declared_call_points(cls):
         spy(monkeypatch, cls.hook, point, calls)
@@ -242,3 +261,24 @@ def test_lora_drop_is_refused_where_its_selection_cannot_run_and_runs_in_the_loo
     assert lorakit.Driver.LOOP not in refused and lorakit.Driver.DP_SGD in refused
     given = lorakit.apply(Tiny(), "lora_drop", targets=["l0", "l1"], kept=["l0"])  # selection already made
     assert lorakit.get_variant("lora_drop").refusal(lorakit.Driver.DP_SGD, given.lorakit.config) is None
+
+
+def test_dp_dylora_runs_only_in_federated_clients() -> None:
+    """Outside a federated run no server draws its rank: it would be plain LoRA, so every other driver
+    refuses it, with the command that runs it."""
+    config = adapted("dp_dylora").lorakit.config
+    refused = {d: lorakit.get_variant("dp_dylora").refusal(d, config) for d in lorakit.Driver}
+    assert refused.pop(lorakit.Driver.FEDERATED) is None
+    assert all(reason is not None and "lorakit federate" in reason for reason in refused.values())
+
+
+def test_a_distributed_run_reaches_the_variant_as_the_distributed_driver(
+    one_rank: Distributed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[lorakit.Driver] = []
+    lora = lorakit.get_variant("lora")
+    monkeypatch.setattr(lora, "refusal", classmethod(lambda cls, driver, config: seen.append(driver)))
+    cfg = TrainConfig(steps=1, batch_size=BATCH, progress=False)
+    group = Distributed("ddp", 0, 1, torch.device("cpu"))
+    train(adapted("lora"), group.sampler(dataset(), BATCH, 0), cfg, placement=group)
+    assert seen and set(seen) == {lorakit.Driver.DISTRIBUTED}

@@ -189,7 +189,8 @@ def test_the_deployment_app_lists_every_setting_with_its_default() -> None:
 # --- the server's rank, end to end -------------------------------------------------------------------------
 def test_dp_dylora_trains_exactly_the_rank_the_round_fixed(tiny_bert_dir) -> None:
     """Paper formula: the rank-b adapter is (alpha/b) B[:, :b] A[:b]; local steps move only that slice."""
-    from lorakit.train.loop import TrainConfig, train
+    from lorakit.federated.client import local_training
+    from lorakit.train.loop import TrainConfig
     from lorakit.train.models import load_model
 
     model, tok = load_model(str(tiny_bert_dir), "classification")
@@ -208,7 +209,7 @@ def test_dp_dylora_trains_exactly_the_rank_the_round_fixed(tiny_bert_dir) -> Non
     from lorakit.train import data as D
 
     data = D.tokenize_classification(D.demo_rows()[:64], tok, "sentence", "label", 24, "demo")
-    train(model, D.BatchSampler(data, 16, 0), TrainConfig(steps=3, batch_size=16, lr=1e-2, progress=False))
+    local_training(model, data, TrainConfig(steps=3, batch_size=16, lr=1e-2, progress=False))
     for (a, b), (_, lay) in zip(before, lorakit.adapted_layers(model), strict=True):
         assert torch.equal(lay.variant.A[3:], a[3:]) and torch.equal(lay.variant.B[:, 3:], b[:, 3:])
         assert not torch.equal(lay.variant.A[:3], a[:3])  # the rank-3 slice trained

@@ -84,10 +84,11 @@ class Stages:
 
     ``drivers`` are those whose guarantees the stages keep; every other driver refuses the variant before
     training (DP-SGD's accounting does not cover a data-dependent selection; federated clients would each
-    select differently).
+    select differently). A distributed run keeps the loop's: it trains the stages data-parallel on the
+    global batch of one process and every rank decides the same.
     """
 
-    drivers: frozenset[Driver] = frozenset({Driver.LOOP})
+    drivers: frozenset[Driver] = frozenset({Driver.LOOP, Driver.DISTRIBUTED})
 
     def pending(self, config: VariantConfig) -> bool:
         """Whether the stages still have to run for ``config`` (False once their decision is in it)."""

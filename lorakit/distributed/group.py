@@ -10,22 +10,30 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import lorakit
+from lorakit.core.contract import Driver
+from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
+from lorakit.errors import LorakitError
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
     from lorakit.distributed.wrap import KeepLocal
+    from lorakit.summary import Summary
 
 MODES = ("ddp", "fsdp")
+T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -45,6 +53,8 @@ class Distributed(Placement):
     world_size: int
     device: torch.device
     _attached: tuple[nn.Module, nn.Module, KeepLocal] | None = field(default=None, repr=False)
+    counts: Summary | None = field(default=None, repr=False)  # the model's parameter counts as trained
+    driver = Driver.DISTRIBUTED  # a class attribute, not a field: variants may refuse a distributed run
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +63,11 @@ class Distributed(Placement):
     @property
     def is_writer(self) -> bool:  # type: ignore[override]
         return self.is_main
+
+    def begin(self, model: nn.Module) -> None:
+        # every rank starts from rank 0's adapter; the counts before FSDP2 makes 4-bit storage parameters
+        match_rank_0(model, self.world_size)
+        self.counts = lorakit.summary(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return self.attach(model)
@@ -73,7 +88,16 @@ class Distributed(Placement):
         self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
     ) -> ShardedBatchSampler:
         """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
+        if len(data) < batch_size * self.world_size:
+            raise ValueError(
+                f"the training data has {len(data)} examples, fewer than one global batch "
+                f"({batch_size} per rank x {self.world_size} ranks); lower --batch-size or use more data"
+            )
         return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size, group_by_length)
+
+    def for_stages(self) -> Placement:
+        # A variant's stages train data-parallel on the unwrapped model (lorakit.distributed.sync).
+        return StagePlacement(self)
 
     def attach(self, model: nn.Module) -> nn.Module:
         """The module to run forward and backward on: the DDP wrapper, or ``model`` sharded in place by FSDP2
@@ -91,9 +115,28 @@ class Distributed(Placement):
             return contextlib.nullcontext()
         return self._attached[2]()
 
+    def lost_peer(self, err: BaseException) -> bool:
+        return peer_failed(err)
+
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has created the run's staging directory)."""
         dist.barrier()
+
+    def on_main(self, decide: Callable[[], T]) -> T:
+        """``decide()`` on rank 0 alone (it looks at or changes files, as only rank 0 may); every rank gets
+        its result, or raises the error it raised, so all stop with the same line. The result travels
+        pickled between the run's own processes: plain values only."""
+        outcome: list[Any] = [None]
+        if self.is_main:
+            try:
+                outcome[0] = (True, decide())
+            except Exception as err:  # noqa: BLE001 - raised below, on every rank
+                outcome[0] = (False, err)
+        dist.broadcast_object_list(outcome, src=0)
+        done, value = outcome[0]
+        if not done:
+            raise value
+        return value
 
     def processes(self) -> int:
         return self.world_size
@@ -110,12 +153,28 @@ class Distributed(Placement):
         return float(total.item()) / self.world_size
 
 
+class LaunchError(LorakitError):
+    """The processes were launched in a way the job cannot run in; the message shows the launch that works."""
+
+
+def check_one_process() -> None:
+    """Refuse a job without ``--distributed`` in one of several processes torchrun started: each would train
+    the whole job into the same output directory, racing the others' files."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world.isdigit() and int(world) > 1:
+        raise LaunchError(
+            f"this process is one of {world} that torchrun started (WORLD_SIZE={world}) but the job is not "
+            "distributed, so each would train the whole job into the same --output-dir; add --distributed "
+            "ddp (or fsdp), or run a single process without torchrun"
+        )
+
+
 def _check_launch(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
+        raise LaunchError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise ValueError(
+        raise LaunchError(
             f"--distributed {mode} needs a torchrun launch (missing {', '.join(missing)}); run e.g. "
             f"`torchrun --nproc_per_node 2 -m lorakit train --distributed {mode} ...`"
         )
@@ -131,7 +190,16 @@ def join(mode: str) -> Distributed:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend)
+        except RuntimeError as err:  # torch's DistError types derive from it
+            if not peer_failed(err):
+                raise
+            raise LaunchError(
+                f"rank {os.environ['RANK']} could not connect to the other processes of the run "
+                f"({brief(err)}); check that every node reaches the rendezvous address, and for torchrun's "
+                "restarts set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md)"
+            ) from err
         atexit.register(_leave)
     return Distributed(mode, dist.get_rank(), dist.get_world_size(), device)
 

@@ -3,7 +3,8 @@
 QLoRA's memory saving disappears silently if a sharding wrapper turns the packed 4-bit weight into a plain
 tensor and drops its quantisation state. Here the bytes of every adapted layer's base weight are counted on
 this rank as stored (a DTensor counts its local shard; an NF4 weight its packed codes plus block scales)
-and compared with the same weights as dense fp32; and a digest of the packed bytes shows they never change.
+and compared with the same weights as dense fp32 (FSDP2 shards a 4-bit base too, see
+:mod:`lorakit.distributed.wrap`); and a digest of the packed bytes shows they never change.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor  # a DTensor's shard on this rank
 
 
+def _whole(tensor: Tensor) -> Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # gathered from every rank
+
+
 def _weights(layer: nn.Module) -> list[tuple[str, Tensor]]:
     """A base layer's weight tensors (parameters and buffers), its bias left out."""
     tensors = list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False))
@@ -29,7 +34,8 @@ def _weights(layer: nn.Module) -> list[tuple[str, Tensor]]:
 
 def base_weight_bytes(model: nn.Module) -> dict[str, float]:
     """``per_rank`` bytes of the adapted layers' base weights on this rank, ``fp32`` bytes of the same
-    weights dense in fp32 (whole), and their ``ratio`` (QLoRA's NF4: about 0.127, whatever the ranks)."""
+    weights dense in fp32 (whole), and their ``ratio`` (QLoRA's NF4: about 0.127 in one process or under DDP,
+    about 0.127 / W on each of W ranks under FSDP2)."""
     per_rank = fp32 = 0
     for _, layer in lorakit.adapted_layers(model):
         out_features, in_features = layer.kind.shape_2d(layer.base_layer)
@@ -41,14 +47,13 @@ def base_weight_bytes(model: nn.Module) -> dict[str, float]:
 
 
 def packed_digest(model: nn.Module) -> str:
-    """SHA-256 over the integer-coded base weights (NF4 codes, absmax codes): unchanged by training."""
+    """SHA-256 over the integer-coded base weights (NF4 codes, absmax codes) as a whole: unchanged by
+    training, sharded or not (sharded ones are gathered: every rank must call it)."""
     digest = hashlib.sha256()
     for _, layer in lorakit.adapted_layers(model):
-        for name, tensor in _weights(layer.base_layer):
-            local = _local(tensor)
-            if not local.is_floating_point():
+        for name, tensor in sorted(_weights(layer.base_layer), key=lambda item: item[0]):
+            if not tensor.is_floating_point():
+                whole = _whole(tensor.detach()).cpu().contiguous()
                 digest.update(name.encode())
-                digest.update(
-                    local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )
+                digest.update(whole.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

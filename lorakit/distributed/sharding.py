@@ -30,13 +30,16 @@ class ShardedBatchSampler(BatchSampler):
         world_size: int,
         group_by_length: bool = False,
     ) -> None:
-        if len(data) < batch_size * world_size:
-            raise ValueError(
-                f"the training data has {len(data)} examples, fewer than one global batch "
-                f"({batch_size} per rank x {world_size} ranks); lower --batch-size or use more data"
-            )
         super().__init__(data, batch_size * world_size, seed, group_by_length)
         self.rank, self.world_size, self.per_rank = rank, world_size, batch_size
+
+    @classmethod
+    def share_of(cls, batches: BatchSampler, rank: int, world_size: int) -> ShardedBatchSampler:
+        """Rank ``rank``'s ``batches.batch_size`` examples of each global batch of ``world_size`` times as
+        many, drawn from where ``batches``' generator is (the order of one process with the global batch)."""
+        sharded = cls(batches.data, batches.batch_size, 0, rank, world_size, batches.group_by_length)
+        sharded.load_state_dict(batches.state_dict())
+        return sharded
 
     def __next__(self) -> dict[str, Tensor]:
         indices = self.next_indices()

@@ -1,29 +1,34 @@
-"""Keeping the ranks identical: a variant's stages run once and are broadcast, and a check that they agree.
+"""Keeping the ranks identical: a variant's stages data-parallel, rank 0's adapter before the main run, and a
+check at the end that the ranks still agree.
 
 A data-parallel run is correct only if every rank holds the same adapter at every step. Rules that are
 deterministic functions of the (averaged) gradients and the parameters stay in sync by themselves: AdaLoRA's
 scores come from all-reduced gradients, so its masks agree; DyLoRA's rank of step ``t`` is drawn from a
 generator seeded by ``(seed, t)``; Delta-LoRA's capture is a copy of identical factors. A variant's stage
-before the main run (LoRA-drop's sample, score and select) is different: it trains, so it runs once, on
-rank 0, and its decision (the adapter config it rewrote) and every adapter tensor are broadcast.
+before the main run (LoRA-drop's sample, train, score and select) trains too: :class:`StagePlacement` runs its
+training data-parallel like the main run (each rank its share of the global batch, gradients averaged), and
+every rank scores the whole sample with the identical adapter, so all ranks decide the same. Before the main
+run, :func:`match_rank_0` checks that they did and gives every rank rank 0's adapter tensors, so the ranks
+start identical whatever their random streams drew.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 import lorakit
-from lorakit.io import undo_apply
-from lorakit.train.loop import TrainConfig
+from lorakit.core.contract import Driver
+from lorakit.distributed.sharding import ShardedBatchSampler
+from lorakit.engine.placement import Placement
+from lorakit.train.data import BatchSampler
 
-Prepare = Callable[[nn.Module, Any, TrainConfig], dict[str, Any]]
+if TYPE_CHECKING:
+    from lorakit.distributed.group import Distributed
 
 
 def adapter_tensors(model: nn.Module) -> list[Tensor]:
@@ -42,34 +47,70 @@ def broadcast_adapter(model: nn.Module) -> None:
         dist.broadcast(tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor, src=0)
 
 
-def prepare_once(
-    prepare: Prepare | None, model: nn.Module, global_batches: Any, cfg: TrainConfig, rank: int
-) -> dict[str, Any]:
-    """Run a variant's ``prepare`` stage on rank 0 only, then give every rank its result.
-
-    ``global_batches`` and ``cfg`` describe the global batch, so rank 0 decides exactly what a single
-    process would. The other ranks re-apply the adapter config rank 0 ended with (for LoRA-drop: the kept
-    modules), then all ranks take rank 0's adapter tensors. Without a stage, only the tensors are broadcast
-    (so ranks start identical even if their initialisation differed).
-    """
-    decided: list[Any] = [{}]
-    if prepare is not None:
-        if rank == 0:
-            decided[0] = prepare(model, global_batches, cfg)
-        dist.broadcast_object_list(decided, src=0)
-        config = [lorakit.info(model).config.to_dict()]
-        dist.broadcast_object_list(config, src=0)
-        if rank != 0 and config[0] != lorakit.info(model).config.to_dict():
-            name = lorakit.info(model).variant
-            undo_apply(model)
-            lorakit.apply(model, lorakit.get_variant(name).config_class.from_dict(config[0], name))
+def match_rank_0(model: nn.Module, world_size: int) -> None:
+    """Give every rank rank 0's adapter tensors, once every rank is found to hold an adapter of rank 0's
+    config (a stage's decision, such as LoRA-drop's kept modules, is the same on every rank: its training is
+    data-parallel and its scoring identical; a difference is a bug, raised on every rank)."""
+    configs: list[Any] = [None] * world_size
+    dist.all_gather_object(configs, lorakit.info(model).config.to_dict())
+    differ = [rank for rank, config in enumerate(configs) if config != configs[0]]
+    if differ:
+        raise RuntimeError(
+            f"rank {differ[0]}'s adapter config differs from rank 0's after the variant's stages "
+            f"({configs[differ[0]]} vs {configs[0]}); a stage is not deterministic across ranks. Report this "
+            "with the variant and settings used."
+        )
     broadcast_adapter(model)
-    return decided[0]
 
 
-def global_config(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """The single-process settings with the same global micro-batch (``batch_size * world_size``)."""
-    return dataclasses.replace(cfg, batch_size=cfg.batch_size * world_size)
+class StagePlacement(Placement):
+    """Where a variant's stage trains in a distributed run: data-parallel like the main run, on the model
+    before DDP or FSDP2 wraps it (the stage rebuilds the adapters, which a wrapper would not see).
+
+    Each rank takes its share of every global micro-batch of the stage's batches; the step's gradients are
+    averaged over the ranks right after its backward, before any hook or the clip reads them, so every rank
+    applies the update one process with the global batch would."""
+
+    driver = Driver.DISTRIBUTED
+
+    def __init__(self, group: Distributed) -> None:
+        self.group = group
+        self.is_writer = group.is_main
+        self.params: list[nn.Parameter] = []
+
+    def begin(self, model: nn.Module) -> None:
+        broadcast_adapter(model)  # the stage starts from rank 0's adapter
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def shard(self, batches: Any) -> Any:
+        if not isinstance(batches, BatchSampler):
+            raise TypeError(f"a stage trains on a BatchSampler, got {type(batches).__name__}")
+        return ShardedBatchSampler.share_of(batches, self.group.rank, self.group.world_size)
+
+    @torch.no_grad()
+    def reduce_loss(self, loss: float) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:  # one all-reduce per dtype
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat)
+            flat.div_(self.group.world_size)
+            for grad, averaged in zip(same, flat.split([g.numel() for g in same]), strict=True):
+                grad.copy_(averaged.view_as(grad))
+        return self.group.mean(loss)
+
+    # No reseeding per rank and step (Placement.step_seed keeps the stream): the stage rebuilds the adapters
+    # from the random stream it leaves, which is then one process's (bit-identical without dropout). The
+    # price: in the stage the ranks draw the same dropout masks for their different examples.
+
+    def processes(self) -> int:
+        return self.group.processes()
+
+    def total(self, value: int) -> int:
+        return self.group.total(value)
+
+    def lost_peer(self, err: BaseException) -> bool:
+        return self.group.lost_peer(err)
 
 
 def adapter_digest(model: nn.Module) -> str:

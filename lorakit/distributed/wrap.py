@@ -9,13 +9,16 @@ the frozen dense base weights, which hold nearly all the memory of a LoRA-family
 :class:`GradientAverager` averages their gradients during backward, as DDP does, so every rule, the
 clipping and the optimizer see the global batch's gradient. Every variant's training rule reads and writes
 ordinary full tensors (AdaLoRA's masks, DyLoRA's row restore, Delta-LoRA's capture, VeRA's shared
-projections, LoRA+'s groups) and a saved adapter is never a shard. NF4 bases live in buffers, which FSDP2
-never shards or casts: they stay packed, whole on every rank.
+projections, LoRA+'s groups) and a saved adapter is never a shard. A 4-bit base keeps its packed codes and
+block scales in buffers, which FSDP2 neither shards nor gathers: :func:`storage_as_parameters` re-registers
+them as frozen parameters first, so each rank holds its 1/W share of them too (gathered per block for its
+forward and backward like any frozen weight, never cast: FSDP2 gathers tensors of several dtypes as bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lorakit
+from lorakit.core.nf4_linear import NF4Linear
 
 if TYPE_CHECKING:
     from lorakit.distributed.group import Distributed
@@ -70,12 +74,25 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [child for _, child in sorted(found, key=lambda item: -item[0])]
 
 
+def storage_as_parameters(model: nn.Module) -> None:
+    """Re-register every 4-bit layer's storage (packed codes, block scales; not the scalar offset) as frozen
+    parameters, in place, so FSDP2 shards it: it shards parameters only. The layer reads them by name as
+    before; nothing trains them."""
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            for name, tensor in list(module.named_buffers(recurse=False)):
+                if tensor.dim() > 0:
+                    delattr(module, name)
+                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+
 def shard(model: nn.Module, group: Distributed) -> nn.Module:
-    """FSDP2 ``fully_shard`` per block and on the root, adapter and trainable tensors ignored (kept whole);
-    in place."""
+    """FSDP2 ``fully_shard`` per block and on the root, adapter and trainable tensors ignored (kept whole),
+    a 4-bit base's storage sharded too; in place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    storage_as_parameters(model)
     mesh = init_device_mesh(group.device.type, (group.world_size,))
     # Whole on every rank: whatever trains, and every adapter tensor (LoRA-FA's frozen A too).
     whole = {p for p in model.parameters() if p.requires_grad}
@@ -95,8 +112,14 @@ def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
         ids = [group.device.index] if group.device.type == "cuda" else None
         # No search for unused parameters: it would mark the tensors of a loss term computed outside
         # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
-        # in the graph of every step instead.
-        ddp = DistributedDataParallel(model, device_ids=ids)
+        # in the graph of every step instead. No buffer broadcasts: the buffers are frozen (a 4-bit base's
+        # packed codes and scales, several times the adapter's gradients) and were checked identical on
+        # every rank before training (lorakit.distributed.agree), so broadcasting them each forward is waste.
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers (absent before), which still
+            # broadcasts every buffer once at construction; broadcast_buffers=False never does.
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return ddp, ddp.no_sync
     averager = GradientAverager([p for p in model.parameters() if p.requires_grad], group.world_size)
     return shard(model, group), averager.paused

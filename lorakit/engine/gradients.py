@@ -51,6 +51,7 @@ class LossBackward(GradientSource):
         self.model = model
         self.placement = placement
         self.token_loss = takes_token_loss(model)
+        placement.begin(model)
         self.forward = placement.wrap(TokenLoss.of(model) if self.token_loss else model)
         self.batches = batches
         self.shard = placement.shard(batches)
@@ -129,7 +130,7 @@ class LossBackward(GradientSource):
         except torch.OutOfMemoryError:
             raise
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
-            if isinstance(err, LorakitError):
+            if isinstance(err, LorakitError) or self.placement.lost_peer(err):
                 raise
             raise BatchError(
                 f"the model cannot run on the training batch of step {step + 1} ({describe(batch)}): "

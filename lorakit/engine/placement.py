@@ -12,14 +12,22 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from lorakit.core.contract import Driver
+
 
 class Placement:
     """One process on one device (the default): every method is the identity."""
 
     is_writer: bool = True  # this process writes checkpoints and reports and shows progress (rank 0)
+    driver: Driver = Driver.LOOP  # what lorakit's loop in this placement is to a variant (its refusal)
+
+    def begin(self, model: nn.Module) -> None:
+        """Before a run's first step, with the adapted ``model``: a distributed run gives every process rank
+        0's adapter here (nothing to do in one process)."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model here)."""
+        """The module the forward and backward run through (DDP/FSDP2 wrap the adapted model, or the module
+        that runs it to its loss, here)."""
         return model
 
     def shard(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
@@ -45,6 +53,16 @@ class Placement:
         run averages gradients across processes only there: the earlier micro-batches accumulate locally,
         and averaging their sum once equals averaging each (``grad_accum - 1`` fewer all-reduces a step)."""
         return contextlib.nullcontext()
+
+    def for_stages(self) -> Placement:
+        """Where a variant's stages before the main run (LoRA-drop's selection) train: here, in one process;
+        a distributed run trains them data-parallel before it wraps the model."""
+        return self
+
+    def lost_peer(self, err: BaseException) -> bool:
+        """Whether ``err`` is a collective that another process's failure broke, not an error of this
+        process's own (never, in one process)."""
+        return False
 
     def barrier(self) -> None:
         """Wait for every process (before reading what rank 0 wrote)."""

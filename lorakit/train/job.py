@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.core.contract import Driver
+from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import ConfigError, VariantConfig
 from lorakit.distributed import writes_files
+from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
@@ -35,10 +36,9 @@ from lorakit.settings import check_fields, check_settings, setting
 from lorakit.train import chat, rundir
 from lorakit.train import data as D
 from lorakit.train.checkpoint import resume_point
-from lorakit.train.loop import TrainConfig, TrainResult, stage_run, train
+from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import TASKS, context_length, head_modules, infer_task, load_model, name_classes
 from lorakit.train.rundir import CHAT_TEMPLATE_FILE
-from lorakit.train.stages import run_stages
 
 
 @dataclass
@@ -122,7 +122,9 @@ class JobConfig:
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
     overwrite: bool = setting(False, "replace an adapter already in output_dir")
-    resume: bool = setting(False, "continue from output_dir/checkpoint")
+    resume: bool | str = setting(
+        False, "continue from output_dir's checkpoint; auto: continue if there is one, else start (restarts)"
+    )
     distributed: str | None = setting(
         None,
         "under torchrun: ddp (model replicated) or fsdp (FSDP2, frozen base sharded); batch-size is per rank",
@@ -140,12 +142,14 @@ class JobConfig:
             "task": self.task is None or self.task in TASKS,
             "labels": self.labels is None or len(set(self.labels)) == len(self.labels) >= 2,
             "output_dir": bool(self.output_dir.strip()),
+            "resume": self.resume in (True, False, "auto"),
         }
         rules = {
             "model": "a model name or path",
             "task": f"one of {', '.join(TASKS)}",
             "labels": "at least 2 distinct class names",
             "output_dir": "a directory path",
+            "resume": "true, false or auto",
         }
         check_settings(self, checks, "job", rules)
         if self.quantize is not None:
@@ -165,6 +169,12 @@ class JobConfig:
             if name not in config and _accepts(config_class, {**config, name: value}, self.variant):
                 config[name] = value
         return config
+
+    def driver(self) -> Driver:
+        """How the job trains, as a variant sees it (:meth:`lorakit.Variant.refusal`)."""
+        if self.privacy.dp:
+            return Driver.DP_SGD
+        return Driver.DISTRIBUTED if self.distributed else Driver.LOOP
 
     def classes(self) -> D.ClassLabels | None:
         """The classes given or recorded (None until :func:`resolve_classes` counts them in the data)."""
@@ -301,8 +311,6 @@ def causal_notes(job: JobConfig, tokenizer: Any) -> list[str]:
 
 def report(line: str) -> None:
     """A line for the user on stderr (once per process in a distributed run: rank 0's)."""
-    from lorakit.distributed import writes_files
-
     if writes_files():
         print(line, file=sys.stderr)
 
@@ -441,9 +449,33 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def check_output_dir(job: JobConfig) -> rundir.RunDir:
-    """The job's output directory, checked before anything is written (see :mod:`lorakit.train.rundir`)."""
-    return rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=job.resume)
+def check_variant_runs(job: JobConfig) -> None:
+    """Refuse, before anything is loaded, a variant that cannot run in the job's driver (its refusal)."""
+    variant = lorakit.get_variant(job.variant)
+    reason = variant.refusal(job.driver(), variant.config_class.from_dict(job.variant_config(), job.variant))
+    if reason is not None:
+        raise CapabilityError(reason)
+
+
+def open_output(
+    job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack
+) -> tuple[rundir.RunDir, bool]:
+    """The job's output directory, locked (until ``held`` closes) and checked before anything is written (see
+    :mod:`lorakit.train.rundir`), and whether the run resumes (``resume: auto``: whether it holds an
+    interrupted run's checkpoint).
+
+    In a distributed run rank 0 alone locks the directory, looks at it and decides; the other ranks take its
+    decision, or stop with its error (another run holding the lock, an adapter in the way)."""
+    opened: list[rundir.RunDir] = []
+
+    def check() -> bool:
+        held.enter_context(rundir.exclusive(job.output_dir))
+        resume = rundir.interrupted_run(job.output_dir) if job.resume == "auto" else bool(job.resume)
+        opened.append(rundir.open_run_dir(job.output_dir, overwrite=job.overwrite, resume=resume))
+        return resume
+
+    resume = check() if scale is None else scale.group.on_main(check)
+    return (opened[0] if opened else rundir.locate(job.output_dir)), resume
 
 
 def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | None, eval_data: Any) -> None:
@@ -511,27 +543,36 @@ def run_job(job: JobConfig) -> JobResult:
 
     With ``job.distributed`` (under ``torchrun``) every rank runs this and only rank 0 locks and writes.
     """
-    writer = job.distributed is None or writes_files()  # a process outside a distributed run writes its own
-    with rundir.exclusive(job.output_dir) if writer else contextlib.nullcontext():
-        return _run_job(job)
-
-
-def _run_job(job: JobConfig) -> JobResult:
-    out = check_output_dir(job)
-    job = resolve_task(job)
-    job = resolve_classes(job)  # every label checked before training; the classes size the head
+    if not job.distributed:
+        check_one_process()  # not one of several processes torchrun started
+    check_variant_runs(job)
     scale = ScaleOut.join(job) if job.distributed else None  # under torchrun: this rank's side of the run
+    with contextlib.ExitStack() as held:  # the output directory's lock, from open_output to the end
+        if scale is not None:  # a peer process that dies is named as such, not as an error of this one
+            held.enter_context(scale.watch())
+        return _run_job(job, scale, held)
+
+
+def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack) -> JobResult:
+    """:func:`run_job` once the job may run in its driver (and has joined its process group); ``held`` keeps
+    the output directory's lock until the run ends."""
+    out, resume = open_output(job, scale, held)
+    # every label checked before training (the classes size the head); what ran records the resume taken
+    job = dataclasses.replace(resolve_classes(resolve_task(job)), resume=resume)
     model, tokenizer = prepare_model(job)
     check_context(job, model)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
+    identity = data_identity(train_data)
+    if scale is not None:  # every rank runs rank 0's job, or all stop here
+        scale.agree(job, model, identity, data_identity(eval_data) if eval_data is not None else None)
     writes = scale is None or scale.group.is_main
     staging = rundir.begin(out, resume=job.resume) if writes else out.staging
     if scale is not None:
         scale.group.barrier()  # the staging directory exists before any rank reads a checkpoint there
     try:
         reset_peak_memory()  # the training's peak, not the loading's
-        result, decided, started = _train(job, model, train_data, eval_data, staging, scale)
+        result, decided, started = _train(job, model, train_data, eval_data, staging, scale, identity)
         if scale is not None:  # ranks in sync, base-weight bytes per rank, 4-bit base still packed
             decided = {**decided, **scale.finish(model)}
         if writes:
@@ -542,7 +583,7 @@ def _run_job(job: JobConfig) -> JobResult:
         raise
     if writes:
         rundir.commit(out)
-    counts = lorakit.summary(model)
+    counts = lorakit.summary(model) if scale is None else scale.counts(model)
     job_result = JobResult(
         metrics={},
         trainable=counts.trainable,
@@ -618,8 +659,10 @@ def _train(
     eval_data: Any,
     staging: Path,
     scale: ScaleOut | None,
+    identity: str,
 ) -> tuple[Any, dict[str, Any], float]:
-    """Run the job's training driver; evaluations during training only if asked (``eval_every``)."""
+    """Run the job's training driver; evaluations during training only if asked (``eval_every``).
+    ``identity``: the training data's (:func:`data_identity`), which a resume must train on again."""
     if scale is None:
         batches = D.BatchSampler(train_data, job.train.batch_size, job.train.seed, group_by_length(job))
     else:
@@ -635,17 +678,15 @@ def _train(
 
         result, decided = train_job_private(job, model, train_data, evaluate_fn)
         return result, decided, started
-    # Distributed: stages before the main run (LoRA-drop's selection) run once on rank 0 with the global
-    # batch and the result is broadcast; the loop then finds none pending. Otherwise they run in the loop.
-    decided_first = None
-    if scale is not None:
-        decided_first = scale.prepare(lambda m, b, c: run_stages(m, b.data, c, Driver.LOOP, stage_run), model)
     # Settings a resume must keep beyond the training config and the adapter's (which the loop records).
     settings = {
         "task": job.task,
         "num_labels": job.num_labels,
         "quantize": job.quantize,
-        "training_data": data_identity(train_data),
+        "training_data": identity,
+        # the global batch and the summation order: a checkpoint resumes only in the same layout
+        "distributed": job.distributed,
+        "world_size": 1 if scale is None else scale.group.world_size,
     }
     result: TrainResult = train(
         model,
@@ -658,8 +699,7 @@ def _train(
         placement=LOCAL if scale is None else scale.group,
     )
     # Stages before the main run (LoRA-drop's selection) ran first; what they decided goes into the report.
-    decided = result.decided if decided_first is None else decided_first
-    return result, decided, started
+    return result, result.decided, started
 
 
 def _one_line(err: BaseException) -> str:

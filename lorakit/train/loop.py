@@ -13,13 +13,13 @@ data of a :class:`lorakit.train.data.BatchSampler`.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
-from lorakit.core.contract import Driver
 from lorakit.core.variant import Hook
 from lorakit.engine.config import PRECISIONS, SCHEDULES, TrainConfig, TrainResult, lr_lambda
 from lorakit.engine.gradients import LossBackward
@@ -67,8 +67,9 @@ def train(
     ``placement`` (a :class:`lorakit.distributed.Distributed`) wraps the model (DDP / FSDP2) and only its
     rank 0 writes.
     """
-    decided = run_pending_stages(model, batches, cfg, Driver.LOOP, stage_run)
-    engine = Engine(model, cfg, driver=Driver.LOOP, hooks=hooks, placement=placement)
+    stages = functools.partial(stage_run, placement=placement.for_stages())
+    decided = run_pending_stages(model, batches, cfg, placement.driver, stages)
+    engine = Engine(model, cfg, driver=placement.driver, hooks=hooks, placement=placement)
     gradients = LossBackward(model, batches, cfg, placement)
     result = TrainResult(steps=0, seconds=0.0, decided=decided)
     return engine.run(
@@ -82,7 +83,11 @@ def train(
     )
 
 
-def stage_run(model: nn.Module, batches: Iterator[dict[str, Tensor]], cfg: TrainConfig) -> TrainResult:
-    """A stage's own short training run (no stages of its own, no evaluation or checkpoints)."""
-    engine = Engine(model, cfg, driver=Driver.LOOP)
-    return engine.run(LossBackward(model, batches, cfg), TrainResult(steps=0, seconds=0.0), desc="stage")
+def stage_run(
+    model: nn.Module, batches: Iterator[dict[str, Tensor]], cfg: TrainConfig, placement: Placement = LOCAL
+) -> TrainResult:
+    """A stage's own short training run (no stages of its own, no evaluation or checkpoints), in
+    ``placement`` (:meth:`Placement.for_stages`)."""
+    engine = Engine(model, cfg, driver=placement.driver, placement=placement)
+    gradients = LossBackward(model, batches, cfg, placement)
+    return engine.run(gradients, TrainResult(steps=0, seconds=0.0), desc="stage")

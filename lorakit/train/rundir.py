@@ -58,6 +58,18 @@ def exclusive(output_dir: str | os.PathLike[str], command: str = "lorakit train"
         yield
 
 
+def locate(output_dir: str | os.PathLike[str]) -> RunDir:
+    """Where a run with ``output_dir`` puts its result and builds it; looks at nothing (a distributed run's
+    other ranks use this, rank 0 alone opens the directory with :func:`open_run_dir`)."""
+    return RunDir(Path(output_dir).expanduser().absolute(), str(output_dir))
+
+
+def interrupted_run(output_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``output_dir`` has an interrupted run with a checkpoint to resume (``--resume auto``); reads
+    only (refuses what :func:`run_path` refuses)."""
+    return has_checkpoint(run_path(output_dir).staging)
+
+
 def run_path(output_dir: str | os.PathLike[str]) -> RunDir:
     """``output_dir`` as a place a run can be swapped into; refuses the root, ``.``, a file, or a directory
     holding the current one. Reads nothing inside it and writes nothing."""

@@ -13,14 +13,18 @@ with no per-step resampling, and returns only the rank-``b_t`` slice of its upda
 data-independent rank per round keeps the sensitivity ``S`` and the noise on one fixed space.
 
 This variant is DyLoRA whose hook trains at the rank :func:`lorakit.set_rank` chose (the
-server's ``b_t``; ``R`` outside federation) instead of sampling one per step. Rows outside the slice are
-restored after each local step, as in DyLoRA. ``B = 0`` at init, so the model is the base at step 0.
+server's ``b_t``) instead of sampling one per step. Rows outside the slice are restored after each local
+step, as in DyLoRA. Only a federated run has a server to draw ``b_t``: in any other driver the rank would stay
+``R`` and the run would be plain LoRA, so every other driver refuses it. ``B = 0`` at init, so the model is
+the base at step 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorakit.core.contract import Driver
+from lorakit.core.variant import VariantConfig
 from lorakit.variants.dylora import DyLoRA, DyLoRAConfig
 from lorakit.variants.dylora_hook import DyLoRAHook
 
@@ -48,6 +52,17 @@ class DPDyLoRA(DyLoRA):
     paper = "arXiv:2405.06368"
     hook = ServerRankHook
     peft = None  # a federated adapter: exported through lorakit's own format (no class inherits a spec)
+
+    @classmethod
+    def refusal(cls, driver: Driver, config: VariantConfig) -> str | None:
+        """Federated runs only: elsewhere no server draws ``b_t`` and the run would be plain LoRA."""
+        if driver is Driver.FEDERATED:
+            return None
+        return (
+            f"variant '{cls.name}' trains only in federated runs (`lorakit federate`), where the server "
+            f"draws each round's rank; in {driver.value} it would train plain LoRA. Use `lorakit federate "
+            "--variant dp_dylora`, or --variant dylora for a rank sampled per step"
+        )
 
     def round_ranks(self) -> tuple[int, int]:
         """The server draws each round's ``b_t`` from ``min_rank..R``."""
