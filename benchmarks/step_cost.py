@@ -9,10 +9,10 @@ resident size during the contender's own steps: the step's transient working set
 Each side runs its variant's full training step: lorakit's hooks and optimizer groups, PEFT's
 ``update_and_allocate`` (AdaLoRA) and optimizer factories (LoRA+, LoRA-FA).
 
-    python benchmarks/step_cost.py --out runs/step_cost.json --readme README.md
+    python benchmarks/step_cost.py --out runs/step_cost.json --readme docs/performance.md
     python benchmarks/step_cost.py --model llama --out runs/step_cost_llama.json
     python benchmarks/step_cost.py --device cuda --all-bf16 --out runs/step_cost_cuda_bf16.json
-    python benchmarks/step_cost.py --model smollm2 --out runs/step_cost_smollm2.json
+    python benchmarks/step_cost.py --model smollm2 --out runs/smollm2.json --readme docs/performance.md
 
 On a GPU (``--device cuda``) each step is timed between synchronisations, and the step column is the rise of
 the CUDA allocator's peak over what was allocated before the step, instead of resident memory.
@@ -408,7 +408,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["minilm", "llama", "smollm2"], default="minilm")
     parser.add_argument("--only-lora", action="store_true", help="LoRA, PEFT LoRA and full fine-tuning only")
     parser.add_argument("--out", type=Path, default=Path("runs/step_cost.json"))
-    parser.add_argument("--readme", type=Path, help="rewrite this README's step-cost table with the result")
+    parser.add_argument(
+        "--readme", type=Path, help="rewrite this Markdown file's step-cost section (docs/performance.md)"
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=32, help="minilm batch size (the budget's is 32)")
     parser.add_argument("--bf16", action="store_true", help="add a LoRA row under bf16 autocast")

@@ -693,47 +693,15 @@ def test_the_real_instruct_model_takes_chat_data_and_refuses_what_it_cannot_hono
     from lorakit.train.models import load_model
 
     _, tokenizer = load_model("smollm2", "causal-lm")
-    assert (
-        chat.load_template("auto", tokenizer) == tokenizer.chat_template
-    )  # its own template passes the checks
+    # its own template passes the checks
+    assert chat.load_template("auto", tokenizer) == tokenizer.chat_template
     data = write(tmp_path / "chats.jsonl", CHATS[:8])
     run = tmp_path / "run"
-    common = ["--steps", "2", "--batch-size", "2", "--targets", "q_proj,v_proj", "--no-progress"]
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "smollm2",
-                "--data",
-                data,
-                "--max-length",
-                "9000",
-                "--output-dir",
-                str(run),
-                *common,
-            ]
-        )
-        == 2
-    )
+    train = ["train", "--model", "smollm2", "--data", data, "--output-dir", str(run), "--steps", "2"]
+    train += ["--batch-size", "2", "--targets", "q_proj,v_proj", "--no-progress"]
+    assert main([*train, "--max-length", "9000"]) == 2
     one_line_error(capsys, "longer than the model's context of 8192 tokens")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "smollm2",
-                "--data",
-                data,
-                "--max-length",
-                "128",
-                "--output-dir",
-                str(run),
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert main([*train, "--max-length", "128"]) == 0
     assert (run / "chat_template.jinja").read_text() == tokenizer.chat_template
     prompts = write(
         tmp_path / "prompts.jsonl", [{"messages": [S("Answer in one word."), U("What colour is the sky?")]}]
