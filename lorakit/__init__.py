@@ -17,13 +17,19 @@ from lorakit.api import (
     param_groups,
     unmerge,
 )
+from lorakit.common.dirlock import DirectoryInUseError
+from lorakit.common.errors import (
+    AdapterStateError,
+    DiskFullError,
+    LorakitError,
+    OutputExistsError,
+    SettingError,
+)
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.ranks import evaluate_all_ranks, set_rank
 from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
-from lorakit.dirlock import DirectoryInUseError
 from lorakit.engine.gradients import BatchError
-from lorakit.errors import AdapterStateError, DiskFullError, LorakitError, OutputExistsError, SettingError
 from lorakit.interop import load_peft, save_peft
 from lorakit.io import AdapterFileError, NonFiniteError, load, lorakit_version, save
 from lorakit.quant_api import quantize

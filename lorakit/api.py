@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lorakit.common.errors import AdapterStateError, SettingError
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import ConfigError, Hook, VariantConfig
-from lorakit.errors import AdapterStateError, SettingError
 from lorakit.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.targets import find_targets as find_targets
 from lorakit.targets import no_match_message, set_module

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import add_job_flags, job_from_args
-from lorakit.errors import LorakitError, is_disk_full
+from lorakit.common.errors import LorakitError, is_disk_full
 
 if typing.TYPE_CHECKING:
     from torch import nn

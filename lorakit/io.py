@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-import lorakit.dirlock as dirlock
+import lorakit.common.dirlock as dirlock
 from lorakit.api import adapted_layers, apply, info, takes_compiled
-from lorakit.dirswap import finish_swap
-from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
+from lorakit.common.dirswap import finish_swap
+from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
 from lorakit.targets import set_module
 from lorakit.variants import get_variant
 

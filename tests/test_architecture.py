@@ -11,8 +11,8 @@ from pathlib import Path
 
 import lorakit
 from lorakit.cliargs import SECTIONS
+from lorakit.common.settings import field_help
 from lorakit.federated.config import FedConfig
-from lorakit.settings import field_help
 
 PACKAGE = Path(lorakit.__file__).parent
 # What a variant may never import: the code that drives it (and everything above that).
@@ -40,7 +40,7 @@ def module_name(path: Path) -> str:
 DRIVERS = ("lorakit", "train", "privacy", "federated", "integrations", "interop", "bench", "cli", "cliargs")
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 # Below core: the error types and the settings parser, which import nothing of lorakit but each other.
-FOUNDATION = ("lorakit.errors", "lorakit.settings")
+FOUNDATION = ("lorakit.common", "lorakit.common.errors", "lorakit.common.settings")
 
 
 def imports(path: Path) -> set[str]:

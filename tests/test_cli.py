@@ -157,7 +157,7 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
 
 
 def test_set_values_read_as_numbers_booleans_lists_or_text() -> None:
-    from lorakit.settings import parse_assignments
+    from lorakit.common.settings import parse_assignments
 
     values = parse_assignments(["lr_ratio=1e-3", "ratio=16", "frozen=true", "pair=[1, 2]", "init=gaussian"])
     assert values == {"lr_ratio": 0.001, "ratio": 16, "frozen": True, "pair": [1, 2], "init": "gaussian"}

@@ -8,7 +8,7 @@ import pytest
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 
 def test_every_project_error_derives_from_the_one_base() -> None:

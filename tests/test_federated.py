@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, Error, Message  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.cli import main  # noqa: E402
-from lorakit.errors import LorakitError  # noqa: E402
+from lorakit.common.errors import LorakitError  # noqa: E402
 from lorakit.federated import FedConfig, partition  # noqa: E402
 from lorakit.federated.failures import FederatedError  # noqa: E402
 from lorakit.federated.strategy import DPFedAvg, Reply, draw_rank, sample_cohort, update_space  # noqa: E402

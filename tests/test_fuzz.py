@@ -1,7 +1,7 @@
 """Property-based fuzzing of everything that reads user input: config and job files (through the command
 line), bench files, data files, and both adapter formats. Random and mutated inputs give a result or a clear
-:class:`lorakit.errors.LorakitError`, never another exception; a failed adapter load leaves the model exactly
-as it was."""
+:class:`lorakit.common.errors.LorakitError`, never another exception; a failed adapter load leaves the model
+exactly as it was."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import lorakit
 from lorakit.bench.run import load_bench, run_settings
 from lorakit.cli import build_parser, main
 from lorakit.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 from lorakit.interop import load_peft, save_peft
 from lorakit.train.data import ClassLabels, read_rows, texts
 

@@ -13,8 +13,8 @@ import lorakit
 from lorakit.api import TargetError
 from lorakit.cli import build_parser
 from lorakit.cliargs import job_from_args
+from lorakit.common.errors import LorakitError, SettingError
 from lorakit.core.variant import ConfigError
-from lorakit.errors import LorakitError, SettingError
 from lorakit.privacy.config import PrivacyError
 from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.train.job import DataConfig, JobConfig, resolve_classes

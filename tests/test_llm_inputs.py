@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 from lorakit.train import chat
 from lorakit.train import data as D
 

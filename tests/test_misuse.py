@@ -13,8 +13,8 @@ from torch import nn
 
 import lorakit
 from lorakit.api import TargetError
+from lorakit.common.errors import AdapterStateError, LorakitError, SettingError
 from lorakit.core.variant import ConfigError
-from lorakit.errors import AdapterStateError, LorakitError, SettingError
 
 
 def _adapted(**config) -> MLP:
@@ -207,7 +207,7 @@ def test_grouped_convolutions_are_refused_by_factor_variants_and_exact_in_the_ot
 # --- saving and loading -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
 def test_saving_never_replaces_a_file_already_there(tmp_path, save) -> None:
-    from lorakit.errors import OutputExistsError
+    from lorakit.common.errors import OutputExistsError
 
     names = {lorakit.save: "adapter.safetensors", lorakit.save_peft: "adapter_model.safetensors"}
     (tmp_path / names[save]).write_bytes(b"mine")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import DiskFullError
+from lorakit.common.errors import DiskFullError
 from lorakit.train import job as J
 
 

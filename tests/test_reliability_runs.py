@@ -112,7 +112,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
         cfg = TrainConfig(**{**CFG.__dict__, "checkpoint_every": 4})
         train(model, PoisonedAt7(), cfg, output_dir=out, overwrite=True)
     assert f"last good checkpoint is kept in {out / 'checkpoint'}" in str(err.value)
-    assert isinstance(err.value, lorakit.errors.LorakitError)  # the CLI's one-line error, exit 2
+    assert isinstance(err.value, lorakit.common.errors.LorakitError)  # the CLI's one-line error, exit 2
     assert (out / "checkpoint" / "adapter.safetensors").read_bytes() != good  # step 4 of this run
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step was never applied
 

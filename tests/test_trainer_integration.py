@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from transformers import TrainingArguments
 
 import lorakit
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
 from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-import lorakit.dirlock as dirlock
+import lorakit.common.dirlock as dirlock
 from lorakit.bench.report import write_report
 from lorakit.cliargs import job_from_values, job_values
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 from lorakit.io import CONFIG_FILE
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.

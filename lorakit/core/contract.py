@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor, nn
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 if TYPE_CHECKING:
     from lorakit.core.variant import VariantConfig

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lorakit.common.errors import LorakitError
+from lorakit.common.settings import coerce_field
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
 from lorakit.core.dropout import dropout
 from lorakit.core.forms import Form
 from lorakit.core.kinds import FACTOR_KINDS, KindSet
-from lorakit.errors import LorakitError
-from lorakit.settings import coerce_field
 
 if TYPE_CHECKING:
     from lorakit.core.layer import AdaptedLayer

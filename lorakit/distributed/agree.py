@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 
 import lorakit
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 if TYPE_CHECKING:
     from lorakit.train.job import JobConfig

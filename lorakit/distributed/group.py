@@ -20,12 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 import lorakit
+from lorakit.common.errors import LorakitError
 from lorakit.core.contract import Driver
 from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
-from lorakit.errors import LorakitError
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:

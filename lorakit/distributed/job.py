@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 import lorakit
+from lorakit.common.errors import SettingError
 from lorakit.distributed.agree import check_ranks_agree, describe
 from lorakit.distributed.failures import peer_failures
 from lorakit.distributed.group import Distributed, join
 from lorakit.distributed.memory import base_weight_bytes, packed_digest
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import check_in_sync
-from lorakit.errors import SettingError
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:

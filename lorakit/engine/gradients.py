@@ -15,11 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lorakit.common.errors import LorakitError
 from lorakit.core.contract import GradientSource
 from lorakit.engine.config import TrainConfig
 from lorakit.engine.placement import LOCAL, Placement
 from lorakit.engine.token_loss import TokenLoss, predicted_tokens, takes_token_loss
-from lorakit.errors import LorakitError
 
 
 class BatchError(LorakitError):

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.errors import LorakitError, OutputExistsError, SettingError
+from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
 from lorakit.eval.generation import generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
 from lorakit.io import CONFIG_FILE, atomic_write

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.common.errors import LorakitError
 from lorakit.engine.checkpoint import DivergedError
-from lorakit.errors import LorakitError
 from lorakit.io import NonFiniteError
 
 # code -> what it means and the fix, printed by the server (the same text for every run)

@@ -30,10 +30,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import lorakit
+from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver
 from lorakit.engine.checkpoint import check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
-from lorakit.errors import SettingError
 
 
 class LorakitCallback(TrainerCallback):

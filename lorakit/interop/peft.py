@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorakit.api import adapted_layers, apply, info, takes_compiled
+from lorakit.common.errors import LorakitError
 from lorakit.core.layer import AdaptedLayer
-from lorakit.errors import LorakitError
 from lorakit.interop.peft_methods import METHODS
 from lorakit.io import (
     PEFT_CONFIG_FILE,

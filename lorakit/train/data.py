@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 from lorakit.train import chat
 from lorakit.train.chat import Truncation
 

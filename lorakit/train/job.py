@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.common.errors import DiskFullError, LorakitError, SettingError, is_disk_full
+from lorakit.common.settings import check_fields, check_settings, setting
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import ConfigError, VariantConfig
 from lorakit.distributed import writes_files
@@ -28,11 +30,9 @@ from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.errors import DiskFullError, LorakitError, SettingError, is_disk_full
 from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
 from lorakit.quant_api import check_quant_type
-from lorakit.settings import check_fields, check_settings, setting
 from lorakit.train import chat, rundir
 from lorakit.train import data as D
 from lorakit.train.checkpoint import resume_point

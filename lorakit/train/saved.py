@@ -6,8 +6,8 @@ adapter: a training checkpoint, the unfinished run beside an output directory, a
 before its first adapter (``--resume`` continues it), a directory without ``adapter.json``.
 :func:`load_adapted` loads the base the job names, with its classes, and the adapter onto it.
 :func:`write_merged` and :func:`write_peft` build their output beside the target and swap it in
-(:func:`lorakit.dirswap.building`) while holding the target's lock, carrying what the model needs downstream:
-class names, tokenizer (and its chat template), generation config.
+(:func:`lorakit.common.dirswap.building`) while holding the target's lock, carrying what the model needs
+downstream: class names, tokenizer (and its chat template), generation config.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 import lorakit
-import lorakit.dirlock as dirlock
-from lorakit.dirswap import building, siblings, staged_for
+import lorakit.common.dirlock as dirlock
+from lorakit.common.dirswap import building, siblings, staged_for
 from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
 from lorakit.train.job import DataConfig, JobConfig, adopt_run_template
