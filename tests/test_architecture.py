@@ -26,8 +26,7 @@ ABOVE_VARIANTS = (
     "interop",
     "bench",
     "cli",
-    "api",
-    "io",
+    "adapters",
 )
 
 
@@ -150,7 +149,7 @@ def test_only_the_package_root_imports_the_kernels_and_variants_import_nothing_o
 
 
 def test_the_root_is_in_the_graph_and_the_engine_reaches_the_api_directly() -> None:
-    assert "lorakit" in GRAPH and "lorakit.api" in GRAPH["lorakit"]
+    assert "lorakit" in GRAPH and "lorakit.adapters.api" in GRAPH["lorakit"]
     for name in GRAPH:
         if name.startswith("lorakit.engine"):  # the root imports the engine's gradients: no way back
             assert "lorakit" not in GRAPH[name], name

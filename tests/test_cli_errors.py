@@ -12,11 +12,11 @@ from lorakit.common.errors import LorakitError
 
 
 def test_every_project_error_derives_from_the_one_base() -> None:
-    from lorakit.api import TargetError
+    from lorakit.adapters.api import TargetError
+    from lorakit.adapters.io import AdapterFileError
+    from lorakit.adapters.quantize import QuantizationError
     from lorakit.core.variant import ConfigError
-    from lorakit.io import AdapterFileError
     from lorakit.privacy.config import PrivacyError
-    from lorakit.quant_api import QuantizationError
     from lorakit.train.data import DataError
     from lorakit.train.models import ModelError
 

@@ -60,7 +60,7 @@ def setup(tmp_path_factory, tiny_bert_dir) -> tuple[Path, Path]:
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / lorakit.io.WEIGHTS_FILE))
+    return load_file(str(out / lorakit.adapters.io.WEIGHTS_FILE))
 
 
 def assert_same_adapter(
@@ -447,7 +447,7 @@ def test_a_dead_rank_is_named_and_its_run_resumes_in_its_own_layout_from_rank_0s
 
     earlier = tmp_path / ".run.lorakit-old"  # a kill between the renames of an earlier run's swap
     earlier.mkdir()
-    (earlier / lorakit.io.CONFIG_FILE).write_text("{}")
+    (earlier / lorakit.adapters.io.CONFIG_FILE).write_text("{}")
     again = dataclasses.replace(two, resume="auto")
     ranks = run_ranks(Jobs([[again]] * WORLD), Probes(writes_under=str(tmp_path), batches=True))
     assert [r.error for r in ranks] == [None, None]

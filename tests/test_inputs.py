@@ -10,7 +10,7 @@ from layer_zoo import MLP
 from variant_cases import case_config
 
 import lorakit
-from lorakit.api import TargetError
+from lorakit.adapters.api import TargetError
 from lorakit.cli import build_parser
 from lorakit.cliargs import job_from_args
 from lorakit.common.errors import LorakitError, SettingError

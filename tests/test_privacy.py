@@ -340,7 +340,7 @@ def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys)
 def test_a_non_finite_private_gradient_stops_training(tiny_bert_dir) -> None:
     """DP-SGD privatises inside the optimizer step; the released gradient is checked right after it, so a
     NaN stops the run before any checkpoint or adapter is written (post-processing: no privacy cost)."""
-    from lorakit.io import NonFiniteError
+    from lorakit.adapters.io import NonFiniteError
 
     model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
     with torch.no_grad():

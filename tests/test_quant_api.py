@@ -10,10 +10,10 @@ from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
+from lorakit.adapters.quantize import QuantizationError, dequantize
 from lorakit.cli import main
 from lorakit.core.nf4_linear import NF4Linear
 from lorakit.core.quant import quantize_nf4
-from lorakit.quant_api import QuantizationError, dequantize
 
 
 def test_default_quantises_every_linear_but_the_head() -> None:

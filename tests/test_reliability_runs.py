@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_loop import Batches, Regression, adapted
 
 import lorakit
-from lorakit.io import NonFiniteError
+from lorakit.adapters.io import NonFiniteError
 from lorakit.train.checkpoint import DivergedError, ResumeError, has_checkpoint
 from lorakit.train.loop import TrainConfig, train
 
@@ -155,7 +155,7 @@ def test_an_adapter_with_non_finite_values_is_never_saved_nor_loaded(tmp_path) -
     save_file(tensors, weights, metadata={"format": "lorakit-adapter"})
     base = Regression()
     before = params(base)
-    with pytest.raises(lorakit.io.AdapterFileError, match="does not match the checksum"):
+    with pytest.raises(lorakit.adapters.io.AdapterFileError, match="does not match the checksum"):
         lorakit.load(base, tmp_path / "a")
     assert not lorakit.adapted_layers(base) and all(map(torch.equal, before, params(base)))
     # without a recorded checksum (an adapter saved before it existed) the NaN itself is named
@@ -173,7 +173,7 @@ def test_raw_nan_bytes_written_into_the_weights_file_are_refused(tmp_path) -> No
     raw = bytearray(weights.read_bytes())
     raw[-4:] = b"\x00\x00\xc0\x7f"  # the last float32 becomes NaN
     weights.write_bytes(bytes(raw))
-    with pytest.raises(lorakit.io.AdapterFileError, match="changed or damaged"):
+    with pytest.raises(lorakit.adapters.io.AdapterFileError, match="changed or damaged"):
         lorakit.load(Regression(), tmp_path / "a")
 
 

@@ -15,8 +15,8 @@ from conftest import tiny_llama
 from test_reliability_jobs import argv, killed_at_batch, leftovers
 
 import lorakit
+from lorakit.adapters.io import AdapterFileError
 from lorakit.cli import main
-from lorakit.io import AdapterFileError
 
 CHAT = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"

@@ -29,8 +29,8 @@ from lorakit.engine.placement import Placement
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
+    from lorakit.adapters.summary import Summary
     from lorakit.distributed.wrap import KeepLocal
-    from lorakit.summary import Summary
 
 MODES = ("ddp", "fsdp")
 T = TypeVar("T")

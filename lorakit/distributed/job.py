@@ -18,7 +18,7 @@ from lorakit.distributed.sync import check_in_sync
 from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
-    from lorakit.summary import Summary
+    from lorakit.adapters.summary import Summary
     from lorakit.train.job import JobConfig
 
 

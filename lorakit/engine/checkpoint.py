@@ -32,12 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.api import info
-from lorakit.common.dirswap import finish_swap, siblings, swap_in
-from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
-from lorakit.core.contract import GradientSource
-from lorakit.core.variant import Hook
-from lorakit.io import (
+from lorakit.adapters.api import info
+from lorakit.adapters.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     NonFiniteError,
@@ -47,6 +43,10 @@ from lorakit.io import (
     load_tensors,
     save,
 )
+from lorakit.common.dirswap import finish_swap, siblings, swap_in
+from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
+from lorakit.core.contract import GradientSource
+from lorakit.core.variant import Hook
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"

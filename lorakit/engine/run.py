@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.api import check_driver, make_hooks
+from lorakit.adapters.api import check_driver, make_hooks
 from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook

@@ -19,10 +19,10 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.adapters.io import CONFIG_FILE, atomic_write
 from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
 from lorakit.eval.generation import generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
-from lorakit.io import CONFIG_FILE, atomic_write
 from lorakit.train import chat
 from lorakit.train import data as D
 from lorakit.train.job import JobConfig, chat_template, report

@@ -45,7 +45,7 @@ def adapted_model(cfg: FedConfig, job: JobConfig) -> tuple[nn.Module, Any]:
     key = json.dumps([[fields[k] for k in _MODEL_FIELDS], classes_text(job)])
     if key not in _MODELS:
         model, tokenizer = prepare_model(job)
-        lorakit.api.check_driver(model, Driver.FEDERATED)  # before any round trains
+        lorakit.adapters.api.check_driver(model, Driver.FEDERATED)  # before any round trains
         _MODELS[key] = model, tokenizer, read_space(update_space(model, None))
     model, tokenizer, initial = _MODELS[key]
     write_space(update_space(model, None), initial)

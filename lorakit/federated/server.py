@@ -169,7 +169,7 @@ def run_server(
     checked = checked if checked is not None else check_run(cfg)
     job, data = checked.job, checked.data
     model, tokenizer = prepare_model(job)  # the server's own copy holds the global adapter
-    lorakit.api.check_driver(model, Driver.FEDERATED)
+    lorakit.adapters.api.check_driver(model, Driver.FEDERATED)
     evaluate_data = _server_eval_data(cfg, job, tokenizer, data)
     check_data(job, model, None, evaluate_data)
     classes = classes_text(job)

@@ -46,7 +46,9 @@ class LorakitCallback(TrainerCallback):
         self.backward_done = -1  # the last step whose on_after_backward ran
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        lorakit.api.check_driver(self.model, Driver.TRAINER)  # before any step: refuse what can't run here
+        lorakit.adapters.api.check_driver(
+            self.model, Driver.TRAINER
+        )  # before any step: refuse what can't run here
         self.hooks = HookRunner(lorakit.make_hooks(self.model, state.max_steps))
         self.backward_done = -1
 

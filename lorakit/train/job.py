@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.adapters.io import atomic_write
+from lorakit.adapters.quantize import check_quant_type
 from lorakit.common.errors import DiskFullError, LorakitError, SettingError, is_disk_full
 from lorakit.common.settings import check_fields, check_settings, setting
 from lorakit.core.contract import CapabilityError, Driver
@@ -30,9 +32,7 @@ from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.io import atomic_write
 from lorakit.privacy.config import DPConfig
-from lorakit.quant_api import check_quant_type
 from lorakit.train import chat, rundir
 from lorakit.train import data as D
 from lorakit.train.checkpoint import resume_point
@@ -436,7 +436,7 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     model, tokenizer = load_model(job.model, job.task, job.num_labels or 2)
     name_classes(model, job.labels)  # the names travel with a merged model
     if job.quantize:
-        from lorakit.quant_api import quantize
+        from lorakit.adapters.quantize import quantize
 
         quantize(model, job.quantize)
     lorakit.apply(

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lorakit.common.dirlock as dirlock
+from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE
 from lorakit.common.dirswap import finish_swap, siblings, swap_in
 from lorakit.common.errors import LorakitError
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
 from lorakit.train.checkpoint import CHECKPOINT_DIR, has_checkpoint
 
 JOB_FILE = "job.json"

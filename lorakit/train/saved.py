@@ -22,8 +22,8 @@ from torch import nn
 
 import lorakit
 import lorakit.common.dirlock as dirlock
+from lorakit.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.common.dirswap import building, siblings, staged_for
-from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
 from lorakit.train.job import DataConfig, JobConfig, adopt_run_template
 from lorakit.train.loop import TrainConfig
@@ -82,7 +82,7 @@ def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
         adopt_run_template(job, tokenizer, adapter)
     name_classes(model, job.labels)
     if job.quantize:
-        from lorakit.quant_api import quantize
+        from lorakit.adapters.quantize import quantize
 
         quantize(model, job.quantize)
     lorakit.load(model, adapter)
@@ -98,7 +98,7 @@ def write_merged(adapter: str, out: str) -> None:
         _refuse_not_empty(target, out)
         _, model, tokenizer = load_adapted(adapter)
         merged = lorakit.merge(model)
-        from lorakit.quant_api import dequantize
+        from lorakit.adapters.quantize import dequantize
 
         dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
         with building(target, out, "the merged model") as new:

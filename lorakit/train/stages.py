@@ -13,10 +13,10 @@ from typing import Any
 from torch import Tensor, nn
 
 import lorakit
+from lorakit.adapters.io import undo_apply
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import VariantConfig
 from lorakit.engine.config import TrainConfig
-from lorakit.io import undo_apply
 from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
 
 # A short training run for the stages (lorakit.train.loop.stage_run): model, batches, settings.
@@ -66,7 +66,7 @@ def run_stages(
 ) -> dict[str, Any]:
     """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
     with ``train``; returns what they decided."""
-    lorakit.api.check_driver(model, driver)
+    lorakit.adapters.api.check_driver(model, driver)
     stages = lorakit.get_variant(lorakit.info(model).variant).stages
     if stages is None or not stages.pending(lorakit.info(model).config):
         return {}
