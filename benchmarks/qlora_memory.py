@@ -35,7 +35,7 @@ from torch import nn
 
 import lorakit
 from lorakit.core.nf4_linear import NF4Linear
-from lorakit.train.data import read_rows
+from lorakit.data.datasets import read_rows
 from lorakit.train.models import load_model
 
 MIB = 2**20

@@ -15,7 +15,7 @@ from lorakit.common.errors import LorakitError, is_disk_full
 if typing.TYPE_CHECKING:
     from torch import nn
 
-    from lorakit.train.chat import Example
+    from lorakit.data.chat import Example
     from lorakit.train.job import JobConfig
 
 
@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lorakit.train import data as D
+    from lorakit.data import datasets as D
     from lorakit.train.job import (
         eval_batch_size,
         evaluate,
@@ -181,8 +181,8 @@ def _eval_out(args: argparse.Namespace) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.data import chat
     from lorakit.eval.run import answer_prompts
-    from lorakit.train import chat
 
     args.generate = True  # the checks of a model that generates
     if args.compare_base and args.adapter is None:
@@ -216,8 +216,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
     """Prompts from a data file (its prompt column, or each conversation up to its last user turn) or from a
     text file (one per line), as conversations to answer."""
-    from lorakit.train import chat
-    from lorakit.train import data as D
+    from lorakit.data import chat
+    from lorakit.data import datasets as D
     from lorakit.train.job import DataConfig
 
     if path.is_dir():

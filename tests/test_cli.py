@@ -54,7 +54,7 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     # the merged model predicts like the adapter: re-evaluate through the library
     from transformers import AutoTokenizer
 
-    from lorakit.train.data import demo_rows, tokenize_classification
+    from lorakit.data.datasets import demo_rows, tokenize_classification
     from lorakit.train.job import evaluate
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -146,7 +146,7 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
     assert main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["metrics"]) == {"loss", "perplexity"}
-    from lorakit.train.data import conversations, tokenize_causal
+    from lorakit.data.datasets import conversations, tokenize_causal
     from lorakit.train.job import evaluate
 
     tokens = tokenize_causal(conversations(rows, "messages", "q", "a", "qa"), tokenizer, None, 64)

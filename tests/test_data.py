@@ -7,7 +7,7 @@ import torch
 from conftest import SST2
 from transformers import AutoTokenizer
 
-from lorakit.train.data import (
+from lorakit.data.datasets import (
     BatchSampler,
     DataError,
     column,

@@ -133,7 +133,7 @@ def test_every_variant_matches_single_process(setup, tmp_path, mode, quantize):
 
 def logits(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tensor:
     """Class scores of a fresh single-process model (with the adapter in ``adapter_dir`` if given)."""
-    from lorakit.train.data import read_rows, tokenize_classification
+    from lorakit.data.datasets import read_rows, tokenize_classification
     from lorakit.train.models import load_model
 
     model, tokenizer = load_model(str(model_dir), "classification")
@@ -179,8 +179,8 @@ def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path, 
 
 # --- one process: sharding, refusals, bytes ---------------------------------------------------------------
 def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
+    from lorakit.data.datasets import BatchSampler, TokenizedData
     from lorakit.distributed import Distributed, ShardedBatchSampler
-    from lorakit.train.data import BatchSampler, TokenizedData
 
     data = TokenizedData([[i, i + 1] for i in range(10)], list(range(10)), 0)
     single = BatchSampler(data, 6, seed=3)

@@ -26,8 +26,8 @@ from lorakit.bench.run import load_bench, run_settings
 from lorakit.cli import build_parser, main
 from lorakit.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
 from lorakit.common.errors import LorakitError
+from lorakit.data.datasets import ClassLabels, read_rows, texts
 from lorakit.interop import load_peft, save_peft
-from lorakit.train.data import ClassLabels, read_rows, texts
 
 FUZZ = settings(
     max_examples=40,

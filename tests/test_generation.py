@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli import main
+from lorakit.data import chat
 from lorakit.eval.generation import generate
 from lorakit.eval.scoring import compile_pattern, extract_answer, normalize, score
-from lorakit.train import chat
 
 
 @pytest.mark.parametrize(

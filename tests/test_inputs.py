@@ -15,8 +15,8 @@ from lorakit.cli import build_parser
 from lorakit.cliargs import job_from_args
 from lorakit.common.errors import LorakitError, SettingError
 from lorakit.core.variant import ConfigError
+from lorakit.data.datasets import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.privacy.config import PrivacyError
-from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.train.job import DataConfig, JobConfig, resolve_classes
 from lorakit.train.loop import TrainConfig
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.cli import main
 from lorakit.common.errors import LorakitError
-from lorakit.train import chat
-from lorakit.train import data as D
+from lorakit.data import chat
+from lorakit.data import datasets as D
 
 
 def U(text: Any) -> dict[str, Any]:

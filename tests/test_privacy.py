@@ -14,11 +14,11 @@ from variant_cases import case_config
 import lorakit
 from lorakit.cli import main
 from lorakit.core.variant import Hook
+from lorakit.data import datasets as D
 from lorakit.privacy import DPConfig, PrivacyError, require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.dp_sgd import per_example_loss, train_dp
 from lorakit.privacy.grad_sample import AdapterGradSampleModule
-from lorakit.train import data as D
 from lorakit.train.loop import TrainConfig
 
 # Adapters whose inputs need no gradient make PyTorch warn on every backward through Opacus' hooks.

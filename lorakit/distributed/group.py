@@ -22,11 +22,11 @@ from torch import nn
 import lorakit
 from lorakit.common.errors import LorakitError
 from lorakit.core.contract import Driver
+from lorakit.data.datasets import TokenizedData
 from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
-from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
     from lorakit.adapters.summary import Summary

@@ -9,13 +9,13 @@ from torch import nn
 
 import lorakit
 from lorakit.common.errors import SettingError
+from lorakit.data.datasets import TokenizedData
 from lorakit.distributed.agree import check_ranks_agree, describe
 from lorakit.distributed.failures import peer_failures
 from lorakit.distributed.group import Distributed, join
 from lorakit.distributed.memory import base_weight_bytes, packed_digest
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import check_in_sync
-from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
     from lorakit.adapters.summary import Summary

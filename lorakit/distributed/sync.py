@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.data.datasets import BatchSampler
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
-from lorakit.train.data import BatchSampler
 
 if TYPE_CHECKING:
     from lorakit.distributed.group import Distributed

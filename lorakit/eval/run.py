@@ -21,10 +21,10 @@ from torch import nn
 
 from lorakit.adapters.io import CONFIG_FILE, atomic_write
 from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
+from lorakit.data import chat
+from lorakit.data import datasets as D
 from lorakit.eval.generation import generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
-from lorakit.train import chat
-from lorakit.train import data as D
 from lorakit.train.job import JobConfig, chat_template, report
 from lorakit.train.models import context_length
 

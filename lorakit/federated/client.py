@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.data import datasets as D
 from lorakit.engine import Engine, LossBackward, TrainConfig, TrainResult
 from lorakit.federated.config import FedConfig
 from lorakit.federated.data import classes_text, client_data, client_job, job_config
 from lorakit.federated.failures import CLIENT_FAILED, NodeConfigError, client_reason
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
-from lorakit.train import data as D
 from lorakit.train.job import JobConfig, evaluate, prepare_model
 
 log = logging.getLogger("lorakit.federated")

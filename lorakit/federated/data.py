@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lorakit.data import datasets as D
 from lorakit.engine import TrainConfig
 from lorakit.federated.config import FedConfig
 from lorakit.federated.partition import partition
-from lorakit.train import data as D
 from lorakit.train.job import DataConfig, JobConfig, read_data, resolve_classes, tokenize
 
 

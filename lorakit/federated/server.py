@@ -36,6 +36,7 @@ from torch import nn
 import lorakit
 from lorakit.core.contract import Driver
 from lorakit.core.ranks import round_ranks
+from lorakit.data import datasets as D
 from lorakit.federated.client import local_config, make_client_app
 from lorakit.federated.config import FedConfig
 from lorakit.federated.data import check_run_data, classes_text
@@ -60,7 +61,6 @@ from lorakit.privacy.randomness import (
     warn_insecure,
 )
 from lorakit.privacy.report import mark_adapter, privacy_record
-from lorakit.train import data as D
 from lorakit.train import rundir
 from lorakit.train.job import JobConfig, check_data, evaluate, prepare_model, tokenize
 

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
+from lorakit.data.datasets import TokenizedData
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
-from lorakit.train.data import TokenizedData
 
 
 @dataclass

@@ -27,14 +27,15 @@ from lorakit.common.errors import DiskFullError, LorakitError, SettingError, is_
 from lorakit.common.settings import check_fields, check_settings, setting
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import ConfigError, VariantConfig
+from lorakit.data import chat
+from lorakit.data import datasets as D
 from lorakit.distributed import writes_files
 from lorakit.distributed.group import check_one_process
 from lorakit.distributed.job import ScaleOut
 from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
 from lorakit.privacy.config import DPConfig
-from lorakit.train import chat, rundir
-from lorakit.train import data as D
+from lorakit.train import rundir
 from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.models import TASKS, context_length, head_modules, infer_task, load_model, name_classes

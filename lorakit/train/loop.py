@@ -8,7 +8,7 @@ optimizer step::
       -> clip -> on_before_optimizer_step -> optimizer.step -> on_after_step -> scheduler.step -> zero_grad
 
 A variant with stages before the main run (LoRA-drop's selection) gets them here first, on the training
-data of a :class:`lorakit.train.data.BatchSampler`.
+data of a :class:`lorakit.data.datasets.BatchSampler`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import lorakit
 from lorakit.adapters.io import undo_apply
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.variant import VariantConfig
+from lorakit.data.datasets import BatchSampler, TokenizedData, eval_batches
 from lorakit.engine.config import TrainConfig
-from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
 
 # A short training run for the stages (lorakit.train.loop.stage_run): model, batches, settings.
 StageTraining = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
@@ -88,6 +88,6 @@ def run_pending_stages(
     if not isinstance(batches, BatchSampler):
         raise CapabilityError(
             f"variant '{lorakit.info(model).variant}' runs stages on the training data before the main run; "
-            "pass a lorakit.train.data.BatchSampler so they can read it"
+            "pass a lorakit.data.datasets.BatchSampler so they can read it"
         )
     return run_stages(model, batches.data, cfg, driver, train)
