@@ -46,7 +46,7 @@ from lorakit.core.variant import Hook
 from lorakit.data.datasets import BatchSampler, read_rows, tokenize_classification
 from lorakit.distributed.memory import base_weight_bytes
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.train.models import load_model
+from lorakit.jobs.models import load_model
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"

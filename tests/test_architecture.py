@@ -10,9 +10,9 @@ import dataclasses
 from pathlib import Path
 
 import lorakit
-from lorakit.cliargs import SECTIONS
 from lorakit.common.settings import field_help
 from lorakit.federated.config import FedConfig
+from lorakit.jobs.cliargs import SECTIONS
 
 PACKAGE = Path(lorakit.__file__).parent
 # What a variant may never import: the code that drives it (and everything above that).
@@ -36,7 +36,7 @@ def module_name(path: Path) -> str:
 
 
 # The drivers and tools on top; the engine below them may use the public API (api, io) and core.
-DRIVERS = ("lorakit", "train", "privacy", "federated", "integrations", "interop", "bench", "cli", "cliargs")
+DRIVERS = ("lorakit", "train", "jobs", "privacy", "federated", "integrations", "interop", "bench", "cli")
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 # Below core: the error types and the settings parser, which import nothing of lorakit but each other.
 FOUNDATION = ("lorakit.common", "lorakit.common.errors", "lorakit.common.settings")

@@ -55,7 +55,7 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     from transformers import AutoTokenizer
 
     from lorakit.data.datasets import demo_rows, tokenize_classification
-    from lorakit.train.job import evaluate
+    from lorakit.jobs.job import evaluate
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     data = tokenize_classification(demo_rows("test"), tok, "sentence", "label", 64, "demo")
@@ -64,7 +64,7 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 0
     from peft import PeftModel
 
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     base, _ = load_model("minilm", "classification")
     through_peft = PeftModel.from_pretrained(base, tmp_path / "peft")
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_error(argv, message, tiny_bert_dir, tmp_path, cap
 def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lorakit.train.models import resolve_model
+    from lorakit.jobs.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     config = LlamaConfig(
@@ -147,7 +147,7 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["metrics"]) == {"loss", "perplexity"}
     from lorakit.data.datasets import conversations, tokenize_causal
-    from lorakit.train.job import evaluate
+    from lorakit.jobs.job import evaluate
 
     tokens = tokenize_causal(conversations(rows, "messages", "q", "a", "qa"), tokenizer, None, 64)
     base_loss = evaluate(LlamaForCausalLM.from_pretrained(model_dir), tokens)["loss"]

@@ -17,8 +17,8 @@ def test_every_project_error_derives_from_the_one_base() -> None:
     from lorakit.adapters.quantize import QuantizationError
     from lorakit.core.variant import ConfigError
     from lorakit.data.datasets import DataError
+    from lorakit.jobs.models import ModelError
     from lorakit.privacy.config import PrivacyError
-    from lorakit.train.models import ModelError
 
     for cls in (
         lorakit.DirectoryInUseError,

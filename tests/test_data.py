@@ -17,7 +17,7 @@ from lorakit.data.datasets import (
     tokenize_causal,
     tokenize_classification,
 )
-from lorakit.train.models import resolve_model
+from lorakit.jobs.models import resolve_model
 
 
 @pytest.fixture(scope="module")

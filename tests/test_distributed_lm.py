@@ -14,7 +14,8 @@ from dist_harness import WORLD, spawn_jobs
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.train.job import DataConfig, JobConfig, run_job
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import run_job
 from lorakit.train.loop import TrainConfig
 
 

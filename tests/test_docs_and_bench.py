@@ -11,8 +11,8 @@ import yaml
 import lorakit
 from lorakit.bench.report import write_report
 from lorakit.bench.run import load_bench, run_settings
-from lorakit.cliargs import _leaf_fields, job_from_values, job_values
 from lorakit.docs import render
+from lorakit.jobs.cliargs import _leaf_fields, job_from_values, job_values
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -190,8 +190,8 @@ def test_the_deployment_app_lists_every_setting_with_its_default() -> None:
 def test_dp_dylora_trains_exactly_the_rank_the_round_fixed(tiny_bert_dir) -> None:
     """Paper formula: the rank-b adapter is (alpha/b) B[:, :b] A[:b]; local steps move only that slice."""
     from lorakit.federated.client import local_training
+    from lorakit.jobs.models import load_model
     from lorakit.train.loop import TrainConfig
-    from lorakit.train.models import load_model
 
     model, tok = load_model(str(tiny_bert_dir), "classification")
     lorakit.apply(model, "dp_dylora", targets=["query"], rank=4, alpha=8.0, dropout=0.0, min_rank=1)
@@ -457,7 +457,7 @@ def test_federated_lora_without_noise_beats_the_base_model(tmp_path) -> None:
     """Plain FedAvg (no clipping, no noise) through the same apps: the embedded model on the demo task."""
     from lorakit.data import datasets as D
     from lorakit.federated.client import job_config
-    from lorakit.train.job import evaluate, prepare_model
+    from lorakit.jobs.job import evaluate, prepare_model
 
     values = dict(variant="lora", rank=4, targets="query,value", clients=4, cohort=2, sampling="fixed")
     values |= dict(rounds=2, local_steps=5, lr=5e-3, max_length=32)

@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit.bench.run import load_bench, run_settings
 from lorakit.cli import build_parser, main
-from lorakit.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
 from lorakit.common.errors import LorakitError
 from lorakit.data.datasets import ClassLabels, read_rows, texts
 from lorakit.interop import load_peft, save_peft
+from lorakit.jobs.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
 
 FUZZ = settings(
     max_examples=40,
@@ -135,7 +135,7 @@ def test_any_job_file_becomes_a_checked_job_or_one_line(values: dict[Any, Any], 
         raise Reached
 
     with tempfile.TemporaryDirectory() as tmp, monkeypatch.context() as m:
-        m.setattr("lorakit.train.job.run_job", reached)
+        m.setattr("lorakit.jobs.job.run_job", reached)
         path = Path(tmp) / "job.yaml"
         path.write_text(yaml.safe_dump(values))
         capsys.readouterr()

@@ -164,7 +164,7 @@ def test_eval_generate_writes_metrics_the_merged_model_reproduces(chat_llama_dir
     assert main(argv) == 0
     assert main(["merge", "--adapter", str(run), "--out", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     _, adapted, tokenizer = load_adapted(str(run))
     hi = chat.Example(({"role": "user", "content": "hi"},))

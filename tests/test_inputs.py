@@ -12,12 +12,13 @@ from variant_cases import case_config
 import lorakit
 from lorakit.adapters.api import TargetError
 from lorakit.cli import build_parser
-from lorakit.cliargs import job_from_args
 from lorakit.common.errors import LorakitError, SettingError
 from lorakit.core.variant import ConfigError
 from lorakit.data.datasets import ClassLabels, DataError, read_rows, tokenize_classification
+from lorakit.jobs.cliargs import job_from_args
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import resolve_classes
 from lorakit.privacy.config import PrivacyError
-from lorakit.train.job import DataConfig, JobConfig, resolve_classes
 from lorakit.train.loop import TrainConfig
 
 

@@ -54,7 +54,7 @@ def test_per_example_gradients_equal_autograd_for_every_variant_and_kind(name: s
 
 
 def tiny_classifier(path, variant: str):
-    from lorakit.train.models import head_modules, load_model
+    from lorakit.jobs.models import head_modules, load_model
 
     model, tokenizer = load_model(str(path), "classification")
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0

@@ -27,8 +27,8 @@ import yaml
 import lorakit.common.dirlock as dirlock
 from lorakit.adapters.io import CONFIG_FILE
 from lorakit.bench.report import write_report
-from lorakit.cliargs import job_from_values, job_values
 from lorakit.common.errors import LorakitError
+from lorakit.jobs.cliargs import job_from_values, job_values
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")

@@ -114,7 +114,7 @@ def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
         # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
         # in the graph of every step instead. No buffer broadcasts: the buffers are frozen (a 4-bit base's
         # packed codes and scales, several times the adapter's gradients) and were checked identical on
-        # every rank before training (lorakit.distributed.agree), so broadcasting them each forward is waste.
+        # every rank before training (lorakit.jobs.agree), so broadcasting them each forward is waste.
         with warnings.catch_warnings():
             # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers (absent before), which still
             # broadcasts every buffer once at construction; broadcast_buffers=False never does.

@@ -25,8 +25,9 @@ from lorakit.data import chat
 from lorakit.data import datasets as D
 from lorakit.eval.generation import generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
-from lorakit.train.job import JobConfig, chat_template, report
-from lorakit.train.models import context_length
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import chat_template, report
+from lorakit.jobs.models import context_length
 
 METRICS_FILE, GENERATIONS_FILE = "metrics.json", "generations.jsonl"
 DEFAULT_NEW_TOKENS = 256  # per answer, where the model's context leaves room for them

@@ -30,7 +30,8 @@ from lorakit.federated.config import FedConfig
 from lorakit.federated.data import classes_text, client_data, client_job, job_config
 from lorakit.federated.failures import CLIENT_FAILED, NodeConfigError, client_reason
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
-from lorakit.train.job import JobConfig, evaluate, prepare_model
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import evaluate, prepare_model
 
 log = logging.getLogger("lorakit.federated")
 _MODELS: dict[str, tuple[nn.Module, Any, dict[str, Tensor]]] = {}

@@ -52,6 +52,9 @@ from lorakit.federated.strategy import (
     use_rank,
     write_space,
 )
+from lorakit.jobs import rundir
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import check_data, evaluate, prepare_model, tokenize
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
@@ -61,8 +64,6 @@ from lorakit.privacy.randomness import (
     warn_insecure,
 )
 from lorakit.privacy.report import mark_adapter, privacy_record
-from lorakit.train import rundir
-from lorakit.train.job import JobConfig, check_data, evaluate, prepare_model, tokenize
 
 log = logging.getLogger("lorakit.federated")
 
@@ -445,7 +446,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def _save(model: nn.Module, cfg: FedConfig, checked: CheckedRun, result: FedResult) -> None:
     """Write the adapter, ``job.json`` and ``metrics.json`` beside the output directory and swap them in
-    (:mod:`lorakit.train.rundir`): an adapter already there is replaced whole or not at all."""
+    (:mod:`lorakit.jobs.rundir`): an adapter already there is replaced whole or not at all."""
     use_rank(model, None)
     result.adapter_dir = checked.out.shown
     job_text = json.dumps(dataclasses.asdict(checked.job), indent=2) + "\n"  # for `lorakit eval`

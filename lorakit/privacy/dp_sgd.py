@@ -217,7 +217,7 @@ def train_job_private(
     data: TokenizedData,
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
 ) -> tuple[DPTrainResult, dict[str, Any]]:
-    """The DP branch of :func:`lorakit.train.job.run_job`: returns the result and the privacy report."""
+    """The DP branch of :func:`lorakit.jobs.job.run_job`: returns the result and the privacy report."""
     if job.resume:
         raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
     if job.train.checkpoint_every:

@@ -24,11 +24,12 @@ import lorakit
 import lorakit.common.dirlock as dirlock
 from lorakit.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
 from lorakit.common.dirswap import building, siblings, staged_for
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import adopt_run_template
+from lorakit.jobs.models import load_model, name_classes
+from lorakit.jobs.rundir import JOB_FILE
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
-from lorakit.train.job import DataConfig, JobConfig, adopt_run_template
 from lorakit.train.loop import TrainConfig
-from lorakit.train.models import load_model, name_classes
-from lorakit.train.rundir import JOB_FILE
 
 
 def saved_job(adapter: str) -> JobConfig | None:

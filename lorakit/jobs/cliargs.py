@@ -17,8 +17,8 @@ import yaml
 
 from lorakit.common.errors import SettingError
 from lorakit.common.settings import coerce_field, field_help, flag_type, parse_assignments
+from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.privacy.config import DPConfig
-from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
 # Job fields ("") and the nested sections; a section's fields are flags too, and a YAML key of its own.
