@@ -15,6 +15,7 @@ from lorakit.cli import main
 from lorakit.common.errors import DiskFullError
 from lorakit.jobs import job as J
 from lorakit.jobs.config import JobConfig
+from lorakit.train.loop import TrainConfig
 
 
 def argv(model: Path, out: Path, *extra: str) -> list[str]:
@@ -116,7 +117,7 @@ def test_a_run_that_fails_while_saving_leaves_the_old_adapter(
         DiskFullError,
         match="trained adapter was not saved; no checkpoint is kept: free space and train again; the adapter",
     ):
-        cfg = J.TrainConfig(steps=2, batch_size=8, progress=False)
+        cfg = TrainConfig(steps=2, batch_size=8, progress=False)
         J.run_job(JobConfig(model=str(tiny_bert_dir), output_dir=str(trained), overwrite=True, train=cfg))
     assert snapshot(trained) == before and leftovers(trained) == []
 
