@@ -29,10 +29,11 @@ from lorakit.common.errors import (
     OutputExistsError,
     SettingError,
 )
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.ranks import evaluate_all_ranks, set_rank
-from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
+from lorakit.core.variant import Hook, Variant
 from lorakit.engine.gradients import BatchError
 from lorakit.interop import load_peft, save_peft
 from lorakit.variants import VARIANTS, get_variant

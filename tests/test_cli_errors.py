@@ -15,7 +15,7 @@ def test_every_project_error_derives_from_the_one_base() -> None:
     from lorakit.adapters.api import TargetError
     from lorakit.adapters.io import AdapterFileError
     from lorakit.adapters.quantize import QuantizationError
-    from lorakit.core.variant import ConfigError
+    from lorakit.core.config import ConfigError
     from lorakit.data.datasets import DataError
     from lorakit.jobs.models import ModelError
     from lorakit.privacy.config import PrivacyError

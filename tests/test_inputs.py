@@ -13,7 +13,7 @@ import lorakit
 from lorakit.adapters.api import TargetError
 from lorakit.cli import build_parser
 from lorakit.common.errors import LorakitError, SettingError
-from lorakit.core.variant import ConfigError
+from lorakit.core.config import ConfigError
 from lorakit.data.datasets import ClassLabels, DataError, read_rows, tokenize_classification
 from lorakit.jobs.cliargs import job_from_args
 from lorakit.jobs.config import DataConfig, JobConfig

@@ -14,7 +14,7 @@ from torch import nn
 import lorakit
 from lorakit.adapters.api import TargetError
 from lorakit.common.errors import AdapterStateError, LorakitError, SettingError
-from lorakit.core.variant import ConfigError
+from lorakit.core.config import ConfigError
 
 
 def _adapted(**config) -> MLP:

@@ -11,9 +11,9 @@ from torch import nn
 
 import lorakit
 from lorakit.adapters.quantize import QuantizationError
+from lorakit.core.config import ConfigError
 from lorakit.core.nf4_linear import NF4Linear
 from lorakit.core.quant import quantize_nf4
-from lorakit.core.variant import ConfigError
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.qlora import QLoRAConfig
 

@@ -17,10 +17,11 @@ from lorakit.adapters.targets import TargetError as TargetError  # re-exported: 
 from lorakit.adapters.targets import find_targets as find_targets
 from lorakit.adapters.targets import no_match_message, set_module
 from lorakit.common.errors import AdapterStateError, SettingError
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import ConfigError, Hook, VariantConfig
+from lorakit.core.variant import Hook
 from lorakit.variants import get_variant
 
 

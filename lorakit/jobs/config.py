@@ -9,8 +9,8 @@ from typing import Any
 import lorakit
 from lorakit.adapters.quantize import check_quant_type
 from lorakit.common.settings import check_fields, check_settings, setting
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import Driver
-from lorakit.core.variant import ConfigError, VariantConfig
 from lorakit.data import datasets as D
 from lorakit.jobs.models import TASKS
 from lorakit.privacy.config import DPConfig

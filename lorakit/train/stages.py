@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.adapters.io import undo_apply
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import CapabilityError, Driver
-from lorakit.core.variant import VariantConfig
 from lorakit.data.datasets import BatchSampler, TokenizedData, eval_batches
 from lorakit.engine.config import TrainConfig
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.core.variant import Variant
 from lorakit.variants.adalora_budget import AdaLoRAHook
 
 

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core import ranks
+from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.core.variant import Variant
 from lorakit.variants.dylora_hook import DyLoRAHook
 from lorakit.variants.lora import LoRA
 

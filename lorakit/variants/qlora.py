@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.core.config import BaseStorage, require
 from lorakit.core.kinds import MATRIX_KINDS
-from lorakit.core.variant import BaseStorage, require
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 # The dtypes an NF4 layer can dequantise to (as names, so the config stays JSON).
