@@ -12,7 +12,7 @@ from lorakit.common.errors import SettingError
 from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern
-from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.variants.dylora import DyLoRAHook
 
 STEPS, ACCUM, BATCH, LR = 20, 2, 4, 1e-2
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 from lorakit.core.config import VariantConfig
 from lorakit.core.contract import Driver
-from lorakit.variants.dylora import DyLoRA, DyLoRAConfig
-from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.variants.dylora import DyLoRA, DyLoRAConfig, DyLoRAHook
 
 
 @dataclass
