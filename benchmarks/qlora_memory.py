@@ -35,8 +35,8 @@ from torch import nn
 
 import lorakit
 from lorakit.core.nf4_linear import NF4Linear
-from lorakit.train.data import read_rows
-from lorakit.train.models import load_model
+from lorakit.data.datasets import read_rows
+from lorakit.jobs.models import load_model
 
 MIB = 2**20
 TARGETS = ["query", "key", "value", "dense"]
@@ -189,7 +189,7 @@ def smollm2_peak(storage: str, steps: int = 3) -> dict:
 
     from lorakit.distributed.memory import base_weight_bytes
     from lorakit.engine.token_loss import TokenLoss
-    from lorakit.train.job import reset_peak_memory
+    from lorakit.jobs.job import reset_peak_memory
 
     model, tokenizer = load_model("smollm2", "causal-lm")
     batch = smollm2_batch(tokenizer, 4, 256)

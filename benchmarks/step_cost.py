@@ -43,10 +43,10 @@ from torch import nn
 
 import lorakit
 from lorakit.core.variant import Hook
+from lorakit.data.datasets import BatchSampler, read_rows, tokenize_classification
 from lorakit.distributed.memory import base_weight_bytes
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
-from lorakit.train.data import BatchSampler, read_rows, tokenize_classification
-from lorakit.train.models import load_model
+from lorakit.jobs.models import load_model
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -232,8 +232,8 @@ def llama_model() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 def smollm2_batch(tokenizer, batch_size: int, length: int) -> dict[str, torch.Tensor]:
     """``batch_size`` GSM8K training examples rendered in the chat template and cut at ``length`` tokens (the
     first that reach it: no padding), with the loss on the answer tokens."""
-    from lorakit.train import chat
-    from lorakit.train.data import conversations, tokenize_causal
+    from lorakit.data import chat
+    from lorakit.data.datasets import conversations, tokenize_causal
 
     rows = read_rows(str(GSM8K))[:400]
     examples = conversations(rows, "messages", "question", "answer", str(GSM8K))

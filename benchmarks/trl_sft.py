@@ -24,9 +24,9 @@ import torch
 
 from lorakit.bench.report import write_report
 from lorakit.bench.run import read_bench
-from lorakit.train.data import read_rows
-from lorakit.train.job import measure_peak_memory_mb, reset_peak_memory
-from lorakit.train.models import load_model
+from lorakit.data.datasets import read_rows
+from lorakit.jobs.job import measure_peak_memory_mb, reset_peak_memory
+from lorakit.jobs.models import load_model
 
 NAME = "trl_peft_lora"
 

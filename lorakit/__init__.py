@@ -6,7 +6,7 @@
 """
 
 from lorakit import kernels  # the fast paths: importing them installs their policy in core's slot
-from lorakit.api import (
+from lorakit.adapters.api import (
     AdapterInfo,
     adapted_layers,
     apply,
@@ -17,18 +17,25 @@ from lorakit.api import (
     param_groups,
     unmerge,
 )
+from lorakit.adapters.io import AdapterFileError, NonFiniteError, load, lorakit_version, save
+from lorakit.adapters.quantize import quantize
+from lorakit.adapters.summary import summary
+from lorakit.adapters.targets import TargetError
+from lorakit.common.dirlock import DirectoryInUseError
+from lorakit.common.errors import (
+    AdapterStateError,
+    DiskFullError,
+    LorakitError,
+    OutputExistsError,
+    SettingError,
+)
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.ranks import evaluate_all_ranks, set_rank
-from lorakit.core.variant import ConfigError, Hook, Variant, VariantConfig
-from lorakit.dirlock import DirectoryInUseError
+from lorakit.core.variant import Hook, Variant
 from lorakit.engine.gradients import BatchError
-from lorakit.errors import AdapterStateError, DiskFullError, LorakitError, OutputExistsError, SettingError
 from lorakit.interop import load_peft, save_peft
-from lorakit.io import AdapterFileError, NonFiniteError, load, lorakit_version, save
-from lorakit.quant_api import quantize
-from lorakit.summary import summary
-from lorakit.targets import TargetError
 from lorakit.variants import VARIANTS, get_variant
 
 __version__ = lorakit_version()

@@ -9,14 +9,14 @@ import typing
 from pathlib import Path
 
 import lorakit
-from lorakit.cliargs import add_job_flags, job_from_args
-from lorakit.errors import LorakitError, is_disk_full
+from lorakit.common.errors import LorakitError, is_disk_full
+from lorakit.jobs.cliargs import add_job_flags, job_from_args
 
 if typing.TYPE_CHECKING:
     from torch import nn
 
-    from lorakit.train.chat import Example
-    from lorakit.train.job import JobConfig
+    from lorakit.data.chat import Example
+    from lorakit.jobs.config import JobConfig
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -28,7 +28,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lorakit.distributed import writes_files
-    from lorakit.train.job import run_job
+    from lorakit.jobs.job import run_job
 
     job = job_from_args(args)
     writer = writes_files()  # under torchrun only rank 0 reports
@@ -48,8 +48,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lorakit.train import data as D
-    from lorakit.train.job import (
+    from lorakit.data import datasets as D
+    from lorakit.jobs.job import (
         eval_batch_size,
         evaluate,
         measure_peak_memory_mb,
@@ -104,7 +104,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 def _eval_data(args: argparse.Namespace) -> str:
     """The data to evaluate on: ``--data``, else the adapter's job's evaluation data (never other data)."""
-    from lorakit.train.saved import eval_source, saved_job
+    from lorakit.jobs.saved import eval_source, saved_job
 
     _check_model_args(args)
     if args.adapter is not None:
@@ -117,8 +117,9 @@ def _eval_data(args: argparse.Namespace) -> str:
 def _eval_job(args: argparse.Namespace) -> JobConfig | None:
     """The job of the model that evaluates or generates, before it is loaded: the ``--adapter``'s (its saved
     settings; None without ``job.json``) or a base ``--model``'s; flags given override its data settings."""
-    from lorakit.train.job import DataConfig, JobConfig, resolve_task
-    from lorakit.train.saved import saved_job
+    from lorakit.jobs.config import DataConfig, JobConfig
+    from lorakit.jobs.job import resolve_task
+    from lorakit.jobs.saved import saved_job
 
     _check_model_args(args)
     if args.adapter is not None:
@@ -142,7 +143,7 @@ def _override_data(args: argparse.Namespace, job: JobConfig) -> None:
 def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
     """Refuse flags the job's model cannot honour: generation from a classifier, another chat template for an
     adapter (it renders prompts in its run's own)."""
-    from lorakit.train.job import CHAT_TEMPLATE_FILE
+    from lorakit.jobs.job import CHAT_TEMPLATE_FILE
 
     if args.generate and job.task != "causal-lm":
         what = "lorakit generate" if args.command == "generate" else "--generate"
@@ -157,9 +158,9 @@ def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
 def _load_for_eval(args: argparse.Namespace) -> tuple[JobConfig, nn.Module, typing.Any]:
     """The model to evaluate or generate with: the adapted model of ``--adapter`` (its job's settings, its
     chat template), or the base ``--model`` as it is; flags given override the job's data settings."""
-    from lorakit.train.job import check_context
-    from lorakit.train.models import load_model
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.job import check_context
+    from lorakit.jobs.models import load_model
+    from lorakit.jobs.saved import load_adapted
 
     job = _eval_job(args)
     if args.adapter is not None:
@@ -181,8 +182,8 @@ def _eval_out(args: argparse.Namespace) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.data import chat
     from lorakit.eval.run import answer_prompts
-    from lorakit.train import chat
 
     args.generate = True  # the checks of a model that generates
     if args.compare_base and args.adapter is None:
@@ -216,9 +217,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
     """Prompts from a data file (its prompt column, or each conversation up to its last user turn) or from a
     text file (one per line), as conversations to answer."""
-    from lorakit.train import chat
-    from lorakit.train import data as D
-    from lorakit.train.job import DataConfig
+    from lorakit.data import chat
+    from lorakit.data import datasets as D
+    from lorakit.jobs.config import DataConfig
 
     if path.is_dir():
         raise LorakitError(f"--prompts-file {path} is a directory; pass a text file (one prompt per line)")
@@ -241,14 +242,14 @@ def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lorakit.train.saved import write_merged
+    from lorakit.jobs.saved import write_merged
 
     write_merged(args.adapter, args.out)
     print(f"merged model saved to {args.out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lorakit.train.saved import write_peft
+    from lorakit.jobs.saved import write_peft
 
     write_peft(args.adapter, args.out, args.rank, args.overwrite)
     loader = f"peft.PeftModel.from_pretrained(base_model, '{args.out}')"
@@ -264,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_federate(args: argparse.Namespace) -> None:
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
-    from lorakit.train.rundir import exclusive
+    from lorakit.jobs.rundir import exclusive
 
     cfg = from_args(args)
     noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")

@@ -18,7 +18,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT classifier saved with the embedded model's tokenizer, as a local model directory."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lorakit.train.models import resolve_model
+    from lorakit.jobs.models import resolve_model
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from lorakit.train.job import DataConfig, JobConfig
+from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
 WORLD = 2
@@ -177,7 +177,7 @@ class Jobs:
         self.per_rank = per_rank
 
     def __call__(self, rank: int) -> None:
-        from lorakit.train.job import run_job
+        from lorakit.jobs.job import run_job
 
         for one in self.per_rank[rank]:
             run_job(one)
@@ -233,7 +233,7 @@ class BufferBroadcasts:
     def __call__(self, rank: int) -> None:
         import lorakit
         from lorakit.distributed import join
-        from lorakit.train.models import load_model
+        from lorakit.jobs.models import load_model
 
         group = join("ddp")
         model, _ = load_model(self.model_dir, "classification")

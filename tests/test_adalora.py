@@ -13,8 +13,8 @@ from torch import nn
 from variant_cases import case_config
 
 import lorakit
-from lorakit.variants.adalora import AdaLoRAConfig, rank_pattern
-from lorakit.variants.adalora_budget import AdaLoRAHook, budget, global_mask
+from lorakit.variants.adalora import AdaLoRAConfig, AdaLoRAHook, rank_pattern
+from lorakit.variants.adalora_budget import budget, global_mask
 
 T, T_INIT, T_FINAL, DELTA_T = 30, 3, 8, 2
 CFG = {"init_r": 6, "target_r": 2, "alpha": 12.0, "dropout": 0.0, "t_init": T_INIT, "t_final": T_FINAL}

@@ -10,9 +10,9 @@ from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.api import TargetError
+from lorakit.adapters.api import TargetError
+from lorakit.adapters.io import AdapterFileError
 from lorakit.core.kinds import LINEAR, KindSet
-from lorakit.io import AdapterFileError
 
 
 def mlp() -> nn.Module:
@@ -65,7 +65,7 @@ def test_unsupported_kind_is_refused_with_the_supported_list() -> None:
         kinds = KindSet([LINEAR])
 
     with pytest.raises(TargetError, match="supports"):
-        lorakit.api.find_targets(model, ["0"], LinearOnly.kinds)
+        lorakit.adapters.api.find_targets(model, ["0"], LinearOnly.kinds)
 
 
 def test_apply_twice_is_refused_and_disable_restores_base() -> None:

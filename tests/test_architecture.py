@@ -1,6 +1,7 @@
-"""The package's layering holds: imports run one way with no circles (the package root included), variants
-never reach up into the code that trains them, the kernels are reached only through the policy the package
-root installs, no code outside ``lorakit/variants`` names a variant or probes one, and every settings field
+"""The package's layering holds: every folder of ``lorakit/`` is one layer of docs/architecture.md and imports
+only its own folder and the layers below it (the package root, a layer of its own, included), with no import
+circles, type-only imports counted; the kernels are reached only through the policy the package root
+installs; no code outside ``lorakit/variants`` names a variant or probes one; and every settings field
 documents itself for ``--help``."""
 
 from __future__ import annotations
@@ -10,25 +11,33 @@ import dataclasses
 from pathlib import Path
 
 import lorakit
-from lorakit.cliargs import SECTIONS
+from lorakit.common.settings import field_help
 from lorakit.federated.config import FedConfig
-from lorakit.settings import field_help
+from lorakit.jobs.cliargs import SECTIONS
 
 PACKAGE = Path(lorakit.__file__).parent
-# What a variant may never import: the code that drives it (and everything above that).
-ABOVE_VARIANTS = (
-    "lorakit",  # the package root
-    "train",
-    "engine",
-    "privacy",
-    "federated",
-    "integrations",
-    "interop",
-    "bench",
-    "cli",
-    "api",
-    "io",
+ROOT = "lorakit"  # the package face, lorakit/__init__.py
+# The layers, bottom to top: a module imports only its own folder and the layers below it, never a folder
+# beside it in its own layer. The package root is a layer: the drivers use the public API through it.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("common",),  # the foundation: errors, settings, one writer per directory, directories swapped whole
+    ("core",),  # layer types, weights, and the variant <-> driver contract
+    ("kernels",),  # faster forms of core's computations, behind one seam; never a variant's name
+    ("variants",),  # one method each, through the contract only
+    ("adapters",),  # the public API on adapted models: apply, merge, save, load, targets, quantise
+    ("interop",),  # PEFT's adapter files, on the public API
+    ("engine",),  # one optimizer step, in one order, for every driver
+    (ROOT,),  # the package face: the public API, the kernels' policy installed
+    ("data",),  # what a run reads: files and datasets, chat templates, batches
+    ("train", "privacy", "distributed", "integrations"),  # the drivers, each on the engine
+    ("jobs",),  # what turns a job into a run: its settings, model, directory, and which driver runs it
+    ("federated",),  # Flower's client and server, which run a job's model and data
+    ("eval", "bench"),  # the tools on trained runs
+    ("cli",),  # the command line
+    ("__main__",),  # ``python -m lorakit``
 )
+RANK = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
+LOOSE = ("__init__.py", "__main__.py", "cli.py")  # the only modules directly in lorakit/
 
 
 def module_name(path: Path) -> str:
@@ -36,35 +45,26 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-# The drivers and tools on top; the engine below them may use the public API (api, io) and core.
-DRIVERS = ("lorakit", "train", "privacy", "federated", "integrations", "interop", "bench", "cli", "cliargs")
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-# Below core: the error types and the settings parser, which import nothing of lorakit but each other.
-FOUNDATION = ("lorakit.errors", "lorakit.settings")
 
 
 def imports(path: Path) -> set[str]:
-    """lorakit modules ``path`` imports anywhere (function bodies included, ``TYPE_CHECKING`` blocks not),
-    with the packages they are in: importing ``lorakit.engine.run`` from outside ``lorakit.engine`` runs
-    ``lorakit/engine/__init__.py`` first. The package root counts where it is named (``import lorakit``), not
-    as every module's parent."""
-    tree = ast.parse(path.read_text())
-    typing_only = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for n in ast.walk(node)
-    }
+    return imports_in(path.read_text(), module_name(path))
+
+
+def imports_in(source: str, importer: str) -> set[str]:
+    """lorakit modules the module ``importer`` imports anywhere in ``source`` (function bodies and
+    ``TYPE_CHECKING`` blocks included: a type-only import is a dependency too), with the packages they are
+    in: importing ``lorakit.engine.run`` from outside ``lorakit.engine`` runs ``lorakit/engine/__init__.py``
+    first. The package root counts where it is named (``import lorakit``), not as every module's parent."""
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, (importer, node.module)  # absolute imports only
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}
-    importer = module_name(path)
     found |= {p for m in found for p in packages_of(m) if not f"{importer}.".startswith(f"{p}.")}
     return {m for m in found if m in MODULES}
 
@@ -79,7 +79,7 @@ def packages_of(module: str) -> set[str]:
 GRAPH = {name: imports(path) - {name} for name, path in MODULES.items()}
 
 
-def cycles() -> list[list[str]]:
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -89,7 +89,7 @@ def cycles() -> list[list[str]]:
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
-        for w in GRAPH[v]:
+        for w in graph[v]:
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -105,55 +105,71 @@ def cycles() -> list[list[str]]:
             if len(component) > 1:
                 found.append(sorted(component))
 
-    for v in GRAPH:
+    for v in graph:
         if v not in index:
             visit(v)
     return found
 
 
-def test_imports_have_no_circles() -> None:
-    assert cycles() == []
+def folder_of(module: str) -> str:
+    """``lorakit.engine.run`` -> ``engine``; ``lorakit.cli`` -> ``cli``; the package root -> ``lorakit``."""
+    return module.split(".")[1] if "." in module else ROOT
 
 
-def test_core_and_variants_never_import_the_code_that_drives_them() -> None:
+def test_imports_have_no_circles_type_only_imports_included() -> None:
+    assert cycles(GRAPH) == []
+
+
+def test_a_type_only_import_counts_and_closes_a_circle() -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n\n"
+        "if TYPE_CHECKING:\n"
+        "    from lorakit.core.layer import AdaptedLayer\n"
+    )
+    found = imports_in(source, "lorakit.core.variant")
+    assert found == {"lorakit.core.layer"}  # the package lorakit.core is the importer's own
+    graph = {**GRAPH, "lorakit.core.variant": GRAPH["lorakit.core.variant"] | found}
+    assert any({"lorakit.core.layer", "lorakit.core.variant"} <= set(c) for c in cycles(graph))
+
+
+def test_the_package_root_holds_only_the_face_and_the_command_line() -> None:
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == sorted(LOOSE), [name for name in loose if name not in LOOSE]
+    folders = {p.relative_to(PACKAGE).parts[0] for p in PACKAGE.glob("*/**/*.py")}
+    assert folders | {ROOT, "cli", "__main__"} == set(RANK), set(RANK) ^ (folders | {ROOT, "cli", "__main__"})
+
+
+def test_every_folder_is_one_layer_and_imports_only_itself_and_the_layers_below() -> None:
+    unplaced = sorted({folder_of(name) for name in GRAPH} - set(RANK))
+    assert unplaced == [], f"put {unplaced} in a layer of LAYERS"
+    wrong = []
     for name, targets in GRAPH.items():
-        layer = name.split(".")[1] if "." in name else ""
-        if layer == "core":
-            assert all(t.startswith("lorakit.core") or t in FOUNDATION for t in targets), (name, targets)
-        if name in FOUNDATION:
-            assert all(t in FOUNDATION for t in targets), (name, targets)
-        if layer == "engine":  # the engine serves the drivers and never reaches up to one (nor to the root)
-            drivers = [t for t in targets if layer_of(t) in DRIVERS]
-            assert drivers == [], (name, drivers)
-        if layer == "variants":
-            above = [t for t in targets if layer_of(t) in ABOVE_VARIANTS]
-            assert above == [], (name, above)
+        here = folder_of(name)
+        for target in sorted(targets):
+            there = folder_of(target)
+            if there != here and RANK[there] >= RANK[here]:
+                wrong.append(f"{name} ({here}) imports {target} ({there})")
+    assert wrong == []
 
 
-def layer_of(module: str) -> str:
-    """``lorakit.engine.run`` -> ``engine``; the package root (which imports every layer) -> ``"lorakit"``."""
-    return module.split(".")[1] if "." in module else "lorakit"
+def test_the_root_is_in_the_graph_between_the_public_api_and_the_drivers() -> None:
+    assert "lorakit.adapters.api" in GRAPH[ROOT] and "lorakit.engine.gradients" in GRAPH[ROOT]
+    below = [
+        name for name, targets in GRAPH.items() if ROOT in targets and RANK[folder_of(name)] < RANK[ROOT]
+    ]
+    assert below == []  # the engine, the public API, core and the variants never reach the root
 
 
 KERNELS = "lorakit.kernels"
-POLICY_INSTALLER = "lorakit"  # the package root imports the kernels, which install their policy in core
+POLICY_INSTALLER = ROOT  # the package root imports the kernels, which install their policy in core
 
 
-def test_only_the_package_root_imports_the_kernels_and_variants_import_nothing_of_them() -> None:
+def test_nothing_outside_the_seam_but_the_package_root_imports_the_kernels() -> None:
     for name, targets in GRAPH.items():
         reached = sorted(t for t in targets if t == KERNELS or t.startswith(KERNELS + "."))
-        if name.startswith("lorakit.variants"):
-            assert reached == [], (name, reached)
-        elif name != POLICY_INSTALLER and not name.startswith(KERNELS):
+        if name != POLICY_INSTALLER and not name.startswith(KERNELS + ".") and name != KERNELS:
             assert reached == [], (name, reached)
     assert KERNELS in GRAPH[POLICY_INSTALLER]
-
-
-def test_the_root_is_in_the_graph_and_the_engine_reaches_the_api_directly() -> None:
-    assert "lorakit" in GRAPH and "lorakit.api" in GRAPH["lorakit"]
-    for name in GRAPH:
-        if name.startswith("lorakit.engine"):  # the root imports the engine's gradients: no way back
-            assert "lorakit" not in GRAPH[name], name
 
 
 def test_no_code_outside_variants_names_or_probes_a_variant() -> None:

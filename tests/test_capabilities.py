@@ -24,13 +24,13 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import lorakit
 from lorakit.core.contract import CapabilityError
+from lorakit.data.datasets import BatchSampler, TokenizedData
 from lorakit.distributed import Distributed
 from lorakit.engine import run as engine_run
 from lorakit.federated.client import local_training
 from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.privacy.config import DPConfig
 from lorakit.privacy.dp_sgd import train_dp
-from lorakit.train.data import BatchSampler, TokenizedData
 from lorakit.train.loop import TrainConfig, train
 
 STEPS, BATCH, LR = 8, 8, 1e-2

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import CHATML, chat_tokenizer
 
-from lorakit.train import chat
-from lorakit.train.data import DataError, conversations, tokenize_causal
+from lorakit.data import chat
+from lorakit.data.datasets import DataError, conversations, tokenize_causal
 
 IGNORE = -100
 

@@ -54,8 +54,8 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     # the merged model predicts like the adapter: re-evaluate through the library
     from transformers import AutoTokenizer
 
-    from lorakit.train.data import demo_rows, tokenize_classification
-    from lorakit.train.job import evaluate
+    from lorakit.data.datasets import demo_rows, tokenize_classification
+    from lorakit.jobs.job import evaluate
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     data = tokenize_classification(demo_rows("test"), tok, "sentence", "label", 64, "demo")
@@ -64,7 +64,7 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 0
     from peft import PeftModel
 
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     base, _ = load_model("minilm", "classification")
     through_peft = PeftModel.from_pretrained(base, tmp_path / "peft")
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line_error(argv, message, tiny_bert_dir, tmp_path, cap
 def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lorakit.train.models import resolve_model
+    from lorakit.jobs.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     config = LlamaConfig(
@@ -146,8 +146,8 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
     assert main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["metrics"]) == {"loss", "perplexity"}
-    from lorakit.train.data import conversations, tokenize_causal
-    from lorakit.train.job import evaluate
+    from lorakit.data.datasets import conversations, tokenize_causal
+    from lorakit.jobs.job import evaluate
 
     tokens = tokenize_causal(conversations(rows, "messages", "q", "a", "qa"), tokenizer, None, 64)
     base_loss = evaluate(LlamaForCausalLM.from_pretrained(model_dir), tokens)["loss"]
@@ -157,7 +157,7 @@ def test_train_a_local_causal_lm_on_prompt_response_jsonl(tmp_path, capsys) -> N
 
 
 def test_set_values_read_as_numbers_booleans_lists_or_text() -> None:
-    from lorakit.settings import parse_assignments
+    from lorakit.common.settings import parse_assignments
 
     values = parse_assignments(["lr_ratio=1e-3", "ratio=16", "frozen=true", "pair=[1, 2]", "init=gaussian"])
     assert values == {"lr_ratio": 0.001, "ratio": 16, "frozen": True, "pair": [1, 2], "init": "gaussian"}

@@ -8,17 +8,17 @@ import pytest
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 
 def test_every_project_error_derives_from_the_one_base() -> None:
-    from lorakit.api import TargetError
-    from lorakit.core.variant import ConfigError
-    from lorakit.io import AdapterFileError
+    from lorakit.adapters.api import TargetError
+    from lorakit.adapters.io import AdapterFileError
+    from lorakit.adapters.quantize import QuantizationError
+    from lorakit.core.config import ConfigError
+    from lorakit.data.datasets import DataError
+    from lorakit.jobs.models import ModelError
     from lorakit.privacy.config import PrivacyError
-    from lorakit.quant_api import QuantizationError
-    from lorakit.train.data import DataError
-    from lorakit.train.models import ModelError
 
     for cls in (
         lorakit.DirectoryInUseError,

@@ -7,7 +7,7 @@ import torch
 from conftest import SST2
 from transformers import AutoTokenizer
 
-from lorakit.train.data import (
+from lorakit.data.datasets import (
     BatchSampler,
     DataError,
     column,
@@ -17,7 +17,7 @@ from lorakit.train.data import (
     tokenize_causal,
     tokenize_classification,
 )
-from lorakit.train.models import resolve_model
+from lorakit.jobs.models import resolve_model
 
 
 @pytest.fixture(scope="module")

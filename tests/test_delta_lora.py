@@ -9,7 +9,7 @@ from layer_zoo import LAYERS, make_case
 from torch import nn
 
 import lorakit
-from lorakit.io import AdapterFileError
+from lorakit.adapters.io import AdapterFileError
 
 RANK, ALPHA, LAM, K, STEPS, ACCUM, LR = 4, 8.0, 2.0, 2, 7, 2, 1e-2
 

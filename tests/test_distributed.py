@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.core.contract import Driver
-from lorakit.train.job import run_job
-from lorakit.train.rundir import locate
+from lorakit.jobs.job import run_job
+from lorakit.jobs.rundir import locate
 
 # Settings that exercise each variant's training rule within 8 steps: AdaLoRA prunes from step 2 and fixes
 # its mask at step 6 (a matrix may lose every triplet), DyLoRA samples ranks 1..4, Delta-LoRA moves W from
@@ -60,7 +60,7 @@ def setup(tmp_path_factory, tiny_bert_dir) -> tuple[Path, Path]:
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / lorakit.io.WEIGHTS_FILE))
+    return load_file(str(out / lorakit.adapters.io.WEIGHTS_FILE))
 
 
 def assert_same_adapter(
@@ -133,8 +133,8 @@ def test_every_variant_matches_single_process(setup, tmp_path, mode, quantize):
 
 def logits(model_dir: Path, adapter_dir: Path | None, data: Path) -> torch.Tensor:
     """Class scores of a fresh single-process model (with the adapter in ``adapter_dir`` if given)."""
-    from lorakit.train.data import read_rows, tokenize_classification
-    from lorakit.train.models import load_model
+    from lorakit.data.datasets import read_rows, tokenize_classification
+    from lorakit.jobs.models import load_model
 
     model, tokenizer = load_model(str(model_dir), "classification")
     if adapter_dir is not None:
@@ -179,8 +179,8 @@ def test_fsdp2_trains_lora_and_qlora_and_saves_a_whole_adapter(setup, tmp_path, 
 
 # --- one process: sharding, refusals, bytes ---------------------------------------------------------------
 def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
+    from lorakit.data.datasets import BatchSampler, TokenizedData
     from lorakit.distributed import Distributed, ShardedBatchSampler
-    from lorakit.train.data import BatchSampler, TokenizedData
 
     data = TokenizedData([[i, i + 1] for i in range(10)], list(range(10)), 0)
     single = BatchSampler(data, 6, seed=3)
@@ -216,7 +216,7 @@ def test_distributed_needs_torchrun_and_refuses_dp_sgd(setup, tmp_path, monkeypa
 
 def test_base_bytes_of_a_4bit_base_and_its_packed_digest(setup):
     from lorakit.distributed.memory import base_weight_bytes, packed_digest
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     model, _ = load_model(str(setup[0]), "classification")
     dense = base_weight_bytes(lorakit.apply(model, "lora", targets=["query", "value"]))
@@ -268,7 +268,7 @@ def torchrun(flags: list[str], *launcher: str, env: dict[str, str] | None = None
 
 def wait_for_checkpoint(run: subprocess.Popen, out: Path) -> Path:
     """The run's checkpoint file, once it exists (the run is built in its staging directory beside the
-    output directory, lorakit.train.rundir)."""
+    output directory, lorakit.jobs.rundir)."""
     checkpoint = locate(out).staging / "checkpoint" / "trainer.pt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and run.poll() is None:
@@ -447,7 +447,7 @@ def test_a_dead_rank_is_named_and_its_run_resumes_in_its_own_layout_from_rank_0s
 
     earlier = tmp_path / ".run.lorakit-old"  # a kill between the renames of an earlier run's swap
     earlier.mkdir()
-    (earlier / lorakit.io.CONFIG_FILE).write_text("{}")
+    (earlier / lorakit.adapters.io.CONFIG_FILE).write_text("{}")
     again = dataclasses.replace(two, resume="auto")
     ranks = run_ranks(Jobs([[again]] * WORLD), Probes(writes_under=str(tmp_path), batches=True))
     assert [r.error for r in ranks] == [None, None]

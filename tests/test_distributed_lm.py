@@ -14,7 +14,8 @@ from dist_harness import WORLD, spawn_jobs
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.train.job import DataConfig, JobConfig, run_job
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import run_job
 from lorakit.train.loop import TrainConfig
 
 
@@ -52,8 +53,8 @@ def test_a_causal_lm_trains_across_processes_as_one_process_with_the_same_micro_
     data = chat_rows(tmp_path / "rows.jsonl")
     spawn_jobs([lm_job(chat_llama_dir, data, tmp_path / mode, 2, mode)])
     run_job(lm_job(chat_llama_dir, data, tmp_path / "single", 2 * WORLD, None))
-    got = load_file(str(tmp_path / mode / lorakit.io.WEIGHTS_FILE))
-    want = load_file(str(tmp_path / "single" / lorakit.io.WEIGHTS_FILE))
+    got = load_file(str(tmp_path / mode / lorakit.adapters.io.WEIGHTS_FILE))
+    want = load_file(str(tmp_path / "single" / lorakit.adapters.io.WEIGHTS_FILE))
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)

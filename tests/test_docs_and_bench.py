@@ -9,17 +9,17 @@ import torch
 import yaml
 
 import lorakit
+from lorakit.bench.docs import render
 from lorakit.bench.report import write_report
 from lorakit.bench.run import load_bench, run_settings
-from lorakit.cliargs import _leaf_fields, job_from_values, job_values
-from lorakit.docs import render
+from lorakit.jobs.cliargs import _leaf_fields, job_from_values, job_values
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_variants_table_is_generated_from_the_registry() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert render(readme) == readme, "run `python -m lorakit.docs README.md`"
+    assert render(readme) == readme, "run `python -m lorakit.bench.docs README.md`"
     for name in lorakit.VARIANTS:
         assert f"| `{name}` |" in readme
 

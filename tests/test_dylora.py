@@ -196,7 +196,7 @@ def test_cli_trains_then_evaluates_every_rank(tiny_bert_dir, tmp_path, capsys) -
     accuracy, loss = (float(part.split()[1]) for part in plain.strip().split(", "))
     assert rows[3] == pytest.approx([accuracy, loss], abs=1e-4)
     # each rank is a different model (the 4-decimal table of this barely trained model cannot show it)
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     _, model, tokenizer = load_adapted(str(run))
     batch = tokenizer(["a joy to watch", "dull"], return_tensors="pt", padding=True)

@@ -31,13 +31,13 @@ from flwr.app import ArrayRecord, Error, Message  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.cli import main  # noqa: E402
-from lorakit.errors import LorakitError  # noqa: E402
+from lorakit.common.errors import LorakitError  # noqa: E402
+from lorakit.data import datasets as D  # noqa: E402
 from lorakit.federated import FedConfig, partition  # noqa: E402
 from lorakit.federated.failures import FederatedError  # noqa: E402
 from lorakit.federated.strategy import DPFedAvg, Reply, draw_rank, sample_cohort, update_space  # noqa: E402
 from lorakit.privacy import PrivacyError  # noqa: E402
 from lorakit.privacy.accountant import Accountant  # noqa: E402
-from lorakit.train import data as D  # noqa: E402
 from lorakit.variants.dylora import set_rank  # noqa: E402
 
 APP_DIR = Path(lorakit.__file__).parent / "federated" / "flwr_app"
@@ -190,8 +190,8 @@ def test_the_deployment_app_lists_every_setting_with_its_default() -> None:
 def test_dp_dylora_trains_exactly_the_rank_the_round_fixed(tiny_bert_dir) -> None:
     """Paper formula: the rank-b adapter is (alpha/b) B[:, :b] A[:b]; local steps move only that slice."""
     from lorakit.federated.client import local_training
+    from lorakit.jobs.models import load_model
     from lorakit.train.loop import TrainConfig
-    from lorakit.train.models import load_model
 
     model, tok = load_model(str(tiny_bert_dir), "classification")
     lorakit.apply(model, "dp_dylora", targets=["query"], rank=4, alpha=8.0, dropout=0.0, min_rank=1)
@@ -206,7 +206,7 @@ def test_dp_dylora_trains_exactly_the_rank_the_round_fixed(tiny_bert_dir) -> Non
         (lay.variant.A.detach().clone(), lay.variant.B.detach().clone())
         for _, lay in lorakit.adapted_layers(model)
     ]
-    from lorakit.train import data as D
+    from lorakit.data import datasets as D
 
     data = D.tokenize_classification(D.demo_rows()[:64], tok, "sentence", "label", 24, "demo")
     local_training(model, data, TrainConfig(steps=3, batch_size=16, lr=1e-2, progress=False))
@@ -455,9 +455,9 @@ def test_under_dp_no_per_client_statistic_reaches_the_server_or_the_files(
 
 def test_federated_lora_without_noise_beats_the_base_model(tmp_path) -> None:
     """Plain FedAvg (no clipping, no noise) through the same apps: the embedded model on the demo task."""
+    from lorakit.data import datasets as D
     from lorakit.federated.client import job_config
-    from lorakit.train import data as D
-    from lorakit.train.job import evaluate, prepare_model
+    from lorakit.jobs.job import evaluate, prepare_model
 
     values = dict(variant="lora", rank=4, targets="query,value", clients=4, cohort=2, sampling="fixed")
     values |= dict(rounds=2, local_steps=5, lr=5e-3, max_length=32)

@@ -1,7 +1,7 @@
 """Property-based fuzzing of everything that reads user input: config and job files (through the command
 line), bench files, data files, and both adapter formats. Random and mutated inputs give a result or a clear
-:class:`lorakit.errors.LorakitError`, never another exception; a failed adapter load leaves the model exactly
-as it was."""
+:class:`lorakit.common.errors.LorakitError`, never another exception; a failed adapter load leaves the model
+exactly as it was."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit.bench.run import load_bench, run_settings
 from lorakit.cli import build_parser, main
-from lorakit.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
+from lorakit.data.datasets import ClassLabels, read_rows, texts
 from lorakit.interop import load_peft, save_peft
-from lorakit.train.data import ClassLabels, read_rows, texts
+from lorakit.jobs.cliargs import _leaf_fields, job_from_args, job_from_values, job_values
 
 FUZZ = settings(
     max_examples=40,
@@ -135,7 +135,7 @@ def test_any_job_file_becomes_a_checked_job_or_one_line(values: dict[Any, Any], 
         raise Reached
 
     with tempfile.TemporaryDirectory() as tmp, monkeypatch.context() as m:
-        m.setattr("lorakit.train.job.run_job", reached)
+        m.setattr("lorakit.jobs.job.run_job", reached)
         path = Path(tmp) / "job.yaml"
         path.write_text(yaml.safe_dump(values))
         capsys.readouterr()

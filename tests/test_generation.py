@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.cli import main
+from lorakit.data import chat
 from lorakit.eval.generation import generate
 from lorakit.eval.scoring import compile_pattern, extract_answer, normalize, score
-from lorakit.train import chat
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_eval_generate_writes_metrics_the_merged_model_reproduces(chat_llama_dir
     assert main(argv) == 0
     assert main(["merge", "--adapter", str(run), "--out", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     _, adapted, tokenizer = load_adapted(str(run))
     hi = chat.Example(({"role": "user", "content": "hi"},))

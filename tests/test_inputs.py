@@ -10,14 +10,15 @@ from layer_zoo import MLP
 from variant_cases import case_config
 
 import lorakit
-from lorakit.api import TargetError
+from lorakit.adapters.api import TargetError
 from lorakit.cli import build_parser
-from lorakit.cliargs import job_from_args
-from lorakit.core.variant import ConfigError
-from lorakit.errors import LorakitError, SettingError
+from lorakit.common.errors import LorakitError, SettingError
+from lorakit.core.config import ConfigError
+from lorakit.data.datasets import ClassLabels, DataError, read_rows, tokenize_classification
+from lorakit.jobs.cliargs import job_from_args
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import resolve_classes
 from lorakit.privacy.config import PrivacyError
-from lorakit.train.data import ClassLabels, DataError, read_rows, tokenize_classification
-from lorakit.train.job import DataConfig, JobConfig, resolve_classes
 from lorakit.train.loop import TrainConfig
 
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
-from lorakit.errors import LorakitError
+from lorakit.adapters.io import AdapterFileError
+from lorakit.common.errors import LorakitError
 from lorakit.interop import load_peft, save_peft
-from lorakit.io import AdapterFileError
 from lorakit.variants.dylora import set_rank
 
 peft = pytest.importorskip("peft")

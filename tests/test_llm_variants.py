@@ -15,10 +15,10 @@ from variant_cases import case_config
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.data import chat
+from lorakit.data.datasets import BatchSampler, tokenize_causal
 from lorakit.interop import save_peft
 from lorakit.interop.peft_methods import METHODS
-from lorakit.train import chat
-from lorakit.train.data import BatchSampler, tokenize_causal
 from lorakit.train.loop import TrainConfig, train
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

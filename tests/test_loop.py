@@ -24,7 +24,7 @@ class Regression(nn.Module):
 
 
 class Batches:
-    """Seeded batches with state, like lorakit.train.data.BatchSampler."""
+    """Seeded batches with state, like lorakit.data.datasets.BatchSampler."""
 
     def __init__(self) -> None:
         self.gen = torch.Generator().manual_seed(1)

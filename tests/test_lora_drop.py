@@ -12,7 +12,7 @@ from torch import nn
 import lorakit
 from lorakit.cli import main
 from lorakit.core.contract import Driver
-from lorakit.train.data import TokenizedData
+from lorakit.data.datasets import TokenizedData
 from lorakit.train.loop import TrainConfig, stage_run
 from lorakit.train.stages import run_stages
 from lorakit.variants.lora_drop_stages import importance, select, stratified_sample

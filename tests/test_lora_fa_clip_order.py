@@ -146,10 +146,10 @@ def test_trainer_preconditions_the_clipped_gradient(tmp_path, monkeypatch) -> No
 def test_dp_sgd_preconditions_the_privatised_gradient(tiny_bert_dir) -> None:
     """DP-SGD clips per example and adds noise; the correction then acts on that privatised gradient."""
     pytest.importorskip("opacus")
+    from lorakit.data import datasets as D
+    from lorakit.jobs.models import head_modules, load_model
     from lorakit.privacy import DPConfig
     from lorakit.privacy.dp_sgd import train_dp
-    from lorakit.train import data as D
-    from lorakit.train.models import head_modules, load_model
 
     model, tokenizer = load_model(str(tiny_bert_dir), "classification")
     heads = head_modules(model, "classification")

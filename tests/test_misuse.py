@@ -12,9 +12,9 @@ from layer_zoo import MLP, Holder, perturb
 from torch import nn
 
 import lorakit
-from lorakit.api import TargetError
-from lorakit.core.variant import ConfigError
-from lorakit.errors import AdapterStateError, LorakitError, SettingError
+from lorakit.adapters.api import TargetError
+from lorakit.common.errors import AdapterStateError, LorakitError, SettingError
+from lorakit.core.config import ConfigError
 
 
 def _adapted(**config) -> MLP:
@@ -207,7 +207,7 @@ def test_grouped_convolutions_are_refused_by_factor_variants_and_exact_in_the_ot
 # --- saving and loading -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
 def test_saving_never_replaces_a_file_already_there(tmp_path, save) -> None:
-    from lorakit.errors import OutputExistsError
+    from lorakit.common.errors import OutputExistsError
 
     names = {lorakit.save: "adapter.safetensors", lorakit.save_peft: "adapter_model.safetensors"}
     (tmp_path / names[save]).write_bytes(b"mine")
@@ -221,7 +221,7 @@ def test_saving_never_replaces_a_file_already_there(tmp_path, save) -> None:
 
 @pytest.mark.parametrize("save", [lorakit.save, lorakit.save_peft])
 def test_saving_where_no_directory_can_be_is_an_adapter_file_error(tmp_path, save) -> None:
-    from lorakit.io import AdapterFileError
+    from lorakit.adapters.io import AdapterFileError
 
     (tmp_path / "file").write_text("x")
     for where, message in [
@@ -239,7 +239,7 @@ def test_an_adapter_loads_onto_its_base_in_another_dtype(tmp_path, dtype) -> Non
     """Trained on a float32 base, loaded onto the same base in another dtype (deployment in bfloat16): the
     exact fingerprint differs, the sampled weights agree to the cast's rounding, so it loads; a different
     base in that dtype is still refused."""
-    from lorakit.io import AdapterFileError
+    from lorakit.adapters.io import AdapterFileError
 
     trained = _adapted().eval()
     lorakit.save(trained, tmp_path)
@@ -259,7 +259,7 @@ def test_an_adapter_loads_onto_its_base_in_another_dtype(tmp_path, dtype) -> Non
 
 
 def test_an_adapter_is_refused_by_its_base_moved_beyond_rounding(tmp_path) -> None:
-    from lorakit.io import AdapterFileError
+    from lorakit.adapters.io import AdapterFileError
 
     lorakit.save(_adapted(), tmp_path)
     torch.manual_seed(0)
@@ -278,7 +278,7 @@ def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> Non
 
     from safetensors.torch import load_file, save_file
 
-    from lorakit.io import AdapterFileError, file_sha256
+    from lorakit.adapters.io import AdapterFileError, file_sha256
 
     lorakit.save(_adapted(), tmp_path)
     weights = tmp_path / "adapter.safetensors"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.train import model_cache, models
-from lorakit.train.model_cache import MANIFEST, ModelCacheError, converted
+from lorakit.jobs import model_cache, models
+from lorakit.jobs.model_cache import MANIFEST, ModelCacheError, converted
 
 
 @pytest.fixture

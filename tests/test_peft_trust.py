@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.adapters.io import AdapterFileError
 from lorakit.interop import load_peft, save_peft
-from lorakit.io import AdapterFileError
 
 
 class Small(nn.Module):

@@ -14,11 +14,11 @@ from variant_cases import case_config
 import lorakit
 from lorakit.cli import main
 from lorakit.core.variant import Hook
+from lorakit.data import datasets as D
 from lorakit.privacy import DPConfig, PrivacyError, require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.dp_sgd import per_example_loss, train_dp
 from lorakit.privacy.grad_sample import AdapterGradSampleModule
-from lorakit.train import data as D
 from lorakit.train.loop import TrainConfig
 
 # Adapters whose inputs need no gradient make PyTorch warn on every backward through Opacus' hooks.
@@ -54,7 +54,7 @@ def test_per_example_gradients_equal_autograd_for_every_variant_and_kind(name: s
 
 
 def tiny_classifier(path, variant: str):
-    from lorakit.train.models import head_modules, load_model
+    from lorakit.jobs.models import head_modules, load_model
 
     model, tokenizer = load_model(str(path), "classification")
     model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
@@ -340,7 +340,7 @@ def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys)
 def test_a_non_finite_private_gradient_stops_training(tiny_bert_dir) -> None:
     """DP-SGD privatises inside the optimizer step; the released gradient is checked right after it, so a
     NaN stops the run before any checkpoint or adapter is written (post-processing: no privacy cost)."""
-    from lorakit.io import NonFiniteError
+    from lorakit.adapters.io import NonFiniteError
 
     model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
     with torch.no_grad():

@@ -10,10 +10,10 @@ from test_causal_lm import assert_reloads_then_merges
 from torch import nn
 
 import lorakit
+from lorakit.adapters.quantize import QuantizationError
+from lorakit.core.config import ConfigError
 from lorakit.core.nf4_linear import NF4Linear
 from lorakit.core.quant import quantize_nf4
-from lorakit.core.variant import ConfigError
-from lorakit.quant_api import QuantizationError
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.qlora import QLoRAConfig
 

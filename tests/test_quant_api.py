@@ -10,10 +10,10 @@ from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
+from lorakit.adapters.quantize import QuantizationError, dequantize
 from lorakit.cli import main
 from lorakit.core.nf4_linear import NF4Linear
 from lorakit.core.quant import quantize_nf4
-from lorakit.quant_api import QuantizationError, dequantize
 
 
 def test_default_quantises_every_linear_but_the_head() -> None:
@@ -152,7 +152,7 @@ def test_cli_train_eval_merge_with_quantize(tiny_bert_dir, tmp_path, capsys) -> 
     common = ["--model", str(tiny_bert_dir), "--steps", "3", "--batch-size", "8", "--no-progress"]
     argv = ["train", *common, "--quantize", "nf4", "--targets", "query,value", "--output-dir", str(run)]
     assert main(argv) == 0, capsys.readouterr().err
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     job, model, tokenizer = load_adapted(str(run))
     assert job.quantize == "nf4" and isinstance(model.bert.encoder.layer[0].attention.self.key, NF4Linear)

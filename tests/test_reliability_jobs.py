@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.errors import DiskFullError
-from lorakit.train import job as J
+from lorakit.common.errors import DiskFullError
+from lorakit.jobs import job as J
+from lorakit.jobs.config import JobConfig
+from lorakit.train.loop import TrainConfig
 
 
 def argv(model: Path, out: Path, *extra: str) -> list[str]:
@@ -115,8 +117,8 @@ def test_a_run_that_fails_while_saving_leaves_the_old_adapter(
         DiskFullError,
         match="trained adapter was not saved; no checkpoint is kept: free space and train again; the adapter",
     ):
-        cfg = J.TrainConfig(steps=2, batch_size=8, progress=False)
-        J.run_job(J.JobConfig(model=str(tiny_bert_dir), output_dir=str(trained), overwrite=True, train=cfg))
+        cfg = TrainConfig(steps=2, batch_size=8, progress=False)
+        J.run_job(JobConfig(model=str(tiny_bert_dir), output_dir=str(trained), overwrite=True, train=cfg))
     assert snapshot(trained) == before and leftovers(trained) == []
 
 
@@ -218,7 +220,7 @@ def test_an_output_dir_with_other_files_or_the_current_directory_is_refused(
 
 
 def test_lorakit_save_and_load_of_a_job_adapter_round_trip(trained, tiny_bert_dir) -> None:
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     model, _ = load_model(str(tiny_bert_dir), "classification")
     lorakit.load(model, trained)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_reliability_jobs import argv, leftovers, snapshot
 
-from lorakit import dirlock
 from lorakit.cli import main
+from lorakit.common import dirlock
 
 ROOT = Path(__file__).resolve().parents[1]
 

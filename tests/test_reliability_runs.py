@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_loop import Batches, Regression, adapted
 
 import lorakit
-from lorakit.io import NonFiniteError
+from lorakit.adapters.io import NonFiniteError
 from lorakit.train.checkpoint import DivergedError, ResumeError, has_checkpoint
 from lorakit.train.loop import TrainConfig, train
 
@@ -112,7 +112,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
         cfg = TrainConfig(**{**CFG.__dict__, "checkpoint_every": 4})
         train(model, PoisonedAt7(), cfg, output_dir=out, overwrite=True)
     assert f"last good checkpoint is kept in {out / 'checkpoint'}" in str(err.value)
-    assert isinstance(err.value, lorakit.errors.LorakitError)  # the CLI's one-line error, exit 2
+    assert isinstance(err.value, lorakit.common.errors.LorakitError)  # the CLI's one-line error, exit 2
     assert (out / "checkpoint" / "adapter.safetensors").read_bytes() != good  # step 4 of this run
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step was never applied
 
@@ -155,7 +155,7 @@ def test_an_adapter_with_non_finite_values_is_never_saved_nor_loaded(tmp_path) -
     save_file(tensors, weights, metadata={"format": "lorakit-adapter"})
     base = Regression()
     before = params(base)
-    with pytest.raises(lorakit.io.AdapterFileError, match="does not match the checksum"):
+    with pytest.raises(lorakit.adapters.io.AdapterFileError, match="does not match the checksum"):
         lorakit.load(base, tmp_path / "a")
     assert not lorakit.adapted_layers(base) and all(map(torch.equal, before, params(base)))
     # without a recorded checksum (an adapter saved before it existed) the NaN itself is named
@@ -173,7 +173,7 @@ def test_raw_nan_bytes_written_into_the_weights_file_are_refused(tmp_path) -> No
     raw = bytearray(weights.read_bytes())
     raw[-4:] = b"\x00\x00\xc0\x7f"  # the last float32 becomes NaN
     weights.write_bytes(bytes(raw))
-    with pytest.raises(lorakit.io.AdapterFileError, match="changed or damaged"):
+    with pytest.raises(lorakit.adapters.io.AdapterFileError, match="changed or damaged"):
         lorakit.load(Regression(), tmp_path / "a")
 
 

@@ -15,8 +15,8 @@ from conftest import tiny_llama
 from test_reliability_jobs import argv, killed_at_batch, leftovers
 
 import lorakit
+from lorakit.adapters.io import AdapterFileError
 from lorakit.cli import main
-from lorakit.io import AdapterFileError
 
 CHAT = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
@@ -88,7 +88,7 @@ def test_a_checkpoint_or_an_interrupted_run_is_named_with_the_fix_by_every_comma
 def test_class_names_reach_the_merged_model_and_it_predicts_as_the_adapter(named, tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit.train.saved import load_adapted
+    from lorakit.jobs.saved import load_adapted
 
     assert main(["merge", "--adapter", str(named), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -145,7 +145,7 @@ def test_a_causal_lm_keeps_its_chat_template_tokenizer_and_generation_config_whe
 
 
 def test_adapter_files_name_the_real_cause(named, tmp_path) -> None:
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     def fresh():
         return load_model(

@@ -21,7 +21,7 @@ def smollm2():
     pytest.importorskip("gguf")
     if not GSM8K.is_dir():
         pytest.skip(f"GSM8K is not at {GSM8K}")
-    from lorakit.train.models import load_model
+    from lorakit.jobs.models import load_model
 
     return load_model("smollm2", "causal-lm")
 

@@ -14,13 +14,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
+from lorakit.data.datasets import TokenizedData, eval_batches
 from lorakit.engine import token_loss
 from lorakit.engine.gradients import LossBackward
 from lorakit.engine.token_loss import TokenLoss, linear_cross_entropy, takes_token_loss
+from lorakit.jobs.job import evaluate
 from lorakit.kernels import cross_entropy
 from lorakit.kernels.cross_entropy import fused_linear_cross_entropy
-from lorakit.train.data import TokenizedData, eval_batches
-from lorakit.train.job import evaluate
 from lorakit.train.loop import TrainConfig
 
 

@@ -8,11 +8,11 @@ from conftest import tiny_llama
 from transformers import TrainingArguments
 
 import lorakit
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
 from lorakit.integrations.transformers import LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern
-from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.variants.dylora import DyLoRAHook
 
 STEPS, ACCUM, BATCH, LR = 20, 2, 4, 1e-2
 
@@ -125,7 +125,7 @@ def test_adalora_under_trainer_equals_the_lorakit_loop_so_extra_loss_counts_once
 
 def test_a_non_finite_gradient_stops_the_trainer_before_the_weights_change(tmp_path) -> None:
     """As lorakit's own loop: a NaN gradient raises NonFiniteError before ``optimizer.step``."""
-    from lorakit.io import NonFiniteError
+    from lorakit.adapters.io import NonFiniteError
 
     model = lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2, alpha=4.0, dropout=0.0)
     with torch.no_grad():

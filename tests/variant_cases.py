@@ -43,7 +43,7 @@ def config_with_dropout(name: str, p: float) -> dict[str, Any] | None:
     """:func:`case_config` with adapter dropout ``p``; None where the variant's config refuses that rate
     (Delta-LoRA has no dropout)."""
     from lorakit import get_variant
-    from lorakit.core.variant import ConfigError
+    from lorakit.core.config import ConfigError
 
     config = case_config(name) | {"dropout": p}
     try:

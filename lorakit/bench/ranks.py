@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from lorakit.io import WEIGHTS_FILE, read_meta
+from lorakit.adapters.io import WEIGHTS_FILE, read_meta
 from lorakit.variants import get_variant
 
 

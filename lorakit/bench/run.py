@@ -24,11 +24,11 @@ from typing import Any
 
 import yaml
 
-import lorakit.dirlock as dirlock
+import lorakit.common.dirlock as dirlock
+from lorakit.adapters.io import CONFIG_FILE
 from lorakit.bench.report import write_report
-from lorakit.cliargs import job_from_values, job_values
-from lorakit.errors import LorakitError
-from lorakit.io import CONFIG_FILE
+from lorakit.common.errors import LorakitError
+from lorakit.jobs.cliargs import job_from_values, job_values
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")

@@ -11,14 +11,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from lorakit.errors import LorakitError
-
-if TYPE_CHECKING:
-    from lorakit.core.variant import VariantConfig
+from lorakit.common.errors import LorakitError
+from lorakit.core.config import VariantConfig
 
 
 class Driver(enum.Enum):

@@ -16,11 +16,12 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
 from lorakit.core.quantized import QuantizedBase
 from lorakit.core.seam import fast_forward, fast_paths_active
-from lorakit.core.variant import Variant, VariantConfig
+from lorakit.core.variant import Variant
 
 
 class AdaptedLayer(nn.Module):

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lorakit.common.errors import AdapterStateError, SettingError
 from lorakit.core.layer import AdaptedLayer
-from lorakit.errors import AdapterStateError, SettingError
 
 
 def _layers(model: nn.Module) -> list[AdaptedLayer]:

@@ -10,113 +10,65 @@ a kernel registered for that form may compute it (``lorakit.kernels``); the vari
 Rules that act during training (AdaLoRA's budget, Delta-LoRA's weight update, DyLoRA's rank sampling) live in
 a :class:`Hook` that the variant declares.
 
-This file and :mod:`lorakit.core.contract` are the whole contract between a variant and the code that drives
-it: every capability a driver may use is a typed member here with a default (stages before the main run,
-the drivers a variant refuses, a rank view, PEFT names, typed shared state, how the base is stored). A driver
-never probes a variant with ``getattr``.
+This file, :mod:`lorakit.core.contract` and :mod:`lorakit.core.config` (a variant's settings) are the whole
+contract between a variant and the code that drives it: every capability a driver may use is a typed member
+here with a default (stages before the main run, the drivers a variant refuses, a rank view, PEFT names,
+typed shared state, how the base is stored). A driver never probes a variant with ``getattr``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import Driver, PeftSpec, Shared, Stages
 from lorakit.core.dropout import dropout
 from lorakit.core.forms import Form
-from lorakit.core.kinds import FACTOR_KINDS, KindSet
-from lorakit.errors import LorakitError
-from lorakit.settings import coerce_field
-
-if TYPE_CHECKING:
-    from lorakit.core.layer import AdaptedLayer
+from lorakit.core.kinds import FACTOR_KINDS, KindSet, LayerKind
 
 
-class ConfigError(LorakitError):
-    """A variant config field is unknown or out of range; the message names the field and the fix."""
+class LayerView(Protocol):
+    """What a variant and its hook see of an adapted layer, read-only: its name, kind, shapes, base layer and
+    weight, and its adapter. :class:`lorakit.core.layer.AdaptedLayer` is the one implementation; the contract
+    names this view instead, so the layer can build on the contract without a circle."""
 
+    name: str  # the module name in the model
+    kind: LayerKind
+    in_features: int
+    out_features: int
+    base_layer: nn.Module  # the frozen base layer
+    variant: Variant  # the layer's adapter
 
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16")  # how an adapter's own tensors may be stored
+    @property
+    def device(self) -> torch.device:
+        """Where the base weight lives."""
+        ...
 
+    @property
+    def bias(self) -> Tensor | None: ...
 
-@dataclass
-class VariantConfig:
-    """Fields every variant shares.
+    def weight_2d(self) -> Tensor:
+        """The base weight as ``(out, in)`` (dequantised if stored quantised)."""
+        ...
 
-    ``targets``: which layers to adapt: a list of module-name suffixes, a regex (full match on the module
-    name), or ``"all-linear"`` (every linear layer except the output head). ``train_modules``: module-name
-    suffixes trained in full and saved with the adapter (e.g. a new classification head). ``adapter_dtype``:
-    how the adapter's own tensors are stored, ``float32`` or, as QLoRA's paper keeps them, ``bfloat16`` (half
-    the adapter's memory and its optimizer state's; an update smaller than bf16's spacing near a weight,
-    about 0.4% of it, is rounded away).
-    """
+    def stored_weight(self) -> Tensor:
+        """The tensor the base weight is stored in (a quantised layer's codes)."""
+        ...
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: str | list[str] = "all-linear"
-    train_modules: list[str] = field(default_factory=list)
-    adapter_dtype: str = "float32"
+    def weight_is_dequantised(self) -> bool:
+        """Whether :meth:`weight_2d` dequantises stored codes into a new tensor."""
+        ...
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def weight_folds_exactly(self, x: Tensor) -> bool:
+        """Whether ``op(x, W0 + dW)`` may stand in for ``op(x, W0) + op(x, dW)`` in this forward."""
+        ...
 
-    def validate(self) -> None:
-        """Check field ranges; subclasses extend this and call ``super().validate()``."""
-        require(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer")
-        require(0 < self.alpha < math.inf, "alpha", self.alpha, "a positive finite number")
-        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
-        dtypes = ", ".join(ADAPTER_DTYPES)
-        require(self.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", self.adapter_dtype, f"one of {dtypes}")
-        if isinstance(self.targets, tuple):
-            self.targets = list(self.targets)
-        self.train_modules = list(self.train_modules)
-
-    def max_rank(self, out_features: int, in_features: int) -> int | None:
-        """The largest ``rank`` that means something on an ``(out, in)`` layer; None: no limit. Default
-        ``min(out, in)``: a ``(out, r) @ (r, in)`` product has no more rank than that, so a larger ``r`` only
-        adds parameters (``apply`` refuses it, naming the layer)."""
-        return min(out_features, in_features)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], variant: str = "") -> VariantConfig:
-        """Build a config, rejecting unknown fields with the list of valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names), key=str)
-        if unknown:
-            label = f" for variant '{variant}'" if variant else ""
-            raise ConfigError(f"unknown config field(s) {unknown}{label}; valid fields: {', '.join(names)}")
-        # each value of its field's type (numbers written as text are read as numbers), before validate()
-        what = f"{variant} config" if variant else "variant config"
-        return cls(**{k: coerce_field(cls, k, v, what) for k, v in values.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def base_storage(self) -> BaseStorage | None:
-        """How the target layers' frozen weights must be stored before the adapter wraps them (QLoRA's
-        4-bit base); None: as given."""
-        return None
-
-
-@dataclass(frozen=True)
-class BaseStorage:
-    """A quantised base: ``quant_type`` (``"nf4"``), its compute dtype, and whether scales are quantised."""
-
-    quant_type: str
-    compute_dtype: str = "bfloat16"
-    double_quant: bool = True
-
-
-def require(ok: bool, name: str, value: object, expected: str) -> None:
-    """Raise :class:`ConfigError` naming the field unless ``ok`` (used by every ``validate`` method)."""
-    if not ok:
-        raise ConfigError(f"config field '{name}' = {value!r} is invalid: it must be {expected}")
+    def factored(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """``B A`` applied to ``x`` as this layer applies its weight, without forming ``B A``."""
+        ...
 
 
 class Hook:
@@ -129,7 +81,7 @@ class Hook:
     is built once per training run from the adapted model and the run's total number of optimizer steps.
     """
 
-    def __init__(self, model: nn.Module, layers: list[AdaptedLayer], total_steps: int) -> None:
+    def __init__(self, model: nn.Module, layers: list[LayerView], total_steps: int) -> None:
         self.model = model
         self.layers = layers
         self.total_steps = total_steps
@@ -183,7 +135,7 @@ class Variant(nn.Module):
         if "forward" in cls.__dict__ and "form" not in cls.__dict__:
             cls.form = Variant.form  # type: ignore[method-assign]
 
-    def __init__(self, config: VariantConfig, base: AdaptedLayer, shared: Shared) -> None:
+    def __init__(self, config: VariantConfig, base: LayerView, shared: Shared) -> None:
         """``base`` is a read-only view of the layer (name, kind, shapes, weight); ``shared`` is one
         :attr:`shared_class` object per ``apply`` call, for state all layers share (VeRA's projections)."""
         super().__init__()
@@ -233,7 +185,7 @@ class Variant(nn.Module):
         return config.rank
 
     # --- PEFT interop ----------------------------------------------------------------------------------
-    def peft_problem(self, base: AdaptedLayer) -> str | None:
+    def peft_problem(self, base: LayerView) -> str | None:
         """Why PEFT would read this layer differently (None: it reads it exactly)."""
         return None
 
@@ -241,13 +193,13 @@ class Variant(nn.Module):
         """The change this adapter makes to the base weight, as ``(out, in)``."""
         raise NotImplementedError(f"{type(self).__name__} must implement delta_weight()")  # abstract
 
-    def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
+    def needs_base_output(self, x: Tensor, base: LayerView) -> bool:
         """Whether :meth:`forward` needs the base layer's output for the input ``x``. When False the layer
         skips the base op and :meth:`forward` gets ``y=None`` and computes the whole output (see
-        :meth:`AdaptedLayer.weight_folds_exactly`). Default: True."""
+        :meth:`LayerView.weight_folds_exactly`). Default: True."""
         return True
 
-    def form(self, base: AdaptedLayer) -> Form | None:
+    def form(self, base: LayerView) -> Form | None:
         """The computation form of :meth:`forward` in this call (:mod:`lorakit.core.forms`), built from the
         parameters as they are now, through which a registered kernel may compute it instead; None: only
         :meth:`forward` computes it. A class that writes its own :meth:`forward` declares its own form (or
@@ -258,7 +210,7 @@ class Variant(nn.Module):
         """The rate of the adapter's input dropout in this call (0 without dropout or outside training)."""
         return self.dropout.p if self.dropout is not None and self.training else 0.0
 
-    def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, base: LayerView) -> Tensor:
         """Adapted output from the input ``x`` and the base output ``y`` (None only where
         :meth:`needs_base_output` said so). Default: ``y + op(x~, dW)``."""
         delta = self.delta_weight().to(y.dtype)
@@ -269,11 +221,11 @@ class Variant(nn.Module):
         """The adapter's input dropout (identity in eval mode or without dropout)."""
         return dropout(x, self.dropout.p, self.training) if self.dropout is not None else x
 
-    def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
+    def merged_weight(self, w0: Tensor, base: LayerView) -> Tensor:
         """The ``(out, in)`` weight that reproduces the adapted layer. Default ``W0 + dW``."""
         return w0 + self.delta_weight().to(w0.dtype)
 
-    def unmerged_weight(self, w: Tensor, base: AdaptedLayer) -> Tensor:
+    def unmerged_weight(self, w: Tensor, base: LayerView) -> Tensor:
         """Inverse of :meth:`merged_weight`."""
         return w - self.delta_weight().to(w.dtype)
 

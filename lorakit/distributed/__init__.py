@@ -6,7 +6,7 @@ See docs/distributed.md.
 data (:class:`ShardedBatchSampler`), wraps the model for the training loop (:meth:`Distributed.attach`)
 and says who writes (:func:`writes_files`). :mod:`lorakit.distributed.sync` keeps the ranks' adapters
 identical (a variant's stages data-parallel, rank 0's adapter before the main run, a check at the end);
-:mod:`lorakit.distributed.agree` checks before training that every rank runs rank 0's job;
+:mod:`lorakit.jobs.agree` checks before training that every rank runs rank 0's job;
 :mod:`lorakit.distributed.failures` names a peer that died; :mod:`lorakit.distributed.memory` reports what
 each rank holds of the base weights.
 """

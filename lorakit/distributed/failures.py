@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch.distributed as dist
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 # What the backends report, in lower case, when a peer process is gone or stopped answering.
 PEER_GONE = (

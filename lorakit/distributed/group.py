@@ -20,17 +20,17 @@ import torch.distributed as dist
 from torch import nn
 
 import lorakit
+from lorakit.common.errors import LorakitError
 from lorakit.core.contract import Driver
+from lorakit.data.datasets import TokenizedData
 from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import StagePlacement, match_rank_0
 from lorakit.engine.placement import Placement
-from lorakit.errors import LorakitError
-from lorakit.train.data import TokenizedData
 
 if TYPE_CHECKING:
+    from lorakit.adapters.summary import Summary
     from lorakit.distributed.wrap import KeepLocal
-    from lorakit.summary import Summary
 
 MODES = ("ddp", "fsdp")
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lorakit.train.data import BatchSampler, TokenizedData
+from lorakit.data.datasets import BatchSampler, TokenizedData
 
 
 class ShardedBatchSampler(BatchSampler):

@@ -15,7 +15,7 @@ start identical whatever their random streams drew.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,12 +23,10 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.data.datasets import BatchSampler
+from lorakit.distributed.process import Group
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.engine.placement import Placement
-from lorakit.train.data import BatchSampler
-
-if TYPE_CHECKING:
-    from lorakit.distributed.group import Distributed
 
 
 def adapter_tensors(model: nn.Module) -> list[Tensor]:
@@ -73,7 +71,7 @@ class StagePlacement(Placement):
 
     driver = Driver.DISTRIBUTED
 
-    def __init__(self, group: Distributed) -> None:
+    def __init__(self, group: Group) -> None:
         self.group = group
         self.is_writer = group.is_main
         self.params: list[nn.Parameter] = []

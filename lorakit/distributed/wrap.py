@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,9 +27,7 @@ from torch import nn
 
 import lorakit
 from lorakit.core.nf4_linear import NF4Linear
-
-if TYPE_CHECKING:
-    from lorakit.distributed.group import Distributed
+from lorakit.distributed.process import Group
 
 KeepLocal = Callable[[], contextlib.AbstractContextManager[None]]  # a context in which gradients stay local
 
@@ -86,7 +83,7 @@ def storage_as_parameters(model: nn.Module) -> None:
                     module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
 
-def shard(model: nn.Module, group: Distributed) -> nn.Module:
+def shard(model: nn.Module, group: Group) -> nn.Module:
     """FSDP2 ``fully_shard`` per block and on the root, adapter and trainable tensors ignored (kept whole),
     a 4-bit base's storage sharded too; in place."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -103,7 +100,7 @@ def shard(model: nn.Module, group: Distributed) -> nn.Module:
     return model
 
 
-def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
+def wrap(model: nn.Module, group: Group) -> tuple[nn.Module, KeepLocal]:
     """The forward module for ``group.mode`` (see the module docstring), and a context that keeps gradients
     local (for a step's micro-batches before the last)."""
     if group.mode == "ddp":
@@ -114,7 +111,7 @@ def wrap(model: nn.Module, group: Distributed) -> tuple[nn.Module, KeepLocal]:
         # forward (AdaLoRA's orthogonality penalty) as unused. Every variant keeps all its trainable tensors
         # in the graph of every step instead. No buffer broadcasts: the buffers are frozen (a 4-bit base's
         # packed codes and scales, several times the adapter's gradients) and were checked identical on
-        # every rank before training (lorakit.distributed.agree), so broadcasting them each forward is waste.
+        # every rank before training (lorakit.jobs.agree), so broadcasting them each forward is waste.
         with warnings.catch_warnings():
             # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers (absent before), which still
             # broadcasts every buffer once at construction; broadcast_buffers=False never does.

@@ -5,10 +5,10 @@ A checkpoint is a directory holding the adapter (``adapter.json`` + ``adapter.sa
 settings the run must keep). ``trainer.pt`` is written last and atomically, so a directory that holds it and
 the two adapter files is complete.
 
-A new checkpoint is built beside the live one and swapped in with renames (:mod:`lorakit.dirswap`). A kill
-between any two steps leaves at least one complete copy; :func:`restore_checkpoint` takes the newest complete
-one (highest step), and the next write first puts a complete copy live before it deletes anything, so a kill
-at any point, also during the cleanup after an earlier kill, leaves a resume point.
+A new checkpoint is built beside the live one and swapped in with renames (:mod:`lorakit.common.dirswap`). A
+kill between any two steps leaves at least one complete copy; :func:`restore_checkpoint` takes the newest
+complete one (highest step), and the next write first puts a complete copy live before it deletes anything, so
+a kill at any point, also during the cleanup after an earlier kill, leaves a resume point.
 
 Resuming continues the same run: it must give the same adapter as a run that was never interrupted. So every
 setting that changes the numbers is recorded in the checkpoint and compared on resume; a change is refused
@@ -32,12 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.api import info
-from lorakit.core.contract import GradientSource
-from lorakit.core.variant import Hook
-from lorakit.dirswap import finish_swap, siblings, swap_in
-from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
-from lorakit.io import (
+from lorakit.adapters.api import info
+from lorakit.adapters.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     NonFiniteError,
@@ -47,6 +43,10 @@ from lorakit.io import (
     load_tensors,
     save,
 )
+from lorakit.common.dirswap import finish_swap, siblings, swap_in
+from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
+from lorakit.core.contract import GradientSource
+from lorakit.core.variant import Hook
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"

@@ -15,11 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lorakit.common.errors import LorakitError
 from lorakit.core.contract import GradientSource
 from lorakit.engine.config import TrainConfig
 from lorakit.engine.placement import LOCAL, Placement
 from lorakit.engine.token_loss import TokenLoss, predicted_tokens, takes_token_loss
-from lorakit.errors import LorakitError
 
 
 class BatchError(LorakitError):
@@ -28,7 +28,7 @@ class BatchError(LorakitError):
 
 @runtime_checkable
 class ResumableBatches(Protocol):
-    """Batches that can continue where a checkpoint left them (``lorakit.train.data.BatchSampler``): their
+    """Batches that can continue where a checkpoint left them (``lorakit.data.datasets.BatchSampler``): their
     generator and pending order. Other iterators resume with a fresh order."""
 
     def __next__(self) -> dict[str, Tensor]: ...
@@ -86,12 +86,12 @@ class LossBackward(GradientSource):
             raise BatchError(
                 f"the training batches ran out at step {step + 1}: a run of {step + 1}+ steps needs "
                 f"grad_accum = {self.grad_accum} batches per step; pass an endless iterator (e.g. "
-                "lorakit.train.data.BatchSampler) or fewer steps"
+                "lorakit.data.datasets.BatchSampler) or fewer steps"
             ) from None
         except TypeError:
             raise BatchError(
                 f"batches must be an iterator of dicts of model inputs, got {type(self.batches).__name__}; "
-                "wrap a list with iter(...), or pass a lorakit.train.data.BatchSampler"
+                "wrap a list with iter(...), or pass a lorakit.data.datasets.BatchSampler"
             ) from None
         if not isinstance(batch, dict):
             raise BatchError(

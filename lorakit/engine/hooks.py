@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lorakit.common.errors import SettingError
 from lorakit.core.variant import Hook
-from lorakit.errors import SettingError
 
 
 def with_user_hooks(own: list[Hook], user: list[Hook]) -> list[Hook]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.api import param_groups
+from lorakit.adapters.api import param_groups
 from lorakit.engine.config import TrainConfig
 
 # lorakit name -> (bitsandbytes class, the class used where paging is unavailable)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.api import check_driver, make_hooks
+from lorakit.adapters.api import check_driver, make_hooks
+from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
 from lorakit.engine.checkpoint import (
@@ -42,7 +43,6 @@ from lorakit.engine.config import TrainConfig, TrainResult, lr_lambda
 from lorakit.engine.hooks import HookRunner, with_user_hooks
 from lorakit.engine.optimizers import make_optimizer
 from lorakit.engine.placement import LOCAL, Placement
-from lorakit.errors import SettingError
 
 Result = TypeVar("Result", bound=TrainResult)
 Evaluate = Callable[[nn.Module], dict[str, float]]

@@ -19,14 +19,15 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.errors import LorakitError, OutputExistsError, SettingError
+from lorakit.adapters.io import CONFIG_FILE, atomic_write
+from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
+from lorakit.data import chat
+from lorakit.data import datasets as D
 from lorakit.eval.generation import generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
-from lorakit.io import CONFIG_FILE, atomic_write
-from lorakit.train import chat
-from lorakit.train import data as D
-from lorakit.train.job import JobConfig, chat_template, report
-from lorakit.train.models import context_length
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import chat_template, report
+from lorakit.jobs.models import context_length
 
 METRICS_FILE, GENERATIONS_FILE = "metrics.json", "generations.jsonl"
 DEFAULT_NEW_TOKENS = 256  # per answer, where the model's context leaves room for them

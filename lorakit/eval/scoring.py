@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
 
 GSM8K_MARKER = re.compile(r"####\s*(\$?\s*-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")

@@ -24,13 +24,14 @@ from torch import Tensor, nn
 
 import lorakit
 from lorakit.core.contract import Driver
+from lorakit.data import datasets as D
 from lorakit.engine import Engine, LossBackward, TrainConfig, TrainResult
 from lorakit.federated.config import FedConfig
 from lorakit.federated.data import classes_text, client_data, client_job, job_config
 from lorakit.federated.failures import CLIENT_FAILED, NodeConfigError, client_reason
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
-from lorakit.train import data as D
-from lorakit.train.job import JobConfig, evaluate, prepare_model
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import evaluate, prepare_model
 
 log = logging.getLogger("lorakit.federated")
 _MODELS: dict[str, tuple[nn.Module, Any, dict[str, Tensor]]] = {}
@@ -45,7 +46,7 @@ def adapted_model(cfg: FedConfig, job: JobConfig) -> tuple[nn.Module, Any]:
     key = json.dumps([[fields[k] for k in _MODEL_FIELDS], classes_text(job)])
     if key not in _MODELS:
         model, tokenizer = prepare_model(job)
-        lorakit.api.check_driver(model, Driver.FEDERATED)  # before any round trains
+        lorakit.adapters.api.check_driver(model, Driver.FEDERATED)  # before any round trains
         _MODELS[key] = model, tokenizer, read_space(update_space(model, None))
     model, tokenizer, initial = _MODELS[key]
     write_space(update_space(model, None), initial)

@@ -3,7 +3,7 @@
 Flower's run config (``--run-config`` / ``[tool.flwr.app.config]``) holds only strings, numbers and booleans,
 so an unset optional number is ``""`` there (None here; 0 is a number and is checked like any other), and the
 variant's extra fields travel as a JSON string. Every number is read and range-checked by
-:func:`lorakit.settings.check_fields`, as ``lorakit train``'s are.
+:func:`lorakit.common.settings.check_fields`, as ``lorakit train``'s are.
 """
 
 from __future__ import annotations
@@ -15,8 +15,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.common.settings import (
+    check_fields,
+    check_settings,
+    field_help,
+    flag_type,
+    parse_assignments,
+    setting,
+)
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
-from lorakit.settings import check_fields, check_settings, field_help, flag_type, parse_assignments, setting
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")

@@ -3,7 +3,7 @@ checks it, and each client's partition of it.
 
 The server reads the training and evaluation data, checks every row and reads the classes (class ids, or class
 names mapped to ids in sorted order) with the training job's own code
-(:func:`lorakit.train.job.resolve_classes`), and makes the split among the clients once, so a bad file, a
+(:func:`lorakit.jobs.job.resolve_classes`), and makes the split among the clients once, so a bad file, a
 label outside ``--num-labels`` or more clients than examples stops the run before any client trains. The
 classes travel to the clients in every message (:func:`classes_text`); each client recomputes the same split
 from the seed and keeps its own part.
@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lorakit.data import datasets as D
 from lorakit.engine import TrainConfig
 from lorakit.federated.config import FedConfig
 from lorakit.federated.partition import partition
-from lorakit.train import data as D
-from lorakit.train.job import DataConfig, JobConfig, read_data, resolve_classes, tokenize
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import read_data, resolve_classes, tokenize
 
 
 def job_config(cfg: FedConfig, classes: D.ClassLabels | None = None) -> JobConfig:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.adapters.io import NonFiniteError
+from lorakit.common.errors import LorakitError
 from lorakit.engine.checkpoint import DivergedError
-from lorakit.errors import LorakitError
-from lorakit.io import NonFiniteError
 
 # code -> what it means and the fix, printed by the server (the same text for every run)
 CODES = {

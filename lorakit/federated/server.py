@@ -36,6 +36,7 @@ from torch import nn
 import lorakit
 from lorakit.core.contract import Driver
 from lorakit.core.ranks import round_ranks
+from lorakit.data import datasets as D
 from lorakit.federated.client import local_config, make_client_app
 from lorakit.federated.config import FedConfig
 from lorakit.federated.data import check_run_data, classes_text
@@ -51,6 +52,9 @@ from lorakit.federated.strategy import (
     use_rank,
     write_space,
 )
+from lorakit.jobs import rundir
+from lorakit.jobs.config import JobConfig
+from lorakit.jobs.job import check_data, evaluate, prepare_model, tokenize
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
@@ -60,9 +64,6 @@ from lorakit.privacy.randomness import (
     warn_insecure,
 )
 from lorakit.privacy.report import mark_adapter, privacy_record
-from lorakit.train import data as D
-from lorakit.train import rundir
-from lorakit.train.job import JobConfig, check_data, evaluate, prepare_model, tokenize
 
 log = logging.getLogger("lorakit.federated")
 
@@ -169,7 +170,7 @@ def run_server(
     checked = checked if checked is not None else check_run(cfg)
     job, data = checked.job, checked.data
     model, tokenizer = prepare_model(job)  # the server's own copy holds the global adapter
-    lorakit.api.check_driver(model, Driver.FEDERATED)
+    lorakit.adapters.api.check_driver(model, Driver.FEDERATED)
     evaluate_data = _server_eval_data(cfg, job, tokenizer, data)
     check_data(job, model, None, evaluate_data)
     classes = classes_text(job)
@@ -445,7 +446,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def _save(model: nn.Module, cfg: FedConfig, checked: CheckedRun, result: FedResult) -> None:
     """Write the adapter, ``job.json`` and ``metrics.json`` beside the output directory and swap them in
-    (:mod:`lorakit.train.rundir`): an adapter already there is replaced whole or not at all."""
+    (:mod:`lorakit.jobs.rundir`): an adapter already there is replaced whole or not at all."""
     use_rank(model, None)
     result.adapter_dir = checked.out.shown
     job_text = json.dumps(dataclasses.asdict(checked.job), indent=2) + "\n"  # for `lorakit eval`

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
 from lorakit.federated.client import make_client_app
 from lorakit.federated.config import FedConfig
 from lorakit.federated.server import FedResult, check_run, make_server_app

@@ -30,10 +30,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 import lorakit
+from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver
 from lorakit.engine.checkpoint import check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
-from lorakit.errors import SettingError
 
 
 class LorakitCallback(TrainerCallback):
@@ -46,7 +46,9 @@ class LorakitCallback(TrainerCallback):
         self.backward_done = -1  # the last step whose on_after_backward ran
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        lorakit.api.check_driver(self.model, Driver.TRAINER)  # before any step: refuse what can't run here
+        lorakit.adapters.api.check_driver(
+            self.model, Driver.TRAINER
+        )  # before any step: refuse what can't run here
         self.hooks = HookRunner(lorakit.make_hooks(self.model, state.max_steps))
         self.backward_done = -1
 

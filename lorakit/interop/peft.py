@@ -20,11 +20,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.api import adapted_layers, apply, info, takes_compiled
-from lorakit.core.layer import AdaptedLayer
-from lorakit.errors import LorakitError
-from lorakit.interop.peft_methods import METHODS
-from lorakit.io import (
+from lorakit.adapters.api import adapted_layers, apply, info, takes_compiled
+from lorakit.adapters.io import (
     PEFT_CONFIG_FILE,
     AdapterFileError,
     atomic_write,
@@ -33,6 +30,9 @@ from lorakit.io import (
     undo_apply,
     writing,
 )
+from lorakit.common.errors import LorakitError
+from lorakit.core.layer import AdaptedLayer
+from lorakit.interop.peft_methods import METHODS
 from lorakit.variants import get_variant
 
 CONFIG_FILE = PEFT_CONFIG_FILE
@@ -144,7 +144,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     dropout act only in training; lorakit trains an imported adapter with its own input dropout (0). Only
     what the adapter owns is loaded: its layers' tensors, the modules in ``modules_to_save`` and the
     embeddings PEFT saves with ``save_embedding_layers``; every tensor must have exactly the shape the model
-    gives it. Anything else is refused by name (:class:`~lorakit.io.AdapterFileError`), and a failure
+    gives it. Anything else is refused by name (:class:`~lorakit.adapters.io.AdapterFileError`), and a failure
     leaves the model as it was.
     """
     path = _adapter_dir(directory)

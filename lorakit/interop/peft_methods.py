@@ -20,12 +20,12 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from lorakit.api import AdapterInfo
+from lorakit.adapters.api import AdapterInfo
+from lorakit.adapters.io import AdapterFileError
+from lorakit.common.errors import LorakitError
 from lorakit.core.contract import PeftSpec
 from lorakit.core.kinds import CONV1D_GPT2, FACTOR_KINDS, KINDS, LINEAR, KindSet
 from lorakit.core.layer import AdaptedLayer
-from lorakit.errors import LorakitError
-from lorakit.io import AdapterFileError
 from lorakit.variants import VARIANTS
 
 

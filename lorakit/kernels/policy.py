@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.common.errors import SettingError
 from lorakit.core.forms import Form
-from lorakit.errors import SettingError
 from lorakit.kernels.registry import Kernel, kernels_for
 
 ENV = "LORAKIT_KERNELS"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorakit.errors import LorakitError
-from lorakit.settings import setting
+from lorakit.common.errors import LorakitError
+from lorakit.common.settings import setting
 
 ACCOUNTANTS = ("rdp", "prv")
 

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
+from lorakit.data.datasets import TokenizedData
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
-from lorakit.train.data import TokenizedData
 
 
 @dataclass
@@ -217,7 +217,7 @@ def train_job_private(
     data: TokenizedData,
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
 ) -> tuple[DPTrainResult, dict[str, Any]]:
-    """The DP branch of :func:`lorakit.train.job.run_job`: returns the result and the privacy report."""
+    """The DP branch of :func:`lorakit.jobs.job.run_job`: returns the result and the privacy report."""
     if job.resume:
         raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
     if job.train.checkpoint_every:

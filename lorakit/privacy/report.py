@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorakit.io import CONFIG_FILE, atomic_write
+from lorakit.adapters.io import CONFIG_FILE, atomic_write
 
 SECURE_SOURCE = "os.urandom (seed never stored)"
 INSECURE_SOURCE = (

@@ -8,7 +8,7 @@ optimizer step::
       -> clip -> on_before_optimizer_step -> optimizer.step -> on_after_step -> scheduler.step -> zero_grad
 
 A variant with stages before the main run (LoRA-drop's selection) gets them here first, on the training
-data of a :class:`lorakit.train.data.BatchSampler`.
+data of a :class:`lorakit.data.datasets.BatchSampler`.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def train(
     a directory holding an earlier run's checkpoint is refused unless ``resume`` or ``overwrite``.
     Each checkpoint records ``cfg``, the adapter's config and ``settings`` (e.g. a data fingerprint); a
     resume with different values is refused. A NaN or infinite loss or gradient stops training before the
-    optimizer step (:class:`~lorakit.io.NonFiniteError`), as does a loss over 1000 times the first step's
-    (:class:`~lorakit.train.checkpoint.DivergedError`); the model and the last checkpoint stay as they were.
-    The variant's pending stages run first; what they decided is ``result.decided``. Under ``torchrun``,
+    optimizer step (:class:`~lorakit.adapters.io.NonFiniteError`), as does a loss over 1000 times the first
+    step's (:class:`~lorakit.train.checkpoint.DivergedError`); the model and the last checkpoint stay as they
+    were. The variant's pending stages run first; what they decided is ``result.decided``. Under ``torchrun``,
     ``placement`` (a :class:`lorakit.distributed.Distributed`) wraps the model (DDP / FSDP2) and only its
     rank 0 writes.
     """

@@ -13,11 +13,11 @@ from typing import Any
 from torch import Tensor, nn
 
 import lorakit
+from lorakit.adapters.io import undo_apply
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import CapabilityError, Driver
-from lorakit.core.variant import VariantConfig
+from lorakit.data.datasets import BatchSampler, TokenizedData, eval_batches
 from lorakit.engine.config import TrainConfig
-from lorakit.io import undo_apply
-from lorakit.train.data import BatchSampler, TokenizedData, eval_batches
 
 # A short training run for the stages (lorakit.train.loop.stage_run): model, batches, settings.
 StageTraining = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
@@ -66,7 +66,7 @@ def run_stages(
 ) -> dict[str, Any]:
     """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
     with ``train``; returns what they decided."""
-    lorakit.api.check_driver(model, driver)
+    lorakit.adapters.api.check_driver(model, driver)
     stages = lorakit.get_variant(lorakit.info(model).variant).stages
     if stages is None or not stages.pending(lorakit.info(model).config):
         return {}
@@ -88,6 +88,6 @@ def run_pending_stages(
     if not isinstance(batches, BatchSampler):
         raise CapabilityError(
             f"variant '{lorakit.info(model).variant}' runs stages on the training data before the main run; "
-            "pass a lorakit.train.data.BatchSampler so they can read it"
+            "pass a lorakit.data.datasets.BatchSampler so they can read it"
         )
     return run_stages(model, batches.data, cfg, driver, train)

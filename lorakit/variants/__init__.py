@@ -6,7 +6,8 @@ benchmarks and the README table pick it up from here.
 
 from __future__ import annotations
 
-from lorakit.core.variant import ConfigError, Variant
+from lorakit.core.config import ConfigError
+from lorakit.core.variant import Variant
 from lorakit.variants.adalora import AdaLoRA
 from lorakit.variants.delta_lora import DeltaLoRA
 from lorakit.variants.dora import DoRA

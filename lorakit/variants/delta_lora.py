@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorakit.core.config import require
 from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, require
+from lorakit.core.variant import Hook
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 

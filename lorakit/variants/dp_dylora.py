@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import Driver
-from lorakit.core.variant import VariantConfig
-from lorakit.variants.dylora import DyLoRA, DyLoRAConfig
-from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.variants.dylora import DyLoRA, DyLoRAConfig, DyLoRAHook
 
 
 @dataclass

@@ -5,11 +5,11 @@ micro-batches) and the forward uses the truncated factors, scaled by the sampled
 
     y = W0 x + b0 + (alpha / b) * B[:, :b] (A[:b] x~)
 
-Only the truncated adapter is updated: the hook (:mod:`lorakit.variants.dylora_hook`) restores rows
-``>= b`` after the optimizer step, so AdamW momentum and weight decay cannot move them; mode ``"frozen"``
-trains rank ``b`` alone (rows ``< b`` get no gradient and are restored too). Outside training the rank is
-``R`` unless :meth:`DyLoRA.choose_rank` (``lorakit.set_rank``) chose another; merging and PEFT export use that
-rank, and ``lorakit.evaluate_all_ranks`` scores every rank of one trained adapter.
+Only the truncated adapter is updated: the hook (:class:`DyLoRAHook`) restores rows ``>= b`` after the
+optimizer step, so AdamW momentum and weight decay cannot move them; mode ``"frozen"`` trains rank ``b`` alone
+(rows ``< b`` get no gradient and are restored too). Outside training the rank is ``R`` unless
+:meth:`DyLoRA.choose_rank` (``lorakit.set_rank``) chose another; merging and PEFT export use that rank, and
+``lorakit.evaluate_all_ranks`` scores every rank of one trained adapter.
 
 ``B = 0`` at init (``A = 0`` for embeddings), so every truncation is zero and the model is the base at step 0.
 """
@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core import ranks
+from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig, require
-from lorakit.variants.dylora_hook import DyLoRAHook
+from lorakit.core.variant import Hook, Variant
 from lorakit.variants.lora import LoRA
 
 MODES = ("nonfrozen", "frozen")
@@ -49,6 +49,49 @@ class DyLoRAConfig(VariantConfig):
         require(ok, "min_rank", self.min_rank, f"an integer in [1, rank = {self.rank}]")
         require(self.mode in MODES, "mode", self.mode, f"one of {MODES}")
         require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+
+
+class DyLoRAHook(Hook):
+    """Samples the step's rank for every layer and undoes the optimizer's update of untrained rows.
+
+    The rank of step ``t`` is drawn from a generator seeded by ``(seed, t)``, so it is reproducible and needs
+    no state in checkpoints. Rows the step does not train (``>= b``; in frozen mode all but ``b - 1``) are
+    copied before ``optimizer.step`` and written back after it: AdamW's momentum and weight decay would
+    otherwise move them although their gradient is zero (their moment estimates still decay; the weights stay
+    bit-identical).
+    """
+
+    def __init__(self, model: nn.Module, layers: list[AdaptedLayer], total_steps: int) -> None:
+        super().__init__(model, layers, total_steps)
+        self.variants: list[DyLoRA] = [layer.variant for layer in layers]
+        self.config: DyLoRAConfig = self.variants[0].config
+        self.saved: list[tuple[Tensor, Tensor]] = []
+
+    def rank_at(self, step: int) -> int:
+        """The step's rank, from ``(seed, step)`` alone: no generator state to checkpoint."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        return int(torch.randint(self.config.min_rank, self.config.rank + 1, (1,), generator=gen))
+
+    def on_step_start(self, step: int) -> None:
+        b = self.rank_at(step)
+        for variant in self.variants:
+            variant.sampled = b
+
+    def on_after_backward(self, step: int) -> None:
+        self.saved = []
+        if self.config.mode == "nonfrozen" and self.variants[0].sampled in (None, self.config.rank):
+            return  # every row trains this step
+        self.saved = [(v.A.detach().clone(), v.B.detach().clone()) for v in self.variants]
+
+    @torch.no_grad()
+    def on_after_step(self, step: int) -> None:
+        if not self.saved:
+            return
+        for variant, (a, b) in zip(self.variants, self.saved, strict=True):
+            still = ~variant.trained_rows()  # (R,) rows this step must not change
+            variant.A[still] = a[still]
+            variant.B[:, still] = b[:, still]
+        self.saved = []
 
 
 class DyLoRA(Variant):

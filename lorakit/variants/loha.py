@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.core.variant import Variant
 
 
 class HadamardProduct(torch.autograd.Function):

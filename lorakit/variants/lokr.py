@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import Kronecker
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig, require
+from lorakit.core.variant import Variant
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant, VariantConfig
+from lorakit.core.variant import Variant
 
 
 @dataclass

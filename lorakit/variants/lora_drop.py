@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorakit.core.config import ConfigError, require
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import ConfigError, require
 from lorakit.variants.lora import LoRA, LoRAConfig
 from lorakit.variants.lora_drop_stages import LoRADropStages
 

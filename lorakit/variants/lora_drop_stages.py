@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorakit.core.config import VariantConfig
 from lorakit.core.contract import StageContext, Stages
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import VariantConfig
 
 
 def stratified_sample(strata: list[Hashable], ratio: float, seed: int) -> list[int]:

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.core.config import require
 from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, require
+from lorakit.core.variant import Hook
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.core.config import require
 from lorakit.core.contract import Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import require
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 

@@ -8,8 +8,8 @@ blocks of 256) and dequantised to the compute dtype (bf16) on every forward; ``A
 weight is quantised transposed, as ``(out, in)``, as bitsandbytes' integration in transformers does.
 
 The 4-bit base is part of the variant: :func:`lorakit.apply` reads the config's ``base_storage()``
-and quantises the target layers (:func:`lorakit.quant_api.quantize_targets`) before wrapping them, so the
-saved ``adapter.json`` says how to rebuild the base and loading onto a fresh full-precision model
+and quantises the target layers (:func:`lorakit.adapters.quantize.quantize_targets`) before wrapping them, so
+the saved ``adapter.json`` says how to rebuild the base and loading onto a fresh full-precision model
 reproduces the trained one exactly (NF4 quantisation is deterministic). The fingerprint is taken on the
 quantised buffers: a base quantised with other settings is refused. Layers quantised beforehand with
 :func:`lorakit.quantize` are used as they are when their settings match the config.
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.core.config import BaseStorage, require
 from lorakit.core.kinds import MATRIX_KINDS
-from lorakit.core.variant import BaseStorage, require
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 # The dtypes an NF4 layer can dequantise to (as names, so the config stays JSON).

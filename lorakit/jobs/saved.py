@@ -6,8 +6,8 @@ adapter: a training checkpoint, the unfinished run beside an output directory, a
 before its first adapter (``--resume`` continues it), a directory without ``adapter.json``.
 :func:`load_adapted` loads the base the job names, with its classes, and the adapter onto it.
 :func:`write_merged` and :func:`write_peft` build their output beside the target and swap it in
-(:func:`lorakit.dirswap.building`) while holding the target's lock, carrying what the model needs downstream:
-class names, tokenizer (and its chat template), generation config.
+(:func:`lorakit.common.dirswap.building`) while holding the target's lock, carrying what the model needs
+downstream: class names, tokenizer (and its chat template), generation config.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from safetensors import safe_open
 from torch import nn
 
 import lorakit
-import lorakit.dirlock as dirlock
-from lorakit.dirswap import building, siblings, staged_for
-from lorakit.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
+import lorakit.common.dirlock as dirlock
+from lorakit.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, AdapterFileError, read_meta
+from lorakit.common.dirswap import building, siblings, staged_for
+from lorakit.jobs.config import DataConfig, JobConfig
+from lorakit.jobs.job import adopt_run_template
+from lorakit.jobs.models import load_model, name_classes
+from lorakit.jobs.rundir import JOB_FILE
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
-from lorakit.train.job import DataConfig, JobConfig, adopt_run_template
 from lorakit.train.loop import TrainConfig
-from lorakit.train.models import load_model, name_classes
-from lorakit.train.rundir import JOB_FILE
 
 
 def saved_job(adapter: str) -> JobConfig | None:
@@ -82,7 +83,7 @@ def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
         adopt_run_template(job, tokenizer, adapter)
     name_classes(model, job.labels)
     if job.quantize:
-        from lorakit.quant_api import quantize
+        from lorakit.adapters.quantize import quantize
 
         quantize(model, job.quantize)
     lorakit.load(model, adapter)
@@ -98,7 +99,7 @@ def write_merged(adapter: str, out: str) -> None:
         _refuse_not_empty(target, out)
         _, model, tokenizer = load_adapted(adapter)
         merged = lorakit.merge(model)
-        from lorakit.quant_api import dequantize
+        from lorakit.adapters.quantize import dequantize
 
         dequantize(merged)  # 4-bit layers the adapter did not touch become dense too: a merged model is plain
         with building(target, out, "the merged model") as new:

@@ -13,14 +13,15 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lorakit.adapters.targets import TargetError as TargetError  # re-exported: part of the public API
+from lorakit.adapters.targets import find_targets as find_targets
+from lorakit.adapters.targets import no_match_message, set_module
+from lorakit.common.errors import AdapterStateError, SettingError
+from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import ConfigError, Hook, VariantConfig
-from lorakit.errors import AdapterStateError, SettingError
-from lorakit.targets import TargetError as TargetError  # re-exported: part of the public API
-from lorakit.targets import find_targets as find_targets
-from lorakit.targets import no_match_message, set_module
+from lorakit.core.variant import Hook
 from lorakit.variants import get_variant
 
 
@@ -91,7 +92,7 @@ def apply(
     if storage is not None:
         # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
         # so the fingerprint below covers the quantised weights the adapter will run on.
-        from lorakit.quant_api import quantize_targets
+        from lorakit.adapters.quantize import quantize_targets
 
         quantize_targets(model, names, storage)
     modules = dict(model.named_modules())

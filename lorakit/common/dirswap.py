@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lorakit.errors import DiskFullError, OutputExistsError, is_disk_full
+from lorakit.common.errors import DiskFullError, OutputExistsError, is_disk_full
 
 
 def siblings(target: Path) -> tuple[Path, Path]:
@@ -62,7 +62,7 @@ def building(target: Path, shown: str, what: str) -> Iterator[Path]:
     """Yield an empty directory beside ``target`` to write ``what`` into; swap it in for ``target`` when the
     block ends, or remove it when the block fails (a full disk is named as such). A file in ``target`` that
     the new directory would not hold is never deleted: the swap is refused instead. Call it while holding
-    ``target``'s lock (:mod:`lorakit.dirlock`)."""
+    ``target``'s lock (:mod:`lorakit.common.dirlock`)."""
     new, old = siblings(target)
     if not target.exists() and old.exists():  # a kill between the two renames of an earlier swap
         os.replace(old, target)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

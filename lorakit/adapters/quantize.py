@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adapters.targets import TargetError, find_targets, output_head_names, set_module
+from lorakit.common.errors import LorakitError
+from lorakit.core.config import BaseStorage
 from lorakit.core.kinds import ALL_KINDS, MATRIX_KINDS, kind_of
 from lorakit.core.nf4_linear import NF4Linear
-from lorakit.core.variant import BaseStorage
-from lorakit.errors import LorakitError
-from lorakit.targets import TargetError, find_targets, output_head_names, set_module
 
 QUANT_TYPES = ("nf4",)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {

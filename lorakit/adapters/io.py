@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-import lorakit.dirlock as dirlock
-from lorakit.api import adapted_layers, apply, info, takes_compiled
-from lorakit.dirswap import finish_swap
-from lorakit.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
-from lorakit.targets import set_module
+import lorakit.common.dirlock as dirlock
+from lorakit.adapters.api import adapted_layers, apply, info, takes_compiled
+from lorakit.adapters.targets import set_module
+from lorakit.common.dirswap import finish_swap
+from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter.json"
@@ -194,8 +194,8 @@ def same_base_in_another_dtype(
     meta: dict[str, Any], sample: list[list[float] | None], now_dtypes: list[str]
 ) -> bool:
     """Whether ``model``'s targeted base is the adapter's base held in another dtype: the dtypes differ and
-    the sampled values (:func:`lorakit.api.base_sample`) agree to the rounding of the coarser dtype (each
-    cast rounds to within half its epsilon, relative). Integer tensors (packed 4-bit codes) must match
+    the sampled values (:func:`lorakit.adapters.api.base_sample`) agree to the rounding of the coarser dtype
+    (each cast rounds to within half its epsilon, relative). Integer tensors (packed 4-bit codes) must match
     exactly, which only the fingerprint checks, so a base holding them is never accepted here."""
     saved, saved_dtypes = meta.get("base_sample"), meta.get("base_dtypes")
     if not isinstance(saved, list) or not isinstance(saved_dtypes, list) or saved_dtypes == now_dtypes:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lorakit.common.errors import LorakitError
 from lorakit.core.kinds import KindSet, kind_of, why_not_adaptable
-from lorakit.errors import LorakitError
 
 # Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})

@@ -1,14 +1,15 @@
 """A training run's output directory: one run writes it at a time, and its files change only once the run has
 produced a complete adapter.
 
-A run holds the directory's lock (:func:`exclusive`, :mod:`lorakit.dirlock`) from its start to its end, so a
-second run into it, with ``--overwrite`` or without, is refused at its start naming the running one. Then,
-before anything is written, :func:`open_run_dir` checks that the run may use the directory (an adapter there
-is replaced only with ``overwrite``; ``resume`` needs an interrupted run's checkpoint; no other files are in
-the way; the place is writable). The run then writes beside it, into ``.NAME.lorakit-new`` in the same parent:
-its checkpoints, then ``job.json`` and the adapter. Only then is the directory swapped for the new one
-(:mod:`lorakit.dirswap`), so ``eval``, ``merge`` and ``export`` of the previous adapter keep working whatever
-happens to the new run. A run that fails keeps its directory only if it holds a checkpoint to resume from.
+A run holds the directory's lock (:func:`exclusive`, :mod:`lorakit.common.dirlock`) from its start to its end,
+so a second run into it, with ``--overwrite`` or without, is refused at its start naming the running one.
+Then, before anything is written, :func:`open_run_dir` checks that the run may use the directory (an adapter
+there is replaced only with ``overwrite``; ``resume`` needs an interrupted run's checkpoint; no other files
+are in the way; the place is writable). The run then writes beside it, into ``.NAME.lorakit-new`` in the same
+parent: its checkpoints, then ``job.json`` and the adapter. Only then is the directory swapped for the new one
+(:mod:`lorakit.common.dirswap`), so ``eval``, ``merge`` and ``export`` of the previous adapter keep working
+whatever happens to the new run. A run that fails keeps its directory only if it holds a checkpoint to resume
+from.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import lorakit.dirlock as dirlock
-from lorakit.dirswap import finish_swap, siblings, swap_in
-from lorakit.errors import LorakitError
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
+import lorakit.common.dirlock as dirlock
+from lorakit.adapters.io import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.common.dirswap import finish_swap, siblings, swap_in
+from lorakit.common.errors import LorakitError
 from lorakit.train.checkpoint import CHECKPOINT_DIR, has_checkpoint
 
 JOB_FILE = "job.json"

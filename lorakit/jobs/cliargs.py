@@ -1,7 +1,7 @@
 """Command-line flags generated from the job dataclasses, and YAML configs checked against them.
 
-Each field's ``help`` metadata (:func:`lorakit.settings.setting`) is its ``--help`` text, so settings are
-documented once.
+Each field's ``help`` metadata (:func:`lorakit.common.settings.setting`) is its ``--help`` text, so settings
+are documented once.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
+from lorakit.common.settings import coerce_field, field_help, flag_type, parse_assignments
+from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.privacy.config import DPConfig
-from lorakit.settings import coerce_field, field_help, flag_type, parse_assignments
-from lorakit.train.job import DataConfig, JobConfig
 from lorakit.train.loop import TrainConfig
 
 # Job fields ("") and the nested sections; a section's fields are flags too, and a YAML key of its own.
@@ -131,7 +131,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 def job_from_values(values: dict[str, Any], assignments: list[str] | None = None) -> JobConfig:
     """A job from flat setting values (as :func:`job_values` gives them) and ``--set`` assignments, each value
-    read as its field's type and range-checked (:mod:`lorakit.settings`)."""
+    read as its field's type and range-checked (:mod:`lorakit.common.settings`)."""
     values = dict(values)
     leaves = _leaf_fields()
     options = values.pop("options", None) or {}

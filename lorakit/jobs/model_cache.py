@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 MANIFEST = "lorakit-model.json"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")

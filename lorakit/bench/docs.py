@@ -1,4 +1,4 @@
-"""Generate the README's variants table from the registry: ``python -m lorakit.docs [README.md]``.
+"""Generate the README's variants table from the registry: ``python -m lorakit.bench.docs [README.md]``.
 
 The table sits between two marker lines; a test checks the committed README matches the registry.
 """

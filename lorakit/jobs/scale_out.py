@@ -1,4 +1,4 @@
-"""A ``lorakit train`` job under torchrun: what :func:`lorakit.train.job.run_job` does besides training."""
+"""A ``lorakit train`` job under torchrun: what :func:`lorakit.jobs.job.run_job` does besides training."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 import lorakit
-from lorakit.distributed.agree import check_ranks_agree, describe
+from lorakit.common.errors import SettingError
+from lorakit.data.datasets import TokenizedData
 from lorakit.distributed.failures import peer_failures
 from lorakit.distributed.group import Distributed, join
 from lorakit.distributed.memory import base_weight_bytes, packed_digest
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import check_in_sync
-from lorakit.errors import SettingError
-from lorakit.train.data import TokenizedData
+from lorakit.jobs.agree import check_ranks_agree, describe
 
 if TYPE_CHECKING:
-    from lorakit.summary import Summary
-    from lorakit.train.job import JobConfig
+    from lorakit.adapters.summary import Summary
+    from lorakit.jobs.config import JobConfig
 
 
 class ScaleOut:
@@ -45,7 +45,7 @@ class ScaleOut:
 
     def agree(self, job: JobConfig, model: nn.Module, training: str, evaluation: str | None) -> None:
         """Every rank runs rank 0's ``job`` (settings, data, base model, code), or all stop here with one
-        line (:mod:`lorakit.distributed.agree`). ``training``, ``evaluation``: the data's identities."""
+        line (:mod:`lorakit.jobs.agree`). ``training``, ``evaluation``: the data's identities."""
         check_ranks_agree(describe(job, model, training, evaluation), self.group.world_size)
 
     def start(

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorakit.errors import LorakitError
-from lorakit.train import chat
-from lorakit.train.chat import Truncation
+from lorakit.common.errors import LorakitError
+from lorakit.data import chat
+from lorakit.data.chat import Truncation
 
 
 class DataError(LorakitError):
@@ -427,7 +427,7 @@ def conversations(
 def tokenize_causal(
     examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int, source: str = "data"
 ) -> TokenizedData:
-    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.train.chat`)."""
+    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.data.chat`)."""
     ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length, source)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TokenizedData(ids, labels, pad, truncation)

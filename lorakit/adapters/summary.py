@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.api import adapted_layers, takes_compiled
+from lorakit.adapters.api import adapted_layers, takes_compiled
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The foundation: error types, the settings parser, and directory safety (one writer, whole swaps)."""

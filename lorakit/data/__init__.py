@@ -1,0 +1,1 @@
+"""Data for training and evaluation: files read and checked, chat templates, tokenised sets and batches."""
