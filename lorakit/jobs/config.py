@@ -8,6 +8,7 @@ from typing import Any
 
 import lorakit
 from lorakit.adapters.quantize import check_quant_type
+from lorakit.common.errors import SettingError
 from lorakit.common.settings import check_fields, check_settings, setting
 from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import Driver
@@ -96,6 +97,11 @@ class JobConfig:
     )
     options: dict[str, Any] = setting(doc="further variant config fields", factory=dict)
     quantize: str | None = setting(None, "'nf4' stores the frozen linear weights in 4 bits (QLoRA)")
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute each transformer block in backward instead of keeping its activations: far less "
+        "activation memory for about one more forward pass",
+    )
     output_dir: str = setting("runs/lorakit", "where the adapter, metrics.json and checkpoints go")
     overwrite: bool = setting(False, "replace an adapter already in output_dir")
     resume: bool | str = setting(
@@ -128,6 +134,12 @@ class JobConfig:
             "resume": "true, false or auto",
         }
         check_settings(self, checks, "job", rules)
+        if self.gradient_checkpointing and self.privacy.dp:
+            raise SettingError(
+                "--gradient-checkpointing cannot run with --dp: DP-SGD's per-example gradients come from "
+                "each layer's activations as forward captures them, which a recomputed block would capture "
+                "twice; drop one of the two"
+            )
         if self.quantize is not None:
             check_quant_type(self.quantize)
         self.variant_config()  # the variant's settings are checked now, before anything is read or written

@@ -32,7 +32,14 @@ from lorakit.engine.placement import LOCAL
 from lorakit.engine.token_loss import TokenLoss, takes_token_loss
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
-from lorakit.jobs.models import context_length, head_modules, infer_task, load_model, name_classes
+from lorakit.jobs.models import (
+    checkpoint_blocks,
+    context_length,
+    head_modules,
+    infer_task,
+    load_model,
+    name_classes,
+)
 from lorakit.jobs.rundir import CHAT_TEMPLATE_FILE
 from lorakit.jobs.scale_out import ScaleOut
 from lorakit.train.checkpoint import resume_point
@@ -290,6 +297,8 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
         train_modules=head_modules(model, job.task),
         **job.variant_config(),
     )
+    if job.gradient_checkpointing:
+        checkpoint_blocks(model)
     return model, tokenizer
 
 

@@ -13,6 +13,7 @@ seconds.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,23 @@ def name_classes(model: nn.Module, labels: list[str] | None) -> None:
     if labels is not None:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing: keep only each block's input in forward and recompute the block in backward
+    (transformers' own, non-reentrant form, so the adapter's parameters inside the blocks get their gradients
+    and the random state, hence every dropout mask, is restored for the recompute). Activation memory falls
+    from every block's to one block's at a time, for about one more forward of compute."""
+    from transformers import PreTrainedModel
+
+    if not (isinstance(model, PreTrainedModel) and model.supports_gradient_checkpointing):
+        raise ModelError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing; "
+            "leave it off"
+        )
+    with warnings.catch_warnings():  # transformers 5 renamed it; the old name serves every supported version
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def head_modules(model: nn.Module, task: str) -> list[str]:
