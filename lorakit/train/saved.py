@@ -92,7 +92,7 @@ def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
 def write_merged(adapter: str, out: str) -> None:
     """Fold the adapter into its base and save the plain model (safetensors), its tokenizer and, for a causal
     LM, its generation config to the new or empty directory ``out``."""
-    target = Path(out).absolute()
+    target = dirlock.real_path(out)
     _refuse_not_empty(target, out)
     with dirlock.exclusive(target, out, "lorakit merge"):
         _refuse_not_empty(target, out)
@@ -111,7 +111,7 @@ def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> Non
     causal LM, the generation config; an adapter already there is replaced only with ``overwrite``."""
     from lorakit.interop import save_peft
 
-    target = Path(out).absolute()
+    target = dirlock.real_path(out)
     with dirlock.exclusive(target, out, "lorakit export"):
         if (target / PEFT_CONFIG_FILE).exists() and not overwrite:
             raise lorakit.OutputExistsError(
