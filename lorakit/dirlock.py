@@ -87,6 +87,20 @@ def held(target: Path) -> bool:
     return False
 
 
+def holder(target: Path) -> str | None:
+    """The command holding the lock of directory ``target`` now, as messages name it; None when none does."""
+    if not held(target):
+        return None
+    try:
+        fd = os.open(lock_path(real_path(target)), os.O_RDONLY)
+    except OSError:  # released meanwhile
+        return None
+    try:
+        return _describe(_owner(fd))
+    finally:
+        os.close(fd)
+
+
 def make_parents(directory: Path) -> Path | None:
     """Make ``directory`` and its missing parents; returns the topmost one made (None: it existed)."""
     missing = [p for p in (directory, *directory.parents) if not p.exists()]
