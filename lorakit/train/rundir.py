@@ -59,7 +59,7 @@ def exclusive(output_dir: str | os.PathLike[str], command: str = "lorakit train"
 
 
 def locate(output_dir: str | os.PathLike[str]) -> RunDir:
-    """Where a run with ``output_dir`` puts its result and builds it; looks at nothing (a distributed run's
+    """Where a run with ``output_dir`` puts its result and builds it; reads only symlinks (a distributed run's
     other ranks use this, rank 0 alone opens the directory with :func:`open_run_dir`)."""
     return RunDir(dirlock.real_path(output_dir), str(output_dir))
 
