@@ -98,6 +98,8 @@ def test_class_names_given_on_the_command_line_follow_the_same_rules() -> None:
         ((0, "2.5"), None, r"row 2: label '2.5' .* is not a whole number"),
         ((0, 1000), None, r"run up to 1000 but 1, 2, 3, 4, 5 and 994 more never occur; .* --num-labels 1001"),
         ((0, "2"), None, r"run up to 2 but 1 never occur"),
+        ((0, 10**30), None, r"row 2: label 10{30} .* is above 999999, the largest class id lorakit takes"),
+        ((0, 1), 10**12, r"num_labels is 1000000000000: lorakit takes at most 1000000 classes"),
     ],
 )
 def test_bad_labels_are_refused_naming_the_row_and_the_fix(labels, count, message) -> None:
@@ -322,7 +324,7 @@ def test_given_class_names_fix_the_order_and_must_cover_the_data(tmp_path) -> No
         (["--warmup-ratio", "2"], r"warmup_ratio=2.0: it must be a number in \[0, 1\); warmup_ratio: fract"),
         (["--lr", "inf"], r"lr=inf: it must be a finite number > 0"),
         (["--steps", "0"], r"steps=0: it must be an integer >= 1"),
-        (["--num-labels", "0"], r"num_labels=0: it must be an integer >= 2"),
+        (["--num-labels", "0"], r"num_labels=0: it must be an integer in \[2, 1000000\]"),
         (["--clip", "-0.5"], r"clip=-0.5: it must be a finite number >= 0"),
     ],
 )
@@ -357,7 +359,7 @@ def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never
         (["--rounds", "0"], SettingError, r"rounds=0: it must be an integer >= 1"),
         (["--skew", "0"], SettingError, r"skew=0.0: it must be a finite number > 0"),
         (["--lr", "nan"], SettingError, r"lr=nan: it must be a finite number > 0"),
-        (["--num-labels", "1"], SettingError, r"num_labels=1: it must be an integer >= 2"),
+        (["--num-labels", "1"], SettingError, r"num_labels=1: it must be an integer in \[2, 1000000\]"),
     ],
 )
 def test_federate_reads_numbers_with_the_same_parser(argv, error, message) -> None:

@@ -91,6 +91,36 @@ def test_a_held_lock_refuses_merge_export_bench_and_train_and_is_released_after(
         capsys.readouterr()
 
 
+def test_a_directory_reached_through_a_symlink_has_one_writer_and_keeps_the_link(
+    tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """A symlink names the same directory as its target: a command writing through the link is refused while
+    another writes the target (and the other way round), and a run through the link replaces the directory
+    it points to, keeping the link and leaving nothing beside it."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert main(argv(tiny_bert_dir, real)) == 0
+    link.symlink_to(real, target_is_directory=True)
+    finished = snapshot(real)
+    capsys.readouterr()
+    refused = {
+        "train": argv(tiny_bert_dir, link, "--overwrite"),
+        "export": ["export", "--adapter", str(real), "--overwrite", "--out", str(link)],
+    }
+    for name, command in refused.items():
+        with dirlock.exclusive(real, str(real), "lorakit test"):
+            assert main(command) == 2, name
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is being written by another lorakit command (lorakit test" in err
+        assert snapshot(real) == finished and link.is_symlink(), name
+    with dirlock.exclusive(link, str(link), "lorakit test"):  # the lock taken through the link
+        assert main(argv(tiny_bert_dir, real, "--overwrite")) == 2
+        assert "is being written by another lorakit command" in capsys.readouterr().err
+    assert main(argv(tiny_bert_dir, link, "--overwrite", "--seed", "1")) == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert snapshot(real) != finished and (real / "adapter.json").is_file()
+    assert leftovers(link) == [] and leftovers(real) == []
+
+
 def test_the_lock_file_names_its_owner_and_an_unlocked_one_is_stale(tmp_path, capsys) -> None:
     target = tmp_path / "a" / "b" / "out"
     with dirlock.exclusive(target, "out", "lorakit train"):

@@ -6,6 +6,7 @@ the one-line messages of adapter files name the real cause."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import tiny_llama
 from test_reliability_jobs import argv, killed_at_batch, leftovers
 
 import lorakit
+import lorakit.common.dirlock as dirlock
 from lorakit.adapters.io import AdapterFileError
 from lorakit.cli import main
 
@@ -81,6 +83,13 @@ def test_a_checkpoint_or_an_interrupted_run_is_named_with_the_fix_by_every_comma
         ):
             err = one_error([*command, "--adapter", str(adapter)], capsys)
             assert f"{adapter} {what}: {interrupted}{resume}" in err, err
+    fresh = tmp_path / "fresh"  # a run that has written no checkpoint yet
+    for locked, adapters in [(out, [out, staging, staging / "checkpoint"]), (fresh, [fresh])]:
+        with dirlock.exclusive(locked, str(locked), "lorakit test"):  # a run writing it now
+            for adapter in adapters:
+                err = one_error(["eval", "--adapter", str(adapter)], capsys)
+                assert f"is being written by a running command (lorakit test, pid {os.getpid()}" in err, err
+                assert "wait for it to finish" in err and "--resume" not in err, err
     assert main([*argv(tiny_bert_dir, out, "--checkpoint-every", "2"), "--resume"]) == 0  # as it said
     assert leftovers(out) == [] and not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
 

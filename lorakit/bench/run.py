@@ -189,7 +189,7 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
     unknown = sorted((wanted or set()) - {r["name"] for r in spec.runs})
     if unknown:
         raise BenchError(f"--only names {unknown} are not runs of {bench}")
-    with dirlock.exclusive(out.absolute(), f"--out {out}", "lorakit bench"):  # one bench per directory
+    with dirlock.exclusive(out, f"--out {out}", "lorakit bench"):  # one bench per directory
         return _run_all(spec, wanted, out)
 
 

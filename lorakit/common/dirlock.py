@@ -38,12 +38,21 @@ def lock_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.lorakit-lock")
 
 
+def real_path(target: str | os.PathLike[str]) -> Path:
+    """``target`` as one absolute name with ``~``, ``..`` and symlinks resolved: a directory reached through
+    a symlink has the one lock of the directory it points to, and is replaced there, keeping the link."""
+    try:
+        return Path(target).expanduser().resolve()
+    except RuntimeError as err:  # Python 3.11 raises it for a symlink loop
+        raise LorakitError(f"cannot use {target}: {err}; fix or remove the symlink") from None
+
+
 @contextlib.contextmanager
 def exclusive(target: Path, shown: str, command: str) -> Iterator[None]:
     """Hold the lock of directory ``target`` (named ``shown`` in messages) while the block runs; refuse with
     :class:`DirectoryInUseError` if another process holds it. Parent directories made for the lock file are
     removed again afterwards if they are still empty."""
-    lock = lock_path(Path(target).absolute())
+    lock = lock_path(real_path(target))
     created = make_parents(lock.parent)
     try:
         fd = _acquire(lock, shown, command)
@@ -62,7 +71,7 @@ def exclusive(target: Path, shown: str, command: str) -> Iterator[None]:
 def held(target: Path) -> bool:
     """Whether a live process holds the lock of directory ``target`` now."""
     try:
-        fd = os.open(lock_path(Path(target).absolute()), os.O_RDONLY)
+        fd = os.open(lock_path(real_path(target)), os.O_RDONLY)
     except OSError:
         return False
     try:
@@ -76,6 +85,20 @@ def held(target: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def holder(target: Path) -> str | None:
+    """The command holding the lock of directory ``target`` now, as messages name it; None when none does."""
+    if not held(target):
+        return None
+    try:
+        fd = os.open(lock_path(real_path(target)), os.O_RDONLY)
+    except OSError:  # released meanwhile
+        return None
+    try:
+        return _describe(_owner(fd))
+    finally:
+        os.close(fd)
 
 
 def make_parents(directory: Path) -> Path | None:

@@ -232,6 +232,10 @@ def _label(value: Any, row: int, name: str, source: str) -> int | str:
         value = int(value)
     if value < 0:
         raise DataError(f"{where} is negative: class ids count from 0")
+    if value >= MAX_CLASSES:
+        raise DataError(
+            f"{where} is above {MAX_CLASSES - 1}, the largest class id lorakit takes; fix the label"
+        )
     return value
 
 
@@ -252,6 +256,11 @@ def _labels(rows: list[Row], name: str, source: str) -> list[int | str]:
     return [_label(v, i, name, source) for i, v in enumerate(column(rows, name, source), 1)]
 
 
+# The most classes a head may have: a million-class head on a 768-wide model is already 3 GB of weights, and
+# a larger count is a typo in a label or --num-labels that would otherwise exhaust memory building it.
+MAX_CLASSES = 1_000_000
+
+
 @dataclass(frozen=True)
 class ClassLabels:
     """The classes of a classification task: ``count`` of them, and ``names`` (in class-id order) when the
@@ -265,6 +274,11 @@ class ClassLabels:
             raise DataError(
                 f"a classification task needs at least 2 classes, got {self.count}; check the label column "
                 "and --num-labels (lorakit does not train regression heads)"
+            )
+        if self.count > MAX_CLASSES:
+            raise DataError(
+                f"num_labels is {self.count}: lorakit takes at most {MAX_CLASSES} classes; check the label "
+                "column and --num-labels"
             )
         if self.names is not None and len(self.names) != self.count:
             raise DataError(

@@ -48,7 +48,9 @@ class FedConfig:
     text_column: str = setting("sentence", "classification text column")
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
     num_labels: int | None = setting(
-        None, "classes of the classification task (unset: counted from the training data)", within="[2, inf)"
+        None,
+        "classes of the classification task (unset: counted from the training data)",
+        within="[2, 1000000]",
     )
     max_length: int = setting(64, "tokens per example", within="[1, inf)")
     clients: int = setting(10, "N: clients (partitions of the data)", within="[1, inf)")

@@ -72,7 +72,7 @@ class JobConfig:
         "classification | causal-lm (default: causal-lm for a causal language model, else classification)",
     )
     num_labels: int | None = setting(
-        None, "classes of a classification task (default: from the training data)", within="[2, inf)"
+        None, "classes of a classification task (default: from the training data)", within="[2, 1000000]"
     )
     labels: list[str] | None = setting(
         None, "class names in class-id order when the labels are names (read from the training data)"

@@ -60,9 +60,9 @@ def exclusive(output_dir: str | os.PathLike[str], command: str = "lorakit train"
 
 
 def locate(output_dir: str | os.PathLike[str]) -> RunDir:
-    """Where a run with ``output_dir`` puts its result and builds it; looks at nothing (a distributed run's
+    """Where a run with ``output_dir`` puts its result and builds it; reads only symlinks (a distributed run's
     other ranks use this, rank 0 alone opens the directory with :func:`open_run_dir`)."""
-    return RunDir(Path(output_dir).expanduser().absolute(), str(output_dir))
+    return RunDir(dirlock.real_path(output_dir), str(output_dir))
 
 
 def interrupted_run(output_dir: str | os.PathLike[str]) -> bool:
@@ -75,12 +75,12 @@ def run_path(output_dir: str | os.PathLike[str]) -> RunDir:
     """``output_dir`` as a place a run can be swapped into; refuses the root, ``.``, a file, or a directory
     holding the current one. Reads nothing inside it and writes nothing."""
     shown = str(output_dir)
-    path = Path(output_dir).expanduser().absolute()
-    if path.parent == path or path.name in ("", ".", ".."):
+    path = dirlock.real_path(output_dir)  # through a symlink: the directory it points to is swapped
+    if path.parent == path or Path(output_dir).expanduser().absolute().name in ("", ".", ".."):
         raise OutputDirError(
             f"--output-dir {shown} cannot hold a run; name a new directory such as runs/my-run"
         )
-    if Path.cwd().is_relative_to(path.resolve()):
+    if Path.cwd().is_relative_to(path):
         raise OutputDirError(
             f"--output-dir {shown} is the current directory or contains it; a run replaces its output "
             "directory as a whole, so name a new directory such as runs/my-run"

@@ -3,7 +3,8 @@ they make of it.
 
 :func:`saved_job` checks the directory once for all of them and refuses, naming the fix, what is no finished
 adapter: a training checkpoint, the unfinished run beside an output directory, a run that was interrupted
-before its first adapter (``--resume`` continues it), a directory without ``adapter.json``.
+before its first adapter (``--resume`` continues it), one a running command is writing (wait for it),
+a directory without ``adapter.json``.
 :func:`load_adapted` loads the base the job names, with its classes, and the adapter onto it.
 :func:`write_merged` and :func:`write_peft` build their output beside the target and swap it in
 (:func:`lorakit.common.dirswap.building`) while holding the target's lock, carrying what the model needs
@@ -93,7 +94,7 @@ def load_adapted(adapter: str) -> tuple[JobConfig, nn.Module, Any]:
 def write_merged(adapter: str, out: str) -> None:
     """Fold the adapter into its base and save the plain model (safetensors), its tokenizer and, for a causal
     LM, its generation config to the new or empty directory ``out``."""
-    target = Path(out).absolute()
+    target = dirlock.real_path(out)
     _refuse_not_empty(target, out)
     with dirlock.exclusive(target, out, "lorakit merge"):
         _refuse_not_empty(target, out)
@@ -112,7 +113,7 @@ def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> Non
     causal LM, the generation config; an adapter already there is replaced only with ``overwrite``."""
     from lorakit.interop import save_peft
 
-    target = Path(out).absolute()
+    target = dirlock.real_path(out)
     with dirlock.exclusive(target, out, "lorakit export"):
         if (target / PEFT_CONFIG_FILE).exists() and not overwrite:
             raise lorakit.OutputExistsError(
@@ -138,6 +139,9 @@ def _check_finished(path: Path, shown: str) -> None:
         raise AdapterFileError(
             f"{shown} is an unfinished run, not a finished adapter: {_about_run(path.absolute())}"
         )
+    running = dirlock.holder(path)
+    if not (path / CONFIG_FILE).is_file() and running is not None:
+        raise AdapterFileError(f"{shown} holds no adapter yet: {_running(running)}")
     if not (path / CONFIG_FILE).is_file() and has_checkpoint(siblings(path.absolute())[0]):
         run = siblings(path.absolute())[0]
         raise AdapterFileError(f"{shown} holds no adapter yet: {_about_run(run)}")
@@ -146,6 +150,9 @@ def _check_finished(path: Path, shown: str) -> None:
 def _about_run(run: Path) -> str:
     """Where the run that wrote checkpoint directory ``run`` (or its staging directory) stands; the fix."""
     output = staged_for(run)
+    running = dirlock.holder(output) if output is not None else None
+    if running is not None:
+        return _running(running)
     if output is not None:
         step = checkpoint_step(run)
         at = f" at the checkpoint of step {step}" if step is not None else ""
@@ -154,6 +161,10 @@ def _about_run(run: Path) -> str:
     if (run / CONFIG_FILE).is_file():
         return f"the run's adapter is {run}; pass that directory"
     return f"its run has not finished; `lorakit train ... --output-dir {run} --resume` continues it"
+
+
+def _running(command: str) -> str:
+    return f"it is being written by a running command ({command}); wait for it to finish"
 
 
 def _job_from_adapter(adapter: str) -> JobConfig:
