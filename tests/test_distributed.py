@@ -442,7 +442,7 @@ def test_a_dead_rank_is_named_and_its_run_resumes_in_its_own_layout_from_rank_0s
     assert not out.exists() and (tmp_path / ".run.lorakit-new" / "checkpoint").is_dir()
 
     alone = dataclasses.replace(two, distributed=None, resume=True)
-    with pytest.raises(ResumeError, match="setting distributed is None but the checkpoint was trained with"):
+    with pytest.raises(ResumeError, match="setting distributed is unset but the checkpoint was trained with"):
         run_job(alone)
 
     earlier = tmp_path / ".run.lorakit-old"  # a kill between the renames of an earlier run's swap

@@ -205,4 +205,4 @@ def test_a_second_export_names_the_flag_and_a_resume_names_the_changed_setting(
     (run / "checkpoint").rename(staging / "checkpoint")  # a run interrupted after its last checkpoint
     shutil.rmtree(run)
     err = one_error([*argv(tiny_bert_dir, run, "--resume", "--quantize", "nf4")], capsys)
-    assert "setting quantize is 'nf4' but the checkpoint was trained with None" in err
+    assert "is 'nf4' but the checkpoint was trained with quantize unset; resume with quantize unset" in err

@@ -222,10 +222,10 @@ def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: 
         old, new = saved.get(name, "(not recorded)"), current.get(name, "(not recorded)")
         if _same(old, new):
             continue
+        now, then = ("unset" if new is None else _show(new, name)), _show(old, name)
         raise ResumeError(
-            f"cannot resume from {where}: setting {name} is {_show(new)} but the checkpoint was "
-            f"trained with {_show(old)}; resume with {_show(old)}, or start a new run (--overwrite or "
-            "another --output-dir)"
+            f"cannot resume from {where}: setting {name} is {now} but the checkpoint was trained with "
+            f"{then}; resume with {then}, or start a new run (--overwrite or another --output-dir)"
         )
 
 
@@ -297,5 +297,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, name: str) -> str:
+    if value is None:  # an optional setting left unset (e.g. no --quantize)
+        return f"{name} unset"
     return value if isinstance(value, str) and value.startswith("(") else repr(value)
