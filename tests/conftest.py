@@ -117,6 +117,23 @@ def tiny_chat_llama(vocab_size: int):
     return LlamaForCausalLM(config)
 
 
+ARITHMETIC = [
+    (f"What is {a} plus {b}?", f"The answer is {a + b}. #### {a + b}") for a in range(1, 7) for b in (2, 5)
+]
+
+
+def tiny_chat_sft(pairs=ARITHMETIC, max_length: int = 96):
+    """``(tokenizer, data, base)``: question/answer pairs as chat SFT data (loss on the answers) for a tiny
+    chat Llama."""
+    from lorakit.data import chat
+    from lorakit.data.datasets import tokenize_causal
+
+    tokenizer = chat_tokenizer()
+    examples = chat.examples_from_pairs(*zip(*pairs, strict=True))
+    data = tokenize_causal(examples, tokenizer, tokenizer.chat_template, max_length)
+    return tokenizer, data, tiny_chat_llama(len(tokenizer)).eval()
+
+
 @pytest.fixture(scope="session")
 def chat_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama with a ChatML tokenizer and chat template, saved as a local model directory."""

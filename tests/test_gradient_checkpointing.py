@@ -11,13 +11,12 @@ import json
 
 import pytest
 import torch
-from conftest import chat_tokenizer, tiny_chat_llama
+from conftest import chat_tokenizer, tiny_chat_llama, tiny_chat_sft
 
 import lorakit
 from lorakit.cli import main
 from lorakit.common.errors import SettingError
-from lorakit.data import chat
-from lorakit.data.datasets import BatchSampler, tokenize_causal
+from lorakit.data.datasets import BatchSampler
 from lorakit.engine.token_loss import TokenLoss
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.models import checkpoint_blocks
@@ -31,10 +30,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def setup():
-    tokenizer = chat_tokenizer()
-    examples = chat.examples_from_pairs(*zip(*QUESTIONS, strict=True))
-    data = tokenize_causal(examples, tokenizer, tokenizer.chat_template, 96)
-    return data, tiny_chat_llama(len(tokenizer))
+    _, data, base = tiny_chat_sft(QUESTIONS)
+    return data, base
 
 
 def tuned(base: torch.nn.Module, data, variant: str, checkpointed: bool) -> dict[str, torch.Tensor]:

@@ -9,14 +9,13 @@ import copy
 
 import pytest
 import torch
-from conftest import chat_tokenizer, tiny_chat_llama
+from conftest import tiny_chat_sft
 from transformers import AutoModelForCausalLM
 from variant_cases import case_config
 
 import lorakit
 from lorakit.core.contract import Driver
-from lorakit.data import chat
-from lorakit.data.datasets import BatchSampler, tokenize_causal
+from lorakit.data.datasets import BatchSampler
 from lorakit.interop import save_peft
 from lorakit.interop.peft_methods import METHODS
 from lorakit.train.loop import TrainConfig, train
@@ -28,18 +27,11 @@ OVERRIDES = {
     "delta_lora": {"rank": 4, "lam": 0.5, "start_step": 2},
     "vera": {"rank": 4, "d_initial": 0.5},
 }
-QUESTIONS = [
-    (f"What is {a} plus {b}?", f"The answer is {a + b}. #### {a + b}") for a in range(1, 7) for b in (2, 5)
-]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    tokenizer = chat_tokenizer()
-    examples = chat.examples_from_pairs(*zip(*QUESTIONS, strict=True))
-    data = tokenize_causal(examples, tokenizer, tokenizer.chat_template, 96)
-    base = tiny_chat_llama(len(tokenizer)).eval()
-    return tokenizer, data, base
+    return tiny_chat_sft()
 
 
 def build(name: str, base: torch.nn.Module) -> torch.nn.Module:
