@@ -20,6 +20,7 @@ from conftest import CHATML, chat_tokenizer, tiny_chat_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_reliability_jobs import killed_at_batch
 
 import lorakit
 from lorakit.cli import main
@@ -551,25 +552,6 @@ CHATS = [
     for a in range(1, 5)
     for b in range(1, 4)
 ] + [{"messages": [U("hi " * k), A("hello " * (k % 4 + 1))]} for k in range(1, 9)]
-
-
-def killed_at_batch(batch: int, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run ``lorakit train`` until it draws its ``batch``-th batch, then kill it (no handler catches it)."""
-
-    class Killed(BaseException):
-        pass
-
-    real_next, drawn = D.BatchSampler.__next__, []
-
-    def killed(self):
-        drawn.append(1)
-        if len(drawn) == batch:
-            raise Killed
-        return real_next(self)
-
-    with monkeypatch.context() as m, pytest.raises(Killed):
-        m.setattr(D.BatchSampler, "__next__", killed)
-        main(argv)
 
 
 def resumes_bit_identically(variant: str, flags: list[str], model: Path, tmp_path: Path, monkeypatch) -> None:
