@@ -100,11 +100,26 @@ def test_class_names_given_on_the_command_line_follow_the_same_rules() -> None:
         ((0, "2"), None, r"run up to 2 but 1 never occur"),
         ((0, 10**30), None, r"row 2: label 10{30} .* is above 999999, the largest class id lorakit takes"),
         ((0, 1), 10**12, r"num_labels is 1000000000000: lorakit takes at most 1000000 classes"),
+        # past Python's 4300-digit conversion limit: refused by the same rule, the label quoted cut short
+        ((0, "9" * 5000), None, r"row 2: label '9{29}\.\.\. \(5002 characters\) .* is above 999999"),
+        ((0, "-" + "9" * 5000 + ".0"), None, r"row 2: label '-9{28}\.\.\. .* is negative"),
+        ((0, 10**5000), None, r"row 2: label \(an integer of 16610 bits\) .* is above 999999"),
     ],
 )
 def test_bad_labels_are_refused_naming_the_row_and_the_fix(labels, count, message) -> None:
     with pytest.raises(DataError, match=message):
         ClassLabels.from_rows(rows(*labels), "label", "d", count)
+
+
+def test_a_json_number_past_the_digit_limit_is_a_data_error(tmp_path) -> None:
+    big = "9" * 5000
+    lines, array = tmp_path / "d.jsonl", tmp_path / "d.json"
+    lines.write_text(f'{{"sentence": "a", "label": 0}}\n{{"sentence": "b", "label": {big}}}\n')
+    array.write_text(f'[{{"sentence": "a", "label": 0}}, {{"sentence": "b", "label": {big}}}]')
+    with pytest.raises(DataError, match=r"d.jsonl line 2 is not valid JSON \(a number too long to read"):
+        read_rows(str(lines))
+    with pytest.raises(DataError, match=r"d.json: not valid JSON \(a number too long to read"):
+        read_rows(str(array))
 
 
 def test_evaluation_labels_outside_the_training_classes_are_refused() -> None:
@@ -200,6 +215,8 @@ def test_bad_config_values_name_the_setting(tmp_path, yaml_text, message) -> Non
         (["--clip", "-1"], "clip=-1.0"),
         (["--eval-every", "-1"], "eval_every=-1"),
         (["--checkpoint-every", "-2"], "checkpoint_every=-2"),
+        (["--seed=-1"], "seed=-1"),
+        (["--seed", "4294967296"], "seed=4294967296"),
         (["--num-labels", "1"], "num_labels=1"),
         (["--num-labels", "0"], "num_labels=0"),
         (["--task", "regression"], "task='regression'"),

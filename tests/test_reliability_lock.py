@@ -98,20 +98,28 @@ def test_a_directory_reached_through_a_symlink_has_one_writer_and_keeps_the_link
     another writes the target (and the other way round), and a run through the link replaces the directory
     it points to, keeping the link and leaving nothing beside it."""
     real, link = tmp_path / "real", tmp_path / "link"
+    peft, peft_link = tmp_path / "peft", tmp_path / "peft-link"
     assert main(argv(tiny_bert_dir, real)) == 0
+    assert main(["export", "--adapter", str(real), "--out", str(peft)]) == 0
     link.symlink_to(real, target_is_directory=True)
-    finished = snapshot(real)
+    peft_link.symlink_to(peft, target_is_directory=True)
     capsys.readouterr()
     refused = {
-        "train": argv(tiny_bert_dir, link, "--overwrite"),
-        "export": ["export", "--adapter", str(real), "--overwrite", "--out", str(link)],
+        "train": (real, link, argv(tiny_bert_dir, link, "--overwrite")),
+        "export": (
+            peft,
+            peft_link,
+            ["export", "--adapter", str(real), "--overwrite", "--out", str(peft_link)],
+        ),
     }
-    for name, command in refused.items():
-        with dirlock.exclusive(real, str(real), "lorakit test"):
+    for name, (locked, through, command) in refused.items():
+        before = snapshot(locked)
+        with dirlock.exclusive(locked, str(locked), "lorakit test"):
             assert main(command) == 2, name
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and "is being written by another lorakit command (lorakit test" in err
-        assert snapshot(real) == finished and link.is_symlink(), name
+        assert snapshot(locked) == before and through.is_symlink(), name
+    finished = snapshot(real)
     with dirlock.exclusive(link, str(link), "lorakit test"):  # the lock taken through the link
         assert main(argv(tiny_bert_dir, real, "--overwrite")) == 2
         assert "is being written by another lorakit command" in capsys.readouterr().err

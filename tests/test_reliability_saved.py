@@ -206,3 +206,15 @@ def test_a_second_export_names_the_flag_and_a_resume_names_the_changed_setting(
     shutil.rmtree(run)
     err = one_error([*argv(tiny_bert_dir, run, "--resume", "--quantize", "nf4")], capsys)
     assert "is 'nf4' but the checkpoint was trained with quantize unset; resume with quantize unset" in err
+
+
+def test_merge_and_export_never_write_into_a_run_directory(named, capsys) -> None:
+    """A run replaces its directory as a whole and owns its checkpoint and evaluation folders, so an output
+    there (the run itself, its checkpoint, a new folder inside) is refused before anything is written."""
+    before = sorted(p.relative_to(named) for p in named.rglob("*"))
+    for command in ("export", "merge"):
+        for out in (named, named / "checkpoint", named / "new" / "deeper"):
+            err = one_error([command, "--adapter", str(named), "--out", str(out)], capsys)
+            assert f"lies inside {named}, which is" in err or f"{named} is a lorakit run directory" in err
+            assert f"outside it, e.g. to {named.parent / 'run-'}" in err, err
+    assert sorted(p.relative_to(named) for p in named.rglob("*")) == before

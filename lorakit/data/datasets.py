@@ -82,9 +82,10 @@ def _json_rows(text: str, source: str) -> list[Row]:
                 continue
             try:
                 lines.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
+            except ValueError as err:  # a JSONDecodeError, or a number past Python's 4300-digit limit
                 raise DataError(
-                    f"{source} line {number} is not valid JSON ({err.msg}); each line must be one JSON object"
+                    f"{source} line {number} is not valid JSON ({_json_problem(err)}); each line must be one "
+                    "JSON object"
                 ) from None
     rows = []
     for number, value in lines:
@@ -107,6 +108,15 @@ def _json_array(text: str, source: str) -> list[Any] | None:
         if err.msg == "Extra data":  # one value per line: read as JSON lines, each line judged on its own
             return None
         raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except ValueError as err:
+        raise DataError(f"{source}: not valid JSON ({_json_problem(err)})") from None
+
+
+def _json_problem(err: ValueError) -> str:
+    """What is wrong with a JSON text, in a few words."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    return f"a number too long to read: {str(err).split(';')[0]}"
 
 
 def _csv_rows(text: str, source: str, suffix: str) -> list[Row]:
@@ -206,9 +216,17 @@ def texts(rows: list[Row], name: str, source: str) -> list[str]:
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
 
 
+def _shown(value: Any) -> str:
+    """A label as an error message quotes it: cut short, and a huge integer never converted to text."""
+    if isinstance(value, int) and value.bit_length() > 14_000:  # over ~4200 digits: repr() would refuse
+        return f"(an integer of {value.bit_length()} bits)"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _label(value: Any, row: int, name: str, source: str) -> int | str:
     """One label as a class id (an integer) or a class name (text), by the rules above."""
-    where = f"{source} row {row}: label {value!r} in column '{name}'"
+    where = f"{source} row {row}: label {_shown(value)} in column '{name}'"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DataError(f"{where} is not a class: use integer class ids or class names (text)")
     if isinstance(value, str):
@@ -223,7 +241,10 @@ def _label(value: Any, row: int, name: str, source: str) -> int | str:
             )
         if not _DECIMAL.fullmatch(text):
             return text
-        value = float(text) if "." in text else int(text)
+        if len(text.lstrip("+-").split(".")[0].lstrip("0")) > len(str(MAX_CLASSES)):
+            value = -MAX_CLASSES if text.startswith("-") else MAX_CLASSES  # refused below, never converted
+        else:
+            value = float(text) if "." in text else int(text)
     if isinstance(value, float):
         if not value.is_integer():  # NaN and infinity too
             raise DataError(

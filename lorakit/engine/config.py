@@ -35,7 +35,9 @@ class TrainConfig:
     checkpoint_every: int = setting(
         0, "write a resumable checkpoint every N steps (0: never)", within="[0, inf)"
     )
-    seed: int = setting(0, "seeds initialisation, data order, dropout and a variant's sampling")
+    seed: int = setting(
+        0, "seeds initialisation, data order, dropout and a variant's sampling", within="[0, 4294967295]"
+    )  # what every seeded library takes (NumPy's seed, set by a transformers.Trainer, stops at 2**32 - 1)
     progress: bool = setting(True, "show a progress bar with loss, learning rate and steps per second")
 
     def __post_init__(self) -> None:

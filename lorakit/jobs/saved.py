@@ -95,6 +95,7 @@ def write_merged(adapter: str, out: str) -> None:
     """Fold the adapter into its base and save the plain model (safetensors), its tokenizer and, for a causal
     LM, its generation config to the new or empty directory ``out``."""
     target = dirlock.real_path(out)
+    _refuse_inside_run(target, out, "merged model")
     _refuse_not_empty(target, out)
     with dirlock.exclusive(target, out, "lorakit merge"):
         _refuse_not_empty(target, out)
@@ -114,6 +115,7 @@ def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> Non
     from lorakit.interop import save_peft
 
     target = dirlock.real_path(out)
+    _refuse_inside_run(target, out, "PEFT adapter")
     with dirlock.exclusive(target, out, "lorakit export"):
         if (target / PEFT_CONFIG_FILE).exists() and not overwrite:
             raise lorakit.OutputExistsError(
@@ -192,6 +194,19 @@ def _head_classes(base: nn.Module, weights: Path) -> int:
         if shape and tensor.dim() and tensor.shape[0] == 2 and shape[1:] == tuple(tensor.shape[1:]):
             return int(shape[0])
     return 2
+
+
+def _refuse_inside_run(target: Path, shown: str, what: str) -> None:
+    """Refuse an output directory that is a lorakit run or lies inside one: a run replaces its directory as a
+    whole (a re-run, ``--resume``), and its checkpoint and evaluation folders are its own."""
+    runs = [d for d in (target, *target.parents) if (d / CONFIG_FILE).is_file() or (d / JOB_FILE).is_file()]
+    if runs:
+        run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
+        where = "is" if run == target else f"lies inside {run}, which is"
+        raise lorakit.OutputExistsError(
+            f"{shown} {where} a lorakit run directory; write the {what} outside it, e.g. to "
+            f"{run.parent / (run.name + '-' + what.split()[0].lower())}"
+        )
 
 
 def _refuse_not_empty(target: Path, shown: str) -> None:
