@@ -151,18 +151,21 @@ def contenders(
         rows["lorakit lora, bf16 autocast"] = lambda: bf16(ours(base, "lora", targets, head, **lora))
     if not every:
         return rows
+    no_dropout = {**peft_lora, "lora_dropout": 0.0}
     if head is None:  # a causal LM: LoRA, DoRA and QLoRA against PEFT and full fine-tuning
         qlora_compute = "bfloat16" if base_device(base) == "cuda" else "float32"
         return rows | {
             "peft dora": lambda: peft(base, LoraConfig(**peft_lora, use_dora=True)),
             "lorakit dora": lambda: ours(base, "dora", targets, head, **lora),
+            # without dropout W0 x~ is the base output itself: DoRA's own cost (norms, magnitude) alone
+            "peft dora, dropout 0": lambda: peft(base, LoraConfig(**no_dropout, use_dora=True)),
+            "lorakit dora, dropout 0": lambda: ours(base, "dora", targets, head, **{**lora, "dropout": 0.0}),
             # fp32 compute on a CPU (bf16 there is emulated and many times slower); the paper's bf16 on a GPU
             "lorakit qlora": lambda: ours(base, "qlora", targets, head, **lora, compute_dtype=qlora_compute),
         }
     steps = {"init_r": 12, "target_r": 8, "tinit": 200, "tfinal": 1000, "deltaT": 10, "total_step": 10_000}
     adalora = {"alpha": 16, "dropout": 0.05, "init_r": 12, "target_r": 8, "t_init": 200, "t_final": 1000}
     adalora |= {"delta_t": 10, "total_steps": 10_000}
-    no_dropout = {**peft_lora, "lora_dropout": 0.0}
     rows |= {
         "peft dora": lambda: peft(base, LoraConfig(**peft_lora, use_dora=True)),
         "lorakit dora": lambda: ours(base, "dora", targets, head, **lora),
@@ -444,7 +447,14 @@ def main() -> None:
     )
     if "lorakit dora" in rows and "lorakit lora" in rows:
         ratio = rows["lorakit dora"]["step_seconds"] / rows["lorakit lora"]["step_seconds"]
-        text += f" DoRA step: {ratio:.2f}x lorakit's LoRA step."
+        text += f" DoRA step: {ratio:.2f}x lorakit's LoRA step"
+        if "lorakit dora, dropout 0" in rows and "lorakit lora, dropout 0" in rows:
+            plain = (
+                rows["lorakit dora, dropout 0"]["step_seconds"]
+                / rows["lorakit lora, dropout 0"]["step_seconds"]
+            )
+            text += f" ({plain:.2f}x without dropout, against LoRA without dropout)"
+        text += "."
     if "lorakit qlora" in rows:
         weights = base_weight_bytes(ours(base, "qlora", targets, head, rank=8, alpha=16, dropout=0.05).model)
         rows["lorakit qlora"]["base_weight_bytes"] = weights
