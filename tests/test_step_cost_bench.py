@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import lorakit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +60,21 @@ def test_a_run_on_more_threads_rewrites_its_own_section(tmp_path: Path) -> None:
     assert readme.read_text() == one + two.replace("old", "| two |")
     assert bench.readme_section("cpu", 1, all_bf16=False) == "results-step-cost"
     assert bench.readme_section("cuda", 1, all_bf16=True) == "results-step-cost-cuda-bf16"
+
+
+def test_a_causal_lm_times_dora_with_and_without_dropout_on_both_sides() -> None:
+    """The causal-LM rows put DoRA's own cost (dropout 0: W0 x~ is the base output) beside DoRA with the
+    dropout that needs one more base product, each against PEFT's same configuration."""
+    from conftest import tiny_llama
+
+    bench = _bench()
+    builders = bench.contenders(tiny_llama(), bench.LLAMA_TARGETS, None, every=True)
+    for side in ("peft", "lorakit"):
+        assert {f"{side} dora", f"{side} dora, dropout 0"} <= builders.keys()
+    rates = {}
+    for name in ("lorakit dora", "lorakit dora, dropout 0", "peft dora", "peft dora, dropout 0"):
+        model = builders[name]().model
+        ours = {round(layer.variant.dropout_rate(), 2) for _, layer in lorakit.adapted_layers(model)}
+        rates[name] = ours or {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {"lorakit dora": {0.05}, "lorakit dora, dropout 0": {0.0}, "peft dora": {0.05},
+                     "peft dora, dropout 0": set()}  # fmt: skip
