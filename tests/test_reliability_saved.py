@@ -208,13 +208,25 @@ def test_a_second_export_names_the_flag_and_a_resume_names_the_changed_setting(
     assert "is 'nf4' but the checkpoint was trained with quantize unset; resume with quantize unset" in err
 
 
-def test_merge_and_export_never_write_into_a_run_directory(named, capsys) -> None:
-    """A run replaces its directory as a whole and owns its checkpoint and evaluation folders, so an output
-    there (the run itself, its checkpoint, a new folder inside) is refused before anything is written."""
+def test_merge_and_export_never_write_over_a_run_or_its_checkpoint(
+    named, tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """A run's directory and the entries it writes (the checkpoint a resume reads) are refused as outputs
+    before anything is written; a new folder inside the run is an output like any other, and a re-run then
+    refuses to replace the directory holding it."""
     before = sorted(p.relative_to(named) for p in named.rglob("*"))
     for command in ("export", "merge"):
-        for out in (named, named / "checkpoint", named / "new" / "deeper"):
+        for out in (named, named / "checkpoint", named / "checkpoint" / "deeper"):
             err = one_error([command, "--adapter", str(named), "--out", str(out)], capsys)
-            assert f"lies inside {named}, which is" in err or f"{named} is a lorakit run directory" in err
-            assert f"outside it, e.g. to {named.parent / 'run-'}" in err, err
+            assert (
+                f"{named} is a lorakit run directory" in err or f"is part of the lorakit run {named}" in err
+            )
+            assert f"to a new directory, e.g. {named.parent / 'run-'}" in err, err
     assert sorted(p.relative_to(named) for p in named.rglob("*")) == before
+    run = tmp_path / "run"
+    shutil.copytree(named, run)
+    assert main(["export", "--adapter", str(run), "--out", str(run / "peft")]) == 0
+    assert (run / "peft" / "adapter_config.json").is_file()
+    err = one_error(argv(tiny_bert_dir, run, "--overwrite"), capsys)
+    assert "holds files that are not from a lorakit run (peft)" in err
+    assert (run / "peft" / "adapter_config.json").is_file()

@@ -28,7 +28,7 @@ from lorakit.common.dirswap import building, siblings, staged_for
 from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.jobs.job import adopt_run_template
 from lorakit.jobs.models import load_model, name_classes
-from lorakit.jobs.rundir import JOB_FILE
+from lorakit.jobs.rundir import JOB_FILE, RUN_FILES
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
 from lorakit.train.loop import TrainConfig
 
@@ -197,15 +197,18 @@ def _head_classes(base: nn.Module, weights: Path) -> int:
 
 
 def _refuse_inside_run(target: Path, shown: str, what: str) -> None:
-    """Refuse an output directory that is a lorakit run or lies inside one: a run replaces its directory as a
-    whole (a re-run, ``--resume``), and its checkpoint and evaluation folders are its own."""
+    """Refuse an output directory that is a lorakit run, or one of the entries a run writes (its checkpoint
+    folder above all), which a re-run or ``--resume`` replaces. A new folder inside a run is left alone (a
+    re-run refuses to replace a directory holding it)."""
     runs = [d for d in (target, *target.parents) if (d / CONFIG_FILE).is_file() or (d / JOB_FILE).is_file()]
-    if runs:
-        run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
-        where = "is" if run == target else f"lies inside {run}, which is"
+    if not runs:
+        return
+    run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
+    if target in runs or target.relative_to(run).parts[0] in RUN_FILES:
+        where = "is a lorakit run directory" if target == run else f"is part of the lorakit run {run}"
+        beside = run.parent / f"{run.name}-{what.split()[0].lower()}"
         raise lorakit.OutputExistsError(
-            f"{shown} {where} a lorakit run directory; write the {what} outside it, e.g. to "
-            f"{run.parent / (run.name + '-' + what.split()[0].lower())}"
+            f"{shown} {where}; write the {what} to a new directory, e.g. {beside}"
         )
 
 
