@@ -178,7 +178,9 @@ def _eval_out(args: argparse.Namespace) -> Path:
         return Path(args.out)
     if args.adapter is None:
         raise LorakitError("--generate on a base --model needs --out DIR for its metrics and generations")
-    return Path(args.adapter) / "eval"
+    from lorakit.jobs.rundir import EVAL_DIR
+
+    return Path(args.adapter) / EVAL_DIR
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

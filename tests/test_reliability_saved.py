@@ -230,3 +230,18 @@ def test_merge_and_export_never_write_over_a_run_or_its_checkpoint(
     err = one_error(argv(tiny_bert_dir, run, "--overwrite"), capsys)
     assert "holds files that are not from a lorakit run (peft)" in err
     assert (run / "peft" / "adapter_config.json").is_file()
+
+
+def test_a_run_evaluated_into_its_own_folder_can_be_trained_again_over(
+    named, tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """`lorakit eval --generate` writes into ADAPTER/eval by default: that folder is the run's own, so
+    `train --overwrite` (and a bench run again) replaces it with the run, and no export goes there."""
+    run = tmp_path / "run"
+    shutil.copytree(named, run)
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text('{"loss": 1.0}')
+    err = one_error(["export", "--adapter", str(run), "--out", str(run / "eval")], capsys)
+    assert f"is part of the lorakit run {run}" in err
+    assert main(argv(tiny_bert_dir, run, "--overwrite")) == 0
+    assert (run / "adapter.json").is_file() and not (run / "eval").exists()

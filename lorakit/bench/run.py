@@ -29,6 +29,7 @@ from lorakit.adapters.io import CONFIG_FILE
 from lorakit.bench.report import write_report
 from lorakit.common.errors import LorakitError
 from lorakit.jobs.cliargs import job_from_values, job_values
+from lorakit.jobs.rundir import EVAL_DIR
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
@@ -36,7 +37,6 @@ REPORT_NAMES = {"results"}  # results.md / results.json / results.png
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
 # flags of `lorakit eval --generate` a bench file may set
 GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
-EVAL_DIR = "eval"
 
 
 class BenchError(LorakitError):

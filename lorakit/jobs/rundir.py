@@ -30,7 +30,8 @@ from lorakit.train.checkpoint import CHECKPOINT_DIR, has_checkpoint
 JOB_FILE = "job.json"
 METRICS_FILE = "metrics.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the chat template a causal-LM run rendered its data in
-RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, JOB_FILE, METRICS_FILE, CHAT_TEMPLATE_FILE, CHECKPOINT_DIR)
+EVAL_DIR = "eval"  # where `lorakit eval` writes by default: the run's own evaluation, replaced with the run
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, JOB_FILE, METRICS_FILE, CHAT_TEMPLATE_FILE, CHECKPOINT_DIR, EVAL_DIR)
 
 
 class OutputDirError(LorakitError):
