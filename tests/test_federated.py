@@ -850,3 +850,18 @@ def test_deployment_superlink_supernodes_and_flwr_run_over_loopback(tiny_bert_di
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
+
+
+def test_every_seed_gives_each_round_and_client_its_own_local_seed_in_range() -> None:
+    """The local seed of a round and client stays a valid training seed for every --seed (the largest one
+    included), and differs between rounds and clients; a seed out of range is refused up front."""
+    from lorakit.federated.client import local_config, round_seed
+
+    for top in (0, 4295, 2**32 - 1):
+        cfg = FedConfig(seed=top)
+        seeds = {(r, p): round_seed(cfg, r, p) for r in range(3) for p in range(3)}
+        assert len(set(seeds.values())) == 9 and all(0 <= s < 2**32 for s in seeds.values())
+        assert local_config(cfg, 10, seeds[2, 2]).seed == seeds[2, 2]
+    for bad in (-1, 2**32):
+        with pytest.raises(LorakitError, match=f"seed={bad}: it must be an integer in \\[0, 4294967295\\]"):
+            FedConfig(seed=bad)

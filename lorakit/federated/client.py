@@ -67,11 +67,16 @@ def train_round(
     space = update_space(model, rank)
     write_space(space, values)
     before = read_space(space)
-    seed = cfg.seed * 1_000_003 + rnd * 1009 + partition_id  # a different data order per round and client
-    result = local_training(model, data, local_config(cfg, len(data), seed))
+    result = local_training(model, data, local_config(cfg, len(data), round_seed(cfg, rnd, partition_id)))
     after = read_space(space)
     update = {n: after[n] - before[n] for n in before}
     return update, len(data), {"train_loss": float(result.final_loss)}
+
+
+def round_seed(cfg: FedConfig, rnd: int, partition_id: int) -> int:
+    """The seed of a client's local training in round ``rnd``: a different data order per round and client,
+    within the seeds every library takes (``[0, 2**32)``, as ``--seed``)."""
+    return (cfg.seed * 1_000_003 + rnd * 1009 + partition_id) % 2**32
 
 
 def local_config(cfg: FedConfig, examples: int, seed: int) -> TrainConfig:

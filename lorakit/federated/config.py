@@ -80,7 +80,11 @@ class FedConfig:
     )
     delta: float = setting(1e-5, "delta of client-level (epsilon, delta)-DP; keep it below 1/clients")
     accountant: str = setting("rdp", "rdp | prv")
-    seed: int = setting(0, "seeds partitions, ranks and local training (never the DP noise or cohort)")
+    seed: int = setting(
+        0,
+        "seeds partitions, ranks and local training (never the DP noise or cohort)",
+        within="[0, 4294967295]",
+    )
     dp_insecure_seed: bool = setting(
         False, "NOT private, tests only: derive DP noise and cohorts from the seed"
     )
