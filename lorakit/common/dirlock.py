@@ -75,6 +75,27 @@ def held(target: Path) -> bool:
     except OSError:
         return False
     try:
+        return _locked(fd)
+    finally:
+        os.close(fd)
+
+
+def holder(target: Path) -> str | None:
+    """The command holding the lock of directory ``target`` now, as messages name it; None when none does."""
+    try:
+        fd = os.open(lock_path(real_path(target)), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _describe(_owner(fd)) if _locked(fd) else None
+    finally:
+        os.close(fd)
+
+
+def _locked(fd: int) -> bool:
+    """Whether a live process holds the lock file open as ``fd`` (a shared lock taken here to test it goes
+    with ``fd``'s close)."""
+    try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -82,23 +103,7 @@ def held(target: Path) -> bool:
         if err.errno not in NO_FLOCK:
             raise
         return _alive(_owner(fd))
-    finally:
-        os.close(fd)
     return False
-
-
-def holder(target: Path) -> str | None:
-    """The command holding the lock of directory ``target`` now, as messages name it; None when none does."""
-    if not held(target):
-        return None
-    try:
-        fd = os.open(lock_path(real_path(target)), os.O_RDONLY)
-    except OSError:  # released meanwhile
-        return None
-    try:
-        return _describe(_owner(fd))
-    finally:
-        os.close(fd)
 
 
 def make_parents(directory: Path) -> Path | None:

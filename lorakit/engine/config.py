@@ -10,6 +10,8 @@ from typing import Any
 from lorakit.common.settings import check_fields, check_settings, setting
 
 SCHEDULES = ("linear", "cosine", "constant")
+# The seeds every seeded library takes (NumPy's, which a transformers.Trainer sets, stop at 2**32 - 1).
+SEEDS = "[0, 4294967295]"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -35,9 +37,7 @@ class TrainConfig:
     checkpoint_every: int = setting(
         0, "write a resumable checkpoint every N steps (0: never)", within="[0, inf)"
     )
-    seed: int = setting(
-        0, "seeds initialisation, data order, dropout and a variant's sampling", within="[0, 4294967295]"
-    )  # what every seeded library takes (NumPy's seed, set by a transformers.Trainer, stops at 2**32 - 1)
+    seed: int = setting(0, "seeds initialisation, data order, dropout and a variant's sampling", within=SEEDS)
     progress: bool = setting(True, "show a progress bar with loss, learning rate and steps per second")
 
     def __post_init__(self) -> None:

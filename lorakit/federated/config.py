@@ -23,6 +23,7 @@ from lorakit.common.settings import (
     parse_assignments,
     setting,
 )
+from lorakit.engine.config import SEEDS
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
 
 SAMPLINGS = ("poisson", "fixed")
@@ -81,9 +82,7 @@ class FedConfig:
     delta: float = setting(1e-5, "delta of client-level (epsilon, delta)-DP; keep it below 1/clients")
     accountant: str = setting("rdp", "rdp | prv")
     seed: int = setting(
-        0,
-        "seeds partitions, ranks and local training (never the DP noise or cohort)",
-        within="[0, 4294967295]",
+        0, "seeds partitions, ranks and local training (never the DP noise or cohort)", within=SEEDS
     )
     dp_insecure_seed: bool = setting(
         False, "NOT private, tests only: derive DP noise and cohorts from the seed"

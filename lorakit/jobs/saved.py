@@ -95,7 +95,7 @@ def write_merged(adapter: str, out: str) -> None:
     """Fold the adapter into its base and save the plain model (safetensors), its tokenizer and, for a causal
     LM, its generation config to the new or empty directory ``out``."""
     target = dirlock.real_path(out)
-    _refuse_inside_run(target, out, "merged model")
+    _refuse_inside_run(target, out, "merged model", "merged")
     _refuse_not_empty(target, out)
     with dirlock.exclusive(target, out, "lorakit merge"):
         _refuse_not_empty(target, out)
@@ -115,7 +115,7 @@ def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> Non
     from lorakit.interop import save_peft
 
     target = dirlock.real_path(out)
-    _refuse_inside_run(target, out, "PEFT adapter")
+    _refuse_inside_run(target, out, "PEFT adapter", "peft")
     with dirlock.exclusive(target, out, "lorakit export"):
         if (target / PEFT_CONFIG_FILE).exists() and not overwrite:
             raise lorakit.OutputExistsError(
@@ -196,7 +196,7 @@ def _head_classes(base: nn.Module, weights: Path) -> int:
     return 2
 
 
-def _refuse_inside_run(target: Path, shown: str, what: str) -> None:
+def _refuse_inside_run(target: Path, shown: str, what: str, suffix: str) -> None:
     """Refuse an output directory that is a lorakit run, or one of the entries a run writes (its checkpoint
     folder above all), which a re-run or ``--resume`` replaces. A new folder inside a run is left alone (a
     re-run refuses to replace a directory holding it)."""
@@ -206,7 +206,7 @@ def _refuse_inside_run(target: Path, shown: str, what: str) -> None:
     run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
     if target in runs or target.relative_to(run).parts[0] in RUN_FILES:
         where = "is a lorakit run directory" if target == run else f"is part of the lorakit run {run}"
-        beside = run.parent / f"{run.name}-{what.split()[0].lower()}"
+        beside = run.parent / f"{run.name}-{suffix}"
         raise lorakit.OutputExistsError(
             f"{shown} {where}; write the {what} to a new directory, e.g. {beside}"
         )
