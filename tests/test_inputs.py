@@ -370,6 +370,19 @@ def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never
 @pytest.mark.parametrize(
     ("argv", "error", "message"),
     [
+        (["--max-grad-norm", "inf", "--noise-multiplier", "1"], PrivacyError, "max_grad_norm = inf is invalid"),
+        (["--noise-multiplier", "inf"], PrivacyError, "noise_multiplier = inf is invalid: it must be a finite"),
+        (["--noise-multiplier", "1", "--checkpoint-every", "5"], SettingError, "drop --checkpoint-every"),
+    ],
+)
+def test_dp_sgd_settings_it_cannot_honour_are_refused_before_anything_runs(argv, error, message) -> None:
+    with pytest.raises(error, match=message):
+        _job(["--dp", *argv])
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "message"),
+    [
         (["--target-epsilon", "0", "--clip-norm", "1"], PrivacyError, "target_epsilon = 0.0 is invalid"),
         (["--noise-multiplier", "0", "--target-epsilon", "3", "--clip-norm", "1"], PrivacyError, "no noise"),
         (["--eval-examples", "0"], SettingError, r"eval_examples=0: it must be an integer >= 1"),

@@ -140,6 +140,11 @@ class JobConfig:
                 "each layer's activations as forward captures them, which a recomputed block would capture "
                 "twice; drop one of the two"
             )
+        if self.train.checkpoint_every and self.privacy.dp:
+            raise SettingError(
+                "--checkpoint-every cannot run with --dp: DP training saves no checkpoints (a resumed run would "
+                "restart the privacy accountant and under-report epsilon); drop --checkpoint-every"
+            )
         if self.quantize is not None:
             check_quant_type(self.quantize)
         self.variant_config()  # the variant's settings are checked now, before anything is read or written

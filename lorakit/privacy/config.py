@@ -55,10 +55,16 @@ class DPConfig:
         check_epsilon(self.target_epsilon)
         check_delta(self.delta)
         check_accountant(self.accountant)
-        if not self.max_grad_norm > 0:
-            raise PrivacyError(f"max_grad_norm = {self.max_grad_norm!r} is invalid: it must be > 0")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise PrivacyError(f"noise_multiplier = {self.noise_multiplier!r} is invalid: it must be >= 0")
+        # The noise's standard deviation is noise_multiplier * max_grad_norm: an infinite bound or multiplier
+        # turns every gradient into inf / NaN while the accountant still reports a finite epsilon.
+        if not 0 < self.max_grad_norm < math.inf:
+            raise PrivacyError(
+                f"max_grad_norm = {self.max_grad_norm!r} is invalid: it must be a finite number > 0"
+            )
+        if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
+            raise PrivacyError(
+                f"noise_multiplier = {self.noise_multiplier!r} is invalid: it must be a finite number >= 0"
+            )
         if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyError(
                 "DP training needs a budget or a noise level: pass --target-epsilon E or --noise-multiplier Z"

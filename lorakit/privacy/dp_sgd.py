@@ -220,10 +220,6 @@ def train_job_private(
     """The DP branch of :func:`lorakit.jobs.job.run_job`: returns the result and the privacy report."""
     if job.resume:
         raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
-    if job.train.checkpoint_every:
-        warnings.warn(
-            "DP training writes no intermediate checkpoints; checkpoint_every is ignored", stacklevel=2
-        )
     result = train_dp(model, data, job.train, job.privacy, evaluate=evaluate)
     report = {
         **privacy_record("dp-sgd", result.epsilon, result.delta, job.privacy.dp_insecure_seed),
