@@ -399,3 +399,79 @@ def test_every_error_lorakit_raises_is_exported_and_a_lorakit_error() -> None:
         assert name in lorakit.__all__ and issubclass(getattr(lorakit, name), lorakit.LorakitError), name
     assert issubclass(lorakit.LorakitError, ValueError)
     assert issubclass(lorakit.OutputExistsError, FileExistsError)
+
+
+def test_layers_their_parent_reads_instead_of_calling_are_left_out_or_refused() -> None:
+    """nn.MultiheadAttention reads out_proj's weight itself, and nn.TransformerEncoderLayer's inference fast
+    path every linear layer's: an adapter there would be skipped or fail in eval mode."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.proj = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.proj(self.layer(x))
+
+    torch.manual_seed(0)
+    model = Encoder()
+    lorakit.apply(model, "lora", targets="all-linear", rank=2)
+    assert [n for n, _ in lorakit.adapted_layers(model)] == ["proj"]
+    model.eval()
+    with torch.no_grad():  # the fast path runs, reading its layers' weights
+        assert model(torch.randn(2, 5, 16)).shape == (2, 5, 4)
+    for targets in (["out_proj"], ["linear1"], "all-linear"):
+        bare = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+        with pytest.raises(TargetError, match="reads (out_proj|linear1|linear2)'s weight and bias itself"):
+            lorakit.apply(bare, "lora", targets=targets, rank=2)
+        assert not lorakit.adapted_layers(bare) and all(p.requires_grad for p in bare.parameters())
+
+
+def test_a_layer_held_under_two_names_is_refused() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for targets in (["a"], ["b"], "all-linear"):
+        with pytest.raises(TargetError, match="is the same module as .* under two names"):
+            lorakit.apply(Shared(), "lora", targets=targets, rank=2)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "delta_lora", "dylora"])
+def test_a_sparse_embedding_trains_with_dense_adapter_gradients(variant) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, sparse=True))
+    ids = torch.randint(0, 20, (3, 7))
+    before = model(ids).detach()
+    lorakit.apply(model, variant, targets=["0"], rank=2)
+    out = model(ids)
+    torch.testing.assert_close(out, before)  # the adapter starts at zero
+    (out * torch.randn_like(out)).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.is_sparse for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_refused_apply_leaves_every_layer_and_trainable_flag_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16))
+    model[2].bias.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers = list(model)
+    with pytest.raises(LorakitError):  # the shared projections are too small for the second layer
+        lorakit.apply(model, "vera", targets=["0", "2"], rank=4, projection_shape=[8, 8])
+    assert list(model) == layers and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert getattr(model, "lorakit", None) is None
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_fix() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(AdapterStateError, match="meta device .* load the model's weights first"):
+        lorakit.apply(model, "lora", targets=["0"], rank=2)
+    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook
+from lorakit.core.variant import Hook, Variant
 from lorakit.variants import get_variant
 
 
@@ -86,6 +87,7 @@ def apply(
     names = find_targets(model, cfg.targets, variant_class.kinds)
     modules = dict(model.named_modules())
     check_rank(cfg, {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names})
+    check_materialised(modules, names)
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     check_disjoint(names, train_modules)
     storage = cfg.base_storage()
@@ -97,7 +99,36 @@ def apply(
         quantize_targets(model, names, storage)
     modules = dict(model.named_modules())
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        model.requires_grad_(False)
+        info = _wrap(model, modules, names, variant_class, cfg, train_modules, trainable_before, swapped)
+    except BaseException:
+        # A layer refused while being wrapped (a VeRA projection too small for it, say): the model is put
+        # back as it was, every layer and every trainable flag.
+        for name, layer in swapped:
+            set_module(model, name, layer)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable_before.get(name, param.requires_grad))
+        raise
+    for name in info.train_modules:
+        modules[name].requires_grad_(True)
+    model.lorakit = info
+    return model
+
+
+def _wrap(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    names: list[str],
+    variant_class: type[Variant],
+    cfg: VariantConfig,
+    train_modules: list[str],
+    trainable_before: dict[str, bool],
+    swapped: list[tuple[str, nn.Module]],
+) -> AdapterInfo:
+    """Wrap each target layer of the frozen ``model`` in an :class:`AdaptedLayer`, recording each swap in
+    ``swapped`` as it is made; returns the adapter's info."""
     info = AdapterInfo(
         variant=variant_class.name,
         config=cfg,
@@ -114,10 +145,19 @@ def apply(
     for name in names:
         layer = modules[name]
         set_module(model, name, AdaptedLayer(layer, kind_of(layer), variant_class, cfg, info.shared, name))
-    for name in info.train_modules:
-        modules[name].requires_grad_(True)
-    model.lorakit = info
-    return model
+        swapped.append((name, layer))
+    return info
+
+
+def check_materialised(modules: dict[str, nn.Module], names: list[str]) -> None:
+    """Refuse target layers whose weights are not there yet (on the ``meta`` device): the adapter records a
+    fingerprint of the base weights and initialises from their shape and dtype."""
+    for name in names:
+        if any(t.is_meta for t in itertools.chain(modules[name].parameters(), modules[name].buffers())):
+            raise AdapterStateError(
+                f"layer {name} is on the meta device (no weights yet): load the model's weights first "
+                "(model.to_empty(device=...) then load_state_dict, or from_pretrained), then apply"
+            )
 
 
 def check_base_model(model: nn.Module) -> None:

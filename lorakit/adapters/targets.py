@@ -30,12 +30,17 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     lorakit cannot adapt is refused, and one matching no module at all is warned about (one list often serves
     several model families, as in PEFT), so a misspelt entry never adapts fewer layers silently.
     """
-    adaptable = {n: kind for n, m in model.named_modules() if n and (kind := kind_of(m)) is not None}
+    skipped = read_by_parent(model)
+    adaptable = {
+        n: kind
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n and n not in skipped and (kind := kind_of(m)) is not None
+    }
     if targets == "all-linear":
         head = output_head_names(model)
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
         if not names:
-            raise TargetError(no_match_message(targets, list(adaptable)))
+            raise TargetError(no_match_message(targets, list(adaptable), skipped))
     else:
         selects = _selector(targets)
         if not isinstance(targets, str):
@@ -43,6 +48,7 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
         names = [n for n in adaptable if selects(n)]
         if not names:
             raise TargetError(no_match_message(targets, list(adaptable), _unadaptable(model, selects)))
+    check_one_name(model, names)
     unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n] not in kinds]
     if unsupported:
         raise TargetError(
@@ -50,6 +56,46 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
             "Narrow `targets` to supported layers."
         )
     return names
+
+
+# Layers whose parent reads their weight and bias itself instead of calling them, so an adapter put in their
+# place would be skipped or fail: nn.MultiheadAttention passes out_proj's to its functional form, and
+# nn.TransformerEncoderLayer's inference fast path (eval mode) reads every one of its linear layers'.
+READ_BY_PARENT: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("out_proj",),
+    nn.TransformerEncoderLayer: ("linear1", "linear2"),
+}
+
+
+def read_by_parent(model: nn.Module) -> dict[str, str]:
+    """The layers of :data:`READ_BY_PARENT` in ``model``, with the reason: ``all-linear`` leaves them out and
+    naming one is refused."""
+    skipped = {}
+    for n, m in model.named_modules():
+        for parent, children in READ_BY_PARENT.items():
+            if isinstance(m, parent):
+                for child in children:
+                    skipped[f"{n}.{child}" if n else child] = (
+                        f"{parent.__name__} reads {child}'s weight and bias itself rather than calling the "
+                        "layer, so an adapter in its place would be skipped or fail; adapt other layers"
+                    )
+    return skipped
+
+
+def check_one_name(model: nn.Module, names: list[str]) -> None:
+    """Refuse a selected layer that the model holds under more than one name: an adapter replaces the layer at
+    one name, and calls through the other would run the base layer alone."""
+    paths: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    for name in names:
+        others = [n for n in paths[id(model.get_submodule(name))] if n != name]
+        if others:
+            raise TargetError(
+                f"layer {name} is the same module as {others[0]} (one module held under two names): an "
+                "adapter would replace it at one name only, and calls through the other would skip it; give "
+                "each use its own module, or leave it out of targets"
+            )
 
 
 def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, object]) -> None:
@@ -90,8 +136,11 @@ def _selector(targets: str | list[str]) -> Callable[[str], bool]:
 
 def _unadaptable(model: nn.Module, selects: Callable[[str], bool]) -> dict[str, str]:
     """Modules ``selects`` picks that lorakit cannot adapt, with the reason (for the no-match message)."""
+    skipped = read_by_parent(model)
     return {
-        n: why_not_adaptable(m) for n, m in model.named_modules() if n and selects(n) and kind_of(m) is None
+        n: skipped.get(n) or why_not_adaptable(m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n and selects(n) and (n in skipped or kind_of(m) is None)
     }
 
 

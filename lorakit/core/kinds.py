@@ -244,9 +244,10 @@ def _stands_in_for(layer: nn.Module, kind: LayerKind) -> bool:
 
 
 def _embed(layer: nn.Module, x: Tensor, table: Tensor) -> Tensor:
-    return F.embedding(
-        x, table, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse
-    )
+    # Dense gradients whatever the layer's ``sparse``: the tables here are transposed views of an adapter's
+    # factors (or of a weight formed from them), through which a sparse gradient cannot flow; the frozen
+    # base table itself, looked up by the base layer, keeps its setting.
+    return F.embedding(x, table, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq)
 
 
 def _conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
