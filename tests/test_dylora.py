@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -171,7 +173,7 @@ def test_evaluate_all_ranks_and_save_keeps_every_rank(tmp_path) -> None:
     tensors = load_file(tmp_path / "a" / "adapter.safetensors")
     assert tensors["fc1.A"].shape == (R, 6) and tensors["fc1.B"].shape == (10, R)
     fresh = lorakit.load(Tiny(), tmp_path / "a").eval()
-    assert fresh.lorakit.config.rank == R and fresh.fc1.variant.current_rank == R
+    assert fresh.lorakit.config.rank == R and fresh.fc1.variant.current_rank == 2  # as saved, every rank kept
     for b in range(1, R + 1):
         set_rank(model, b), set_rank(fresh, b)
         assert torch.equal(fresh(x), model(x))
@@ -206,3 +208,31 @@ def test_cli_trains_then_evaluates_every_rank(tiny_bert_dir, tmp_path, capsys) -
         with torch.no_grad():
             logits[b] = model.eval()(**batch).logits
     assert not torch.equal(logits[1], logits[2]) and not torch.equal(logits[2], logits[3])
+
+
+@pytest.mark.parametrize("variant", ["dylora", "dp_dylora"])
+def test_the_rank_set_rank_chose_is_saved_and_loaded_back(tmp_path, variant) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16)).eval()
+
+    x = torch.randn(3, 16)
+    model = lorakit.apply(build(), variant, targets=["0"], rank=4, alpha=8)
+    with torch.no_grad():
+        model[0].variant.B.normal_()
+    lorakit.set_rank(model, 2)
+    with torch.no_grad():
+        at_two = model(x)
+    lorakit.save(model, tmp_path / "two")
+    lorakit.set_rank(model, None)
+    with torch.no_grad():
+        full = model(x)
+    lorakit.save(model, tmp_path / "full")
+    assert (full - at_two).abs().max() > 1e-2  # the ranks really differ
+    loaded = lorakit.load(build(), tmp_path / "two")
+    assert loaded[0].variant.rank == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), at_two)
+    assert "chosen_rank" not in json.loads((tmp_path / "full" / "adapter.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(lorakit.load(build(), tmp_path / "full")(x), full)

@@ -370,8 +370,16 @@ def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never
 @pytest.mark.parametrize(
     ("argv", "error", "message"),
     [
-        (["--max-grad-norm", "inf", "--noise-multiplier", "1"], PrivacyError, "max_grad_norm = inf is invalid"),
-        (["--noise-multiplier", "inf"], PrivacyError, "noise_multiplier = inf is invalid: it must be a finite"),
+        (
+            ["--max-grad-norm", "inf", "--noise-multiplier", "1"],
+            PrivacyError,
+            "max_grad_norm = inf is invalid",
+        ),
+        (
+            ["--noise-multiplier", "inf"],
+            PrivacyError,
+            "noise_multiplier = inf is invalid: it must be a finite",
+        ),
         (["--noise-multiplier", "1", "--checkpoint-every", "5"], SettingError, "drop --checkpoint-every"),
     ],
 )

@@ -25,6 +25,7 @@ from lorakit.adapters.api import adapted_layers, apply, info, takes_compiled
 from lorakit.adapters.targets import set_module
 from lorakit.common.dirswap import finish_swap
 from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
+from lorakit.core import ranks
 from lorakit.variants import get_variant
 
 CONFIG_FILE = "adapter.json"
@@ -82,10 +83,21 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "base_dtypes": base_dtypes(model),
         "base_sample": state.base_sample,
+        **_chosen_rank(model),
     }
     with writing(out, "the adapter"):
         atomic_write(out / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
+
+
+def _chosen_rank(model: nn.Module) -> dict[str, int]:
+    """``{"chosen_rank": b}`` where ``lorakit.set_rank`` chose a rank below the largest (DyLoRA), so that
+    :func:`load` gives back the model as it was saved; every rank's tensors are saved either way."""
+    choices = ranks.rank_choices(model)
+    if choices is None:
+        return {}
+    rank = adapted_layers(model)[0][1].variant.rank
+    return {} if rank == choices[-1] else {"chosen_rank": rank}
 
 
 def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
@@ -341,6 +353,11 @@ def load(
     before = {n: {k: v.clone() for k, v in modules[n].state_dict().items()} for n in state.train_modules}
     try:
         fill_tensors(model, load_tensors(directory, device=device))
+        if meta.get("chosen_rank") is not None:
+            try:
+                ranks.set_rank(model, meta["chosen_rank"])
+            except LorakitError as err:
+                raise AdapterFileError(f"{Path(directory) / CONFIG_FILE}: chosen_rank: {err}") from None
     except Exception as err:
         for name, saved in before.items():  # a fully trained module (a head) may have been filled already
             modules[name].load_state_dict(saved)

@@ -8,7 +8,8 @@ micro-batches) and the forward uses the truncated factors, scaled by the sampled
 Only the truncated adapter is updated: the hook (:class:`DyLoRAHook`) restores rows ``>= b`` after the
 optimizer step, so AdamW momentum and weight decay cannot move them; mode ``"frozen"`` trains rank ``b`` alone
 (rows ``< b`` get no gradient and are restored too). Outside training the rank is ``R`` unless
-:meth:`DyLoRA.choose_rank` (``lorakit.set_rank``) chose another; merging and PEFT export use that rank, and
+:meth:`DyLoRA.choose_rank` (``lorakit.set_rank``) chose another; merging and PEFT export use that rank,
+``lorakit.save`` keeps every rank and records the chosen one (``lorakit.load`` restores it), and
 ``lorakit.evaluate_all_ranks`` scores every rank of one trained adapter.
 
 ``B = 0`` at init (``A = 0`` for embeddings), so every truncation is zero and the model is the base at step 0.
