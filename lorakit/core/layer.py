@@ -151,26 +151,41 @@ class AdaptedLayer(nn.Module):
             return
         if isinstance(self.base_layer, QuantizedBase):
             # Re-quantising would lose the adapter's detail: merging into a 4-bit base gives a dense layer.
+            # The 4-bit layer is kept aside (a fraction of the dense one's bytes) for unmerge to put back as
+            # it was; it is no submodule, so it is neither saved nor trained while merged.
+            object.__setattr__(self, "_quantised_base", self.base_layer)
             self.base_layer = self.base_layer.to_dense()
             self.base_layer.requires_grad_(False)
         with torch.no_grad():
             w0 = self.weight_2d()
-            merged = self.variant.merged_weight(w0.float(), self).to(w0.dtype)
+            merged = self.variant.merged_weight(w0.to(_merge_dtype(w0)), self).to(w0.dtype)
             self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, merged))
         self.merged = True
 
     def unmerge(self) -> None:
-        """Restore the base weight saved before :meth:`merge`."""
+        """Take the adapter's change back out of the merged weight: the base weight again, up to the rounding
+        of the weight's own dtype (exact in fp32/fp64 up to the last bits; a bf16 weight may move by its
+        spacing at each merge and unmerge). A 4-bit base comes back as the very layer merge replaced."""
         if not self.merged:
+            return
+        quantised = self.__dict__.pop("_quantised_base", None)
+        if quantised is not None:  # the 4-bit layer merge replaced, unchanged, on the dense layer's device
+            self.base_layer = quantised.to(self.base_layer.weight.device)
+            self.merged = False
             return
         with torch.no_grad():
             w = self.weight_2d()
-            restored = self.variant.unmerged_weight(w.float(), self).to(w.dtype)
+            restored = self.variant.unmerged_weight(w.to(_merge_dtype(w)), self).to(w.dtype)
             self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, restored))
         self.merged = False
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def _merge_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a merge computes in: fp32, or fp64 for an fp64 weight (never rounded to fp32)."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -142,8 +142,8 @@ class JobConfig:
             )
         if self.train.checkpoint_every and self.privacy.dp:
             raise SettingError(
-                "--checkpoint-every cannot run with --dp: DP training saves no checkpoints (a resumed run would "
-                "restart the privacy accountant and under-report epsilon); drop --checkpoint-every"
+                "--checkpoint-every cannot run with --dp: DP training saves no checkpoints (a resumed run "
+                "would restart the privacy accountant and under-report epsilon); drop --checkpoint-every"
             )
         if self.quantize is not None:
             check_quant_type(self.quantize)

@@ -143,18 +143,18 @@ class DoRA(LoRA):
 
     def merged_weight(self, w0: Tensor, base: AdaptedLayer) -> Tensor:
         v = w0 + self.delta_weight().to(w0.dtype)  # (out, in): merging forms the weight anyway
-        norm = v.float().norm(dim=1)
+        norm = v.norm(dim=1)  # in the merge's dtype (fp32, or fp64 for an fp64 base)
         norm = norm.masked_fill(norm == 0, 1.0)
         dead = self.m.detach() == 0  # rows that W' zeroes: W0 cannot be recovered from them, so keep it
         self._merge_state = (norm, dead, w0[dead].clone())
-        return (self.m.detach().float() / norm).to(w0.dtype)[:, None] * v
+        return (self.m.detach().to(w0.dtype) / norm)[:, None] * v
 
     def unmerged_weight(self, w: Tensor, base: AdaptedLayer) -> Tensor:
         if self._merge_state is None:
             raise RuntimeError("DoRA unmerge needs the norm cached by merge; merge before unmerging")
         norm, dead, rows = self._merge_state
-        m = self.m.detach().float().masked_fill(dead, 1.0)
-        v = (norm / m).to(w.dtype)[:, None] * w  # W = m V / n  ->  V = W n / m
+        m = self.m.detach().to(w.dtype).masked_fill(dead, 1.0)
+        v = (norm / m)[:, None] * w  # W = m V / n  ->  V = W n / m
         w0 = v - self.delta_weight().to(w.dtype)  # W0 = V - s B A
         w0[dead] = rows.to(w.dtype)
         self._merge_state = None
