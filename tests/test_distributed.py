@@ -193,8 +193,12 @@ def test_ranks_share_out_the_single_process_batches_and_resume_the_same_order():
     resumed = ShardedBatchSampler(data, 3, 99, 1, 2)
     resumed.load_state_dict(state)
     assert torch.equal(next(resumed)["labels"], next(ranks[1])["labels"])
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        Distributed("ddp", 0, 2, torch.device("cpu")).sampler(data, 6, 0)
+    group = Distributed("ddp", 0, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"10 examples, fewer than one optimizer step's batch of 12"):
+        group.sampler(data, 6, 0)
+    group.sampler(data, 5, 0)  # exactly one global batch
+    with pytest.raises(ValueError, match=r"batch of 12 \(--batch-size 3 x --grad-accum 2 x 2 ranks\)"):
+        group.sampler(data, 3, 0, grad_accum=2)
 
 
 def test_distributed_needs_torchrun_and_refuses_dp_sgd(setup, tmp_path, monkeypatch):

@@ -223,3 +223,19 @@ def test_passing_the_variants_own_hook_again_is_refused() -> None:
     twice = lorakit.make_hooks(model, 6)
     with pytest.raises(lorakit.SettingError, match="AdaLoRAHook, which the variant declares"):
         train(model, Batches(), TrainConfig(steps=6, lr=1e-2, progress=False), hooks=twice)
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_only_the_writing_process_prints_evaluations(capsys, writer: bool) -> None:
+    """Every rank evaluates (the evaluation may be a collective) but only rank 0 reports, with or without a
+    progress bar."""
+
+    class Rank(Placement):
+        is_writer = writer
+
+    model = adapted()
+    cfg = TrainConfig(steps=3, lr=0.05, progress=False, eval_every=1)
+    result = train(model, Batches(), cfg, evaluate=lambda m: {"score": 1.5}, placement=Rank())
+    assert [step for step, _ in result.evals] == [1, 2, 3]
+    out = capsys.readouterr()
+    assert ("step 1: score 1.5000" in out.out + out.err) is writer

@@ -260,6 +260,22 @@ def _label(value: Any, row: int, name: str, source: str) -> int | str:
     return value
 
 
+def check_one_step(examples: int, batch_size: int, grad_accum: int = 1, ranks: int = 1) -> None:
+    """Refuse training data with fewer examples than one optimizer step's batch (``batch_size`` per
+    micro-batch and rank, ``grad_accum`` micro-batches, ``ranks`` processes): the step could not take the
+    batch asked for without repeating examples in it."""
+    step = batch_size * grad_accum * ranks
+    if examples < step:
+        parts = [f"--batch-size {batch_size}"]
+        parts += [f"--grad-accum {grad_accum}"] if grad_accum > 1 else []
+        parts += [f"{ranks} ranks"] if ranks > 1 else []
+        raise DataError(
+            f"the training data has {examples} examples, fewer than one optimizer step's batch of {step} "
+            f"({' x '.join(parts)}); lower --batch-size{' or --grad-accum' if grad_accum > 1 else ''}, or "
+            "use more data"
+        )
+
+
 def check_class_names(names: list[str], what: str = "--labels") -> list[str]:
     """Class names given by the user (``--labels``), stripped and checked by the label rules above: each must
     be read as a name, not as a class id, and appear once."""

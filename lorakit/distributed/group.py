@@ -22,7 +22,7 @@ from torch import nn
 import lorakit
 from lorakit.common.errors import LorakitError
 from lorakit.core.contract import Driver
-from lorakit.data.datasets import TokenizedData
+from lorakit.data.datasets import TokenizedData, check_one_step
 from lorakit.distributed.failures import brief, peer_failed
 from lorakit.distributed.sharding import ShardedBatchSampler
 from lorakit.distributed.sync import StagePlacement, match_rank_0
@@ -85,14 +85,16 @@ class Distributed(Placement):
         return model.to(self.device)
 
     def sampler(
-        self, data: TokenizedData, batch_size: int, seed: int, group_by_length: bool = False
+        self,
+        data: TokenizedData,
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = False,
+        grad_accum: int = 1,
     ) -> ShardedBatchSampler:
-        """This rank's share of each global micro-batch of ``batch_size * world_size`` examples."""
-        if len(data) < batch_size * self.world_size:
-            raise ValueError(
-                f"the training data has {len(data)} examples, fewer than one global batch "
-                f"({batch_size} per rank x {self.world_size} ranks); lower --batch-size or use more data"
-            )
+        """This rank's share of each global micro-batch of ``batch_size * world_size`` examples; refused for
+        data with fewer examples than one step's global batch (``grad_accum`` such micro-batches)."""
+        check_one_step(len(data), batch_size, grad_accum, self.world_size)
         return ShardedBatchSampler(data, batch_size, seed, self.rank, self.world_size, group_by_length)
 
     def for_stages(self) -> Placement:

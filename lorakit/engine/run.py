@@ -157,7 +157,8 @@ class Engine:
                     if result.steps < cfg.steps:
                         result.evals.append((result.steps, evaluate(self.model)))
                         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.evals[-1][1].items())
-                        bar.write(f"step {result.steps}: {metrics}")
+                        if self.placement.is_writer:  # tqdm.write prints even where the bar is disabled
+                            bar.write(f"step {result.steps}: {metrics}")
                         self.model.train()
                 result.seconds = time.perf_counter() - began
                 if self.writes_checkpoint(output_dir, result.steps):

@@ -54,7 +54,8 @@ class ScaleOut:
         """Move the model to this rank's device; this rank's batches of the training data."""
         self.group.place(model)
         self.packed = packed_digest(model)
-        return self.group.sampler(data, self.job.train.batch_size, self.job.train.seed, group_by_length)
+        train = self.job.train
+        return self.group.sampler(data, train.batch_size, train.seed, group_by_length, train.grad_accum)
 
     def counts(self, model: nn.Module) -> Summary:
         """The model's parameter counts as it trained (taken before FSDP2 made a 4-bit base's storage
