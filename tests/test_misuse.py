@@ -475,3 +475,13 @@ def test_a_model_on_the_meta_device_is_refused_naming_the_fix() -> None:
     with pytest.raises(AdapterStateError, match="meta device .* load the model's weights first"):
         lorakit.apply(model, "lora", targets=["0"], rank=2)
     assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("variant", "field"),
+    [("delta_lora", "lam"), ("lora_plus", "ratio"), ("lora_plus", "embedding_lr"), ("adalora", "orth_reg_weight")],
+)
+def test_an_infinite_variant_setting_is_refused(variant: str, field: str) -> None:
+    extra = {"dropout": 0.0} if variant == "delta_lora" else {}
+    with pytest.raises(ConfigError, match=f"'{field}' = inf is invalid: it must be a .*finite"):
+        lorakit.apply(MLP(), variant, targets=["fc1"], **extra, **{field: math.inf})

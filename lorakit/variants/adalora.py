@@ -15,6 +15,7 @@ every step; pruned triplets then leave the forward, the penalty and the saved fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,12 @@ class AdaLoRAConfig(VariantConfig):
         require(ok, "delta_t", self.delta_t, "a positive integer")
         require(0 < self.beta1 < 1, "beta1", self.beta1, "in (0, 1)")
         require(0 < self.beta2 < 1, "beta2", self.beta2, "in (0, 1)")
-        require(self.orth_reg_weight >= 0, "orth_reg_weight", self.orth_reg_weight, "a number >= 0")
+        require(
+            0 <= self.orth_reg_weight < math.inf,
+            "orth_reg_weight",
+            self.orth_reg_weight,
+            "a finite number >= 0",
+        )
         if self.total_steps is not None:
             self.check_schedule(self.total_steps)
 

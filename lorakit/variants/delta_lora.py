@@ -21,6 +21,7 @@ Step 0: ``B = 0`` (``A = 0`` for embeddings) and the extra term is off (or zero)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,9 @@ class DeltaLoRAConfig(LoRAConfig):
         require(
             self.dropout == 0, "dropout", self.dropout, "0 (no adapter dropout in Delta-LoRA); set dropout=0"
         )
-        require(self.lam >= 0, "lam", self.lam, "a non-negative number (paper: 2 generation, 0.5 GLUE)")
+        require(
+            0 <= self.lam < math.inf, "lam", self.lam, "a finite number >= 0 (paper: 2 generation, 0.5 GLUE)"
+        )
         ok = isinstance(self.start_step, int) and self.start_step >= -1
         require(ok, "start_step", self.start_step, "an integer >= -1 (the step K after which W moves)")
 

@@ -16,6 +16,7 @@ Step 0: ``B = 0`` (``A = 0`` for embeddings), so ``dW = 0`` and the model equals
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,18 @@ class LoRAPlusConfig(LoRAConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.ratio > 0, "ratio", self.ratio, "a positive number (lr_B / lr_A, usually 10-80)")
-        require(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "a non-negative learning rate")
+        require(
+            0 < self.ratio < math.inf,
+            "ratio",
+            self.ratio,
+            "a positive finite number (lr_B / lr_A, usually 10-80)",
+        )
+        require(
+            0 <= self.embedding_lr < math.inf,
+            "embedding_lr",
+            self.embedding_lr,
+            "a finite learning rate >= 0",
+        )
         require(isinstance(self.one_d_at_ratio, bool), "one_d_at_ratio", self.one_d_at_ratio, "True or False")
 
 
