@@ -485,3 +485,12 @@ def test_an_infinite_variant_setting_is_refused(variant: str, field: str) -> Non
     extra = {"dropout": 0.0} if variant == "delta_lora" else {}
     with pytest.raises(ConfigError, match=f"'{field}' = inf is invalid: it must be a .*finite"):
         lorakit.apply(MLP(), variant, targets=["fc1"], **extra, **{field: math.inf})
+
+
+def test_a_lazy_or_empty_layer_is_refused_saying_why() -> None:
+    with pytest.raises(TargetError, match="LazyLinear has no weights yet .* run one forward pass"):
+        lorakit.apply(nn.Sequential(nn.LazyLinear(4)), "lora", targets=["0"], rank=2)
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(4, 4))
+    with pytest.raises(TargetError, match=r"its weight is empty \(0 x 4\)"):
+        lorakit.apply(model, "lora", targets=["0"], rank=2)
+    assert [n for n, _ in lorakit.adapted_layers(lorakit.apply(model, "lora", rank=2))] == ["1"]

@@ -292,15 +292,28 @@ def kind_of(layer: nn.Module) -> LayerKind | None:
     """The kind of ``layer``, or None when lorakit cannot adapt it (see :func:`why_not_adaptable`)."""
     for kind in KINDS.values():
         if kind.matches(layer):
-            return None if kind.refusal(layer) is not None else kind
+            return None if _refusal(kind, layer) is not None else kind
     return None
+
+
+def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
+    """Why a layer of ``kind`` cannot be adapted: no weights yet, an empty weight, or its kind's own reason."""
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in layer.parameters()):
+        return (
+            f"{type(layer).__name__} has no weights yet (a lazy module): run one forward pass to initialise it, "
+            "then apply"
+        )
+    out_features, in_features = kind.shape_2d(layer)
+    if out_features == 0 or in_features == 0:
+        return f"its weight is empty ({out_features} x {in_features}): there is nothing to adapt"
+    return kind.refusal(layer)
 
 
 def why_not_adaptable(layer: nn.Module) -> str:
     """Why :func:`kind_of` gives None for ``layer``: the reason its kind refuses it, or that no kind is it."""
     for kind in KINDS.values():
         if kind.matches(layer):
-            return kind.refusal(layer) or f"{kind.name} layers can be adapted"
+            return _refusal(kind, layer) or f"{kind.name} layers can be adapted"
     return (
         f"{type(layer).__name__} is not a layer kind lorakit adapts (nn.Linear, GPT-2's Conv1D, "
         "nn.Conv1d/2d/3d, nn.Embedding)"
