@@ -479,7 +479,12 @@ def test_a_model_on_the_meta_device_is_refused_naming_the_fix() -> None:
 
 @pytest.mark.parametrize(
     ("variant", "field"),
-    [("delta_lora", "lam"), ("lora_plus", "ratio"), ("lora_plus", "embedding_lr"), ("adalora", "orth_reg_weight")],
+    [
+        ("delta_lora", "lam"),
+        ("lora_plus", "ratio"),
+        ("lora_plus", "embedding_lr"),
+        ("adalora", "orth_reg_weight"),
+    ],
 )
 def test_an_infinite_variant_setting_is_refused(variant: str, field: str) -> None:
     extra = {"dropout": 0.0} if variant == "delta_lora" else {}

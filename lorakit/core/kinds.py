@@ -297,11 +297,11 @@ def kind_of(layer: nn.Module) -> LayerKind | None:
 
 
 def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
-    """Why a layer of ``kind`` cannot be adapted: no weights yet, an empty weight, or its kind's own reason."""
+    """Why a layer of ``kind`` cannot be adapted: no weights yet, an empty weight, or its kind's reason."""
     if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in layer.parameters()):
         return (
-            f"{type(layer).__name__} has no weights yet (a lazy module): run one forward pass to initialise it, "
-            "then apply"
+            f"{type(layer).__name__} has no weights yet (a lazy module): run one forward pass to initialise "
+            "it, then apply"
         )
     out_features, in_features = kind.shape_2d(layer)
     if out_features == 0 or in_features == 0:
