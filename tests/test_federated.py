@@ -164,6 +164,21 @@ def test_settings_out_of_range_are_clear_errors(capsys) -> None:
     assert "larger than the population" in capsys.readouterr().err
 
 
+def test_a_delta_of_at_least_one_over_the_clients_is_refused_when_accounted(capsys) -> None:
+    """Client-level (epsilon, delta)-DP with delta >= 1/clients may publish one client's data outright."""
+    with pytest.raises(PrivacyError, match=r"1/N = 1/4 = 0.25 for N = 4 clients.*--delta below 0.25"):
+        FedConfig(clients=4, cohort=2, clip_norm=1.0, noise_multiplier=1.0, delta=0.25)
+    with pytest.raises(PrivacyError, match="1/N = 1/4"):
+        FedConfig(clients=4, cohort=2, clip_norm=1.0, target_epsilon=5.0, delta=0.5)
+    FedConfig(clients=4, cohort=2, clip_norm=1.0, noise_multiplier=1.0, delta=0.2)
+    FedConfig(clients=4, cohort=2, clip_norm=1.0, delta=0.5)  # clipping only: no epsilon to qualify
+    FedConfig(clients=4, cohort=2, delta=0.5)  # plain FedAvg
+    argv = ["federate", "--clients", "2", "--cohort", "2", "--clip-norm", "1", "--noise-multiplier", "1"]
+    assert main([*argv, "--delta", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1/N = 1/2 = 0.5 for N = 2 clients" in err
+
+
 def test_variant_fields_are_set_like_train_and_merge_over_options(capsys) -> None:
     from lorakit.cli import build_parser
     from lorakit.federated.config import from_args

@@ -348,3 +348,105 @@ def test_a_non_finite_private_gradient_stops_training(tiny_bert_dir) -> None:
     cfg = TrainConfig(steps=3, batch_size=16, progress=False)
     with pytest.raises(NonFiniteError, match="training stopped at step 1: the gradient norm is nan"):
         train_dp(model, demo_data(tokenizer), cfg, DPConfig(dp=True, noise_multiplier=1.0, max_grad_norm=1.0))
+
+
+def small_tsv(path, rows: int = 20) -> str:
+    lines = ["sentence\tlabel"] + [f"a {'good' if i % 2 else 'bad'} film {i}\t{i % 2}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def dp_train_args(model_dir, data: str, run) -> list[str]:
+    return [
+        "train", "--model", str(model_dir), "--data", data, "--targets", "query,value", "--rank", "2",
+        "--dropout", "0", "--steps", "2", "--batch-size", "4", "--no-progress", "--output-dir", str(run),
+        "--dp",
+    ]  # fmt: skip
+
+
+def refused(argv: list[str], run, capsys) -> str:
+    """Run ``argv``; expect exit 2, one error line (returned) and nothing written into or beside ``run``."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lorakit: error:")
+    assert not run.exists() and sorted(p.name for p in run.parent.iterdir()) == ["train.tsv"]
+    return err
+
+
+def test_a_delta_of_at_least_one_over_n_is_refused_before_anything_is_written(
+    tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """With delta >= 1/N an (epsilon, delta)-DP mechanism may publish an example outright; on 20 examples the
+    run is refused naming 1/N and the fix, instead of training and recording it as private."""
+    run = tmp_path / "run"
+    args = dp_train_args(tiny_bert_dir, small_tsv(tmp_path / "train.tsv"), run)
+    for delta in ("0.5", "0.05"):  # 0.05 = 1/20 exactly
+        err = refused([*args, "--noise-multiplier", "1", "--delta", delta], run, capsys)
+        assert "1/N = 1/20 = 0.05 for N = 20 training examples" in err and "pass --delta below 0.05" in err
+    err = refused([*args, "--target-epsilon", "8", "--delta", "0.5"], run, capsys)
+    assert "1/N = 1/20" in err
+    # Clipping only (no noise) has epsilon = inf at any delta: it runs and is recorded as not private.
+    assert main([*args, "--noise-multiplier", "0", "--delta", "0.5"]) == 0
+    extra = json.loads((run / "metrics.json").read_text())["extra"]
+    assert extra["private"] is False and extra["epsilon"] is None
+
+
+def test_the_accountant_never_reports_a_negative_epsilon() -> None:
+    accountant = Accountant("rdp")
+    accountant.step(1.0, 0.125, 2)
+    assert accountant.epsilon(0.5) == 0.0  # Opacus' conversion gives about -0.64 here
+    assert accountant.epsilon_after(0.5, 1.0, 0.125) == 0.0
+    assert accountant.epsilon(1e-5) > 0
+
+
+def test_a_budget_that_cannot_pay_for_one_step_is_refused_before_training(
+    tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """The first step's epsilon depends only on sigma, q and delta: a target below it is refused up front,
+    not answered with an untrained adapter recorded as private."""
+    run = tmp_path / "run"
+    args = dp_train_args(tiny_bert_dir, small_tsv(tmp_path / "train.tsv"), run)
+    err = refused(
+        [*args, "--noise-multiplier", "0.3", "--target-epsilon", "0.05", "--delta", "1e-3"], run, capsys
+    )
+    assert "--target-epsilon 0.05 cannot pay for one step" in err and "spends epsilon" in err
+    assert "--noise-multiplier" in err
+    err = refused([*args, "--noise-multiplier", "0", "--target-epsilon", "5"], run, capsys)
+    assert "noise_multiplier 0 adds no noise, so no target_epsilon can hold" in err
+    with pytest.raises(PrivacyError, match="adds no noise"):
+        DPConfig(dp=True, noise_multiplier=0.0, target_epsilon=5.0)
+    model, tokenizer = tiny_classifier(tiny_bert_dir, "lora")
+    cfg = TrainConfig(steps=3, batch_size=8, progress=False)
+    dp = DPConfig(dp=True, noise_multiplier=0.3, target_epsilon=0.05, delta=1e-3)
+    with pytest.raises(PrivacyError, match="cannot pay for one step"):
+        train_dp(model, demo_data(tokenizer), cfg, dp)
+
+
+def test_training_data_truncation_counts_are_withheld_under_dp(chat_llama_dir, tmp_path, capsys) -> None:
+    """How many of the training data's answers max length cut, or left out, is a statistic of the private
+    data: under DP it is neither printed nor stored; the evaluation data's counts still are."""
+    long = "the answer is " + "very " * 80 + "long"
+    rows = [{"prompt": f"What is {i} plus 2?", "response": f"The answer is {i + 2}."} for i in range(10)]
+    rows += [{"prompt": "Tell me a long one.", "response": long}]
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    for path in (train, dev):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model", str(chat_llama_dir), "--data", str(train), "--eval-data", str(dev),
+        "--max-length", "64", "--steps", "2", "--batch-size", "4", "--targets", "all-linear",
+        "--no-progress", "--output-dir", str(run),
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv, "--dp", "--noise-multiplier", "1", "--delta", "1e-3"]) == 0
+    out = capsys.readouterr()
+    extra = json.loads((run / "metrics.json").read_text())["extra"]
+    assert "train_answers_cut" not in extra and "train_examples_left_out" not in extra
+    assert extra["eval_answers_cut"] >= 1 and "truncation counts" in extra["not_released"]
+    printed = out.out + out.err
+    assert f"{train}:" not in printed and f"{dev}: " in printed and "answers cut" in printed
+    assert main([*argv, "--overwrite"]) == 0  # without DP both are reported
+    extra = json.loads((run / "metrics.json").read_text())["extra"]
+    assert extra["train_answers_cut"] == extra["eval_answers_cut"] >= 1
+    assert f"{train}: " in capsys.readouterr().err

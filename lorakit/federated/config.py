@@ -24,7 +24,14 @@ from lorakit.common.settings import (
     setting,
 )
 from lorakit.engine.config import SEEDS
-from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
+from lorakit.privacy.config import (
+    PrivacyError,
+    check_accountant,
+    check_delta,
+    check_delta_below,
+    check_epsilon,
+    check_noise_target,
+)
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
@@ -107,13 +114,11 @@ class FedConfig:
         check_delta(self.delta)
         check_accountant(self.accountant)
         check_epsilon(self.target_epsilon)  # unset is None: 0 is refused like any epsilon <= 0
-        if self.noise_multiplier == 0 and self.target_epsilon is not None:
-            raise PrivacyError(
-                "noise_multiplier 0 adds no noise, so no target_epsilon can hold: leave noise_multiplier "
-                "unset (the target sets it) or drop target_epsilon"
-            )
+        check_noise_target(self.noise_multiplier, self.target_epsilon)
         if (self.noise_multiplier or self.target_epsilon is not None) and not self.clip_norm > 0:
             raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")
+        if self.accounted:  # the clients are the people of client-level DP; their number is public
+            check_delta_below(self.delta, self.clients, "clients", "--delta")
         if self.accounted and self.sampling == "fixed" and self.cohort < self.clients:
             raise PrivacyError(
                 f"a fixed cohort of {self.cohort} of {self.clients} clients is sampling without "

@@ -132,13 +132,16 @@ def chat_template(job: JobConfig, tokenizer: Any) -> str | None:
 
 def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.TokenizedData | None]:
     """Tokenised training data and evaluation data (if any) for ``job``; how truncation cut the answers of
-    each is printed once."""
+    each is printed once (under DP only the evaluation data's: the training data's counts are statistics of
+    the private data that the accountant does not cover)."""
     data = read_data(job)
     job = resolve_classes(job, data)
     out = [tokenize(job, tokenizer, source, rows) for source, rows in data]  # a data error is the one line
     for line in causal_notes(job, tokenizer):
         report(line)
-    for (source, _), tokenized in zip(data, out, strict=True):
+    for i, ((source, _), tokenized) in enumerate(zip(data, out, strict=True)):
+        if i == 0 and job.privacy.dp:  # private counts that the accountant does not cover
+            continue
         line = tokenized.truncation.describe(source) if tokenized.truncation is not None else None
         if line is not None:
             report(line)
@@ -416,6 +419,10 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
     check_context(job, model)
     train_data, eval_data = build_data(job, tokenizer)
     check_data(job, model, train_data, eval_data)
+    if job.privacy.dp:  # a privacy setting the data's size rules out is refused before anything is written
+        from lorakit.privacy.dp_sgd import check_job_private
+
+        check_job_private(job, len(train_data))
     identity = data_identity(train_data)
     if scale is not None:  # every rank runs rank 0's job, or all stop here
         scale.agree(job, model, identity, data_identity(eval_data) if eval_data is not None else None)
@@ -451,7 +458,8 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
     if result.tokens:
         job_result.extra["tokens_per_second"] = round(result.tokens_per_second, 1)
     for name, data in (("train", train_data), ("eval", eval_data)):
-        if data is not None and data.truncation is not None:
+        withheld = name == "train" and job.privacy.dp  # statistics of the private data (see build_data)
+        if data is not None and data.truncation is not None and not withheld:
             t = data.truncation
             job_result.extra[f"{name}_answers_cut"] = t.answers_cut
             job_result.extra[f"{name}_examples_left_out"] = t.left_out

@@ -10,6 +10,7 @@ arXiv:2106.02848).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 
@@ -49,14 +50,17 @@ class Accountant:
             self._opacus.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (``inf`` once any mechanism had no noise, 0 before any)."""
+        """Epsilon spent so far at ``delta`` (``inf`` once any mechanism had no noise, 0 before any; never
+        negative)."""
         check_delta(delta)
         history = self._opacus.history
         if not history:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in history):
             return math.inf
-        return float(self._opacus.get_epsilon(delta=delta))
+        # The RDP-to-(epsilon, delta) conversion can come out below 0 for a large delta. A guarantee with
+        # epsilon < 0 implies the one with epsilon = 0 and says nothing a reader can use beyond it: report 0.
+        return max(0.0, float(self._opacus.get_epsilon(delta=delta)))
 
     def epsilon_after(
         self, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
@@ -78,6 +82,13 @@ def noise_for_budget(
     _check_rate(sample_rate)
     if steps < 1:
         raise PrivacyError(f"steps = {steps!r} is invalid: at least one step or round must run")
+    return _search_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), kind)
+
+
+@functools.lru_cache(maxsize=16)
+def _search_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
+    """:func:`noise_for_budget` after its checks; remembered, since a run's checks before training and the
+    training itself ask for the same search, which takes seconds."""
     utils = require("opacus.accountants.utils")
     try:
         with warnings.catch_warnings():  # the search probes noise levels whose best RDP order is extreme

@@ -30,6 +30,29 @@ def check_delta(value: float, name: str = "delta") -> None:
         )
 
 
+def check_delta_below(delta: float, count: int, people: str, flag: str) -> None:
+    """Refuse ``delta >= 1/count``: a mechanism that publishes each of ``count`` records outright with
+    probability delta (one in expectation) meets (0, delta)-DP, so such a guarantee protects no one.
+    ``count`` (training examples, clients) is public in the accountant's model."""
+    bound = 1 / count
+    if delta >= bound:
+        advice = 10 ** math.floor(math.log10(0.1 / count))  # a power of ten at most a tenth of 1/count
+        raise PrivacyError(
+            f"delta {delta:g} is not below 1/N = 1/{count} = {bound:.3g} for N = {count} {people}: a delta "
+            f"that large permits publishing one of them outright; pass {flag} below {bound:.3g} "
+            f"(e.g. {flag} {advice:g})"
+        )
+
+
+def check_noise_target(noise_multiplier: float | None, target_epsilon: float | None) -> None:
+    """No noise and a privacy budget contradict each other: the accountant's epsilon is infinite at once."""
+    if noise_multiplier == 0 and target_epsilon is not None:
+        raise PrivacyError(
+            "noise_multiplier 0 adds no noise, so no target_epsilon can hold: leave noise_multiplier "
+            "unset (the target sets it) or drop target_epsilon"
+        )
+
+
 def check_accountant(value: str) -> None:
     if value not in ACCOUNTANTS:
         raise PrivacyError(f"accountant = {value!r} is invalid: choose one of {ACCOUNTANTS}")
@@ -65,6 +88,7 @@ class DPConfig:
             raise PrivacyError(
                 f"noise_multiplier = {self.noise_multiplier!r} is invalid: it must be a finite number >= 0"
             )
+        check_noise_target(self.noise_multiplier, self.target_epsilon)
         if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyError(
                 "DP training needs a budget or a noise level: pass --target-epsilon E or --noise-multiplier Z"

@@ -14,9 +14,10 @@ added after the noise. The global gradient clip of ``TrainConfig.clip`` is repla
 
 The noise and the Poisson sample come from generators seeded from ``os.urandom`` (never stored), not from
 ``TrainConfig.seed``, which ``job.json`` records (:mod:`lorakit.privacy.randomness`); the noise uses Opacus'
-``secure_mode``. The training loss and the batch sizes are statistics of the private data that the accountant
-does not cover, so they are not reported; evaluation on held-out data is.
-"""
+``secure_mode``. The training loss, the batch sizes and how max length cut the training data are statistics of
+the private data that the accountant does not cover, so they are not reported; evaluation on held-out data
+is. Settings that cannot be honoured on the data's size (public in DP-SGD's model) are refused before
+training (:func:`plan`)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,14 @@ from lorakit.data.datasets import TokenizedData
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
-from lorakit.privacy.config import DPConfig, PrivacyError
+from lorakit.privacy.config import DPConfig, PrivacyError, check_delta_below
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
+
+# What a DP-SGD run withholds because the accountant does not cover it (printed and recorded as such): the
+# training loss, the Poisson batches' sizes, and how many of the training data's answers max length cut or
+# left out (a causal LM's; the evaluation data's are reported).
+NOT_RELEASED = "training losses, batch sizes and the training data's truncation counts"
 
 
 @dataclass
@@ -70,6 +76,38 @@ def per_example_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def plan(cfg: TrainConfig, dp: DPConfig, examples: int) -> tuple[float, float]:
+    """The noise multiplier and the sample rate of DP-SGD on ``examples`` training examples, once every
+    setting that depends on their number is checked: a :class:`PrivacyError` names what cannot be honoured.
+    Nothing here reads the data but its size, which is public in DP-SGD's model (the sample rate ``q``
+    released with the run reveals it), so a run can be refused before it trains or writes anything."""
+    expected = cfg.batch_size * cfg.grad_accum
+    if expected > examples:
+        raise PrivacyError(
+            f"the expected batch ({expected}) exceeds the {examples} training examples: lower --batch-size "
+            "or --grad-accum"
+        )
+    q = expected / examples
+    if dp.noise_multiplier != 0:  # without noise epsilon is infinite whatever delta is
+        check_delta_below(dp.delta, examples, "training examples", "--delta")
+    sigma = dp.noise_multiplier
+    if sigma is None:
+        sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
+    target = dp.target_epsilon
+    if target is not None:
+        # The first step's epsilon depends only on the settings: a budget that cannot pay for it would end in
+        # an untrained adapter that is nevertheless recorded as private.
+        first = Accountant(dp.accountant).epsilon_after(dp.delta, sigma, q)
+        if first > target:
+            raise PrivacyError(
+                f"--target-epsilon {target:g} cannot pay for one step: one step at noise multiplier "
+                f"{sigma:g} and sample rate {q:.4g} spends epsilon {first:.4g} (delta {dp.delta:g}); raise "
+                "--noise-multiplier (or leave it unset: the target then sets it), lower --batch-size, or "
+                "raise --target-epsilon"
+            )
+    return sigma, q
+
+
 def train_dp(
     model: nn.Module,
     data: TokenizedData,
@@ -90,13 +128,8 @@ def train_dp(
     sampling = require("opacus.utils.uniform_sampler")
     from lorakit.privacy.grad_sample import AdapterGradSampleModule
 
+    sigma, q = plan(cfg, dp, len(data))
     expected = cfg.batch_size * cfg.grad_accum
-    if expected > len(data):
-        raise PrivacyError(f"the expected batch ({expected}) exceeds the {len(data)} training examples")
-    q = expected / len(data)
-    sigma = dp.noise_multiplier
-    if sigma is None:
-        sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
     engine = Engine(model, cfg, driver=Driver.DP_SGD, hooks=hooks)  # seeds dropout and the like
     insecure_seed = cfg.seed if dp.dp_insecure_seed else None
     if dp.dp_insecure_seed:
@@ -137,7 +170,7 @@ def train_dp(
             f"privacy ({source}): epsilon {result.epsilon:.3f} at delta {dp.delta:g} "
             f"after {result.steps} steps "
             f"(noise multiplier {sigma:.4f}, sample rate {q:.4g}, clip {dp.max_grad_norm}, {dp.accountant}); "
-            "training losses and batch sizes are not released"
+            f"{NOT_RELEASED} are not released"
         )
     return result
 
@@ -211,6 +244,14 @@ class DPBackward(GradientSource):
         return {"eps": f"{self.eps_next:.3f}"}
 
 
+def check_job_private(job: Any, examples: int) -> None:
+    """Refuse, before :func:`lorakit.jobs.job.run_job` writes anything, a DP job that cannot be honoured on
+    ``examples`` training examples (see :func:`plan`), or that asks to resume."""
+    if job.resume:
+        raise PrivacyError("DP training cannot resume from a checkpoint (the accountant is not saved)")
+    plan(job.train, job.privacy, examples)
+
+
 def train_job_private(
     job: Any,
     model: nn.Module,
@@ -227,7 +268,7 @@ def train_job_private(
         "sample_rate": result.sample_rate,
         "max_grad_norm": job.privacy.max_grad_norm,
         "accountant": job.privacy.accountant,
-        "not_released": "training losses and batch sizes (statistics of the private data)",
+        "not_released": f"{NOT_RELEASED} (statistics of the private data)",
     }
     if result.stopped:
         report["stopped"] = result.stopped
