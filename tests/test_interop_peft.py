@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -392,3 +393,186 @@ def test_a_subclass_does_not_inherit_its_parents_peft_spec(tmp_path, monkeypatch
     with pytest.raises(LorakitError, match="variant 'scaled_lora' has no PEFT equivalent"):
         save_peft(model, tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+# --- layers PEFT computes differently from lorakit: refused both ways ---------------------------------------
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+LORA_FAMILY = [n for n in PEFT_VARIANTS if lorakit.VARIANTS[n].peft.peft_type == "LORA" and n != "qlora"]
+
+
+def one_conv(dims: int = 2, cin: int = 4, cout: int = 6, kernel: int | tuple = 3, **options) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(CONV[dims](cin, cout, kernel, **options)).eval()
+
+
+def conv_input(dims: int, cin: int = 4) -> torch.Tensor:
+    return torch.randn(2, cin, *[7] * dims, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+@pytest.mark.parametrize("variant", [*LORA_FAMILY, "loha", "lokr"])
+def test_save_peft_refuses_a_convolution_not_padded_with_zeros(tmp_path, variant: str, mode: str) -> None:
+    # PEFT pads the adapter's input with zeros in every method: its output would differ by O(1) at the borders
+    model = lorakit.apply(one_conv(padding=1, padding_mode=mode), variant, targets=["0"], rank=1, dropout=0.0)
+    peft_type = lorakit.VARIANTS[variant].peft.peft_type
+    message = f"0: the convolution pads with padding_mode='{mode}', but PEFT's {peft_type} pads the adapter's"
+    with pytest.raises(LorakitError, match=re.escape(message) + ".* Use lorakit.save"):
+        save_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("variant", LORA_FAMILY)
+def test_save_peft_refuses_lora_on_a_dilated_convolution(tmp_path, variant: str, dims: int) -> None:
+    # PEFT's lora_A has no dilation: PEFT fails with a size mismatch in its forward
+    model = lorakit.apply(one_conv(dims, padding=2, dilation=2), variant, targets=["0"], rank=1, dropout=0.0)
+    message = f"0: the convolution has dilation={(2,) * dims}, but PEFT's LORA builds its lora_A convolution"
+    with pytest.raises(LorakitError, match=re.escape(message)):
+        save_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_peft_refuses_lokr_on_a_conv1d_with_a_whole_w2(tmp_path) -> None:
+    # Conv1d(4 -> 6): W1 (2, 2), W2 (3, 2, 3) whole at rank 2 (>= max(3, 2) / 2); PEFT's output was ~2.4 off
+    model = lorakit.apply(one_conv(1), "lokr", targets=["0"], rank=2, dropout=0.0)
+    message = "0: LoKr on a Conv1d with W2 stored whole as (3, 2, 3): PEFT's make_kron"
+    with pytest.raises(LorakitError, match=re.escape(message) + ".*a rank below 1.5 keeps W2 as two factors"):
+        save_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+NEAREST_ACCEPTED = [  # the closest layers to the refused ones that PEFT computes as lorakit does
+    ("lora", 2, {"padding": 0, "padding_mode": "reflect"}, {}),  # no padding: the mode is never used
+    ("dora", 1, {"padding": 0, "padding_mode": "circular"}, {}),
+    # dilated only where the kernel is 1 wide
+    ("lora", 2, {"kernel": (3, 1), "padding": (1, 0), "dilation": (1, 2)}, {}),
+    ("loha", 2, {"padding": 2, "dilation": 2}, {}),  # PEFT's LoHa and LoKr convolve with the base's dilation
+    ("lokr", 2, {"padding": 2, "dilation": 2}, {"rank": 2}),
+    ("loha", 1, {"padding": 2, "dilation": 2}, {}),
+    ("lora", 2, {"kernel": 4, "padding": "same"}, {}),
+    ("dora", 3, {"padding": "same"}, {}),
+    ("lora", 3, {"padding": 1, "stride": 2}, {}),
+    ("lokr", 1, {"padding": 1}, {"rank": 1}),  # Conv1d(4 -> 6) with W2 as two factors (1 < 1.5)
+    ("lokr", 1, {"cin": 5, "cout": 7, "padding": 1}, {"rank": 4}),  # W2 whole, W1 (1, 1): a trivial product
+]
+NEAREST_IDS = [
+    "lora-reflect-unpadded",
+    "dora-circular-unpadded",
+    "lora-dilated-1-wide",
+    "loha-dilated",
+    "lokr-dilated",
+    "loha-conv1d-dilated",
+    "lora-same-even",
+    "dora-conv3d-same",
+    "lora-conv3d-stride",
+    "lokr-conv1d-low-rank-w2",
+    "lokr-conv1d-trivial-kron",
+]
+
+
+@pytest.mark.filterwarnings("ignore:LoKr on a")  # 5 and 7 factor only as (1, n)
+@pytest.mark.parametrize(("variant", "dims", "layer", "options"), NEAREST_ACCEPTED, ids=NEAREST_IDS)
+def test_the_nearest_convolutions_still_round_trip(tmp_path, variant: str, dims: int, layer: dict,
+                                                   options: dict) -> None:  # fmt: skip
+    x = conv_input(dims, layer.get("cin", 4))
+    options = {"rank": 2, "dropout": 0.0, **options}
+    ours = lorakit.apply(one_conv(dims, **layer), variant, targets=["0"], **options)
+    perturb(ours)
+    save_peft(ours.eval(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(one_conv(dims, **layer), tmp_path).eval()
+    back = load_peft(one_conv(dims, **layer), tmp_path).eval()
+    with torch.no_grad():
+        out = ours(x)
+        assert (out - one_conv(dims, **layer)(x)).abs().max() > 1e-2
+        assert (theirs(x) - out).abs().max() <= 1e-5
+        assert (back(x) - out).abs().max() <= 1e-6
+
+
+PEFT_REFUSED = [
+    (lambda: peft.LoraConfig(r=2, target_modules=["0"]), 2, {"padding": 1, "padding_mode": "reflect"},
+     "the convolution pads with padding_mode='reflect', but PEFT's LORA pads"),
+    (lambda: peft.LoraConfig(r=2, target_modules=["0"], use_dora=True), 1,
+     {"padding": 1, "padding_mode": "circular"},
+     "the convolution pads with padding_mode='circular', but PEFT's LORA pads"),
+    (lambda: peft.LoHaConfig(r=2, target_modules=["0"]), 2, {"padding": "same", "padding_mode": "replicate"},
+     "the convolution pads with padding_mode='replicate', but PEFT's LOHA pads"),
+    (lambda: peft.LoKrConfig(r=1, target_modules=["0"]), 2, {"padding": 1, "padding_mode": "reflect"},
+     "the convolution pads with padding_mode='reflect', but PEFT's LOKR pads"),
+    (lambda: peft.LoraConfig(r=2, target_modules=["0"]), 3, {"padding": 2, "dilation": 2},
+     "the convolution has dilation=(2, 2, 2), but PEFT's LORA builds its lora_A convolution without"),
+    (lambda: peft.LoKrConfig(r=2, target_modules=["0"]), 1, {"padding": 1},
+     "LoKr on a Conv1d with W2 stored whole as (3, 2, 3)"),
+    (lambda: peft.LoKrConfig(r=2, target_modules=["0"]), 1, {"padding": 1, "groups": 2},  # W1 (2, 1)
+     "LoKr on a Conv1d with W2 stored whole as (3, 2, 3)"),
+]  # fmt: skip
+PEFT_REFUSED_IDS = [
+    "lora-reflect",
+    "dora-circular",
+    "loha-replicate-same",
+    "lokr-reflect",
+    "lora-conv3d-dilated",
+    "lokr-conv1d-whole-w2",
+    "lokr-conv1d-grouped-whole-w2",
+]
+
+
+@pytest.mark.parametrize(("config", "dims", "layer", "message"), PEFT_REFUSED, ids=PEFT_REFUSED_IDS)
+def test_load_peft_refuses_adapters_peft_computes_differently(tmp_path, config, dims: int, layer: dict,
+                                                              message: str) -> None:  # fmt: skip
+    theirs = peft.get_peft_model(one_conv(dims, **layer), config())
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    model = one_conv(dims, **layer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=f"{re.escape(str(tmp_path))}: 0: {re.escape(message)}"):
+        load_peft(model, tmp_path)
+    assert not hasattr(model, "lorakit")
+    assert not any(isinstance(m, lorakit.AdaptedLayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+PEFT_ACCEPTED = [
+    (lambda: peft.LoraConfig(r=2, target_modules=["0"]), 2, {"padding": 0, "padding_mode": "reflect"}),
+    (lambda: peft.LoHaConfig(r=2, target_modules=["0"]), 2, {"padding": 2, "dilation": 2}),
+    (lambda: peft.LoKrConfig(r=1, target_modules=["0"]), 1, {"padding": 1}),  # W2 as two factors
+    (lambda: peft.LoKrConfig(r=2, target_modules=["0"]), 2, {"padding": 1, "groups": 2}),  # Conv2d: 4-D W2
+    (lambda: peft.LoHaConfig(r=2, target_modules=["0"]), 1, {"padding": 1, "groups": 2}),
+]
+PEFT_ACCEPTED_IDS = [
+    "lora-reflect-unpadded",
+    "loha-dilated",
+    "lokr-conv1d-low-rank-w2",
+    "lokr-grouped",
+    "loha-conv1d-grouped",
+]
+
+
+@pytest.mark.parametrize(("config", "dims", "layer"), PEFT_ACCEPTED, ids=PEFT_ACCEPTED_IDS)
+def test_the_nearest_peft_adapters_still_load(tmp_path, config, dims: int, layer: dict) -> None:
+    x = conv_input(dims)
+    theirs = peft.get_peft_model(one_conv(dims, **layer), config())
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(one_conv(dims, **layer), tmp_path).eval()
+    with torch.no_grad():
+        want = theirs.eval()(x)
+        assert (want - one_conv(dims, **layer)(x)).abs().max() > 1e-2
+        assert (ours(x) - want).abs().max() <= 1e-5
+
+
+def test_a_lokr_factor_peft_splits_the_other_way_is_refused_with_the_split(tmp_path) -> None:
+    base = Wide()
+    cfg = peft.LoKrConfig(r=2, alpha=4, target_modules=["fc"], decompose_factor=8)  # 48: PEFT (8, 6)
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(tmp_path / "8")
+    message = "fc: with decompose_factor 8 PEFT splits 48 as (8, 6) and lorakit as (6, 8)"
+    with pytest.raises(AdapterFileError, match=re.escape(message)):
+        load_peft(copy.deepcopy(base), tmp_path / "8")
+    cfg = peft.LoKrConfig(r=2, alpha=4, target_modules=["fc"], decompose_factor=6)  # both split 48 as (6, 8)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "6")
+    ours = load_peft(copy.deepcopy(base), tmp_path / "6").eval()
+    with torch.no_grad():
+        want = theirs.eval()(WIDE_X)
+        assert (want - base(WIDE_X)).abs().max() > 1e-2 and (ours(WIDE_X) - want).abs().max() <= 1e-5

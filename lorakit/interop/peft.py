@@ -80,7 +80,9 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
 
     A variant with rank choices (DyLoRA) is written at the rank :func:`lorakit.set_rank` chose (the largest
     if none) as a plain LoRA of that rank. A 4-bit (QLoRA) base is not written: load the base in 4 bits on the
-    PEFT side.
+    PEFT side. A layer PEFT would load without error but compute differently is refused (a convolution padded
+    other than with zeros, LoRA on a dilated convolution, LoKr on a Conv1d with a whole ``W2``: see
+    :mod:`lorakit.interop.peft_methods`).
     """
     state = info(model)
     spec = get_variant(state.variant).peft
@@ -144,8 +146,10 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     dropout act only in training; lorakit trains an imported adapter with its own input dropout (0). Only
     what the adapter owns is loaded: its layers' tensors, the modules in ``modules_to_save`` and the
     embeddings PEFT saves with ``save_embedding_layers``; every tensor must have exactly the shape the model
-    gives it. Anything else is refused by name (:class:`~lorakit.adapters.io.AdapterFileError`), and a failure
-    leaves the model as it was.
+    gives it. Anything else is refused by name (:class:`~lorakit.adapters.io.AdapterFileError`), as is a layer
+    PEFT computes differently from lorakit (a convolution padded other than with zeros, LoRA on a dilated
+    convolution, LoKr on a Conv1d with a whole ``W2``, an explicit LoKr factor split the other way: see
+    :mod:`lorakit.interop.peft_methods`); a failure leaves the model as it was.
     """
     path = _adapter_dir(directory)
     config = _read_config(path)
@@ -186,6 +190,13 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     try:
         layers = dict(adapted_layers(model))
         params = dict(model.state_dict(keep_vars=True))
+        for name in names:  # PEFT itself builds these adapters, and computes them differently from lorakit
+            problem = method.layer_problem(layers[name])
+            if problem is not None:
+                raise AdapterFileError(
+                    f"{path}: {name}: {problem}; lorakit does not load a layer it would compute differently "
+                    "from PEFT"
+                )
         with torch.no_grad():
             method.fill_shared(list(layers.values()), shared)
             for name in names:
