@@ -144,3 +144,21 @@ def test_a_file_where_the_output_directory_should_be(tmp_path, tiny_bert_dir, ca
     (tmp_path / "file").write_text("x")
     err = _one_error(_train(tiny_bert_dir, tmp_path / "file" / "run"), capsys)
     assert "is a file, not a directory" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "16"], "batch of 16 (--batch-size 16); lower --batch-size, or use more data"),
+        (["--grad-accum", "4"], "batch of 16 (--batch-size 4 x --grad-accum 4); lower --batch-size or"),
+    ],
+)
+def test_a_batch_larger_than_the_training_data_is_refused_before_anything_is_written(
+    named, tiny_bert_dir, capsys, extra, message
+) -> None:
+    out = named / "run"
+    assert main([*_train(tiny_bert_dir, out, "--data", str(named / "train.tsv")), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"the training data has 12 examples, fewer than one optimizer step's {message}" in err
+    assert err.count("\n") == 1 and not out.exists()
+    assert main([*_train(tiny_bert_dir, out, "--data", str(named / "train.tsv")), "--batch-size", "12"]) == 0

@@ -335,12 +335,16 @@ def open_output(
 
 
 def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | None, eval_data: Any) -> None:
-    """Refuse, before training, data that would fail later: no examples, or evaluation data the model
-    cannot evaluate (the first evaluation batch is run once, as a sanity check)."""
+    """Refuse, before training, data that would fail later: no examples, fewer training examples than one
+    step's batch, or evaluation data the model cannot evaluate (its first batch is run once, as a check)."""
     d = job.data
     for data, source in ((train_data, d.data), (eval_data, d.eval_data or d.data)):
         if data is not None and len(data) == 0:
             raise D.DataError(f"{source} has no examples; check the file and its columns")
+    # DP-SGD's batches are Poisson samples (checked against their expected size), and torchrun's global
+    # batch counts the ranks (checked when the ranks start): one process's fixed batch is checked here.
+    if train_data is not None and not job.privacy.dp and not job.distributed:
+        D.check_one_step(len(train_data), job.train.batch_size, job.train.grad_accum)
     if eval_data is None:
         return
     sample = dataclasses.replace(
