@@ -12,8 +12,9 @@ libraries choose the same factorisation and low-rank/full split; with an explici
 ``(factor, dim / factor)`` where lorakit (like LyCORIS) puts the smaller number first, so such layers are
 refused when they differ.
 
-Layers PEFT computes differently from lorakit are refused both ways (:meth:`PeftMethod.layer_problem`), as the
-files would load without error into a model that computes something else:
+Layers PEFT computes differently from lorakit are refused both ways (:meth:`PeftMethod.layer_problem`: the
+variant's own reasons, ``Variant.peft_problem``, then the method's), as the files would load without error
+into a model that computes something else:
 
 - a convolution that pads with ``padding_mode`` other than ``'zeros'`` (and a nonzero padding): PEFT convolves
   the adapter's input with zero padding in every method (LoRA's ``lora_A`` is a fresh ``nn.ConvNd`` with the
@@ -32,7 +33,6 @@ convolution) and ``Conv3d`` (LoRA, DoRA) compute the same in both.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -116,20 +116,18 @@ class PeftMethod:
             raise LorakitError(
                 f"{name}: PEFT's {self.peft_type} has no {layer.kind.name} layers (only {self.kinds.names()})"
             )
-        problem = layer.variant.peft_problem(layer)
-        if problem is not None:
-            raise LorakitError(f"{name}: {problem}")
         problem = self.layer_problem(layer)
         if problem is not None:
             raise LorakitError(
-                f"{name}: {problem}; PEFT would load the file without error and compute something else. "
-                "Use lorakit.save, or leave the layer out of targets"
+                f"{name}: {problem}; PEFT would not compute what this adapter does. Use lorakit.save, or "
+                "leave the layer out of targets"
             )
 
     def layer_problem(self, layer: AdaptedLayer) -> str | None:
         """Why PEFT computes this method on this layer differently from lorakit, whichever library wrote the
-        tensors (None: both compute the same). The base class: a convolution's padding mode."""
-        return _padding_problem(layer, self.peft_type)
+        tensors (None: both compute the same): the variant's own reason (:meth:`Variant.peft_problem`), else
+        the method's. The base class's: a convolution's padding mode."""
+        return layer.variant.peft_problem(layer) or _padding_problem(layer, self.peft_type)
 
     def params(self, layer: AdaptedLayer) -> dict[str, nn.Parameter]:
         """PEFT key suffix -> the lorakit parameter it holds, for one layer."""
@@ -160,7 +158,7 @@ class PeftMethod:
             value = tensors[f"{key}.{suffix}"]
             # exactly the shape PEFT gives the tensor: a transposed factor has as many elements but is wrong.
             # lorakit's shape is PEFT's here, as load_peft first refuses the layers whose factors PEFT shapes
-            # otherwise (a LoKr factor split the other way: LoKrMethod.layer_problem).
+            # otherwise (a LoKr factor split the other way: LoKr.peft_problem).
             expected = self.to_peft(layer, suffix, param.detach(), layer.variant.config.rank).shape
             if value.shape != expected:
                 shapes = f"{tuple(value.shape)} is not PEFT's {tuple(expected)} for this layer"
@@ -288,56 +286,11 @@ class VeRAMethod(PeftMethod):
                 param.copy_(tensors[key])
 
 
-class LoKrMethod(PeftMethod):
-    """LoKr's layout (the base class's), and the LoKr layers PEFT builds differently from lorakit."""
-
-    def layer_problem(self, layer: AdaptedLayer) -> str | None:
-        return self._split_problem(layer) or super().layer_problem(layer) or self._kron_problem(layer)
-
-    @staticmethod
-    def _split_problem(layer: AdaptedLayer) -> str | None:
-        """An explicit ``decompose_factor`` that PEFT keeps first where lorakit puts the smaller number first:
-        the factors then have other shapes (and perhaps another low-rank split), so no file fits both."""
-        factor = layer.variant.config.factor
-        in_channels = layer.in_features // math.prod(_kernel(layer))
-        for dim in (layer.out_features, in_channels) if factor > 0 else ():
-            if dim % factor == 0 and factor > dim // factor:
-                return (
-                    f"with decompose_factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and "
-                    f"lorakit as ({dim // factor}, {factor}), so their Kronecker factors have other shapes"
-                )
-        return None
-
-    @staticmethod
-    def _kron_problem(layer: AdaptedLayer) -> str | None:
-        """A ``Conv1d`` whose ``W2`` is stored whole, ``(b, d, k)`` in PEFT's file: PEFT's ``make_kron`` adds
-        ``W1``'s trailing dimensions only for a 4-D ``W2``, so ``torch.kron`` of the 2-D ``W1 (a, c)`` and the
-        3-D ``W2`` is ``(b, a d, c k)``, reshaped to the base's ``(a b, c d, k)``: the same numbers at other
-        places, unless the product is trivial on both sides (``a`` or ``b`` is 1, and ``c`` or ``d`` is 1).
-        Checked against PEFT 0.21 both ways on Conv1d layers with 1-6, 8, 9 or 12 channels each way, kernels 1
-        and 3, ranks 1, 2, 4 and 8, with and without ``decompose_both``, factors -1, 2 and 3 (and, reading
-        PEFT's files, groups 2): the outputs differ in exactly these cases."""
-        kernel = _kernel(layer)
-        variant = layer.variant
-        if len(kernel) != 1 or variant.W2 is None:
-            return None
-        a, b, c, dk = variant.shape
-        d = dk // kernel[0]
-        if (a == 1 or b == 1) and (c == 1 or d == 1):
-            return None
-        low_rank = f" (a rank below {max(b, d) / 2:g} keeps W2 as two factors, which PEFT reads the same)"
-        return (
-            f"LoKr on a Conv1d with W2 stored whole as ({b}, {d}, {kernel[0]}): PEFT's make_kron forms the "
-            f"Kronecker product of the 2-D W1 ({a}, {c}) with a 3-D W2 without giving W1 a kernel dimension, "
-            "so it builds another weight from the same tensors" + (low_rank if max(b, d) > 2 else "")
-        )
-
-
 MATRIX_AND_CONV = KindSet([LINEAR, KINDS["conv1d"], KINDS["conv2d"]])
 # The variants of each method come from their ``peft`` specs (a chosen rank and a 4-bit base are not written).
 METHODS = (
     LoRAMethod("LORA", ".lora_", FACTOR_KINDS),
     PeftMethod("LOHA", ".hada_", MATRIX_AND_CONV),
-    LoKrMethod("LOKR", ".lokr_", MATRIX_AND_CONV),
+    PeftMethod("LOKR", ".lokr_", MATRIX_AND_CONV),
     VeRAMethod("VERA", ".vera_lambda_", KindSet([LINEAR, CONV1D_GPT2])),
 )

@@ -104,17 +104,35 @@ class LoKr(Variant):
         self.reset_parameters()
 
     def peft_problem(self, base: AdaptedLayer) -> str | None:
-        """With an explicit factor PEFT keeps ``(factor, dim / factor)`` where lorakit puts the smaller
-        number first: such a layer would load differently there."""
+        """Where PEFT's LoKr computes this layer differently, whichever library wrote the tensors.
+
+        With an explicit factor PEFT keeps ``(factor, dim / factor)`` where lorakit puts the smaller number
+        first: the factors have other shapes. On a ``Conv1d`` whose ``W2`` is stored whole (``(b, d, k)`` in
+        PEFT's file), PEFT's ``make_kron`` adds ``W1``'s trailing dimensions only for a 4-D ``W2``, so
+        ``kron`` of the 2-D ``W1 (a, c)`` and the 3-D ``W2`` puts the same numbers at other places unless
+        the product is trivial on both sides (``a`` or ``b`` is 1, and ``c`` or ``d`` is 1). Checked against
+        PEFT 0.21 both ways on Conv1d layers of 1-12 channels, kernels 1 and 3, ranks 1-8, with and without
+        ``decompose_both``."""
         factor = self.config.factor
-        in_channels = base.in_features // math.prod(base.kind.kernel_shape(base.base_layer))
+        kernel = base.kind.kernel_shape(base.base_layer)
+        in_channels = base.in_features // math.prod(kernel)
         for dim in (base.out_features, in_channels) if factor > 0 else ():
             if dim % factor == 0 and factor > dim // factor:
                 return (
-                    f"with factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and lorakit as "
-                    f"({dim // factor}, {factor}); PEFT could not load it. Use factor {dim // factor} or -1."
+                    f"with decompose_factor {factor} PEFT splits {dim} as ({factor}, {dim // factor}) and "
+                    f"lorakit as ({dim // factor}, {factor}), so their Kronecker factors have other shapes "
+                    f"(factor {dim // factor} or -1 splits it as PEFT does)"
                 )
-        return None
+        a, b, c, dk = self.shape
+        d = dk // math.prod(kernel)
+        if len(kernel) != 1 or self.W2 is None or ((a == 1 or b == 1) and (c == 1 or d == 1)):
+            return None
+        low_rank = f" (a rank below {max(b, d) / 2:g} keeps W2 as two factors, which PEFT reads the same)"
+        return (
+            f"LoKr on a Conv1d with W2 stored whole as ({b}, {d}, {kernel[0]}): PEFT's make_kron forms the "
+            f"Kronecker product of the 2-D W1 ({a}, {c}) with a 3-D W2 without giving W1 a kernel dimension, "
+            "so it builds another weight from the same tensors" + (low_rank if max(b, d) > 2 else "")
+        )
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
