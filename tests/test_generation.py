@@ -44,6 +44,20 @@ def test_answers_compare_by_value_and_a_pattern_of_ones_own_counts() -> None:
     assert extract_answer("x = 4, y = 5", compile_pattern(r"\d")) == "5"  # no group: the whole last match
     with pytest.raises(lorakit.SettingError, match="answer-pattern"):
         compile_pattern("(unclosed")
+    with pytest.raises(lorakit.SettingError, match="is not a valid regular expression"):
+        compile_pattern("a{99999999999}")
+
+
+def test_numbers_of_any_length_compare_exactly() -> None:
+    """A degenerate generation writes a 31-digit run: it is scored (wrong), not a crash that loses the run's
+    generations, and long numbers compare by every digit, not to 28 significant ones."""
+    long = "2" * 31
+    assert normalize(long) == long and normalize("1e30") == "1" + "0" * 30
+    assert normalize(long) != normalize("2" * 30 + "3")
+    assert normalize("3.14159265358979323846264338327950288") == "3.14159265358979323846264338327950288"
+    assert normalize("-0") == "0" and normalize("12.000") == "12"
+    assert normalize("1e999999999") == "1e999999999"  # too long to write out: compared as text
+    assert not score(f"It is {long}", "#### 5").correct and score(f"#### {long}", f"#### {long}").correct
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,13 @@ def test_a_json_number_past_the_digit_limit_is_a_data_error(tmp_path) -> None:
         read_rows(str(lines))
     with pytest.raises(DataError, match=r"d.json: not valid JSON \(a number too long to read"):
         read_rows(str(array))
+    deep = "[" * 100_000 + "]" * 100_000
+    lines.write_text(f'{{"sentence": "a", "label": {deep}}}\n')
+    array.write_text(deep)
+    with pytest.raises(DataError, match=r"d.jsonl line 1 is not valid JSON \(values nested too deeply"):
+        read_rows(str(lines))
+    with pytest.raises(DataError, match=r"d.json: not valid JSON \(values nested too deeply"):
+        read_rows(str(array))
 
 
 def test_evaluation_labels_outside_the_training_classes_are_refused() -> None:

@@ -82,7 +82,7 @@ def _json_rows(text: str, source: str) -> list[Row]:
                 continue
             try:
                 lines.append((number, json.loads(line)))
-            except ValueError as err:  # a JSONDecodeError, or a number past Python's 4300-digit limit
+            except (ValueError, RecursionError) as err:  # bad JSON, a number past 4300 digits, deep nesting
                 raise DataError(
                     f"{source} line {number} is not valid JSON ({_json_problem(err)}); each line must be one "
                     "JSON object"
@@ -108,14 +108,16 @@ def _json_array(text: str, source: str) -> list[Any] | None:
         if err.msg == "Extra data":  # one value per line: read as JSON lines, each line judged on its own
             return None
         raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise DataError(f"{source}: not valid JSON ({_json_problem(err)})") from None
 
 
-def _json_problem(err: ValueError) -> str:
+def _json_problem(err: ValueError | RecursionError) -> str:
     """What is wrong with a JSON text, in a few words."""
     if isinstance(err, json.JSONDecodeError):
         return err.msg
+    if isinstance(err, RecursionError):
+        return "values nested too deeply to read"
     return f"a number too long to read: {str(err).split(';')[0]}"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from lorakit.common.errors import SettingError
 
@@ -28,7 +28,7 @@ def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
     example = r"pass one whose first group is the answer, e.g. 'answer is (\S+)'"
     try:
         compiled = re.compile(pattern)
-    except re.error as err:
+    except (re.error, OverflowError, RecursionError) as err:  # a repeat count past C's, a nesting too deep
         raise SettingError(
             f"--answer-pattern {pattern!r} is not a valid regular expression ({err}); {example}"
         ) from None
@@ -55,17 +55,26 @@ def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | N
     return numbers[-1].strip() if numbers else None
 
 
+# Numbers beyond this many digits either side of the point compare as text: the exact form of one with an
+# exponent of a billion (``1e999999999``) would not fit in memory.
+LONGEST_NUMBER = 1000
+
+
 def normalize(answer: str) -> str:
-    """A number by value (``1,000.00`` -> ``1000``, ``$5`` -> ``5``); other text stripped and lower-cased."""
+    """A number by value (``1,000.00`` -> ``1000``, ``$5`` -> ``5``), exact at any length (a model may write
+    a 40-digit run); other text stripped and lower-cased."""
     cleaned = answer.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     try:
         value = Decimal(cleaned)
     except InvalidOperation:
         return answer.strip().lower()
-    if not value.is_finite():
+    if not value.is_finite() or abs(value.adjusted()) > LONGEST_NUMBER:
         return answer.strip().lower()
-    value = value.normalize()
-    return format(value.quantize(Decimal(1)) if value == value.to_integral() else value, "f")
+    if value == value.to_integral_value():
+        return str(int(value))
+    with localcontext() as exact:  # normalize() rounds to the context's precision (28 digits by default)
+        exact.prec = len(value.as_tuple().digits)
+        return format(value.normalize(), "f")
 
 
 @dataclass(frozen=True)
