@@ -245,3 +245,21 @@ def test_a_run_evaluated_into_its_own_folder_can_be_trained_again_over(
     assert f"is part of the lorakit run {run}" in err
     assert main(argv(tiny_bert_dir, run, "--overwrite")) == 0
     assert (run / "adapter.json").is_file() and not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("foreign", ["other-model/metrics.json", "notes.txt"])
+def test_a_runs_eval_folder_holding_anything_else_is_never_replaced(
+    named, tiny_bert_dir, tmp_path, capsys, foreign
+) -> None:
+    """Only what `lorakit eval` writes into ADAPTER/eval is the run's own: another adapter's evaluation
+    written there (`eval --out RUN/eval/NAME`) or a file of the user's keeps the run from being replaced."""
+    run = tmp_path / "run"
+    shutil.copytree(named, run)
+    (run / "eval").mkdir()
+    (run / "eval" / "generations.jsonl").write_text("{}\n")
+    (run / "eval" / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (run / "eval" / foreign).write_text("kept")
+    err = one_error(argv(tiny_bert_dir, run, "--overwrite"), capsys)
+    top = foreign.split("/")[0]
+    assert f"holds files that are not from a lorakit run (eval/{top})" in err
+    assert (run / "eval" / foreign).read_text() == "kept" and (run / "eval" / "generations.jsonl").is_file()

@@ -28,8 +28,8 @@ from lorakit.eval.scoring import extract_answer, score
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import chat_template, report
 from lorakit.jobs.models import context_length
+from lorakit.jobs.rundir import GENERATIONS_FILE, METRICS_FILE
 
-METRICS_FILE, GENERATIONS_FILE = "metrics.json", "generations.jsonl"
 DEFAULT_NEW_TOKENS = 256  # per answer, where the model's context leaves room for them
 
 

@@ -31,6 +31,8 @@ JOB_FILE = "job.json"
 METRICS_FILE = "metrics.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the chat template a causal-LM run rendered its data in
 EVAL_DIR = "eval"  # where `lorakit eval` writes by default: the run's own evaluation, replaced with the run
+GENERATIONS_FILE = "generations.jsonl"
+EVAL_FILES = (METRICS_FILE, GENERATIONS_FILE)  # what `lorakit eval` writes, in EVAL_DIR or its --out
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, JOB_FILE, METRICS_FILE, CHAT_TEMPLATE_FILE, CHECKPOINT_DIR, EVAL_DIR)
 
 
@@ -168,6 +170,11 @@ def _check_only_run_files(run: RunDir) -> None:
     if not run.path.is_dir():
         return
     others = sorted(e.name for e in run.path.iterdir() if not _is_run_file(e.name))
+    evaluation = run.path / EVAL_DIR
+    if evaluation.is_dir():  # the run's own evaluation only: another run's, or a file of one's own, is kept
+        others += sorted(
+            f"{EVAL_DIR}/{e.name}" for e in evaluation.iterdir() if not _is_written_by(e.name, EVAL_FILES)
+        )
     if others:
         listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise OutputDirError(
@@ -178,6 +185,9 @@ def _check_only_run_files(run: RunDir) -> None:
 
 def _is_run_file(name: str) -> bool:
     """A file or directory a run writes, including leftovers of writes a kill interrupted."""
-    return name in RUN_FILES or any(
-        name.startswith(f".{known}.") for known in RUN_FILES
-    )  # atomic-write temporaries and checkpoint swap copies
+    return _is_written_by(name, RUN_FILES)
+
+
+def _is_written_by(name: str, known: tuple[str, ...]) -> bool:
+    """``name`` is one of ``known``, or the atomic-write temporary or swap copy of one."""
+    return name in known or any(name.startswith(f".{k}.") for k in known)
