@@ -57,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tokenize,
     )
 
+    _check_eval_flags(args)
     source = _eval_data(args)  # before the model is loaded
     pattern, out = None, None
     if args.generate:  # every flag of the generation checked before the model is loaded
@@ -86,13 +87,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         answered = rows[: args.generate_limit] if args.generate_limit else rows
         report = generation_eval(
-            job, model, tokenizer, answered, source, pattern, args.max_new_tokens, args.batch_size
+            job, model, tokenizer, answered, source, pattern, args.max_new_tokens, args.batch_size or BATCH
         )
         metrics |= report.metrics
         shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
         report.write(out, metrics, args.overwrite)
         shown += f"; generations in {report.path}"
     print(shown)
+
+
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """Refuse flags this evaluation would not use: the generation's without ``--generate``, and
+    ``--generate`` beside ``--all-ranks`` (a loss table over the ranks, no generation)."""
+    if args.all_ranks and args.generate:
+        raise LorakitError(
+            "--all-ranks evaluates the loss at every rank and generates nothing; run --generate as a "
+            "command of its own (at the rank the adapter uses)"
+        )
+    generation = {
+        "--answer-pattern": args.answer_pattern,
+        "--max-new-tokens": args.max_new_tokens,
+        "--generate-limit": args.generate_limit,
+        "--batch-size": args.batch_size,
+        "--out": args.out,
+        "--overwrite": args.overwrite or None,
+    }
+    given = [flag for flag, value in generation.items() if value is not None]
+    if given and not args.generate:
+        raise LorakitError(f"{given[0]} applies to --generate only: add --generate, or drop {given[0]}")
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
@@ -148,6 +170,11 @@ def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
     if args.generate and job.task != "causal-lm":
         what = "lorakit generate" if args.command == "generate" else "--generate"
         raise LorakitError(f"{what} needs a causal language model; this one is a classifier")
+    chat_flags = ("prompt_column", "response_column", "messages_column", "chat_template")
+    given = [name for name in chat_flags if getattr(args, name, None) is not None]
+    if job.task != "causal-lm" and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise LorakitError(f"{flag} applies to a causal language model; this one is a classifier: drop it")
     if args.adapter is not None and job.task == "causal-lm" and args.chat_template is not None:
         raise LorakitError(
             f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "
@@ -188,6 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lorakit.eval.run import answer_prompts
 
     args.generate = True  # the checks of a model that generates
+    if args.max_length is not None:
+        raise LorakitError("--max-length sets the loss's tokens per example; generate has no loss: drop it")
     if args.compare_base and args.adapter is None:
         raise LorakitError("--compare-base compares an --adapter's answers with its base model's")
     job = _eval_job(args)
@@ -203,11 +232,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompts:
         raise LorakitError("no prompt: pass one or more prompts, or --prompts-file FILE")
     job, model, tokenizer = _load_for_eval(args)
-    tuned = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
+    batch = args.batch_size or BATCH
+    tuned = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, batch)
     base = None
     if args.compare_base:
         with lorakit.disabled(model):
-            base = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, args.batch_size)
+            base = answer_prompts(model, tokenizer, job, prompts, args.max_new_tokens, batch)
     for i, prompt in enumerate(prompts):
         print(f"### prompt {i + 1}\n{prompt.prompt[-1]['content']}")
         print(f"--- tuned\n{tuned[i]}" if base is not None else f"--- answer\n{tuned[i]}")
@@ -309,15 +339,16 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BATCH = 16  # prompts generated together unless --batch-size says otherwise
+
+
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens",
         type=_positive,
         help="tokens generated per answer at most (default: 256, or fewer where the model's context ends)",
     )
-    parser.add_argument(
-        "--batch-size", type=_positive, default=16, help="prompts generated together (default: 16)"
-    )
+    parser.add_argument("--batch-size", type=_positive, help=f"prompts generated together (default: {BATCH})")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -331,6 +331,15 @@ def no_model_load(monkeypatch):
         (["eval", "--generate", "--out", "FILE"], "is a file; name a directory"),
         (["eval", "--generate", "--out", "FILE/sub"], "cannot write in"),
         (["eval", "--generate", "--out", "RUN"], "is a run's directory"),
+        (
+            ["eval", "--answer-pattern", "("],
+            "--answer-pattern applies to --generate only: add --generate, or",
+        ),
+        (["eval", "--out", "FILE"], "--out applies to --generate only"),
+        (["eval", "--batch-size", "4"], "--batch-size applies to --generate only"),
+        (["eval", "--max-new-tokens", "4"], "--max-new-tokens applies to --generate only"),
+        (["eval", "--all-ranks", "--generate"], "--all-ranks evaluates the loss at every rank and generates"),
+        (["generate", "hi", "--max-length", "64"], "--max-length sets the loss's tokens per example"),
         (["generate", "hi", "--chat-template", "none"], "--chat-template applies to a base --model only"),
         (["generate", ""], "prompt 1 is empty"),
         (["generate", "hi", " "], "prompt 2 is empty"),
@@ -375,6 +384,58 @@ def test_generation_from_a_classifier_is_refused_before_it_loads(
     assert main([*command, "--adapter", str(runs["classifier"])]) == 2
     what = "lorakit generate" if command[0] == "generate" else "--generate"
     one_line_error(capsys, f"{what} needs a causal language model")
+
+
+@pytest.mark.parametrize("flag", ["--prompt-column", "--messages-column"])
+def test_chat_flags_on_a_classifier_are_refused_before_it_loads(flag, runs, no_model_load, capsys) -> None:
+    assert main(["eval", "--adapter", str(runs["classifier"]), "--data", "x.jsonl", flag, "x"]) == 2
+    one_line_error(capsys, f"{flag} applies to a causal language model; this one is a classifier")
+
+
+@pytest.mark.parametrize(
+    ("flags", "task", "message"),
+    [
+        (["--labels", "a,b"], None, "--labels does not apply to this causal-lm model"),
+        (["--num-labels", "3"], None, "--num-labels does not apply"),
+        (["--text-column", "question"], None, "--text-column does not apply"),
+        (
+            ["--chat-template", "none"],
+            "classification",
+            "--chat-template does not apply to this classification",
+        ),
+        (["--prompt-column", "question"], "classification", "--prompt-column does not apply"),
+    ],
+)
+def test_settings_of_the_other_task_are_refused_before_training(
+    flags, task, message, chat_llama_dir, tmp_path, capsys
+) -> None:
+    rows = [
+        {
+            "question": "2 + 2?",
+            "answer": "4",
+            "prompt": "hi",
+            "response": "hello",
+            "sentence": "s",
+            "label": 1,
+        }
+    ]
+    rows = rows + [{**rows[0], "label": 0}]
+    out = tmp_path / "run"
+    task_flags = ["--task", task] if task else []
+    assert main(train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", rows), out, *task_flags, *flags)) == 2
+    one_line_error(capsys, message)
+    assert not out.exists()
+
+
+def test_named_columns_beside_conversations_in_training_data_are_refused(chat_llama_dir, tmp_path, capsys):
+    rows = [{"messages": [U("2 + 2?"), A("4")], "question": "2 + 2?", "answer": "4"}] * 2
+    out = tmp_path / "run"
+    flags = ["--prompt-column", "question", "--response-column", "answer"]
+    assert main(train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", rows), out, *flags)) == 2
+    one_line_error(
+        capsys, "has a 'messages' column, whose conversations are used", "'question' would be ignored"
+    )
+    assert main(train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", rows), out)) == 0  # the conversations
 
 
 @pytest.fixture

@@ -445,6 +445,7 @@ def tokenize_classification(
 
 
 MESSAGES_COLUMN = "messages"  # the default conversations column: rows without it are prompt/response rows
+PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"  # the default columns of prompt/response rows
 
 
 def conversations(
@@ -454,12 +455,23 @@ def conversations(
     response_column: str,
     source: str,
     answers: bool = True,
+    named: bool = False,
 ) -> list[chat.Example]:
     """Causal-LM rows as conversations: a ``messages`` column (multi-turn, optional system turn) where the
     rows have one, else prompt/response columns (one user and one assistant turn). With ``answers`` (training
     and evaluation data) every conversation must end with the assistant's answer; without (prompts to answer)
-    the response column may be absent and a conversation may end with the user's turn."""
+    the response column may be absent and a conversation may end with the user's turn. ``named``: the prompt
+    and response columns are the user's settings for this data (a training job's), so data with conversations
+    refuses columns other than the defaults rather than passing them over."""
     if rows and messages_column in rows[0]:
+        pairs = ((prompt_column, PROMPT_COLUMN), (response_column, RESPONSE_COLUMN))
+        ignored = [c for c, default in pairs if c != default] if named else []
+        if ignored:
+            raise DataError(
+                f"{source} has a '{messages_column}' column, whose conversations are used instead of the "
+                f"prompt and response columns, so '{ignored[0]}' would be ignored; drop --prompt-column and "
+                f"--response-column, or name data without a '{messages_column}' column"
+            )
         values = column(rows, messages_column, source)
         return chat.examples_from_messages(values, messages_column, source, answers)
     if rows and messages_column != MESSAGES_COLUMN:  # named on purpose: no silent fall-back to other columns

@@ -28,9 +28,9 @@ class DataConfig:
     eval_data: str | None = setting(None, "evaluation data (default: the test split of 'demo', else none)")
     text_column: str = setting("sentence", "classification text column")
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
-    prompt_column: str = setting("prompt", "causal-LM prompt column: the user turn (no loss on it)")
+    prompt_column: str = setting(D.PROMPT_COLUMN, "causal-LM prompt column: the user turn (no loss on it)")
     response_column: str = setting(
-        "response", "causal-LM response column: the assistant turn (the loss covers it)"
+        D.RESPONSE_COLUMN, "causal-LM response column: the assistant turn (the loss covers it)"
     )
     messages_column: str = setting(
         D.MESSAGES_COLUMN,
@@ -162,6 +162,30 @@ class JobConfig:
             if name not in config and _accepts(config_class, {**config, name: value}, self.variant):
                 config[name] = value
         return config
+
+    def check_task_settings(self) -> None:
+        """Refuse settings of the other task once the task is known (from the model): classes for a causal
+        language model, conversations and chat templates for a classifier. Either would be ignored."""
+        default, d = DataConfig(), self.data
+        if self.task == "causal-lm":
+            given = {
+                "--labels": self.labels is not None,
+                "--num-labels": self.num_labels is not None,
+                "--text-column": d.text_column != default.text_column,
+                "--label-column": d.label_column != default.label_column,
+            }
+            why = "a causal language model is trained on prompts and responses, not classes"
+        else:
+            given = {
+                "--prompt-column": d.prompt_column != default.prompt_column,
+                "--response-column": d.response_column != default.response_column,
+                "--messages-column": d.messages_column != default.messages_column,
+                "--chat-template": d.chat_template != default.chat_template,
+            }
+            why = "a classifier is trained on texts and labels, not conversations"
+        flags = [flag for flag, set_ in given.items() if set_]
+        if flags:
+            raise SettingError(f"{flags[0]} does not apply to this {self.task} model: {why}; drop it")
 
     def driver(self) -> Driver:
         """How the job trains, as a variant sees it (:meth:`lorakit.Variant.refusal`)."""

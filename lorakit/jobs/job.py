@@ -108,15 +108,20 @@ def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None =
     return dataclasses.replace(job, num_labels=classes.count, labels=labels)
 
 
-def tokenize(job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row]) -> D.TokenizedData:
+def tokenize(
+    job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row], named: bool = False
+) -> D.TokenizedData:
     """One data set of ``job`` tokenised for its task (classification labels as the job's class ids; a
-    causal LM's conversations in the job's chat template, the loss on the answers)."""
+    causal LM's conversations in the job's chat template, the loss on the answers). ``named``: the job's
+    columns were set for this data (training), see :func:`lorakit.data.datasets.conversations`."""
     job, d = resolve_task(job), job.data
     if job.task == "classification":
         return D.tokenize_classification(
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
         )
-    examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
+    examples = D.conversations(
+        rows, d.messages_column, d.prompt_column, d.response_column, source, named=named
+    )
     data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length, source)
     if not data.input_ids:
         raise D.DataError(
@@ -136,7 +141,7 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     the private data that the accountant does not cover)."""
     data = read_data(job)
     job = resolve_classes(job, data)
-    out = [tokenize(job, tokenizer, source, rows) for source, rows in data]  # a data error is the one line
+    out = [tokenize(job, tokenizer, source, rows, named=True) for source, rows in data]  # one-line errors
     for line in causal_notes(job, tokenizer):
         report(line)
     for i, ((source, _), tokenized) in enumerate(zip(data, out, strict=True)):
@@ -418,7 +423,9 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
     the output directory's lock until the run ends."""
     out, resume = open_output(job, scale, held)
     # every label checked before training (the classes size the head); what ran records the resume taken
-    job = dataclasses.replace(resolve_classes(resolve_task(job)), resume=resume)
+    job = resolve_task(job)
+    job.check_task_settings()  # before any data is read: a setting of the other task would be ignored
+    job = dataclasses.replace(resolve_classes(job), resume=resume)
     model, tokenizer = prepare_model(job)
     check_context(job, model)
     train_data, eval_data = build_data(job, tokenizer)
