@@ -765,3 +765,22 @@ def test_the_real_instruct_model_takes_chat_data_and_refuses_what_it_cannot_hono
     assert "### prompt 1\nWhat colour is the sky?" in out and "--- tuned" in out and "--- base" in out
     assert main([*argv[:-3], "--max-new-tokens", "9000"]) == 2
     one_line_error(capsys, "passes the model's context of 8192 tokens")
+
+
+def test_a_run_trained_from_relative_paths_is_used_from_any_directory(
+    chat_llama_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    """job.json records the local files a run read as absolute paths: eval and generate find the model and
+    the evaluation data from another working directory."""
+    work = tmp_path / "work"
+    shutil.copytree(chat_llama_dir, work / "model")
+    write(work / "qa.jsonl", QA)
+    monkeypatch.chdir(work)
+    assert main(train_argv(Path("model"), "qa.jsonl", Path("run"), *QA_FLAGS, "--eval-data", "qa.jsonl")) == 0
+    job = json.loads((work / "run" / "job.json").read_text())
+    assert (job["model"], job["data"]["eval_data"]) == (str(work / "model"), str(work / "qa.jsonl"))
+    assert job["data"]["chat_template"] == "auto"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(work / "run")]) == 0
+    assert "loss" in capsys.readouterr().out

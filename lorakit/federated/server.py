@@ -54,7 +54,7 @@ from lorakit.federated.strategy import (
 )
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
-from lorakit.jobs.job import check_data, evaluate, prepare_model, tokenize
+from lorakit.jobs.job import check_data, evaluate, located, prepare_model, tokenize
 from lorakit.privacy.accountant import Accountant, noise_for_budget
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
@@ -449,7 +449,7 @@ def _save(model: nn.Module, cfg: FedConfig, checked: CheckedRun, result: FedResu
     (:mod:`lorakit.jobs.rundir`): an adapter already there is replaced whole or not at all."""
     use_rank(model, None)
     result.adapter_dir = checked.out.shown
-    job_text = json.dumps(dataclasses.asdict(checked.job), indent=2) + "\n"  # for `lorakit eval`
+    job_text = json.dumps(dataclasses.asdict(located(checked.job)), indent=2) + "\n"  # for `lorakit eval`
     summary = {"config": cfg.to_run_config(), **dataclasses.asdict(result)}
     staging = rundir.begin(checked.out, resume=False)
     try:

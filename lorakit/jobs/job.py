@@ -33,6 +33,8 @@ from lorakit.engine.token_loss import TokenLoss, takes_token_loss
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.models import (
+    EMBEDDED,
+    GGUF_MODELS,
     checkpoint_blocks,
     context_length,
     head_modules,
@@ -499,13 +501,33 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
     return job_result
 
 
+def located(job: JobConfig) -> JobConfig:
+    """``job`` with the local files it names (model directory, data, chat template) as absolute paths, so
+    that ``eval``, ``generate``, ``merge`` and ``export`` find them from any working directory; a name that
+    is no local path (``smollm2``, a hub id, ``demo``, ``auto``) stays as given."""
+
+    def absolute(name: str | None, keywords: tuple[str, ...]) -> str | None:
+        if not name or name in keywords or not Path(name).expanduser().exists():
+            return name
+        return str(Path(name).expanduser().resolve())
+
+    d, models = job.data, (*EMBEDDED, *GGUF_MODELS)
+    data = dataclasses.replace(
+        d,
+        data=absolute(d.data, ("demo",)),
+        eval_data=absolute(d.eval_data, ("demo",)),
+        chat_template=absolute(d.chat_template, ("auto", "none")),
+    )
+    return dataclasses.replace(job, model=absolute(job.model, models), data=data)
+
+
 def _save_run(
     job: JobConfig, model: nn.Module, out: rundir.RunDir, decided: dict[str, Any], template: str | None
 ) -> None:
     """Write ``job.json``, the chat template (if the run used one) and the adapter into the run's staging
     directory; a full disk is named with the resume point that survived it."""
     staging = out.staging
-    job_text = json.dumps(dataclasses.asdict(job), indent=2) + "\n"  # what ran, resumed or not
+    job_text = json.dumps(dataclasses.asdict(located(job)), indent=2) + "\n"  # what ran, resumed or not
     try:
         atomic_write(staging / rundir.JOB_FILE, lambda path: Path(path).write_text(job_text))
         save_chat_template(staging, template)
