@@ -524,6 +524,10 @@ def test_a_conversation_in_a_prompts_file_is_answered_whole(runs, tmp_path, gene
     assert main(["generate", "--adapter", str(runs["chat"]), "--prompts-file", lines, "third"]) == 0
     asked = [prompt.split("user\n")[1].split("<|im_end|>")[0] for prompt in generated[1]["prompts"]]
     assert asked == ["third", "first", "second"]
+    marked = tmp_path / "bom.txt"
+    marked.write_bytes("\ufefffirst\n".encode())  # as some editors save UTF-8
+    assert main(["generate", "--adapter", str(runs["chat"]), "--prompts-file", str(marked)]) == 0
+    assert generated[2]["prompts"][0].endswith("user\nfirst<|im_end|>\n<|im_start|>assistant\n")
 
 
 # --- a run's saved chat template ----------------------------------------------------------------------------

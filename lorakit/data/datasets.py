@@ -39,8 +39,9 @@ _CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB per field) ref
 def read_rows(source: str, *, split: str = "train") -> list[Row]:
     """Rows of a ``.tsv``/``.csv``/``.jsonl`` file, the built-in ``demo`` task or a Hugging Face dataset.
 
-    A ``.json`` file holds JSON lines, or one array of objects. Every row has the same fields; an empty file,
-    a malformed line or a row with missing or extra fields is a :class:`DataError` naming the line.
+    A ``.json`` file holds JSON lines, or one array of objects. An empty file or a malformed line is a
+    :class:`DataError` naming the line; so is a TSV/CSV row with missing or extra fields. JSON rows may carry
+    fields beyond those a job reads (an ``id``, a source); a field the job needs is checked where it is read.
     """
     if source == "demo":
         return demo_rows(split)
