@@ -100,10 +100,12 @@ def check_one_name(model: nn.Module, names: list[str]) -> None:
 
 def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, object]) -> None:
     """Refuse a targets list that is empty, holds a non-text entry, or has an entry that names only modules
-    lorakit cannot adapt (saying why); warn about an entry that matches no module."""
+    lorakit cannot adapt (saying why); warn about an entry that matches no module while another does (where
+    none does, the caller's error says so once)."""
     if not targets:
         raise TargetError("targets is empty; pass module-name suffixes like ['query', 'value'], a regex, or "
                           "'all-linear'")  # fmt: skip
+    unmatched = []
     for entry in targets:
         if not isinstance(entry, str) or not entry:
             raise TargetError(
@@ -114,6 +116,9 @@ def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, obj
             message = no_match_message([entry], list(adaptable), unadaptable)
             if unadaptable:
                 raise TargetError(message)
+            unmatched.append(message)
+    if len(unmatched) < len(targets):
+        for message in unmatched:
             warnings.warn(f"{message}; the other entries are adapted", UserWarning, stacklevel=4)
 
 
