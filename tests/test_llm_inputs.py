@@ -227,6 +227,12 @@ TEMPLATES = [
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}",
         "renders no assistant turn",
     ),
+    (
+        "user turns only",
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "renders no assistant turn",
+    ),
     ("no generation prompt", NO_GENERATION_PROMPT, "renders nothing for add_generation_prompt"),
     (
         "rewrites",
@@ -788,3 +794,12 @@ def test_a_run_trained_from_relative_paths_is_used_from_any_directory(
     capsys.readouterr()
     assert main(["eval", "--adapter", str(work / "run")]) == 0
     assert "loss" in capsys.readouterr().out
+
+
+def test_a_template_that_closes_no_answer_is_named_once(chat_llama_dir, tmp_path, capsys) -> None:
+    data = write(tmp_path / "qa.jsonl", QA)
+    bare = _template_path(tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert main(train_argv(chat_llama_dir, data, tmp_path / "bare", *QA_FLAGS, "--chat-template", bare)) == 0
+    assert capsys.readouterr().err.count("closes the assistant's answer with no special token") == 1
+    assert main(train_argv(chat_llama_dir, data, tmp_path / "own", *QA_FLAGS)) == 0  # ChatML's <|im_end|>
+    assert "no special token" not in capsys.readouterr().err

@@ -232,11 +232,13 @@ def check_template(tokenizer: Any, template: str, what: str, fix: str) -> None:
         bare = render(tokenizer, template, _SAMPLE[:1], generation_prompt=False)
     except RenderError as err:
         raise ChatError(f"{what} {err}; {fix}") from None
+    no_answer = f"{what} renders no assistant turn, so there is no answer to train on; {fix}"
     if not full.startswith(prompt):
-        raise ChatError(f"{what} {REWRITES}; {fix}")
+        # the conversation renders as its prompt alone (the generation prompt's opening aside): no answer
+        raise ChatError(no_answer if full.strip() == bare.strip() else f"{what} {REWRITES}; {fix}")
+    if not full[len(prompt) :].strip():
+        raise ChatError(no_answer)
     answer = full[len(prompt) :]
-    if not answer.strip():
-        raise ChatError(f"{what} renders no assistant turn, so there is no answer to train on; {fix}")
     opens = answer.lstrip().startswith(_SAMPLE[1]["content"])
     if prompt == bare and not opens:
         raise ChatError(
@@ -244,6 +246,14 @@ def check_template(tokenizer: Any, template: str, what: str, fix: str) -> None:
             f"{answer[:20]!r}, so generated answers would begin with it (render that opening under "
             f"{{% if add_generation_prompt %}}); {fix}"
         )
+
+
+def ends_answers(tokenizer: Any, template: str) -> bool:
+    """Whether ``template`` closes an assistant answer with one of the tokenizer's special tokens (an
+    end-of-turn marker), which the loss then covers: without one, a tuned model never learns where to stop."""
+    full = render(tokenizer, template, _SAMPLE, generation_prompt=False)
+    after = full[full.rfind(_SAMPLE[1]["content"]) + len(_SAMPLE[1]["content"]) :]
+    return any(token and token in after for token in tokenizer.all_special_tokens)
 
 
 def render(tokenizer: Any, template: str, messages: Sequence[Message], generation_prompt: bool) -> str:

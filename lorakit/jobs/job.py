@@ -157,9 +157,19 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
 
 def causal_notes(job: JobConfig, tokenizer: Any) -> list[str]:
     """What the user should know about how a causal-LM job's text is formed: plain text without a chat
-    template, and answers without an end where the tokenizer has no end-of-sequence token."""
-    if job.task != "causal-lm" or chat_template(job, tokenizer) is not None:
+    template, and answers without an end where the tokenizer has no end-of-sequence token or the template
+    closes no answer with a special token."""
+    if job.task != "causal-lm":
         return []
+    template = chat_template(job, tokenizer)
+    if template is not None:
+        if chat.ends_answers(tokenizer, template):
+            return []
+        return [
+            "the chat template closes the assistant's answer with no special token (an end-of-turn marker), "
+            "so answers are trained without an end and generation runs to --max-new-tokens; end each "
+            "assistant turn with the tokenizer's end-of-sequence token in the template"
+        ]
     why = "--chat-template none" if job.data.chat_template == "none" else "the tokenizer has no chat template"
     notes = [f"{why}: prompts and responses are joined as plain text; --chat-template PATH applies one"]
     if tokenizer.eos_token_id is None:
