@@ -312,7 +312,7 @@ def test_cli_trains_with_dp_and_reports_epsilon(tiny_bert_dir, tmp_path, capsys)
         "0",
     ]
     args += ["--steps", "4", "--batch-size", "16", "--no-progress", "--output-dir", str(run)]
-    dp = ["--dp", "--target-epsilon", "3", "--delta", "1e-4", "--max-grad-norm", "0.5"]
+    dp = ["--dp", "--target-epsilon", "3", "--delta", "1e-4", "--max-grad-norm", "0.5", "--num-labels", "2"]
     assert main([*args, *dp]) == 0
     saved = json.loads((run / "metrics.json").read_text())
     extra = saved["extra"]
@@ -360,7 +360,7 @@ def dp_train_args(model_dir, data: str, run) -> list[str]:
     return [
         "train", "--model", str(model_dir), "--data", data, "--targets", "query,value", "--rank", "2",
         "--dropout", "0", "--steps", "2", "--batch-size", "4", "--no-progress", "--output-dir", str(run),
-        "--dp",
+        "--dp", "--num-labels", "2",
     ]  # fmt: skip
 
 
@@ -450,3 +450,20 @@ def test_training_data_truncation_counts_are_withheld_under_dp(chat_llama_dir, t
     extra = json.loads((run / "metrics.json").read_text())["extra"]
     assert extra["train_answers_cut"] == extra["eval_answers_cut"] >= 1
     assert f"{train}: " in capsys.readouterr().err
+
+
+def test_classes_are_never_read_from_the_private_data(tiny_bert_dir, tmp_path, capsys) -> None:
+    """The number and names of the classes are saved with the adapter: under DP they come from --num-labels
+    (class ids) or --labels (names), never from counting the private data."""
+    run = tmp_path / "run"
+    args = dp_train_args(tiny_bert_dir, small_tsv(tmp_path / "train.tsv"), run)
+    args = args[: args.index("--num-labels")] + args[args.index("--num-labels") + 2 :]
+    flags = ["--noise-multiplier", "1", "--delta", "1e-3"]
+    err = refused([*args, *flags], run, capsys)
+    assert "DP training takes its classes from the settings, not from the private data" in err
+    named = tmp_path / "train.tsv"
+    named.write_text(named.read_text().replace("\t0\n", "\tneg\n").replace("\t1\n", "\tpos\n"))
+    err = refused([*args, *flags, "--num-labels", "2"], run, capsys)
+    assert "--labels NAMES for named classes" in err
+    assert main([*args, *flags, "--labels", "neg,pos"]) == 0
+    assert json.loads((run / "job.json").read_text())["labels"] == ["neg", "pos"]

@@ -44,6 +44,7 @@ from lorakit.jobs.models import (
 )
 from lorakit.jobs.rundir import CHAT_TEMPLATE_FILE
 from lorakit.jobs.scale_out import ScaleOut
+from lorakit.privacy.config import PrivacyError
 from lorakit.train.checkpoint import resume_point
 from lorakit.train.loop import TrainResult, train
 
@@ -90,6 +91,14 @@ def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
     return out
 
 
+# The classes size the head and are saved with the adapter: under DP they must not come from the private data.
+_CLASSES_UNDER_DP = (
+    "DP training takes its classes from the settings, not from the private data (their number and names "
+    "would be released with the adapter, outside the privacy accounting): pass --num-labels N for class "
+    "ids, or --labels NAMES for named classes"
+)
+
+
 def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None) -> JobConfig:
     """``job`` with its classes read from the training data (the number, and the names of named labels),
     after checking every row of the training and evaluation data against them; before any training, so a
@@ -100,9 +109,13 @@ def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None =
     data = read_data(job) if data is None else data
     d = job.data
     classes = job.classes() if job.labels is not None else None
+    if classes is None and job.privacy.dp and job.num_labels is None:
+        raise PrivacyError(_CLASSES_UNDER_DP)
     if classes is None:
         source, rows = data[0]
         classes = D.ClassLabels.from_rows(rows, d.label_column, source, job.num_labels)
+        if job.privacy.dp and classes.names is not None:
+            raise PrivacyError(_CLASSES_UNDER_DP)
     for source, rows in data:
         classes.ids(rows, d.label_column, source)
         D.texts(rows, d.text_column, source)
