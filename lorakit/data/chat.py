@@ -251,8 +251,10 @@ def check_template(tokenizer: Any, template: str, what: str, fix: str) -> None:
 def ends_answers(tokenizer: Any, template: str) -> bool:
     """Whether ``template`` closes an assistant answer with one of the tokenizer's special tokens (an
     end-of-turn marker), which the loss then covers: without one, a tuned model never learns where to stop."""
-    full = render(tokenizer, template, _SAMPLE, generation_prompt=False)
-    after = full[full.rfind(_SAMPLE[1]["content"]) + len(_SAMPLE[1]["content"]) :]
+    full, answer = render(tokenizer, template, _SAMPLE, generation_prompt=False), _SAMPLE[1]["content"]
+    if answer not in full:  # a template that rewrites the answer's text: nothing to tell from
+        return True
+    after = full[full.rfind(answer) + len(answer) :]
     return any(token and token in after for token in tokenizer.all_special_tokens)
 
 
