@@ -10,6 +10,7 @@ Other kernels (dropout's mask) are checked by what their computation must give.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 from layer_zoo import make_case
 from test_conformance import perturb
 from torch import Tensor, nn
-from variant_cases import config_with_dropout
+from variant_cases import case_config, config_with_dropout
 
 import lorakit
 from lorakit.core.dropout import draw_keep_mask, keep_mask
@@ -276,3 +277,31 @@ def test_hooks_on_the_variant_keep_its_plain_forward_called() -> None:
     model.layer.variant.register_forward_hook(lambda m, i, out: seen.append(i[1] is not None))
     model(x)
     assert seen == [True]  # called, with the base output, as a per-example gradient tool expects
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "dylora", "adalora", "lora_fa", "qlora"])
+@pytest.mark.parametrize("shape", [(5, 16), (2, 5, 16)])
+def test_a_kernels_output_takes_the_models_in_place_ops(variant: str, shape: tuple[int, ...]) -> None:
+    """A model may change a layer's output in place (ReLU(inplace=True), Falcon's `h += attention`): the
+    kernels return no view of a tensor made inside them (autograd refuses in-place ops on those), and the
+    gradients equal the plain forward's."""
+
+    def run(plain: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 4))
+        lorakit.apply(model, variant, targets=["0"], **{**case_config(variant), "dropout": 0.0})
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        with lorakit.kernels.plain() if plain else contextlib.nullcontext():
+            out = model(x)
+            out[..., 0].add_(1.0)  # and an in-place op on the model's own output
+            out.square().sum().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    fast, plain = run(False), run(True)
+    assert fast and all(g is not None for g in fast)
+    for g, ref in zip(fast, plain, strict=True):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)

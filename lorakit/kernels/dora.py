@@ -90,18 +90,25 @@ class DoRAFunction(torch.autograd.Function):
                 z = z.div_(1 - p)  # (N, r), A x~
             # y + e (h - b0) + c s B z: y + e h in one pass (c y when h = y, as e = c - 1), then the low-rank
             # product added in place, with -e b0 riding on it as one more rank (a column of ones)
-            out = torch.mul(y2, c) if p == 0 else torch.addcmul(y2, h, e)  # promoted to fp32 under bf16
+            # Made in y's shape and written through a 2-D view (fp32 under bf16): never returned as a view,
+            # on which autograd would refuse a model's in-place op (`h += ...`).
+            out = torch.empty(y.shape, dtype=torch.promote_types(y2.dtype, c.dtype), device=y.device)
+            if p == 0:
+                torch.mul(y2, c, out=rows_of(out))
+            else:
+                torch.addcmul(y2, h, e, out=rows_of(out))
             zt, cb = z.t().to(acc), (b_c.to(acc) * (c * scale)[:, None]).t()  # z^T (r, N), (c s B)^T (r, out)
             if b0 is not None:
                 zt, cb = torch.cat([zt, zt.new_ones(1, zt.shape[1])]), torch.cat([cb, (-e * b0)[None]])
-            out = out.addmm_(zt.t(), cb).to(y2.dtype)
+            rows_of(out).addmm_(zt.t(), cb)
+            out = out.to(y.dtype)
         ctx.scale, ctx.p, ctx.sparse, ctx.dtypes = scale, p, sparse, (x.dtype, a.dtype, b.dtype, m.dtype)
         ctx.base_grad_here = base_grad_here and w0.dtype == dtype
         positions = at if at is not None else (None, None, None)
         w0_saved = w0 if p > 0 or ctx.base_grad_here else None
         saved = (x, mask, w0_saved, a_c, b_c, z, h, c, norm, b0, seed, *positions)
         ctx.save_for_backward(*saved)
-        return out.view(y.shape)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -79,11 +79,20 @@ class _LowRankFunction(torch.autograd.Function):
             z = z.reshape(*x.shape[:-1], a.shape[0])  # (..., r)
             if p > 0:
                 z = z.div_(1.0 - p)
+            # The output is made in its final shape and written through a 2-D view of it, never returned as
+            # a view: autograd refuses an in-place op (a model's `h += ...`, ReLU(inplace=True)) on a view
+            # made inside a custom function.
             if w0 is not None:  # (..., out): W0 x + b0, then + s B z on the same buffer
-                base = F.linear(x2, w0.to(dtype), None if bias is None else bias.to(dtype))
-                out = base.addmm_(rows_of(z), b_c.t(), alpha=scale).view(*x.shape[:-1], w0.shape[0])
-            elif y is not None and y.dtype == dtype:
-                out = torch.addmm(rows_of(y), rows_of(z), b_c.t(), alpha=scale).view(y.shape)  # y + s B z
+                out = torch.empty((*x.shape[:-1], w0.shape[0]), dtype=dtype, device=x.device)
+                w0_t = w0.to(dtype).t()
+                if bias is None:
+                    torch.mm(x2, w0_t, out=rows_of(out))
+                else:
+                    torch.addmm(bias.to(dtype), x2, w0_t, out=rows_of(out))
+                rows_of(out).addmm_(rows_of(z), b_c.t(), alpha=scale)
+            elif y is not None and y.dtype == dtype:  # y + s B z
+                out = torch.empty(y.shape, dtype=dtype, device=y.device)
+                torch.addmm(rows_of(y), rows_of(z), b_c.t(), alpha=scale, out=rows_of(out))
             else:
                 out = F.linear(z, b_c).mul_(scale)  # (..., out)
                 out = out if y is None else y + out.to(y.dtype)
