@@ -502,3 +502,45 @@ def test_a_lazy_or_empty_layer_is_refused_saying_why() -> None:
     with pytest.raises(TargetError, match=r"its weight is empty \(0 x 4\)"):
         lorakit.apply(model, "lora", targets=["0"], rank=2)
     assert [n for n, _ in lorakit.adapted_layers(lorakit.apply(model, "lora", rank=2))] == ["1"]
+
+
+@pytest.mark.parametrize("variant", ["lora", "qlora"])
+def test_a_model_reading_an_adapted_layers_weight_runs(variant: str) -> None:
+    """transformers' T5 reads ``wo.weight.dtype`` in its feed-forward: an adapted layer exposes its base
+    weight (None for a 4-bit base, whose codes are no weight), so the model runs and trains."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    config.decoder_start_token_id = 0
+    model = T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).logits
+    lorakit.apply(model, variant, targets="all-linear", rank=2)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, lorakit.AdaptedLayer)
+    assert (wo.weight is wo.base_layer.weight) if variant == "lora" else wo.weight is None
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert wo.variant.B.grad is not None
+    if variant == "lora":
+        torch.testing.assert_close(out.logits, before)  # B starts at zero
+
+
+def test_all_linear_names_what_it_cannot_cover() -> None:
+    """A model without linear layers outside its head is told to name its layers; fused expert weights
+    (stacks of matrices held by no layer) are named in a warning, the linear layers adapted."""
+    with pytest.raises(TargetError, match=r"outside the output head .* e\.g\. \['0'\]"):
+        lorakit.apply(nn.Sequential(nn.Conv2d(3, 4, 3)), "lora", targets="all-linear", rank=2)
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.experts = nn.Parameter(torch.zeros(4, 8, 8))  # four 8 x 8 experts in one tensor
+
+    model = Experts()
+    with pytest.warns(UserWarning, match=r"experts \(4, 8, 8\) are weights of no layer lorakit adapts"):
+        lorakit.apply(model, "lora", targets="all-linear", rank=2)
+    assert [n for n, _ in lorakit.adapted_layers(model)] == ["proj"]

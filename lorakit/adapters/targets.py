@@ -39,6 +39,18 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     if targets == "all-linear":
         head = output_head_names(model)
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
+        warn_fused(model)
+        if not names and not skipped:
+            leaves = sorted({n.split(".")[-1] for n in adaptable if n not in head})
+            raise TargetError(
+                "targets 'all-linear' selects the linear layers outside the output head (not embeddings or "
+                "convolutions), and this model has none; pass the names of the layers to adapt"
+                + (
+                    f", e.g. {leaves[:3]} (adaptable layer names end in: {', '.join(leaves[:30])})"
+                    if leaves
+                    else ""
+                )
+            )
         if not names:
             raise TargetError(no_match_message(targets, list(adaptable), skipped))
     else:
@@ -80,6 +92,29 @@ def read_by_parent(model: nn.Module) -> dict[str, str]:
                         "layer, so an adapter in its place would be skipped or fail; adapt other layers"
                     )
     return skipped
+
+
+def warn_fused(model: nn.Module) -> None:
+    """Warn that ``all-linear`` leaves weights of 3 or more dimensions held by no layer lorakit adapts (a
+    mixture of experts' fused expert weights, as transformers 5 stores them) without an adapter: a user
+    reading "every linear layer" would otherwise not know that most of such a model's weights stay as
+    they are."""
+    fused = [
+        (f"{n}.{name}" if n else name, tuple(p.shape))
+        for n, m in model.named_modules()
+        if kind_of(m) is None
+        for name, p in m.named_parameters(recurse=False)
+        if p.dim() >= 3 and p.shape[0] > 1  # a stack of matrices; not a (1, n, d) position embedding
+    ]
+    if fused:
+        (first, shape), more = fused[0], len(fused) - 1
+        others = f" and {more} more" if more else ""
+        warnings.warn(
+            f"targets 'all-linear' adapts layers; {first} {shape}{others} are weights of no layer lorakit "
+            "adapts (a mixture of experts' fused experts, say) and stay without an adapter",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def check_one_name(model: nn.Module, names: list[str]) -> None:

@@ -60,6 +60,14 @@ class AdaptedLayer(nn.Module):
         return self.kind.weight_2d(self.base_layer)
 
     @property
+    def weight(self) -> Tensor | None:
+        """The base layer's weight, for code that reads a layer's ``weight`` rather than calling it for its
+        dtype or device (transformers' T5 casts its input to ``wo.weight.dtype``), as PEFT's adapter layers
+        expose it; None for a 4-bit base, which holds codes rather than a weight (as a layer without one)."""
+        layer = self.base_layer
+        return None if isinstance(layer, QuantizedBase) else layer.weight
+
+    @property
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
