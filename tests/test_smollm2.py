@@ -44,8 +44,7 @@ def test_lora_chat_sft_on_gsm8k_lowers_the_completion_loss(smollm2, tmp_path, ca
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
     dev.write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
     common = ["--prompt-column", "question", "--response-column", "answer", "--max-length", "256"]
-    base_eval = tmp_path / "base"
-    assert main(["eval", "--model", "smollm2", "--data", str(dev), *common, "--out", str(base_eval)]) == 0
+    assert main(["eval", "--model", "smollm2", "--data", str(dev), *common]) == 0
     base_loss = float(capsys.readouterr().out.split("loss ")[1].split(",")[0])
     run = tmp_path / "run"
     argv = [
