@@ -326,7 +326,8 @@ def test_torchrun_without_distributed_stops_every_rank_before_it_writes(setup, t
     run = torchrun(train_flags(setup, out, 4))
     _, err = run.communicate(timeout=300)
     refused = [line for line in err.decode().splitlines() if line.startswith("lorakit: error:")]
-    assert run.returncode != 0 and len(refused) == WORLD
+    # Every rank refuses; torchrun may stop a rank that has not printed yet once the first has exited.
+    assert run.returncode != 0 and 1 <= len(refused) <= WORLD
     assert all("WORLD_SIZE=2" in line and "--distributed ddp" in line for line in refused)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
