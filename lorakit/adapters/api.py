@@ -22,7 +22,7 @@ from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, Variant
+from lorakit.core.variant import Hook
 from lorakit.variants import get_variant
 
 
@@ -99,36 +99,6 @@ def apply(
         quantize_targets(model, names, storage)
     modules = dict(model.named_modules())
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    swapped: list[tuple[str, nn.Module]] = []
-    try:
-        model.requires_grad_(False)
-        info = _wrap(model, modules, names, variant_class, cfg, train_modules, trainable_before, swapped)
-    except BaseException:
-        # A layer refused while being wrapped (a VeRA projection too small for it, say): the model is put
-        # back as it was, every layer and every trainable flag.
-        for name, layer in swapped:
-            set_module(model, name, layer)
-        for name, param in model.named_parameters():
-            param.requires_grad_(trainable_before.get(name, param.requires_grad))
-        raise
-    for name in info.train_modules:
-        modules[name].requires_grad_(True)
-    model.lorakit = info
-    return model
-
-
-def _wrap(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    names: list[str],
-    variant_class: type[Variant],
-    cfg: VariantConfig,
-    train_modules: list[str],
-    trainable_before: dict[str, bool],
-    swapped: list[tuple[str, nn.Module]],
-) -> AdapterInfo:
-    """Wrap each target layer of the frozen ``model`` in an :class:`AdaptedLayer`, recording each swap in
-    ``swapped`` as it is made; returns the adapter's info."""
     info = AdapterInfo(
         variant=variant_class.name,
         config=cfg,
@@ -142,11 +112,25 @@ def _wrap(
     info.shared = variant_class.shared_class(
         targets={n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
     )
-    for name in names:
-        layer = modules[name]
-        set_module(model, name, AdaptedLayer(layer, kind_of(layer), variant_class, cfg, info.shared, name))
-        swapped.append((name, layer))
-    return info
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        model.requires_grad_(False)
+        for name in names:
+            base = modules[name]
+            set_module(model, name, AdaptedLayer(base, kind_of(base), variant_class, cfg, info.shared, name))
+            swapped.append((name, base))
+    except BaseException:
+        # A layer refused while being wrapped (a VeRA projection too small for it, say): the model is put
+        # back as it was, every layer and every trainable flag.
+        for name, layer in swapped:
+            set_module(model, name, layer)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable_before.get(name, param.requires_grad))
+        raise
+    for name in info.train_modules:
+        modules[name].requires_grad_(True)
+    model.lorakit = info
+    return model
 
 
 def check_materialised(modules: dict[str, nn.Module], names: list[str]) -> None:

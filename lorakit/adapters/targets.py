@@ -31,11 +31,8 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     several model families, as in PEFT), so a misspelt entry never adapts fewer layers silently.
     """
     skipped = read_by_parent(model)
-    adaptable = {
-        n: kind
-        for n, m in model.named_modules(remove_duplicate=False)
-        if n and n not in skipped and (kind := kind_of(m)) is not None
-    }
+    every = list(model.named_modules(remove_duplicate=False))  # a module held twice under both names
+    adaptable = {n: kind for n, m in every if n and n not in skipped and (kind := kind_of(m)) is not None}
     if targets == "all-linear":
         head = output_head_names(model)
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
@@ -56,11 +53,12 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     else:
         selects = _selector(targets)
         if not isinstance(targets, str):
-            check_entries(model, targets, adaptable)
+            check_entries(model, targets, adaptable, skipped)
         names = [n for n in adaptable if selects(n)]
         if not names:
-            raise TargetError(no_match_message(targets, list(adaptable), _unadaptable(model, selects)))
-    check_one_name(model, names)
+            unadaptable = _unadaptable(model, selects, skipped)
+            raise TargetError(no_match_message(targets, list(adaptable), unadaptable))
+    check_one_name(every, names)
     unsupported = [f"{n} ({adaptable[n].name})" for n in names if adaptable[n] not in kinds]
     if unsupported:
         raise TargetError(
@@ -117,14 +115,16 @@ def warn_fused(model: nn.Module) -> None:
         )
 
 
-def check_one_name(model: nn.Module, names: list[str]) -> None:
-    """Refuse a selected layer that the model holds under more than one name: an adapter replaces the layer at
-    one name, and calls through the other would run the base layer alone."""
+def check_one_name(every: list[tuple[str, nn.Module]], names: list[str]) -> None:
+    """Refuse a selected layer that the model holds under more than one name (``every``: its modules under
+    every name): an adapter replaces the layer at one name, and calls through the other would run the base
+    layer alone."""
     paths: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
+    for n, m in every:
         paths.setdefault(id(m), []).append(n)
+    modules = dict(every)
     for name in names:
-        others = [n for n in paths[id(model.get_submodule(name))] if n != name]
+        others = [n for n in paths[id(modules[name])] if n != name]
         if others:
             raise TargetError(
                 f"layer {name} is the same module as {others[0]} (one module held under two names): an "
@@ -133,7 +133,9 @@ def check_one_name(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, object]) -> None:
+def check_entries(
+    model: nn.Module, targets: list[str], adaptable: dict[str, object], skipped: dict[str, str]
+) -> None:
     """Refuse a targets list that is empty, holds a non-text entry, or has an entry that names only modules
     lorakit cannot adapt (saying why); warn about an entry that matches no module while another does (where
     none does, the caller's error says so once)."""
@@ -147,7 +149,7 @@ def check_entries(model: nn.Module, targets: list[str], adaptable: dict[str, obj
                 f"targets entry {entry!r} is not a module name; pass names like ['query', 'value']"
             )
         if not any(_suffix_of(n, entry) for n in adaptable):
-            unadaptable = _unadaptable(model, _selector([entry]))
+            unadaptable = _unadaptable(model, _selector([entry]), skipped)
             message = no_match_message([entry], list(adaptable), unadaptable)
             if unadaptable:
                 raise TargetError(message)
@@ -174,9 +176,9 @@ def _selector(targets: str | list[str]) -> Callable[[str], bool]:
     return lambda name: any(_suffix_of(name, t) for t in targets)
 
 
-def _unadaptable(model: nn.Module, selects: Callable[[str], bool]) -> dict[str, str]:
-    """Modules ``selects`` picks that lorakit cannot adapt, with the reason (for the no-match message)."""
-    skipped = read_by_parent(model)
+def _unadaptable(model: nn.Module, selects: Callable[[str], bool], skipped: dict[str, str]) -> dict[str, str]:
+    """Modules ``selects`` picks that lorakit cannot adapt, with the reason (for the no-match message);
+    ``skipped``: the layers their parent reads (:func:`read_by_parent`)."""
     return {
         n: skipped.get(n) or why_not_adaptable(m)
         for n, m in model.named_modules(remove_duplicate=False)

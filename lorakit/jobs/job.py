@@ -157,11 +157,11 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     data = read_data(job)
     job = resolve_classes(job, data)
     out = [tokenize(job, tokenizer, source, rows, named=True) for source, rows in data]  # one-line errors
+    if job.privacy.dp:  # private counts that the accountant does not cover: neither printed nor recorded
+        out[0] = dataclasses.replace(out[0], truncation=None)
     for line in causal_notes(job, tokenizer):
         report(line)
-    for i, ((source, _), tokenized) in enumerate(zip(data, out, strict=True)):
-        if i == 0 and job.privacy.dp:  # private counts that the accountant does not cover
-            continue
+    for (source, _), tokenized in zip(data, out, strict=True):
         line = tokenized.truncation.describe(source) if tokenized.truncation is not None else None
         if line is not None:
             report(line)
@@ -371,9 +371,9 @@ def check_data(job: JobConfig, model: nn.Module, train_data: D.TokenizedData | N
     for data, source in ((train_data, d.data), (eval_data, d.eval_data or d.data)):
         if data is not None and len(data) == 0:
             raise D.DataError(f"{source} has no examples; check the file and its columns")
-    # DP-SGD's batches are Poisson samples (checked against their expected size), and torchrun's global
-    # batch counts the ranks (checked when the ranks start): one process's fixed batch is checked here.
-    if train_data is not None and not job.privacy.dp and not job.distributed:
+    # One process's batch (DP-SGD's expected Poisson batch too); torchrun's global batch counts the ranks,
+    # checked when the ranks start.
+    if train_data is not None and not job.distributed:
         D.check_one_step(len(train_data), job.train.batch_size, job.train.grad_accum)
     if eval_data is None:
         return
@@ -494,8 +494,7 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
     if result.tokens:
         job_result.extra["tokens_per_second"] = round(result.tokens_per_second, 1)
     for name, data in (("train", train_data), ("eval", eval_data)):
-        withheld = name == "train" and job.privacy.dp  # statistics of the private data (see build_data)
-        if data is not None and data.truncation is not None and not withheld:
+        if data is not None and data.truncation is not None:  # under DP the training data's is withheld
             t = data.truncation
             job_result.extra[f"{name}_answers_cut"] = t.answers_cut
             job_result.extra[f"{name}_examples_left_out"] = t.left_out

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lorakit.core.contract import Driver, GradientSource
 from lorakit.core.variant import Hook
-from lorakit.data.datasets import TokenizedData
+from lorakit.data.datasets import TokenizedData, check_one_step
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
 from lorakit.privacy.accountant import Accountant, noise_for_budget
@@ -81,13 +81,8 @@ def plan(cfg: TrainConfig, dp: DPConfig, examples: int) -> tuple[float, float]:
     setting that depends on their number is checked: a :class:`PrivacyError` names what cannot be honoured.
     Nothing here reads the data but its size, which is public in DP-SGD's model (the sample rate ``q``
     released with the run reveals it), so a run can be refused before it trains or writes anything."""
-    expected = cfg.batch_size * cfg.grad_accum
-    if expected > examples:
-        raise PrivacyError(
-            f"the expected batch ({expected}) exceeds the {examples} training examples: lower --batch-size "
-            "or --grad-accum"
-        )
-    q = expected / examples
+    check_one_step(examples, cfg.batch_size, cfg.grad_accum)  # the expected Poisson batch, as a fixed one
+    q = cfg.batch_size * cfg.grad_accum / examples
     if dp.noise_multiplier != 0:  # without noise epsilon is infinite whatever delta is
         check_delta_below(dp.delta, examples, "training examples", "--delta")
     sigma = dp.noise_multiplier
