@@ -35,6 +35,7 @@ from lorakit.common.errors import LorakitError  # noqa: E402
 from lorakit.data import datasets as D  # noqa: E402
 from lorakit.federated import FedConfig, partition  # noqa: E402
 from lorakit.federated.failures import FederatedError  # noqa: E402
+from lorakit.federated.server import check_run  # noqa: E402
 from lorakit.federated.strategy import DPFedAvg, Reply, draw_rank, sample_cohort, update_space  # noqa: E402
 from lorakit.privacy import PrivacyError  # noqa: E402
 from lorakit.privacy.accountant import Accountant  # noqa: E402
@@ -239,6 +240,8 @@ def tiny_cfg(tiny_bert_dir, tmp_path, **changes) -> FedConfig:
         clients=4, cohort=3, sampling="fixed", rounds=3, local_steps=2, batch_size=8, max_length=24
     )
     values["output_dir"] = str(tmp_path / "fed")
+    if "noise_multiplier" in changes or "target_epsilon" in changes:
+        values["num_labels"] = 2  # under client-level DP the classes come from the settings
     return FedConfig(**{**values, **changes})
 
 
@@ -683,11 +686,43 @@ def test_a_run_in_which_no_round_aggregated_saves_nothing(tiny_bert_dir, tmp_pat
     assert isinstance(error, FederatedError) and not Path(cfg.output_dir).exists()
     assert "no client update was aggregated in any of the 1 round(s)" in str(error)
     assert "raise --cohort or --rounds" in str(error) and "round 1/1" in capsys.readouterr().out
+    # A budget too small for one round is refused before any client is asked.
     budget = dict(clip_norm=1.0, noise_multiplier=0.3, target_epsilon=0.5, sampling="poisson", cohort=2)
     error, grid = failed_run(tiny_cfg(tiny_bert_dir, tmp_path, **budget))
-    assert str(error).startswith("stopped before round 1: it would spend epsilon")
-    assert "no round ran, so nothing was saved" in str(error) and not Path(cfg.output_dir).exists()
-    assert not any(m.metadata.message_type == "train" for m in grid.sent)
+    assert isinstance(error, PrivacyError) and not Path(cfg.output_dir).exists() and grid.sent == []
+    first = Accountant().epsilon_after(1e-5, 0.3, 2 / 4)
+    assert first > 0.5 and str(error).startswith(
+        f"--target-epsilon 0.5 cannot pay for one round: one round at noise multiplier 0.3 and sample rate "
+        f"0.5 spends epsilon {first:.4g}"
+    )
+    assert "lower --cohort" in str(error)
+    with pytest.raises(PrivacyError, match="cannot pay for one round"):  # the simulation is refused alike
+        check_run(tiny_cfg(tiny_bert_dir, tmp_path, **budget))
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_under_client_level_dp_the_classes_come_from_the_settings(tiny_bert_dir, tmp_path) -> None:
+    """The clients' labels are private: their number and names are released with the adapter."""
+    dp = dict(clip_norm=1.0, noise_multiplier=1.0, sampling="poisson")
+    with pytest.raises(PrivacyError, match="takes its classes from the settings.*--num-labels N"):
+        check_run(tiny_cfg(tiny_bert_dir, tmp_path, **dp, num_labels=None))
+    names = ["negative", "positive"]
+    data = demo_file(tmp_path / "train.tsv", 60, names)
+    named = dict(data=str(data), eval_data=str(demo_file(tmp_path / "test.tsv", 20, names, split="test")))
+    with pytest.raises(PrivacyError, match="takes its classes from the settings"):  # names read from the data
+        check_run(tiny_cfg(tiny_bert_dir, tmp_path, **dp, **named))
+    checked = check_run(
+        tiny_cfg(tiny_bert_dir, tmp_path, **dp, **named, num_labels=None, labels="negative,positive")
+    )
+    assert checked.job.labels == names and checked.job.num_labels == 2
+    with pytest.raises(LorakitError, match="labels='a,a'.*at least 2 distinct class names"):
+        FedConfig(labels="a,a")
+    with pytest.raises(D.DataError, match="neutral"):  # a label outside the settings' classes is refused
+        check_run(
+            tiny_cfg(tiny_bert_dir, tmp_path, **dp, **named, num_labels=None, labels="negative,neutral")
+        )
+    # Without noise (plain FedAvg, or clipping alone) there is no privacy claim: classes from the data.
+    assert check_run(tiny_cfg(tiny_bert_dir, tmp_path, **named)).job.labels == names
 
 
 POISSON_ONE = FedConfig(clients=4, cohort=1, sampling="poisson")

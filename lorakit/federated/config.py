@@ -57,8 +57,11 @@ class FedConfig:
     label_column: str = setting("label", "classification label column (class ids 0, 1, ... or class names)")
     num_labels: int | None = setting(
         None,
-        "classes of the classification task (unset: counted from the training data)",
+        "classes of the classification task (unset: counted from the training data; required under DP)",
         within="[2, 1000000]",
+    )
+    labels: str = setting(
+        "", "class names in class-id order, comma-separated, when the labels are names (unset: from the data)"
     )
     max_length: int = setting(64, "tokens per example", within="[1, inf)")
     clients: int = setting(10, "N: clients (partitions of the data)", within="[1, inf)")
@@ -103,8 +106,17 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "federated")  # types and ranges, as for `lorakit train`
-        checks = {"sampling": self.sampling in SAMPLINGS, "partition": self.partition in PARTITIONS}
-        rules = {"sampling": f"one of {', '.join(SAMPLINGS)}", "partition": f"one of {', '.join(PARTITIONS)}"}
+        names = self.label_list()
+        checks = {
+            "sampling": self.sampling in SAMPLINGS,
+            "partition": self.partition in PARTITIONS,
+            "labels": names is None or len(set(names)) == len(names) >= 2,
+        }
+        rules = {
+            "sampling": f"one of {', '.join(SAMPLINGS)}",
+            "partition": f"one of {', '.join(PARTITIONS)}",
+            "labels": "at least 2 distinct class names, comma-separated",
+        }
         check_settings(self, checks, "federated", rules)
         if self.cohort > self.clients:
             raise ValueError(
@@ -150,6 +162,10 @@ class FedConfig:
 
     def variant_options(self) -> dict[str, Any]:
         return parse_options(self.options)
+
+    def label_list(self) -> list[str] | None:
+        names = [t.strip() for t in self.labels.split(",") if t.strip()]
+        return names or None
 
     def target_list(self) -> str | list[str]:
         text = self.targets.strip()

@@ -25,12 +25,15 @@ from lorakit.jobs.job import read_data, resolve_classes, tokenize
 def job_config(cfg: FedConfig, classes: D.ClassLabels | None = None) -> JobConfig:
     """The model, variant and data part of ``cfg`` as a job (shared with ``lorakit train``); ``classes`` (the
     server's, once read from the data) size the head and name the classes."""
-    names = classes.names if classes is not None else None
+    if classes is None:  # the settings' classes, if any (the server then reads the rest from the data)
+        names, count = cfg.label_list(), cfg.num_labels
+    else:
+        names, count = (list(classes.names) if classes.names is not None else None), classes.count
     return JobConfig(
         model=cfg.model,
         task="classification",  # federated runs tune classifiers (text and label columns)
-        num_labels=classes.count if classes is not None else (cfg.num_labels or None),
-        labels=list(names) if names is not None else None,
+        num_labels=count,
+        labels=names,
         variant=cfg.variant,
         targets=cfg.target_list(),
         rank=cfg.rank,
@@ -50,13 +53,15 @@ def job_config(cfg: FedConfig, classes: D.ClassLabels | None = None) -> JobConfi
 
 def check_run_data(cfg: FedConfig) -> tuple[JobConfig, list[tuple[str, list[D.Row]]]]:
     """Server side, before any round: the job with its classes read from the training data, after every row of
-    the training and evaluation data was checked against them, and the split among the clients made once.
-    Returns the job and ``(source, rows)`` of the training and (if any) the server's evaluation data."""
+        the training and evaluation data was checked against them, and the split among the clients made once.
+    Under client-level DP the classes come from the settings (``num_labels`` / ``labels``): the clients' data
+    is private, and the classes are released with the adapter.
+        Returns the job and ``(source, rows)`` of the training and (if any) the server's evaluation data."""
     job = job_config(cfg)
     data = read_data(job)
     if cfg.eval_data == "clients":  # the clients evaluate on their own parts; the server keeps no test split
         data = data[:1]
-    job = resolve_classes(job, data)
+    job = resolve_classes(job, data, private=cfg.accounted)
     source, rows = data[0]
     split(cfg, job, rows, source)
     return job, data

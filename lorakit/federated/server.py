@@ -55,7 +55,7 @@ from lorakit.federated.strategy import (
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import check_data, evaluate, located, prepare_model, tokenize
-from lorakit.privacy.accountant import Accountant, noise_for_budget
+from lorakit.privacy.accountant import Accountant, check_budget_pays_one, noise_for_budget
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
     SAMPLING_STREAM,
@@ -149,16 +149,38 @@ class CheckedRun:
     job: JobConfig
     data: list[tuple[str, list[D.Row]]]
     out: rundir.RunDir
+    sigma: float  # the noise multiplier of the server's noise (0: none)
 
 
 def check_run(cfg: FedConfig) -> CheckedRun:
     """What a run checks before any client is asked: the output directory (an adapter there is replaced only
     with ``overwrite``), the data (every row, the classes, the split:
-    :func:`~lorakit.federated.data.check_run_data`) and the settings of the clients' local training."""
+    :func:`~lorakit.federated.data.check_run_data`), the settings of the clients' local training, and that
+    a target epsilon pays for one round."""
     out = rundir.open_run_dir(cfg.output_dir, overwrite=cfg.overwrite, resume=False, resumable=False)
     job, data = check_run_data(cfg)
     local_config(cfg, cfg.batch_size, cfg.seed)
-    return CheckedRun(job, data, out)
+    return CheckedRun(job, data, out, _noise(cfg))
+
+
+def _noise(cfg: FedConfig) -> float:
+    """``cfg.noise_multiplier``, else the one that spends ``target_epsilon`` in ``rounds`` rounds, else 0."""
+    sigma = cfg.noise_multiplier or 0.0
+    if cfg.target_epsilon is None:
+        return sigma
+    if not sigma:
+        sigma = noise_for_budget(cfg.target_epsilon, cfg.delta, cfg.sample_rate, cfg.rounds, cfg.accountant)
+    check_budget_pays_one(
+        cfg.target_epsilon,
+        cfg.delta,
+        sigma,
+        cfg.sample_rate,
+        cfg.accountant,
+        "round",
+        "raise --noise-multiplier (or leave it unset: the target then sets it), lower --cohort, or raise "
+        "--target-epsilon",
+    )
+    return sigma
 
 
 def run_server(
@@ -175,9 +197,7 @@ def run_server(
     check_data(job, model, None, evaluate_data)
     classes = classes_text(job)
     holders = setup_clients(grid, cfg, wait_for_nodes(grid, cfg.clients, cfg.round_timeout), classes)
-    sigma = cfg.noise_multiplier or 0.0  # unset: from the target below, else no noise
-    if cfg.target_epsilon is not None and not sigma:
-        sigma = noise_for_budget(cfg.target_epsilon, cfg.delta, cfg.sample_rate, cfg.rounds, cfg.accountant)
+    sigma = checked.sigma
     # Noise and cohorts: os.urandom under DP unless --dp-insecure-seed; plain FedAvg (no noise, nothing to
     # protect) keeps its cohorts seeded from --seed, so its runs repeat.
     insecure_seed = cfg.seed if cfg.dp_insecure_seed else None

@@ -99,22 +99,26 @@ _CLASSES_UNDER_DP = (
 )
 
 
-def resolve_classes(job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None) -> JobConfig:
+def resolve_classes(
+    job: JobConfig, data: list[tuple[str, list[D.Row]]] | None = None, private: bool = False
+) -> JobConfig:
     """``job`` with its classes read from the training data (the number, and the names of named labels),
     after checking every row of the training and evaluation data against them; before any training, so a
-    label problem never costs a run. A causal-LM job is returned as it is (its task set)."""
+    label problem never costs a run. Under DP (the job's, or ``private``: a federated run's client-level DP)
+    the classes must come from the settings. A causal-LM job is returned as it is (its task set)."""
     job = resolve_task(job)
     if job.task != "classification":
         return job
     data = read_data(job) if data is None else data
     d = job.data
+    private = private or job.privacy.dp
     classes = job.classes() if job.labels is not None else None
-    if classes is None and job.privacy.dp and job.num_labels is None:
+    if classes is None and private and job.num_labels is None:
         raise PrivacyError(_CLASSES_UNDER_DP)
     if classes is None:
         source, rows = data[0]
         classes = D.ClassLabels.from_rows(rows, d.label_column, source, job.num_labels)
-        if job.privacy.dp and classes.names is not None:
+        if private and classes.names is not None:
             raise PrivacyError(_CLASSES_UNDER_DP)
     for source, rows in data:
         classes.ids(rows, d.label_column, source)

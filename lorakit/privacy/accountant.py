@@ -71,6 +71,27 @@ class Accountant:
         return ahead.epsilon(delta)
 
 
+def check_budget_pays_one(
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    kind: str,
+    unit: str,
+    fix: str,
+) -> None:
+    """Refuse a target epsilon that one ``unit`` (a step, a round) already exceeds. That epsilon depends only
+    on the settings; a run with such a budget would stop before its first step and save an untrained adapter
+    recorded as private. ``fix``: what to change, in the caller's terms."""
+    first = Accountant(kind).epsilon_after(delta, noise_multiplier, sample_rate)
+    if first > target_epsilon:
+        raise PrivacyError(
+            f"--target-epsilon {target_epsilon:g} cannot pay for one {unit}: one {unit} at noise multiplier "
+            f"{noise_multiplier:g} and sample rate {sample_rate:.4g} spends epsilon {first:.4g} (delta "
+            f"{delta:g}); {fix}"
+        )
+
+
 def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
 ) -> float:

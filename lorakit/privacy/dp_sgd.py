@@ -36,7 +36,7 @@ from lorakit.core.variant import Hook
 from lorakit.data.datasets import TokenizedData, check_one_step
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
-from lorakit.privacy.accountant import Accountant, noise_for_budget
+from lorakit.privacy.accountant import Accountant, check_budget_pays_one, noise_for_budget
 from lorakit.privacy.config import DPConfig, PrivacyError, check_delta_below
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
@@ -88,18 +88,17 @@ def plan(cfg: TrainConfig, dp: DPConfig, examples: int) -> tuple[float, float]:
     sigma = dp.noise_multiplier
     if sigma is None:
         sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
-    target = dp.target_epsilon
-    if target is not None:
-        # The first step's epsilon depends only on the settings: a budget that cannot pay for it would end in
-        # an untrained adapter that is nevertheless recorded as private.
-        first = Accountant(dp.accountant).epsilon_after(dp.delta, sigma, q)
-        if first > target:
-            raise PrivacyError(
-                f"--target-epsilon {target:g} cannot pay for one step: one step at noise multiplier "
-                f"{sigma:g} and sample rate {q:.4g} spends epsilon {first:.4g} (delta {dp.delta:g}); raise "
-                "--noise-multiplier (or leave it unset: the target then sets it), lower --batch-size, or "
-                "raise --target-epsilon"
-            )
+    if dp.target_epsilon is not None:
+        check_budget_pays_one(
+            dp.target_epsilon,
+            dp.delta,
+            sigma,
+            q,
+            dp.accountant,
+            "step",
+            "raise --noise-multiplier (or leave it unset: the target then sets it), lower --batch-size, or "
+            "raise --target-epsilon",
+        )
     return sigma, q
 
 
