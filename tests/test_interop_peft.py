@@ -455,6 +455,9 @@ NEAREST_ACCEPTED = [  # the closest layers to the refused ones that PEFT compute
     ("lora", 3, {"padding": 1, "stride": 2}, {}),
     ("lokr", 1, {"padding": 1}, {"rank": 1}),  # Conv1d(4 -> 6) with W2 as two factors (1 < 1.5)
     ("lokr", 1, {"cin": 5, "cout": 7, "padding": 1}, {"rank": 4}),  # W2 whole, W1 (1, 1): a trivial product
+    ("loha", 2, {"padding": 1, "groups": 2}, {}),  # grouped: both read the weight as (out, in / groups, k)
+    ("loha", 1, {"cout": 8, "padding": 1, "groups": 4}, {}),  # depthwise
+    ("lokr", 2, {"padding": 1, "groups": 2}, {"rank": 2}),
 ]
 NEAREST_IDS = [
     "lora-reflect-unpadded",
@@ -468,6 +471,9 @@ NEAREST_IDS = [
     "lora-conv3d-stride",
     "lokr-conv1d-low-rank-w2",
     "lokr-conv1d-trivial-kron",
+    "loha-grouped",
+    "loha-conv1d-depthwise",
+    "lokr-grouped",
 ]
 
 

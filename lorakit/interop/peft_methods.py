@@ -286,7 +286,10 @@ class VeRAMethod(PeftMethod):
                 param.copy_(tensors[key])
 
 
-MATRIX_AND_CONV = KindSet([LINEAR, KINDS["conv1d"], KINDS["conv2d"]])
+# PEFT's LoHa and LoKr read a grouped convolution's weight as (out, in / groups, k...), as lorakit does.
+MATRIX_AND_CONV = KindSet(
+    [LINEAR, KINDS["conv1d"], KINDS["conv2d"], KINDS["conv1d_grouped"], KINDS["conv2d_grouped"]]
+)
 # The variants of each method come from their ``peft`` specs (a chosen rank and a 4-bit base are not written).
 METHODS = (
     LoRAMethod("LORA", ".lora_", FACTOR_KINDS),
