@@ -131,6 +131,31 @@ def test_rows_with_a_messages_column_or_prompt_and_response_columns(tokenizer) -
         conversations(rows, "messages", "prompt", "response", "x")
 
 
+def test_trl_prompt_completion_rows_are_read_as_trl_reads_them(tokenizer) -> None:
+    """TRL's formats: prompt/completion text, and prompt/completion lists of messages (the loss on the
+    assistant turns)."""
+    rows = [{"prompt": "hi", "completion": "yo"}]
+    examples = conversations(rows, "messages", "prompt", "response", "x")
+    assert examples == conversations(
+        [{"prompt": "hi", "response": "yo"}], "messages", "prompt", "response", "x"
+    )
+    both = [{"prompt": "hi", "response": "yo", "completion": "no"}]  # the default column wins
+    assert conversations(both, "messages", "prompt", "response", "x")[0].answer == "yo"
+    system = {"role": "system", "content": "be brief"}
+    user, assistant = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    rows = [{"prompt": [system, user], "completion": [assistant]}]
+    examples = conversations(rows, "messages", "prompt", "response", "x")
+    assert examples[0].messages == (system, user, assistant)
+    data = tokenize_causal(examples, tokenizer, CHATML, 64)
+    assert labelled_text(tokenizer, data.input_ids[0], data.labels[0]) == "4<|im_end|>\n"
+    prompts = conversations([{"prompt": [user]}], "messages", "prompt", "response", "x", answers=False)
+    assert prompts[0].messages == (user,)
+    with pytest.raises(DataError, match="row 2: 'completion' must be a list of messages .* not str"):
+        conversations([*rows, {"prompt": [user], "completion": "4"}], "messages", "prompt", "response", "x")
+    with pytest.raises(chat.ChatError, match="row 1: 'prompt' \\+ 'completion' ends with a user turn"):
+        conversations([{"prompt": [user], "completion": []}], "messages", "prompt", "response", "x")
+
+
 def test_a_slow_tokenizer_is_refused_with_the_way_out(tokenizer) -> None:
     class Slow:
         is_fast = False

@@ -447,6 +447,7 @@ def tokenize_classification(
 
 MESSAGES_COLUMN = "messages"  # the default conversations column: rows without it are prompt/response rows
 PROMPT_COLUMN, RESPONSE_COLUMN = "prompt", "response"  # the default columns of prompt/response rows
+COMPLETION_COLUMN = "completion"  # TRL's name for the response column, read where the default one is absent
 
 
 def conversations(
@@ -485,9 +486,35 @@ def conversations(
             f"{source} has neither a '{messages_column}' column nor a '{prompt_column}' column; its columns "
             f"are {sorted(rows[0])} (set --messages-column, or --prompt-column and --response-column)"
         )
+    if rows and response_column == RESPONSE_COLUMN and RESPONSE_COLUMN not in rows[0]:
+        if COMPLETION_COLUMN in rows[0]:  # TRL's prompt-completion data
+            response_column = COMPLETION_COLUMN
+    if rows and isinstance(rows[0][prompt_column], list):  # TRL's conversational prompt-completion data
+        turns = _prompt_completion_turns(rows, prompt_column, response_column, source, answers)
+        return chat.examples_from_messages(turns, f"{prompt_column}' + '{response_column}", source, answers)
     prompts = texts(rows, prompt_column, source)
     responses = texts(rows, response_column, source) if answers or response_column in rows[0] else None
     return chat.examples_from_pairs(prompts, responses, source, (prompt_column, response_column))
+
+
+def _prompt_completion_turns(
+    rows: list[Row], prompt_column: str, response_column: str, source: str, answers: bool
+) -> list[list[Any]]:
+    """Each row's conversation as its prompt's turns followed by its completion's (lists of messages, TRL's
+    conversational prompt-completion form); without ``answers`` the completion may be absent."""
+    prompts = column(rows, prompt_column, source)
+    completions = column(rows, response_column, source) if answers or response_column in rows[0] else None
+    out = []
+    for number, prompt in enumerate(prompts, 1):
+        completion = completions[number - 1] if completions is not None else []
+        for value, name in ((prompt, prompt_column), (completion, response_column)):
+            if not isinstance(value, list):
+                raise DataError(
+                    f"{source} row {number}: '{name}' must be a list of messages like the first row's "
+                    f"'{prompt_column}', not {type(value).__name__}"
+                )
+        out.append([*prompt, *completion])
+    return out
 
 
 def tokenize_causal(
