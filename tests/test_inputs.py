@@ -273,6 +273,32 @@ def test_a_rank_above_a_layer_is_refused_for_every_variant_naming_the_layer() ->
         assert lorakit.info(lorakit.apply(MLP(), name, targets=["fc1"], **fits)).config.rank == 12
 
 
+class Gated(torch.nn.Module):
+    """A block with a (1 x d) gate, as a mixture of experts' shared-expert gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.gate = torch.nn.Linear(12, 12), torch.nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.up(x) * torch.sigmoid(self.gate(x))
+
+
+def test_all_linear_leaves_out_layers_too_narrow_for_the_rank_and_names_them(tmp_path) -> None:
+    left_out = r"'all-linear' leaves out gate \(1 x 12\): rank 4 is above .* \(at most 1\)"
+    with pytest.warns(UserWarning, match=left_out):
+        model = lorakit.apply(Gated(), "lora", rank=4)
+    assert [n for n, _ in lorakit.adapted_layers(model)] == ["up"]
+    lorakit.save(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match="leaves out gate"):
+        assert [n for n, _ in lorakit.adapted_layers(lorakit.load(Gated(), tmp_path / "a"))] == ["up"]
+    with pytest.raises(TargetError, match=r"rank 4 is above what layer gate \(1 x 12\) can use"):
+        lorakit.apply(Gated(), "lora", targets=["up", "gate"], rank=4)  # named: refused
+    with pytest.raises(TargetError, match=r"rank 13 is above what layer up \(12 x 12\)"):  # none fits
+        lorakit.apply(Gated(), "lora", rank=13)
+
+
 def test_a_bad_targets_regex_is_a_target_error() -> None:
     with pytest.raises(TargetError, match="not a valid regular expression"):
         lorakit.apply(MLP(), "lora", targets="fc(")

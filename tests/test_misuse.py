@@ -426,9 +426,59 @@ def test_layers_their_parent_reads_instead_of_calling_are_left_out_or_refused() 
         assert model(torch.randn(2, 5, 16)).shape == (2, 5, 4)
     for targets in (["out_proj"], ["linear1"], "all-linear"):
         bare = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
-        with pytest.raises(TargetError, match="reads (out_proj|linear1|linear2)'s weight and bias itself"):
+        with pytest.raises(TargetError, match="reads (out_proj|linear1|linear2)'s weight or bias itself"):
             lorakit.apply(bare, "lora", targets=targets, rank=2)
         assert not lorakit.adapted_layers(bare) and all(p.requires_grad for p in bare.parameters())
+
+
+class ReadsWeight(nn.Module):
+    """Uses ``fc``'s weight as a value (as Mamba's mixer does ``dt_proj``'s) and only looks at ``gate``'s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.gate, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if isinstance(self.gate.weight, torch.Tensor) and self.gate.bias is not None:
+            x = self.gate(x.to(self.gate.weight.dtype))
+        return self.out(x @ self.fc.weight.t())
+
+
+@pytest.mark.filterwarnings("ignore:targets 'all-linear' leaves out")
+def test_a_layer_whose_weight_its_parent_uses_is_left_out_or_refused_in_any_module() -> None:
+    torch.manual_seed(0)
+    model = ReadsWeight()
+    with pytest.warns(UserWarning, match="'all-linear' leaves out fc: ReadsWeight reads fc's weight or bias"):
+        lorakit.apply(model, "lora", targets="all-linear", rank=2)
+    assert [n for n, _ in lorakit.adapted_layers(model)] == ["gate", "out"]  # looking at a weight is no use
+    with pytest.raises(TargetError, match="ReadsWeight reads fc's weight or bias itself"):
+        lorakit.apply(ReadsWeight(), "lora", targets=["fc", "out"], rank=2)
+
+
+@pytest.mark.filterwarnings("ignore:targets 'all-linear' leaves out")
+def test_mamba_layers_its_mixer_reads_are_left_out_and_the_rest_train() -> None:
+    """transformers' MambaMixer computes ``dt_proj.weight @ t`` (and its fused kernels read x_proj, out_proj
+    and conv1d): adapters there did nothing, and merging them then changed the model."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2)
+    model = MambaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        base = model(ids).logits
+    with pytest.warns(UserWarning, match="leaves out backbone.layers.0.mixer.x_proj and 5 more"):
+        lorakit.apply(model, "lora", targets="all-linear", rank=2)
+    assert {n.split(".")[-1] for n, _ in lorakit.adapted_layers(model)} == {"in_proj"}
+    for _, layer in lorakit.adapted_layers(model):
+        torch.nn.init.normal_(layer.variant.B, std=0.1)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert (adapted - base).abs().max() > 1e-3  # the adapters act
+        lorakit.merge(model)
+        assert torch.allclose(model(ids).logits, adapted, atol=1e-5)
+    with pytest.raises(TargetError, match="MambaMixer reads dt_proj's weight or bias itself"):
+        lorakit.apply(MambaForCausalLM(config), "lora", targets=["dt_proj"], rank=2)
 
 
 def test_a_layer_held_under_two_names_is_refused() -> None:

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -86,7 +87,10 @@ def apply(
     variant_class = get_variant(_variant_name(variant))
     names = find_targets(model, cfg.targets, variant_class.kinds)
     modules = dict(model.named_modules())
-    check_rank(cfg, {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names})
+    shapes = {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
+    if cfg.targets == "all-linear":
+        names = leave_out_narrow(cfg, shapes)
+    check_rank(cfg, {n: shapes[n] for n in names})
     check_materialised(modules, names)
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     check_disjoint(names, train_modules)
@@ -179,15 +183,40 @@ def check_disjoint(targets: list[str], train_modules: list[str]) -> None:
                 )
 
 
+def _narrow(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The layers of ``shapes`` whose largest useful rank (:meth:`VariantConfig.max_rank`) is below
+    ``cfg.rank``, with that rank."""
+    limits = {name: cfg.max_rank(*shape) for name, shape in shapes.items()}
+    return {name: limit for name, limit in limits.items() if limit is not None and cfg.rank > limit}
+
+
+def leave_out_narrow(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """``all-linear``'s layers without those too narrow for the rank (a mixture of experts' ``(1, d)``
+    shared-expert gate, a Mamba ``dt_proj``), named in a warning: the user asked for every linear layer,
+    not for these, and refusing the model would leave only listing every other layer by hand."""
+    narrow = _narrow(cfg, shapes)
+    if narrow and len(narrow) < len(shapes):
+        first, more = next(iter(narrow)), len(narrow) - 1
+        out, into = shapes[first]
+        warnings.warn(
+            f"targets 'all-linear' leaves out {first} ({out} x {into}){f' and {more} more' if more else ''}: "
+            f"rank {cfg.rank} is above what they can use (at most {narrow[first]}); name them in targets "
+            "with a rank they can use to adapt them",
+            UserWarning,
+            stacklevel=4,
+        )
+        return [n for n in shapes if n not in narrow]
+    return list(shapes)
+
+
 def check_rank(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """Refuse a rank above what a target layer can use (:meth:`VariantConfig.max_rank`), naming the layer."""
-    for name, (out_features, in_features) in shapes.items():
-        limit = cfg.max_rank(out_features, in_features)
-        if limit is not None and cfg.rank > limit:
-            raise TargetError(
-                f"rank {cfg.rank} is above what layer {name} ({out_features} x {in_features}) can use (at "
-                f"most {limit}); choose rank <= {limit}, or leave that layer out of targets"
-            )
+    for name, limit in _narrow(cfg, shapes).items():
+        out_features, in_features = shapes[name]
+        raise TargetError(
+            f"rank {cfg.rank} is above what layer {name} ({out_features} x {in_features}) can use (at "
+            f"most {limit}); choose rank <= {limit}, or leave that layer out of targets"
+        )
 
 
 def _variant_name(variant: str | VariantConfig) -> str:

@@ -175,9 +175,10 @@ def check_same_base(
             f"model's adapted layers are {', '.join(now)}, and their weights differ by more than that "
             f"rounding: load it onto the base it was trained on"
         )
+    named = f" ({meta['base_model']})" if meta.get("base_model") else ""
     raise AdapterFileError(
-        f"the adapter in {directory} was trained on a different base model ({meta.get('base_model')}): "
-        "its weights do not match this model's. Load it onto the base it was trained on."
+        f"the adapter in {directory} was trained on a different base model{named}: its weights do not match "
+        "this model's. Load it onto the base it was trained on."
     )
 
 

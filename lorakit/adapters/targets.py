@@ -6,6 +6,8 @@ Shared by :func:`lorakit.apply` and :func:`lorakit.quantize`, so both select lay
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lorakit.common.errors import LorakitError
-from lorakit.core.kinds import KindSet, kind_of, why_not_adaptable
+from lorakit.core.kinds import CONV1D_GPT2, LINEAR, KindSet, kind_of, why_not_adaptable
 
 # Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
@@ -37,6 +39,7 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
         head = output_head_names(model)
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
         warn_fused(model)
+        warn_read_by_parent(model, skipped)
         if not names and not skipped:
             leaves = sorted({n.split(".")[-1] for n in adaptable if n not in head})
             raise TargetError(
@@ -68,28 +71,73 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
     return names
 
 
-# Layers whose parent reads their weight and bias itself instead of calling them, so an adapter put in their
-# place would be skipped or fail: nn.MultiheadAttention passes out_proj's to its functional form, and
-# nn.TransformerEncoderLayer's inference fast path (eval mode) reads every one of its linear layers'.
-READ_BY_PARENT: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.MultiheadAttention: ("out_proj",),
-    nn.TransformerEncoderLayer: ("linear1", "linear2"),
-}
+# A parent that uses a child layer's weight or bias as a value (``self.out_proj.weight @ x``, or passed to a
+# function) bypasses the layer's forward, so an adapter in the layer's place would be skipped or fail:
+# nn.MultiheadAttention passes out_proj's to its functional form, nn.TransformerEncoderLayer's inference fast
+# path reads every one of its linear layers', and Mamba mixers read dt_proj's (and, in their fused kernels,
+# x_proj's, out_proj's and conv1d's). Found in the parent's source; reading an attribute of the weight
+# (``.dtype``, ``.device``, ``.shape``), testing it (``isinstance``, ``is None``) or initialising it is not
+# a use; nor is slicing it (``self.dense.weight[:, a:b]``): transformers does that only to emulate a
+# pretraining tensor-parallel split, behind a flag off by default (Bloom's ``slow_but_exact``).
+_READ = re.compile(
+    r"(?<!isinstance\()(?<!getattr\()\bself\.(\w+)\.(?:weight|bias)\b"
+    r"(?!\s*\.\s*(?:dtype|device|shape|ndim|is_\w+|_is_hf_initialized|requires_grad)\b)(?!\s+is\b)(?!\s*\[)"
+)
+_INITIALISERS = frozenset(
+    {"__init__", "_init_weights", "init_weights", "reset_parameters", "_reset_parameters"}
+)
+# Classes whose methods only manage a model as a whole (loading, tying, generation): not scanned.
+_FRAMEWORK = ("torch.nn.modules.module", "transformers.modeling_utils", "transformers.generation")
+
+
+@functools.cache
+def children_read(cls: type) -> frozenset[str]:
+    """Names ``n`` whose ``self.n.weight`` or ``self.n.bias`` a method of ``cls`` (or of a base class) uses as
+    a value (:data:`_READ`), initialisers aside."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith(_FRAMEWORK):
+            continue
+        for name, fn in vars(klass).items():
+            if name in _INITIALISERS or not inspect.isfunction(fn):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):  # defined without a source file
+                continue
+            names.update(_READ.findall(source))
+    return frozenset(names)
 
 
 def read_by_parent(model: nn.Module) -> dict[str, str]:
-    """The layers of :data:`READ_BY_PARENT` in ``model``, with the reason: ``all-linear`` leaves them out and
-    naming one is refused."""
+    """The adaptable layers whose parent reads their weight or bias itself (:func:`children_read`), with the
+    reason: ``all-linear`` leaves them out and naming one is refused."""
     skipped = {}
     for n, m in model.named_modules():
-        for parent, children in READ_BY_PARENT.items():
-            if isinstance(m, parent):
-                for child in children:
-                    skipped[f"{n}.{child}" if n else child] = (
-                        f"{parent.__name__} reads {child}'s weight and bias itself rather than calling the "
-                        "layer, so an adapter in its place would be skipped or fail; adapt other layers"
-                    )
+        children = [(c, child) for c, child in m.named_children() if kind_of(child) is not None]
+        if not children:
+            continue
+        read = children_read(type(m))
+        for child, _ in children:
+            if child in read:
+                skipped[f"{n}.{child}" if n else child] = (
+                    f"{type(m).__name__} reads {child}'s weight or bias itself rather than calling the "
+                    "layer, so an adapter in its place would be skipped or fail; adapt other layers"
+                )
     return skipped
+
+
+def warn_read_by_parent(model: nn.Module, skipped: dict[str, str]) -> None:
+    """Name the linear layers ``all-linear`` leaves out because their parent reads them
+    (:func:`read_by_parent`), so a user reading "every linear layer" knows which are not adapted."""
+    linear = [n for n in skipped if kind_of(model.get_submodule(n)) in (LINEAR, CONV1D_GPT2)]
+    if linear:
+        first, more = linear[0], len(linear) - 1
+        warnings.warn(
+            f"targets 'all-linear' leaves out {first}{f' and {more} more' if more else ''}: {skipped[first]}",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def warn_fused(model: nn.Module) -> None:
