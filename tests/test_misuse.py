@@ -42,6 +42,14 @@ def test_calls_that_need_an_adapter_refuse_a_plain_model(call) -> None:
         call(MLP())
 
 
+def test_merge_with_unload_gives_back_the_model_as_it_trained_before_apply() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[2].bias.requires_grad_(False)  # the user's own choice, kept
+    lorakit.apply(model, "lora", targets=["0"], rank=2, train_modules=["2"])
+    plain = lorakit.merge(model)
+    assert [p.requires_grad for p in plain.parameters()] == [True, True, True, False]
+
+
 def test_disabled_after_merge_with_unload_is_refused_not_the_merged_model() -> None:
     model = lorakit.merge(_adapted())  # a plain model now, holding the adapter in its weights
     with pytest.raises(AdapterStateError, match="no lorakit adapter"), lorakit.disabled(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -145,6 +146,28 @@ def test_gradient_checkpointing_on_a_4bit_base(reentrant: bool) -> None:
             assert g.abs().sum() > 0 or step == 0 and name.endswith(".A"), f"{name} got no gradient"
             torch.testing.assert_close(g, ref_grads[step][name], atol=1e-6, rtol=1e-5)
     assert ref_losses[-1] < ref_losses[0]
+
+
+def test_a_4bit_model_pickles_and_its_merged_model_is_the_plain_model_again() -> None:
+    """The input embeddings' hook for reentrant checkpointing is lorakit's own (transformers' is a closure,
+    which pickle refuses), and merging the adapter away removes it and unfreezes the model as it was."""
+    model = lorakit.apply(tiny_llama(), "qlora", rank=4)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    embeddings = model.get_input_embeddings()
+    assert embeddings(ids).requires_grad and len(embeddings._forward_hooks) == 1
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    clone = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(clone(input_ids=ids).logits, want)
+    plain = lorakit.merge(model)
+    assert not embeddings._forward_hooks
+    assert all(p.requires_grad for p in plain.parameters())  # as before apply
+    assert pickle.loads(pickle.dumps(plain)) is not None
+    quantised = lorakit.quantize(tiny_llama())
+    assert len(quantised.get_input_embeddings()._forward_hooks) == 1
+    dequantize(quantised)
+    assert not quantised.get_input_embeddings()._forward_hooks
 
 
 def test_cli_train_eval_merge_with_quantize(tiny_bert_dir, tmp_path, capsys) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lorakit.adapters.quantize import quantize_targets, release_input_grads
 from lorakit.adapters.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.adapters.targets import find_targets as find_targets
 from lorakit.adapters.targets import no_match_message, set_module
@@ -94,15 +95,13 @@ def apply(
     check_materialised(modules, names)
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     check_disjoint(names, train_modules)
+    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}  # before any quantising
     storage = cfg.base_storage()
     if storage is not None:
         # A variant trained on a quantised base (QLoRA): store the targets in 4 bits before wrapping them,
         # so the fingerprint below covers the quantised weights the adapter will run on.
-        from lorakit.adapters.quantize import quantize_targets
-
         quantize_targets(model, names, storage)
     modules = dict(model.named_modules())
-    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
     info = AdapterInfo(
         variant=variant_class.name,
         config=cfg,
@@ -333,8 +332,17 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
         if unload:
             set_module(model, name, layer.base_layer)
     if unload:
-        del model.lorakit
+        release(model)
     return model
+
+
+def release(model: nn.Module) -> None:
+    """Forget the adapter of ``model``, whose layers are its base layers again: every parameter trains as it
+    did before :func:`apply`, and a 4-bit base's hook on the input embeddings is removed."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(model.lorakit.trainable_before.get(name, param.requires_grad))
+    release_input_grads(model)
+    del model.lorakit
 
 
 def check_untied(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import lorakit.common.dirlock as dirlock
-from lorakit.adapters.api import adapted_layers, apply, info, takes_compiled
+from lorakit.adapters.api import adapted_layers, apply, info, release, takes_compiled
 from lorakit.adapters.targets import set_module
 from lorakit.common.dirswap import finish_swap
 from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
@@ -431,6 +431,4 @@ def undo_apply(model: nn.Module) -> None:
     """Put the base layers back and forget the adapter (the model as it was before :func:`apply`)."""
     for name, layer in adapted_layers(model):
         set_module(model, name, layer.base_layer)
-    for name, param in model.named_parameters():  # unfrozen as before apply
-        param.requires_grad_(model.lorakit.trainable_before.get(name, param.requires_grad))
-    del model.lorakit
+    release(model)

@@ -105,6 +105,7 @@ def dequantize(model: nn.Module) -> nn.Module:
         dense.requires_grad_(False)
         dense.train(layer.training)
         set_module(model, name, dense)
+    release_input_grads(model)
     return model
 
 
@@ -196,12 +197,27 @@ def _quantize_layers(model: nn.Module, names: list[str], dtype: torch.dtype, dou
         set_module(model, name, layer)
 
 
+def _inputs_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
+    """A forward hook marking the input embeddings' output as needing grad. A module-level function (not
+    transformers' closure), so a model holding it can still be pickled and the hook found again."""
+    output.requires_grad_(True)
+
+
 def _enable_input_grads(model: nn.Module) -> None:
     # A frozen 4-bit model gives the first checkpointed block inputs that need no grad; with reentrant
     # checkpointing its adapters would then get none. Hugging Face models can mark the embeddings' output.
-    enable = getattr(model, "enable_input_require_grads", None)
-    if callable(enable):
-        try:
-            enable()
-        except (NotImplementedError, AttributeError):
-            pass  # a model without input embeddings: nothing to mark
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None  # a model without input embeddings: nothing to mark
+    if isinstance(embeddings, nn.Module) and _inputs_require_grad not in embeddings._forward_hooks.values():
+        embeddings.register_forward_hook(_inputs_require_grad)
+
+
+def release_input_grads(model: nn.Module) -> None:
+    """Remove the hook :func:`_enable_input_grads` put on ``model`` (its adapter merged away, or its base
+    dequantised): the plain model's embeddings need no grad."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if hook is _inputs_require_grad]:
+            del module._forward_hooks[key]
