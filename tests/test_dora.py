@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,9 +135,17 @@ def test_eval_norm_cache_reused_and_invalidated(monkeypatch: pytest.MonkeyPatch)
         lorakit.apply(fresh, "dora", targets=["layer"], rank=4, alpha=8.0, dropout=0.0)
         fresh.layer.variant.load_state_dict(model.layer.variant.state_dict())
         torch.testing.assert_close(fresh.eval()(x), changed, atol=0, rtol=0)
+        model.layer.variant.A.data.add_(0.5)  # an edit through .data bumps no version: A is compared too
+        edited = model(x)
+        assert len(calls) == 4 and not torch.allclose(edited, changed)
+        torch.testing.assert_close(copy.deepcopy(model)(x), edited)  # recomputed from scratch
     model.train()
     model(x), model(x)
-    assert len(calls) == 5, "training mode recomputes the norm every forward"
+    assert len(calls) == 7, "training mode recomputes the norm every forward"  # after the copy's one
+    model.layer.base_layer.weight.data.mul_(2)  # the base edited through .data: a mode switch catches it
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))
 
 
 class _SeededDropout(nn.Module):

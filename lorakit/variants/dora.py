@@ -94,7 +94,8 @@ class DoRA(LoRA):
         # Caches are plain attributes, not buffers: they derive from the base weight and A, B, so they are
         # rebuilt after a load or a dtype/device move and never enter the adapter file.
         self._w0_sq: tuple[tuple, Tensor] | None = None  # ||W0||^2_row, keyed on the base weight
-        self._eval_norm: tuple[tuple, Tensor] | None = None  # ||V||_row in eval mode, keyed on W0, A, B
+        self._eval_norm: tuple[tuple, Tensor, Tensor, Tensor] | None = None  # ||V||_row in eval mode, with
+        # its key on W0, A, B and the A, B it was computed from
         self._merge_state: tuple[Tensor, Tensor, Tensor] | None = None  # (norm, rows with m = 0, their W0)
         # m = ||W0||_row, bit-equal to the forward's norm at step 0 (B A = 0 there), so c = 1 exactly.
         self.m = nn.Parameter(self.w0_sq(base.weight_2d(), base).sqrt())  # (out,)
@@ -108,14 +109,23 @@ class DoRA(LoRA):
         return self._w0_sq[1]
 
     def weight_norm(self, base: AdaptedLayer) -> Tensor:
-        """``||W0 + s B A||_row`` (fp32, detached, ``(out,)``); cached in eval mode until W0, A, B change."""
+        """``||W0 + s B A||_row`` (fp32, detached, ``(out,)``); cached in eval mode until W0, A, B change.
+        ``A`` and ``B`` are compared by value too (they are small): an edit through ``.data`` bumps no
+        version."""
         key = None if self.training else _key(base.stored_weight(), self.A, self.B)  # training: A, B move
-        if key is not None and self._eval_norm is not None and self._eval_norm[0] == key:
-            return self._eval_norm[1]
+        if key is not None and self._eval_norm is not None:
+            cached_key, norm, a, b = self._eval_norm
+            if cached_key == key and torch.equal(a, self.A) and torch.equal(b, self.B):
+                return norm
         w0 = base.weight_2d()
         norm = row_norm(w0, self.w0_sq(w0, base), self.A, self.B, self.scale)
-        self._eval_norm = None if key is None else (key, norm)
+        if key is not None:
+            self._eval_norm = (key, norm, self.A.detach().clone(), self.B.detach().clone())
         return norm
+
+    def train(self, mode: bool = True) -> DoRA:
+        self._eval_norm = self._w0_sq = None  # switching modes starts from the weights as they are
+        return super().train(mode)
 
     def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
         return True  # the magnitude scales W0 x~ + b0, which the forward forms from y
