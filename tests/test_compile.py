@@ -137,3 +137,23 @@ def test_compiled_dora_forms_its_masked_products_from_the_dropped_inputs(monkeyp
     torch._dynamo.reset()
     torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     assert sorted(calls) == ["b", "b", "f", "f"]  # two adapted layers, through the operators
+
+
+def test_the_public_api_takes_a_data_parallel_model(tmp_path) -> None:
+    """nn.DataParallel names every module ``module.<name>``: the API works on the module inside, so an
+    adapter saved from the wrapped model loads into the bare one, and the other way round."""
+    torch.manual_seed(0)
+    base = _Classifier()
+    bare, twin = copy.deepcopy(base), copy.deepcopy(base)
+    wrapped = nn.DataParallel(base)
+    assert lorakit.apply(wrapped, "lora", targets=["fc1"], rank=2) is wrapped
+    assert [name for name, _ in lorakit.adapted_layers(wrapped)] == ["fc1"]
+    torch.nn.init.normal_(lorakit.adapted_layers(wrapped)[0][1].variant.B)
+    lorakit.save(wrapped, tmp_path / "from-wrapped")
+    x = torch.randn(4, 8)
+    loaded = lorakit.load(bare, tmp_path / "from-wrapped").eval()
+    torch.testing.assert_close(loaded(x), wrapped.eval()(x))
+    lorakit.save(loaded, tmp_path / "from-bare")
+    rewrapped = lorakit.load(nn.DataParallel(twin), tmp_path / "from-bare").eval()
+    torch.testing.assert_close(rewrapped(x), loaded(x))
+    assert lorakit.merge(rewrapped) is rewrapped and not lorakit.adapted_layers(rewrapped)

@@ -48,15 +48,25 @@ class AdapterInfo:
 _Call = TypeVar("_Call", bound=Callable[..., Any])
 
 
+_DATA_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper holds (else ``model`` itself): the wrapper runs that module's
-    forward, but names every submodule ``_orig_mod.<name>``, which no adapter file or config names."""
-    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    """The module a ``torch.compile`` or data-parallel wrapper holds (else ``model`` itself): the wrapper runs
+    that module's forward, but names every submodule ``_orig_mod.<name>`` or ``module.<name>``, which no
+    adapter file or config of the bare model names."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, _DATA_PARALLEL):
+            model = model.module
+        else:
+            return model
 
 
 def takes_compiled(fn: _Call) -> _Call:
-    """Let a public function take a compiled model: it works on the module inside, and where it returns
-    the model it returns what it was given (so a compiled model stays compiled)."""
+    """Let a public function take a compiled or data-parallel model: it works on the module inside, and where
+    it returns the model it returns what it was given (so a compiled model stays compiled)."""
 
     @functools.wraps(fn)
     def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
