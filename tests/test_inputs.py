@@ -465,3 +465,19 @@ def test_a_bench_file_is_checked_whole_before_any_run(tmp_path) -> None:
     bench.write_text("runs:\n  - {name: a, variant: adalora, epochs: 3}\n")
     with pytest.raises(BenchError, match=r"run a: unknown setting\(s\) \['epochs'\]"):
         load_bench(bench)
+
+
+def test_train_modules_and_set_rank_refusals_name_the_problem() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    no_weights = r"train_modules entry '1' names 1 \(ReLU\), which has no parameters"
+    with pytest.raises(TargetError, match=no_weights):
+        lorakit.apply(model, "lora", targets=["0"], rank=2, train_modules=["1"])
+    typo = r"train_modules entry 'gat' matches no module; did you mean \['gate'\]"
+    with pytest.raises(TargetError, match=typo):
+        lorakit.apply(Gated(), "lora", targets=["up"], rank=2, train_modules=["gat"])
+    assert not hasattr(model, "lorakit") and all(p.requires_grad for p in model.parameters())
+    dylora = lorakit.apply(torch.nn.Sequential(torch.nn.Linear(8, 8)), "dylora", targets=["0"], rank=4)
+    with pytest.raises(LorakitError, match=r"rank 2.0 is not an integer: choose an integer in \[1, 4\]"):
+        lorakit.set_rank(dylora, 2.0)
+    with pytest.raises(LorakitError, match=r"rank 5 is out of range: choose an integer in \[1, 4\]"):
+        lorakit.set_rank(dylora, 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import itertools
@@ -18,7 +19,7 @@ from torch import nn
 from lorakit.adapters.quantize import quantize_targets, release_input_grads
 from lorakit.adapters.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.adapters.targets import find_targets as find_targets
-from lorakit.adapters.targets import no_match_message, set_module
+from lorakit.adapters.targets import set_module
 from lorakit.common.errors import AdapterStateError, SettingError
 from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
@@ -262,14 +263,26 @@ def _resolve_config(
 
 
 def _match_train_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """The modules ``suffixes`` name, each with parameters to train."""
     found = []
+    modules = [(n, m) for n, m in model.named_modules() if n]
     for suffix in suffixes:
-        hits = [n for n, _ in model.named_modules() if n and (n == suffix or n.endswith("." + suffix))]
+        hits = [(n, m) for n, m in modules if n == suffix or n.endswith("." + suffix)]
         if not hits:
+            leaves = sorted({n.split(".")[-1] for n, _ in modules})
+            near = difflib.get_close_matches(suffix.split(".")[-1], leaves)
+            hint = f"; did you mean {near}?" if near else ""
             raise TargetError(
-                f"train_modules entry '{suffix}' matches no module; {no_match_message(suffix, [])}"
+                f"train_modules entry '{suffix}' matches no module{hint} (pass module-name suffixes, e.g. "
+                "['classifier'])"
             )
-        found += hits
+        empty = [n for n, m in hits if next(m.parameters(), None) is None]
+        if empty:
+            raise TargetError(
+                f"train_modules entry '{suffix}' names {empty[0]} ({type(dict(hits)[empty[0]]).__name__}), "
+                "which has no parameters to train; name a module with weights, or drop the entry"
+            )
+        found += [n for n, _ in hits]
     return found
 
 

@@ -37,8 +37,12 @@ def set_rank(model: nn.Module, b: int | None) -> None:
             f"variant '{layers[0].variant.name}' has a fixed rank; a rank can only be chosen for variants "
             "trained at several ranks"
         )
-    if b is not None and not (isinstance(b, int) and b in choices):
-        raise SettingError(f"rank {b!r} is out of range: choose an integer in [{choices[0]}, {choices[-1]}]")
+    if b is not None:
+        span = f"choose an integer in [{choices[0]}, {choices[-1]}]"
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise SettingError(f"rank {b!r} is not an integer: {span}")
+        if b not in choices:
+            raise SettingError(f"rank {b!r} is out of range: {span}")
     if any(layer.merged for layer in layers):
         raise AdapterStateError(
             "cannot change the rank of merged adapters; call lorakit.unmerge(model) first"

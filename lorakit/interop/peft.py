@@ -89,7 +89,8 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     method = next((m for m in METHODS if spec is not None and m.peft_type == spec.peft_type), None)
     if method is None:
         raise LorakitError(
-            f"variant '{state.variant}' has no PEFT equivalent; PEFT's formats hold {', '.join(EXPORTABLE)}. "
+            f"variant '{state.variant}' has no PEFT equivalent; PEFT's formats hold {', '.join(EXPORTABLE)} "
+            "(Delta-LoRA until it has moved W). "
             "Use lorakit.save, or lorakit.merge and save the merged model."
         )
     layers = adapted_layers(model)

@@ -120,7 +120,7 @@ class PeftMethod:
         if problem is not None:
             raise LorakitError(
                 f"{name}: {problem}; PEFT would not compute what this adapter does. Use lorakit.save, or "
-                "leave the layer out of targets"
+                "lorakit.merge and save the merged model, or leave the layer out of targets"
             )
 
     def layer_problem(self, layer: AdaptedLayer) -> str | None:

@@ -117,7 +117,7 @@ class DeltaLoRA(LoRA):
             return None
         return (
             "Delta-LoRA has moved W by lam * s * (B A - B_K A_K), which PEFT's LoRA format cannot hold (it "
-            "would load s B A only); use lorakit.save, or lorakit.merge and save the merged model"
+            "would load s B A only)"
         )
 
     def delta_weight(self) -> Tensor:
