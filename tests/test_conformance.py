@@ -66,8 +66,8 @@ def test_disabled_equals_base_and_merge_equals_forward(name: str, kind: str) -> 
 
 @pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
 def test_a_float64_model_merges_and_unmerges_in_float64(name: str, kind: str) -> None:
-    """Merging computes in the weight's precision when that is above fp32, so unmerge gives the fp64 weight
-    back to its last bits (the forward forms the change from the fp32 factors: equal to fp32 rounding)."""
+    """An fp64 layer's adapter is kept in fp64, so the forward and the merge both form the change in fp64:
+    the merged model equals the adapted one, and unmerge gives the weight back, to fp64 rounding."""
     if name == "qlora":
         pytest.skip("a 4-bit base has no float64 weight")
     model, x = make_case(kind, 0)
@@ -75,12 +75,13 @@ def test_a_float64_model_merges_and_unmerges_in_float64(name: str, kind: str) ->
     x = x.double() if x.is_floating_point() else x
     lorakit.apply(model, name, targets=["layer"], **case_config(name))
     perturb(model)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float64}
     w0 = model.layer.base_layer.weight.detach().clone()
     with torch.no_grad():
         out = model(x)
         for _ in range(3):
             lorakit.merge(model, unload=False)
-            torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model(x), out, atol=1e-12, rtol=1e-12)
             lorakit.unmerge(model)
         torch.testing.assert_close(model.layer.base_layer.weight, w0, atol=1e-14, rtol=1e-12)
 

@@ -26,9 +26,9 @@ class VariantConfig:
     ``targets``: which layers to adapt: a list of module-name suffixes, a regex (full match on the module
     name), or ``"all-linear"`` (every linear layer except the output head). ``train_modules``: module-name
     suffixes trained in full and saved with the adapter (e.g. a new classification head). ``adapter_dtype``:
-    how the adapter's own tensors are stored, ``float32`` or, as QLoRA's paper keeps them, ``bfloat16`` (half
-    the adapter's memory and its optimizer state's; an update smaller than bf16's spacing near a weight,
-    about 0.4% of it, is rounded away).
+    how the adapter's own tensors are stored, ``float32`` (``float64`` on an fp64 layer) or, as QLoRA's paper
+    keeps them, ``bfloat16`` (half the adapter's memory and its optimizer state's; an update smaller than
+    bf16's spacing near a weight, about 0.4% of it, is rounded away).
     """
 
     rank: int = 8

@@ -48,8 +48,12 @@ class AdaptedLayer(nn.Module):
         if not isinstance(shared, variant_class.shared_class):
             shared = variant_class.shared_class(targets={name: (self.out_features, self.in_features)})
         self.variant = variant_class(config, self, shared)
-        if config.adapter_dtype != "float32":  # its floating tensors (shared ones once: the same Parameter)
-            self.variant.to(getattr(torch, config.adapter_dtype))
+        storage = getattr(torch, config.adapter_dtype)
+        base_dtypes = {p.dtype for p in base_layer.parameters() if p.is_floating_point()}
+        if storage == torch.float32 and torch.float64 in base_dtypes:
+            storage = torch.float64  # an fp64 model computes, and merges, its adapter in fp64 too
+        if storage != torch.float32:  # its floating tensors (shared ones once: the same Parameter)
+            self.variant.to(storage)
         self.merged = False
         self.enabled = True
         self.train(base_layer.training)  # a model put in eval mode before apply stays in eval mode

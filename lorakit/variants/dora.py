@@ -56,18 +56,26 @@ def _key(*tensors: Tensor) -> tuple | None:
         return None
 
 
+def _precise(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the norms are formed in: fp32, or fp64 for an fp64 weight."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def w0_sq_norms(w0: Tensor) -> Tensor:
-    """``||W0_i||^2`` per row in fp32, ``(out,)``."""
-    return torch.cat([rows.float().square().sum(1) for rows in w0.split(_ROWS)])
+    """``||W0_i||^2`` per row in fp32 (fp64 for an fp64 weight), ``(out,)``."""
+    acc = _precise(w0.dtype)
+    return torch.cat([rows.to(acc).square().sum(1) for rows in w0.split(_ROWS)])
 
 
 @torch.no_grad()
 def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
-    """``||W0 + s B A||_row`` in fp32, never forming ``B A``: ``w0 (out, in)``, ``a (r, in)``, ``b (out, r)``.
+    """``||W0 + s B A||_row`` in fp32 (fp64 for an fp64 weight), never forming ``B A``: ``w0 (out, in)``,
+    ``a (r, in)``, ``b (out, r)``.
 
     Called under no_grad: the norm is a constant for autograd (paper Sec. 4.3)."""
-    a, b = a.float(), b.float()
-    w0a = torch.cat([rows.float() @ a.t() for rows in w0.split(_ROWS)])  # (out, r) = W0 A^T
+    acc = _precise(w0.dtype)
+    a, b = a.to(acc), b.to(acc)
+    w0a = torch.cat([rows.to(acc) @ a.t() for rows in w0.split(_ROWS)])  # (out, r) = W0 A^T
     rowdot = (w0a * b).sum(1)  # <W0_i, (BA)_i> = (B A W0^T)_ii
     ba_sq = ((b @ (a @ a.t())) * b).sum(1)  # ||(BA)_i||^2 = (B A A^T B^T)_ii
     norm = (w0_sq + 2 * s * rowdot + s * s * ba_sq).clamp_min(0).sqrt()
@@ -109,7 +117,8 @@ class DoRA(LoRA):
         return self._w0_sq[1]
 
     def weight_norm(self, base: AdaptedLayer) -> Tensor:
-        """``||W0 + s B A||_row`` (fp32, detached, ``(out,)``); cached in eval mode until W0, A, B change.
+        """``||W0 + s B A||_row`` (fp32 or fp64, detached, ``(out,)``); cached in eval mode until W0, A, B
+        change.
         ``A`` and ``B`` are compared by value too (they are small): an edit through ``.data`` bumps no
         version."""
         key = None if self.training else _key(base.stored_weight(), self.A, self.B)  # training: A, B move
@@ -134,7 +143,7 @@ class DoRA(LoRA):
         view = base.kind.channel_view  # a per-row (out,) vector against this kind's output
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be
         # lost (c - 1 exactly 0). The sum is formed in fp32 (by promotion) and cast once to the output dtype.
-        c = view(self.m.float() / self.weight_norm(base))
+        c = view(self.m.to(_precise(self.m.dtype)) / self.weight_norm(base))
         b0 = 0.0 if base.bias is None else view(base.bias.to(y.dtype))
         if self.dropout_rate() > 0:
             x = self.drop(x)
