@@ -28,9 +28,10 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lorakit.distributed import writes_files
-    from lorakit.jobs.job import run_job
+    from lorakit.jobs.job import check_variant_runs, run_job
 
     job = job_from_args(args)
+    check_variant_runs(job)  # a variant this run cannot train is refused before it is announced
     writer = writes_files()  # under torchrun only rank 0 reports
     if writer:
         print(f"training {job.variant} on {job.model} with {job.data.data} for {job.train.steps} steps")

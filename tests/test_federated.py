@@ -701,6 +701,27 @@ def test_a_run_in_which_no_round_aggregated_saves_nothing(tiny_bert_dir, tmp_pat
     assert not Path(cfg.output_dir).exists()
 
 
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("adalora", "prunes its rank budget on one run's data"),
+        ("delta_lora", "moves the base weight by state outside its trained factors"),
+        ("lora_drop", "runs stages on the training data before the main run"),
+    ],
+)
+def test_variants_whose_rules_federated_rounds_cannot_share_are_refused_first(
+    variant: str, why: str, tiny_bert_dir, tmp_path
+) -> None:
+    """AdaLoRA's pruning mask and Delta-LoRA's moved weight lived on in a client process from one client to
+    the next, outside the update the server aggregates: refused before the data is read."""
+    options = '{"init_r": 4, "target_r": 2}' if variant == "adalora" else ""
+    missing = str(tmp_path / "missing.tsv")
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path, variant=variant, options=options, data=missing)
+    with pytest.raises(LorakitError, match=f"variant '{variant}' {why}"):
+        check_run(cfg)
+    assert not Path(cfg.output_dir).exists()
+
+
 def test_under_client_level_dp_the_classes_come_from_the_settings(tiny_bert_dir, tmp_path) -> None:
     """The clients' labels are private: their number and names are released with the adapter."""
     dp = dict(clip_norm=1.0, noise_multiplier=1.0, sampling="poisson")

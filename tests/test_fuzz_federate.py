@@ -50,7 +50,9 @@ FLAGS: dict[str, st.SearchStrategy[Any]] = {
     "--delta": st.sampled_from([-1.0, 0.0, 1e-5, 0.5, 1.0, math.nan]),
     "--skew": FLOATS,
     "--round-timeout": st.sampled_from([-1.0, 0.0, 5.0, math.nan]),
-    "--variant": st.sampled_from(["lora", "dp_dylora", "dora", "vera", "lora_drop", "no-such", ""]),
+    "--variant": st.sampled_from(
+        ["lora", "dp_dylora", "dora", "vera", "lora_drop", "adalora", "delta_lora", "no-such", ""]
+    ),
     "--targets": st.sampled_from(["query,value", "query", "nothing", "", ",", "all-linear"]),
     "--options": st.sampled_from(["", '{"min_rank": 1}', '{"min_rank": 9}', '{"x": 1}', "[1]", "{bad"]),
     "--set": st.sampled_from(["min_rank=1", "min_rank=0", "min_rank", "=3", "nope=1"]),
@@ -142,6 +144,8 @@ def local_engine(monkeypatch) -> list:
 @example(data=NAMED, flags=["--eval-data", "demo"])
 @example(data=NAMED, flags=["--partition", "label-skew", "--skew", "1e-3"])
 @example(data=CLEAN, flags=["--variant", "lora_drop"])
+@example(data=CLEAN, flags=["--variant", "adalora"])
+@example(data=CLEAN, flags=["--variant", "delta_lora", "--set", "start_step=1"])
 @example(data=CLEAN, flags=["--targets", "nothing"])
 @example(data=CLEAN, flags=["--set", "min_rank=9"])
 @example(data=CLEAN, flags=["--alpha", "inf"])

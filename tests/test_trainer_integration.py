@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import lorakit
 from lorakit.common.errors import SettingError
-from lorakit.integrations.transformers import LorakitTrainer
+from lorakit.engine.checkpoint import ResumeError
+from lorakit.integrations.transformers import HOOKS_FILE, LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern
 from lorakit.variants.dylora import DyLoRAHook
@@ -32,6 +33,7 @@ def loss_on(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> floa
 
 
 def trainer_for(model: torch.nn.Module, data: list, tmp_path, **args) -> LorakitTrainer:
+    args = {"save_strategy": "no", **args}
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=STEPS,
@@ -44,7 +46,6 @@ def trainer_for(model: torch.nn.Module, data: list, tmp_path, **args) -> Lorakit
         max_grad_norm=1.0,
         train_sampling_strategy="sequential",
         report_to="none",
-        save_strategy="no",
         logging_strategy="no",
         disable_tqdm=True,
         use_cpu=True,
@@ -170,3 +171,41 @@ def test_an_optimizer_that_builds_its_own_groups_is_refused(tmp_path) -> None:
     missing.optimizer_cls_and_kwargs = None
     with pytest.raises(SettingError, match="TrainingArguments.optim='galore_adamw': "):
         missing.create_optimizer()
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+def test_a_resumed_trainer_run_continues_the_rules_as_the_uninterrupted_one(tmp_path) -> None:
+    """AdaLoRA's importance averages and masks are saved with each Trainer checkpoint and read back on
+    resume, so the budget ends as in the uninterrupted run (they were rebuilt fresh, and it pruned
+    differently)."""
+    data = sequences(STEPS * BATCH * ACCUM, 0)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        options = dict(init_r=4, target_r=2, t_init=2, t_final=2, alpha=8.0, dropout=0.0)
+        return lorakit.apply(tiny_llama(), "adalora", targets="all-linear", **options)
+
+    whole = build()
+    trainer_for(whole, data, tmp_path / "whole").train()
+    half = STEPS // 2
+    stopped = trainer_for(build(), data, tmp_path / "part", save_strategy="steps", save_steps=half)
+    stopped.add_callback(_StopAt(half))
+    stopped.train()
+    checkpoint = tmp_path / "part" / f"checkpoint-{half}"
+    assert (checkpoint / HOOKS_FILE).is_file()
+    resumed = build()
+    trainer_for(resumed, data, tmp_path / "part").train(resume_from_checkpoint=True)
+    ranks = [[layer.variant.rank for _, layer in lorakit.adapted_layers(m)] for m in (whole, resumed)]
+    assert ranks[0] == ranks[1] and sum(ranks[0]) < 4 * len(ranks[0])  # pruned, and alike
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    (checkpoint / HOOKS_FILE).unlink()  # a checkpoint without the rules' state cannot resume them
+    with pytest.raises(ResumeError, match=f"checkpoint-{half} holds no {HOOKS_FILE}: the state of variant"):
+        trainer_for(build(), data, tmp_path / "part").train(resume_from_checkpoint=str(checkpoint))

@@ -39,7 +39,7 @@ from lorakit.core.ranks import round_ranks
 from lorakit.data import datasets as D
 from lorakit.federated.client import local_config, make_client_app
 from lorakit.federated.config import FedConfig
-from lorakit.federated.data import check_run_data, classes_text
+from lorakit.federated.data import check_run_data, classes_text, job_config
 from lorakit.federated.failures import Failure, FederatedError, read_reason
 from lorakit.federated.strategy import (
     DPFedAvg,
@@ -54,7 +54,7 @@ from lorakit.federated.strategy import (
 )
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
-from lorakit.jobs.job import check_data, evaluate, located, prepare_model, tokenize
+from lorakit.jobs.job import check_data, check_variant_runs, evaluate, located, prepare_model, tokenize
 from lorakit.privacy.accountant import Accountant, check_budget_pays_one, noise_for_budget
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
@@ -157,6 +157,7 @@ def check_run(cfg: FedConfig) -> CheckedRun:
     with ``overwrite``), the data (every row, the classes, the split:
     :func:`~lorakit.federated.data.check_run_data`), the settings of the clients' local training, and that
     a target epsilon pays for one round."""
+    check_variant_runs(job_config(cfg), Driver.FEDERATED)  # before the data is read or a client asked
     out = rundir.open_run_dir(cfg.output_dir, overwrite=cfg.overwrite, resume=False, resumable=False)
     job, data = check_run_data(cfg)
     local_config(cfg, cfg.batch_size, cfg.seed)

@@ -22,28 +22,39 @@ accumulation steps, so the extra loss is divided here and counts once per optimi
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
 import lorakit
+from lorakit.adapters.io import atomic_write
 from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver
-from lorakit.engine.checkpoint import check_step, grad_norm
+from lorakit.engine.checkpoint import ResumeError, check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
+
+HOOKS_FILE = "lorakit_hooks.pt"  # the training rules' state, beside each Trainer checkpoint's own files
 
 
 class LorakitCallback(TrainerCallback):
     """Maps Trainer events onto the engine's hook calls (:class:`lorakit.engine.HookRunner`), the same calls
-    in the same order as every other driver (use :class:`LorakitTrainer` for extra losses and clip order)."""
+    in the same order as every other driver (use :class:`LorakitTrainer` for extra losses and clip order).
+
+    The rules' state (AdaLoRA's importance averages and masks, say) is written into every checkpoint the
+    Trainer saves (:data:`HOOKS_FILE`) and read back when training resumes from one, as lorakit's own
+    checkpoints do, so a resumed run decides as the uninterrupted one."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.hooks = HookRunner([])
         self.backward_done = -1  # the last step whose on_after_backward ran
+        self.resume_dir: str | None = None  # the checkpoint a resumed run starts from, where known
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         lorakit.adapters.api.check_driver(
@@ -51,6 +62,30 @@ class LorakitCallback(TrainerCallback):
         )  # before any step: refuse what can't run here
         self.hooks = HookRunner(lorakit.make_hooks(self.model, state.max_steps))
         self.backward_done = -1
+        if state.global_step > 0:  # resumed: the Trainer loaded the checkpoint's state before this event
+            default = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self.restore(Path(self.resume_dir) if self.resume_dir else default)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            buffer = io.BytesIO()
+            torch.save(self.hooks.state_dict(), buffer)
+            atomic_write(folder / HOOKS_FILE, lambda path: Path(path).write_bytes(buffer.getvalue()))
+
+    def restore(self, folder: Path) -> None:
+        """The rules' state from the checkpoint ``folder`` (tensors, numbers and lists only)."""
+        path = folder / HOOKS_FILE
+        if path.is_file():
+            self.hooks.load_state_dict(torch.load(path, weights_only=True))
+        elif any(self.hooks.state_dict()):
+            variant = lorakit.info(self.model).variant
+            raise ResumeError(
+                f"{folder} holds no {HOOKS_FILE}: the state of variant '{variant}''s training rules was not "
+                "saved with this checkpoint, so the resumed run would decide "
+                "differently; resume from a checkpoint saved with LorakitTrainer (or LorakitCallback), or "
+                "train from the start"
+            )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.hooks.step_start(state.global_step)
@@ -111,6 +146,14 @@ class LorakitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.lorakit_callback = LorakitCallback(self.model)
         self.add_callback(self.lorakit_callback)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; the checkpoint it resumes from also gives back the training rules' state."""
+        where = resume_from_checkpoint
+        if where is True:  # the Trainer's rule: the newest checkpoint in output_dir
+            where = get_last_checkpoint(self.args.output_dir)
+        self.lorakit_callback.resume_dir = where if isinstance(where, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The optimizer ``TrainingArguments.optim`` names (or ``optimizer_cls_and_kwargs``), as the Trainer

@@ -23,7 +23,7 @@ from torch import nn
 import lorakit
 from lorakit.adapters.io import atomic_write
 from lorakit.common.errors import DiskFullError, LorakitError, SettingError, is_disk_full
-from lorakit.core.contract import CapabilityError
+from lorakit.core.contract import CapabilityError, Driver
 from lorakit.data import chat
 from lorakit.data import datasets as D
 from lorakit.distributed import writes_files
@@ -339,10 +339,12 @@ def prepare_model(job: JobConfig) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def check_variant_runs(job: JobConfig) -> None:
-    """Refuse, before anything is loaded, a variant that cannot run in the job's driver (its refusal)."""
+def check_variant_runs(job: JobConfig, driver: Driver | None = None) -> None:
+    """Refuse, before anything is loaded, a variant that cannot run in ``driver`` (default: the job's own;
+    its refusal)."""
     variant = lorakit.get_variant(job.variant)
-    reason = variant.refusal(job.driver(), variant.config_class.from_dict(job.variant_config(), job.variant))
+    config = variant.config_class.from_dict(job.variant_config(), job.variant)
+    reason = variant.refusal(driver or job.driver(), config)
     if reason is not None:
         raise CapabilityError(reason)
 
