@@ -71,6 +71,16 @@ def test_train_eval_merge_on_the_embedded_model(tmp_path, capsys) -> None:
     assert evaluate(through_peft, data)["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"], abs=1e-3)
     assert main(["export", "--adapter", str(run), "--out", str(tmp_path / "peft")]) == 2
     assert "already holds a PEFT adapter" in capsys.readouterr().err
+    own = tmp_path / "own"  # a tokenizer of the user's is never replaced without --overwrite
+    own.mkdir()
+    (own / "tokenizer.json").write_text('{"my": "own"}')
+    assert main(["export", "--adapter", str(run), "--out", str(own)]) == 2
+    assert "is not empty; pass --overwrite to replace its files" in capsys.readouterr().err
+    assert [p.name for p in own.iterdir()] == ["tokenizer.json"]
+    assert (own / "tokenizer.json").read_text() == '{"my": "own"}'
+    (tmp_path / "a-file").write_text("x")
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file is a file; choose a new directory" in capsys.readouterr().err
     # a second run into the same directory is refused instead of overwriting the saved adapter
     assert main(["train", "--config", str(config), "--output-dir", str(run), "--no-progress"]) == 2
     assert "already holds a trained adapter" in capsys.readouterr().err

@@ -130,6 +130,9 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
         (["--rank", "x"], "argument --rank: invalid value 'x': it must be an integer or none"),
         (["--warmup-ratio", "2"], "warmup_ratio=2.0: it must be a number in [0, 1); warmup_ratio: fraction"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--set", "targets=query"], "options (--set) sets 'targets', which is also set elsewhere"),
+        (["--rank", "8", "--set", "rank=4"], "sets 'rank', which is also set elsewhere: set it once"),
+        (["--adapter-dtype", "float16"], "'adapter_dtype' = 'float16' is invalid: it must be one of float32"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(extra, message, tmp_path, tiny_bert_dir, capsys) -> None:

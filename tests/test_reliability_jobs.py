@@ -212,6 +212,15 @@ def test_an_output_dir_with_other_files_or_the_current_directory_is_refused(
     assert main(argv(tiny_bert_dir, out)) == 2
     assert "holds files that are not from a lorakit run (notes.txt)" in capsys.readouterr().err
     assert snapshot(out) == {"notes.txt": b"mine"} and leftovers(out) == []
+    # Files named as a run's, without a run's adapter.json or job.json, may be the user's own: refused too.
+    own = tmp_path / "own"
+    (own / "eval").mkdir(parents=True)
+    (own / "metrics.json").write_text('{"my": "results"}')
+    (own / "eval" / "generations.jsonl").write_text("mine\n")
+    for flags in ([], ["--overwrite"]):
+        assert main([*argv(tiny_bert_dir, own), *flags]) == 2
+        assert "holds eval, metrics.json but no adapter.json or job.json" in capsys.readouterr().err
+    assert snapshot(own) == {"metrics.json": b'{"my": "results"}', "eval/generations.jsonl": b"mine\n"}
     monkeypatch.chdir(out)
     assert main(argv(tiny_bert_dir, Path("."))) == 2
     assert "is the current directory or contains it" in capsys.readouterr().err

@@ -16,7 +16,9 @@ class ConfigError(LorakitError):
     """A variant config field is unknown or out of range; the message names the field and the fix."""
 
 
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16")  # how an adapter's own tensors may be stored
+# How an adapter's own tensors may be stored. Not float16: AdamW's eps (1e-8) is 0 there, so a zero gradient
+# (A's first one, with B = 0) makes an update of 0 / 0; bfloat16 has float32's range.
+ADAPTER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass

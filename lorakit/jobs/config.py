@@ -155,6 +155,11 @@ class JobConfig:
         own default (AdaLoRA's rank follows its init_r, Delta-LoRA has no dropout)."""
         given = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
         given["adapter_dtype"] = self.adapter_dtype
+        placed = {"targets": "set it with --targets", "train_modules": "a job trains its task's head"}
+        placed |= {k: f"set it once, with --{k.replace('_', '-')}" for k, v in given.items() if v is not None}
+        for name, fix in placed.items():  # one setting in two places: the second would silently win
+            if name in self.options:
+                raise SettingError(f"options (--set) sets '{name}', which is also set elsewhere: {fix}")
         config = {k: v for k, v in given.items() if v is not None} | self.options
         config_class = lorakit.get_variant(self.variant).config_class
         config_class.from_dict(config, self.variant)  # what the user set must hold as it is

@@ -181,6 +181,15 @@ def _check_only_run_files(run: RunDir) -> None:
             f"{run.shown} holds files that are not from a lorakit run ({listed}); a run replaces its output "
             "directory as a whole, so choose an empty or new --output-dir"
         )
+    # Names alone prove nothing: files named as a run's, without the adapter and job files every finished
+    # run writes, may be someone's own (a metrics.json, an eval/ of another tool).
+    proved = (run.path / CONFIG_FILE).is_file() or (run.path / JOB_FILE).is_file()
+    named = sorted(e.name for e in run.path.iterdir() if e.name in RUN_FILES)
+    if named and not proved:
+        raise OutputDirError(
+            f"{run.shown} holds {', '.join(named)} but no {CONFIG_FILE} or {JOB_FILE} of a lorakit run, so "
+            "they may be files of your own, which a run would replace; choose an empty or new --output-dir"
+        )
 
 
 def _is_run_file(name: str) -> bool:

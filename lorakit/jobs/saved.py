@@ -122,6 +122,8 @@ def write_peft(adapter: str, out: str, rank: int | None, overwrite: bool) -> Non
                 f"{out} already holds a PEFT adapter ({PEFT_CONFIG_FILE}); pass --overwrite to replace it, "
                 "or choose another --out"
             )
+        if not overwrite:  # a tokenizer or template of the user's would be replaced by the adapter's
+            _refuse_not_empty(target, out, "the PEFT adapter", "pass --overwrite to replace its files, or ")
         job, model, tokenizer = load_adapted(adapter)
         if rank is not None:
             lorakit.set_rank(model, rank)
@@ -212,6 +214,9 @@ def _refuse_inside_run(target: Path, shown: str, what: str, suffix: str) -> None
         )
 
 
-def _refuse_not_empty(target: Path, shown: str) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise lorakit.OutputExistsError(f"{shown} is not empty; choose a new directory for the merged model")
+def _refuse_not_empty(target: Path, shown: str, what: str = "the merged model", fix: str = "") -> None:
+    """Refuse an output that is a file or a directory holding anything: what is there may be the user's."""
+    if target.exists() and not target.is_dir():
+        raise lorakit.OutputExistsError(f"{shown} is a file; choose a new directory for {what}")
+    if target.exists() and any(target.iterdir()):
+        raise lorakit.OutputExistsError(f"{shown} is not empty; {fix}choose a new directory for {what}")
