@@ -266,7 +266,7 @@ def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
         )
         return [chat.Example(example.prompt) for example in examples]
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no prompt text
+        lines = D.text_lines(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no prompt text
     except UnicodeDecodeError:
         raise LorakitError(f"--prompts-file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -302,6 +303,14 @@ def test_all_linear_leaves_out_layers_too_narrow_for_the_rank_and_names_them(tmp
 def test_a_bad_targets_regex_is_a_target_error() -> None:
     with pytest.raises(TargetError, match="not a valid regular expression"):
         lorakit.apply(MLP(), "lora", targets="fc(")
+
+
+def test_a_json_line_holding_unicode_line_separators_is_one_row(tmp_path) -> None:
+    """U+2028, U+2029 and U+0085 are text inside a JSON string, not line breaks of JSON Lines."""
+    rows = [{"question": f"a{c}b", "answer": "3"} for c in ("\u2028", "\u2029", "\u0085")]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    assert read_rows(str(path)) == rows
 
 
 def test_long_fields_and_all_file_types_read(tmp_path) -> None:

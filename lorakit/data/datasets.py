@@ -70,6 +70,13 @@ def read_rows(source: str, *, split: str = "train") -> list[Row]:
     return rows
 
 
+def text_lines(text: str) -> list[str]:
+    """``text``'s lines, split at line feeds only (a carriage return before one is dropped): what JSON Lines
+    and a text file mean by a line. ``str.splitlines`` also splits at U+2028, U+0085 and other breaks, which
+    may stand inside a line's text."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _json_rows(text: str, source: str) -> list[Row]:
     """JSON lines (one object per line), or a whole-file array of objects."""
     values = _json_array(text, source)
@@ -78,7 +85,7 @@ def _json_rows(text: str, source: str) -> list[Row]:
         where = "item"
     else:
         lines, where = [], "line"
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text_lines(text), 1):
             if not line.strip():
                 continue
             try:

@@ -45,12 +45,19 @@ def infer_task(name: str) -> str:
 
 
 def _architectures(name: str) -> list[str] | None:
-    """The architectures a model's config names (None: it names none, or the config cannot be read)."""
+    """The architectures a model's config names (None: it names none, or the config is not one transformers
+    knows, which loading the model then says). A model whose config cannot be found is refused here, before
+    its task is guessed from settings it was never read with."""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(resolve_model(name)).architectures or None
-    except (OSError, ValueError):  # loading the model says what is wrong with it
+    except OSError as err:
+        raise ModelError(
+            f"cannot load model '{name}': {str(err).splitlines()[0]}; pass a local directory with "
+            f"config.json and weights, a reachable Hugging Face id, or one of {', '.join(_ALIASES)}"
+        ) from None
+    except ValueError:
         return None
 
 
