@@ -48,6 +48,29 @@ def test_answers_compare_by_value_and_a_pattern_of_ones_own_counts() -> None:
         compile_pattern("a{99999999999}")
 
 
+@pytest.mark.parametrize(
+    ("generated", "reference", "correct"),
+    [
+        ("#### 3/5", "#### 3/4", False),  # a fraction is one number, not its numerator
+        ("The answer is 1/4", "The answer is 3/4", False),
+        ("#### 0.75", "#### 3/4", True),  # by value
+        ("so 1/3 of them", "#### 2/6", True),
+        ("#### 1,2,3", "#### 123", False),  # commas separate thousands only
+        ("#### 12,5", "#### 125", False),
+        ("The answer is 5, which is odd", "#### 5", True),
+        ("It takes 10-20 minutes", "#### 20", True),  # a range, not a negative number
+        ("x = -5", "#### -5", True),
+    ],
+)
+def test_fractions_lists_and_ranges_are_read_as_the_numbers_they_are(generated, reference, correct) -> None:
+    assert score(generated, reference).correct is correct
+
+
+def test_a_pattern_with_alternatives_takes_the_group_that_matched() -> None:
+    pattern = compile_pattern(r"answer: (\w+)|#### (\d+)")
+    assert extract_answer("#### 42", pattern) == "42" and extract_answer("answer: Rome", pattern) == "Rome"
+
+
 def test_numbers_of_any_length_compare_exactly() -> None:
     """A degenerate generation writes a 31-digit run: it is scored (wrong), not a crash that loses the run's
     generations, and long numbers compare by every digit, not to 28 significant ones."""

@@ -3,9 +3,9 @@
 GSM8K (Cobbe et al., 2021, arXiv:2110.14168) ends every reference solution with ``#### N``; a model's answer
 is read the same way when it writes that marker, else as the last number in its text (the usual lenient
 reading for models that were not taught the marker). Numbers compare by value after dropping thousands
-separators, a currency sign and trailing zeros (``1,000.00`` equals ``1000``). A pattern of one's own
-(``--answer-pattern``) is a regular expression whose first group (or whole match) is the answer; its last
-match in a text counts, for the reference and the generation alike.
+separators, a currency sign and trailing zeros (``1,000.00`` equals ``1000``, ``3/4`` equals ``0.75``). A
+pattern of one's own (``--answer-pattern``) is a regular expression whose first group that took part (or
+whole match) is the answer; its last match in a text counts, for the reference and the generation alike.
 """
 
 from __future__ import annotations
@@ -13,11 +13,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation, localcontext
+from fractions import Fraction
 
 from lorakit.common.errors import SettingError
 
-GSM8K_MARKER = re.compile(r"####\s*(\$?\s*-?[\d,]*\.?\d+)")
-NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number: digits with commas only as thousands separators (``1,234``, not ``1,2,3``), an optional decimal
+# part and an optional ``/denominator``; it ends where no digit (or comma and digit) follows, so ``12,5`` or
+# ``1,2,3`` is no number of its own. A minus sign counts only where no word or number precedes it (``10-20``
+# is a range, its last number 20).
+_BODY = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)(?!\d|,\d)"
+GSM8K_MARKER = re.compile(rf"####\s*(\$?\s*-?{_BODY})")
+NUMBER = re.compile(rf"(?<![\w.])-?\$?\s*{_BODY}")
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
@@ -46,8 +52,9 @@ def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | N
         matches = list(pattern.finditer(text))
         if not matches:
             return None
-        found = matches[-1].group(1) if pattern.groups else matches[-1].group(0)
-        return found.strip() if found and found.strip() else None  # an optional group that took no part
+        taking_part = [g for g in matches[-1].groups() if g is not None]  # none: an optional group
+        found = (taking_part or [None])[0] if pattern.groups else matches[-1].group(0)
+        return found.strip() if found and found.strip() else None
     marked = GSM8K_MARKER.findall(text)
     if marked:
         return marked[-1].strip()
@@ -60,21 +67,44 @@ def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | N
 LONGEST_NUMBER = 1000
 
 
-def normalize(answer: str) -> str:
-    """A number by value (``1,000.00`` -> ``1000``, ``$5`` -> ``5``), exact at any length (a model may write
-    a 40-digit run); other text stripped and lower-cased."""
-    cleaned = answer.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+def _number(text: str) -> Decimal | None:
+    """``text`` as a finite number short enough to write out, else None."""
     try:
-        value = Decimal(cleaned)
+        value = Decimal(text)
     except InvalidOperation:
-        return answer.strip().lower()
-    if not value.is_finite() or abs(value.adjusted()) > LONGEST_NUMBER:
-        return answer.strip().lower()
+        return None
+    return value if value.is_finite() and abs(value.adjusted()) <= LONGEST_NUMBER else None
+
+
+def _written(value: Decimal) -> str:
     if value == value.to_integral_value():
         return str(int(value))
     with localcontext() as exact:  # normalize() rounds to the context's precision (28 digits by default)
         exact.prec = len(value.as_tuple().digits)
         return format(value.normalize(), "f")
+
+
+def normalize(answer: str) -> str:
+    """A number by value (``1,000.00`` -> ``1000``, ``$5`` -> ``5``, ``3/4`` -> ``0.75``; a fraction with no
+    finite decimal stays ``p/q`` in lowest terms), exact at any length (a model may write a 40-digit run);
+    other text stripped and lower-cased."""
+    cleaned = answer.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    numerator, _, denominator = cleaned.partition("/")
+    top, bottom = _number(numerator), _number(denominator) if denominator else Decimal(1)
+    if top is None or bottom is None or bottom == 0:
+        return answer.strip().lower()
+    if not denominator:
+        return _written(top)
+    ratio = Fraction(top) / Fraction(bottom)
+    rest = ratio.denominator
+    for prime in (2, 5):
+        while rest % prime == 0:
+            rest //= prime
+    if rest != 1:  # no finite decimal (1/3): lowest terms
+        return f"{ratio.numerator}/{ratio.denominator}"
+    with localcontext() as exact:  # a denominator of 2s and 5s: a finite decimal, computed exactly
+        exact.prec = len(str(ratio.numerator)) + len(str(ratio.denominator)) + 2
+        return _written(Decimal(ratio.numerator) / Decimal(ratio.denominator))
 
 
 @dataclass(frozen=True)
