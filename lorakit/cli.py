@@ -158,7 +158,8 @@ def _eval_job(args: argparse.Namespace) -> JobConfig | None:
 
 
 def _override_data(args: argparse.Namespace, job: JobConfig) -> None:
-    for name in ("prompt_column", "response_column", "messages_column", "max_length"):
+    columns = ("prompt_column", "response_column", "messages_column", "text_column", "label_column")
+    for name in (*columns, "max_length"):
         if getattr(args, name, None) is not None:
             setattr(job.data, name, getattr(args, name))
 
@@ -176,6 +177,10 @@ def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
     if job.task != "causal-lm" and given:
         flag = "--" + given[0].replace("_", "-")
         raise LorakitError(f"{flag} applies to a causal language model; this one is a classifier: drop it")
+    class_flags = [name for name in ("text_column", "label_column") if getattr(args, name, None) is not None]
+    if job.task == "causal-lm" and class_flags:
+        flag = "--" + class_flags[0].replace("_", "-")
+        raise LorakitError(f"{flag} applies to a classifier; this one is a causal language model: drop it")
     if args.adapter is not None and job.task == "causal-lm" and args.chat_template is not None:
         raise LorakitError(
             f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "
@@ -335,6 +340,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", help="causal-LM prompt column (default: the job's)")
     parser.add_argument("--response-column", help="causal-LM reference answer column (default: the job's)")
     parser.add_argument("--messages-column", help="causal-LM conversations column (default: the job's)")
+    parser.add_argument("--text-column", help="classifier text column (default: the job's)")
+    parser.add_argument("--label-column", help="classifier label column (default: the job's)")
     parser.add_argument(
         "--max-length", type=_positive, help="tokens per example for the loss (default: the job's)"
     )

@@ -116,6 +116,14 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
         assert message in _one_error(["eval", "--adapter", str(out), *data], capsys), name
         (out / name).write_bytes(saved[name])
     assert main(["eval", "--adapter", str(out), *data]) == 0
+    # held-out data with other column names: named for eval, as for train
+    rows = (named / "test.tsv").read_text().splitlines()[1:]
+    (named / "other.tsv").write_text("text\tclass\n" + "\n".join(rows) + "\n")
+    other = ["eval", "--adapter", str(out), "--data", str(named / "other.tsv")]
+    assert main([*other, "--text-column", "text", "--label-column", "class"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    missing = "has no column 'label'; its columns are ['class', 'text'] (set --text-column"
+    assert missing in _one_error(other, capsys)
 
 
 @pytest.mark.parametrize(

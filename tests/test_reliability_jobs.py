@@ -190,11 +190,21 @@ def test_an_interrupted_run_resumes_to_the_identical_adapter_and_a_changed_setti
         (["--lr", "0.01"], "setting lr is 0.01 but the checkpoint was trained with 0.0005"),
         (["--batch-size", "4"], "setting batch_size is 4 but the checkpoint was trained with 8"),
         (["--rank", "4"], "setting rank is 4 but the checkpoint was trained with 2"),
-        (["--max-length", "8"], "setting training_data is '1800 examples, sha256"),
+        (
+            ["--max-length", "8"],
+            "the training examples (--data, its columns, --max-length, --chat-template) differ",
+        ),
     ]:
         assert main([*argv(tiny_bert_dir, out, "--resume"), *flags]) == 2
         err = capsys.readouterr().err
         assert setting in err and err.count("\n") == 1, err
+    weights = next((tmp_path / ".run.lorakit-new").rglob("adapter.safetensors"))
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # a damaged checkpoint: only a new run helps
+    assert main(argv(tiny_bert_dir, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint cannot be used: start a new run (--overwrite" in err and "re-save" not in err, err
+    weights.write_bytes(intact)
     assert main(argv(tiny_bert_dir, out, "--resume", "--eval-every", "2")) == 0  # observation may change
     assert leftovers(out) == []
     for name in ("adapter.safetensors",):

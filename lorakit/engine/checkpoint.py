@@ -36,6 +36,7 @@ from lorakit.adapters.api import info
 from lorakit.adapters.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    AdapterFileError,
     NonFiniteError,
     atomic_write,
     file_in_the_way,
@@ -69,7 +70,11 @@ MAY_CHANGE = frozenset(
 
 # Settings a checkpoint records that follow from others (the base and its storage, the targets, the data and
 # how it is tokenised): compared last, so the setting that changed them is the one named.
-DERIVED = frozenset({"base_fingerprint", "adapted_layers", "training_data"})
+DERIVED = {  # a recorded value made from settings, with the settings it is made from
+    "base_fingerprint": "the base model's weights (--model, --quantize)",
+    "adapted_layers": "the adapted layers (--model, --targets)",
+    "training_data": "the training examples (--data, its columns, --max-length, --chat-template)",
+}
 
 
 class DivergedError(LorakitError):
@@ -194,7 +199,14 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
     state, copy = max(readable, key=lambda item: item[0]["step"])
     if "settings" in state:  # checkpoints written before settings were recorded are taken as they are
         check_settings_match(json.loads(state["settings"]), settings, copy)
-    tensors = load_tensors(copy)
+    try:
+        tensors = load_tensors(copy)
+    except AdapterFileError as err:  # the checkpoint's adapter is damaged: only a new run helps
+        what = str(err).split("; re-save")[0]  # the advice for a saved adapter does not apply here
+        raise ResumeError(
+            f"cannot resume from {copy}: {what}; the checkpoint cannot be used: start a new run (--overwrite "
+            "or another --output-dir)"
+        ) from None
     fill_tensors(run.model, tensors)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -222,6 +234,12 @@ def check_settings_match(saved: dict[str, Any], current: dict[str, Any], where: 
         old, new = saved.get(name, "(not recorded)"), current.get(name, "(not recorded)")
         if _same(old, new):
             continue
+        if name in DERIVED:  # values too long to read, made from settings the user gave: name those
+            raise ResumeError(
+                f"cannot resume from {where}: {DERIVED[name]} differ from the checkpoint's ({name}); resume "
+                "with the settings it was trained with, or start a new run (--overwrite or another "
+                "--output-dir)"
+            )
         now, then = ("unset" if new is None else _show(new, name)), _show(old, name)
         raise ResumeError(
             f"cannot resume from {where}: setting {name} is {now} but the checkpoint was trained with "

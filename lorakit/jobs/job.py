@@ -160,7 +160,9 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     the private data that the accountant does not cover)."""
     data = read_data(job)
     job = resolve_classes(job, data)
-    out = [tokenize(job, tokenizer, source, rows, named=True) for source, rows in data]  # one-line errors
+    # The columns were named for the training data; evaluation data may hold conversations instead (as
+    # `lorakit eval` reads it), so only the training data refuses them beside a messages column.
+    out = [tokenize(job, tokenizer, source, rows, named=i == 0) for i, (source, rows) in enumerate(data)]
     if job.privacy.dp:  # private counts that the accountant does not cover: neither printed nor recorded
         out[0] = dataclasses.replace(out[0], truncation=None)
     for line in causal_notes(job, tokenizer):

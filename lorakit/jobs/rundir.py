@@ -113,7 +113,7 @@ def open_run_dir(
             "a run resumable"
         )
     if not resume and (path / CONFIG_FILE).is_file() and not overwrite:
-        to_continue = "--resume to continue, " if resumable else ""
+        to_continue = "--resume to continue the interrupted run, " if resumable and interrupted else ""
         raise OutputDirError(
             f"{shown} already holds a trained adapter; pass --overwrite to replace it, {to_continue}"
             "or choose another --output-dir"
