@@ -96,7 +96,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer) -> None:
         ([{"role": "assistant", "content": "b"}], "must alternate"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
         ([{"role": "user", "content": 3}], "text 'content'"),
-        ("hello", "non-empty list"),
+        ("hello", "is text, not a list of {.role., .content.} messages; write conversations as JSON"),
     ],
 )
 def test_malformed_conversations_are_refused_naming_the_row(messages, match) -> None:

@@ -82,7 +82,7 @@ def one_line_error(capsys, *parts: str) -> str:
 
 # --- chat data: every malformed row is refused naming the row and the fix -----------------------------------
 BAD_ROWS = [
-    ({"messages": "hello"}, "non-empty list"),
+    ({"messages": "hello"}, "is text, not a list of"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"content": "x"}, A("y")]}, "message 1 has no 'role'"),
     ({"messages": [{"role": "user"}, A("y")]}, "message 1 has no 'content'"),
@@ -442,6 +442,11 @@ def test_named_columns_beside_conversations_in_training_data_are_refused(chat_ll
         capsys, "has a 'messages' column, whose conversations are used", "'question' would be ignored"
     )
     assert main(train_argv(chat_llama_dir, write(tmp_path / "d.jsonl", rows), out)) == 0  # the conversations
+    # Held-out conversations beside training data with named columns: read as `lorakit eval` reads them.
+    pairs = write(tmp_path / "p.jsonl", [{"question": "2 + 2?", "answer": "4"}] * 2)
+    talks = write(tmp_path / "m.jsonl", [{"messages": [U("2 + 2?"), A("4")]}] * 2)
+    argv = train_argv(chat_llama_dir, pairs, tmp_path / "run2", *flags, "--eval-data", str(talks))
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 @pytest.fixture

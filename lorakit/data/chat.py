@@ -116,6 +116,11 @@ def examples_from_messages(
     out = []
     for number, value in enumerate(values, 1):
         where = f"{source} row {number}: '{column}'"
+        if isinstance(value, str):
+            raise ChatError(
+                f"{where} is text, not a list of {{'role', 'content'}} messages; write conversations as JSON "
+                "(.jsonl or .json): a CSV or TSV cell holds text only"
+            )
         if not isinstance(value, list) or not value:
             raise ChatError(f"{where} must be a non-empty list of {{'role', 'content'}} messages")
         messages = [_message(message, f"{where} message {i}") for i, message in enumerate(value, 1)]
