@@ -184,8 +184,8 @@ def check_same_base(
 
 def check_same_targets(saved: list[Any], model: nn.Module, directory: Path) -> None:
     """The adapter's config selects other layers on ``model`` than the adapter file lists: undo the adapter
-    and refuse, naming the cause: layers the model lacks (another base), or a file whose two lists disagree
-    (``adapter.json`` was edited)."""
+    and refuse, naming the cause: layers the model lacks (another base), or lists that disagree on this
+    model (another base with the same layer names, or an edited ``adapter.json``)."""
     adapted = [name for name, _ in adapted_layers(model)]
     undo_apply(model)
     modules = dict(model.named_modules())
@@ -197,9 +197,9 @@ def check_same_targets(saved: list[Any], model: nn.Module, directory: Path) -> N
         )
     shown = ", ".join(adapted[:3]) + (" ..." if len(adapted) > 3 else "")
     raise AdapterFileError(
-        f"{directory / CONFIG_FILE} does not agree with itself: its config's targets select {len(adapted)} "
-        f"layer(s) on this model ({shown}), not the {len(saved)} its targets list names; it was edited: "
-        "restore it or re-save the adapter"
+        f"{directory / CONFIG_FILE}: its config's targets select {len(adapted)} layer(s) on this model "
+        f"({shown}), not the {len(saved)} its targets list names: this model is not the base it was trained "
+        "on, or the file was edited; load it onto its base, or restore the file"
     )
 
 
