@@ -490,3 +490,17 @@ def test_train_modules_and_set_rank_refusals_name_the_problem() -> None:
         lorakit.set_rank(dylora, 2.0)
     with pytest.raises(LorakitError, match=r"rank 5 is out of range: choose an integer in \[1, 4\]"):
         lorakit.set_rank(dylora, 5)
+
+
+def test_a_key_given_twice_is_refused_not_resolved_silently(tmp_path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"question": "a", "question": "b", "answer": "3"}\n')
+    with pytest.raises(DataError, match="line 1 is not valid JSON \\(key 'question' is given twice"):
+        read_rows(str(tmp_path / "d.jsonl"))
+    for text, message in [
+        ("steps: 2\nsteps: 3\n", "setting 'steps' is given twice; keep one"),
+        ("steps: 2\ntrain:\n  steps: 3\n", "setting 'steps' is given twice \\(once in a section\\)"),
+    ]:
+        (tmp_path / "job.yaml").write_text(text)
+        args = build_parser().parse_args(["train", "--config", str(tmp_path / "job.yaml")])
+        with pytest.raises(SettingError, match=message):
+            job_from_args(args)

@@ -89,7 +89,7 @@ def _json_rows(text: str, source: str) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                lines.append((number, json.loads(line)))
+                lines.append((number, json.loads(line, object_pairs_hook=_unique_keys)))
             except (ValueError, RecursionError) as err:  # bad JSON, a number past 4300 digits, deep nesting
                 raise DataError(
                     f"{source} line {number} is not valid JSON ({_json_problem(err)}); each line must be one "
@@ -106,12 +106,26 @@ def _json_rows(text: str, source: str) -> list[Row]:
     return rows
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (with one given twice, the parser would keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice in one object")
+        out[key] = value
+    return out
+
+
 def _json_array(text: str, source: str) -> list[Any] | None:
     """The items of a file holding one JSON array; None for JSON lines (which may start with an array)."""
     if not text.lstrip().startswith("["):
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # one value per line: read as JSON lines, each line judged on its own
             return None
@@ -126,6 +140,8 @@ def _json_problem(err: ValueError | RecursionError) -> str:
         return err.msg
     if isinstance(err, RecursionError):
         return "values nested too deeply to read"
+    if isinstance(err, _DuplicateKey):
+        return str(err)
     return f"a number too long to read: {str(err).split(';')[0]}"
 
 

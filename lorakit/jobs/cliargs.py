@@ -153,9 +153,24 @@ def job_from_values(values: dict[str, Any], assignments: list[str] | None = None
     )
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the second would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} is given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # noqa: S506 - safe
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise SettingError(f"cannot read config {path}: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
@@ -168,10 +183,11 @@ def job_values(raw: dict[Any, Any], where: str) -> dict[str, Any]:
     an unknown name is refused, naming ``where`` and the known ones."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if key and key in SECTIONS and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+        pairs = value.items() if key and key in SECTIONS and isinstance(value, dict) else [(key, value)]
+        for name, setting in pairs:
+            if name in flat:  # at the top and in a section: the later one would silently win
+                raise SettingError(f"{where}: setting {name!r} is given twice (once in a section); keep one")
+            flat[name] = setting
     known = set(_leaf_fields())
     unknown = sorted(set(flat) - known, key=str)
     if unknown:
