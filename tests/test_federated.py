@@ -789,6 +789,8 @@ def test_cli_federate_runs_on_flowers_simulation_engine(tiny_bert_dir, tmp_path,
         "1.0",
         "--noise-multiplier",
         "0.8",
+        "--num-labels",
+        "2",
         "--output-dir",
         str(out),
     ]
@@ -824,6 +826,8 @@ def test_a_diverging_dp_simulation_ends_in_one_line_and_prints_no_client_loss(
         "1.0",
         "--noise-multiplier",
         "0.5",
+        "--num-labels",
+        "2",
         "--variant",
         "lora",
     )
@@ -839,6 +843,7 @@ def test_a_diverging_dp_simulation_ends_in_one_line_and_prints_no_client_loss(
 def test_two_insecure_seed_simulations_give_identical_adapters(tiny_bert_dir, tmp_path) -> None:
     """Flower's node ids differ between the runs; the cohorts (Poisson, q = 2/3) and the noise do not."""
     flags = ["--clip-norm", "0.5", "--noise-multiplier", "0.5", "--dp-insecure-seed", "--rounds", "3"]
+    flags += ["--num-labels", "2"]  # under DP the classes come from the settings
     runs = [federate_process(tiny_bert_dir, tmp_path / f"run{i}", *flags) for i in range(2)]
     for run in runs:
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
@@ -879,7 +884,7 @@ def test_deployment_superlink_supernodes_and_flwr_run_over_loopback(tiny_bert_di
     run_config = (
         f'model="{tiny_bert_dir}" clients=2 cohort=2 sampling="fixed" rounds=2 local_steps=2 rank=4 '
         f'targets="query,value" options=\'{{"min_rank": 1}}\' max_length=24 clip_norm=1.0 '
-        f'noise_multiplier=0.5 output_dir="{out}"'
+        f'noise_multiplier=0.5 num_labels=2 output_dir="{out}"'
     )
     try:
         no_install = "--disable-runtime-dependency-installation"
