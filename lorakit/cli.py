@@ -172,15 +172,16 @@ def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:
     if args.generate and job.task != "causal-lm":
         what = "lorakit generate" if args.command == "generate" else "--generate"
         raise LorakitError(f"{what} needs a causal language model; this one is a classifier")
-    chat_flags = ("prompt_column", "response_column", "messages_column", "chat_template")
-    given = [name for name in chat_flags if getattr(args, name, None) is not None]
-    if job.task != "causal-lm" and given:
-        flag = "--" + given[0].replace("_", "-")
-        raise LorakitError(f"{flag} applies to a causal language model; this one is a classifier: drop it")
-    class_flags = [name for name in ("text_column", "label_column") if getattr(args, name, None) is not None]
-    if job.task == "causal-lm" and class_flags:
-        flag = "--" + class_flags[0].replace("_", "-")
-        raise LorakitError(f"{flag} applies to a classifier; this one is a causal language model: drop it")
+    task_flags = {
+        "causal language model": ("prompt_column", "response_column", "messages_column", "chat_template"),
+        "classifier": ("text_column", "label_column"),
+    }
+    this = "causal language model" if job.task == "causal-lm" else "classifier"
+    for task, flags in task_flags.items():
+        given = [name for name in flags if getattr(args, name, None) is not None]
+        if task != this and given:
+            flag = "--" + given[0].replace("_", "-")
+            raise LorakitError(f"{flag} applies to a {task}; this one is a {this}: drop it")
     if args.adapter is not None and job.task == "causal-lm" and args.chat_template is not None:
         raise LorakitError(
             f"the adapter renders prompts in the chat template it was trained with ({CHAT_TEMPLATE_FILE} "

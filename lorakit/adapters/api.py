@@ -8,7 +8,6 @@ import functools
 import hashlib
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,7 +18,7 @@ from torch import nn
 from lorakit.adapters.quantize import quantize_targets, release_input_grads
 from lorakit.adapters.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.adapters.targets import find_targets as find_targets
-from lorakit.adapters.targets import set_module
+from lorakit.adapters.targets import set_module, warn_left_out
 from lorakit.common.errors import AdapterStateError, SettingError
 from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
@@ -123,9 +122,7 @@ def apply(
         base_model=_base_model_name(model),
         trainable_before=trainable_before,
     )
-    info.shared = variant_class.shared_class(
-        targets={n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
-    )
+    info.shared = variant_class.shared_class(targets={n: shapes[n] for n in names})
     swapped: list[tuple[str, nn.Module]] = []
     try:
         model.requires_grad_(False)
@@ -205,18 +202,16 @@ def leave_out_narrow(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> 
     shared-expert gate, a Mamba ``dt_proj``), named in a warning: the user asked for every linear layer,
     not for these, and refusing the model would leave only listing every other layer by hand."""
     narrow = _narrow(cfg, shapes)
-    if narrow and len(narrow) < len(shapes):
-        first, more = next(iter(narrow)), len(narrow) - 1
-        out, into = shapes[first]
-        warnings.warn(
-            f"targets 'all-linear' leaves out {first} ({out} x {into}){f' and {more} more' if more else ''}: "
-            f"rank {cfg.rank} is above what they can use (at most {narrow[first]}); name them in targets "
-            "with a rank they can use to adapt them",
-            UserWarning,
-            stacklevel=4,
-        )
-        return [n for n in shapes if n not in narrow]
-    return list(shapes)
+    if not narrow or len(narrow) == len(shapes):  # none to leave out, or none left: check_rank says so
+        return list(shapes)
+    first = next(iter(narrow))
+    out, into = shapes[first]
+    warn_left_out(
+        [f"{first} ({out} x {into})", *list(narrow)[1:]],
+        f"rank {cfg.rank} is above what they can use (at most {narrow[first]}); name them in targets with a "
+        "rank they can use to adapt them",
+    )
+    return [n for n in shapes if n not in narrow]
 
 
 def check_rank(cfg: VariantConfig, shapes: dict[str, tuple[int, int]]) -> None:

@@ -114,16 +114,13 @@ def read_by_parent(model: nn.Module) -> dict[str, str]:
     reason: ``all-linear`` leaves them out and naming one is refused."""
     skipped = {}
     for n, m in model.named_modules():
-        children = [(c, child) for c, child in m.named_children() if kind_of(child) is not None]
-        if not children:
-            continue
-        read = children_read(type(m))
-        for child, _ in children:
-            if child in read:
-                skipped[f"{n}.{child}" if n else child] = (
-                    f"{type(m).__name__} reads {child}'s weight or bias itself rather than calling the "
-                    "layer, so an adapter in its place would be skipped or fail; adapt other layers"
-                )
+        layers = [c for c, child in m.named_children() if kind_of(child) is not None]
+        read = children_read(type(m)) if layers else frozenset()
+        for child in (c for c in layers if c in read):  # in the model's order
+            skipped[f"{n}.{child}" if n else child] = (
+                f"{type(m).__name__} reads {child}'s weight or bias itself rather than calling the layer, so "
+                "an adapter in its place would be skipped or fail; adapt other layers"
+            )
     return skipped
 
 
@@ -132,12 +129,13 @@ def warn_read_by_parent(model: nn.Module, skipped: dict[str, str]) -> None:
     (:func:`read_by_parent`), so a user reading "every linear layer" knows which are not adapted."""
     linear = [n for n in skipped if kind_of(model.get_submodule(n)) in (LINEAR, CONV1D_GPT2)]
     if linear:
-        first, more = linear[0], len(linear) - 1
-        warnings.warn(
-            f"targets 'all-linear' leaves out {first}{f' and {more} more' if more else ''}: {skipped[first]}",
-            UserWarning,
-            stacklevel=4,
-        )
+        warn_left_out(linear, skipped[linear[0]])
+
+
+def warn_left_out(names: list[str], why: str) -> None:
+    """Warn that ``all-linear`` leaves out the layers ``names`` (the first named, with ``why``)."""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    warnings.warn(f"targets 'all-linear' leaves out {names[0]}{more}: {why}", UserWarning, stacklevel=5)
 
 
 def warn_fused(model: nn.Module) -> None:

@@ -122,6 +122,11 @@ class Variant(nn.Module):
     hook: ClassVar[type[Hook] | None] = None  # training-time rules, run by every driver
     stages: ClassVar[Stages | None] = None  # work on the training data before the main run
     shared_class: ClassVar[type[Shared]] = Shared  # state shared by the layers of one ``apply``
+    # Training state a federated update does not carry (it lives outside the trained parameters, or is
+    # decided on one run's data), as a phrase after the variant's name; None: there is none. Federated
+    # clients refuse such a variant: the server would aggregate without it, and the next client a process
+    # plays would start from another's.
+    unshared_state: ClassVar[str | None] = None
     # How it reads and writes PEFT's adapter format (None: it doesn't). Declared by each class itself, never
     # inherited (see __init_subclass__).
     peft: ClassVar[PeftSpec | None] = None
@@ -147,6 +152,11 @@ class Variant(nn.Module):
     @classmethod
     def refusal(cls, driver: Driver, config: VariantConfig) -> str | None:
         """Why this variant with ``config`` cannot run in ``driver`` (None: it can, with all its rules)."""
+        if driver is Driver.FEDERATED and cls.unshared_state is not None:
+            return (
+                f"variant '{cls.name}' {cls.unshared_state}, which federated updates do not carry; use "
+                "--variant dp_dylora, dylora or lora"
+            )
         stages = cls.stages
         if stages is not None and stages.pending(config) and driver not in stages.drivers:
             return (

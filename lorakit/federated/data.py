@@ -53,10 +53,10 @@ def job_config(cfg: FedConfig, classes: D.ClassLabels | None = None) -> JobConfi
 
 def check_run_data(cfg: FedConfig) -> tuple[JobConfig, list[tuple[str, list[D.Row]]]]:
     """Server side, before any round: the job with its classes read from the training data, after every row of
-        the training and evaluation data was checked against them, and the split among the clients made once.
+    the training and evaluation data was checked against them, and the split among the clients made once.
     Under client-level DP the classes come from the settings (``num_labels`` / ``labels``): the clients' data
-    is private, and the classes are released with the adapter.
-        Returns the job and ``(source, rows)`` of the training and (if any) the server's evaluation data."""
+    is private, and the classes are released with the adapter. Returns the job and ``(source, rows)`` of the
+    training and (if any) the server's evaluation data."""
     job = job_config(cfg)
     data = read_data(job)
     if cfg.eval_data == "clients":  # the clients evaluate on their own parts; the server keeps no test split

@@ -55,7 +55,7 @@ from lorakit.federated.strategy import (
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import check_data, check_variant_runs, evaluate, located, prepare_model, tokenize
-from lorakit.privacy.accountant import Accountant, check_budget_pays_one, noise_for_budget
+from lorakit.privacy.accountant import Accountant, run_noise
 from lorakit.privacy.randomness import (
     NOISE_STREAM,
     SAMPLING_STREAM,
@@ -165,23 +165,19 @@ def check_run(cfg: FedConfig) -> CheckedRun:
 
 
 def _noise(cfg: FedConfig) -> float:
-    """``cfg.noise_multiplier``, else the one that spends ``target_epsilon`` in ``rounds`` rounds, else 0."""
-    sigma = cfg.noise_multiplier or 0.0
-    if cfg.target_epsilon is None:
-        return sigma
-    if not sigma:
-        sigma = noise_for_budget(cfg.target_epsilon, cfg.delta, cfg.sample_rate, cfg.rounds, cfg.accountant)
-    check_budget_pays_one(
+    """The server's noise multiplier: ``cfg.noise_multiplier``, else the one that spends ``target_epsilon``
+    in ``rounds`` rounds (refused when one round exceeds it), else 0."""
+    return run_noise(
+        cfg.noise_multiplier or None,  # 0 with a target is refused by the config; alone it is no noise
         cfg.target_epsilon,
         cfg.delta,
-        sigma,
         cfg.sample_rate,
+        cfg.rounds,
         cfg.accountant,
         "round",
         "raise --noise-multiplier (or leave it unset: the target then sets it), lower --cohort, or raise "
         "--target-epsilon",
     )
-    return sigma
 
 
 def run_server(

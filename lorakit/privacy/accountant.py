@@ -71,25 +71,36 @@ class Accountant:
         return ahead.epsilon(delta)
 
 
-def check_budget_pays_one(
-    target_epsilon: float,
+def run_noise(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
     delta: float,
-    noise_multiplier: float,
     sample_rate: float,
+    steps: int,
     kind: str,
     unit: str,
     fix: str,
-) -> None:
-    """Refuse a target epsilon that one ``unit`` (a step, a round) already exceeds. That epsilon depends only
-    on the settings; a run with such a budget would stop before its first step and save an untrained adapter
-    recorded as private. ``fix``: what to change, in the caller's terms."""
-    first = Accountant(kind).epsilon_after(delta, noise_multiplier, sample_rate)
-    if first > target_epsilon:
-        raise PrivacyError(
-            f"--target-epsilon {target_epsilon:g} cannot pay for one {unit}: one {unit} at noise multiplier "
-            f"{noise_multiplier:g} and sample rate {sample_rate:.4g} spends epsilon {first:.4g} (delta "
-            f"{delta:g}); {fix}"
-        )
+) -> float:
+    """The noise multiplier of a run of ``steps`` mechanisms (DP-SGD's steps, federated rounds): the one
+    given, else the smallest that spends ``target_epsilon`` in them, else 0 (no target). A target that one
+    ``unit`` (a step, a round) already exceeds is refused: that epsilon depends only on the settings, and
+    such a run would stop before it trains and save an untrained adapter recorded as private. ``fix``: what
+    to change, in the caller's terms."""
+    if noise_multiplier is not None:
+        sigma = noise_multiplier
+    elif target_epsilon is not None:
+        sigma = noise_for_budget(target_epsilon, delta, sample_rate, steps, kind)
+    else:
+        return 0.0
+    if target_epsilon is not None:
+        first = Accountant(kind).epsilon_after(delta, sigma, sample_rate)
+        if first > target_epsilon:
+            raise PrivacyError(
+                f"--target-epsilon {target_epsilon:g} cannot pay for one {unit}: one {unit} at noise "
+                f"multiplier {sigma:g} and sample rate {sample_rate:.4g} spends epsilon {first:.4g} (delta "
+                f"{delta:g}); {fix}"
+            )
+    return sigma
 
 
 def noise_for_budget(

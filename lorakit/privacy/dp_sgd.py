@@ -36,7 +36,7 @@ from lorakit.core.variant import Hook
 from lorakit.data.datasets import TokenizedData, check_one_step
 from lorakit.engine import Engine, TrainConfig, TrainResult
 from lorakit.privacy import require
-from lorakit.privacy.accountant import Accountant, check_budget_pays_one, noise_for_budget
+from lorakit.privacy.accountant import Accountant, run_noise
 from lorakit.privacy.config import DPConfig, PrivacyError, check_delta_below
 from lorakit.privacy.randomness import NOISE_STREAM, SAMPLING_STREAM, private_generator, warn_insecure
 from lorakit.privacy.report import privacy_record
@@ -85,20 +85,17 @@ def plan(cfg: TrainConfig, dp: DPConfig, examples: int) -> tuple[float, float]:
     q = cfg.batch_size * cfg.grad_accum / examples
     if dp.noise_multiplier != 0:  # without noise epsilon is infinite whatever delta is
         check_delta_below(dp.delta, examples, "training examples", "--delta")
-    sigma = dp.noise_multiplier
-    if sigma is None:
-        sigma = noise_for_budget(dp.target_epsilon, dp.delta, q, cfg.steps, dp.accountant)
-    if dp.target_epsilon is not None:
-        check_budget_pays_one(
-            dp.target_epsilon,
-            dp.delta,
-            sigma,
-            q,
-            dp.accountant,
-            "step",
-            "raise --noise-multiplier (or leave it unset: the target then sets it), lower --batch-size, or "
-            "raise --target-epsilon",
-        )
+    sigma = run_noise(
+        dp.noise_multiplier,
+        dp.target_epsilon,
+        dp.delta,
+        q,
+        cfg.steps,
+        dp.accountant,
+        "step",
+        "raise --noise-multiplier (or leave it unset: the target then sets it), lower --batch-size, or raise "
+        "--target-epsilon",
+    )
     return sigma, q
 
 

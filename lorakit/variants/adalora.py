@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.core.config import VariantConfig, require
-from lorakit.core.contract import Driver, Shared
+from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook, Variant
@@ -152,19 +152,8 @@ class AdaLoRA(Variant):
     summary = "SVD-form P diag(E) Q whose rank budget is pruned globally by importance during training"
     paper = "arXiv:2303.10512"
     hook = AdaLoRAHook
-
-    @classmethod
-    def refusal(cls, driver: Driver, config: VariantConfig) -> str | None:
-        """The budget is one schedule over one run's steps, pruning triplets by importance measured on the
-        data; a federated client would prune by its own data, and the next client or round in the same
-        process would train only the triplets it kept (the server, which never prunes, would not)."""
-        if driver is Driver.FEDERATED:
-            return (
-                f"variant '{cls.name}' prunes its rank budget on one run's data, which federated rounds "
-                "cannot share (each client would prune by its own data); use --variant dp_dylora, dylora or "
-                "lora"
-            )
-        return super().refusal(driver, config)
+    # The budget prunes triplets by importance measured on one run's data: a client would prune by its own.
+    unshared_state = "prunes its rank budget on one run's data (each client would prune by its own)"
 
     def __init__(self, config: AdaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

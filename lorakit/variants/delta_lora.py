@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorakit.core.config import VariantConfig, require
-from lorakit.core.contract import Driver, Shared
+from lorakit.core.config import require
+from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Hook
@@ -84,17 +84,8 @@ class DeltaLoRA(LoRA):
     paper = "arXiv:2309.02411"
     hook = DeltaLoRAHook
     peft = LORA_PEFT  # s B A as a LoRA while W has not moved; peft_problem refuses it once it has
-
-    @classmethod
-    def refusal(cls, driver: Driver, config: VariantConfig) -> str | None:
-        """W's move lives in buffers (``A_K``, ``B_K``, ``active``) that no federated update carries: the
-        server would save plain LoRA, and the next client in a process would start from another's move."""
-        if driver is Driver.FEDERATED:
-            return (
-                f"variant '{cls.name}' moves the base weight by state outside its trained factors, which "
-                "federated updates do not carry; use --variant dp_dylora, dylora or lora"
-            )
-        return super().refusal(driver, config)
+    # W's move lives in buffers (A_K, B_K, active), outside the trained factors.
+    unshared_state = "moves the base weight by state outside its trained factors"
 
     def __init__(self, config: DeltaLoRAConfig, base: AdaptedLayer, shared: Shared) -> None:
         super().__init__(config, base, shared)

@@ -102,8 +102,8 @@ class DoRA(LoRA):
         # Caches are plain attributes, not buffers: they derive from the base weight and A, B, so they are
         # rebuilt after a load or a dtype/device move and never enter the adapter file.
         self._w0_sq: tuple[tuple, Tensor] | None = None  # ||W0||^2_row, keyed on the base weight
-        self._eval_norm: tuple[tuple, Tensor, Tensor, Tensor] | None = None  # ||V||_row in eval mode, with
-        # its key on W0, A, B and the A, B it was computed from
+        # ||V||_row in eval mode: (its key on W0, A, B; the norm; the A and B it was computed from)
+        self._eval_norm: tuple[tuple, Tensor, Tensor, Tensor] | None = None
         self._merge_state: tuple[Tensor, Tensor, Tensor] | None = None  # (norm, rows with m = 0, their W0)
         # m = ||W0||_row, bit-equal to the forward's norm at step 0 (B A = 0 there), so c = 1 exactly.
         self.m = nn.Parameter(self.w0_sq(base.weight_2d(), base).sqrt())  # (out,)
@@ -118,8 +118,7 @@ class DoRA(LoRA):
 
     def weight_norm(self, base: AdaptedLayer) -> Tensor:
         """``||W0 + s B A||_row`` (fp32 or fp64, detached, ``(out,)``); cached in eval mode until W0, A, B
-        change.
-        ``A`` and ``B`` are compared by value too (they are small): an edit through ``.data`` bumps no
+        change. ``A`` and ``B`` are compared by value too (they are small): an edit through ``.data`` bumps no
         version."""
         key = None if self.training else _key(base.stored_weight(), self.A, self.B)  # training: A, B move
         if key is not None and self._eval_norm is not None:
