@@ -152,6 +152,19 @@ def test_stages_select_then_start_the_main_run_from_fresh_adapters_and_head() ->
     assert model.head.weight.requires_grad and not model.l0.base_layer.weight.requires_grad
 
 
+def test_stage_scoring_shows_a_bar_over_the_sample_batches(capsys) -> None:
+    data = TokenizedData([[1 + i % 19, 2] for i in range(40)], [i % 2 for i in range(40)], 0)
+    # a sample of 20 of the 40 examples: 3 batches of 8
+    model = lorakit.apply(Classifier(), "lora_drop", targets=["l0", "l1"], rank=2, sample_ratio=0.5)
+    cfg = TrainConfig(steps=4, batch_size=8, lr=0.05, warmup_ratio=0.0, progress=False)
+    run_stages(model, data, cfg, Driver.LOOP, stage_run, progress=True)
+    err = capsys.readouterr().err
+    assert "stage scoring" in err and "3/3" in err
+    quiet = lorakit.apply(Classifier(), "lora_drop", targets=["l0"], rank=2)
+    run_stages(quiet, data, cfg, Driver.LOOP, stage_run)
+    assert "stage scoring" not in capsys.readouterr().err
+
+
 def test_train_runs_every_stage_and_reports_kept_modules(tiny_bert_dir, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     argv = ["train", "--model", str(tiny_bert_dir), "--variant", "lora_drop", "--steps", "10"]

@@ -1,7 +1,8 @@
 """Runs a variant's stages before the main run (``Variant.stages``) on lorakit's tokenised training data.
 
 :class:`DataStages` is the driver's side of :class:`lorakit.core.contract.StageContext`: it trains with
-lorakit's loop on a subset of the data, batches it for scoring, and rebuilds the adapters.
+lorakit's loop on a subset of the data, batches it for scoring (with a progress bar: scoring a sample of
+an LLM's data takes minutes), and rebuilds the adapters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lorakit.core.config import VariantConfig
 from lorakit.core.contract import CapabilityError, Driver
 from lorakit.data.datasets import BatchSampler, TokenizedData, eval_batches
 from lorakit.engine.config import TrainConfig
+from lorakit.engine.run import progress_bar
 
 # A short training run for the stages (lorakit.train.loop.stage_run): model, batches, settings.
 StageTraining = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
@@ -26,8 +28,10 @@ StageTraining = Callable[[nn.Module, BatchSampler, TrainConfig], Any]
 class DataStages:
     """A :class:`lorakit.core.contract.StageContext` over ``data``, training with ``train``."""
 
-    def __init__(self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: StageTraining) -> None:
-        self.model, self.data, self.cfg, self.trainer = model, data, cfg, train
+    def __init__(
+        self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: StageTraining, progress: bool
+    ) -> None:
+        self.model, self.data, self.cfg, self.trainer, self.progress = model, data, cfg, train, progress
         self.seed, self.steps, self.batch_size = cfg.seed, cfg.steps, cfg.batch_size
         modules = dict(model.named_modules())
         # Fully trained modules (a new head) as they were before the stages, to restore in ``reapply``.
@@ -48,7 +52,10 @@ class DataStages:
         self.trainer(self.model, BatchSampler(self.subset(indices), self.batch_size, self.seed), stage)
 
     def batches(self, indices: list[int]) -> Iterator[dict[str, Tensor]]:
-        return eval_batches(self.subset(indices), self.batch_size)
+        with progress_bar(-(-len(indices) // self.batch_size), 0, self.progress, "stage scoring") as bar:
+            for batch in eval_batches(self.subset(indices), self.batch_size):
+                yield batch
+                bar.update()
 
     def config(self) -> VariantConfig:
         return lorakit.info(self.model).config
@@ -62,15 +69,20 @@ class DataStages:
 
 
 def run_stages(
-    model: nn.Module, data: TokenizedData, cfg: TrainConfig, driver: Driver, train: StageTraining
+    model: nn.Module,
+    data: TokenizedData,
+    cfg: TrainConfig,
+    driver: Driver,
+    train: StageTraining,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
-    with ``train``; returns what they decided."""
+    with ``train``; returns what they decided. ``progress``: show a bar while they score the data."""
     lorakit.adapters.api.check_driver(model, driver)
     stages = lorakit.get_variant(lorakit.info(model).variant).stages
     if stages is None or not stages.pending(lorakit.info(model).config):
         return {}
-    return stages.run(DataStages(model, data, cfg, train))
+    return stages.run(DataStages(model, data, cfg, train, progress))
 
 
 def run_pending_stages(
@@ -79,6 +91,7 @@ def run_pending_stages(
     cfg: TrainConfig,
     driver: Driver,
     train: StageTraining,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`run_stages` on the data behind ``batches``; refuses batches that hide their data when stages
     are pending (training without them would silently be another method)."""
@@ -90,4 +103,4 @@ def run_pending_stages(
             f"variant '{lorakit.info(model).variant}' runs stages on the training data before the main run; "
             "pass a lorakit.data.datasets.BatchSampler so they can read it"
         )
-    return run_stages(model, batches.data, cfg, driver, train)
+    return run_stages(model, batches.data, cfg, driver, train, progress)
