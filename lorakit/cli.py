@@ -71,7 +71,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     job.data.eval_data, job.data.data = source, source
     rows = D.read_rows(source, split="test")
     rows = rows[: args.limit] if args.limit else rows
-    data = tokenize(job, tokenizer, source, rows)
+    data = tokenize(job, tokenizer, source, rows, named=_columns_named(args))
+    cut = data.truncation.describe(source) if data.truncation is not None else None
+    if cut is not None:  # the loss covers what is left of the answers
+        print(cut, file=sys.stderr)
     size = eval_batch_size(job)
     if args.all_ranks:
         table = lorakit.evaluate_all_ranks(model, lambda m: evaluate(m, data, size))
@@ -88,13 +91,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         answered = rows[: args.generate_limit] if args.generate_limit else rows
         report = generation_eval(
-            job, model, tokenizer, answered, source, pattern, args.max_new_tokens, args.batch_size or BATCH
-        )
+            job, model, tokenizer, answered, source, pattern, args.max_new_tokens, args.batch_size or BATCH,
+            named=_columns_named(args),
+        )  # fmt: skip
         metrics |= report.metrics
         shown += f", exact match {report.metrics['exact_match']:.4f} ({report.correct}/{report.total})"
         report.write(out, metrics, args.overwrite)
         shown += f"; generations in {report.path}"
     print(shown)
+
+
+def _columns_named(args: argparse.Namespace) -> bool:
+    """Whether the prompt or response column was named on the command line for this data: data holding
+    conversations is then refused rather than read with the named columns passed over."""
+    return args.prompt_column is not None or args.response_column is not None
 
 
 def _check_eval_flags(args: argparse.Namespace) -> None:
@@ -232,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not text.strip():
             raise LorakitError(f"prompt {number} is empty; pass the text to answer")
     if args.prompts_file:
-        from_file = _prompts_from_file(Path(args.prompts_file), job)
+        from_file = _prompts_from_file(Path(args.prompts_file), job, _columns_named(args))
         if not from_file:
             raise LorakitError(f"--prompts-file {args.prompts_file} holds no prompt; write one per line")
         prompts += from_file
@@ -253,9 +263,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
 
 
-def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
+def _prompts_from_file(path: Path, job: JobConfig | None, named: bool) -> list[Example]:
     """Prompts from a data file (its prompt column, or each conversation up to its last user turn) or from a
-    text file (one per line), as conversations to answer."""
+    text file (one per line), as conversations to answer. ``named``: see :func:`_columns_named`."""
     from lorakit.data import chat
     from lorakit.data import datasets as D
     from lorakit.jobs.config import DataConfig
@@ -268,7 +278,7 @@ def _prompts_from_file(path: Path, job: JobConfig | None) -> list[Example]:
         d = job.data if job is not None else DataConfig()
         rows = D.read_rows(str(path))
         examples = D.conversations(
-            rows, d.messages_column, d.prompt_column, d.response_column, str(path), answers=False
+            rows, d.messages_column, d.prompt_column, d.response_column, str(path), answers=False, named=named
         )
         return [chat.Example(example.prompt) for example in examples]
     try:

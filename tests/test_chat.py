@@ -154,6 +154,14 @@ def test_trl_prompt_completion_rows_are_read_as_trl_reads_them(tokenizer) -> Non
         conversations([*rows, {"prompt": [user], "completion": "4"}], "messages", "prompt", "response", "x")
     with pytest.raises(chat.ChatError, match="row 1: 'prompt' \\+ 'completion' ends with a user turn"):
         conversations([{"prompt": [user], "completion": []}], "messages", "prompt", "response", "x")
+    # An earlier answer inside the prompt is prompt: only the completion is trained, as TRL trains it
+    earlier = {"role": "assistant", "content": "3"}
+    rows = [{"prompt": [user, earlier, {"role": "user", "content": "sure?"}], "completion": [assistant]}]
+    data = tokenize_causal(conversations(rows, "messages", "prompt", "response", "x"), tokenizer, CHATML, 64)
+    assert labelled_text(tokenizer, data.input_ids[0], data.labels[0]) == "4<|im_end|>\n"
+    as_messages = [{"messages": [*rows[0]["prompt"], assistant]}]  # every answer of a conversation trains
+    data = tokenize_causal(conversations(as_messages, "messages", "p", "r", "x"), tokenizer, CHATML, 64)
+    assert labelled_text(tokenizer, data.input_ids[0], data.labels[0]) == "3<|im_end|>\n4<|im_end|>\n"
 
 
 def test_a_slow_tokenizer_is_refused_with_the_way_out(tokenizer) -> None:

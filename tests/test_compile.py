@@ -157,3 +157,20 @@ def test_the_public_api_takes_a_data_parallel_model(tmp_path) -> None:
     rewrapped = lorakit.load(nn.DataParallel(twin), tmp_path / "from-bare").eval()
     torch.testing.assert_close(rewrapped(x), loaded(x))
     assert lorakit.merge(rewrapped) is rewrapped and not lorakit.adapted_layers(rewrapped)
+
+
+def test_qlora_on_its_4bit_base_compiles_whole_and_equals_eager() -> None:
+    # The 4-bit base (NF4 with double quantisation) dequantises inside the graph: its code tables are
+    # constants, never rebuilt from Python lists while tracing.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    model = lorakit.apply(base, "qlora", targets=["0", "2"], rank=2, dropout=0.0, compute_dtype="float32")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    eager = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)  # raises on a graph break
+    torch.testing.assert_close(compiled, eager)

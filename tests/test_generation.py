@@ -60,6 +60,10 @@ def test_answers_compare_by_value_and_a_pattern_of_ones_own_counts() -> None:
         ("The answer is 5, which is odd", "#### 5", True),
         ("It takes 10-20 minutes", "#### 20", True),  # a range, not a negative number
         ("x = -5", "#### -5", True),
+        ("so it is 8 - 3", "#### 3", True),  # a subtraction across spaces, not a negative number
+        ("#### 15", "The difference is 20 - 15", True),
+        ("The answer is -3", "#### 3", False),  # after a word the minus is the number's sign
+        ("(4 + 4) - 5", "#### 5", True),
     ],
 )
 def test_fractions_lists_and_ranges_are_read_as_the_numbers_they_are(generated, reference, correct) -> None:

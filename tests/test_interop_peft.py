@@ -322,22 +322,35 @@ def test_resized_embeddings_peft_saved_are_loaded_into_the_base(tmp_path) -> Non
         assert (base(GPT2_IDS).logits - want).abs().max() > 1e-2
 
 
-def test_a_peft_sequence_classification_adapter_with_its_head(tmp_path) -> None:
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, num_labels=3)  # fmt: skip
+@pytest.mark.parametrize(
+    ("family", "heads"),
+    [("Bert", ["classifier"]), ("Roberta", ["classifier.dense", "classifier.out_proj"])],  # a head of layers
+)
+def test_a_peft_sequence_classification_adapter_with_its_head(
+    tmp_path, family: str, heads: list[str]
+) -> None:
+    config, model = (
+        getattr(transformers, f"{family}Config"),
+        getattr(transformers, f"{family}ForSequenceClassification"),
+    )
+    cfg = config(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, num_labels=3, max_position_embeddings=32)  # fmt: skip
     torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(cfg).eval()
+    base = model(cfg).eval()
     lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
     theirs = peft.get_peft_model(copy.deepcopy(base), lora)
     perturb(theirs)  # the adapter and the classification head PEFT trains with it
-    theirs.save_pretrained(tmp_path)
-    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
-    assert lorakit.info(ours).train_modules == ["classifier"]
-    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_peft(copy.deepcopy(base), tmp_path / "theirs").eval()
+    assert lorakit.info(ours).train_modules == heads
+    ids = torch.randint(3, 40, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = theirs.eval()(input_ids=ids).logits
         assert (want - base(input_ids=ids).logits).abs().max() > 1e-2
         assert (ours(input_ids=ids).logits - want).abs().max() <= 1e-5
+        save_peft(ours, tmp_path / "ours")  # and back: lorakit reads what it writes
+        again = load_peft(copy.deepcopy(base), tmp_path / "ours").eval()
+        assert (again(input_ids=ids).logits - want).abs().max() <= 1e-5
 
 
 PEFT_VARIANTS = [name for name, cls in lorakit.VARIANTS.items() if cls.peft is not None]

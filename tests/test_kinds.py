@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_zoo import LAYERS, make_case
+from layer_zoo import LAYERS, make_case, perturb
 
+import lorakit
 from lorakit.core.kinds import kind_of
 
 
@@ -29,3 +30,21 @@ def test_op_reproduces_layer_and_low_rank_factors_compose(kind_name: str) -> Non
 
 def test_unadaptable_layer_has_no_kind() -> None:
     assert kind_of(torch.nn.LayerNorm(4)) is None
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "adalora", "lora_fa", "dylora", "loha", "lokr"])
+@pytest.mark.parametrize(("conv", "size"), [(torch.nn.Conv1d, (2,)), (torch.nn.Conv2d, (2, 3))])
+def test_an_unbatched_convolution_input_gives_the_batched_output(conv, size, variant) -> None:
+    torch.manual_seed(0)
+    # 2 output channels, rank 2 and length 2: a transposed change would have had the right shape
+    rank = {"init_r": 2, "target_r": 1} if variant == "adalora" else {"rank": 2}  # AdaLoRA: its budget
+    model = lorakit.apply(torch.nn.Sequential(conv(3, 2, 3, padding=1)), variant, targets=["0"], **rank)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, *size)  # (channels, *size): one example without a batch dimension
+    with torch.no_grad():
+        batched = model(x.unsqueeze(0))[0]
+        with lorakit.disabled(model):
+            assert (model(x) - batched).abs().max() > 1e-3  # the adapter changes the output
+        torch.testing.assert_close(model(x), batched)
+        torch.testing.assert_close(lorakit.merge(model)(x), batched, atol=1e-5, rtol=1e-5)

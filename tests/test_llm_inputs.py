@@ -486,6 +486,33 @@ def test_references_without_a_final_answer_are_not_scored_and_all_without_one_is
     assert generated == []  # refused before anything was generated
 
 
+def test_columns_named_for_held_out_conversations_are_refused_not_passed_over(
+    runs, tmp_path, generated, capsys
+) -> None:
+    talks = write(tmp_path / "m.jsonl", [{"messages": [U("What is 1 plus 3?"), A("#### 4")]}] * 2)
+    adapter = ["--adapter", str(runs["chat"])]
+    assert main(["eval", *adapter, "--data", talks]) == 0  # the run's columns: conversations are read
+    capsys.readouterr()
+    for argv in (
+        ["eval", *adapter, "--data", talks, *QA_FLAGS],
+        ["eval", *adapter, "--data", talks, "--prompt-column", "question", "--generate", "--out", "x"],
+        ["generate", *adapter, "--prompts-file", talks, "--prompt-column", "question"],
+    ):
+        assert main(argv) == 2
+        one_line_error(capsys, "has a 'messages' column", "'question' would be ignored")
+    assert generated == []
+
+
+def test_eval_says_how_many_answers_max_length_cut_or_left_out(runs, tmp_path, capsys) -> None:
+    rows = [*QA, {"question": "What is 2 plus 2? " * 9, "answer": "#### 4"}]  # its answer falls beyond
+    data = write(tmp_path / "d.jsonl", rows)
+    assert main(["eval", "--adapter", str(runs["chat"]), "--data", data, "--max-length", "100"]) == 0
+    line = "d.jsonl: 0 of 5 answers cut at max length 100; 1 examples with no answer token within it left out"
+    assert line in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(runs["chat"]), "--data", data, "--max-length", "256"]) == 0
+    assert "answers cut" not in capsys.readouterr().err
+
+
 def test_an_optional_group_that_took_no_part_is_no_answer() -> None:
     from lorakit.eval.scoring import compile_pattern, extract_answer, score
 

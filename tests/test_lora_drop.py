@@ -156,7 +156,7 @@ def test_stage_scoring_shows_a_bar_over_the_sample_batches(capsys) -> None:
     data = TokenizedData([[1 + i % 19, 2] for i in range(40)], [i % 2 for i in range(40)], 0)
     # a sample of 20 of the 40 examples: 3 batches of 8
     model = lorakit.apply(Classifier(), "lora_drop", targets=["l0", "l1"], rank=2, sample_ratio=0.5)
-    cfg = TrainConfig(steps=4, batch_size=8, lr=0.05, warmup_ratio=0.0, progress=False)
+    cfg = TrainConfig(steps=4, batch_size=8, lr=0.05, warmup_ratio=0.0)
     run_stages(model, data, cfg, Driver.LOOP, stage_run, progress=True)
     err = capsys.readouterr().err
     assert "stage scoring" in err and "3/3" in err

@@ -159,6 +159,109 @@ def test_an_untied_copy_merges_exactly() -> None:
     torch.testing.assert_close(lorakit.merge(model)(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def _weight_normed(layer: nn.Module, legacy: bool) -> nn.Module:
+    dim = 2 if isinstance(layer, nn.Conv1d) else 0
+    norm = nn.utils.weight_norm if legacy else nn.utils.parametrizations.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older hook is deprecated
+        return norm(layer, dim=dim)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize(
+    ("variant", "layer", "x"),
+    [
+        ("lora", lambda: nn.Linear(8, 8), (4, 8)),
+        ("dora", lambda: nn.Linear(8, 8), (4, 8)),
+        ("loha", lambda: nn.Conv1d(8, 8, 3, padding=1, groups=2), (2, 8, 5)),  # as wav2vec2's positional conv
+    ],
+)
+def test_a_weight_normed_layer_merges_through_its_magnitude_and_direction(variant, layer, x, legacy) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_weight_normed(layer(), legacy))
+    x = torch.randn(x)
+    base = model(x).detach()
+    lorakit.apply(model, variant, targets=["0"], rank=2, dropout=0.0)
+    perturb(model)
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - base).abs().max() > 0.1
+        lorakit.merge(model, unload=False)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)  # a plain copy was lost here
+        lorakit.unmerge(model)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+        with lorakit.disabled(model):
+            torch.testing.assert_close(model(x), base, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lorakit.merge(model)(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_parametrization_that_cannot_take_the_merged_weight_is_refused_and_nothing_merges() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))).eval()
+    model = lorakit.apply(base, "lora", targets=["0", "1"], rank=2)
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before, plain = model(x), model[0].base_layer.weight.clone()
+        refused = r"cannot merge into 1: .*parametrization \(_SpectralNorm\)"
+        with pytest.raises(AdapterStateError, match=refused):
+            lorakit.merge(model, unload=True)
+        assert not model[0].merged  # taken back out (to the rounding of unmerge)
+        torch.testing.assert_close(model[0].base_layer.weight, plain, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(x), before)
+        assert isinstance(model[1], lorakit.AdaptedLayer) and lorakit.info(model).variant == "lora"
+
+
+class _SameLinear(nn.Linear):  # as Falcon's: the op written out by hand
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+class _ScaledEmbedding(nn.Embedding):  # as Gemma's word embeddings
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 4.0
+
+
+class _Router(nn.Linear):  # as a mixture of experts' router: scores, not a tensor
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(super().forward(x), 1)
+
+
+class _Subclassed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.same, self.router = _ScaledEmbedding(10, 8), _SameLinear(8, 8), _Router(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.same(self.emb(ids))
+
+
+def test_a_subclass_computing_its_kinds_op_is_adapted_and_merges_exactly() -> None:
+    torch.manual_seed(0)
+    model = lorakit.apply(_Subclassed(), "lora", targets=["same"], rank=2).eval()
+    perturb(model)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        adapted = model(ids)
+        torch.testing.assert_close(lorakit.merge(model)(ids), adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("emb", r"_ScaledEmbedding has a forward of its own .* other values on a probe input"),
+        ("router", r"_Router has a forward of its own .* returns topk, not a tensor"),
+    ],
+)
+def test_a_subclass_computing_something_else_is_refused_or_left_out(target, why) -> None:
+    with pytest.raises(TargetError, match=rf"match {target}, which lorakit cannot adapt: {why}"):
+        lorakit.apply(_Subclassed(), "lora", targets=[target], rank=2)
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves out router: _Router has a forward of its own"):
+        model = lorakit.apply(_Subclassed(), "lora", targets="all-linear", rank=2)
+    assert [n for n, _ in lorakit.adapters.api.adapted_layers(model)] == ["same"]
+
+
 def test_training_a_merged_model_is_refused_before_any_step() -> None:
     from lorakit.train.loop import TrainConfig, train
 
@@ -282,6 +385,20 @@ def test_an_adapter_is_refused_by_its_base_moved_beyond_rounding(tmp_path) -> No
     torch.manual_seed(0)
     with pytest.raises(AdapterFileError, match="different base model"):
         lorakit.load(moved.float(), tmp_path)  # same dtype: the exact fingerprint decides
+
+
+def test_a_qlora_adapter_on_its_base_in_another_dtype_says_the_4bit_codes_must_match(tmp_path) -> None:
+    from lorakit.adapters.io import AdapterFileError
+
+    torch.manual_seed(0)
+    lorakit.save(lorakit.apply(MLP(), "qlora", targets=["fc1", "fc2"], rank=2), tmp_path)
+    torch.manual_seed(0)
+    lorakit.load(MLP(), tmp_path)  # the same base, the same dtype: the same codes
+    torch.manual_seed(0)
+    other = MLP().to(torch.bfloat16)
+    with pytest.raises(AdapterFileError, match="a 4-bit base whose codes must match exactly.*in the dtype"):
+        lorakit.load(other, tmp_path)
+    assert not hasattr(other, "lorakit")
 
 
 def test_saved_tensors_the_adapter_has_no_place_for_are_refused(tmp_path) -> None:
@@ -584,6 +701,29 @@ def test_a_model_reading_an_adapted_layers_weight_runs(variant: str) -> None:
     assert wo.variant.B.grad is not None
     if variant == "lora":
         torch.testing.assert_close(out.logits, before)  # B starts at zero
+
+
+class _ReadsStride(nn.Module):  # as Whisper's encoder, which reads conv1.stride
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.conv.stride[0] * 2 == self.conv.kernel_size[0] + 1
+        return self.conv(x)
+
+
+def test_a_model_reading_its_layers_attributes_runs_adapted_and_private_names_stay_the_wrappers() -> None:
+    torch.manual_seed(0)
+    model = lorakit.apply(_ReadsStride(), "lora", targets=["conv"], rank=2)
+    perturb(model)
+    out = model(torch.randn(2, 4, 8))
+    out.sum().backward()
+    assert model.conv.variant.B.grad.abs().sum() > 0 and model.conv.padding == (1,)
+    model.conv.base_layer._framework_mark = True  # frameworks mark modules with private names
+    assert not hasattr(model.conv, "_framework_mark")
+    with pytest.raises(AttributeError):
+        model.conv.no_such_attribute  # noqa: B018
 
 
 def test_all_linear_names_what_it_cannot_cover() -> None:

@@ -345,11 +345,20 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
     """
     info(model)
     check_untied(model)
-    for name, layer in adapted_layers(model):
-        layer.merge()
-        if unload:
-            set_module(model, name, layer.base_layer)
+    layers = adapted_layers(model)
+    done: list[AdaptedLayer] = []
+    try:
+        for _, layer in layers:
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except BaseException:  # a layer that cannot be merged: the others are taken back out, all or nothing
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
     if unload:
+        for name, layer in layers:
+            set_module(model, name, layer.base_layer)
         release(model)
     return model
 

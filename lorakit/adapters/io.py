@@ -167,8 +167,15 @@ def check_same_base(
     now = base_dtypes(model)
     if same_base_in_another_dtype(meta, sample, now):
         return
+    quantised = any(layer.weight_is_dequantised() for _, layer in adapted_layers(model))
     undo_apply(model)
     saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
+    if quantised:  # another dtype rounds some weights across a 4-bit level: codes that must match differ
+        raise AdapterFileError(
+            f"the adapter in {directory} was trained on a 4-bit base whose codes must match exactly, and "
+            "this model's targeted weights quantise to other codes: load it onto the base it was trained "
+            "on, in the dtype that base was loaded in then"
+        )
     if isinstance(saved, list) and saved and saved != now:
         raise AdapterFileError(
             f"the adapter in {directory} was trained on a base in {', '.join(map(str, saved))} but this "

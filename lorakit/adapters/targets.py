@@ -15,7 +15,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lorakit.common.errors import LorakitError
-from lorakit.core.kinds import CONV1D_GPT2, LINEAR, KindSet, kind_of, why_not_adaptable
+from lorakit.core.kinds import CONV1D_GPT2, LINEAR, KindSet, kind_of, matched_kind, why_not_adaptable
 
 # Output heads that "all-linear" leaves alone: adapting them is rarely wanted, and a new head trains in full.
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
@@ -40,6 +40,14 @@ def find_targets(model: nn.Module, targets: str | list[str], kinds: KindSet) -> 
         names = [n for n, k in adaptable.items() if k.is_matrix and n not in head]
         warn_fused(model)
         warn_read_by_parent(model, skipped)
+        refused = [
+            n
+            for n, m in every
+            if n and n not in adaptable and n not in skipped and n not in head
+            if (kind := matched_kind(m)) is not None and kind.is_matrix
+        ]
+        if refused:  # linear layers that compute something else (a router), or have no weights yet
+            warn_left_out(refused, why_not_adaptable(model.get_submodule(refused[0])))
         if not names and not skipped:
             leaves = sorted({n.split(".")[-1] for n in adaptable if n not in head})
             raise TargetError(

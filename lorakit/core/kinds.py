@@ -23,6 +23,7 @@ it is (``takes_ids``, ``is_matrix``, ``fan_in_fan_out``, ``kernel_shape``) inste
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -52,6 +53,12 @@ class LayerKind:
         """Whether the layer's own forward is exactly ``op(x, weight_2d(), bias)`` (not a subclass with a
         forward of its own, such as a quantised layer), so an adapter may compute it in its place."""
         return type(layer).forward is nn.Linear.forward
+
+    def probe_input(self, layer: nn.Module) -> Tensor:
+        """A small input the layer takes (two rows of features), for :func:`_own_forward_refusal`."""
+        gen = torch.Generator(device=layer.weight.device).manual_seed(0)
+        w = layer.weight
+        return torch.randn(2, self.shape_2d(layer)[1], generator=gen, device=w.device).to(w.dtype)
 
     # --- weight views ------------------------------------------------------------------------------
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
@@ -140,6 +147,16 @@ class ConvKind(LayerKind):
     def matches(self, layer: nn.Module) -> bool:
         return isinstance(layer, self.module) and (layer.groups > 1) == self.grouped
 
+    def runs_as_op(self, layer: nn.Module) -> bool:
+        return type(layer).forward is self.module.forward
+
+    def probe_input(self, layer: nn.Module) -> Tensor:
+        # One example, each spatial size covering the dilated kernel twice over.
+        w = layer.weight
+        sizes = [2 * (k - 1) * d + 2 for k, d in zip(w.shape[2:], layer.dilation, strict=True)]
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        return torch.randn(1, layer.in_channels, *sizes, generator=gen, device=w.device).to(w.dtype)
+
     def weight_2d(self, layer: nn.Module, weight: Tensor | None = None) -> Tensor:
         w = _base_weight(layer) if weight is None else weight
         return w.reshape(w.shape[0], -1)
@@ -163,6 +180,8 @@ class ConvKind(LayerKind):
         return _conv(layer, x, a.reshape(a.shape[0], *layer.weight.shape[1:]), None, groups=1)
 
     def up(self, z: Tensor, b: Tensor) -> Tensor:
+        if z.dim() == self.dims + 1:  # one unbatched example (channels, *size), which nn.ConvNd accepts
+            return torch.einsum("or,r...->o...", b, z)
         return torch.einsum("or,nr...->no...", b, z)
 
     def channel_view(self, v: Tensor) -> Tensor:
@@ -187,6 +206,12 @@ class EmbeddingKind(TransposedKind):
 
     def matches(self, layer: nn.Module) -> bool:
         return isinstance(layer, nn.Embedding)
+
+    def runs_as_op(self, layer: nn.Module) -> bool:
+        return type(layer).forward is nn.Embedding.forward
+
+    def probe_input(self, layer: nn.Module) -> Tensor:
+        return torch.tensor([[0, layer.num_embeddings - 1]], device=layer.weight.device)  # two ids
 
     def refusal(self, layer: nn.Module) -> str | None:
         if layer.max_norm is not None:
@@ -288,16 +313,20 @@ MATRIX_KINDS = KindSet(k for k in KINDS.values() if k.is_matrix)
 FACTOR_KINDS = KindSet(k for k in KINDS.values() if not isinstance(k, GroupedConvKind))
 
 
+def matched_kind(layer: nn.Module) -> LayerKind | None:
+    """The kind whose layers ``layer`` is one of, whether or not it can be adapted (None: no kind's)."""
+    return next((kind for kind in KINDS.values() if kind.matches(layer)), None)
+
+
 def kind_of(layer: nn.Module) -> LayerKind | None:
     """The kind of ``layer``, or None when lorakit cannot adapt it (see :func:`why_not_adaptable`)."""
-    for kind in KINDS.values():
-        if kind.matches(layer):
-            return None if _refusal(kind, layer) is not None else kind
-    return None
+    kind = matched_kind(layer)
+    return None if kind is None or _refusal(kind, layer) is not None else kind
 
 
 def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
-    """Why a layer of ``kind`` cannot be adapted: no weights yet, an empty weight, or its kind's reason."""
+    """Why a layer of ``kind`` cannot be adapted: no weights yet, an empty weight, a forward of its own that
+    is not its kind's op, or its kind's reason."""
     if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in layer.parameters()):
         return (
             f"{type(layer).__name__} has no weights yet (a lazy module): run one forward pass to initialise "
@@ -306,14 +335,55 @@ def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
     out_features, in_features = kind.shape_2d(layer)
     if out_features == 0 or in_features == 0:
         return f"its weight is empty ({out_features} x {in_features}): there is nothing to adapt"
-    return kind.refusal(layer)
+    return kind.refusal(layer) or _own_forward_refusal(kind, layer)
+
+
+# What the probe found per layer: a layer's class and weights do not change while lorakit looks at it.
+_PROBED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def _own_forward_refusal(kind: LayerKind, layer: nn.Module) -> str | None:
+    """Why a subclass with a forward of its own cannot be adapted: an adapter adds ``op(x, dW)`` and a merge
+    writes ``W + dW``, both right only if the layer computes ``op(x, W) + b``. Many subclasses do (Falcon's
+    linear layers), others do not: Gemma's word embeddings scale the rows they look up, learned positional
+    embeddings look up positions, routers return scores. So the layer is run once on a small probe input
+    and compared with its kind's op; a quantised layer standing in for a kind computes it by construction."""
+    if isinstance(layer, QuantizedBase) or kind.runs_as_op(layer):
+        return None
+    if layer not in _PROBED:
+        _PROBED[layer] = _probe(kind, layer)
+    return _PROBED[layer]
+
+
+def _probe(kind: LayerKind, layer: nn.Module) -> str | None:
+    own = f"{type(layer).__name__} has a forward of its own that is not a plain {kind.name} of its weight"
+    fix = "an adapter's change would not follow it"
+    if layer.weight.device.type == "meta":
+        return None  # nothing to run; a meta model is refused where it is applied
+    with torch.no_grad():
+        x = kind.probe_input(layer)
+        try:
+            y = type(layer).forward(layer, x)  # the class's computation, without the hooks of the instance
+        except Exception as err:  # noqa: BLE001 - any failure means the layer is not called as its kind
+            return f"{own}: it does not take a {kind.name}'s input ({type(err).__name__}); {fix}"
+        if not isinstance(y, Tensor):
+            return f"{own}: it returns {type(y).__name__}, not a tensor; {fix}"
+        expected = kind.op(layer, x, kind.weight_2d(layer), getattr(layer, "bias", None))
+        if y.shape != expected.shape:
+            return f"{own}: its output is shaped {tuple(y.shape)}, not {tuple(expected.shape)}; {fix}"
+        scale = float(expected.abs().max()) + torch.finfo(expected.dtype).tiny
+        # rounding of the same sums in another order: grows with the width, never past 1%
+        tolerance = min(64 * torch.finfo(expected.dtype).eps * kind.shape_2d(layer)[1] ** 0.5, 1e-2)
+        if not float((y.to(expected.dtype) - expected).abs().max()) <= tolerance * scale:
+            return f"{own}: it gives other values on a probe input (a scaled output, say); {fix}"
+    return None
 
 
 def why_not_adaptable(layer: nn.Module) -> str:
     """Why :func:`kind_of` gives None for ``layer``: the reason its kind refuses it, or that no kind is it."""
-    for kind in KINDS.values():
-        if kind.matches(layer):
-            return _refusal(kind, layer) or f"{kind.name} layers can be adapted"
+    kind = matched_kind(layer)
+    if kind is not None:
+        return _refusal(kind, layer) or f"{kind.name} layers can be adapted"
     return (
         f"{type(layer).__name__} is not a layer kind lorakit adapts (nn.Linear, GPT-2's Conv1D, "
         "nn.Conv1d/2d/3d, nn.Embedding)"

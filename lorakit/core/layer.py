@@ -12,10 +12,14 @@ variant (a kernel would skip its call), the variant's plain forward runs.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
+from lorakit.common.errors import AdapterStateError
 from lorakit.core.config import VariantConfig
 from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind
@@ -57,6 +61,18 @@ class AdaptedLayer(nn.Module):
         self.merged = False
         self.enabled = True
         self.train(base_layer.training)  # a model put in eval mode before apply stays in eval mode
+
+    def __getattr__(self, name: str) -> Any:
+        """A public attribute of the base layer that the model reads from the layer in its place (Whisper's
+        encoder reads ``conv1.stride``), as the layer it stands in for. Private names are not looked up
+        there: frameworks mark modules with those (hooks, flags) and must see the wrapper's own."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
 
     # --- read-only view for variants ----------------------------------------------------------------
     def weight_2d(self) -> Tensor:
@@ -171,7 +187,7 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             w0 = self.weight_2d()
             merged = self.variant.merged_weight(w0.to(_merge_dtype(w0)), self).to(w0.dtype)
-            self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, merged))
+            _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, merged), self.name)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -188,11 +204,47 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             w = self.weight_2d()
             restored = self.variant.unmerged_weight(w.to(_merge_dtype(w)), self).to(w.dtype)
-            self.base_layer.weight.copy_(self.kind.from_2d(self.base_layer, restored))
+            _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, restored), self.name)
         self.merged = False
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def _write_weight(layer: nn.Module, value: Tensor, name: str) -> None:
+    """Make ``value`` (in the layer's layout) the base layer's weight. A weight the layer computes from other
+    tensors is written through them, since a copy into the computed tensor is lost at the next forward:
+    a parametrization (``torch.nn.utils.parametrizations.weight_norm``, as wav2vec2's positional
+    convolution) through its ``right_inverse``, the older ``weight_norm`` hook by setting its magnitude and
+    direction. A parametrization that cannot give back ``value`` (no ``right_inverse``, or one that is not
+    exact, such as spectral norm) is refused, the layer left as it was."""
+    if parametrize.is_parametrized(layer, "weight"):
+        originals = layer.parametrizations.weight
+        before = [t.detach().clone() for t in originals.parameters()]
+        try:
+            layer.weight = value  # the parametrization's right_inverse sets what the weight is computed from
+            written = layer.weight
+            error = float((written - value).abs().max())
+            exact = error <= 16 * torch.finfo(value.dtype).eps * max(float(value.abs().max()), 1e-30)
+        except (RuntimeError, NotImplementedError, ValueError):
+            exact = False
+        if not exact:
+            for t, old in zip(originals.parameters(), before, strict=True):
+                t.copy_(old)
+            kinds = ", ".join(type(m).__name__ for m in originals)
+            raise AdapterStateError(
+                f"cannot merge into {name}: its weight is computed by a parametrization ({kinds}) that "
+                "cannot be set to the merged weight exactly; keep the adapter unmerged, or remove the "
+                "parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        return
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):  # weight = g v / ||v||: v = value and g = ||value|| give it back
+            getattr(layer, f"{hook.name}_g").copy_(torch.norm_except_dim(value, 2, hook.dim))
+            getattr(layer, f"{hook.name}_v").copy_(value)
+            setattr(layer, hook.name, hook.compute_weight(layer))
+            return
+    layer.weight.copy_(value)
 
 
 def _merge_dtype(weight: Tensor) -> torch.dtype:

@@ -100,9 +100,12 @@ def _nf4_bounds(device: torch.device) -> Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
+_DYNAMIC_MAP = dynamic_map()  # built once: built under torch.compile, its Python float list breaks the graph
+
+
 @functools.cache
 def _dynamic_code(device: torch.device) -> Tensor:
-    return dynamic_map().to(device)
+    return _DYNAMIC_MAP.to(device)
 
 
 @functools.cache

@@ -46,9 +46,12 @@ class RenderError(ChatError):
 
 @dataclass(frozen=True)
 class Example:
-    """One conversation: its messages (the last is the assistant's answer when it has one)."""
+    """One conversation: its messages (the last is the assistant's answer when it has one). Training covers
+    the assistant turns from message ``trained_from`` on: all of them in ``messages`` data, the completion's
+    only in TRL's prompt-completion rows, whose prompt may hold earlier assistant turns (as TRL trains)."""
 
     messages: tuple[Message, ...]
+    trained_from: int = 0
 
     @property
     def prompt(self) -> tuple[Message, ...]:
@@ -282,7 +285,11 @@ def prompt_text(tokenizer: Any, template: str | None, example: Example) -> str:
     if template is not None:
         return render(tokenizer, template, example.prompt, generation_prompt=True)
     if len(example.prompt) != 1 or example.prompt[0]["role"] != "user":
-        raise ChatError("a conversation with several turns needs a chat template; pass --chat-template PATH")
+        raise ChatError(
+            "a conversation with several turns or a system turn needs a chat template, and none is in use "
+            "(--chat-template none, or a tokenizer without one): give one user turn per prompt, or use a "
+            "chat template (--chat-template PATH when training, or beside --model)"
+        )
     return example.prompt[0]["content"]
 
 
@@ -315,12 +322,13 @@ def _at(err: ChatError, where: str) -> ChatError:
 
 
 def assistant_spans(tokenizer: Any, template: str, example: Example) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn included)."""
+    """The rendered conversation and the character spans of its trained assistant turns (end-of-turn
+    included)."""
     messages = example.messages
     text = render(tokenizer, template, messages, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < example.trained_from:
             continue
         before = render(tokenizer, template, messages[:i], generation_prompt=True)
         upto = render(tokenizer, template, messages[: i + 1], generation_prompt=False)

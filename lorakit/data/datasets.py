@@ -15,7 +15,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -513,8 +513,10 @@ def conversations(
         if COMPLETION_COLUMN in rows[0]:  # TRL's prompt-completion data
             response_column = COMPLETION_COLUMN
     if rows and isinstance(rows[0][prompt_column], list):  # TRL's conversational prompt-completion data
-        turns = _prompt_completion_turns(rows, prompt_column, response_column, source, answers)
-        return chat.examples_from_messages(turns, f"{prompt_column}' + '{response_column}", source, answers)
+        turns, starts = _prompt_completion_turns(rows, prompt_column, response_column, source, answers)
+        where = f"{prompt_column}' + '{response_column}"
+        examples = chat.examples_from_messages(turns, where, source, answers)
+        return [replace(e, trained_from=n) for e, n in zip(examples, starts, strict=True)]
     prompts = texts(rows, prompt_column, source)
     responses = texts(rows, response_column, source) if answers or response_column in rows[0] else None
     return chat.examples_from_pairs(prompts, responses, source, (prompt_column, response_column))
@@ -522,9 +524,10 @@ def conversations(
 
 def _prompt_completion_turns(
     rows: list[Row], prompt_column: str, response_column: str, source: str, answers: bool
-) -> list[list[Any]]:
+) -> tuple[list[list[Any]], list[int]]:
     """Each row's conversation as its prompt's turns followed by its completion's (lists of messages, TRL's
-    conversational prompt-completion form); without ``answers`` the completion may be absent."""
+    conversational prompt-completion form), and where each completion starts; without ``answers`` the
+    completion may be absent."""
     prompts = column(rows, prompt_column, source)
     completions = column(rows, response_column, source) if answers or response_column in rows[0] else None
     out = []
@@ -537,7 +540,7 @@ def _prompt_completion_turns(
                     f"'{prompt_column}', not {type(value).__name__}"
                 )
         out.append([*prompt, *completion])
-    return out
+    return out, [len(prompt) for prompt in prompts]
 
 
 def tokenize_causal(

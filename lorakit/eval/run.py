@@ -105,10 +105,14 @@ def generation_eval(
     pattern: re.Pattern[str] | None,
     max_new_tokens: int | None,
     batch_size: int,
+    named: bool = False,
 ) -> GenerationReport:
-    """Generate an answer to every row of ``rows`` and score it against the row's reference answer."""
+    """Generate an answer to every row of ``rows`` and score it against the row's reference answer.
+    ``named``: the columns were named for these rows (:func:`lorakit.data.datasets.conversations`)."""
     d = job.data
-    examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, source)
+    examples = D.conversations(
+        rows, d.messages_column, d.prompt_column, d.response_column, source, named=named
+    )
     expected = [extract_answer(example.answer or "", pattern) for example in examples]
     unscored = sum(answer is None for answer in expected)
     finds = "the pattern's match" if pattern is not None else "GSM8K's '#### N' or a number"

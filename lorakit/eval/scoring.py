@@ -20,10 +20,12 @@ from lorakit.common.errors import SettingError
 # A number: digits with commas only as thousands separators (``1,234``, not ``1,2,3``), an optional decimal
 # part and an optional ``/denominator``; it ends where no digit (or comma and digit) follows, so ``12,5`` or
 # ``1,2,3`` is no number of its own. A minus sign counts only where no word or number precedes it (``10-20``
-# is a range, its last number 20).
+# is a range, its last number 20), nor a number or bracket across spaces (``8 - 3`` is a subtraction, its
+# last number 3; ``is -3`` is negative).
 _BODY = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)(?!\d|,\d)"
 GSM8K_MARKER = re.compile(rf"####\s*(\$?\s*-?{_BODY})")
 NUMBER = re.compile(rf"(?<![\w.])-?\$?\s*{_BODY}")
+_OPERAND_BEFORE = re.compile(r"[\d)\]]\s*\Z")  # what makes a minus after it a subtraction
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
@@ -58,8 +60,14 @@ def extract_answer(text: str, pattern: re.Pattern[str] | None = None) -> str | N
     marked = GSM8K_MARKER.findall(text)
     if marked:
         return marked[-1].strip()
-    numbers = NUMBER.findall(text)
-    return numbers[-1].strip() if numbers else None
+    numbers = list(NUMBER.finditer(text))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    found = last.group()
+    if found.startswith("-") and _OPERAND_BEFORE.search(text, max(0, last.start() - 64), last.start()):
+        found = found[1:]  # the minus of a subtraction, not the number's sign
+    return found.strip()
 
 
 # Numbers beyond this many digits either side of the point compare as text: the exact form of one with an

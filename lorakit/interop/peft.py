@@ -254,9 +254,11 @@ def _is_embedding(model: nn.Module, key: str) -> bool:
 
 
 def _within(key: str, module: str) -> bool:
-    """Whether tensor ``key`` belongs to a module named ``module`` (PEFT matches name suffixes)."""
-    owner = key.rsplit(".", 1)[0]
-    return owner == module or owner.endswith("." + module)
+    """Whether tensor ``key`` belongs to a module named ``module`` or to one inside it (PEFT matches name
+    suffixes, and saves such a module whole: a head's ``dense`` and ``out_proj`` with it)."""
+    parts = key.split(".")[:-1]
+    owners = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return any(owner == module or owner.endswith("." + module) for owner in owners)
 
 
 def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:

@@ -68,9 +68,7 @@ def train(
     rank 0 writes.
     """
     stages = functools.partial(stage_run, placement=placement.for_stages())
-    decided = run_pending_stages(
-        model, batches, cfg, placement.driver, stages, progress=cfg.progress and placement.is_writer
-    )
+    decided = run_pending_stages(model, batches, cfg, placement.driver, stages, progress=placement.is_writer)
     engine = Engine(model, cfg, driver=placement.driver, hooks=hooks, placement=placement)
     gradients = LossBackward(model, batches, cfg, placement)
     result = TrainResult(steps=0, seconds=0.0, decided=decided)

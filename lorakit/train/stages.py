@@ -31,7 +31,8 @@ class DataStages:
     def __init__(
         self, model: nn.Module, data: TokenizedData, cfg: TrainConfig, train: StageTraining, progress: bool
     ) -> None:
-        self.model, self.data, self.cfg, self.trainer, self.progress = model, data, cfg, train, progress
+        self.model, self.data, self.cfg, self.trainer = model, data, cfg, train
+        self.progress = progress and cfg.progress
         self.seed, self.steps, self.batch_size = cfg.seed, cfg.steps, cfg.batch_size
         modules = dict(model.named_modules())
         # Fully trained modules (a new head) as they were before the stages, to restore in ``reapply``.
@@ -77,7 +78,8 @@ def run_stages(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Refuse a variant ``driver`` cannot run, then run its pending stages (if any) on ``data``, training
-    with ``train``; returns what they decided. ``progress``: show a bar while they score the data."""
+    with ``train``; returns what they decided. ``progress``: this process may show a bar while they score
+    the data (where ``cfg.progress``)."""
     lorakit.adapters.api.check_driver(model, driver)
     stages = lorakit.get_variant(lorakit.info(model).variant).stages
     if stages is None or not stages.pending(lorakit.info(model).config):
