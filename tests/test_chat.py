@@ -164,6 +164,21 @@ def test_trl_prompt_completion_rows_are_read_as_trl_reads_them(tokenizer) -> Non
     assert labelled_text(tokenizer, data.input_ids[0], data.labels[0]) == "3<|im_end|>\n4<|im_end|>\n"
 
 
+SPACED = (  # the assistant's opening ends in a space, which the answer's first word is tokenised with
+    "{% for m in messages %}{% if m.role == 'user' %}### Question: {{ m.content }}\n"
+    "{% else %}### Answer: {{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Answer: {% endif %}"
+)
+
+
+def test_an_answers_first_word_tokenised_with_the_openings_space_is_trained(tokenizer) -> None:
+    example = chat.examples_from_pairs(["What is 2 plus 3?"], ["5 is the sum."])[0]
+    ids, labels = chat.tokenize_example(tokenizer, SPACED, example)
+    assert labelled_text(tokenizer, ids, labels) == " 5 is the sum.<|im_end|>\n"
+    ids, labels = chat.tokenize_example(tokenizer, CHATML, example)  # a boundary between tokens: as before
+    assert labelled_text(tokenizer, ids, labels) == "5 is the sum.<|im_end|>\n"
+
+
 def test_a_slow_tokenizer_is_refused_with_the_way_out(tokenizer) -> None:
     class Slow:
         is_fast = False

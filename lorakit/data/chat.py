@@ -359,8 +359,10 @@ def tokenize_example(tokenizer: Any, template: str | None, example: Example) -> 
     # The template writes the special tokens (a BOS included) itself, as TRL tokenises templated text.
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = encoded["input_ids"], []
-    for token, (start, _) in zip(ids, encoded["offset_mapping"], strict=True):
-        inside = any(lo <= start < hi for lo, hi in spans)
+    for token, (start, end) in zip(ids, encoded["offset_mapping"], strict=True):
+        # A token that starts in an answer, or runs into one: a template whose assistant opening ends in a
+        # space has the answer's first word tokenised with it (" It"), which is still the answer's.
+        inside = any(lo <= start < hi or start < lo < end for lo, hi in spans)
         labels.append(token if inside else IGNORE)
     return ids, labels
 
