@@ -433,6 +433,12 @@ def test_settings_of_the_other_task_are_refused_before_training(
     assert not out.exists()
 
 
+def test_the_demo_classification_set_on_a_causal_lm_says_what_data_it_needs(chat_llama_dir, tmp_path, capsys):
+    assert main(train_argv(chat_llama_dir, "demo", tmp_path / "run")) == 2
+    one_line_error(capsys, "demo is a built-in classification set", "--data FILE with prompt and response")
+    assert not (tmp_path / "run").exists()
+
+
 def test_named_columns_beside_conversations_in_training_data_are_refused(chat_llama_dir, tmp_path, capsys):
     rows = [{"messages": [U("2 + 2?"), A("4")], "question": "2 + 2?", "answer": "4"}] * 2
     out = tmp_path / "run"

@@ -138,6 +138,11 @@ def tokenize(
         return D.tokenize_classification(
             rows, tokenizer, d.text_column, d.label_column, d.max_length, source, classes=job.classes()
         )
+    if source == "demo":
+        raise D.DataError(
+            "demo is a built-in classification set (sentence, label), and this model is a causal LM: pass "
+            "--data FILE with prompt and response (or messages) columns, or --task classification"
+        )
     examples = D.conversations(
         rows, d.messages_column, d.prompt_column, d.response_column, source, named=named
     )
