@@ -730,7 +730,7 @@ def test_under_client_level_dp_the_classes_come_from_the_settings(tiny_bert_dir,
     names = ["negative", "positive"]
     data = demo_file(tmp_path / "train.tsv", 60, names)
     named = dict(data=str(data), eval_data=str(demo_file(tmp_path / "test.tsv", 20, names, split="test")))
-    with pytest.raises(PrivacyError, match="takes its classes from the settings"):  # names read from the data
+    with pytest.raises(D.DataError, match="not shown under DP.*--labels NAMES"):  # names in the data
         check_run(tiny_cfg(tiny_bert_dir, tmp_path, **dp, **named))
     checked = check_run(
         tiny_cfg(tiny_bert_dir, tmp_path, **dp, **named, num_labels=None, labels="negative,positive")

@@ -467,3 +467,67 @@ def test_classes_are_never_read_from_the_private_data(tiny_bert_dir, tmp_path, c
     assert "--labels NAMES for named classes" in err
     assert main([*args, *flags, "--labels", "neg,pos"]) == 0
     assert json.loads((run / "job.json").read_text())["labels"] == ["neg", "pos"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--target-epsilon", "8"], "--target-epsilon"),
+        (["--noise-multiplier", "1"], "--noise-multiplier"),
+        (["--max-grad-norm", "0.5"], "--max-grad-norm"),
+        (["--accountant", "prv"], "--accountant"),
+    ],
+)
+def test_a_dp_setting_without_dp_is_refused_not_trained_without_privacy(
+    tiny_bert_dir, tmp_path, capsys, flags, named
+) -> None:
+    run = tmp_path / "run"
+    args = [a for a in dp_train_args(tiny_bert_dir, small_tsv(tmp_path / "train.tsv"), run) if a != "--dp"]
+    err = refused([*args, *flags], run, capsys)
+    assert f"{named} applies to DP training, which is off" in err and "add --dp" in err
+
+
+def test_prv_reports_the_rdp_bound_where_its_numerics_saturate_or_fail() -> None:
+    for sigma in (0.02, 1e-4):  # PRV: epsilon capped near 709.8; a histogram beyond memory
+        prv, rdp = Accountant("prv"), Accountant("rdp")
+        prv.step(sigma, 0.1)
+        rdp.step(sigma, 0.1)
+        assert prv.epsilon(1e-3) == rdp.epsilon(1e-3) > 1000  # the exact epsilon at 0.02 is about 1363
+    typical = Accountant("prv")
+    typical.step(1.0, 0.1, 50)
+    assert typical.epsilon(1e-3) < Accountant.epsilon_after(Accountant("rdp"), 1e-3, 1.0, 0.1, 50)  # tighter
+
+
+@pytest.mark.parametrize(("kind", "target"), [("prv", 1000.0), ("rdp", 1e20)])
+def test_a_budget_beyond_what_the_accountant_computes_is_refused_not_searched_forever(kind, target) -> None:
+    with pytest.raises(PrivacyError, match=f"beyond what the {kind} accountant computes reliably"):
+        noise_for_budget(target, 1e-3, 0.1, 1, kind)
+
+
+@pytest.mark.parametrize("sigma", [1e-300, 1e300])
+def test_a_noise_multiplier_the_accountants_cannot_compute_with_is_refused(sigma) -> None:
+    with pytest.raises(PrivacyError, match="must be 0 \\(no noise\\) or between 1e-06 and 1e\\+06"):
+        DPConfig(dp=True, noise_multiplier=sigma)
+
+
+def test_batch_norm_is_refused_under_dp_even_frozen(tiny_bert_dir) -> None:
+    from lorakit.privacy.grad_sample import _check_trainable_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    lorakit.apply(model, "lora", targets=["0"], rank=2, train_modules=["2"])
+    assert not any(p.requires_grad for p in model[1].parameters())  # frozen: its statistics still mix
+    with pytest.raises(PrivacyError, match="'1' \\(BatchNorm1d\\) normalises with statistics of the batch"):
+        _check_trainable_modules(model)
+    model[1] = torch.nn.GroupNorm(2, 4)
+    _check_trainable_modules(model)
+
+
+def test_a_private_rows_label_is_not_quoted_in_the_refusal(tiny_bert_dir, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    data = tmp_path / "train.tsv"
+    small_tsv(data)
+    data.write_text(data.read_text().replace("film 3\t1", "film 3\tHIV-positive"))
+    args = [*dp_train_args(tiny_bert_dir, str(data), run), "--noise-multiplier", "1", "--delta", "1e-3"]
+    err = refused(args, run, capsys)
+    assert "HIV-positive" not in err and "row" in err and "not shown under DP" in err
+    assert "HIV-positive" in refused([a for a in args[:-4] if a != "--dp"], run, capsys)  # not private: named

@@ -30,6 +30,7 @@ from lorakit.privacy.config import (
     check_delta,
     check_delta_below,
     check_epsilon,
+    check_noise_multiplier,
     check_noise_target,
 )
 
@@ -126,6 +127,7 @@ class FedConfig:
         check_delta(self.delta)
         check_accountant(self.accountant)
         check_epsilon(self.target_epsilon)  # unset is None: 0 is refused like any epsilon <= 0
+        check_noise_multiplier(self.noise_multiplier)
         check_noise_target(self.noise_multiplier, self.target_epsilon)
         if (self.noise_multiplier or self.target_epsilon is not None) and not self.clip_norm > 0:
             raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")

@@ -113,16 +113,26 @@ def resolve_classes(
     d = job.data
     private = private or job.privacy.dp
     classes = job.classes() if job.labels is not None else None
-    if classes is None and private and job.num_labels is None:
-        raise PrivacyError(_CLASSES_UNDER_DP)
+    if classes is None and private:
+        if job.num_labels is None:
+            raise PrivacyError(_CLASSES_UNDER_DP)
+        classes = D.ClassLabels(job.num_labels)  # the settings' classes: the private rows are only checked
     if classes is None:
         source, rows = data[0]
         classes = D.ClassLabels.from_rows(rows, d.label_column, source, job.num_labels)
-        if private and classes.names is not None:
-            raise PrivacyError(_CLASSES_UNDER_DP)
-    for source, rows in data:
-        classes.ids(rows, d.label_column, source)
-        D.texts(rows, d.text_column, source)
+    for i, (source, rows) in enumerate(data):
+        try:
+            classes.ids(rows, d.label_column, source)
+            D.texts(rows, d.text_column, source)
+        except D.DataError:
+            if not (private and i == 0):
+                raise
+            raise D.DataError(  # which row, and its value, are the private data's: neither is named
+                f"{source}: a row's label or text does not fit the classes the settings give ({classes.count}"
+                f"{': ' + ', '.join(classes.names) if classes.names else ' class ids'}) or the columns "
+                f"'{d.text_column}' and '{d.label_column}'; the row and its values are not shown under DP: "
+                "check the data (labels that are class names need --labels NAMES for named classes)"
+            ) from None
     labels = list(classes.names) if classes.names is not None else None
     return dataclasses.replace(job, num_labels=classes.count, labels=labels)
 

@@ -17,6 +17,14 @@ import warnings
 from lorakit.privacy import require
 from lorakit.privacy.config import PrivacyError, check_accountant, check_delta, check_epsilon
 
+# The largest epsilon each accountant computes reliably: PRV's numerics saturate just below log of the
+# largest double (about 709.8) and report less than was spent; RDP's noise search stops converging once
+# epsilon outgrows its 0.01 tolerance in doubles. A budget above these is no privacy guarantee anyway.
+EPSILON_CEILING = {"rdp": 1e6, "prv": 700.0}
+# What PRV's numerics fail with on an extreme noise level (a histogram beyond memory, a discretisation that
+# breaks down): the RDP bound, always valid, is reported instead.
+_NUMERIC_FAILURES = (ArithmeticError, MemoryError, RuntimeError, ValueError)
+
 
 def _check_rate(sample_rate: float) -> None:
     if not 0 < sample_rate <= 1:
@@ -60,7 +68,21 @@ class Accountant:
             return math.inf
         # The RDP-to-(epsilon, delta) conversion can come out below 0 for a large delta. A guarantee with
         # epsilon < 0 implies the one with epsilon = 0 and says nothing a reader can use beyond it: report 0.
-        return max(0.0, float(self._opacus.get_epsilon(delta=delta)))
+        return max(0.0, self._epsilon(delta))
+
+    def _epsilon(self, delta: float) -> float:
+        """Opacus' epsilon; where PRV cannot compute it (or saturates), RDP's bound for the same history."""
+        if self.kind == "prv":
+            try:
+                epsilon = float(self._opacus.get_epsilon(delta=delta))
+            except _NUMERIC_FAILURES:
+                epsilon = math.inf
+            if epsilon < EPSILON_CEILING["prv"]:
+                return epsilon
+            rdp = Accountant("rdp")
+            rdp._opacus.history = list(self._opacus.history)
+            return rdp._epsilon(delta)
+        return float(self._opacus.get_epsilon(delta=delta))
 
     def epsilon_after(
         self, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
@@ -114,6 +136,13 @@ def noise_for_budget(
     _check_rate(sample_rate)
     if steps < 1:
         raise PrivacyError(f"steps = {steps!r} is invalid: at least one step or round must run")
+    if target_epsilon > EPSILON_CEILING[kind]:
+        other = " (the rdp accountant reaches higher)" if kind == "prv" else ""
+        raise PrivacyError(
+            f"--target-epsilon {target_epsilon:g} is beyond what the {kind} accountant computes reliably "
+            f"(at most {EPSILON_CEILING[kind]:g}){other}; such a budget guarantees nothing: pass a smaller "
+            "one"
+        )
     return _search_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), kind)
 
 
@@ -133,8 +162,8 @@ def _search_noise(target_epsilon: float, delta: float, sample_rate: float, steps
                 accountant=kind,
             )
         return float(sigma)
-    except ValueError as err:  # Opacus: the budget cannot be met at any noise level it tries
+    except _NUMERIC_FAILURES as err:  # the budget cannot be met at any noise level Opacus tries or computes
         raise PrivacyError(
             f"no noise level spends epsilon {target_epsilon} at delta {delta} over {steps} steps "
-            f"at sample rate {sample_rate:.4g}: {err}"
+            f"at sample rate {sample_rate:.4g} ({kind} accountant: {type(err).__name__}: {err})"
         ) from None

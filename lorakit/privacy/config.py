@@ -6,7 +6,7 @@ No optional dependency is imported here, so the job config and the CLI can carry
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from lorakit.common.errors import LorakitError
 from lorakit.common.settings import setting
@@ -58,6 +58,19 @@ def check_accountant(value: str) -> None:
         raise PrivacyError(f"accountant = {value!r} is invalid: choose one of {ACCOUNTANTS}")
 
 
+# The noise multipliers the accountants compute with: below, epsilon overflows (beyond any budget); above,
+# their arithmetic fails (a subtraction under rounding). 0 is allowed: no noise, an infinite epsilon.
+NOISE_RANGE = (1e-6, 1e6)
+
+
+def check_noise_multiplier(value: float | None, name: str = "noise_multiplier") -> None:
+    low, high = NOISE_RANGE
+    if value is not None and not (isinstance(value, (int, float)) and (value == 0 or low <= value <= high)):
+        raise PrivacyError(
+            f"{name} = {value!r} is invalid: it must be 0 (no noise) or between {low:g} and {high:g}"
+        )
+
+
 @dataclass
 class DPConfig:
     """DP-SGD (Abadi et al. 2016, arXiv:1607.00133): clip each example's gradient, add Gaussian noise."""
@@ -84,12 +97,27 @@ class DPConfig:
             raise PrivacyError(
                 f"max_grad_norm = {self.max_grad_norm!r} is invalid: it must be a finite number > 0"
             )
-        if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
-            raise PrivacyError(
-                f"noise_multiplier = {self.noise_multiplier!r} is invalid: it must be a finite number >= 0"
-            )
+        check_noise_multiplier(self.noise_multiplier)
         check_noise_target(self.noise_multiplier, self.target_epsilon)
+        given = [flag for flag, value in self._dp_settings().items() if value]
+        if given and not self.dp:
+            raise PrivacyError(
+                f"{given[0]} applies to DP training, which is off, so the run would not be private: add "
+                f"--dp, or drop {given[0]}"
+            )
         if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyError(
                 "DP training needs a budget or a noise level: pass --target-epsilon E or --noise-multiplier Z"
             )
+
+    def _dp_settings(self) -> dict[str, bool]:
+        """Each DP setting by flag, and whether it was given a value other than its default."""
+        default = {f.name: f.default for f in fields(self)}
+        return {
+            "--target-epsilon": self.target_epsilon is not None,
+            "--noise-multiplier": self.noise_multiplier is not None,
+            "--delta": self.delta != default["delta"],
+            "--max-grad-norm": self.max_grad_norm != default["max_grad_norm"],
+            "--accountant": self.accountant != default["accountant"],
+            "--dp-insecure-seed": self.dp_insecure_seed,
+        }

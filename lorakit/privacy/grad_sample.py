@@ -148,8 +148,17 @@ class AdapterGradSampleModule(GradSampleModule):
 
 
 def _check_trainable_modules(model: nn.Module) -> None:
-    """Per-example gradients are meaningless where a trained module mixes examples (BatchNorm statistics)."""
+    """Per-example gradients are meaningless where a module mixes examples (BatchNorm statistics)."""
     for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+        ):  # frozen or not: a training forward reads the batch's statistics and writes the running ones
+            raise PrivacyError(
+                f"module '{name}' ({type(module).__name__}) normalises with statistics of the batch and "
+                "keeps running ones from the private data: one example moves every other's gradient, and "
+                "the statistics leave unaccounted; replace it with GroupNorm or LayerNorm "
+                "(opacus.validators.ModuleValidator.fix does)"
+            )
         if isinstance(module, Variant) or not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if list(module.buffers(recurse=False)) or isinstance(module, nn.modules.batchnorm._BatchNorm):
