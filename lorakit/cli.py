@@ -312,10 +312,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_federate(args: argparse.Namespace) -> None:
+    from lorakit.distributed.group import check_one_process
     from lorakit.federated.config import from_args
     from lorakit.federated.simulate import simulate
     from lorakit.jobs.rundir import exclusive
 
+    check_one_process("lorakit federate is one process (Flower runs its clients): launch it without torchrun")
     cfg = from_args(args)
     noise = cfg.noise_multiplier if cfg.target_epsilon is None else (cfg.noise_multiplier or "from target")
     dp = f"clip {cfg.clip_norm}, noise {noise or 0}" if cfg.private else "no DP"

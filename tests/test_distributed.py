@@ -416,6 +416,11 @@ def test_a_torchrun_process_without_distributed_is_refused(setup, tmp_path, monk
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "WORLD_SIZE=2" in err[0] and "--distributed ddp" in err[0]
         assert not out.exists() and not any(tmp_path.glob(".out*"))
+        federate = ["federate", "--model", str(model), "--data", str(data), "--output-dir", str(out)]
+        assert main(federate) == 2  # every process would run the whole simulation
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "WORLD_SIZE=2" in err[0] and "launch it without torchrun" in err[0]
+        assert not out.exists() and not any(tmp_path.glob(".out*"))
 
 
 def test_train_help_shows_the_torchrun_launches(capsys) -> None:

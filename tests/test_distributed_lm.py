@@ -62,3 +62,5 @@ def test_a_causal_lm_trains_across_processes_as_one_process_with_the_same_micro_
     metrics = json.loads((tmp_path / mode / "metrics.json").read_text())
     single = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert metrics["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
+    # the throughput counts every process's tokens, as one process counts them all (rank 0's are about half)
+    assert metrics["extra"]["tokens"] == single["extra"]["tokens"] > 0

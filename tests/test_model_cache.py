@@ -3,7 +3,9 @@ a missing extra is one line. The conversion itself is stubbed here (the real one
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,46 @@ def test_an_unwritable_cache_and_a_missing_package_are_one_line(
 def test_the_llm_alias_is_a_causal_lm() -> None:
     assert models.infer_task("smollm2") == "causal-lm"
     assert models.infer_task("minilm") == "classification"
+
+
+def test_processes_converting_at_once_convert_once(fake_conversion, monkeypatch) -> None:
+    gguf, calls = fake_conversion
+    slow = model_cache._convert
+
+    def convert(name: str, gguf: Path, out: Path) -> None:
+        time.sleep(0.5)  # the second caller arrives while the first converts
+        slow(name, gguf, out)
+
+    monkeypatch.setattr(model_cache, "_convert", convert)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two opens of the lock file exclude each other
+        done = list(pool.map(lambda _: converted("smollm2", gguf), range(2)))
+    assert done[0] == done[1] and len(calls) == 1 and (done[0] / MANIFEST).is_file()
+
+
+def test_a_conversion_missing_a_required_file_is_not_cached(fake_conversion, monkeypatch) -> None:
+    """Under a process group transformers saves weights on rank 0 only: a conversion without them is
+    refused, never cached as complete."""
+    gguf, _ = fake_conversion
+
+    def tokenizer_only(name: str, gguf: Path, out: Path) -> None:
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(model_cache, "_convert", tokenizer_only)
+    with pytest.raises(ModelCacheError, match="wrote no config.json, model.safetensors"):
+        converted("smollm2", gguf)
+    assert list((model_cache.cache_root() / "models").iterdir()) == []
+
+
+def test_under_a_process_group_the_conversion_runs_in_a_process_of_its_own(fake_conversion, monkeypatch):
+    import torch.distributed as dist
+
+    gguf, calls = fake_conversion
+    apart: list[Path] = []
+    monkeypatch.setattr(model_cache, "_convert_apart", lambda name, g, out: apart.append(out) or calls[:0])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ModelCacheError, match="wrote no"):  # the stub wrote nothing
+            converted("smollm2", gguf)
+    finally:
+        dist.destroy_process_group()
+    assert len(apart) == 1 and calls == []  # never in this process, whose saves transformers gates by rank

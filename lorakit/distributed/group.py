@@ -159,15 +159,16 @@ class LaunchError(LorakitError):
     """The processes were launched in a way the job cannot run in; the message shows the launch that works."""
 
 
-def check_one_process() -> None:
-    """Refuse a job without ``--distributed`` in one of several processes torchrun started: each would train
-    the whole job into the same output directory, racing the others' files."""
+def check_one_process(
+    fix: str = "add --distributed ddp (or fsdp), or run a single process without torchrun",
+) -> None:
+    """Refuse a job without ``--distributed`` in one of several processes torchrun started: each would run
+    the whole job into the same output directory, racing the others' files. ``fix``: what to do instead."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
     if world.isdigit() and int(world) > 1:
         raise LaunchError(
             f"this process is one of {world} that torchrun started (WORLD_SIZE={world}) but the job is not "
-            "distributed, so each would train the whole job into the same --output-dir; add --distributed "
-            "ddp (or fsdp), or run a single process without torchrun"
+            f"distributed, so each would run the whole job into the same --output-dir; {fix}"
         )
 
 

@@ -57,11 +57,11 @@ class LossBackward(GradientSource):
         self.shard = placement.shard(batches)
         self.grad_accum = cfg.grad_accum
         self.precision = cfg.precision
-        self.tokens = 0  # input tokens seen (padding excluded), for the throughput report
+        self.tokens = 0  # input tokens seen by every process (padding excluded), for the throughput report
 
     def backward(self, step: int, extra_loss: Callable[[int], Tensor | None]) -> float:
         micro = [self.next_batch(step) for _ in range(self.grad_accum)]
-        self.tokens += sum(_input_tokens(batch) for batch in micro)
+        self.tokens += self.placement.total(sum(_input_tokens(batch) for batch in micro))
         # The step's loss is the mean over its labelled tokens in every micro-batch and process; gradients
         # are then averaged over the processes, so each process's sum is divided by labelled / processes.
         labelled = self.placement.total(sum(_labelled(b) for b in micro)) if self.token_loss else 0

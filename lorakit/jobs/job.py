@@ -514,7 +514,8 @@ def _run_job(job: JobConfig, scale: ScaleOut | None, held: contextlib.ExitStack)
         peak_memory_mb=measure_peak_memory_mb(),
         extra={"wall_seconds": round(time.perf_counter() - started, 1), **decided},
     )
-    if result.tokens:
+    if result.tokens:  # every process's input tokens (padding excluded)
+        job_result.extra["tokens"] = result.tokens
         job_result.extra["tokens_per_second"] = round(result.tokens_per_second, 1)
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is not None and data.truncation is not None:  # under DP the training data's is withheld

@@ -6,17 +6,24 @@ result is a plain model, which lorakit saves as a normal transformers directory 
 project. The directory is named after the GGUF file's SHA-256 and holds a manifest with the SHA-256 of every
 file in it, written last: a directory whose manifest is missing (a conversion that was interrupted) or whose
 files do not match it (a corrupt cache) is rebuilt, with one line saying why. The conversion is built in a
-temporary directory beside the final one and renamed into place, so a concurrent run never sees half of it.
+temporary directory beside the final one and renamed into place, so a concurrent run never sees half of it;
+one process converts at a time (a lock beside the cache), so the processes of a ``torchrun`` launch convert
+once and the others read its result. Under a process group transformers saves a model on rank 0 only, so
+there the conversion runs in a process of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.common.errors import LorakitError
@@ -74,9 +81,37 @@ def converted(name: str, gguf: Path) -> Path:
         )
     digest = sha256_of(gguf)
     target = cache_root() / "models" / f"{name}-{digest[:16]}"
-    problem = problem_with(target, digest)
-    if problem is None:
+    if problem_with(target, digest) is None:
         return target
+    with _converting(target):
+        problem = problem_with(target, digest)  # another process may have converted it meanwhile
+        if problem is not None:
+            _convert_into(name, gguf, target, digest, problem)
+    return target
+
+
+@contextlib.contextmanager
+def _converting(target: Path) -> Iterator[None]:
+    """Hold the conversion lock of ``target`` (waiting for another process's conversion to end)."""
+    locks = target.parent.parent / "locks"  # beside the models: their directory holds models only
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{target.name}.lock", "a")  # noqa: SIM115 - held until the end
+    except OSError as err:
+        raise ModelCacheError(
+            f"cannot write the model cache {target.parent}: {err.strerror or err}; set LORAKIT_CACHE to a "
+            "writable directory"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: the rename into place still keeps one conversion
+            pass
+        yield
+
+
+def _convert_into(name: str, gguf: Path, target: Path, digest: str, problem: str) -> None:
+    """Convert ``gguf`` into ``target`` (``problem``: why the cache there is not usable)."""
     if problem != "missing":
         print(
             f"lorakit: the cached {name} model in {target} is {problem}: converting it again", file=sys.stderr
@@ -95,7 +130,15 @@ def converted(name: str, gguf: Path) -> Path:
             "writable directory"
         ) from None
     try:
-        _convert(name, gguf, building)
+        if _in_process_group():
+            _convert_apart(name, gguf, building)
+        else:
+            _convert(name, gguf, building)
+        missing = [f for f in REQUIRED if not (building / f).is_file()]
+        if missing:
+            raise ModelCacheError(
+                f"converting {gguf.name} wrote no {', '.join(missing)}; run the command again"
+            )
         files = {p.name: sha256_of(p) for p in sorted(building.iterdir()) if p.is_file()}
         manifest = {"source": gguf.name, "source_sha256": digest, "files": files}
         (building / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -107,7 +150,26 @@ def converted(name: str, gguf: Path) -> Path:
         ) from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    return target
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _convert_apart(name: str, gguf: Path, out: Path) -> None:
+    """:func:`_convert` in a new process, outside the process group (where transformers saves on rank 0
+    only)."""
+    code = (
+        "import sys; from pathlib import Path; from lorakit.jobs.model_cache import _convert; "
+        "_convert(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))"
+    )
+    command = [sys.executable, "-c", code, name, str(gguf), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelCacheError(f"converting {gguf.name} failed ({last}); run the command again")
 
 
 def _move_into_place(building: Path, target: Path, digest: str) -> None:
