@@ -152,8 +152,11 @@ def test_trl_prompt_completion_rows_are_read_as_trl_reads_them(tokenizer) -> Non
     assert prompts[0].messages == (user,)
     with pytest.raises(DataError, match="row 2: 'completion' must be a list of messages .* not str"):
         conversations([*rows, {"prompt": [user], "completion": "4"}], "messages", "prompt", "response", "x")
-    with pytest.raises(chat.ChatError, match="row 1: 'prompt' \\+ 'completion' ends with a user turn"):
-        conversations([{"prompt": [user], "completion": []}], "messages", "prompt", "response", "x")
+    empty = [{"prompt": [user, assistant], "completion": []}]
+    with pytest.raises(DataError, match="row 1: 'completion' is empty"):
+        conversations(empty, "messages", "prompt", "response", "x")
+    with pytest.raises(chat.ChatError, match="row 1: 'prompt' \\+ 'completion' has turns \\['user', 'user"):
+        conversations([{"prompt": [user], "completion": [user]}], "messages", "prompt", "response", "x")
     # An earlier answer inside the prompt is prompt: only the completion is trained, as TRL trains it
     earlier = {"role": "assistant", "content": "3"}
     rows = [{"prompt": [user, earlier, {"role": "user", "content": "sure?"}], "completion": [assistant]}]

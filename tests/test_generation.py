@@ -64,6 +64,7 @@ def test_answers_compare_by_value_and_a_pattern_of_ones_own_counts() -> None:
         ("#### 15", "The difference is 20 - 15", True),
         ("The answer is -3", "#### 3", False),  # after a word the minus is the number's sign
         ("(4 + 4) - 5", "#### 5", True),
+        ("The total is 12\n-3 degrees", "#### -3", True),  # a new line starts a number, minus and all
     ],
 )
 def test_fractions_lists_and_ranges_are_read_as_the_numbers_they_are(generated, reference, correct) -> None:

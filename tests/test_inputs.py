@@ -420,7 +420,7 @@ def test_a_variant_runs_on_the_command_lines_defaults_and_a_given_value_is_never
         (
             ["--noise-multiplier", "inf"],
             PrivacyError,
-            "noise_multiplier = inf is invalid: it must be a finite",
+            "noise_multiplier = inf is invalid: it must be 0 \\(no noise\\) or between",
         ),
         (["--noise-multiplier", "1", "--checkpoint-every", "5"], SettingError, "drop --checkpoint-every"),
     ],

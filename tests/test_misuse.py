@@ -250,7 +250,7 @@ def test_a_subclass_computing_its_kinds_op_is_adapted_and_merges_exactly() -> No
 @pytest.mark.parametrize(
     ("target", "why"),
     [
-        ("emb", r"_ScaledEmbedding has a forward of its own .* other values on a probe input"),
+        ("emb", r"_ScaledEmbedding has a forward of its own .* does not move with its weight as the op's"),
         ("router", r"_Router has a forward of its own .* returns topk, not a tensor"),
     ],
 )
@@ -260,6 +260,18 @@ def test_a_subclass_computing_something_else_is_refused_or_left_out(target, why)
     with pytest.warns(UserWarning, match=r"'all-linear' leaves out router: _Router has a forward of its own"):
         model = lorakit.apply(_Subclassed(), "lora", targets="all-linear", rank=2)
     assert [n for n, _ in lorakit.adapters.api.adapted_layers(model)] == ["same"]
+
+
+def test_a_subclass_is_probed_again_once_its_weights_are_there() -> None:
+    with torch.device("meta"):
+        model = _Subclassed()
+    with pytest.raises(LorakitError):  # a meta model: nothing to run, refused where it is applied
+        lorakit.apply(model, "lora", targets=["emb"], rank=2)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        nn.init.normal_(p)
+    with pytest.raises(TargetError, match="_ScaledEmbedding has a forward of its own"):
+        lorakit.apply(model, "lora", targets=["emb"], rank=2)
 
 
 def test_training_a_merged_model_is_refused_before_any_step() -> None:

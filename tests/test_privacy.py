@@ -484,7 +484,7 @@ def test_a_dp_setting_without_dp_is_refused_not_trained_without_privacy(
     run = tmp_path / "run"
     args = [a for a in dp_train_args(tiny_bert_dir, small_tsv(tmp_path / "train.tsv"), run) if a != "--dp"]
     err = refused([*args, *flags], run, capsys)
-    assert f"{named} applies to DP training, which is off" in err and "add --dp" in err
+    assert f"{named} (" in err and "applies to DP training, which is off" in err and "add --dp" in err
 
 
 def test_prv_reports_the_rdp_bound_where_its_numerics_saturate_or_fail() -> None:
@@ -516,7 +516,7 @@ def test_batch_norm_is_refused_under_dp_even_frozen(tiny_bert_dir) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     lorakit.apply(model, "lora", targets=["0"], rank=2, train_modules=["2"])
     assert not any(p.requires_grad for p in model[1].parameters())  # frozen: its statistics still mix
-    with pytest.raises(PrivacyError, match="'1' \\(BatchNorm1d\\) normalises with statistics of the batch"):
+    with pytest.raises(PrivacyError, match="'1' \\(BatchNorm1d\\) normalises by the batch's statistics"):
         _check_trainable_modules(model)
     model[1] = torch.nn.GroupNorm(2, 4)
     _check_trainable_modules(model)
@@ -531,3 +531,13 @@ def test_a_private_rows_label_is_not_quoted_in_the_refusal(tiny_bert_dir, tmp_pa
     err = refused(args, run, capsys)
     assert "HIV-positive" not in err and "row" in err and "not shown under DP" in err
     assert "HIV-positive" in refused([a for a in args[:-4] if a != "--dp"], run, capsys)  # not private: named
+
+
+def test_dp_settings_without_dp_are_refused_in_a_users_job_and_a_saved_one_still_reads() -> None:
+    from lorakit.jobs.cliargs import job_from_values
+
+    assert DPConfig(accountant="prv").accountant == "prv"  # as an earlier run's job.json may hold it
+    for values, flag in (({"delta": 1e-3}, "--delta"), ({"dp_insecure_seed": True}, "--dp-insecure-seed")):
+        with pytest.raises(PrivacyError, match=f"{flag} \\(.*\\) applies to DP training, which is off"):
+            job_from_values(values)  # a YAML config or bench run, as the command line
+    assert job_from_values({"dp": True, "delta": 1e-3, "noise_multiplier": 1.0}).privacy.delta == 1e-3

@@ -170,7 +170,7 @@ def check_same_base(
     quantised = any(layer.weight_is_dequantised() for _, layer in adapted_layers(model))
     undo_apply(model)
     saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
-    if quantised:  # another dtype rounds some weights across a 4-bit level: codes that must match differ
+    if quantised and isinstance(saved, list) and saved and saved != now:  # another dtype moved 4-bit codes
         raise AdapterFileError(
             f"the adapter in {directory} was trained on a 4-bit base whose codes must match exactly, and "
             "this model's targeted weights quantise to other codes: load it onto the base it was trained "

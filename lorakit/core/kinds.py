@@ -338,44 +338,58 @@ def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
     return kind.refusal(layer) or _own_forward_refusal(kind, layer)
 
 
-# What the probe found per layer: a layer's class and weights do not change while lorakit looks at it.
-_PROBED: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+# What the probe found per layer, with the weight's storage and version it ran on.
+_Probed = tuple[tuple[int, int], str | None]
+_PROBED: weakref.WeakKeyDictionary[nn.Module, _Probed] = weakref.WeakKeyDictionary()
 
 
 def _own_forward_refusal(kind: LayerKind, layer: nn.Module) -> str | None:
-    """Why a subclass with a forward of its own cannot be adapted: an adapter adds ``op(x, dW)`` and a merge
-    writes ``W + dW``, both right only if the layer computes ``op(x, W) + b``. Many subclasses do (Falcon's
-    linear layers), others do not: Gemma's word embeddings scale the rows they look up, learned positional
-    embeddings look up positions, routers return scores. So the layer is run once on a small probe input
-    and compared with its kind's op; a quantised layer standing in for a kind computes it by construction."""
+    """Why a subclass with a forward of its own cannot be adapted: an adapter adds ``op(x, dW)`` to the
+    layer's output and a merge writes ``W + dW``, both right only if the output moves by ``op(x, dW)`` when
+    the weight moves by ``dW``. Many subclasses compute their kind's op, or add to it something the weight
+    does not change (Falcon's linear layers, a shift); others do not: Gemma's word embeddings scale the rows
+    they look up, learned positional embeddings look up positions, routers return scores. So the layer is
+    run on a small probe input with its weight and with a moved one, and the move compared with
+    ``op(x, dW)``; a quantised layer standing in for a kind computes the op by construction."""
     if isinstance(layer, QuantizedBase) or kind.runs_as_op(layer):
         return None
-    if layer not in _PROBED:
-        _PROBED[layer] = _probe(kind, layer)
-    return _PROBED[layer]
+    weight = layer.weight
+    if weight.device.type == "meta":
+        return None  # nothing to run, nothing to remember: a meta model is refused where it is applied
+    key = (weight.data_ptr(), weight._version)  # weights loaded or moved since: probed again
+    known = _PROBED.get(layer)
+    if known is None or known[0] != key:
+        _PROBED[layer] = known = (key, _probe(kind, layer))
+    return known[1]
 
 
 def _probe(kind: LayerKind, layer: nn.Module) -> str | None:
     own = f"{type(layer).__name__} has a forward of its own that is not a plain {kind.name} of its weight"
     fix = "an adapter's change would not follow it"
-    if layer.weight.device.type == "meta":
-        return None  # nothing to run; a meta model is refused where it is applied
+    weight = layer.weight
+    gen = torch.Generator(device=weight.device).manual_seed(1)
     with torch.no_grad():
         x = kind.probe_input(layer)
-        try:
-            y = type(layer).forward(layer, x)  # the class's computation, without the hooks of the instance
+        move = torch.randn(weight.shape, generator=gen, device=weight.device).to(weight.dtype)
+        move = move * weight.float().square().mean().sqrt().clamp_min(1e-3).to(weight.dtype)
+        try:  # the layer's own call, with the weight it has and with the moved one
+            y = torch.func.functional_call(layer, {"weight": weight}, (x,), strict=False)
+            moved = torch.func.functional_call(layer, {"weight": weight + move}, (x,), strict=False)
         except Exception as err:  # noqa: BLE001 - any failure means the layer is not called as its kind
-            return f"{own}: it does not take a {kind.name}'s input ({type(err).__name__}); {fix}"
-        if not isinstance(y, Tensor):
+            return f"{own}: it does not take the input of a {kind.name} layer ({type(err).__name__}); {fix}"
+        if not isinstance(y, Tensor) or not isinstance(moved, Tensor):
             return f"{own}: it returns {type(y).__name__}, not a tensor; {fix}"
-        expected = kind.op(layer, x, kind.weight_2d(layer), getattr(layer, "bias", None))
+        expected = kind.op(layer, x, kind.weight_2d(layer, move))
         if y.shape != expected.shape:
             return f"{own}: its output is shaped {tuple(y.shape)}, not {tuple(expected.shape)}; {fix}"
-        scale = float(expected.abs().max()) + torch.finfo(expected.dtype).tiny
-        # rounding of the same sums in another order: grows with the width, never past 1%
-        tolerance = min(64 * torch.finfo(expected.dtype).eps * kind.shape_2d(layer)[1] ** 0.5, 1e-2)
-        if not float((y.to(expected.dtype) - expected).abs().max()) <= tolerance * scale:
-            return f"{own}: it gives other values on a probe input (a scaled output, say); {fix}"
+        change = moved.float() - y.float()
+        scale = max(float(expected.abs().max()), float(y.abs().max())) + torch.finfo(torch.float32).tiny
+        # rounding of the same sums in another order: grows with the width; never past 5% of the output
+        tolerance = min(64 * torch.finfo(weight.dtype).eps * kind.shape_2d(layer)[1] ** 0.5, 5e-2)
+        if not float((change - expected.float()).abs().max()) <= tolerance * scale:
+            return (
+                f"{own}: its output does not move with its weight as the op's does (it scales it, say); {fix}"
+            )
     return None
 
 

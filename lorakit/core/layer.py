@@ -184,10 +184,16 @@ class AdaptedLayer(nn.Module):
             object.__setattr__(self, "_quantised_base", self.base_layer)
             self.base_layer = self.base_layer.to_dense()
             self.base_layer.requires_grad_(False)
-        with torch.no_grad():
-            w0 = self.weight_2d()
-            merged = self.variant.merged_weight(w0.to(_merge_dtype(w0)), self).to(w0.dtype)
-            _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, merged), self.name)
+        try:
+            with torch.no_grad():
+                w0 = self.weight_2d()
+                merged = self.variant.merged_weight(w0.to(_merge_dtype(w0)), self).to(w0.dtype)
+                _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, merged), self.name)
+        except BaseException:  # out of memory, say: the 4-bit layer goes back, nothing merged
+            quantised = self.__dict__.pop("_quantised_base", None)
+            if quantised is not None:
+                self.base_layer = quantised
+            raise
         self.merged = True
 
     def unmerge(self) -> None:

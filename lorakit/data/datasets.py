@@ -539,6 +539,11 @@ def _prompt_completion_turns(
                     f"{source} row {number}: '{name}' must be a list of messages like the first row's "
                     f"'{prompt_column}', not {type(value).__name__}"
                 )
+        if answers and not completion:  # only the completion trains: a row without one trains nothing
+            raise DataError(
+                f"{source} row {number}: '{response_column}' is empty; give every row the assistant's "
+                "answer, or leave the row out"
+            )
         out.append([*prompt, *completion])
     return out, [len(prompt) for prompt in prompts]
 

@@ -25,7 +25,7 @@ from lorakit.common.errors import SettingError
 _BODY = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)(?!\d|,\d)"
 GSM8K_MARKER = re.compile(rf"####\s*(\$?\s*-?{_BODY})")
 NUMBER = re.compile(rf"(?<![\w.])-?\$?\s*{_BODY}")
-_OPERAND_BEFORE = re.compile(r"[\d)\]]\s*\Z")  # what makes a minus after it a subtraction
+_OPERAND_BEFORE = re.compile(r"[\d)\]][ \t]*\Z")  # what makes a minus after it a subtraction
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern[str] | None:

@@ -146,11 +146,13 @@ def job_from_values(values: dict[str, Any], assignments: list[str] | None = None
         section = leaves[name][0]
         what = {"": "job", "train": "training"}.get(section, section)  # as the settings classes say
         sections[section][name] = coerce_field(SECTIONS[section], name, value, what)
-    return JobConfig(
+    job = JobConfig(
         **sections[""],
         options=options,
         **{name: SECTIONS[name](**values) for name, values in sections.items() if name},
     )
+    job.privacy.check_used()
+    return job
 
 
 class _UniqueKeys(yaml.SafeLoader):

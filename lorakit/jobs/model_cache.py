@@ -166,10 +166,13 @@ def _convert_apart(name: str, gguf: Path, out: Path) -> None:
         "_convert(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))"
     )
     command = [sys.executable, "-c", code, name, str(gguf), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    launch = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launch}  # no process of the launch
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelCacheError(f"converting {gguf.name} failed ({last}); run the command again")
+        mine = last.removeprefix(f"{__name__}.ModelCacheError: ")
+        raise ModelCacheError(mine if mine != last else f"converting {gguf.name} failed ({last})")
 
 
 def _move_into_place(building: Path, target: Path, digest: str) -> None:

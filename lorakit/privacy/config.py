@@ -99,25 +99,23 @@ class DPConfig:
             )
         check_noise_multiplier(self.noise_multiplier)
         check_noise_target(self.noise_multiplier, self.target_epsilon)
-        given = [flag for flag, value in self._dp_settings().items() if value]
-        if given and not self.dp:
-            raise PrivacyError(
-                f"{given[0]} applies to DP training, which is off, so the run would not be private: add "
-                f"--dp, or drop {given[0]}"
-            )
         if self.dp and self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyError(
                 "DP training needs a budget or a noise level: pass --target-epsilon E or --noise-multiplier Z"
             )
 
-    def _dp_settings(self) -> dict[str, bool]:
-        """Each DP setting by flag, and whether it was given a value other than its default."""
+    def check_used(self) -> None:
+        """Refuse DP settings given for a run without DP (a user's job: a saved one is read as it is): the
+        run would train without privacy while its settings read as if it had some."""
         default = {f.name: f.default for f in fields(self)}
-        return {
-            "--target-epsilon": self.target_epsilon is not None,
-            "--noise-multiplier": self.noise_multiplier is not None,
-            "--delta": self.delta != default["delta"],
-            "--max-grad-norm": self.max_grad_norm != default["max_grad_norm"],
-            "--accountant": self.accountant != default["accountant"],
-            "--dp-insecure-seed": self.dp_insecure_seed,
-        }
+        given = [
+            name
+            for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant")
+            if getattr(self, name) != default[name]
+        ] + (["dp_insecure_seed"] if self.dp_insecure_seed else [])
+        if given and not self.dp:
+            flag = "--" + given[0].replace("_", "-")
+            raise PrivacyError(
+                f"{flag} ({given[0]}) applies to DP training, which is off, so the run would not be private: "
+                f"add --dp (dp: true), or drop it"
+            )

@@ -148,21 +148,28 @@ class AdapterGradSampleModule(GradSampleModule):
 
 
 def _check_trainable_modules(model: nn.Module) -> None:
-    """Per-example gradients are meaningless where a module mixes examples (BatchNorm statistics)."""
+    """Refuse modules DP-SGD cannot account for: normalisation keeping statistics of the private data (and
+    BatchNorm's mixing examples), and trained modules with buffers."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+        batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if batch_norm or (
             isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-        ):  # frozen or not: a training forward reads the batch's statistics and writes the running ones
+        ):
+            # frozen or not: a training forward writes running statistics of the private data
+            mixes = (
+                "normalises by the batch's statistics (one example moves every other's gradient) and "
+                if batch_norm
+                else ""
+            )
             raise PrivacyError(
-                f"module '{name}' ({type(module).__name__}) normalises with statistics of the batch and "
-                "keeps running ones from the private data: one example moves every other's gradient, and "
-                "the statistics leave unaccounted; replace it with GroupNorm or LayerNorm "
+                f"module '{name}' ({type(module).__name__}) {mixes}keeps running statistics of the private "
+                "data, which leave unaccounted; replace it with GroupNorm or LayerNorm "
                 "(opacus.validators.ModuleValidator.fix does)"
             )
         if isinstance(module, Variant) or not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
-        if list(module.buffers(recurse=False)) or isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if list(module.buffers(recurse=False)):
             raise PrivacyError(
-                f"module '{name}' ({type(module).__name__}) trains with buffers (e.g. BatchNorm statistics), "
-                "which mix examples and break per-example clipping; freeze it or replace it (GroupNorm)"
+                f"module '{name}' ({type(module).__name__}) trains with buffers, which per-example clipping "
+                "does not cover; freeze it or replace it"
             )
