@@ -342,6 +342,7 @@ def merge(model: nn.Module, *, unload: bool = True) -> nn.Module:
 
     ``unload=True`` (default) returns the plain model: adapted layers become their base layers again and the
     adapter is gone. ``unload=False`` merges in place and keeps the adapters, so :func:`unmerge` can undo it.
+    A layer that cannot be merged leaves every layer unmerged (to the rounding of :func:`unmerge`).
     """
     info(model)
     check_untied(model)

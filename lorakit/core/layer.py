@@ -72,7 +72,12 @@ class AdaptedLayer(nn.Module):
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("_"):
                 raise
+        try:
             return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'{type(self).__name__}' object (over {type(base).__name__}) has no attribute '{name}'"
+            ) from None
 
     # --- read-only view for variants ----------------------------------------------------------------
     def weight_2d(self) -> Tensor:
@@ -245,7 +250,7 @@ def _write_weight(layer: nn.Module, value: Tensor, name: str) -> None:
             )
         return
     for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):  # weight = g v / ||v||: v = value and g = ||value|| give it back
+        if isinstance(hook, WeightNorm) and hook.name == "weight":  # g v / ||v||: v = value, g = ||value||
             getattr(layer, f"{hook.name}_g").copy_(torch.norm_except_dim(value, 2, hook.dim))
             getattr(layer, f"{hook.name}_v").copy_(value)
             setattr(layer, hook.name, hook.compute_weight(layer))

@@ -79,6 +79,12 @@ class Accountant:
                 epsilon = math.inf
             if epsilon < EPSILON_CEILING["prv"]:
                 return epsilon
+            warnings.warn(
+                "the PRV accountant cannot compute this epsilon (beyond its numeric range); the RDP bound, "
+                "always valid, is reported instead",
+                UserWarning,
+                stacklevel=3,
+            )
             rdp = Accountant("rdp")
             rdp._opacus.history = list(self._opacus.history)
             return rdp._epsilon(delta)
