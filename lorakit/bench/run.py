@@ -93,11 +93,21 @@ def read_bench(path: Path) -> Bench:
         fixed = [key for key in BENCH_SETS if key in settings]
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
-    for run in runs:  # every setting of every run read and range-checked before the first run starts
-        try:
+    for run in runs:
+        name, train = run["name"], run.get("train", True)
+        if not isinstance(train, bool):  # "false" as text would train
+            raise BenchError(f"{path}: run {name}: train must be true or false, not {train!r}")
+        if not train and generation is None:
+            raise BenchError(
+                f"{path}: run {name} does not train, and the bench evaluates a base model only by "
+                "generating: add a 'generate' mapping, or drop the run"
+            )
+    try:  # every setting of every run read and range-checked before the first run starts
+        job_values(defaults, "defaults")  # a mistake in the defaults is named there, not in a run
+        for run in runs:
             job_from_values(job_values(run_settings(defaults, run), f"run {run['name']}"))
-        except LorakitError as err:
-            raise BenchError(f"{path}: run {run['name']}: {err}") from None
+    except LorakitError as err:
+        raise BenchError(f"{path}: {err}") from None
     return Bench(defaults, runs, generation)
 
 
