@@ -102,12 +102,18 @@ def read_bench(path: Path) -> Bench:
                 f"{path}: run {name} does not train, and the bench evaluates a base model only by "
                 "generating: add a 'generate' mapping, or drop the run"
             )
-    try:  # every setting of every run read and range-checked before the first run starts
-        job_values(defaults, "defaults")  # a mistake in the defaults is named there, not in a run
-        for run in runs:
-            job_from_values(job_values(run_settings(defaults, run), f"run {run['name']}"))
+    # Every setting of every run read and range-checked before the first run starts; reading names where
+    # a setting is (the defaults, or a run), a value's check names the run.
+    try:
+        job_values(defaults, "defaults")
+        values = [(r["name"], job_values(run_settings(defaults, r), f"run {r['name']}")) for r in runs]
     except LorakitError as err:
         raise BenchError(f"{path}: {err}") from None
+    for name, settings in values:
+        try:
+            job_from_values(settings)
+        except LorakitError as err:
+            raise BenchError(f"{path}: run {name}: {err}") from None
     return Bench(defaults, runs, generation)
 
 
