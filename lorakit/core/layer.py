@@ -251,9 +251,9 @@ def _write_weight(layer: nn.Module, value: Tensor, name: str) -> None:
         return
     for hook in layer._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and hook.name == "weight":  # g v / ||v||: v = value, g = ||value||
-            getattr(layer, f"{hook.name}_g").copy_(torch.norm_except_dim(value, 2, hook.dim))
-            getattr(layer, f"{hook.name}_v").copy_(value)
-            setattr(layer, hook.name, hook.compute_weight(layer))
+            layer.weight_g.copy_(torch.norm_except_dim(value, 2, hook.dim))
+            layer.weight_v.copy_(value)
+            layer.weight = hook.compute_weight(layer)
             return
     layer.weight.copy_(value)
 
