@@ -107,12 +107,8 @@ class DPConfig:
     def check_used(self) -> None:
         """Refuse DP settings given for a run without DP (a user's job: a saved one is read as it is): the
         run would train without privacy while its settings read as if it had some."""
-        default = {f.name: f.default for f in fields(self)}
-        given = [
-            name
-            for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "accountant")
-            if getattr(self, name) != default[name]
-        ] + (["dp_insecure_seed"] if self.dp_insecure_seed else [])
+        default, now = {f.name: f.default for f in fields(self)}, vars(self)
+        given = [name for name in default if name != "dp" and now[name] != default[name]]
         if given and not self.dp:
             flag = "--" + given[0].replace("_", "-")
             raise PrivacyError(
