@@ -95,13 +95,11 @@ def _converting(target: Path) -> Iterator[None]:
     """Hold the conversion lock of ``target`` (waiting for another process's conversion to end)."""
     locks = target.parent.parent / "locks"  # beside the models: their directory holds models only
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         locks.mkdir(parents=True, exist_ok=True)
         handle = open(locks / f"{target.name}.lock", "a")  # noqa: SIM115 - held until the end
     except OSError as err:
-        raise ModelCacheError(
-            f"cannot write the model cache {target.parent}: {err.strerror or err}; set LORAKIT_CACHE to a "
-            "writable directory"
-        ) from None
+        raise _unwritable(target.parent, err) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -121,14 +119,10 @@ def _convert_into(name: str, gguf: Path, target: Path, digest: str, problem: str
             f"lorakit: converting {gguf.name} once into a safetensors model in {target} (about a minute)",
             file=sys.stderr,
         )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # its directory made by the lock's holder
         building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     except OSError as err:
-        raise ModelCacheError(
-            f"cannot write the model cache {target.parent}: {err.strerror or err}; set LORAKIT_CACHE to a "
-            "writable directory"
-        ) from None
+        raise _unwritable(target.parent, err) from None
     try:
         if _in_process_group():
             _convert_apart(name, gguf, building)
@@ -150,6 +144,13 @@ def _convert_into(name: str, gguf: Path, target: Path, digest: str, problem: str
         ) from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+def _unwritable(directory: Path, err: OSError) -> ModelCacheError:
+    return ModelCacheError(
+        f"cannot write the model cache {directory}: {err.strerror or err}; set LORAKIT_CACHE to a writable "
+        "directory"
+    )
 
 
 def _in_process_group() -> bool:
