@@ -195,6 +195,54 @@ def test_a_weight_normed_layer_merges_through_its_magnitude_and_direction(varian
         torch.testing.assert_close(lorakit.merge(model)(x), adapted, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora", "loha", "lokr", "vera"])
+def test_a_layer_under_the_older_weight_norm_hook_trains_for_several_steps(variant) -> None:
+    # The hook leaves ``weight`` holding the graph of the forward that computed it (here: from before the
+    # base froze): read as it stood, the second backward ran through a freed graph.
+    torch.manual_seed(0)
+    model = nn.Sequential(_weight_normed(nn.Linear(8, 8), legacy=True))
+    lorakit.apply(model, variant, targets=["0"], rank=2, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    x = torch.randn(4, 8)
+    losses = []
+    for _ in range(3):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("variant", ["lora", "loha", "dora"])
+@pytest.mark.parametrize("pre", [False, True])
+def test_a_hook_on_the_base_layer_runs_in_every_forward(variant, pre) -> None:
+    # An adapter that folds its change into the weight computes the layer itself: the hook would not run.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6)).eval()
+    if pre:
+        model[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    else:
+        model[0].register_forward_hook(lambda module, args, out: out * 2)
+    x = torch.randn(3, 8)
+    base = model(x).detach()
+    lorakit.apply(model, variant, targets=["0"], rank=2, dropout=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "loha"])
+def test_a_weight_recomputed_by_the_older_spectral_norm_hook_is_refused(variant) -> None:
+    # Its ``weight`` is the raw one until the first forward (DoRA started 15 off), and a merge copied into
+    # it was recomputed away at the next forward, silently.
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 6)))
+    with pytest.raises(lorakit.TargetError, match=r"a forward hook recomputes \(hooks: SpectralNorm\).*"
+                       r"parametrizations.spectral_norm"):  # fmt: skip
+        lorakit.apply(model, variant, targets=["0"], rank=2)
+    assert type(model[0]) is nn.Linear and model[0].weight_orig.requires_grad
+
+
 def test_a_parametrization_that_cannot_take_the_merged_weight_is_refused_and_nothing_merges() -> None:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 8), nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))).eval()

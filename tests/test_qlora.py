@@ -114,6 +114,18 @@ def test_merge_gives_dense_layers_in_the_original_dtype() -> None:
         torch.testing.assert_close(plain(x), out, atol=2e-2, rtol=2e-2)  # bf16 matmul vs fp32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_merge_after_a_cast_gives_dense_layers_in_the_model_dtype(dtype) -> None:
+    model = lorakit.apply(Tiny(), "qlora", rank=4, dropout=0.0).to(dtype)
+    perturb(model)
+    x = torch.randn(4, 64, dtype=dtype)
+    with torch.no_grad():
+        out = model(x)
+        plain = lorakit.merge(model)
+        assert plain.fc1.weight.dtype == dtype and plain.fc1.bias.dtype == dtype  # was fp32: matmul failed
+        torch.testing.assert_close(plain(x), out, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize(
     ("fields", "match"),
     [

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lorakit.core.quantized import QuantizedBase
 
@@ -260,7 +262,41 @@ class KindSet:
 def _base_weight(layer: nn.Module) -> Tensor:
     # Quantised layers expose a dequantised view (in the layout of the layer they replace); plain layers
     # their weight.
-    return layer.dequantized_weight() if isinstance(layer, QuantizedBase) else layer.weight
+    if isinstance(layer, QuantizedBase):
+        return layer.dequantized_weight()
+    hook = weight_norm_hook(layer)
+    # The older weight-norm hook sets ``weight`` before each forward: computed now, as the hook will, since
+    # the tensor the last forward left may hold that forward's graph (or one from before the base froze).
+    return layer.weight if hook is None else hook.compute_weight(layer)
+
+
+def weight_norm_hook(layer: nn.Module) -> WeightNorm | None:
+    """The older ``torch.nn.utils.weight_norm`` hook computing ``layer.weight`` (``g v / ||v||``), if any."""
+    return next(
+        (h for h in layer._forward_pre_hooks.values() if isinstance(h, WeightNorm) and h.name == "weight"),
+        None,
+    )
+
+
+def _hook_computed_refusal(layer: nn.Module) -> str | None:
+    """Why a weight that a forward hook recomputes as a plain tensor cannot be adapted (the older
+    ``torch.nn.utils.spectral_norm``): until the hook runs, ``weight`` is not the weight the layer computes
+    with, and a merge written into it is overwritten at the next forward. The older weight-norm hook is
+    read and written through its magnitude and direction; a parametrization through its own protocol."""
+    if (
+        isinstance(layer, QuantizedBase)
+        or parametrize.is_parametrized(layer, "weight")
+        or "weight" in layer._parameters
+        or "weight" in layer._buffers
+        or weight_norm_hook(layer) is not None
+    ):
+        return None
+    hooks = ", ".join(type(h).__name__ for h in layer._forward_pre_hooks.values()) or "none"
+    return (
+        f"its weight is a plain tensor that a forward hook recomputes (hooks: {hooks}), which an adapter "
+        "can neither read nor merge into; use the parametrization form "
+        "(torch.nn.utils.parametrizations.spectral_norm) or remove the hook"
+    )
 
 
 def _stands_in_for(layer: nn.Module, kind: LayerKind) -> bool:
@@ -335,7 +371,7 @@ def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
     out_features, in_features = kind.shape_2d(layer)
     if out_features == 0 or in_features == 0:
         return f"its weight is empty ({out_features} x {in_features}): there is nothing to adapt"
-    return kind.refusal(layer) or _own_forward_refusal(kind, layer)
+    return kind.refusal(layer) or _hook_computed_refusal(layer) or _own_forward_refusal(kind, layer)
 
 
 # What the probe found per layer, with the weight's storage and version it ran on.

@@ -17,12 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.weight_norm import WeightNorm
 
 from lorakit.common.errors import AdapterStateError
 from lorakit.core.config import VariantConfig
 from lorakit.core.contract import Shared
-from lorakit.core.kinds import LayerKind
+from lorakit.core.kinds import LayerKind, weight_norm_hook
 from lorakit.core.quantized import QuantizedBase
 from lorakit.core.seam import fast_forward, fast_paths_active
 from lorakit.core.variant import Variant
@@ -164,14 +163,17 @@ class AdaptedLayer(nn.Module):
     def weight_folds_exactly(self, x: Tensor) -> bool:
         """Whether ``op(x, W0 + dW)`` may stand in for ``op(x, W0) + op(x, dW)`` in this forward.
 
-        Only for a dense base weight in fp32 or fp64 with ``x`` in the same dtype and no autocast: a bf16 or
-        fp16 ``W0 + dW`` rounds a small ``dW`` away (its spacing near ``|W0| = 0.05`` is ``2e-4``), and a
-        quantised base would be dequantised for it. Not under torch.func transforms (per-example gradients),
-        where the adapter keeps the path its gradients are checked on.
+        Only for a layer that computes exactly its kind's op with no hook watching it (the base layer is not
+        called, so neither would run), and a dense base weight in fp32 or fp64 with ``x`` in the same dtype
+        and no autocast: a bf16 or fp16 ``W0 + dW`` rounds a small ``dW`` away (its spacing near
+        ``|W0| = 0.05`` is ``2e-4``), and a quantised base would be dequantised for it. Not under torch.func
+        transforms (per-example gradients), where the adapter keeps the path its gradients are checked on.
         """
-        weight = self.stored_weight()  # a 4-bit layer's packed codes are no float weight
+        layer, weight = self.base_layer, self.stored_weight()  # a 4-bit layer's codes are no float weight
         return (
-            weight.dtype in (torch.float32, torch.float64)
+            self.kind.runs_as_op(layer)
+            and not _hooked(layer)
+            and weight.dtype in (torch.float32, torch.float64)
             and x.dtype == weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
             and not torch._C._are_functorch_transforms_active()
@@ -249,12 +251,12 @@ def _write_weight(layer: nn.Module, value: Tensor, name: str) -> None:
                 "parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
             )
         return
-    for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm) and hook.name == "weight":  # g v / ||v||: v = value, g = ||value||
-            layer.weight_g.copy_(torch.norm_except_dim(value, 2, hook.dim))
-            layer.weight_v.copy_(value)
-            layer.weight = hook.compute_weight(layer)
-            return
+    hook = weight_norm_hook(layer)
+    if hook is not None:  # g v / ||v||: v = value, g = ||value||
+        layer.weight_g.copy_(torch.norm_except_dim(value, 2, hook.dim))
+        layer.weight_v.copy_(value)
+        layer.weight = hook.compute_weight(layer)
+        return
     layer.weight.copy_(value)
 
 

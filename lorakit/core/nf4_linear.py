@@ -158,7 +158,10 @@ class NF4Linear(QuantizedBase):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight dequantised to ``dtype`` (default: the original weight dtype), in the source layer's
         layout: ``(out, in)`` for ``nn.Linear``, ``(in, out)`` (a transposed view) for a GPT-2 ``Conv1D``."""
-        w = dequantize_nf4(self.quantized_weight, dtype)  # (out, in)
+        dtype = dtype or self.weight_dtype
+        # fp64 (a model cast to it after quantising): dequantised in fp32, the precision of the scales
+        w = dequantize_nf4(self.quantized_weight, dtype if dtype in _FLOAT_DTYPES else torch.float32)
+        w = w.to(dtype)  # (out, in)
         return w if self.lorakit_kind == "linear" else w.t()
 
     def stored_weight(self) -> Tensor:
@@ -207,6 +210,10 @@ class NF4Linear(QuantizedBase):
         for name in held:
             self._buffers[name] = None
         super()._apply(fn, recurse)
+        # The dense weight this stands for takes the cast a dense layer's weight would (``to_dense`` builds
+        # it in that dtype, so a merge into a model cast to bf16 gives a bf16 layer).
+        dense_weight = torch.empty(0, dtype=self.weight_dtype, device=self.weight_packed.device)
+        self.weight_dtype = fn(dense_weight).dtype
         for name, tensor in held.items():
             probe = fn(torch.empty(0, dtype=torch.float32, device=tensor.device))
             if probe.dtype == torch.float32:
