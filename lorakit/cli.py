@@ -491,33 +491,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error already printed in one line
-        return done.code if isinstance(done.code, int) else 2
+        code = done.code if isinstance(done.code, int) else 2
+        if code and _trains(sys.argv[1:] if argv is None else argv):
+            _release_peers("its command line was refused (a usage error, printed there)")
+        return code
     debug = args.debug or bool(os.environ.get("LORAKIT_DEBUG"))
     try:
-        code = args.func(args)
+        return args.func(args) or 0
     except KeyboardInterrupt:
         if debug:
             raise
         print("lorakit: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except Exception as err:
+        line, code = _report(err)
+        if args.command == "train":
+            _release_peers(_one_line(err))
         if debug:
             raise
-        print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a bug in lorakit: still one line, with the way to see the traceback
-        if debug:
-            raise
-        if is_disk_full(err):  # a library's own error type for a full disk
-            print(f"lorakit: error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        print(
-            f"lorakit: internal error: {type(err).__name__}: {_one_line(err)} "
-            "(rerun with --debug for the traceback and report it)",
-            file=sys.stderr,
-        )
-        return 1
-    return code or 0
+        print(f"lorakit: {line}", file=sys.stderr)
+        return code
+
+
+def _report(err: Exception) -> tuple[str, int]:
+    """The one line an error is reported with, and the exit code: 2 for what a user can fix, 1 for a bug."""
+    if isinstance(err, USER_ERRORS) or is_disk_full(err):  # or a library's own error type for a full disk
+        return f"error: {_one_line(err)}", 2
+    # a bug in lorakit: still one line, with the way to see the traceback
+    return (
+        f"internal error: {type(err).__name__}: {_one_line(err)} "
+        "(rerun with --debug for the traceback and report it)"
+    ), 1
+
+
+def _trains(argv: list[str]) -> bool:
+    """Whether the command line is a ``lorakit train`` (its first word that is no option)."""
+    return next((word for word in argv if not word.startswith("-")), None) == "train"
+
+
+def _release_peers(reason: str) -> None:
+    # Under torchrun, the other processes of the run wait for this one in the process group: tell them why
+    # it stops (lorakit.distributed.group.release_peers), so none waits until the group's timeout.
+    from lorakit.distributed.group import release_peers
+
+    release_peers(reason)
 
 
 if __name__ == "__main__":

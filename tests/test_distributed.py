@@ -351,6 +351,35 @@ def test_the_multi_node_torchrun_form_trains_like_one_process(setup, tmp_path):
     assert_torchrun_equals_one_process(out, setup, tmp_path, steps)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("node_1", "why"),
+    [
+        ([], "the job is not distributed"),  # --distributed left out on one node
+        (["--distributed", "ddp", "--dp", "--noise-multiplier", "1"], "DP-SGD does not run distributed"),
+        (["--distributed", "ddp", "--no-such-flag"], "its command line was refused"),
+    ],
+)
+def test_a_node_refusing_its_command_stops_the_others_with_its_reason(setup, tmp_path, node_1, why):
+    """One launcher per node, as on several machines: no launcher stops the others when a node's process
+    exits before the group forms, so node 0 waited in it for the group's timeout (30 minutes)."""
+    out, port = tmp_path / "nodes", free_port()
+    flags = [*train_flags(setup, out, 4)]
+    nodes = []
+    for node, extra in enumerate([["--distributed", "ddp"], node_1]):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+        command += ["--node-rank", str(node), "--rdzv-backend", "static", "--master-addr", "127.0.0.1"]
+        command += ["--master-port", str(port), "-m", "lorakit", "train", *flags, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env))
+    errs = [node.communicate(timeout=240)[1].decode() for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 1]  # torchrun's code for a failed worker
+    told = [line for line in errs[0].splitlines() if line.startswith("lorakit: error: rank 1 ")]
+    assert len(told) == 1 and "stopped before training" in told[0] and why in told[0]
+    assert why in errs[1] or why.startswith("its command line")  # a usage error reads argparse's way
+    assert not out.exists()
+
+
 def assert_torchrun_equals_one_process(out: Path, setup, tmp_path: Path, steps: int) -> None:
     """The LoRA adapter a 2-rank ``lorakit train`` run (batch 4 per rank) wrote to ``out`` equals one
     process's with batch 4 and grad-accum 2, to the float tolerance of the summation order over ``steps``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,14 +185,10 @@ def _check_launch(mode: str) -> None:
 
 
 def join(mode: str) -> Distributed:
-    """Join (or reuse) the process group described by torchrun's environment variables."""
+    """Join (or reuse) the process group described by torchrun's environment variables; refused on every
+    rank when a process of the launch stopped before joining (see :func:`release_peers`)."""
     _check_launch(mode)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend = _device_and_backend()
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend)
@@ -204,7 +201,54 @@ def join(mode: str) -> Distributed:
                 "restarts set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md)"
             ) from err
         atexit.register(_leave)
+        stopped = [(rank, why) for rank, why in enumerate(_starts(None)) if why is not None]
+        if stopped:
+            rank, why = stopped[0]
+            raise LaunchError(
+                f"rank {rank} of this {dist.get_world_size()}-process run stopped before training: "
+                f"{why.rstrip('.')}; fix its command (every rank runs the same one) and launch again"
+            )
     return Distributed(mode, dist.get_rank(), dist.get_world_size(), device)
+
+
+def release_peers(reason: str) -> None:
+    """In a process of a torchrun launch that stops before joining the process group (its command refused),
+    join the group only to hand the others ``reason`` and leave: they stop with that line at once instead of
+    waiting for this process until the group's timeout (30 minutes), as they would in a launch per node,
+    where no launcher stops them. Waits at most :data:`RELEASE_WAIT` for them; gives up silently, having
+    already said why it stops."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    launched = all(name in os.environ for name in TORCHRUN_VARIABLES) and world.isdigit() and int(world) > 1
+    if not launched or dist.is_initialized():
+        return
+    try:
+        _, backend = _device_and_backend()
+        dist.init_process_group(backend, timeout=RELEASE_WAIT)
+        _starts(reason)
+    except Exception:  # noqa: BLE001 - the others are gone or never came: there is no one to tell
+        pass
+    finally:
+        _leave()
+
+
+# How long a process that stops before training waits for the others of its launch to hear why.
+RELEASE_WAIT = datetime.timedelta(minutes=5)
+
+
+def _starts(reason: str | None) -> list[str | None]:
+    """Every rank's reason to stop before training (None: it goes on): the first collective of a run."""
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return reasons
+
+
+def _device_and_backend() -> tuple[torch.device, str]:
+    """This rank's device and the backend for it: its own GPU under NCCL, else the CPU under gloo."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
 
 
 def _leave() -> None:
