@@ -173,7 +173,8 @@ def test_a_delta_of_at_least_one_over_the_clients_is_refused_when_accounted(caps
         FedConfig(clients=4, cohort=2, clip_norm=1.0, target_epsilon=5.0, delta=0.5)
     FedConfig(clients=4, cohort=2, clip_norm=1.0, noise_multiplier=1.0, delta=0.2)
     FedConfig(clients=4, cohort=2, clip_norm=1.0, delta=0.5)  # clipping only: no epsilon to qualify
-    FedConfig(clients=4, cohort=2, delta=0.5)  # plain FedAvg
+    with pytest.raises(PrivacyError, match="applies to client-level DP, which is off"):
+        FedConfig(clients=4, cohort=2, delta=0.5)  # plain FedAvg: a delta would read as a guarantee
     argv = ["federate", "--clients", "2", "--cohort", "2", "--clip-norm", "1", "--noise-multiplier", "1"]
     assert main([*argv, "--delta", "0.5"]) == 2
     err = capsys.readouterr().err.strip()

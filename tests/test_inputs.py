@@ -440,6 +440,10 @@ def test_dp_sgd_settings_it_cannot_honour_are_refused_before_anything_runs(argv,
         (["--skew", "0"], SettingError, r"skew=0.0: it must be a finite number > 0"),
         (["--lr", "nan"], SettingError, r"lr=nan: it must be a finite number > 0"),
         (["--num-labels", "1"], SettingError, r"num_labels=1: it must be an integer in \[2, 1000000\]"),
+        # DP-FedAvg's own settings without it (clip norm 0): the run would not be private
+        (["--delta", "1e-3"], PrivacyError, r"--delta \(delta\) applies to client-level DP, which is off"),
+        (["--accountant", "prv"], PrivacyError, r"--accountant \(accountant\) applies to client-level DP"),
+        (["--dp-insecure-seed"], PrivacyError, r"--dp-insecure-seed \(dp_insecure_seed\) applies to"),
     ],
 )
 def test_federate_reads_numbers_with_the_same_parser(argv, error, message) -> None:

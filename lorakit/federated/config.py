@@ -36,6 +36,8 @@ from lorakit.privacy.config import (
 
 SAMPLINGS = ("poisson", "fixed")
 PARTITIONS = ("iid", "label-skew")
+# Settings of client-level DP alone, refused in a run without it (clip_norm 0).
+DP_ONLY = ("delta", "accountant", "dp_insecure_seed")
 
 
 @dataclass
@@ -131,6 +133,13 @@ class FedConfig:
         check_noise_target(self.noise_multiplier, self.target_epsilon)
         if (self.noise_multiplier or self.target_epsilon is not None) and not self.clip_norm > 0:
             raise PrivacyError("client-level DP needs a clipping bound: set clip_norm S > 0 with the noise")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [name for name in DP_ONLY if getattr(self, name) != defaults[name]]
+        if given and not self.private:  # the run would not be private while its settings read as if it were
+            raise PrivacyError(
+                f"--{given[0].replace('_', '-')} ({given[0]}) applies to client-level DP, which is off: set "
+                "--clip-norm S > 0 (with noise) for DP-FedAvg, or drop it"
+            )
         if self.accounted:  # the clients are the people of client-level DP; their number is public
             check_delta_below(self.delta, self.clients, "clients", "--delta")
         if self.accounted and self.sampling == "fixed" and self.cohort < self.clients:
