@@ -163,3 +163,50 @@ def test_evaluation_sums_over_tokens_and_never_holds_a_batchs_logits(monkeypatch
         own = model(input_ids=ids, labels=labels).loss.item()
     assert metrics["loss"] == pytest.approx(own, rel=1e-5)
     assert token_loss.takes_token_loss(model)
+
+
+def _softcapped():
+    """A tiny Gemma-2, whose logits are soft-capped after the head: it keeps its own loss (a token mean)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).eval()
+
+
+def _uneven_answers() -> TokenizedData:
+    """Three rows whose answers have 1, 9 and 2 labelled tokens."""
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :11], labels[1, :3], labels[2, :10] = -100, -100, -100
+    return TokenizedData(ids.tolist(), labels.tolist(), 0)
+
+
+def test_a_model_keeping_its_own_loss_is_evaluated_over_tokens_whatever_the_batch() -> None:
+    model, data = _softcapped(), _uneven_answers()
+    assert not takes_token_loss(model)
+    ids, labels = (torch.tensor(x) for x in (data.input_ids, data.labels))
+    with torch.no_grad():
+        whole = model(input_ids=ids, labels=labels).loss.item()  # the mean over all 12 predicted tokens
+    for batch_size in (1, 2, 3):  # batch 1 gave the mean of the rows' means (3.59 against 2.53 in one case)
+        assert evaluate(model, data, batch_size=batch_size)["loss"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_model_keeping_its_own_loss_steps_on_the_mean_over_all_its_labelled_tokens() -> None:
+    model, data = _softcapped(), _uneven_answers()
+    lorakit.apply(model, "lora", targets="all-linear", rank=4, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for batch_size, accum in ((3, 1), (1, 3)):
+        model.zero_grad()
+        cfg = TrainConfig(steps=1, batch_size=batch_size, grad_accum=accum, progress=False)
+        loss = LossBackward(model, eval_batches(data, batch_size), cfg).backward(0, lambda step: None)
+        results.append((loss, [p.grad.clone() for p in params]))
+    (one, one_grads), (accumulated, accumulated_grads) = results
+    assert accumulated == pytest.approx(one, rel=1e-5)  # was the mean of the three micro-batch means
+    assert any(float(g.abs().max()) > 0 for g in one_grads)
+    for got, want in zip(accumulated_grads, one_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

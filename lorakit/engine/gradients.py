@@ -19,7 +19,7 @@ from lorakit.common.errors import LorakitError
 from lorakit.core.contract import GradientSource
 from lorakit.engine.config import TrainConfig
 from lorakit.engine.placement import LOCAL, Placement
-from lorakit.engine.token_loss import TokenLoss, predicted_tokens, takes_token_loss
+from lorakit.engine.token_loss import TokenLoss, keeps_mean_token_loss, predicted_tokens, takes_token_loss
 
 
 class BatchError(LorakitError):
@@ -51,6 +51,8 @@ class LossBackward(GradientSource):
         self.model = model
         self.placement = placement
         self.token_loss = takes_token_loss(model)
+        # a causal LM with its own loss: its per-micro-batch token mean, weighted back to the step's mean
+        self.own_token_mean = keeps_mean_token_loss(model)
         placement.begin(model)
         self.forward = placement.wrap(TokenLoss.of(model) if self.token_loss else model)
         self.batches = batches
@@ -64,11 +66,12 @@ class LossBackward(GradientSource):
         self.tokens += self.placement.total(sum(_input_tokens(batch) for batch in micro))
         # The step's loss is the mean over its labelled tokens in every micro-batch and process; gradients
         # are then averaged over the processes, so each process's sum is divided by labelled / processes.
-        labelled = self.placement.total(sum(_labelled(b) for b in micro)) if self.token_loss else 0
+        per_token = self.token_loss or self.own_token_mean
+        labelled = self.placement.total(sum(_labelled(b) for b in micro)) if per_token else 0
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             with self.placement.micro_batch(last=i == self.grad_accum - 1):
-                if self.token_loss:
+                if per_token:
                     loss = self.loss(
                         batch, extra_loss, step, per=max(labelled, 1) / self.placement.processes()
                     )
@@ -116,8 +119,10 @@ class LossBackward(GradientSource):
             out = self.run_model(batch, device, step)
         if per is None:  # the caller divides the sum by grad_accum
             loss, share = scalar_loss(out, batch, step), 1.0
-        else:
+        elif self.token_loss:
             loss, share = out[0] / per, 1.0 / self.grad_accum
+        else:  # the model's mean over the micro-batch's predicted tokens, times their count: their sum
+            loss, share = scalar_loss(out, batch, step) * (_labelled(batch) / per), 1.0 / self.grad_accum
         extra = extra_loss(step)
         return loss if extra is None else loss + extra * share
 

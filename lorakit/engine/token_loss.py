@@ -95,6 +95,13 @@ def takes_token_loss(model: nn.Module) -> bool:
     return ok
 
 
+def keeps_mean_token_loss(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal LM that keeps its own loss (:func:`takes_token_loss` is False: it caps or
+    scales its logits): transformers' mean over the batch's predicted tokens, which times their count is
+    their sum again."""
+    return _looks_causal(model) and not takes_token_loss(model)
+
+
 def _looks_causal(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 

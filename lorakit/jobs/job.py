@@ -29,7 +29,7 @@ from lorakit.data import datasets as D
 from lorakit.distributed import writes_files
 from lorakit.distributed.group import check_one_process
 from lorakit.engine.placement import LOCAL
-from lorakit.engine.token_loss import TokenLoss, takes_token_loss
+from lorakit.engine.token_loss import TokenLoss, predicted_tokens, takes_token_loss
 from lorakit.jobs import rundir
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.models import (
@@ -287,7 +287,9 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
                 total += int(count)
                 continue
             out = model(**batch)
-            n = batch["labels"].shape[0]
+            labels = batch["labels"]
+            # a causal LM's own loss is its mean over the batch's predicted tokens: weighted by them
+            n = predicted_tokens(labels) if labels.dim() == 2 else labels.shape[0]
             loss_sum += out.loss.item() * n
             total += n
             if batch["labels"].dim() == 1:
