@@ -3,6 +3,7 @@ the merged model), and `lorakit eval --generate` / `lorakit generate` end to end
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -213,3 +214,56 @@ def test_eval_generate_writes_metrics_the_merged_model_reproduces(chat_llama_dir
     ids = torch.tensor([chat.prompt_ids(tokenizer, CHATML, hi)])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+GEMMA_LIKE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_generation_stops_at_the_templates_end_of_turn_not_only_at_the_end_of_sequence() -> None:
+    """A base model's tokenizer (end of sequence ``<|endoftext|>``) with ChatML, or turn markers added as
+    special tokens that the tokenizer does not name (Gemma's): a tuned model closes its answer with the
+    template's marker, and generation ran on past it into a made-up next turn."""
+    from tokenizers import AddedToken
+
+    from lorakit.eval.generation import stop_tokens
+
+    tokenizer = chat_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    model = tiny_chat_llama(len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert chat.end_of_turn(tokenizer, CHATML) == im_end and tokenizer.eos_token_id != im_end
+    assert im_end in stop_tokens(model, tokenizer, CHATML)
+    assert stop_tokens(model, tokenizer, None) == [tokenizer.eos_token_id]
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in ("<start_of_turn>", "<end_of_turn>")])
+    assert "<end_of_turn>" not in tokenizer.all_special_tokens
+    turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert chat.end_of_turn(tokenizer, GEMMA_LIKE) == turn and chat.ends_answers(tokenizer, GEMMA_LIKE)
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert chat.end_of_turn(tokenizer, plain) is None and not chat.ends_answers(tokenizer, plain)
+
+
+def test_greedy_generation_takes_none_of_the_models_own_decoding_settings(tuned_chat_model) -> None:
+    """generation_config.json may hold a repetition penalty (Qwen2.5-Instruct's 1.05-1.1), which transformers
+    applies to a greedy search too: answers were then not the greedy ones."""
+    model, tokenizer = tuned_chat_model
+    questions = ["What is 2 plus 3?", "Natalia sold 48 clips", "hi"]
+    examples = [chat.Example(({"role": "user", "content": q},)) for q in questions]
+    prompts = [chat.prompt_ids(tokenizer, CHATML, e) for e in examples]
+    greedy = generate(model, tokenizer, prompts, template=CHATML, max_new_tokens=12, progress=False)
+    own, saved = model.generation_config, copy.deepcopy(model.generation_config)
+    own.repetition_penalty, own.no_repeat_ngram_size = 3.0, 1
+    try:
+        ours = generate(model, tokenizer, prompts, template=CHATML, max_new_tokens=12, progress=False)
+        assert model.generation_config is own and own.repetition_penalty == 3.0  # put back as it was
+        penalised = []
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+            penalised.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+    finally:
+        model.generation_config = saved
+    assert ours == greedy
+    assert penalised != greedy  # the settings do change transformers' answers: the check is not vacuous

@@ -460,7 +460,7 @@ def generated(monkeypatch) -> list[dict[str, Any]]:
     """Record every call of the batched generation (its prompts and its budget); answers are "#### 7"."""
     calls: list[dict[str, Any]] = []
 
-    def fake(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, progress=True):
+    def fake(model, tokenizer, prompts, *, template=None, max_new_tokens, batch_size=16, progress=True):
         calls.append({"prompts": [tokenizer.decode(p) for p in prompts], "max_new_tokens": max_new_tokens})
         return ["#### 7"] * len(prompts)
 

@@ -262,8 +262,30 @@ def ends_answers(tokenizer: Any, template: str) -> bool:
     full, answer = render(tokenizer, template, _SAMPLE, generation_prompt=False), _SAMPLE[1]["content"]
     if answer not in full:  # a template that rewrites the answer's text: nothing to tell from
         return True
+    return end_of_turn(tokenizer, template) is not None
+
+
+def end_of_turn(tokenizer: Any, template: str) -> int | None:
+    """The special token ``template`` renders first after an assistant answer (ChatML's ``<|im_end|>``,
+    Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``), which a tuned model emits when it is done; None
+    when no special token follows the answer. It need not be the tokenizer's end-of-sequence token (a base
+    model's tokenizer with a chat template of its own), so generation stops at it too."""
+    full, answer = render(tokenizer, template, _SAMPLE, generation_prompt=False), _SAMPLE[1]["content"]
+    if answer not in full:
+        return None
     after = full[full.rfind(answer) + len(answer) :]
-    return any(token and token in after for token in tokenizer.all_special_tokens)
+    found = [(after.find(token), token) for token in special_tokens(tokenizer) if token and token in after]
+    if not found:
+        return None
+    token = min(found, key=lambda f: (f[0], -len(f[1])))[1]  # the first; of two there, the longer
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens: those it names, and tokens added as special (Gemma's turn markers)."""
+    added = tokenizer.added_tokens_decoder.values()
+    return [*tokenizer.all_special_tokens, *(t.content for t in added if t.special)]
 
 
 def render(tokenizer: Any, template: str, messages: Sequence[Message], generation_prompt: bool) -> str:

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from lorakit.data.chat import end_of_turn
 
 
 @torch.no_grad()
@@ -22,20 +25,26 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[list[int]],
     *,
+    template: str | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[str]:
-    """The greedy continuation of each prompt (token ids) as text, special tokens left out."""
+    """The greedy continuation of each prompt (token ids, rendered in the chat ``template`` if any) as text,
+    special tokens left out."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop = stop_tokens(model, tokenizer)
+    stop = stop_tokens(model, tokenizer, template)
+    # Greedy decoding as such: none of the model's own decoding settings (generation_config.json's repetition
+    # penalty, say, which transformers would apply to a greedy search too) changes the answers.
+    own = model.generation_config
     # Padding is masked out and left of every prompt, so any id serves where the tokenizer names none.
     pad = next(i for i in (tokenizer.pad_token_id, *stop, 0) if i is not None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="prompt")
+    model.generation_config = GenerationConfig()
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -51,9 +60,6 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
-                temperature=None,
-                top_p=None,
-                top_k=None,
                 pad_token_id=pad,
                 eos_token_id=stop or None,
             )
@@ -62,14 +68,16 @@ def generate(
             bar.update(len(rows))
     finally:
         bar.close()
+        model.generation_config = own
         model.train(was_training)
     return texts
 
 
-def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
-    """The tokens that end an answer: the tokenizer's end-of-sequence token and those of the model's
-    generation config (an instruct model's end-of-turn token may be either); none: answers run to
-    ``max_new_tokens``."""
+def stop_tokens(model: nn.Module, tokenizer: Any, template: str | None) -> list[int]:
+    """The tokens that end an answer: the tokenizer's end-of-sequence token, those of the model's generation
+    config, and the end-of-turn token the chat ``template`` closes an answer with (an instruct model's
+    end-of-turn may be any of them); none: answers run to ``max_new_tokens``."""
     config = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [tokenizer.eos_token_id, *(config if isinstance(config, list) else [config])]
+    turn = None if template is None else end_of_turn(tokenizer, template)
+    ids = [tokenizer.eos_token_id, *(config if isinstance(config, list) else [config]), turn]
     return list(dict.fromkeys(i for i in ids if i is not None))

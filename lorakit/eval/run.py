@@ -128,8 +128,10 @@ def generation_eval(
         )
     template = chat_template(job, tokenizer)
     prompts = chat.prompts_ids(tokenizer, template, examples, f"{source} row")
-    budget = new_tokens(model, tokenizer, prompts, max_new_tokens, f"{source} row")
-    texts = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    budget = new_tokens(model, tokenizer, template, prompts, max_new_tokens, f"{source} row")
+    texts = generate(
+        model, tokenizer, prompts, template=template, max_new_tokens=budget, batch_size=batch_size
+    )
     result = GenerationReport(correct=0, total=len(examples) - unscored, unscored=unscored)
     for example, text, answer in zip(examples, texts, expected, strict=True):
         scored = score(text, example.answer or "", pattern)
@@ -148,12 +150,17 @@ def generation_eval(
 
 
 def new_tokens(
-    model: nn.Module, tokenizer: Any, prompts: list[list[int]], requested: int | None, what: str
+    model: nn.Module,
+    tokenizer: Any,
+    template: str | None,
+    prompts: list[list[int]],
+    requested: int | None,
+    what: str,
 ) -> int:
     """Tokens to generate per answer: ``requested``, or by default up to :data:`DEFAULT_NEW_TOKENS`; within
     the model's context after the longest prompt (a prompt that fills it, or a ``requested`` number that would
     pass it, is refused naming the prompt, ``what`` N). Where no token ends an answer, that is said once."""
-    if not stop_tokens(model, tokenizer):
+    if not stop_tokens(model, tokenizer, template):
         report(
             "neither the tokenizer nor the model names an end-of-sequence token: every answer runs to "
             "--max-new-tokens"
@@ -190,5 +197,7 @@ def answer_prompts(
     template."""
     template = chat_template(job, tokenizer)
     ids = chat.prompts_ids(tokenizer, template, prompts, "prompt")
-    budget = new_tokens(model, tokenizer, ids, max_new_tokens, "prompt")
-    return generate(model, tokenizer, ids, max_new_tokens=budget, batch_size=batch_size, progress=False)
+    budget = new_tokens(model, tokenizer, template, ids, max_new_tokens, "prompt")
+    return generate(
+        model, tokenizer, ids, template=template, max_new_tokens=budget, batch_size=batch_size, progress=False
+    )
