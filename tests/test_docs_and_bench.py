@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -149,6 +150,32 @@ def test_a_causal_lm_bench_evaluates_generation_and_the_base_model(chat_llama_di
     assert results["lora"]["generation"]["exact_match_total"] == 6
     assert results["base"]["metrics"]["loss"] > results["lora"]["metrics"]["loss"]
     assert "| base |" in table and "| 0 |" in table and "as it is" in table
+    # every row's loss on the same 6 rows (training evaluated all 16): the generation evaluation's
+    assert all(r["metrics"]["loss"] == r["generation"]["loss"] for r in results.values())
     capsys.readouterr()
     assert main(["bench", str(bench), "--out", str(out)]) == 0  # finished and evaluated: nothing runs again
     assert "lorakit.cli" not in capsys.readouterr().out
+    # the bench file edited: its finished runs are not shown under settings they did not run with
+    for edited, message in [
+        ({"generate": {**generate, "max_new_tokens": 5}}, "run base in .* was evaluated with other settings"),
+        ({"defaults": {**defaults, "steps": 4}}, r"run lora in .* was trained with other settings \(steps"),
+    ]:
+        bench.write_text(yaml.safe_dump({"defaults": defaults, "generate": generate, "runs": runs, **edited}))
+        assert main(["bench", str(bench), "--out", str(out)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert json.loads((out / "lora" / "job.json").read_text())["train"]["steps"] == 3  # kept as it is
+
+
+def test_the_report_reads_a_causal_lm_run_without_evaluation_data_and_names_a_failed_evaluation() -> None:
+    from lorakit.bench.report import markdown
+
+    trained = {"trainable": 10, "seconds": 3.0, "peak_memory_mb": 5.0, "extra": {"tokens_per_second": 7.0}}
+    rows = [
+        {"name": "lora", "task": "causal-lm", "metrics": {}, **trained},  # no eval_data
+        {"name": "dora", "task": "causal-lm", "metrics": {"loss": 1.5, "perplexity": 4.48}, **trained},
+    ]
+    table = markdown(rows, {"dora": "rank 4"}, failed=["dora", "qlora"])
+    assert "| run | dev loss | perplexity |" in table  # the classification table showed nan accuracy
+    assert "| lora | not evaluated |" in table
+    assert table.count("| dora |") == 1 and "| rank 4; evaluation failed: see dora.log |" in table
+    assert "| qlora | failed: see qlora.log |" in table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -478,6 +479,39 @@ def test_a_bench_file_is_checked_whole_before_any_run(tmp_path) -> None:
     bench.write_text("runs:\n  - {name: a, variant: adalora, epochs: 3}\n")
     with pytest.raises(BenchError, match=r"run a: unknown setting\(s\) \['epochs'\]"):
         load_bench(bench)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # names of the bench's own files in --out: a run's log, the report
+        ("runs: [{name: a.log}, {name: a}]", "run name 'a.log' is not allowed"),
+        ("runs: [{name: results.md}]", "run name 'results.md' is not allowed"),
+        # what `eval --generate` refuses, refused before the first run trains
+        ("generate: {max_new_tokens: 0}\nruns: [{name: a}]", "max_new_tokens must be a whole number"),
+        ("generate: {limit: 2.5}\nruns: [{name: a}]", "generate: limit must be a whole number of at least 1"),
+        ("generate: {answer_pattern: '('}\nruns: [{name: a}]", "is not a valid regular expression"),
+        ("generate: {answer_pattern: 'x*'}\nruns: [{name: a}]", "matches empty text"),
+        ("generate: {limit: 2}\nruns: [{name: base, train: false}]", "eval_data, which is not set"),
+        # a key given twice, or one that names nothing
+        ("defaults: {steps: 1, steps: 3}\nruns: [{name: a}]", "setting 'steps' is given twice"),
+        ("runs: [{name: a, variant: lora, variant: dora}]", "setting 'variant' is given twice"),
+        ("defaults: {[a, b]: 1}\nruns: [{name: a}]", "a key must be a plain name"),
+    ],
+)
+def test_a_bench_file_is_refused_whole_for_what_would_fail_or_collide_later(tmp_path, text, message) -> None:
+    from lorakit.bench.run import BenchError, read_bench
+
+    (tmp_path / "bench.yaml").write_text(text + "\n")
+    with pytest.raises(BenchError, match=re.escape(message)):
+        read_bench(tmp_path / "bench.yaml")
+
+
+def test_a_config_key_that_is_no_name_is_one_line(tmp_path) -> None:
+    (tmp_path / "job.yaml").write_text("? [a, b]\n: 1\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "job.yaml")])
+    with pytest.raises(SettingError, match="a key must be a plain name, not a list or mapping"):
+        job_from_args(args)
 
 
 def test_train_modules_and_set_rank_refusals_name_the_problem() -> None:

@@ -12,15 +12,20 @@ from typing import Any
 
 
 def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
-    """Each finished run's ``metrics.json``, with its generation evaluation (``eval/metrics.json``) under
-    ``generation``; a run that only evaluated (the base model) has that alone."""
+    """Each finished run's ``metrics.json`` and its task (from ``job.json``), with its generation evaluation
+    (``eval/metrics.json``) under ``generation``; a run that only evaluated (the base model) has that alone.
+    Where a run was evaluated by generation, its loss and perplexity are that evaluation's, so every row of
+    the table is read on the same rows (``generate: limit`` may take fewer than training evaluated)."""
     rows = []
     for name in names:
         path, evaluated = out / name / "metrics.json", out / name / "eval" / "metrics.json"
         row: dict[str, Any] = {"name": name, **json.loads(path.read_text())} if path.exists() else {}
+        if row and (out / name / "job.json").exists():
+            row["task"] = json.loads((out / name / "job.json").read_text()).get("task")
         if evaluated.exists():
             generation = json.loads(evaluated.read_text())
-            row = row or {"name": name, "metrics": {k: generation[k] for k in ("loss", "perplexity")}}
+            row = row or {"name": name, "task": "causal-lm"}
+            row["metrics"] = {k: generation[k] for k in ("loss", "perplexity")}
             row["generation"] = generation
         if row:
             rows.append(row)
@@ -28,28 +33,42 @@ def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
 
 
 def _causal(rows: list[dict[str, Any]]) -> bool:
-    return any("perplexity" in r["metrics"] for r in rows)
+    return any(r.get("task") == "causal-lm" or "perplexity" in r["metrics"] for r in rows)
+
+
+def _last_cell(name: str, notes: dict[str, str], failed: list[str]) -> str:
+    """A finished run's note, and that its evaluation failed where it did."""
+    parts = [notes.get(name, ""), f"evaluation failed: see {name}.log" if name in failed else ""]
+    return "; ".join(part for part in parts if part)
 
 
 def markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str] = ()) -> str:
+    shown = {r["name"] for r in rows}
     if _causal(rows):
-        return _causal_markdown(rows, notes, failed)
+        return _causal_markdown(rows, notes, failed, shown)
     lines = [
         "| run | test accuracy | trainable params | train seconds | peak memory MB | beyond the budget |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc = r["metrics"].get("accuracy", float("nan"))
+        m = r["metrics"]
+        acc = f"{m['accuracy']:.4f}" if "accuracy" in m else "not evaluated"  # a run without eval data
         memory = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "not recorded"
         lines.append(
-            f"| {r['name']} | {acc:.4f} | {r['trainable']:,} | {r['seconds']:.0f} | {memory} | "
-            f"{notes.get(r['name'], '')} |"
+            f"| {r['name']} | {acc} | {r['trainable']:,} | {r['seconds']:.0f} | {memory} | "
+            f"{_last_cell(r['name'], notes, failed)} |"
         )
-    lines += [f"| {name} | failed: see {name}.log | | | | {notes.get(name, '')} |" for name in failed]
+    lines += [
+        f"| {name} | failed: see {name}.log | | | | {notes.get(name, '')} |"
+        for name in failed
+        if name not in shown
+    ]
     return "\n".join(lines) + "\n"
 
 
-def _causal_markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str]) -> str:
+def _causal_markdown(
+    rows: list[dict[str, Any]], notes: dict[str, str], failed: list[str], shown: set[str]
+) -> str:
     lines = [
         "| run | dev loss | perplexity | exact match | trainable params | tokens/s | train seconds "
         "| peak memory MB | beyond the budget |",
@@ -59,16 +78,22 @@ def _causal_markdown(rows: list[dict[str, Any]], notes: dict[str, str], failed: 
         m, g = r["metrics"], r.get("generation")
         exact = f"{g['exact_match']:.4f} ({g['exact_match_correct']}/{g['exact_match_total']})" if g else ""
         trained = "trainable" in r
+        loss = f"{m['loss']:.4f}" if "loss" in m else "not evaluated"  # a run without eval_data
+        perplexity = f"{m['perplexity']:.3f}" if "perplexity" in m else ""
         cells = [
-            r["name"], f"{m['loss']:.4f}", f"{m['perplexity']:.3f}", exact,
+            r["name"], loss, perplexity, exact,
             f"{r['trainable']:,}" if trained else "0",
             f"{r['extra'].get('tokens_per_second', 0):.0f}" if trained else "",
             f"{r['seconds']:.0f}" if trained else "",
             f"{r['peak_memory_mb']:.0f}" if trained and r.get("peak_memory_mb") else "",
-            notes.get(r["name"], ""),
+            _last_cell(r["name"], notes, failed),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [f"| {name} | failed: see {name}.log | | | | | | | {notes.get(name, '')} |" for name in failed]
+    lines += [
+        f"| {name} | failed: see {name}.log | | | | | | | {notes.get(name, '')} |"
+        for name in failed
+        if name not in shown
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,9 @@
 """Run a list of fine-tuning jobs one after another, each in its own process, and report them side by side.
 
 A bench file is YAML: shared ``defaults`` (any ``lorakit train`` setting) and ``runs``, each a name plus the
-settings it changes. Finished runs (with ``metrics.json``) are skipped, so an interrupted bench resumes::
+settings it changes. Finished runs (with ``metrics.json``) are skipped, so an interrupted bench resumes; the
+settings each run trained (and was evaluated) with are kept beside it (``--out/.NAME.config.yaml``), and a
+finished run the bench file now sets otherwise is refused by name rather than reported as if it were new::
 
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
@@ -28,12 +30,13 @@ import lorakit.common.dirlock as dirlock
 from lorakit.adapters.io import CONFIG_FILE
 from lorakit.bench.report import write_report
 from lorakit.common.errors import LorakitError
-from lorakit.jobs.cliargs import job_from_values, job_values
+from lorakit.eval.scoring import compile_pattern
+from lorakit.jobs.cliargs import job_from_values, job_values, load_yaml
 from lorakit.jobs.rundir import EVAL_DIR
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
-REPORT_NAMES = {"results"}  # results.md / results.json / results.png
+REPORT_NAMES = {"results", "results.md", "results.json", "results.png"}  # the report's files
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
 # flags of `lorakit eval --generate` a bench file may set
 GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
@@ -61,8 +64,8 @@ def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def read_bench(path: Path) -> Bench:
     """The bench file, checked: run names (see :data:`RUN_NAME`), settings the bench fixes, generation."""
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        spec = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise BenchError(f"cannot read bench file {path}: {' '.join(str(err).split())}") from None
     runs = spec.get("runs") if isinstance(spec, dict) else None
     defaults = (spec.get("defaults") if isinstance(spec, dict) else None) or {}
@@ -81,10 +84,17 @@ def read_bench(path: Path) -> Bench:
         raise BenchError(f"{path}: 'generate' must be a mapping of {', '.join(GENERATE_FLAGS)}")
     names = [r["name"] for r in runs]
     for name in names:
-        if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name or name in REPORT_NAMES:
+        if (
+            not isinstance(name, str)
+            or not RUN_NAME.fullmatch(name)
+            or ".." in name
+            or name in REPORT_NAMES
+            or name.endswith(".log")  # another run's log file
+        ):
             raise BenchError(
                 f"{path}: run name {name!r} is not allowed; a name is one directory inside --out: letters, "
-                "digits and _ . + = - (no path separators, no leading dot, no '..', not 'results')"
+                "digits and _ . + = - (no path separators, no leading dot, no '..', not 'results' or "
+                "'results.md/json/png', not ending in '.log': the bench writes those files there)"
             )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -102,6 +112,13 @@ def read_bench(path: Path) -> Bench:
                 f"{path}: run {name} does not train, and the bench evaluates a base model only by "
                 "generating: add a 'generate' mapping, or drop the run"
             )
+        if not train and not run_settings(defaults, run).get("eval_data"):
+            raise BenchError(
+                f"{path}: run {name} does not train, and evaluates the base model on the bench's eval_data, "
+                "which is not set: set eval_data (in defaults or the run)"
+            )
+    if generation is not None:
+        check_generation(path, generation)
     # Every setting of every run read and range-checked before the first run starts; reading names where
     # a setting is (the defaults, or a run), a value's check names the run.
     try:
@@ -117,9 +134,40 @@ def read_bench(path: Path) -> Bench:
     return Bench(defaults, runs, generation)
 
 
+def check_generation(path: Path, generation: dict[str, Any]) -> None:
+    """Refuse a ``generate`` value that ``lorakit eval --generate`` would refuse, before any run trains: a
+    count that is no whole number of at least 1, an answer pattern that is no usable regular expression."""
+    for key, value in generation.items():
+        if key == "answer_pattern":
+            if not isinstance(value, str):
+                raise BenchError(f"{path}: generate: answer_pattern must be text (a regular expression)")
+            try:
+                compile_pattern(value)
+            except LorakitError as err:
+                raise BenchError(f"{path}: generate: {err}") from None
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BenchError(f"{path}: generate: {key} must be a whole number of at least 1, not {value!r}")
+
+
+def record(out: Path, name: str, step: str) -> Path:
+    """Where the bench keeps the settings run ``name``'s ``step`` (``config``: training, ``generate``: its
+    evaluation) ran with, to tell a finished step from one the bench file now sets otherwise."""
+    return out / f".{name}.{step}.yaml"
+
+
+def changed(path: Path, now: dict[str, Any]) -> list[str]:
+    """The settings that differ between ``now`` and those recorded at ``path`` (none where nothing was
+    recorded, as by an older bench)."""
+    if not path.exists():
+        return []
+    before = yaml.safe_load(path.read_text()) or {}
+    return sorted((k for k in {*before, *now} if before.get(k) != now.get(k)), key=str)
+
+
 def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any], out: Path) -> int:
     """``lorakit eval --generate`` of run ``name`` (its adapter, or with ``train: false`` the base model)
     into ``out/name/eval``, its output appended to the run's log; returns its exit code."""
+    record(out, name, "generate").write_text(yaml.safe_dump(generation))
     cmd = [sys.executable, "-m", "lorakit.cli", "eval", "--generate", "--overwrite"]
     cmd += ["--out", str(out / name / EVAL_DIR)]
     if trains(settings):
@@ -149,7 +197,7 @@ def trains(run: dict[str, Any]) -> bool:
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
     """``lorakit train`` with ``settings`` into ``out/name``; returns its exit code."""
     run_dir, log_path = out / name, out / f"{name}.log"
-    config = out / f".{name}.config.yaml"
+    config = record(out, name, "config")
     config.write_text(yaml.safe_dump(settings))
     cmd = [
         sys.executable,
@@ -163,11 +211,8 @@ def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
         "--overwrite",
     ]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
-    try:
-        with log_path.open("w") as log:
-            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        config.unlink(missing_ok=True)
+    with log_path.open("w") as log:  # the config stays: the record of what the run trained with
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _run(name: str, run: dict[str, Any], settings: dict[str, Any], generation: dict[str, Any] | None,
@@ -209,7 +254,29 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
         return _run_all(spec, wanted, out)
 
 
+def check_finished(spec: Bench, wanted: set[str] | None, out: Path) -> None:
+    """Refuse to report a finished run (or its evaluation) as this bench's when the bench file now sets it
+    otherwise: it was skipped, and the table showed the old run under the new settings."""
+    for run in spec.runs:
+        name = run["name"]
+        if wanted and name not in wanted:
+            continue
+        steps = [("trained", out / name / "metrics.json", "config", run_settings(spec.defaults, run))]
+        if spec.generate is not None:
+            steps.append(("evaluated", out / name / EVAL_DIR / "metrics.json", "generate", spec.generate))
+        for done, marker, step, now in steps:
+            differ = changed(record(out, name, step), now) if marker.exists() else []
+            if differ:
+                where = out / name if step == "config" else out / name / EVAL_DIR
+                raise BenchError(
+                    f"run {name} in {out} was {done} with other settings ({', '.join(map(str, differ))} "
+                    f"changed since); it is kept as it is: give the changed run a new name, use another "
+                    f"--out, or delete {where} to run it again"
+                )
+
+
 def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
+    check_finished(spec, wanted, out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for run in spec.runs:

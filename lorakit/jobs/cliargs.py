@@ -156,11 +156,16 @@ def job_from_values(values: dict[str, Any], assignments: list[str] | None = None
 
 
 class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (the second would silently win)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (the second would silently win) and a
+    key that is no plain value (a list or mapping as a key names no setting)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -170,9 +175,14 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str) -> Any:
+    """YAML ``text`` read with the safe loader, each key given once (:class:`_UniqueKeys`)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a subclass of the safe loader
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # noqa: S506 - safe
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise SettingError(f"cannot read config {path}: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
