@@ -245,6 +245,13 @@ def test_every_numeric_setting_out_of_range_is_refused_before_anything_runs(argv
         _job(argv)
 
 
+def test_evaluating_every_n_steps_without_evaluation_data_is_refused() -> None:
+    with pytest.raises(SettingError, match=r"--eval-every 5 evaluates on the evaluation data, and there is"):
+        _job(["--data", "train.tsv", "--eval-every", "5"])  # it trained without evaluating, silently
+    assert _job(["--data", "train.tsv", "--eval-data", "dev.tsv", "--eval-every", "5"]).train.eval_every == 5
+    assert _job(["--eval-every", "5"]).data.eval_source() == "demo"  # the demo's own test split
+
+
 def test_settings_classes_check_types_from_python_too() -> None:
     with pytest.raises(SettingError, match="max_length='64x'"):
         DataConfig(max_length="64x")

@@ -689,6 +689,21 @@ def test_a_killed_bf16_chat_run_resumes_bit_identically(chat_llama_dir, tmp_path
     resumes_bit_identically("lora", ["--precision", "bf16"], chat_llama_dir, tmp_path, monkeypatch)
 
 
+def test_a_resume_grouping_otherwise_is_refused(chat_llama_dir, tmp_path, monkeypatch, capsys) -> None:
+    """Length grouping decides which examples share each later step: resumed with it switched, the run
+    trained another adapter than the one it set out to, under the setting it finished with."""
+    argv = [
+        "train", "--model", str(chat_llama_dir), "--data", write(tmp_path / "chats.jsonl", CHATS),
+        "--steps", "4", "--batch-size", "4", "--max-length", "96", "--checkpoint-every", "2",
+        "--output-dir", str(tmp_path / "run"), "--no-progress",
+    ]  # fmt: skip
+    killed_at_batch(3, argv, monkeypatch)
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--group-by-length", "false"]) == 2
+    one_line_error(capsys, "setting group_by_length is False but the checkpoint was trained with True")
+    assert main([*argv, "--resume"]) == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(lorakit.VARIANTS))
 def test_every_variant_resumes_a_killed_chat_run_bit_identically(

@@ -152,6 +152,11 @@ def job_from_values(values: dict[str, Any], assignments: list[str] | None = None
         **{name: SECTIONS[name](**values) for name, values in sections.items() if name},
     )
     job.privacy.check_used()
+    if job.train.eval_every and job.data.eval_source() is None:  # it would train without evaluating
+        raise SettingError(
+            f"--eval-every {job.train.eval_every} evaluates on the evaluation data, and there is none: add "
+            "--eval-data PATH (eval_data), or drop --eval-every"
+        )
     return job
 
 

@@ -54,6 +54,11 @@ class DataConfig:
         within="[1, inf)",
     )
 
+    def eval_source(self) -> str | None:
+        """The evaluation data a run reads: ``eval_data``, else the demo's test split when training on the
+        demo, else none."""
+        return self.eval_data or ("demo" if self.data == "demo" else None)
+
     def __post_init__(self) -> None:
         check_fields(self, "data")
         names = ("data", "text_column", "label_column", "prompt_column", "response_column", "messages_column")

@@ -84,7 +84,7 @@ def _finite_or_none(value: Any) -> Any:
 def read_data(job: JobConfig) -> list[tuple[str, list[D.Row]]]:
     """``(source, rows)`` of the training data and, if there is one, the evaluation data."""
     d = job.data
-    eval_source = d.eval_data or ("demo" if d.data == "demo" else None)
+    eval_source = d.eval_source()
     out = [(d.data, D.read_rows(d.data, split="train"))]
     if eval_source is not None:
         out.append((eval_source, D.read_rows(eval_source, split="test")))
@@ -626,6 +626,7 @@ def _train(
         "num_labels": job.num_labels,
         "quantize": job.quantize,
         "training_data": identity,
+        "group_by_length": group_by_length(job),  # which examples share a batch, so what each step sees
         # the global batch and the summation order: a checkpoint resumes only in the same layout
         "distributed": job.distributed,
         "world_size": 1 if scale is None else scale.group.world_size,
