@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lorakit
 from lorakit.common.errors import LorakitError, is_disk_full
@@ -497,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     debug = args.debug or bool(os.environ.get("LORAKIT_DEBUG"))
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():  # put back as it was when the command ends
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except KeyboardInterrupt:
         if debug:
             raise
@@ -511,6 +515,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lorakit: {line}", file=sys.stderr)
         return code
+
+
+_DEFAULT_SHOW = warnings.showwarning
+_PACKAGE = Path(lorakit.__file__).resolve().parent
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, *args: Any) -> None:
+    """lorakit's own warnings as one line each, as its errors, without Python's source location; other
+    libraries' as Python shows them."""
+    if not Path(filename).resolve().is_relative_to(_PACKAGE):
+        _DEFAULT_SHOW(message, category, filename, *args)
+        return
+    print(f"lorakit: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _report(err: Exception) -> tuple[str, int]:

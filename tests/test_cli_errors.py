@@ -173,3 +173,16 @@ def test_a_batch_larger_than_the_training_data_is_refused_before_anything_is_wri
     assert f"the training data has 12 examples, fewer than one optimizer step's {message}" in err
     assert err.count("\n") == 1 and not out.exists()
     assert main([*_train(tiny_bert_dir, out, "--data", str(named / "train.tsv")), "--batch-size", "12"]) == 0
+
+
+def test_a_commands_own_warning_is_one_line(tiny_bert_dir, tmp_path, capsys) -> None:
+    import warnings
+
+    shown = warnings.showwarning
+    argv = ["train", "--model", str(tiny_bert_dir), "--targets", "query,nonexist", "--steps", "1"]
+    assert main([*argv, "--batch-size", "4", "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "nonexist" in line]
+    assert len(lines) == 1 and lines[0].startswith("lorakit: warning: no layer matches targets ['nonexist']")
+    assert ".py:" not in err and "warnings.warn" not in err  # no source location and line, as Python shows
+    assert warnings.showwarning is shown  # put back when the command ended
