@@ -32,7 +32,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train", "privacy", "distributed", "integrations"),  # the drivers, each on the engine
     ("jobs",),  # what turns a job into a run: its settings, model, directory, and which driver runs it
     ("federated",),  # Flower's client and server, which run a job's model and data
-    ("eval", "bench"),  # the tools on trained runs
+    ("eval",),  # evaluating a trained run: generation and scoring
+    ("bench",),  # several runs side by side, evaluated with eval's own checks
     ("cli",),  # the command line
     ("__main__",),  # ``python -m lorakit``
 )
