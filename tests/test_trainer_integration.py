@@ -173,6 +173,58 @@ def test_an_optimizer_that_builds_its_own_groups_is_refused(tmp_path) -> None:
         missing.create_optimizer()
 
 
+def test_an_optimizer_not_following_the_variants_rates_is_refused_before_a_step(tmp_path) -> None:
+    """LoRA+ trains B at ratio x A's rate: a user's optimizer over one group (LorakitTrainer's optimizers=,
+    or a plain Trainer with LorakitCallback) trained both at one rate, silently; one leaving a tensor out
+    never trained it."""
+    from transformers import Trainer
+
+    from lorakit.integrations.transformers import LorakitCallback
+
+    def lora_plus():
+        return lorakit.apply(tiny_llama(), "lora_plus", targets=["q_proj", "v_proj"], rank=4, ratio=16.0)
+
+    model = lora_plus()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    one_rate = trainer_for(model, sequences(8, 0), tmp_path)
+    one_rate.optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    before = [p.detach().clone() for p in trainable]
+    with pytest.raises(SettingError, match="learning rates do not follow the ones variant 'lora_plus' sets"):
+        one_rate.train()
+    assert all(torch.equal(p, q) for p, q in zip(trainable, before, strict=True))  # refused before a step
+    plain = Trainer(
+        model=model, args=one_rate.args, train_dataset=sequences(8, 0), callbacks=[LorakitCallback(model)]
+    )
+    with pytest.raises(SettingError, match="learning rates do not follow"):
+        plain.train()  # the Trainer's own optimizer: its weight-decay groups at one rate
+    own = trainer_for(model, sequences(8, 0), tmp_path)
+    own.optimizer = torch.optim.SGD(
+        lorakit.param_groups(model, 3e-3), lr=3e-3
+    )  # any base rate, in proportion
+    own.train()
+    partial = trainer_for(lora_plus(), sequences(8, 0), tmp_path)
+    partial.optimizer = torch.optim.SGD(
+        [next(p for p in partial.model.parameters() if p.requires_grad)], lr=0.1
+    )
+    with pytest.raises(SettingError, match="the optimizer leaves out 7 of the 8 trainable tensors"):
+        partial.train()
+
+
+def test_a_plain_trainer_refuses_a_variant_whose_loss_it_cannot_add(tmp_path) -> None:
+    from transformers import Trainer
+
+    from lorakit.integrations.transformers import LorakitCallback
+
+    model = lorakit.apply(
+        tiny_llama(), "adalora", targets=["q_proj"], target_r=2, init_r=4, total_steps=STEPS
+    )
+    args = trainer_for(model, sequences(8, 0), tmp_path).args
+    plain = Trainer(model=model, args=args, train_dataset=sequences(8, 0), callbacks=[LorakitCallback(model)])
+    with pytest.raises(SettingError, match="adds a term of its own to the loss .* use LorakitTrainer"):
+        plain.train()  # trained without AdaLoRA's orthogonality penalty
+    trainer_for(model, sequences(8, 0), tmp_path).train()  # LorakitTrainer adds it
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step

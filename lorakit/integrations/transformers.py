@@ -23,6 +23,7 @@ accumulation steps, so the extra loss is divided here and counts once per optimi
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,11 @@ class LorakitCallback(TrainerCallback):
     Trainer saves (:data:`HOOKS_FILE`) and read back when training resumes from one, as lorakit's own
     checkpoints do, so a resumed run decides as the uninterrupted one."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, adds_loss: bool = False) -> None:
+        """``adds_loss``: whether the Trainer adds the rules' extra loss to its own (:class:`LorakitTrainer`
+        does; a plain ``Trainer`` cannot, so a variant with one is refused there)."""
         self.model = model
+        self.adds_loss = adds_loss
         self.hooks = HookRunner([])
         self.backward_done = -1  # the last step whose on_after_backward ran
         self.resume_dir: str | None = None  # the checkpoint a resumed run starts from, where known
@@ -62,6 +66,18 @@ class LorakitCallback(TrainerCallback):
         )  # before any step: refuse what can't run here
         self.hooks = HookRunner(lorakit.make_hooks(self.model, state.max_steps))
         self.backward_done = -1
+        if kwargs.get("optimizer") is not None:
+            check_rates(self.model, kwargs["optimizer"])
+        if not self.adds_loss:
+            with torch.no_grad():
+                extra = self.hooks.extra_loss(state.global_step)
+            if extra is not None:
+                variant = lorakit.info(self.model).variant
+                raise SettingError(
+                    f"variant '{variant}' adds a term of its own to the loss (a regulariser), which a plain "
+                    "Trainer with LorakitCallback cannot add, so it would train without it; use "
+                    "LorakitTrainer (or set the term's weight in the variant's config to 0)"
+                )
         if state.global_step > 0:  # resumed: the Trainer loaded the checkpoint's state before this event
             default = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             self.restore(Path(self.resume_dir) if self.resume_dir else default)
@@ -117,6 +133,38 @@ class OptimizerError(SettingError):
     """The Trainer's optimizer setting cannot be honoured with lorakit's parameter groups."""
 
 
+def check_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer (the user's own, or a plain Trainer's) that leaves out a trainable tensor, or whose
+    learning rates do not follow the variant's own where it sets several (LoRA+'s ``lr_B = ratio * lr_A``):
+    the Trainer would train at one rate what the paper trains at two, silently. Rates proportional to the
+    base rate are compared in proportion (the optimizer's base rate may be any); a rate the variant fixes
+    (LoRA+'s rate for an embedding's adapter) as it is. A scheduler's starting rate is what is compared."""
+    one, two = (_rates(lorakit.param_groups(model, base)) for base in (1.0, 2.0))
+    actual = _rates(optimizer.param_groups)
+    variant = lorakit.info(model).variant
+    fix = "build it over lorakit.param_groups(model, lr), or let LorakitTrainer build it (no optimizers=)"
+    missing = [k for k in one if k not in actual]
+    if missing:
+        raise OptimizerError(
+            f"the optimizer leaves out {len(missing)} of the {len(one)} trainable tensors of the '{variant}' "
+            f"adapter, which would not train; {fix}"
+        )
+    if len(set(one.values())) == 1:  # one rate for every tensor: any base rate follows it
+        return
+    implied = [actual[k] / one[k] for k in one if two[k] == 2 * one[k]]  # the base rate each group implies
+    fixed = all(math.isclose(actual[k], one[k], rel_tol=1e-6) for k in one if two[k] != 2 * one[k])
+    if not fixed or (implied and max(implied) > min(implied) * (1 + 1e-6)):
+        raise OptimizerError(
+            f"the optimizer's learning rates do not follow the ones variant '{variant}' sets for its tensors "
+            f"(some train at a multiple of the others' rate); {fix}"
+        )
+
+
+def _rates(groups: list[dict[str, Any]]) -> dict[int, float]:
+    """Each tensor's learning rate in ``groups`` (a scheduler's starting rate where it set one)."""
+    return {id(p): g.get("initial_lr", g["lr"]) for g in groups for p in g["params"]}
+
+
 def optimizer_for(args: TrainingArguments, model: nn.Module) -> tuple[Any, dict[str, Any]]:
     """The optimizer class and arguments the Trainer's own rule gives for ``args.optim``."""
     try:
@@ -144,7 +192,7 @@ class LorakitTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lorakit_callback = LorakitCallback(self.model)
+        self.lorakit_callback = LorakitCallback(self.model, adds_loss=True)
         self.add_callback(self.lorakit_callback)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
