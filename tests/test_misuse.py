@@ -802,3 +802,13 @@ def test_all_linear_names_what_it_cannot_cover() -> None:
     with pytest.warns(UserWarning, match=r"experts \(4, 8, 8\) are weights of no layer lorakit adapts"):
         lorakit.apply(model, "lora", targets="all-linear", rank=2)
     assert [n for n, _ in lorakit.adapted_layers(model)] == ["proj"]
+
+
+def test_dropout_on_an_adapted_embedding_is_named_since_ids_do_not_drop() -> None:
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
+    with pytest.warns(UserWarning, match=r"dropout 0.5 acts on an adapter.s float input; the embedding 0 "):
+        lorakit.apply(model, "lora", targets=["0", "1"], rank=2, dropout=0.5)
+    assert model[0].variant.dropout is None and model[1].variant.dropout is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without dropout: nothing to say
+        lorakit.apply(nn.Sequential(nn.Embedding(50, 16)), "lora", targets=["0"], rank=2, dropout=0.0)

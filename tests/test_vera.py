@@ -132,3 +132,13 @@ def test_peft_parity_same_projections_outputs_and_merged_weights() -> None:
         for name in TARGETS:
             merged, expected = getattr(plain, name).weight, getattr(ref_model, name).weight
             torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_an_alpha_is_refused_since_nothing_scales_by_it() -> None:
+    """Eq. 1 has no alpha / r: an alpha was kept in the config and changed nothing (1, 16 and 1000 trained
+    the same)."""
+    from lorakit.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'alpha' = 32.0 is invalid: it must be left unset: VeRA has no"):
+        lorakit.apply(nn.Sequential(nn.Linear(8, 8)), "vera", targets=["0"], rank=4, alpha=32.0)
+    lorakit.apply(nn.Sequential(nn.Linear(8, 8)), "vera", targets=["0"], rank=4)  # unset: fine

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -103,6 +104,7 @@ def apply(
         names = leave_out_narrow(cfg, shapes)
     check_rank(cfg, {n: shapes[n] for n in names})
     check_materialised(modules, names)
+    warn_undropped(cfg, [n for n in names if kind_of(modules[n]).takes_ids])
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     check_disjoint(names, train_modules)
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}  # before any quantising
@@ -153,6 +155,19 @@ def check_materialised(modules: dict[str, nn.Module], names: list[str]) -> None:
                 f"layer {name} is on the meta device (no weights yet): load the model's weights first "
                 "(model.to_empty(device=...) then load_state_dict, or from_pretrained), then apply"
             )
+
+
+def warn_undropped(cfg: VariantConfig, embeddings: list[str]) -> None:
+    """Say that ``cfg.dropout`` leaves out the adapted embeddings: dropout acts on an adapter's float input,
+    and an embedding's input is ids (as in PEFT), so the setting would otherwise read as if it applied."""
+    if cfg.dropout > 0 and embeddings:
+        more = f" and {len(embeddings) - 1} more" if len(embeddings) > 1 else ""
+        warnings.warn(
+            f"dropout {cfg.dropout} acts on an adapter's float input; the embedding {embeddings[0]}{more} "
+            "takes ids, so its adapter trains without dropout",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def check_base_model(model: nn.Module) -> None:

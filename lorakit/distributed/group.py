@@ -218,8 +218,10 @@ def release_peers(reason: str) -> None:
     where no launcher stops them. Waits at most :data:`RELEASE_WAIT` for them; gives up silently, having
     already said why it stops."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
-    launched = all(name in os.environ for name in TORCHRUN_VARIABLES) and world.isdigit() and int(world) > 1
-    if not launched or dist.is_initialized():
+    # torchrun's own launch (its agent sets TORCHELASTIC_RUN_ID), whose processes all start together: the
+    # variables alone may be left in a shell, where no other process would ever come
+    launched = all(name in os.environ for name in (*TORCHRUN_VARIABLES, "TORCHELASTIC_RUN_ID"))
+    if not launched or not world.isdigit() or int(world) < 2 or dist.is_initialized():
         return
     try:
         _, backend = _device_and_backend()

@@ -60,7 +60,7 @@ class QLoRAConfig(LoRAConfig):
         if isinstance(self.compute_dtype, torch.dtype):  # accept torch.bfloat16; store its name
             self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")
         ok = self.base_quantization in ("nf4", None)
-        require(ok, "base_quantization", self.base_quantization, "'nf4' or None (train on the base as is)")
+        require(ok, "base_quantization", self.base_quantization, "'nf4', or null (the base as it is)")
         ok = self.compute_dtype in COMPUTE_DTYPES
         require(ok, "compute_dtype", self.compute_dtype, f"one of {', '.join(COMPUTE_DTYPES)}")
         require(isinstance(self.double_quant, bool), "double_quant", self.double_quant, "True or False")

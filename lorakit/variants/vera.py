@@ -27,10 +27,13 @@ from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Variant
 
+ALPHA_UNUSED = 16.0  # the field every config has, at its default
+
 
 @dataclass
 class VeRAConfig(VariantConfig):
-    """VeRA. ``rank``: rows of the shared ``A`` (paper: 256-1024); ``alpha`` is unused (no scale).
+    """VeRA. ``rank``: rows of the shared ``A`` (paper: 256-1024); no ``alpha`` (no scale; a set one is
+    refused).
 
     ``projection_seed`` seeds the projections; ``projection_shape`` is ``[d_out_max, d_in_max]`` (None: the
     largest target shape, filled in by ``apply`` so the saved adapter records it); ``save_projection``: store
@@ -38,6 +41,7 @@ class VeRAConfig(VariantConfig):
     """
 
     rank: int = 256
+    alpha: float = ALPHA_UNUSED
     d_initial: float = 0.1
     projection_seed: int = 0
     projection_shape: list[int] | None = None
@@ -50,6 +54,8 @@ class VeRAConfig(VariantConfig):
 
     def validate(self) -> None:
         super().validate()
+        # Eq. 1 has no alpha / r scale (d and b scale the update, and train): an alpha would do nothing.
+        require(self.alpha == ALPHA_UNUSED, "alpha", self.alpha, "left unset: VeRA has no alpha / r scale")
         require(isinstance(self.projection_seed, int), "projection_seed", self.projection_seed, "an integer")
         require(math.isfinite(self.d_initial), "d_initial", self.d_initial, "a finite number")
         shape = self.projection_shape
