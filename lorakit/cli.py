@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or bool(os.environ.get("LORAKIT_DEBUG"))
     try:
         with warnings.catch_warnings():  # put back as it was when the command ends
-            warnings.showwarning = _show_warning
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             return args.func(args) or 0
     except KeyboardInterrupt:
         if debug:
@@ -517,15 +519,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-_DEFAULT_SHOW = warnings.showwarning
 _PACKAGE = Path(lorakit.__file__).resolve().parent
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, *args: Any) -> None:
+def _show_warning(
+    shown: Callable[..., None], message: Warning | str, category: type[Warning], filename: str, *args: Any
+) -> None:
     """lorakit's own warnings as one line each, as its errors, without Python's source location; other
-    libraries' as Python shows them."""
+    libraries' as they were ``shown`` before."""
     if not Path(filename).resolve().is_relative_to(_PACKAGE):
-        _DEFAULT_SHOW(message, category, filename, *args)
+        shown(message, category, filename, *args)
         return
     print(f"lorakit: warning: {' '.join(str(message).split())}", file=sys.stderr)
 

@@ -44,8 +44,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="prompt")
-    model.generation_config = GenerationConfig()
     try:
+        model.generation_config = GenerationConfig()
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in rows)
