@@ -549,3 +549,22 @@ def test_a_key_given_twice_is_refused_not_resolved_silently(tmp_path) -> None:
         args = build_parser().parse_args(["train", "--config", str(tmp_path / "job.yaml")])
         with pytest.raises(SettingError, match=message):
             job_from_args(args)
+
+
+def test_a_roberta_classifiers_default_targets_leave_its_head_to_train_in_full() -> None:
+    """RoBERTa's head holds a `dense` layer too: the default targets named it, and the job refused its own
+    defaults (the head is trained in full)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from lorakit.jobs.job import head_modules, targets
+
+    config = RobertaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = RobertaForSequenceClassification(config)
+    job = _job(["--data", "train.tsv"])
+    job.task = "classification"
+    names = targets(job, model)
+    assert head_modules(model, "classification") == ["classifier"] and "classifier.dense" not in names
+    assert len(names) == 2 * 6  # query, key, value and three dense layers in each of the two blocks
+    lorakit.apply(model, "lora", targets=names, train_modules=["classifier"], rank=2)

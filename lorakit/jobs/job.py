@@ -313,11 +313,12 @@ def targets(job: JobConfig, model: nn.Module) -> list[str] | str:
     if job.targets is not None:
         return job.targets
     if job.task == "classification":
-        names = {
-            name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)
-        }
-        if names.issuperset(BERT_TARGETS):
-            return BERT_TARGETS
+        heads = head_modules(model, job.task)
+        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if {name.rsplit(".", 1)[-1] for name in linear}.issuperset(BERT_TARGETS):
+            # by full name, outside the new head, which trains in full (RoBERTa's holds a `dense` too)
+            inside = tuple(head + "." for head in heads)
+            return [n for n in linear if n.rsplit(".", 1)[-1] in BERT_TARGETS and not n.startswith(inside)]
     return "all-linear"
 
 
