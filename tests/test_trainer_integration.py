@@ -32,7 +32,7 @@ def loss_on(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> floa
         return float(model(**batch).loss)
 
 
-def trainer_for(model: torch.nn.Module, data: list, tmp_path, **args) -> LorakitTrainer:
+def trainer_for(model: torch.nn.Module, data: list, tmp_path, eval_dataset=None, **args) -> LorakitTrainer:
     args = {"save_strategy": "no", **args}
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -51,7 +51,7 @@ def trainer_for(model: torch.nn.Module, data: list, tmp_path, **args) -> Lorakit
         use_cpu=True,
         **args,
     )
-    return LorakitTrainer(model=model, args=args, train_dataset=data)
+    return LorakitTrainer(model=model, args=args, train_dataset=data, eval_dataset=eval_dataset)
 
 
 def test_dylora_rank_is_resampled_each_step_at_the_loop_call_points(tmp_path, monkeypatch) -> None:
@@ -223,6 +223,20 @@ def test_a_plain_trainer_refuses_a_variant_whose_loss_it_cannot_add(tmp_path) ->
     with pytest.raises(SettingError, match="adds a term of its own to the loss .* use LorakitTrainer"):
         plain.train()  # trained without AdaLoRA's orthogonality penalty
     trainer_for(model, sequences(8, 0), tmp_path).train()  # LorakitTrainer adds it
+
+
+def test_reloading_the_best_weights_is_refused_where_the_rules_keep_state_beside_them(tmp_path) -> None:
+    """The Trainer reloads only the best checkpoint's weights: AdaLoRA then ran them with the last step's rank
+    masks, a model that matched no checkpoint (0.067 off the best one's logits)."""
+    config = {"target_r": 2, "init_r": 4, "total_steps": STEPS}
+    model = lorakit.apply(tiny_llama(), "adalora", targets=["q_proj"], **config)
+    best = {"eval_strategy": "steps", "eval_steps": 5, "save_strategy": "steps", "save_steps": 5}
+    best |= {"load_best_model_at_end": True, "eval_dataset": sequences(4, 1)}
+    trainer = trainer_for(model, sequences(8, 0), tmp_path, **best)
+    with pytest.raises(SettingError, match="load_best_model_at_end reloads only the best checkpoint's"):
+        trainer.train()
+    lora = lorakit.apply(tiny_llama(), "lora", targets=["q_proj"], rank=2)
+    trainer_for(lora, sequences(8, 0), tmp_path / "lora", **best).train()  # its state is all in the weights
 
 
 class _StopAt(TrainerCallback):

@@ -68,6 +68,14 @@ class LorakitCallback(TrainerCallback):
         self.backward_done = -1
         if kwargs.get("optimizer") is not None:
             check_rates(self.model, kwargs["optimizer"])
+        if args.load_best_model_at_end and any(self.hooks.state_dict()):
+            variant = lorakit.info(self.model).variant
+            raise SettingError(
+                f"variant '{variant}' keeps its training rules' state (rank masks, say) beside the "
+                "weights, and load_best_model_at_end reloads only the best checkpoint's weights, which would "
+                "run with the last step's state; set load_best_model_at_end=False and resume from, or "
+                "evaluate, the best checkpoint instead"
+            )
         if not self.adds_loss:
             with torch.no_grad():
                 extra = self.hooks.extra_loss(state.global_step)
