@@ -99,12 +99,13 @@ def apply(
     variant_class = get_variant(_variant_name(variant))
     names = find_targets(model, cfg.targets, variant_class.kinds)
     modules = dict(model.named_modules())
-    shapes = {n: kind_of(modules[n]).shape_2d(modules[n]) for n in names}
+    kinds = {n: kind_of(modules[n]) for n in names}
+    shapes = {n: kinds[n].shape_2d(modules[n]) for n in names}
     if cfg.targets == "all-linear":
         names = leave_out_narrow(cfg, shapes)
     check_rank(cfg, {n: shapes[n] for n in names})
     check_materialised(modules, names)
-    warn_undropped(cfg, [n for n in names if kind_of(modules[n]).takes_ids])
+    warn_undropped(cfg, [n for n in names if kinds[n].takes_ids])
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
     check_disjoint(names, train_modules)
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}  # before any quantising
