@@ -87,6 +87,27 @@ def test_a_float64_model_merges_and_unmerges_in_float64(name: str, kind: str) ->
 
 
 @pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
+def test_a_bf16_stored_adapter_merges_into_a_float32_model_exactly(name: str, kind: str) -> None:
+    """``adapter_dtype="bfloat16"`` on an fp32 model: the forward and the merge both form the change from the
+    bf16 tensors in fp32, so merging changes the outputs by fp32 rounding only (a change formed in bf16 would
+    be off by its own rounding, 2**-8 of it)."""
+    if name == "qlora":
+        pytest.skip("merging into a 4-bit base is covered by test_conformance_4bit.py")
+    model, x = make_case(kind, 0)
+    model.eval()
+    lorakit.apply(model, name, targets=["layer"], **case_config(name), adapter_dtype="bfloat16")
+    perturb(model)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(x)
+        for _ in range(2):
+            lorakit.merge(model, unload=False)
+            torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
+            lorakit.unmerge(model)
+            torch.testing.assert_close(model(x), out, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=IDS)
 def test_only_adapter_trains_and_every_trainable_gets_gradient(name: str, kind: str) -> None:
     model, x, _ = adapted(name, kind)
     perturb(model)

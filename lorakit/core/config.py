@@ -29,8 +29,9 @@ class VariantConfig:
     name), or ``"all-linear"`` (every linear layer except the output head). ``train_modules``: module-name
     suffixes trained in full and saved with the adapter (e.g. a new classification head). ``adapter_dtype``:
     how the adapter's own tensors are stored, ``float32`` (``float64`` on an fp64 layer) or, as QLoRA's paper
-    keeps them, ``bfloat16`` (half the adapter's memory and its optimizer state's; an update smaller than
-    bf16's spacing near a weight, about 0.4% of it, is rounded away).
+    keeps them, ``bfloat16`` (half the adapter's memory and its optimizer state's; the change is formed from
+    them in fp32 at least, in the forward and a merge alike; an update smaller than bf16's spacing near a
+    weight, about 0.4% of it, is rounded away).
     """
 
     rank: int = 8

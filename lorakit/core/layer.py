@@ -24,7 +24,7 @@ from lorakit.core.contract import Shared
 from lorakit.core.kinds import LayerKind, weight_norm_hook
 from lorakit.core.quantized import QuantizedBase
 from lorakit.core.seam import fast_forward, fast_paths_active
-from lorakit.core.variant import Variant
+from lorakit.core.variant import Variant, precise_dtype
 
 
 class AdaptedLayer(nn.Module):
@@ -156,8 +156,8 @@ class AdaptedLayer(nn.Module):
     def factored(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """``B A`` applied to ``x`` as this layer applies its weight, without forming ``B A``:
         ``up(down(x, A), B)`` for ``A (r, in)`` and ``B (out, r)``, in ``x``'s dtype (for ids: the
-        factors')."""
-        dtype = x.dtype if x.is_floating_point() else a.dtype
+        factors' :func:`~lorakit.core.variant.precise` dtype, fp32 for a bf16-stored adapter)."""
+        dtype = x.dtype if x.is_floating_point() else precise_dtype(a.dtype)
         return self.kind.up(self.kind.down(self.base_layer, x, a.to(dtype)), b.to(dtype))
 
     def weight_folds_exactly(self, x: Tensor) -> bool:
@@ -194,7 +194,7 @@ class AdaptedLayer(nn.Module):
         try:
             with torch.no_grad():
                 w0 = self.weight_2d()
-                merged = self.variant.merged_weight(w0.to(_merge_dtype(w0)), self).to(w0.dtype)
+                merged = self.variant.merged_weight(w0.to(precise_dtype(w0.dtype)), self).to(w0.dtype)
                 _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, merged), self.name)
         except BaseException:  # out of memory, say: the 4-bit layer goes back, nothing merged
             quantised = self.__dict__.pop("_quantised_base", None)
@@ -216,7 +216,7 @@ class AdaptedLayer(nn.Module):
             return
         with torch.no_grad():
             w = self.weight_2d()
-            restored = self.variant.unmerged_weight(w.to(_merge_dtype(w)), self).to(w.dtype)
+            restored = self.variant.unmerged_weight(w.to(precise_dtype(w.dtype)), self).to(w.dtype)
             _write_weight(self.base_layer, self.kind.from_2d(self.base_layer, restored), self.name)
         self.merged = False
 
@@ -258,11 +258,6 @@ def _write_weight(layer: nn.Module, value: Tensor, name: str) -> None:
         layer.weight = hook.compute_weight(layer)
         return
     layer.weight.copy_(value)
-
-
-def _merge_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype a merge computes in: fp32, or fp64 for an fp64 weight (never rounded to fp32)."""
-    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -30,6 +30,19 @@ from lorakit.core.forms import Form
 from lorakit.core.kinds import FACTOR_KINDS, KindSet, LayerKind
 
 
+def precise(t: Tensor) -> Tensor:
+    """``t`` in fp32, or as it is in fp64: the precision an adapter forms its change in from its own tensors,
+    in the forward and in a merge alike. A bf16-stored adapter (``adapter_dtype="bfloat16"``) whose ``B A``
+    were rounded to bf16 in the merge but not in the forward would merge into another model, off by up to
+    ``2**-8`` of the change."""
+    return t.to(precise_dtype(t.dtype))
+
+
+def precise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64: the dtype :func:`precise` gives and merges compute in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class LayerView(Protocol):
     """What a variant and its hook see of an adapted layer, read-only: its name, kind, shapes, base layer and
     weight, and its adapter. :class:`lorakit.core.layer.AdaptedLayer` is the one implementation; the contract

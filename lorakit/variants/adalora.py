@@ -26,7 +26,7 @@ from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, Variant
+from lorakit.core.variant import Hook, Variant, precise
 from lorakit.variants.adalora_budget import budget, global_mask, triplet_scores, update_importance
 
 
@@ -181,9 +181,15 @@ class AdaLoRA(Variant):
             return self.E, self.Q, self.P
         return self.E[self.keep], self.Q[self.keep], self.P[:, self.keep]
 
-    def delta_weight(self) -> Tensor:
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(E Q, P)``: ``diag(E) Q (r, in)`` and ``P (out, r)`` of the live triplets (in
+        :func:`~lorakit.core.variant.precise` precision)."""
         e, q, p = self.triplets()
-        return self.scale * (p @ (e[:, None] * q))
+        return precise(e)[:, None] * precise(q), precise(p)
+
+    def delta_weight(self) -> Tensor:
+        eq, p = self.factors()
+        return self.scale * (p @ eq)
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         e, q, p = self.triplets()
@@ -192,11 +198,11 @@ class AdaLoRA(Variant):
             # (DistributedDataParallel waits for a gradient of every trainable tensor).
             return y + 0.0 * (e.sum() + q.sum() + p.sum())
         # W0 x + b0 + s P (E * (Q x~)), Eq. 3 applied to x~
-        return y + (self.scale * base.factored(self.drop(x), e[:, None] * q, p)).to(y.dtype)
+        return y + (self.scale * base.factored(self.drop(x), *self.factors())).to(y.dtype)
 
     def form(self, base: AdaptedLayer) -> LowRank | None:
-        e, q, p = self.triplets()
-        return LowRank(e[:, None] * q, p, self.scale, self.dropout_rate()) if e.shape[0] else None
+        eq, p = self.factors()
+        return LowRank(eq, p, self.scale, self.dropout_rate()) if eq.shape[0] else None
 
     def fix(self, live: Tensor) -> None:
         """Make the mask final. A variant loaded resized (``live.sum()`` triplets, when resuming) is first

@@ -32,7 +32,7 @@ from lorakit.core.config import require
 from lorakit.core.contract import Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook
+from lorakit.core.variant import Hook, precise
 from lorakit.variants.lora import LORA_PEFT, LoRA, LoRAConfig
 
 
@@ -123,9 +123,10 @@ class DeltaLoRA(LoRA):
         )
 
     def delta_weight(self) -> Tensor:
-        dw = self.scale * (self.B @ self.A)
+        ba = precise(self.B) @ precise(self.A)
+        dw = self.scale * ba
         if self.active_now:
-            dw = dw + self.config.lam * self.scale * (self.B @ self.A - self.B_K @ self.A_K).detach()
+            dw = dw + self.config.lam * self.scale * (ba - precise(self.B_K) @ precise(self.A_K)).detach()
         return dw
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:

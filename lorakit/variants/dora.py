@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import WeightDecomposed
 from lorakit.core.layer import AdaptedLayer
+from lorakit.core.variant import precise_dtype
 from lorakit.variants.lora import LoRA, LoRAConfig
 
 _ROWS = 4096  # rows of W0 upcast to fp32 at a time (bounds the temporary for bf16 or dequantised bases)
@@ -56,14 +57,9 @@ def _key(*tensors: Tensor) -> tuple | None:
         return None
 
 
-def _precise(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the norms are formed in: fp32, or fp64 for an fp64 weight."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def w0_sq_norms(w0: Tensor) -> Tensor:
     """``||W0_i||^2`` per row in fp32 (fp64 for an fp64 weight), ``(out,)``."""
-    acc = _precise(w0.dtype)
+    acc = precise_dtype(w0.dtype)
     return torch.cat([rows.to(acc).square().sum(1) for rows in w0.split(_ROWS)])
 
 
@@ -73,7 +69,7 @@ def row_norm(w0: Tensor, w0_sq: Tensor, a: Tensor, b: Tensor, s: float) -> Tenso
     ``a (r, in)``, ``b (out, r)``.
 
     Called under no_grad: the norm is a constant for autograd (paper Sec. 4.3)."""
-    acc = _precise(w0.dtype)
+    acc = precise_dtype(w0.dtype)
     a, b = a.to(acc), b.to(acc)
     w0a = torch.cat([rows.to(acc) @ a.t() for rows in w0.split(_ROWS)])  # (out, r) = W0 A^T
     rowdot = (w0a * b).sum(1)  # <W0_i, (BA)_i> = (B A W0^T)_ii
@@ -142,7 +138,7 @@ class DoRA(LoRA):
         view = base.kind.channel_view  # a per-row (out,) vector against this kind's output
         # c = m / ||V|| stays fp32: near 1 a bf16 c moves in steps of 2**-8, so a small change of m would be
         # lost (c - 1 exactly 0). The sum is formed in fp32 (by promotion) and cast once to the output dtype.
-        c = view(self.m.to(_precise(self.m.dtype)) / self.weight_norm(base))
+        c = view(self.m.to(precise_dtype(self.m.dtype)) / self.weight_norm(base))
         b0 = 0.0 if base.bias is None else view(base.bias.to(y.dtype))
         if self.dropout_rate() > 0:
             x = self.drop(x)

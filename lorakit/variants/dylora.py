@@ -28,7 +28,7 @@ from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Hook, Variant
+from lorakit.core.variant import Hook, Variant, precise
 from lorakit.variants.lora import LoRA
 
 MODES = ("nonfrozen", "frozen")
@@ -149,7 +149,7 @@ class DyLoRA(Variant):
 
     def delta_weight(self, b: int | None = None) -> Tensor:
         a, up, scale = self.factors(self.current_rank if b is None else b)
-        return scale * (up @ a)
+        return scale * (precise(up) @ precise(a))
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         a, up, scale = self.factors(self.active_rank())  # W0 x + b0 + (alpha / b) B[:, :b] A[:b] x~

@@ -24,7 +24,7 @@ from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant
+from lorakit.core.variant import Variant, precise
 
 
 class HadamardProduct(torch.autograd.Function):
@@ -100,7 +100,8 @@ class LoHa(Variant):
                 self.A2.zero_()
 
     def delta_weight(self) -> Tensor:
-        return HadamardProduct.apply(self.B1, self.A1, self.B2, self.A2, self.scale)
+        b1, a1, b2, a2 = (precise(t) for t in (self.B1, self.A1, self.B2, self.A2))
+        return HadamardProduct.apply(b1, a1, b2, a2, self.scale)
 
     def needs_base_output(self, x: Tensor, base: AdaptedLayer) -> bool:
         # One product with W0 + dW instead of W0 x and dW x: the forward and the input gradient each save one

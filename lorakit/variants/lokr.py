@@ -25,7 +25,7 @@ from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import Kronecker
 from lorakit.core.kinds import ALL_KINDS, EMBEDDING
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant
+from lorakit.core.variant import Variant, precise
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -142,9 +142,10 @@ class LoKr(Variant):
             (self.W1 if self.W1 is not None else self.W1a).zero_()
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """``(W1, W2)``: ``(a, c)`` and ``(b, d k)``, multiplied out where they are low rank."""
-        w1 = self.W1 if self.W1 is not None else self.W1a @ self.W1b
-        w2 = self.W2 if self.W2 is not None else self.W2a @ self.W2b
+        """``(W1, W2)``: ``(a, c)`` and ``(b, d k)``, multiplied out where they are low rank (in
+        :func:`~lorakit.core.variant.precise` precision)."""
+        w1 = precise(self.W1) if self.W1 is not None else precise(self.W1a) @ precise(self.W1b)
+        w2 = precise(self.W2) if self.W2 is not None else precise(self.W2a) @ precise(self.W2b)
         return w1, w2
 
     def delta_weight(self) -> Tensor:

@@ -21,7 +21,7 @@ from lorakit.core.config import VariantConfig
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.forms import LowRank
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant
+from lorakit.core.variant import Variant, precise
 
 
 @dataclass
@@ -62,7 +62,7 @@ class LoRA(Variant):
                 self.B.zero_()
 
     def delta_weight(self) -> Tensor:
-        return self.scale * (self.B @ self.A)
+        return self.scale * (precise(self.B) @ precise(self.A))
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         # h = W0 x + s B A x~ (Eq. 3), W0 x + b0 being the base layer's output y

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lorakit.core.config import VariantConfig, require
 from lorakit.core.contract import PeftSpec, Shared
 from lorakit.core.layer import AdaptedLayer
-from lorakit.core.variant import Variant
+from lorakit.core.variant import Variant, precise
 
 ALPHA_UNUSED = 16.0  # the field every config has, at its default
 
@@ -119,8 +119,8 @@ class VeRA(Variant):
         self.b = nn.Parameter(torch.zeros(self.d_out, device=base.device))  # (out,)
 
     def delta_weight(self) -> Tensor:
-        a, b = self.A[:, : self.d_in], self.B[: self.d_out]  # (r, in), (out, r)
-        return (self.b[:, None] * b) @ (self.d[:, None] * a)
+        a, b = precise(self.A[:, : self.d_in]), precise(self.B[: self.d_out])  # (r, in), (out, r)
+        return (precise(self.b)[:, None] * b) @ (precise(self.d)[:, None] * a)
 
     def forward(self, x: Tensor, y: Tensor, base: AdaptedLayer) -> Tensor:
         kind, view = base.kind, base.kind.channel_view
