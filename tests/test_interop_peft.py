@@ -190,6 +190,49 @@ def test_vera_crosses_both_ways_with_its_shared_projections(tmp_path) -> None:
         assert (mine(x) - base(x)).abs().max() > 1e-2 and (back(x) - mine(x)).abs().max() <= 1e-5
 
 
+def test_vera_with_projections_larger_than_its_layers_exports_the_corner_they_read(tmp_path) -> None:
+    """PEFT builds the shared projections at its layers' largest sizes and loads the file's into them: a
+    larger ``projection_shape`` is written cut to that corner, which is all any layer reads."""
+    torch.manual_seed(0)
+    base, x = MLP().eval(), torch.randn(5, 12)
+    mine = lorakit.apply(
+        copy.deepcopy(base), "vera", targets=["fc1", "fc2"], rank=4, projection_shape=[64, 64]
+    )
+    perturb(mine, seed=9)
+    save_peft(mine.eval(), tmp_path / "from-lorakit")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "from-lorakit").eval()
+    again = load_peft(copy.deepcopy(base), tmp_path / "from-lorakit").eval()
+    with torch.no_grad():
+        assert (mine(x) - base(x)).abs().max() > 1e-2
+        assert (back(x) - mine(x)).abs().max() <= 1e-5 and (again(x) - mine(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("config", ["lora", "loha", "lokr"])
+def test_a_peft_adapter_with_a_rank_above_a_layers_size_loads_and_saves(tmp_path, config) -> None:
+    """PEFT takes a rank above what a layer can use (its default r = 8 on a 4-wide layer): the file fixes
+    the shapes, so lorakit loads it exactly, saves it and loads its own save, where ``apply`` would refuse
+    such a rank for a new adapter."""
+    torch.manual_seed(0)
+    base, x = MLP().eval(), torch.randn(5, 12)
+    peft_config = {
+        "lora": lambda: peft.LoraConfig(r=8, target_modules=["fc2"]),
+        "loha": lambda: peft.LoHaConfig(r=8, target_modules=["fc2"]),
+        "lokr": lambda: peft.LoKrConfig(r=8, target_modules=["fc2"]),
+    }[config]()
+    assert min(base.fc2.weight.shape) < 8
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        want = theirs.eval()(x)
+        assert (want - base(x)).abs().max() > 1e-2 and (ours(x) - want).abs().max() <= 1e-5
+    lorakit.save(ours, tmp_path / "lorakit")
+    again = lorakit.load(copy.deepcopy(base), tmp_path / "lorakit").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
+
+
 def test_refusals_name_the_problem(tmp_path) -> None:
     base = Net()
     adalora = lorakit.apply(copy.deepcopy(base), "adalora", targets=["fc"])
@@ -211,6 +254,7 @@ def test_refusals_name_the_problem(tmp_path) -> None:
         ({"rank_pattern": {"fc": 4}}, "a rank per layer"),
         ({"use_qalora": True}, "QA-LoRA"),
         ({"bias": "all"}, "trained biases"),
+        ({"lora_bias": True}, r"a trained bias beside lora_B \(lora_bias=true\)"),
     ]:
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(LorakitError, match=message):

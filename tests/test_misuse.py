@@ -5,6 +5,7 @@ computes something else."""
 from __future__ import annotations
 
 import math
+import types
 import warnings
 
 import pytest
@@ -215,23 +216,6 @@ def test_a_layer_under_the_older_weight_norm_hook_trains_for_several_steps(varia
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("variant", ["lora", "loha", "dora"])
-@pytest.mark.parametrize("pre", [False, True])
-def test_a_hook_on_the_base_layer_runs_in_every_forward(variant, pre) -> None:
-    # An adapter that folds its change into the weight computes the layer itself: the hook would not run.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 6)).eval()
-    if pre:
-        model[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
-    else:
-        model[0].register_forward_hook(lambda module, args, out: out * 2)
-    x = torch.randn(3, 8)
-    base = model(x).detach()
-    lorakit.apply(model, variant, targets=["0"], rank=2, dropout=0.0)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), base)
-
-
 @pytest.mark.parametrize("variant", ["lora", "dora", "loha"])
 def test_a_weight_recomputed_by_the_older_spectral_norm_hook_is_refused(variant) -> None:
     # Its ``weight`` is the raw one until the first forward (DoRA started 15 off), and a merge copied into
@@ -320,6 +304,45 @@ def test_a_subclass_is_probed_again_once_its_weights_are_there() -> None:
         nn.init.normal_(p)
     with pytest.raises(TargetError, match="_ScaledEmbedding has a forward of its own"):
         lorakit.apply(model, "lora", targets=["emb"], rank=2)
+
+
+@pytest.mark.parametrize("how", ["hook", "pre_hook", "instance_forward"])
+def test_a_layer_whose_hooks_or_own_forward_change_its_output_is_refused(how) -> None:
+    """A forward hook, a pre-hook or a forward set on the instance (as accelerate's hooks do) runs in the
+    layer's call: one that scales the output would be skipped by an adapter computing the layer's op, and
+    a merge would move the output by another amount than the adapter did. Such a layer is refused."""
+    torch.manual_seed(0)
+    model = MLP()
+    layer = model.fc1
+    if how == "hook":
+        layer.register_forward_hook(lambda module, args, out: 2 * out)
+    elif how == "pre_hook":
+        layer.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    else:
+        layer.forward = types.MethodType(lambda self, x: 2 * nn.Linear.forward(self, x), layer)
+    why = "has a forward of its own" if how == "instance_forward" else r"has forward hooks \(<lambda>\)"
+    with pytest.raises(TargetError, match=rf"match fc1, which lorakit cannot adapt: Linear {why}"):
+        lorakit.apply(model, "lora", targets=["fc1"], rank=2)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "loha"])
+def test_a_layer_whose_hooks_only_watch_it_is_adapted_and_its_hooks_run(name) -> None:
+    """A hook that reads the output, and a forward set on the instance that calls the class's: adapted,
+    the layer called (the hooks see every forward), and the merge exact."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    seen: list[torch.Size] = []
+    model.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    original = model.fc2.forward
+    model.fc2.forward = lambda x: original(x)
+    lorakit.apply(model, name, targets=["fc1", "fc2"], rank=2, dropout=0.0)
+    perturb(model)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        calls = len(seen)
+        adapted = model(x)
+        assert len(seen) == calls + 1
+        torch.testing.assert_close(lorakit.merge(model, unload=False)(x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_training_a_merged_model_is_refused_before_any_step() -> None:
@@ -430,6 +453,23 @@ def test_an_adapter_loads_onto_its_base_in_another_dtype(tmp_path, dtype) -> Non
     with pytest.raises(AdapterFileError, match="differ by more than that rounding"):
         lorakit.load(other, tmp_path)
     assert not hasattr(other, "lorakit")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_cast_after_apply_saves_an_adapter_that_loads_onto_its_base_in_either_dtype(
+    tmp_path, dtype
+) -> None:
+    """Applied on the float32 base, cast, then saved: the file records the dtype its fingerprint was taken
+    in, so the base in the cast's dtype is recognised by its sampled weights, and the float32 base by its
+    fingerprint."""
+    trained = _adapted().eval().to(dtype)
+    lorakit.save(trained, tmp_path)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
+    for base_dtype in (torch.float32, dtype):
+        torch.manual_seed(0)
+        loaded = lorakit.load(MLP().to(base_dtype), tmp_path).eval().to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x.to(dtype)), trained(x.to(dtype)))
 
 
 def test_an_adapter_is_refused_by_its_base_moved_beyond_rounding(tmp_path) -> None:

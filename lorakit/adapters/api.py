@@ -41,6 +41,8 @@ class AdapterInfo:
     base_model: str | None
     # a few values of each targeted base tensor (None: not floating): recognises the base in another dtype
     base_sample: list[list[float] | None] = field(default_factory=list, repr=False)
+    # the dtypes the fingerprint and the sample were taken in (a model cast later is still this base)
+    base_dtypes: list[str] = field(default_factory=list)
     shared: Shared = field(default_factory=Shared)
     # requires_grad of every parameter before apply froze the model, so undoing apply restores it
     trainable_before: dict[str, bool] = field(default_factory=dict, repr=False)
@@ -94,6 +96,33 @@ def apply(
     ``train_modules`` (suffixes) stay fully trainable and are saved with the adapter, e.g. a new head.
     Remaining keyword arguments are the variant's config fields (``rank=8, alpha=16, dropout=0.05``...).
     """
+    return _apply(model, variant, targets, train_modules, config, saved=False)
+
+
+@takes_compiled
+def apply_saved(
+    model: nn.Module,
+    variant: str | VariantConfig,
+    *,
+    targets: str | list[str] | None = None,
+    train_modules: list[str] | None = None,
+    **config: Any,
+) -> nn.Module:
+    """:func:`apply` for an adapter that a file defines (:func:`lorakit.load`, ``load_peft``). Its ranks are
+    the file's: a rank above what a layer can use, which PEFT writes (it adds parameters, not capacity), is
+    taken as it is instead of refused."""
+    return _apply(model, variant, targets, train_modules, config, saved=True)
+
+
+def _apply(
+    model: nn.Module,
+    variant: str | VariantConfig,
+    targets: str | list[str] | None,
+    train_modules: list[str] | None,
+    config: dict[str, Any],
+    *,
+    saved: bool,
+) -> nn.Module:
     check_base_model(model)
     cfg = _resolve_config(variant, targets, train_modules, config)
     variant_class = get_variant(_variant_name(variant))
@@ -103,7 +132,8 @@ def apply(
     shapes = {n: kinds[n].shape_2d(modules[n]) for n in names}
     if cfg.targets == "all-linear":
         names = leave_out_narrow(cfg, shapes)
-    check_rank(cfg, {n: shapes[n] for n in names})
+    if not saved:
+        check_rank(cfg, {n: shapes[n] for n in names})
     check_materialised(modules, names)
     warn_undropped(cfg, [n for n in names if kinds[n].takes_ids])
     train_modules = _match_train_modules(model, cfg.train_modules)  # refused before the model changes
@@ -122,6 +152,7 @@ def apply(
         train_modules=train_modules,
         fingerprint=fingerprint(modules[n] for n in names),
         base_sample=base_sample(modules[n] for n in names),
+        base_dtypes=base_dtypes(modules[n] for n in names),
         base_model=_base_model_name(model),
         trainable_before=trainable_before,
     )
@@ -331,6 +362,18 @@ def base_sample(layers: Iterator[nn.Module], per_tensor: int = 8) -> list[list[f
             positions = torch.tensor([k * 2654435761 % flat.numel() for k in range(1, per_tensor + 1)])
             out.append(flat[positions.to(flat.device)].double().cpu().tolist())
     return out
+
+
+def base_dtypes(layers: Iterator[nn.Module]) -> list[str]:
+    """The dtypes of the targeted base layers' floating tensors (``"float32"``...): a base loaded in another
+    dtype has another fingerprint, and the load error says so instead of naming another model."""
+    found = {
+        str(t.dtype).removeprefix("torch.")
+        for layer in layers
+        for t in layer.state_dict().values()
+        if t.is_floating_point()
+    }
+    return sorted(found)
 
 
 # --- queries -------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import lorakit.common.dirlock as dirlock
-from lorakit.adapters.api import adapted_layers, apply, info, release, takes_compiled
+from lorakit.adapters.api import adapted_layers, apply_saved, info, release, takes_compiled
 from lorakit.adapters.targets import set_module
 from lorakit.common.dirswap import finish_swap
 from lorakit.common.errors import DiskFullError, LorakitError, OutputExistsError, is_disk_full
@@ -81,7 +81,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool
         "train_modules": state.train_modules,
         "tied": tied,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "base_dtypes": base_dtypes(model),
+        "base_dtypes": state.base_dtypes,
         "base_sample": state.base_sample,
         **_chosen_rank(model),
     }
@@ -147,24 +147,12 @@ def writing(out: Path, what: str) -> Any:
         ) from None
 
 
-def base_dtypes(model: nn.Module) -> list[str]:
-    """The dtypes of the adapted layers' base weights (``"float32"``...): a base loaded in another dtype has
-    another fingerprint, and the load error says so instead of naming another model."""
-    found = {
-        str(t.dtype).removeprefix("torch.")
-        for _, layer in adapted_layers(model)
-        for t in layer.base_layer.state_dict().values()
-        if t.is_floating_point()
-    }
-    return sorted(found)
-
-
 def check_same_base(
     meta: dict[str, Any], sample: list[list[float] | None], model: nn.Module, directory: Any
 ) -> None:
     """For a base whose exact fingerprint differs from the adapter's: accept it only as the same base held in
     another dtype; otherwise undo the adapter and refuse, naming the dtypes when they differ."""
-    now = base_dtypes(model)
+    now = info(model).base_dtypes
     if same_base_in_another_dtype(meta, sample, now):
         return
     quantised = any(layer.weight_is_dequantised() for _, layer in adapted_layers(model))
@@ -349,7 +337,7 @@ def load(
     meta = read_meta(directory)
     config_cls = get_variant(meta["variant"]).config_class
     try:
-        apply(model, config_cls.from_dict(meta["config"], meta["variant"]))
+        apply_saved(model, config_cls.from_dict(meta["config"], meta["variant"]))
     except LorakitError as err:  # settings or targets in the file that do not fit: the same error, naming it
         raise type(err)(f"{Path(directory) / CONFIG_FILE}: {err}") from None
     state = info(model)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class LayerKind:
     def runs_as_op(self, layer: nn.Module) -> bool:
         """Whether the layer's own forward is exactly ``op(x, weight_2d(), bias)`` (not a subclass with a
         forward of its own, such as a quantised layer), so an adapter may compute it in its place."""
-        return type(layer).forward is nn.Linear.forward
+        return _runs_forward_of(layer, nn.Linear)
 
     def probe_input(self, layer: nn.Module) -> Tensor:
         """A small input the layer takes (two rows of features), for :func:`_own_forward_refusal`."""
@@ -130,7 +131,8 @@ class GPT2Conv1DKind(TransposedKind):
 
     def runs_as_op(self, layer: nn.Module) -> bool:
         # transformers' own class: ``addmm(bias, x, weight)``, the op of the transposed view.
-        return type(layer).__name__ == "Conv1D" and type(layer).__module__ == "transformers.pytorch_utils"
+        own = type(layer).__name__ == "Conv1D" and type(layer).__module__ == "transformers.pytorch_utils"
+        return own and "forward" not in vars(layer)
 
 
 class ConvKind(LayerKind):
@@ -150,7 +152,7 @@ class ConvKind(LayerKind):
         return isinstance(layer, self.module) and (layer.groups > 1) == self.grouped
 
     def runs_as_op(self, layer: nn.Module) -> bool:
-        return type(layer).forward is self.module.forward
+        return _runs_forward_of(layer, self.module)
 
     def probe_input(self, layer: nn.Module) -> Tensor:
         # One example, each spatial size covering the dilated kernel twice over.
@@ -210,7 +212,7 @@ class EmbeddingKind(TransposedKind):
         return isinstance(layer, nn.Embedding)
 
     def runs_as_op(self, layer: nn.Module) -> bool:
-        return type(layer).forward is nn.Embedding.forward
+        return _runs_forward_of(layer, nn.Embedding)
 
     def probe_input(self, layer: nn.Module) -> Tensor:
         return torch.tensor([[0, layer.num_embeddings - 1]], device=layer.weight.device)  # two ids
@@ -299,6 +301,19 @@ def _hook_computed_refusal(layer: nn.Module) -> str | None:
     )
 
 
+def _runs_forward_of(layer: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling ``layer`` runs ``cls.forward``: neither its class nor the instance (as accelerate's
+    hooks do, replacing ``forward`` on the module) has another."""
+    return type(layer).forward is cls.forward and "forward" not in vars(layer)
+
+
+def _output_hooks(layer: nn.Module) -> list[Any]:
+    """The layer's own forward hooks and pre-hooks, but for the older weight-norm hook (which computes the
+    weight the layer is read and merged through): any of them may change what the layer returns."""
+    pre = [h for h in layer._forward_pre_hooks.values() if h is not weight_norm_hook(layer)]
+    return [*pre, *layer._forward_hooks.values()]
+
+
 def _stands_in_for(layer: nn.Module, kind: LayerKind) -> bool:
     """Whether ``layer`` is a quantised layer standing in for a layer of ``kind``."""
     return isinstance(layer, QuantizedBase) and layer.lorakit_kind == kind.name
@@ -375,7 +390,7 @@ def _refusal(kind: LayerKind, layer: nn.Module) -> str | None:
 
 
 # What the probe found per layer, with the weight's storage and version it ran on.
-_Probed = tuple[tuple[int, int], str | None]
+_Probed = tuple[tuple[Any, ...], str | None]
 _PROBED: weakref.WeakKeyDictionary[nn.Module, _Probed] = weakref.WeakKeyDictionary()
 
 
@@ -386,21 +401,29 @@ def _own_forward_refusal(kind: LayerKind, layer: nn.Module) -> str | None:
     does not change (Falcon's linear layers, a shift); others do not: Gemma's word embeddings scale the rows
     they look up, learned positional embeddings look up positions, routers return scores. So the layer is
     run on a small probe input with its weight and with a moved one, and the move compared with
-    ``op(x, dW)``; a quantised layer standing in for a kind computes the op by construction."""
-    if isinstance(layer, QuantizedBase) or kind.runs_as_op(layer):
+    ``op(x, dW)``; a quantised layer standing in for a kind computes the op by construction. Forward hooks on
+    the layer run in its call too (a hook that scales the output breaks the same rule), so a hooked layer is
+    probed as well."""
+    hooks = _output_hooks(layer)
+    if isinstance(layer, QuantizedBase) or (kind.runs_as_op(layer) and not hooks):
         return None
     weight = layer.weight
     if weight.device.type == "meta":
         return None  # nothing to run, nothing to remember: a meta model is refused where it is applied
-    key = (weight.data_ptr(), weight._version)  # weights loaded or moved since: probed again
+    # weights loaded or moved since, or other hooks or forward: probed again
+    key = (weight.data_ptr(), weight._version, tuple(map(id, hooks)), id(vars(layer).get("forward")))
     known = _PROBED.get(layer)
     if known is None or known[0] != key:
-        _PROBED[layer] = known = (key, _probe(kind, layer))
+        _PROBED[layer] = known = (key, _probe(kind, layer, hooks))
     return known[1]
 
 
-def _probe(kind: LayerKind, layer: nn.Module) -> str | None:
-    own = f"{type(layer).__name__} has a forward of its own that is not a plain {kind.name} of its weight"
+def _probe(kind: LayerKind, layer: nn.Module, hooks: list[Any]) -> str | None:
+    if kind.runs_as_op(layer):
+        names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
+        own = f"{type(layer).__name__} has forward hooks ({names}) that make it no plain {kind.name}"
+    else:
+        own = f"{type(layer).__name__} has a forward of its own that is not a plain {kind.name} of its weight"
     fix = "an adapter's change would not follow it"
     weight = layer.weight
     gen = torch.Generator(device=weight.device).manual_seed(1)

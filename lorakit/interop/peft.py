@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lorakit.adapters.api import adapted_layers, apply, info, takes_compiled
+from lorakit.adapters.api import adapted_layers, apply_saved, info, takes_compiled
 from lorakit.adapters.io import (
     PEFT_CONFIG_FILE,
     AdapterFileError,
@@ -185,7 +185,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     touched = {k.replace(".base_layer.", ".") for k in rest}
     saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in touched}
     try:
-        apply(model, variant, targets=exact, train_modules=head_modules, **options)
+        apply_saved(model, variant, targets=exact, train_modules=head_modules, **options)
     except LorakitError as err:
         raise AdapterFileError(f"{file}: {err}") from None
     try:
@@ -347,8 +347,10 @@ def _read_config(path: Path) -> dict[str, Any]:
     for field, what in UNSUPPORTED.items():
         if config.get(field):
             raise AdapterFileError(f"{file}: {what} ({field}) is not supported by lorakit's reader")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    if config.get("bias", "none") != "none":
         raise AdapterFileError(f"{file}: trained biases (bias={config.get('bias')!r}) are not supported")
+    if config.get("lora_bias"):
+        raise AdapterFileError(f"{file}: a trained bias beside lora_B (lora_bias=true) is not supported")
     return config
 
 

@@ -273,8 +273,11 @@ class VeRAMethod(PeftMethod):
         return {peft: own[ours] for ours, peft in _spec(layer).names.items()}
 
     def shared_tensors(self, layers: list[AdaptedLayer]) -> dict[str, Tensor]:
-        v = layers[0].variant
-        return {self.shared_keys[0]: v.A.detach(), self.shared_keys[1]: v.B.detach()}
+        # PEFT builds the projections at the largest sizes among its layers and loads the saved ones into
+        # them: a larger ``projection_shape`` is cut to those (every layer reads only that corner).
+        out_max, in_max = max(lay.out_features for lay in layers), max(lay.in_features for lay in layers)
+        a, b = layers[0].variant.A[:, :in_max], layers[0].variant.B[:out_max]
+        return {self.shared_keys[0]: a.detach().contiguous(), self.shared_keys[1]: b.detach().contiguous()}
 
     def fill_shared(self, layers: list[AdaptedLayer], tensors: dict[str, Tensor]) -> None:
         v = layers[0].variant

@@ -58,6 +58,11 @@ class LoKrConfig(VariantConfig):
         require(ok, "factor", self.factor, "-1 (near-square split) or a positive integer")
         require(isinstance(self.decompose_both, bool), "decompose_both", self.decompose_both, "True or False")
 
+    def max_rank(self, out_features: int, in_features: int) -> int | None:
+        """None: the rank only decides whether a Kronecker factor is stored as two low-rank factors (below
+        half its size) or whole, as in LyCORIS and PEFT, so a rank above a layer's size keeps them whole."""
+        return None
+
 
 class LoKr(Variant):
     """``dW = (alpha / r) kron(W1, W2)``."""
