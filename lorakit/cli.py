@@ -233,6 +233,7 @@ def _eval_out(args: argparse.Namespace) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lorakit.data import chat
+    from lorakit.data import datasets as D
     from lorakit.eval.run import answer_prompts
 
     args.generate = True  # the checks of a model that generates
@@ -240,11 +241,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise LorakitError("--max-length sets the loss's tokens per example; generate has no loss: drop it")
     if args.compare_base and args.adapter is None:
         raise LorakitError("--compare-base compares an --adapter's answers with its base model's")
-    job = _eval_job(args)
-    prompts = [chat.Example(({"role": "user", "content": text},)) for text in args.prompts]
     for number, text in enumerate(args.prompts, 1):
         if not text.strip():
             raise LorakitError(f"prompt {number} is empty; pass the text to answer")
+        if not D.valid_text(text):
+            raise LorakitError(f"prompt {number} is not valid UTF-8 text; pass it in the terminal's UTF-8")
+    job = _eval_job(args)
+    prompts = [chat.Example(({"role": "user", "content": text},)) for text in args.prompts]
     if args.prompts_file:
         from_file = _prompts_from_file(Path(args.prompts_file), job, _columns_named(args))
         if not from_file:
@@ -276,8 +279,12 @@ def _prompts_from_file(path: Path, job: JobConfig | None, named: bool) -> list[E
 
     if path.is_dir():
         raise LorakitError(f"--prompts-file {path} is a directory; pass a text file (one prompt per line)")
-    if not path.is_file():
+    if not path.exists():
         raise LorakitError(f"--prompts-file {path} does not exist; check the path")
+    if not path.is_file():
+        raise LorakitError(
+            f"--prompts-file {path} is not a regular file (a pipe or a device); save it to a file"
+        )
     if path.suffix.lower() in D.FILE_TYPES:
         d = job.data if job is not None else DataConfig()
         rows = D.read_rows(str(path))

@@ -54,7 +54,11 @@ def test_a_bench_never_replaces_an_adapter_it_did_not_train(tmp_path, capsys) ->
     out = tmp_path / "bench"
     lorakit.save(adapted(), out / "lora")  # trained elsewhere, no metrics.json, no bench log
     before = {p.name: p.read_bytes() for p in (out / "lora").iterdir()}
-    assert main(["bench", str(bench_file(tmp_path, [{"name": "lora"}])), "--out", str(out)]) == 1
+    bench = str(bench_file(tmp_path, [{"name": "lora"}]))
+    assert main(["bench", bench, "--out", str(out)]) == 2  # no bench wrote there: refused before any run
+    assert "holds lora, which the bench writes, but no bench wrote them there" in capsys.readouterr().err
+    (out / ".lorakit-bench").touch()  # a bench's own directory, where someone put the adapter since
+    assert main(["bench", bench, "--out", str(out)]) == 1
     assert "holds an adapter this bench did not train; not replacing it" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (out / "lora").iterdir()} == before
     assert not (out / "lora.log").exists()

@@ -103,6 +103,7 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
     for name, damage, message in [
         ("adapter.json", b"{not json", "cannot read"),
         ("adapter.json", b"[1, 2]", "is not a lorakit adapter file"),
+        ("adapter.json", b'{"\xff": 1}', "adapter.json: it is not UTF-8 text (byte 2); re-save the adapter"),
         (
             "adapter.json",
             saved["adapter.json"].replace(b'"variant"', b'"variant_"'),
@@ -141,6 +142,11 @@ def test_corrupt_adapter_files_are_one_line_errors(named, tiny_bert_dir, capsys)
         (["--set", "targets=query"], "options (--set) sets 'targets', which is also set elsewhere"),
         (["--rank", "8", "--set", "rank=4"], "sets 'rank', which is also set elsewhere: set it once"),
         (["--adapter-dtype", "float16"], "'adapter_dtype' = 'float16' is invalid: it must be one of float32"),
+        (
+            ["--output-dir", "~no-such-user-here/run"],
+            "cannot use ~no-such-user-here/run: Could not determine "
+            "home directory; write the path out in full",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(extra, message, tmp_path, tiny_bert_dir, capsys) -> None:
@@ -186,3 +192,25 @@ def test_a_commands_own_warning_is_one_line(tiny_bert_dir, tmp_path, capsys) -> 
     assert len(lines) == 1 and lines[0].startswith("lorakit: warning: no layer matches targets ['nonexist']")
     assert ".py:" not in err and "warnings.warn" not in err  # no source location and line, as Python shows
     assert warnings.showwarning is shown  # put back when the command ended
+
+
+def test_a_prompt_that_is_not_valid_utf8_is_one_line_before_any_model_loads(capsys) -> None:
+    # bytes the terminal's locale cannot decode reach Python as lone surrogates, which no tokenizer encodes
+    err = _one_error(["generate", "--adapter", "/nonexistent", "ok", "caf\udce9?"], capsys)
+    assert "prompt 2 is not valid UTF-8 text" in err
+
+
+def test_a_bench_never_writes_over_files_it_did_not_write(tmp_path) -> None:
+    from lorakit.bench.run import Bench, BenchError, check_own_out
+
+    spec = Bench(defaults={}, runs=[{"name": "a"}], generate=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    check_own_out(spec, out)  # other files are left alone
+    for name in ("results.md", "a.log"):
+        (out / name).write_text("mine")
+    with pytest.raises(BenchError, match=r"holds results.md, a.log, which the bench writes, but no bench"):
+        check_own_out(spec, out)
+    (out / ".lorakit-bench").touch()  # a bench's own directory: its files are its own
+    check_own_out(spec, out)

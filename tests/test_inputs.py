@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -148,7 +149,9 @@ def test_tokenize_without_classes_takes_ids_only() -> None:
             return {"input_ids": [[1] * min(len(t), max_length) for t in texts]}
 
     assert tokenize_classification(rows(1, 0), Tok(), "sentence", "label", 4, "d").labels == [1, 0]
-    with pytest.raises(DataError, match="is a class name; pass classes="):
+    with pytest.raises(
+        DataError, match="is a class name, but no class names are known for this model; give class ids"
+    ):
         tokenize_classification(rows("pos"), Tok(), "sentence", "label", 4, "d")
     named = ClassLabels(2, ("neg", "pos"))
     data = tokenize_classification(rows("pos", "neg"), Tok(), "sentence", "label", 4, "d", classes=named)
@@ -198,6 +201,10 @@ def test_config_file_values_are_read_like_set_values(tmp_path) -> None:
         ("a: [\n", "cannot read config"),
         ("bogus: 1\n", r"unknown setting\(s\) \['bogus'\]"),
         ("rank: abc\n", "rank='abc': it must be an integer"),
+        # values YAML's safe loader builds beyond JSON's: each passed for an object until a run had trained
+        ("dp: 2024-01-01\n", "a date or time is no setting value; quote it"),
+        ("targets: !!set {q, v}\n", r"a set \(!!set\) is no setting value; write a list"),
+        ("options: {rslora: !!binary aGVsbG8=}\n", r"bytes \(!!binary\) is no setting value"),
     ],
 )
 def test_bad_config_values_name_the_setting(tmp_path, yaml_text, message) -> None:
@@ -337,6 +344,15 @@ def test_long_fields_and_all_file_types_read(tmp_path) -> None:
         ("a.tsv", "sentence\tlabel\na\t1\nb\n", "line 3 has 1 field.* where the header has 2"),
         ("a.tsv", "sentence\tlabel\na\t1\tx\n", "line 2 has 3 field.* where the header has 2"),
         ("a.csv", 'sentence,label\n"a,1\n', "line"),
+        # a stray or unclosed quote: read leniently, the rows after it ran into one field, or lost a quote
+        ("a.csv", 'sentence,label\n"Great, 10/10,1\nbad,0\nit was "ok",0\n', "line 4: ',' expected after"),
+        ("a.csv", 'sentence,label\n"What is 1" plus 2?,1\n', "line 2: ',' expected after"),
+        (
+            "a.jsonl",
+            '{"sentence": "a", "label": 1}\n{"sentence": "x\\ud800", "label": 0}\n',
+            "line 2 holds text that is not valid Unicode",
+        ),
+        ("a.jsonl", '{"sentence": "a", "label": 1, "meta": {"\\udc80": 1}}\n', "line 1 holds text that"),
         ("a.tsv", "", "has no rows"),
         ("a.tsv", "sentence\tlabel\n", "has no rows"),
         ("a.jsonl", "\n\n", "has no rows"),
@@ -351,6 +367,16 @@ def test_malformed_data_files_name_the_line(tmp_path, name, text, message) -> No
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         read_rows(str(tmp_path / name))
+
+
+def test_a_valid_surrogate_pair_reads_and_a_pipe_is_named_as_no_regular_file(tmp_path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"sentence": "smile \\ud83d\\ude00", "label": 1}\n')
+    assert read_rows(str(tmp_path / "a.jsonl"))[0]["sentence"] == "smile \U0001f600"
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(DataError, match=r"pipe.jsonl is not a regular file \(a pipe or a device\)"):
+        read_rows(str(tmp_path / "pipe.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        read_rows(str(tmp_path / "missing.jsonl"))
 
 
 def test_a_byte_order_mark_is_dropped_and_a_directory_is_named(tmp_path) -> None:

@@ -477,6 +477,10 @@ def test_classes_are_never_read_from_the_private_data(tiny_bert_dir, tmp_path, c
         (["--noise-multiplier", "1"], "--noise-multiplier"),
         (["--max-grad-norm", "0.5"], "--max-grad-norm"),
         (["--accountant", "prv"], "--accountant"),
+        # given as the defaults are: still asked for, and still not honoured without --dp
+        (["--max-grad-norm", "1"], "--max-grad-norm"),
+        (["--delta", "1e-5"], "--delta"),
+        (["--accountant", "rdp"], "--accountant"),
     ],
 )
 def test_a_dp_setting_without_dp_is_refused_not_trained_without_privacy(
@@ -544,3 +548,69 @@ def test_dp_settings_without_dp_are_refused_in_a_users_job_and_a_saved_one_still
         with pytest.raises(PrivacyError, match=f"{flag} \\(.*\\) applies to DP training, which is off"):
             job_from_values(values)  # a YAML config or bench run, as the command line
     assert job_from_values({"dp": True, "delta": 1e-3, "noise_multiplier": 1.0}).privacy.delta == 1e-3
+
+
+def test_the_sample_rate_counts_the_private_rows_not_the_answers_max_length_kept(
+    chat_llama_dir, tmp_path
+) -> None:
+    """The released sampling rate is B / N: N must be the number of training rows, which DP-SGD treats as
+    public, not the number whose answers fit in max length, which would reveal how many private prompts
+    are long. A row whose answer was cut away stays an example that trains nothing."""
+    rows = [{"prompt": f"What is {i} plus 2?", "response": f"The answer is {i + 2}."} for i in range(20)]
+    long = [dict(rows[0], prompt="Please. " * 40 + rows[0]["prompt"])]
+    rates = []
+    for name, data in (("short", rows), ("long", long + rows[1:])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        run = tmp_path / name
+        argv = [
+            "train", "--model", str(chat_llama_dir), "--data", str(path), "--max-length", "48", "--steps",
+            "2", "--batch-size", "4", "--targets", "all-linear", "--no-progress", "--output-dir", str(run),
+            "--dp", "--noise-multiplier", "1", "--delta", "1e-3",
+        ]  # fmt: skip
+        assert main(argv) == 0
+        rates.append(json.loads((run / "adapter.json").read_text())["privacy"]["sample_rate"])
+    assert rates == [4 / 20, 4 / 20]
+
+
+def test_a_private_conversations_problem_is_named_without_its_row(chat_llama_dir, tmp_path, capsys) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+            for i in range(12)]  # fmt: skip
+    rows[7]["messages"][1]["role"] = "SECRET-ROLE-bob"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model", str(chat_llama_dir), "--data", str(data), "--messages-column", "messages",
+        "--steps", "1", "--batch-size", "4", "--no-progress", "--output-dir", str(run),
+    ]  # fmt: skip
+    for private in (True, False):
+        capsys.readouterr()
+        assert main([*argv, "--dp", "--noise-multiplier", "1", "--delta", "1e-3"] if private else argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and not run.exists()
+        if private:
+            assert "SECRET" not in err and "row 8" not in err and "not shown under DP" in err
+        else:
+            assert "row 8" in err and "SECRET-ROLE-bob" in err
+
+
+def test_dp_sgd_refuses_gradient_checkpointing_and_bf16_trained_tensors() -> None:
+    """Checkpointed blocks capture their activations twice (per-example gradients 2.9x off in one case), and
+    bf16 gradients clip to above the bound: both are refused by train_dp's module check, as by the CLI."""
+    from conftest import tiny_llama
+
+    from lorakit.jobs.cliargs import job_from_values
+    from lorakit.privacy.grad_sample import _check_trainable_modules
+
+    model = lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2)
+    _check_trainable_modules(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(PrivacyError, match="gradient checkpointing.*per-example gradients wrong"):
+        _check_trainable_modules(model)
+    model = lorakit.apply(tiny_llama(), "lora", targets="all-linear", rank=2, adapter_dtype="bfloat16")
+    with pytest.raises(PrivacyError, match="cannot clip bfloat16 gradients exactly"):
+        _check_trainable_modules(model)
+    dp = {"dp": True, "noise_multiplier": 1.0, "delta": 1e-3}
+    with pytest.raises(PrivacyError, match="cannot clip bfloat16 gradients exactly"):
+        job_from_values({**dp, "options": {"adapter_dtype": "bfloat16"}})

@@ -238,6 +238,33 @@ def test_an_output_dir_with_other_files_or_the_current_directory_is_refused(
     assert "cannot hold a run" in capsys.readouterr().err
 
 
+def test_files_of_ones_own_named_after_a_runs_files_are_kept_and_block_overwrite(
+    tiny_bert_dir, tmp_path, capsys
+) -> None:
+    """A run's leftovers are ``.NAME.`` plus tempfile's eight characters or a swap suffix; an editor's swap
+    file or notes named after a run file are the user's: ``--overwrite`` refuses rather than deletes them."""
+    out = tmp_path / "run"
+    assert main(argv(tiny_bert_dir, out)) == 0
+    (out / ".job.json.swp").write_text("vim")
+    (out / ".adapter.json.my-notes").write_text("mine")
+    capsys.readouterr()
+    assert main([*argv(tiny_bert_dir, out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "not from a lorakit run (.adapter.json.my-notes, .job.json.swp)" in err
+    assert (out / ".job.json.swp").read_text() == "vim"
+    assert (out / ".adapter.json.my-notes").read_text() == "mine"
+
+
+def test_an_evaluation_is_never_written_into_the_part_of_a_run_a_rerun_replaces(trained) -> None:
+    from lorakit.eval.run import GenerationReport
+
+    for inside in (trained / "checkpoint", trained / "checkpoint" / "mine"):
+        with pytest.raises(lorakit.OutputExistsError, match=f"is part of the lorakit run {trained}"):
+            GenerationReport.check_out(inside, overwrite=False)
+    GenerationReport.check_out(trained / "eval", overwrite=True)  # the run's own evaluation: its place
+    GenerationReport.check_out(trained / "my-eval", overwrite=False)  # a new folder: a re-run refuses it
+
+
 def test_lorakit_save_and_load_of_a_job_adapter_round_trip(trained, tiny_bert_dir) -> None:
     from lorakit.jobs.models import load_model
 

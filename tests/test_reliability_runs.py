@@ -92,6 +92,30 @@ def test_restore_takes_the_newest_complete_copy(tmp_path) -> None:
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"hello": 1}, "its 'step' is missing or not a int"),
+        ([1, 2], "it holds a list, not lorakit's trainer state"),
+        ("edited", "its trainer state does not fit this run"),
+    ],
+)
+def test_a_readable_trainer_state_that_lorakit_did_not_write_is_one_resume_error(tmp_path, state, message):
+    """A checkpoint's trainer.pt replaced by another program's file, or edited: refused by name, never a
+    KeyError from inside the restore."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 2})
+    train(adapted(), Batches(), cfg, output_dir=out)
+    trainer = out / "checkpoint" / "trainer.pt"
+    if state == "edited":  # the right keys, an optimizer state of another shape
+        saved = torch.load(trainer, weights_only=True)
+        saved["optimizer"] = {"state": {}, "param_groups": []}
+        state = saved
+    torch.save(state, trainer)
+    with pytest.raises(ResumeError, match=message):
+        train(adapted(), Batches(), cfg, output_dir=out, resume=True)
+
+
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     out = tmp_path / "run"
     train(adapted(), Batches(), TrainConfig(**{**CFG.__dict__, "steps": 4}), output_dir=out)

@@ -295,7 +295,11 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
             "directory that lorakit.save or `lorakit train` wrote"
         )
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(
+            f"cannot read {path}: it is not UTF-8 text (byte {err.start}); re-save the adapter"
+        ) from None
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"cannot read {path}: {err}; re-save the adapter") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

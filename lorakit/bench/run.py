@@ -37,6 +37,7 @@ from lorakit.jobs.rundir import EVAL_DIR
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 REPORT_NAMES = {"results", "results.md", "results.json", "results.png"}  # the report's files
+MARKER = ".lorakit-bench"  # in --out: a bench writes there, so the files named as its own are its own
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
 # flags of `lorakit eval --generate` a bench file may set
 GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
@@ -275,9 +276,28 @@ def check_finished(spec: Bench, wanted: set[str] | None, out: Path) -> None:
                 )
 
 
+def check_own_out(spec: Bench, out: Path) -> None:
+    """Refuse an ``out`` holding files named as those the bench writes (its report, a run's directory, log
+    or records) that no bench wrote there: they may be the user's, and the bench would write over them."""
+    if not out.is_dir() or (out / MARKER).exists():
+        return
+    names = [r["name"] for r in spec.runs]
+    ours = [*sorted(REPORT_NAMES - {"results"}), *names, *(f"{n}.log" for n in names)]
+    ours += [record(out, n, step).name for n in names for step in ("config", "generate")]
+    found = [name for name in ours if (out / name).exists()]
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise BenchError(
+            f"--out {out} holds {shown}, which the bench writes, but no bench wrote them there (no "
+            f"{MARKER}); choose another --out, or move them away"
+        )
+
+
 def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
+    check_own_out(spec, out)
     check_finished(spec, wanted, out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     failed = []
     for run in spec.runs:
         name = run["name"]

@@ -42,7 +42,12 @@ def real_path(target: str | os.PathLike[str]) -> Path:
     """``target`` as one absolute name with ``~``, ``..`` and symlinks resolved: a directory reached through
     a symlink has the one lock of the directory it points to, and is replaced there, keeping the link."""
     try:
-        return Path(target).expanduser().resolve()
+        path = Path(target).expanduser()
+    except RuntimeError as err:  # ~name of no user, or no home directory
+        why = str(err).rstrip(".")
+        raise LorakitError(f"cannot use {target}: {why}; write the path out in full") from None
+    try:
+        return path.resolve()
     except RuntimeError as err:  # Python 3.11 raises it for a symlink loop
         raise LorakitError(f"cannot use {target}: {err}; fix or remove the symlink") from None
 

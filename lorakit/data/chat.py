@@ -390,11 +390,18 @@ def tokenize_example(tokenizer: Any, template: str | None, example: Example) -> 
 
 
 def tokenize_examples(
-    tokenizer: Any, template: str | None, examples: Sequence[Example], max_length: int, source: str = "data"
+    tokenizer: Any,
+    template: str | None,
+    examples: Sequence[Example],
+    max_length: int,
+    source: str = "data",
+    keep_unanswered: bool = False,
 ) -> tuple[list[list[int]], list[list[int]], Truncation]:
     """Every example tokenised and cut to ``max_length``; examples without an answer token left are left
-    out (counted in the returned :class:`Truncation`). An example that cannot be tokenised is a
-    :class:`ChatError` naming its row of ``source``."""
+    out (counted in the returned :class:`Truncation`), or with ``keep_unanswered`` kept with no label (DP
+    training: the number of examples sets the released sampling rate, so it must be the data's, not how
+    many answers fit). An example that cannot be tokenised is a :class:`ChatError` naming its row of
+    ``source``."""
     ids_out, labels_out, cut, left_out = [], [], 0, 0
     for number, example in enumerate(examples, 1):
         try:
@@ -408,7 +415,8 @@ def tokenize_examples(
         kept = sum(label != IGNORE for label in labels[1:])  # the first token is never predicted
         if kept == 0:
             left_out += 1
-            continue
+            if not keep_unanswered:
+                continue
         cut += kept < answered
         ids_out.append(ids)
         labels_out.append(labels)

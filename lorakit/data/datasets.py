@@ -56,8 +56,12 @@ def read_rows(source: str, *, split: str = "train") -> list[Row]:
         if path.exists():
             raise DataError(f"{source}: unknown data file type; use one of {', '.join(FILE_TYPES)}")
         return _hub_rows(source, split)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {source} does not exist; check the path")
+    if not path.is_file():
+        raise DataError(
+            f"data file {source} is not a regular file (a pipe or a device); save the data to a file"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is dropped
     except UnicodeDecodeError as err:
@@ -102,8 +106,40 @@ def _json_rows(text: str, source: str) -> list[Row]:
                 f"{source} {where} {number} is a JSON {type(value).__name__}, not an object; write each "
                 'example as {"field": value, ...}'
             )
+        if not _valid_unicode(value):
+            raise DataError(
+                f"{source} {where} {number} holds text that is not valid Unicode (an escaped lone surrogate "
+                "such as \\ud800, half of a pair); fix or remove that text"
+            )
         rows.append(value)
     return rows
+
+
+def _valid_unicode(value: Any) -> bool:
+    """Whether every string in a parsed JSON value (keys too) is valid Unicode: JSON's ``\\uXXXX`` escapes
+    can spell half of a surrogate pair, which no tokenizer encodes."""
+    stack = [value]
+    while stack:  # iterative: JSON may nest as deep as the parser allows
+        item = stack.pop()
+        if isinstance(item, str):
+            if not valid_text(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def valid_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate, which JSON escapes and undecodable bytes in a
+    command line become): what a tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _DuplicateKey(ValueError):
@@ -155,6 +191,7 @@ def _csv_rows(text: str, source: str, suffix: str) -> list[Row]:
             io.StringIO(text, newline=""),
             delimiter="\t" if tsv else ",",
             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            strict=True,  # a stray or unclosed quote is an error, not text that runs on into the next rows
         )
         table = [(reader.line_num, row) for row in reader]
     except csv.Error as err:
@@ -458,8 +495,9 @@ def tokenize_classification(
         named = [v for v in labels if isinstance(v, str)]
         if named:
             raise DataError(
-                f"{source}: label {named[0]!r} is a class name; pass classes=ClassLabels.from_rows(training "
-                "rows, ...) to map class names to ids"
+                f"{source}: label {named[0]!r} is a class name, but no class names are known for this model; "
+                "give class ids (0, 1, ...) in the model's order, or use an adapter trained on these labels "
+                "(in Python: classes=ClassLabels.from_rows(training rows))"
             )
     else:
         labels = classes.ids(rows, label_column, source)
@@ -549,10 +587,18 @@ def _prompt_completion_turns(
 
 
 def tokenize_causal(
-    examples: list[chat.Example], tokenizer: Any, template: str | None, max_length: int, source: str = "data"
+    examples: list[chat.Example],
+    tokenizer: Any,
+    template: str | None,
+    max_length: int,
+    source: str = "data",
+    keep_unanswered: bool = False,
 ) -> TokenizedData:
-    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.data.chat`)."""
-    ids, labels, truncation = chat.tokenize_examples(tokenizer, template, examples, max_length, source)
+    """Conversations as token ids with the loss on the assistant turns (see :mod:`lorakit.data.chat`;
+    ``keep_unanswered``: :func:`~lorakit.data.chat.tokenize_examples`)."""
+    ids, labels, truncation = chat.tokenize_examples(
+        tokenizer, template, examples, max_length, source, keep_unanswered
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TokenizedData(ids, labels, pad, truncation)
 

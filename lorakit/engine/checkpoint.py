@@ -131,8 +131,33 @@ def checkpoint_step(output_dir: Path) -> int | None:
     steps = []
     for copy in filter(_complete, _copies(output_dir)):
         with contextlib.suppress(Exception):  # a damaged copy is not a resume point
-            steps.append(int(torch.load(copy / TRAINER_FILE, weights_only=True)["step"]))
+            steps.append(_trainer_state(copy / TRAINER_FILE)["step"])
     return max(steps) if steps else None
+
+
+# What a checkpoint's trainer state holds (written by :func:`_write_copy`), by key: the types it must have.
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "seconds": (int, float),
+    "losses": (Tensor,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "hooks": (list,),
+    "rng": (Tensor,),
+    "batches": (dict, type(None)),
+}
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state in ``path``, read as tensors and plain values only; ``ValueError`` when it is not
+    one :func:`_write_copy` wrote (another program's file of the same name, an edited one)."""
+    state = torch.load(path, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not lorakit's trainer state")
+    for key, types in _STATE_TYPES.items():
+        if not isinstance(state.get(key), types) or isinstance(state.get(key), bool):
+            raise ValueError(f"its '{key}' is missing or not a {' or '.join(t.__name__ for t in types)}")
+    return state
 
 
 def _write_copy(run: RunState, tmp: Path, settings: dict[str, Any]) -> None:
@@ -185,7 +210,7 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
     found = []
     for copy in filter(_complete, _copies(output_dir)):
         try:
-            found.append((torch.load(copy / TRAINER_FILE, weights_only=True), copy))
+            found.append((_trainer_state(copy / TRAINER_FILE), copy))
         except Exception as err:  # noqa: BLE001 - a damaged copy: fall back to another complete one
             damaged = f"{copy / TRAINER_FILE} ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
             found.append((None, damaged))
@@ -208,15 +233,22 @@ def restore_checkpoint(run: RunState, output_dir: Path, settings: dict[str, Any]
             "or another --output-dir)"
         ) from None
     fill_tensors(run.model, tensors)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):
-        hook.load_state_dict(hook_state)
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state["batches"] is not None:
-        run.gradients.load_state_dict(state["batches"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        for hook, hook_state in zip(run.hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["batches"] is not None:
+            run.gradients.load_state_dict(state["batches"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # an edited or foreign state
+        detail = " ".join(str(err).split())[:200]
+        raise ResumeError(
+            f"cannot resume from {copy}: its trainer state does not fit this run ({type(err).__name__}: "
+            f"{detail}); start a new run (--overwrite or another --output-dir)"
+        ) from None
     run.result.losses = state["losses"].tolist()
     run.result.seconds = state["seconds"]
     run.result.tokens = state.get("tokens", 0)  # a checkpoint written before tokens were counted: 0

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.adapters.io import CONFIG_FILE, atomic_write
+from lorakit.common import dirlock
 from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
 from lorakit.data import chat
 from lorakit.data import datasets as D
@@ -28,7 +29,7 @@ from lorakit.eval.scoring import extract_answer, score
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import chat_template, report
 from lorakit.jobs.models import context_length
-from lorakit.jobs.rundir import GENERATIONS_FILE, METRICS_FILE
+from lorakit.jobs.rundir import EVAL_DIR, GENERATIONS_FILE, METRICS_FILE, part_of_run
 
 DEFAULT_NEW_TOKENS = 256  # per answer, where the model's context leaves room for them
 
@@ -55,11 +56,18 @@ class GenerationReport:
     @staticmethod
     def check_out(out: Path, overwrite: bool) -> None:
         """Refuse, before anything is generated, an ``out`` that cannot take the evaluation: a file, a run's
-        own directory (its ``metrics.json`` is the training's), an earlier evaluation without ``overwrite``,
-        or a place that cannot be written."""
+        own directory (its ``metrics.json`` is the training's) or a part of a run other than its ``eval``
+        (which a re-run replaces), an earlier evaluation without ``overwrite``, or a place that cannot be
+        written."""
         if out.exists() and not out.is_dir():
             raise OutputExistsError(
                 f"--out {out} is a file; name a directory for {METRICS_FILE} and {GENERATIONS_FILE}"
+            )
+        found = part_of_run(dirlock.real_path(str(out)))
+        if found is not None and found[1] not in ("", EVAL_DIR):  # a run's own evaluation goes in EVAL_DIR
+            raise OutputExistsError(
+                f"--out {out} is part of the lorakit run {found[0]} ({found[1]}), which a re-run or --resume "
+                f"replaces; name a directory outside it, or {found[0] / EVAL_DIR}"
             )
         if (out / CONFIG_FILE).is_file():
             raise OutputExistsError(

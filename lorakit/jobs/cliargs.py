@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import re
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def job_from_values(values: dict[str, Any], assignments: list[str] | None = None
         options=options,
         **{name: SECTIONS[name](**values) for name, values in sections.items() if name},
     )
-    job.privacy.check_used()
+    job.privacy.check_used(name for name in values if leaves[name][0] == "privacy")
     if job.train.eval_every and job.data.eval_source() is None:  # it would train without evaluating
         raise SettingError(
             f"--eval-every {job.train.eval_every} evaluates on the evaluation data, and there is none: add "
@@ -178,6 +179,26 @@ class _UniqueKeys(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _refused(what: str, fix: str) -> Callable[[yaml.SafeLoader, yaml.Node], Any]:
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        problem = f"{what} is no setting value; {fix}"
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+    return construct
+
+
+# Values the safe loader builds beyond JSON's (dates, sets, bytes, ordered pairs): no setting takes one, and
+# each would pass for "some object" until a run had trained and wrote its settings down.
+for _tag, _what, _fix in (
+    ("timestamp", "a date or time", "quote it to give text"),
+    ("set", "a set (!!set)", "write a list"),
+    ("binary", "bytes (!!binary)", "write text"),
+    ("omap", "an ordered mapping (!!omap)", "write a mapping"),
+    ("pairs", "a list of pairs (!!pairs)", "write a mapping"),
+):
+    _UniqueKeys.add_constructor(f"tag:yaml.org,2002:{_tag}", _refused(_what, _fix))
 
 
 def load_yaml(text: str) -> Any:

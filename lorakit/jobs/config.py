@@ -14,7 +14,7 @@ from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import Driver
 from lorakit.data import datasets as D
 from lorakit.jobs.models import TASKS
-from lorakit.privacy.config import DPConfig
+from lorakit.privacy.config import DPConfig, check_clipped_dtype
 from lorakit.train.loop import TrainConfig
 
 
@@ -152,7 +152,9 @@ class JobConfig:
             )
         if self.quantize is not None:
             check_quant_type(self.quantize)
-        self.variant_config()  # the variant's settings are checked now, before anything is read or written
+        variant = self.variant_config()  # the variant's settings are checked now, before anything is read
+        if self.privacy.dp:
+            check_clipped_dtype(str(variant.get("adapter_dtype", "float32")))
 
     def variant_config(self) -> dict[str, Any]:
         """The variant's config fields: rank, alpha and dropout as set, then the options; a setting left unset

@@ -138,11 +138,18 @@ def resolve_classes(
 
 
 def tokenize(
-    job: JobConfig, tokenizer: Any, source: str, rows: list[D.Row], named: bool = False
+    job: JobConfig,
+    tokenizer: Any,
+    source: str,
+    rows: list[D.Row],
+    named: bool = False,
+    private: bool = False,
 ) -> D.TokenizedData:
     """One data set of ``job`` tokenised for its task (classification labels as the job's class ids; a
     causal LM's conversations in the job's chat template, the loss on the answers). ``named``: the job's
-    columns were set for this data (training), see :func:`lorakit.data.datasets.conversations`."""
+    columns were set for this data (training), see :func:`lorakit.data.datasets.conversations`.
+    ``private``: DP's training data, whose every row stays an example (one whose answer ``max_length``
+    cut away trains nothing) and whose problems are named without their row or values."""
     job, d = resolve_task(job), job.data
     if job.task == "classification":
         return D.tokenize_classification(
@@ -151,12 +158,23 @@ def tokenize(
     if source == "demo":
         raise D.DataError(
             "demo is a built-in classification set (sentence, label), and this model is a causal LM: pass "
-            "--data FILE with prompt and response (or messages) columns, or --task classification"
+            "--data FILE with prompt and response (or messages) columns (a classifier trains on it with "
+            "`lorakit train --task classification`)"
         )
-    examples = D.conversations(
-        rows, d.messages_column, d.prompt_column, d.response_column, source, named=named
-    )
-    data = D.tokenize_causal(examples, tokenizer, chat_template(job, tokenizer), d.max_length, source)
+    template = chat_template(job, tokenizer)
+    try:
+        examples = D.conversations(
+            rows, d.messages_column, d.prompt_column, d.response_column, source, named=named
+        )
+        data = D.tokenize_causal(examples, tokenizer, template, d.max_length, source, keep_unanswered=private)
+    except (D.DataError, chat.ChatError):
+        if not private:
+            raise
+        raise D.DataError(  # which row, and its values, are the private data's: neither is named
+            f"{source}: a row does not fit the columns '{d.prompt_column}' and '{d.response_column}' (or "
+            f"'{d.messages_column}': a list of role and content turns ending in an assistant turn with "
+            "text); the row and its values are not shown under DP: check the data"
+        ) from None
     if not data.input_ids:
         raise D.DataError(
             f"{source}: no example keeps an answer token within max length {d.max_length}; raise --max-length"
@@ -177,7 +195,10 @@ def build_data(job: JobConfig, tokenizer: Any) -> tuple[D.TokenizedData, D.Token
     job = resolve_classes(job, data)
     # The columns were named for the training data; evaluation data may hold conversations instead (as
     # `lorakit eval` reads it), so only the training data refuses them beside a messages column.
-    out = [tokenize(job, tokenizer, source, rows, named=i == 0) for i, (source, rows) in enumerate(data)]
+    out = [
+        tokenize(job, tokenizer, source, rows, named=i == 0, private=i == 0 and job.privacy.dp)
+        for i, (source, rows) in enumerate(data)
+    ]
     if job.privacy.dp:  # private counts that the accountant does not cover: neither printed nor recorded
         out[0] = dataclasses.replace(out[0], truncation=None)
     for line in causal_notes(job, tokenizer):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -198,5 +199,24 @@ def _is_run_file(name: str) -> bool:
 
 
 def _is_written_by(name: str, known: tuple[str, ...]) -> bool:
-    """``name`` is one of ``known``, or the atomic-write temporary or swap copy of one."""
-    return name in known or any(name.startswith(f".{k}.") for k in known)
+    """``name`` is one of ``known``, or the atomic-write temporary (``tempfile``'s eight random characters)
+    or swap copy of one; a file of one's own named after one (an editor's ``.job.json.swp``) is not."""
+    return name in known or any(re.fullmatch(rf"\.{re.escape(k)}\.{_LEFTOVER}", name) for k in known)
+
+
+_LEFTOVER = r"(lorakit-new|lorakit-old|[a-z0-9_]{8})"
+
+
+def part_of_run(target: Path) -> tuple[Path, str] | None:
+    """``(run, entry)`` where ``target`` is a lorakit run directory (``entry`` empty) or lies in one of the
+    entries a run writes (its checkpoint folder, ``eval``...), which a re-run or ``--resume`` replaces;
+    None elsewhere (a new folder inside a run is left alone: a re-run refuses to replace a directory holding
+    it)."""
+    runs = [d for d in (target, *target.parents) if (d / CONFIG_FILE).is_file() or (d / JOB_FILE).is_file()]
+    if not runs:
+        return None
+    run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
+    if target == run:
+        return run, ""
+    entry = target.relative_to(run).parts[0]
+    return (run, entry) if _is_run_file(entry) else None

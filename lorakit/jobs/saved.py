@@ -28,7 +28,7 @@ from lorakit.common.dirswap import building, siblings, staged_for
 from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.jobs.job import adopt_run_template
 from lorakit.jobs.models import load_model, name_classes
-from lorakit.jobs.rundir import JOB_FILE, RUN_FILES
+from lorakit.jobs.rundir import JOB_FILE, part_of_run
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
 from lorakit.train.loop import TrainConfig
 
@@ -202,12 +202,10 @@ def _refuse_inside_run(target: Path, shown: str, what: str, suffix: str) -> None
     """Refuse an output directory that is a lorakit run, or one of the entries a run writes (its checkpoint
     folder above all), which a re-run or ``--resume`` replaces. A new folder inside a run is left alone (a
     re-run refuses to replace a directory holding it)."""
-    runs = [d for d in (target, *target.parents) if (d / CONFIG_FILE).is_file() or (d / JOB_FILE).is_file()]
-    if not runs:
-        return
-    run = runs[-1]  # the outermost: a checkpoint folder inside a run holds an adapter.json too
-    if target in runs or target.relative_to(run).parts[0] in RUN_FILES:
-        where = "is a lorakit run directory" if target == run else f"is part of the lorakit run {run}"
+    found = part_of_run(target)
+    if found is not None:
+        run, entry = found
+        where = f"is part of the lorakit run {run}" if entry else "is a lorakit run directory"
         beside = run.parent / f"{run.name}-{suffix}"
         raise lorakit.OutputExistsError(
             f"{shown} {where}; write the {what} to a new directory, e.g. {beside}"

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lorakit.core.layer import AdaptedLayer
 from lorakit.core.variant import Variant
 from lorakit.privacy import require
-from lorakit.privacy.config import PrivacyError
+from lorakit.privacy.config import PrivacyError, check_clipped_dtype
 
 _opacus_gsm = require("opacus.grad_sample.grad_sample_module")
 _module_utils = require("opacus.utils.module_utils")
@@ -149,8 +149,19 @@ class AdapterGradSampleModule(GradSampleModule):
 
 def _check_trainable_modules(model: nn.Module) -> None:
     """Refuse modules DP-SGD cannot account for: normalisation keeping statistics of the private data (and
-    BatchNorm's mixing examples), and trained modules with buffers."""
+    BatchNorm's mixing examples), trained modules with buffers, trained tensors below fp32 (clipped
+    inexactly), and gradient checkpointing (whose recomputed blocks capture their activations twice, so the
+    per-example gradients come out wrong)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            check_clipped_dtype(str(param.dtype).removeprefix("torch."))
     for name, module in model.named_modules():
+        if vars(module).get("gradient_checkpointing") is True:  # transformers' flag on what it recomputes
+            raise PrivacyError(
+                f"module '{name}' ({type(module).__name__}) recomputes its blocks in backward (gradient "
+                "checkpointing), which captures their activations twice and makes the per-example gradients "
+                "wrong; turn it off (model.gradient_checkpointing_disable()) for DP-SGD"
+            )
         batch_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
         if batch_norm or (
             isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
