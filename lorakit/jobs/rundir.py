@@ -198,13 +198,14 @@ def _is_run_file(name: str) -> bool:
     return _is_written_by(name, RUN_FILES)
 
 
+# A leftover of a write a kill interrupted, after ``.NAME.``: a swap copy, or tempfile's eight characters.
+_LEFTOVER = r"(lorakit-new|lorakit-old|[a-z0-9_]{8})"
+
+
 def _is_written_by(name: str, known: tuple[str, ...]) -> bool:
     """``name`` is one of ``known``, or the atomic-write temporary (``tempfile``'s eight random characters)
     or swap copy of one; a file of one's own named after one (an editor's ``.job.json.swp``) is not."""
     return name in known or any(re.fullmatch(rf"\.{re.escape(k)}\.{_LEFTOVER}", name) for k in known)
-
-
-_LEFTOVER = r"(lorakit-new|lorakit-old|[a-z0-9_]{8})"
 
 
 def part_of_run(target: Path) -> tuple[Path, str] | None:
