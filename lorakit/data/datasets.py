@@ -116,8 +116,8 @@ def _json_rows(text: str, source: str) -> list[Row]:
 
 
 def _valid_unicode(value: Any) -> bool:
-    """Whether every string in a parsed JSON value (keys too) is valid Unicode: JSON's ``\\uXXXX`` escapes
-    can spell half of a surrogate pair, which no tokenizer encodes."""
+    """Whether every string in a parsed JSON value (keys too) is valid Unicode: JSON's ``\\u`` escapes (four
+    hex digits) can spell half of a surrogate pair, which no tokenizer encodes."""
     stack = [value]
     while stack:  # iterative: JSON may nest as deep as the parser allows
         item = stack.pop()

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters.io import CONFIG_FILE, atomic_write
+from lorakit.adapters.io import atomic_write
 from lorakit.common import dirlock
 from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
 from lorakit.data import chat
@@ -63,16 +63,16 @@ class GenerationReport:
             raise OutputExistsError(
                 f"--out {out} is a file; name a directory for {METRICS_FILE} and {GENERATIONS_FILE}"
             )
-        found = part_of_run(dirlock.real_path(str(out)))
-        if found is not None and found[1] not in ("", EVAL_DIR):  # a run's own evaluation goes in EVAL_DIR
-            raise OutputExistsError(
-                f"--out {out} is part of the lorakit run {found[0]} ({found[1]}), which a re-run or --resume "
-                f"replaces; name a directory outside it, or {found[0] / EVAL_DIR}"
-            )
-        if (out / CONFIG_FILE).is_file():
+        run, entry = part_of_run(dirlock.real_path(str(out))) or (None, EVAL_DIR)
+        if not entry:
             raise OutputExistsError(
                 f"--out {out} is a run's directory (its {METRICS_FILE} is the training's); name another "
                 "directory, or leave --out out to write to ADAPTER/eval"
+            )
+        if entry != EVAL_DIR:  # a run's own evaluation goes in EVAL_DIR; the rest a re-run replaces
+            raise OutputExistsError(
+                f"--out {out} is part of the lorakit run {run} ({entry}), which a re-run or --resume "
+                f"replaces; name a directory outside it, or {run / EVAL_DIR}"
             )
         existing = [name for name in (METRICS_FILE, GENERATIONS_FILE) if (out / name).exists()]
         if existing and not overwrite:
