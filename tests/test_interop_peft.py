@@ -641,3 +641,34 @@ def test_a_lokr_factor_peft_splits_the_other_way_is_refused_with_the_split(tmp_p
     with torch.no_grad():
         want = theirs.eval()(WIDE_X)
         assert (want - base(WIDE_X)).abs().max() > 1e-2 and (ours(WIDE_X) - want).abs().max() <= 1e-5
+
+
+def tiny_qwen3_moe() -> nn.Module:
+    """A MoE family transformers v5 fused: its first block is a dense MLP with gate/up/down projections."""
+    cfg = transformers.Qwen3MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=8, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0],
+                                      vocab_size=32)  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_export_refuses_moe_targets_peft_would_read_as_fused_experts(tmp_path) -> None:
+    # PEFT's LoRA loader renames gate/up/down_proj targets of such a family to the fused experts' weights,
+    # so the dense block's adapter would be dropped without an error (logits off by ~0.1).
+    torch.manual_seed(0)
+    model = tiny_qwen3_moe()
+    lorakit.apply(model, "lora", targets="all-linear", rank=2)
+    with pytest.raises(
+        LorakitError, match=r"model\.layers\.0\.mlp\.gate_proj: PEFT reads .* qwen3_moe .* out"
+    ):
+        save_peft(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # Attention targets keep their names in PEFT, so an export of those loads with the same logits.
+    torch.manual_seed(0)
+    base = tiny_qwen3_moe()
+    ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["q_proj", "v_proj"], rank=2)
+    perturb(ours)
+    save_peft(ours, tmp_path / "attention")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "attention").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(GPT2_IDS).logits, ours(GPT2_IDS).logits, rtol=0, atol=1e-5)

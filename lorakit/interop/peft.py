@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from lorakit.adapters.api import adapted_layers, apply_saved, info, takes_compiled
 from lorakit.adapters.io import (
@@ -109,6 +110,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
             f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way"
         )
     _refuse_tied(model, state.train_modules)
+    _refuse_renamed_on_load(model, method.peft_type, [name for name, _ in layers])
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "a PEFT adapter", overwrite)
     variant = layers[0][1].variant
@@ -275,6 +277,34 @@ def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
                     f"{module} shares its weight with {others[0]} (tied); PEFT's modules_to_save would untie "
                     "them. Untie the weights first, or use lorakit.save"
                 )
+
+
+# PEFT's LoRA loader rewrites, for the MoE families transformers v5 fused (transformers'
+# ``conversion_mapping``, which PEFT extends with Mixtral), every target whose name ends in one of these to
+# the fused experts' parameters (``peft.utils.transformers_weight_conversion._MOE_TARGET_MODULE_MAPPING``):
+# a dense layer or a shared expert of that name would lose its adapter.
+PEFT_MOE_RENAMED = {
+    "mixtral": ("gate", "w1", "w2", "w3"),
+    "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _refuse_renamed_on_load(model: nn.Module, peft_type: str, targets: list[str]) -> None:
+    """Refuse targets PEFT would read as a fused MoE's experts (see ``PEFT_MOE_RENAMED``)."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
+    except ImportError:  # transformers v4: PEFT renames nothing
+        return
+    model_type = model.config.model_type if isinstance(model, PreTrainedModel) else None
+    family = {**families, "mixtral": "mixtral"}.get(model_type)
+    renamed = PEFT_MOE_RENAMED.get(family, ()) if peft_type == "LORA" else ()
+    hit = next((t for t in targets if t.rsplit(".", 1)[-1] in renamed), None)
+    if hit is not None:
+        raise LorakitError(
+            f"{hit}: PEFT reads a LoRA target named {hit.rsplit('.', 1)[-1]} in a {model_type} model as its "
+            f"fused experts and would drop this layer's adapter; leave layers named {', '.join(renamed)} out "
+            "of targets, or use lorakit.save (or lorakit.merge)"
+        )
 
 
 def _adapter_dir(directory: str | os.PathLike[str]) -> Path:
