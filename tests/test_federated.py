@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -942,3 +943,32 @@ def test_every_seed_gives_each_round_and_client_its_own_local_seed_in_range() ->
     for bad in (-1, 2**32):
         with pytest.raises(LorakitError, match=f"seed={bad}: it must be an integer in \\[0, 4294967295\\]"):
             FedConfig(seed=bad)
+
+
+def test_under_dp_a_client_asked_to_evaluate_on_its_own_data_answers_with_the_code_alone(
+    tiny_bert_dir, tmp_path
+) -> None:
+    # The settings refuse eval_data='clients' under DP; a server that sends evaluate messages anyway must get
+    # no accuracy and no example count back.
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    cfg = dp_round_cfg(tiny_bert_dir, tmp_path, insecure=False)
+    _, grid = run_local(cfg)
+    train = next(m for m in grid.sent if m.metadata.message_type == "train")
+    content = RecordDict(
+        {"adapter": ArrayRecord(train.content["adapter"].to_torch_state_dict()),
+         "config": ConfigRecord({"classes": train.content["config"]["classes"]})}
+    )  # fmt: skip
+    node = train.metadata.dst_node_id
+    ask = Message(content, dst_node_id=node, message_type="evaluate", group_id="eval-x")
+    reply = grid.app(ask, grid.contexts[node])
+    assert reply.has_error() and not reply.has_content()
+    assert re.fullmatch(r"lorakit:[a-z-]+", reply.error.reason)  # the code, and nothing of the data
+    plain = tiny_cfg(tiny_bert_dir, tmp_path, variant="lora", options="", rounds=1, cohort=4)
+    _, plain_grid = run_local(plain)
+    train = next(m for m in plain_grid.sent if m.metadata.message_type == "train")
+    content["adapter"] = ArrayRecord(train.content["adapter"].to_torch_state_dict())
+    node = train.metadata.dst_node_id
+    ask = Message(content, dst_node_id=node, message_type="evaluate", group_id="eval-x")
+    answered = plain_grid.app(ask, plain_grid.contexts[node])
+    assert not answered.has_error() and answered.content["metrics"]["num-examples"] > 0  # without DP

@@ -28,7 +28,7 @@ from lorakit.data import datasets as D
 from lorakit.engine import Engine, LossBackward, TrainConfig, TrainResult
 from lorakit.federated.config import FedConfig
 from lorakit.federated.data import classes_text, client_data, client_job, job_config
-from lorakit.federated.failures import CLIENT_FAILED, NodeConfigError, client_reason
+from lorakit.federated.failures import CLIENT_FAILED, FederatedError, NodeConfigError, client_reason
 from lorakit.federated.strategy import read_space, update_space, use_rank, write_space
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import evaluate, prepare_model
@@ -175,6 +175,11 @@ def make_client_app(cfg: FedConfig | None = None) -> Any:
         return {"update": records.ArrayRecord(update), "metrics": records.MetricRecord(released)}
 
     def score(c: FedConfig, job: JobConfig, pid: int, msg: Any) -> dict[str, Any]:
+        if c.private:  # settings refuse eval_data='clients' under DP; a server that asks anyway gets nothing
+            raise FederatedError(
+                "under client-level DP a client does not evaluate on its own data (its accuracy and example "
+                "count are not covered by the accountant)"
+            )
         values = msg.content["adapter"].to_torch_state_dict()
         examples, metrics = evaluate_round(c, job, pid, values)
         return {"metrics": records.MetricRecord({"num-examples": examples, **metrics})}
