@@ -250,7 +250,9 @@ def test_refusals_name_the_problem(tmp_path) -> None:
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     for change, message in [
         ({"peft_type": "IA3"}, "peft_type 'IA3'; lorakit reads LORA, LOHA, LOKR, VERA"),
-        ({"use_effective_conv2d": True}, "Tucker core"),
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changes the base weight"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"modules_to_save": [""]}, "must be a list of module names"),
         ({"rank_pattern": {"fc": 4}}, "a rank per layer"),
         ({"use_qalora": True}, "QA-LoRA"),
         ({"bias": "all"}, "trained biases"),
@@ -306,8 +308,107 @@ def test_exports_peft_could_not_load_right_are_refused(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
     cfg = peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
     peft.get_peft_model(copy.deepcopy(gpt2), cfg).save_pretrained(tmp_path / "tied")
-    with pytest.raises(LorakitError, match="lm_head shares its weight with transformer.wte.weight"):
+    with pytest.raises(AdapterFileError, match="tied.*lm_head shares its weight with transformer.wte.weight"):
         load_peft(copy.deepcopy(gpt2), tmp_path / "tied")
+    # PEFT matches modules_to_save by plain name ending: "head" would also pick the adapted lm_head.
+    head = Net()
+    head.lm_head, head.head = nn.Linear(16, 16), nn.Linear(16, 2)
+    lorakit.apply(head, "lora", targets=["lm_head"], rank=2, train_modules=["head"])
+    with pytest.raises(LorakitError, match="head .* would also match the adapted layer lm_head in PEFT"):
+        save_peft(head, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_changed_the_base_is_refused(tmp_path, init: str) -> None:
+    # PEFT subtracts the initial B A from the base again when it loads such a file; adding B A to the plain
+    # base is off by that product (the base's top singular part under PiSSA).
+    torch.manual_seed(0)
+    base = MLP()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=init)
+    )
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(AdapterFileError, match=f"init_lora_weights='{init}' changes the base weight"):
+        load_peft(copy.deepcopy(base), tmp_path)
+
+
+def test_an_export_names_exactly_the_adapted_layers_where_a_name_ends_another(tmp_path) -> None:
+    # PEFT reads a list entry "0" as every module whose name ends in ".0" (here also "1.0"): such an export
+    # names its layers by an exact regex, so PEFT adapts the same layers (VeRA's projections fit).
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 8)), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 6)
+    for variant, options in [("lora", {"rank": 2}), ("vera", {"rank": 4})]:
+        ours = lorakit.apply(copy.deepcopy(base), variant, targets=r"^(0|2)$", **options)
+        perturb(ours)
+        save_peft(ours, tmp_path / variant)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / variant).eval()
+        adapted = [
+            n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)
+        ]
+        assert adapted == ["base_model.model.0", "base_model.model.2"]
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-6)
+    plain = lorakit.apply(copy.deepcopy(base), "lora", targets=["2"], rank=2)  # no other name ends in ".2"
+    save_peft(plain, tmp_path / "list")
+    assert json.loads((tmp_path / "list" / "adapter_config.json").read_text())["target_modules"] == ["2"]
+
+
+def tiny_llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=32)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_modules_to_save_are_matched_by_name_ending_as_peft_matches_them(tmp_path) -> None:
+    # "norm" saves model.norm and every *_layernorm: PEFT loads all of them, and so does lorakit.
+    torch.manual_seed(0)
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(copy.deepcopy(base), tmp_path).eval()
+    assert "model.layers.1.post_attention_layernorm" in lorakit.info(ours).train_modules
+    with torch.no_grad():
+        torch.testing.assert_close(ours(GPT2_IDS).logits, theirs.eval()(GPT2_IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_a_tied_head_saved_with_ensure_weight_tying_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    gpt2 = tiny_gpt2()
+    cfg = peft.LoraConfig(
+        r=2, target_modules=["c_attn"], modules_to_save=["lm_head"], ensure_weight_tying=True
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(gpt2), cfg)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft(copy.deepcopy(gpt2), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(GPT2_IDS).logits, theirs.eval()(GPT2_IDS).logits, rtol=0, atol=1e-6)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] + 1
+    save_file(tensors, file)
+    with pytest.raises(AdapterFileError, match="are one tied weight in the model, but the file gives them"):
+        load_peft(copy.deepcopy(gpt2), tmp_path)
+
+
+def test_effective_conv2d_is_refused_only_where_a_layer_has_a_tucker_core(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = Net().eval()
+    for name, targets in [("linear", ["fc"]), ("conv", ["conv"])]:
+        cfg = peft.LoHaConfig(r=2, alpha=4, target_modules=targets, use_effective_conv2d=True)
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+        perturb(theirs)
+        theirs.save_pretrained(tmp_path / name)
+    ours = load_peft(copy.deepcopy(base), tmp_path / "linear").eval()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "linear").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), theirs(IDS), rtol=0, atol=1e-6)
+    with pytest.raises(AdapterFileError, match=r"conv\.hada_t1.*Tucker core"):
+        load_peft(copy.deepcopy(base), tmp_path / "conv")
 
 
 def test_a_qlora_adapter_exports_its_factors(tmp_path) -> None:

@@ -72,6 +72,9 @@ UNSUPPORTED = {
     "use_bdlora": "block-diagonal LoRA",
     "use_qalora": "QA-LoRA",
 }
+# PEFT's ``init_lora_weights`` values that leave the base weight as it is; the others (PiSSA, OLoRA, CorDA,
+# LoftQ, LoRA-GA) subtract the initial ``s B0 A0`` from it, again when PEFT loads the adapter.
+BASE_KEPT_INITS = {True, False, "gaussian", "eva", "orthogonal", "mica"}
 EXPORTABLE = tuple(v for method in METHODS for v in method.variants)
 
 
@@ -111,6 +114,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         )
     _refuse_tied(model, state.train_modules)
     _refuse_renamed_on_load(model, method.peft_type, [name for name, _ in layers])
+    _refuse_suffix_heads([name for name, _ in layers], state.train_modules)
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "a PEFT adapter", overwrite)
     variant = layers[0][1].variant
@@ -127,7 +131,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         "task_type": None,
         "base_model_name_or_path": state.base_model,
         **method.config(state, [layer for _, layer in layers], rank),
-        "target_modules": [name for name, _ in layers],
+        "target_modules": _peft_targets(model, [name for name, _ in layers]),
         "modules_to_save": list(state.train_modules) or None,
         "inference_mode": True,
     }
@@ -152,7 +156,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     gives it. Anything else is refused by name (:class:`~lorakit.adapters.io.AdapterFileError`), as is a layer
     PEFT computes differently from lorakit (a convolution padded other than with zeros, LoRA on a dilated
     convolution, LoKr on a Conv1d with a whole ``W2``, an explicit LoKr factor split the other way: see
-    :mod:`lorakit.interop.peft_methods`); a failure leaves the model as it was.
+    :mod:`lorakit.interop.peft_methods`), or whose initialisation changed the base weight (PiSSA, OLoRA); a
+    failure leaves the model as it was.
     """
     path = _adapter_dir(directory)
     config = _read_config(path)
@@ -171,12 +176,21 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
         raise AdapterFileError(
             f"{path}: no {config['peft_type']} tensors (keys containing '{method.marker}')"
         )
+    cores = [k for k in local if re.search(r"\.(hada|lokr)_t\d", k)]
+    if cores:  # PEFT's use_effective_conv2d on a convolution with a kernel above 1
+        raise AdapterFileError(f"{path}: {cores[0]}: a Tucker core for convolutions is not supported")
     rest = {k: v for k, v in local.items() if method.marker not in k}
     modules_to_save = config.get("modules_to_save") or []
     _check_owned(model, path, rest, modules_to_save)
     heads = [k for k in rest if any(_within(k, m) for m in modules_to_save)]
     head_modules = sorted({k.rsplit(".", 1)[0] for k in heads})
-    _refuse_tied(model, head_modules)
+    if config.get("ensure_weight_tying"):
+        _check_tied_values(model, file, rest)
+    else:
+        try:
+            _refuse_tied(model, head_modules)
+        except LorakitError as err:
+            raise AdapterFileError(f"{file}: {err}") from None
     try:
         variant, options = method.variant_options(config, shared)
     except (KeyError, TypeError, ValueError) as err:
@@ -256,11 +270,12 @@ def _is_embedding(model: nn.Module, key: str) -> bool:
 
 
 def _within(key: str, module: str) -> bool:
-    """Whether tensor ``key`` belongs to a module named ``module`` or to one inside it (PEFT matches name
-    suffixes, and saves such a module whole: a head's ``dense`` and ``out_proj`` with it)."""
+    """Whether tensor ``key`` belongs to a module whose name ends in ``module``, or to one inside it. PEFT
+    matches ``modules_to_save`` by plain string ending (``"norm"`` saves every ``*_layernorm`` too), and saves
+    such a module whole: a head's ``dense`` and ``out_proj`` with it."""
     parts = key.split(".")[:-1]
     owners = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return any(owner == module or owner.endswith("." + module) for owner in owners)
+    return any(owner.endswith(module) for owner in owners)
 
 
 def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
@@ -305,6 +320,48 @@ def _refuse_renamed_on_load(model: nn.Module, peft_type: str, targets: list[str]
             f"fused experts and would drop this layer's adapter; leave layers named {', '.join(renamed)} out "
             "of targets, or use lorakit.save (or lorakit.merge)"
         )
+
+
+def _check_tied_values(model: nn.Module, file: Path, rest: dict[str, Tensor]) -> None:
+    """With ``ensure_weight_tying`` PEFT keeps a saved module tied and writes each name of the shared weight;
+    they are one tensor in the model, so the file must give them one value."""
+    saved = {k.replace(".base_layer.", "."): v for k, v in rest.items()}
+    names: dict[int, str] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        if key not in saved:
+            continue
+        first = names.setdefault(id(p), key)
+        if not torch.equal(saved[first], saved[key]):
+            raise AdapterFileError(
+                f"{file}: {first} and {key} are one tied weight in the model, but the file gives them "
+                "different values"
+            )
+
+
+def _peft_targets(model: nn.Module, names: list[str]) -> list[str] | str:
+    """``target_modules`` that PEFT matches to exactly ``names``. PEFT takes a list entry as a name ending
+    (``key.endswith("." + entry)``); where that would also pick a module left without an adapter, an exact
+    regex (which PEFT full-matches) names the layers instead."""
+    chosen = set(names)
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in chosen for i in range(1, len(parts) + 1)):
+            continue  # an adapted layer, or a module inside one
+        if any(".".join(parts[i:]) in chosen for i in range(1, len(parts))):
+            return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return names
+
+
+def _refuse_suffix_heads(names: list[str], train_modules: list[str]) -> None:
+    """PEFT matches ``modules_to_save`` as plain string endings (``"head"`` matches ``lm_head``); one that
+    matches an adapted layer makes PEFT's loader fail."""
+    for module in train_modules:
+        hit = next((n for n in names if n.endswith(module)), None)
+        if hit is not None:
+            raise LorakitError(
+                f"{module} (trained whole) would also match the adapted layer {hit} in PEFT, which matches "
+                "modules_to_save by name ending and cannot load that; rename the module, or use lorakit.save"
+            )
 
 
 def _adapter_dir(directory: str | os.PathLike[str]) -> Path:
@@ -368,11 +425,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("alpha", 1.0))
     if rank is not None and rank <= 0 or not (0 < alpha < math.inf):
         raise AdapterFileError(f"{file}: r = {rank!r} and alpha = {alpha!r} must be positive (and finite)")
-    if not all(isinstance(m, str) for m in config.get("modules_to_save", [])):
+    if not all(isinstance(m, str) and m for m in config.get("modules_to_save", [])):
         raise AdapterFileError(f"{file}: field 'modules_to_save' must be a list of module names")
-    if config.get("use_effective_conv2d"):
+    init = config.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)) or init not in BASE_KEPT_INITS:
         raise AdapterFileError(
-            f"{file}: use_effective_conv2d (a Tucker core for convolutions) is not supported"
+            f"{file}: init_lora_weights={init!r} changes the base weight (PEFT subtracts the initial B A "
+            "from it), which lorakit's reader does not; save the adapter from PEFT with "
+            "path_initial_model_for_weight_conversion, which writes it as a plain LoRA"
         )
     for field, what in UNSUPPORTED.items():
         if config.get(field):
