@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import pickle
 import warnings
 
@@ -11,6 +13,7 @@ from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
+from lorakit.adapters.io import AdapterFileError
 from lorakit.adapters.quantize import QuantizationError, dequantize
 from lorakit.cli import main
 from lorakit.core.nf4_linear import NF4Linear
@@ -207,3 +210,35 @@ def test_cli_qlora_variant(tiny_bert_dir, tmp_path, capsys) -> None:
     assert "accuracy" in capsys.readouterr().out
     assert main(["train", *argv[1:-1], str(tmp_path / "bad"), "--quantize", "fp4"]) == 2
     assert "unknown quant type 'fp4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_a_4bit_base_counts_its_weights_in_the_total(build) -> None:
+    # The packed NF4 codes are buffers; each still stands for the out x in parameters of its weight.
+    dense = lorakit.apply(build(), "lora", rank=2)
+    quantized = lorakit.apply(lorakit.quantize(build()), "lora", rank=2)
+    assert any(isinstance(m, NF4Linear) for m in quantized.modules())
+    ours, theirs = lorakit.summary(quantized), lorakit.summary(dense)
+    assert (ours.trainable, ours.total) == (theirs.trainable, theirs.total)
+
+
+def test_loading_onto_a_base_quantised_otherwise_names_the_cause(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama()
+    qlora = lorakit.apply(copy.deepcopy(base), "qlora", rank=2)
+    lorakit.save(qlora, tmp_path / "qlora")
+    assert json.loads((tmp_path / "qlora" / "adapter.json").read_text())["base_dtypes"] == [
+        "4-bit from float32"
+    ]
+    lorakit.load(copy.deepcopy(base), tmp_path / "qlora")  # the same base quantises to the same codes
+    with pytest.raises(
+        AdapterFileError, match=r"\(4-bit from float32\).*\(4-bit from bfloat16\): load the base"
+    ):
+        lorakit.load(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "qlora")
+    lora = lorakit.apply(lorakit.quantize(copy.deepcopy(base)), "lora", rank=2)
+    lorakit.save(lora, tmp_path / "lora")
+    with pytest.raises(
+        AdapterFileError, match="trained on a 4-bit base .* not quantised: quantise it as it was"
+    ):
+        lorakit.load(copy.deepcopy(base), tmp_path / "lora")
+    lorakit.load(lorakit.quantize(copy.deepcopy(base)), tmp_path / "lora")

@@ -23,6 +23,7 @@ class Int8Linear(QuantizedBase):
     def __init__(self, dense: nn.Linear) -> None:
         super().__init__()
         self.out_features, self.in_features = dense.out_features, dense.in_features
+        self.weight_dtype = dense.weight.dtype
         w = dense.weight.detach()
         scale = w.abs().amax(1, keepdim=True) / 127
         self.register_buffer("codes", torch.round(w / scale).to(torch.int8))

@@ -25,6 +25,7 @@ from lorakit.core.config import ConfigError, VariantConfig
 from lorakit.core.contract import CapabilityError, Driver, Shared
 from lorakit.core.kinds import kind_of
 from lorakit.core.layer import AdaptedLayer
+from lorakit.core.quantized import QuantizedBase
 from lorakit.core.variant import Hook
 from lorakit.variants import get_variant
 
@@ -364,16 +365,26 @@ def base_sample(layers: Iterator[nn.Module], per_tensor: int = 8) -> list[list[f
     return out
 
 
+QUANTIZED_DTYPE = "4-bit from "  # how base_dtypes names a quantised weight
+
+
 def base_dtypes(layers: Iterator[nn.Module]) -> list[str]:
     """The dtypes of the targeted base layers' floating tensors (``"float32"``...): a base loaded in another
-    dtype has another fingerprint, and the load error says so instead of naming another model."""
-    found = {
-        str(t.dtype).removeprefix("torch.")
-        for layer in layers
-        for t in layer.state_dict().values()
-        if t.is_floating_point()
-    }
+    dtype has another fingerprint, and the load error says so instead of naming another model. A 4-bit weight
+    is ``"4-bit from DTYPE"``, the dtype it was quantised from (its buffers' fp32 state says nothing)."""
+    found: set[str] = set()
+    for layer in layers:
+        if isinstance(layer, QuantizedBase):
+            found.add(f"{QUANTIZED_DTYPE}{_dtype_name(layer.weight_dtype)}")
+            tensors = list(layer.parameters())  # the bias
+        else:
+            tensors = list(layer.state_dict().values())
+        found.update(_dtype_name(t.dtype) for t in tensors if t.is_floating_point())
     return sorted(found)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --- queries -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.api import adapted_layers, takes_compiled
+from lorakit.core.quantized import QuantizedBase
 
 
 @dataclass
@@ -42,8 +43,10 @@ class Summary:
 
 @takes_compiled
 def summary(model: nn.Module) -> Summary:
-    """Count trainable and total parameters (each tensor once) and list the adapted layers."""
+    """Count trainable and total parameters (each tensor once) and list the adapted layers. A 4-bit base
+    weight is a buffer of packed codes; it counts as the ``out x in`` parameters it stands for."""
     params = list(model.parameters())  # parameters() already yields a shared tensor once
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedBase))
     rows = [
         LayerRow(
             name,
@@ -55,6 +58,6 @@ def summary(model: nn.Module) -> Summary:
     ]
     return Summary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + quantized,
         layers=rows,
     )

@@ -17,11 +17,13 @@ from torch import Tensor, nn
 
 class QuantizedBase(nn.Module, abc.ABC):
     """A frozen layer computing ``op(x, W) + b`` of the kind named by :attr:`lorakit_kind`, with ``W`` stored
-    quantised. Subclasses set :attr:`lorakit_kind`, :attr:`out_features` and :attr:`in_features`."""
+    quantised. Subclasses set :attr:`lorakit_kind`, :attr:`out_features`, :attr:`in_features` and
+    :attr:`weight_dtype`."""
 
     lorakit_kind: str  # the name of the layer kind it stands in for (lorakit.core.kinds)
     out_features: int
     in_features: int
+    weight_dtype: torch.dtype  # the dtype the weight was quantised from (its codes depend on it)
 
     @abc.abstractmethod
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
