@@ -30,7 +30,11 @@ def test_run_names_that_are_not_one_plain_directory_are_refused(tmp_path, name) 
         ([{"name": "a", "output_dir": "/elsewhere"}], {}, r"run a sets \['output_dir'\]"),
         ([{"name": "a"}], {"overwrite": True}, r"defaults sets \['overwrite'\]"),
         (["a"], {}, "'runs' must be a list of mappings"),
-        ([{"name": "a", "train": "false"}], {}, "run a: train must be true or false, not 'false'"),
+        (
+            [{"name": "a", "train": "false"}],
+            {},
+            r"run a: train must be true or false \(or a section of training settings\), not 'false'",
+        ),
         ([{"name": "base", "train": False}], {}, "run base does not train, .* add a 'generate' mapping"),
         ([{"name": "a"}], {"bogus_key": 1}, r"bench.yaml: defaults: unknown setting\(s\) \['bogus_key'\]"),
         ([{"name": "a", "rnak": 2}], {}, r"bench.yaml: run a: unknown setting\(s\) \['rnak'\]"),

@@ -6,13 +6,15 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import lorakit
 from lorakit.bench.docs import render
 from lorakit.bench.report import write_report
-from lorakit.bench.run import load_bench, run_settings
+from lorakit.bench.run import read_bench
 from lorakit.jobs.cliargs import _leaf_fields, job_from_values, job_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +32,9 @@ def test_every_shipped_bench_file_names_known_settings_and_variants() -> None:
     assert files
     known = set(_leaf_fields()) | {"options"}
     for path in files:
-        defaults, runs = load_bench(path)
-        for run in runs:  # load_bench builds every run's job: each field read and range-checked
-            settings = run_settings(defaults, run)
+        bench = read_bench(path)
+        for run in bench.runs:  # read_bench builds every run's job: each field read and range-checked
+            settings = bench.settings[run["name"]]
             assert set(settings) <= known, (path, set(settings) - known)
             job = job_from_values(job_values(settings, run["name"]))
             assert job.variant == settings.get("variant", "lora")
@@ -156,12 +158,32 @@ def test_a_causal_lm_bench_evaluates_generation_and_the_base_model(chat_llama_di
     assert main(["bench", str(bench), "--out", str(out)]) == 0  # finished and evaluated: nothing runs again
     assert "lorakit.cli" not in capsys.readouterr().out
     # the bench file edited: its finished runs are not shown under settings they did not run with
-    for edited, message in [
-        ({"generate": {**generate, "max_new_tokens": 5}}, "run base in .* was evaluated with other settings"),
-        ({"defaults": {**defaults, "steps": 4}}, r"run lora in .* was trained with other settings \(steps"),
+    base_trains = [{"name": "base"}, runs[1]]
+    for edited, only, message in [
+        (
+            {"generate": {**generate, "max_new_tokens": 5}},
+            [],
+            "run base in .* was evaluated with other settings",
+        ),
+        (
+            {"defaults": {**defaults, "steps": 4}},
+            [],
+            r"run lora in .* was trained with other settings \(steps",
+        ),
+        (
+            {"defaults": {**defaults, "steps": 4}},
+            ["--only", "base"],
+            r"run lora in .* \(steps changed since\)",
+        ),
+        (
+            {"defaults": {**defaults, "max_length": 48}},
+            [],
+            r"run base in .* evaluated with other settings \(max",
+        ),
+        ({"runs": base_trains}, [], r"run base in .* was trained with other settings \(.*train"),
     ]:
         bench.write_text(yaml.safe_dump({"defaults": defaults, "generate": generate, "runs": runs, **edited}))
-        assert main(["bench", str(bench), "--out", str(out)]) == 2
+        assert main(["bench", str(bench), "--out", str(out), *only]) == 2
         assert re.search(message, capsys.readouterr().err)
         assert json.loads((out / "lora" / "job.json").read_text())["train"]["steps"] == 3  # kept as it is
 
@@ -179,3 +201,82 @@ def test_the_report_reads_a_causal_lm_run_without_evaluation_data_and_names_a_fa
     assert "| lora | not evaluated |" in table
     assert table.count("| dora |") == 1 and "| rank 4; evaluation failed: see dora.log |" in table
     assert "| qlora | failed: see qlora.log |" in table
+
+
+def _bench(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_run_replaces_a_default_whether_either_is_in_a_section(
+    tiny_bert_dir, chat_llama_dir, tmp_path
+) -> None:
+    from lorakit.bench.run import read_bench
+
+    defaults = {"model": str(tiny_bert_dir), "train": {"steps": 3, "batch_size": 8}}
+    runs = [{"name": "a", "steps": 5}, {"name": "b", "train": {"steps": 7}}, {"name": "c"}]
+    bench = read_bench(_bench(tmp_path, {"defaults": defaults, "runs": runs}))
+    assert {n: s["steps"] for n, s in bench.settings.items()} == {"a": 5, "b": 7, "c": 3}
+    assert all(s["batch_size"] == 8 for s in bench.settings.values())
+    # a base run reads its evaluation data and columns from a section as well
+    data = {"data": "qa.jsonl", "eval_data": "dev.jsonl", "prompt_column": "q", "response_column": "a"}
+    spec = {"defaults": {"model": str(chat_llama_dir), "data": data}, "generate": {"limit": 2}}
+    bench = read_bench(_bench(tmp_path, {**spec, "runs": [{"name": "base", "train": False}]}))
+    assert bench.recorded(bench.runs[0]) == {
+        "model": str(chat_llama_dir), "eval_data": "dev.jsonl", "prompt_column": "q", "response_column": "a",
+        "train": False,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"default": {"steps": 3}}, r"unknown key\(s\) \['default'\]; a bench file has defaults, runs"),
+        ({"generation": {"limit": 2}}, r"unknown key\(s\) \['generation'\]"),
+        ({"runs": [{"name": "x" * 101}]}, "at most 100 characters"),
+        ({"runs": [{"name": "base", "train": False, "quantize": "nf4"}], "generate": {"limit": 2}},
+         r"run base does not train, so quantize would not apply to it"),
+    ],
+)  # fmt: skip
+def test_a_bench_file_is_checked_whole(tiny_bert_dir, tmp_path, change: dict, message: str) -> None:
+    from lorakit.bench.run import BenchError, read_bench
+
+    spec = {"defaults": {"model": str(tiny_bert_dir), "eval_data": "dev.tsv"}, "runs": [{"name": "a"}]}
+    with pytest.raises(BenchError, match=message):
+        read_bench(_bench(tmp_path, {**spec, **change}))
+
+
+def test_runs_of_different_tasks_are_refused(tiny_bert_dir, chat_llama_dir, tmp_path) -> None:
+    from lorakit.bench.run import BenchError, read_bench
+
+    runs = [{"name": "cls", "model": str(tiny_bert_dir)}, {"name": "lm", "model": str(chat_llama_dir)}]
+    with pytest.raises(BenchError, match=r"different tasks \(classification: cls; causal-lm: lm\)"):
+        read_bench(_bench(tmp_path, {"runs": runs}))
+
+
+def test_an_interrupted_bench_run_continues_from_its_checkpoint(
+    tiny_bert_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    from test_reliability_jobs import killed_at_batch
+
+    from lorakit.bench.run import record
+    from lorakit.cli import main
+
+    defaults = {"model": str(tiny_bert_dir), "targets": ["query"], "max_length": 24, "steps": 4,
+                "batch_size": 8, "eval_every": 0, "checkpoint_every": 1}  # fmt: skip
+    bench = _bench(tmp_path, {"defaults": defaults, "runs": [{"name": "a"}]})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lorakit-bench").touch()
+    config = record(out, "a", "config")  # as the bench writes it, then the run is killed at its third step
+    config.write_text(yaml.safe_dump(defaults))
+    killed_at_batch(3, ["train", "--config", str(config), "--output-dir", str(out / "a")], monkeypatch)
+    assert not (out / "a" / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["bench", str(bench), "--out", str(out)]) == 0
+    assert "--resume auto" in capsys.readouterr().out and (out / "a" / "metrics.json").exists()
+    straight = tmp_path / "straight"
+    assert main(["train", "--config", str(config), "--output-dir", str(straight)]) == 0
+    ours, theirs = (load_file(d / "adapter.safetensors") for d in (out / "a", straight))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

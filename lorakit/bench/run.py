@@ -1,9 +1,11 @@
 """Run a list of fine-tuning jobs one after another, each in its own process, and report them side by side.
 
 A bench file is YAML: shared ``defaults`` (any ``lorakit train`` setting) and ``runs``, each a name plus the
-settings it changes. Finished runs (with ``metrics.json``) are skipped, so an interrupted bench resumes; the
+settings it changes (a run's setting replaces the defaults', in a section or not); all runs are of one task.
+Finished runs (with ``metrics.json``) are skipped, so an interrupted bench resumes; the
 settings each run trained (and was evaluated) with are kept beside it (``--out/.NAME.config.yaml``), and a
-finished run the bench file now sets otherwise is refused by name rather than reported as if it were new::
+finished run the bench file now sets otherwise is refused by name rather than reported as if it were new; an
+interrupted run with unchanged settings continues from its checkpoint (``checkpoint_every``)::
 
     python -m lorakit.bench.run benchmarks/sst2.yaml --out runs/bench
 
@@ -20,7 +22,7 @@ import argparse
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from lorakit.bench.report import write_report
 from lorakit.common.errors import LorakitError
 from lorakit.eval.scoring import compile_pattern
 from lorakit.jobs.cliargs import job_from_values, job_values, load_yaml
+from lorakit.jobs.models import infer_task
 from lorakit.jobs.rundir import EVAL_DIR
 
 # A run name becomes a directory and a log file directly inside --out: one plain path component.
@@ -41,6 +44,11 @@ MARKER = ".lorakit-bench"  # in --out: a bench writes there, so the files named 
 BENCH_SETS = ("output_dir", "overwrite", "resume")  # where each run goes is the bench's to decide
 # flags of `lorakit eval --generate` a bench file may set
 GENERATE_FLAGS = ("max_new_tokens", "batch_size", "answer_pattern", "limit", "generate_limit")
+BENCH_KEYS = ("defaults", "runs", "generate")  # a bench file's own keys
+MAX_NAME = 100  # characters of a run name: its directory, log and records must fit a file name
+# What evaluating a base model as it is reads (`lorakit eval --model`): all a `train: false` run may set.
+BASE_SETTINGS = ("model", "eval_data", "prompt_column", "response_column", "messages_column", "max_length",
+                 "chat_template")  # fmt: skip
 
 
 class BenchError(LorakitError):
@@ -54,6 +62,15 @@ class Bench:
     defaults: dict[str, Any]
     runs: list[dict[str, Any]]
     generate: dict[str, Any] | None = None
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # each run's, sections flattened
+
+    def recorded(self, run: dict[str, Any]) -> dict[str, Any]:
+        """What the bench keeps of run ``run``'s settings (see :func:`record`): all it trains with, or for a
+        run that does not train, what its evaluation reads, and that it does not train."""
+        settings = self.settings[run["name"]]
+        if trains(run):
+            return settings
+        return {**{k: v for k, v in settings.items() if k in BASE_SETTINGS}, "train": False}
 
 
 def load_bench(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -68,6 +85,12 @@ def read_bench(path: Path) -> Bench:
         spec = load_yaml(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise BenchError(f"cannot read bench file {path}: {' '.join(str(err).split())}") from None
+    if isinstance(spec, dict) and sorted(set(spec) - set(BENCH_KEYS), key=str):
+        unknown = sorted(set(spec) - set(BENCH_KEYS), key=str)
+        raise BenchError(
+            f"{path}: unknown key(s) {unknown}; a bench file has {', '.join(BENCH_KEYS)} (settings shared by "
+            "every run go in defaults)"
+        )
     runs = spec.get("runs") if isinstance(spec, dict) else None
     defaults = (spec.get("defaults") if isinstance(spec, dict) else None) or {}
     if (
@@ -88,14 +111,16 @@ def read_bench(path: Path) -> Bench:
         if (
             not isinstance(name, str)
             or not RUN_NAME.fullmatch(name)
+            or len(name) > MAX_NAME
             or ".." in name
             or name in REPORT_NAMES
             or name.endswith(".log")  # another run's log file
         ):
             raise BenchError(
                 f"{path}: run name {name!r} is not allowed; a name is one directory inside --out: letters, "
-                "digits and _ . + = - (no path separators, no leading dot, no '..', not 'results' or "
-                "'results.md/json/png', not ending in '.log': the bench writes those files there)"
+                f"digits and _ . + = -, at most {MAX_NAME} characters (no path separators, no leading dot, "
+                "no '..', not 'results' or 'results.md/json/png', not ending in '.log': the bench writes "
+                "those files there)"
             )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -105,34 +130,79 @@ def read_bench(path: Path) -> Bench:
         if fixed:
             raise BenchError(f"{path}: {where} sets {fixed}; the bench writes each run to --out/NAME itself")
     for run in runs:
-        name, train = run["name"], run.get("train", True)
-        if not isinstance(train, bool):  # "false" as text would train
-            raise BenchError(f"{path}: run {name}: train must be true or false, not {train!r}")
-        if not train and generation is None:
+        train = run.get("train", True)
+        if not isinstance(train, (bool, dict)):  # "false" as text would train
             raise BenchError(
-                f"{path}: run {name} does not train, and the bench evaluates a base model only by "
-                "generating: add a 'generate' mapping, or drop the run"
-            )
-        if not train and not run_settings(defaults, run).get("eval_data"):
-            raise BenchError(
-                f"{path}: run {name} does not train, and evaluates the base model on the bench's eval_data, "
-                "which is not set: set eval_data (in defaults or the run)"
+                f"{path}: run {run['name']}: train must be true or false (or a section of training "
+                f"settings), not {train!r}"
             )
     if generation is not None:
         check_generation(path, generation)
     # Every setting of every run read and range-checked before the first run starts; reading names where
-    # a setting is (the defaults, or a run), a value's check names the run.
+    # a setting is (the defaults, or a run), a value's check names the run. A run's setting replaces the
+    # defaults', whether either is written in a section or not.
     try:
-        job_values(defaults, "defaults")
-        values = [(r["name"], job_values(run_settings(defaults, r), f"run {r['name']}")) for r in runs]
+        shared = job_values(defaults, "defaults")
+        flat = {r["name"]: {**shared, **job_values(own_settings(r), f"run {r['name']}")} for r in runs}
     except LorakitError as err:
         raise BenchError(f"{path}: {err}") from None
-    for name, settings in values:
+    for run in runs:
+        name = run["name"]
+        if not trains(run):
+            check_base_run(path, run, flat[name], generation)
         try:
-            job_from_values(settings)
+            job_from_values(flat[name])
         except LorakitError as err:
             raise BenchError(f"{path}: run {name}: {err}") from None
-    return Bench(defaults, runs, generation)
+    check_one_task(path, flat)
+    return Bench(defaults, runs, generation, flat)
+
+
+def own_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's ``lorakit train`` settings as written in it (``train`` is the bench's switch unless it is a
+    section of training settings)."""
+    bench_keys = ("name", "note") if isinstance(run.get("train"), dict) else ("name", "note", "train")
+    return {k: v for k, v in run.items() if k not in bench_keys}
+
+
+def check_base_run(path: Path, run: dict[str, Any], settings: dict[str, Any], generation: Any) -> None:
+    """A run that does not train evaluates the base model by generating, on the bench's ``eval_data``, and
+    reads only :data:`BASE_SETTINGS`: one of its own settings that evaluation would not read is refused."""
+    name = run["name"]
+    if generation is None:
+        raise BenchError(
+            f"{path}: run {name} does not train, and the bench evaluates a base model only by "
+            "generating: add a 'generate' mapping, or drop the run"
+        )
+    if not settings.get("eval_data"):
+        raise BenchError(
+            f"{path}: run {name} does not train, and evaluates the base model on the bench's eval_data, "
+            "which is not set: set eval_data (in defaults or the run)"
+        )
+    ignored = sorted(k for k in job_values(own_settings(run), f"run {name}") if k not in BASE_SETTINGS)
+    if ignored:
+        raise BenchError(
+            f"{path}: run {name} does not train, so {', '.join(ignored)} would not apply to it (its "
+            f"evaluation reads only {', '.join(BASE_SETTINGS)}); drop them, or let the run train"
+        )
+
+
+def check_one_task(path: Path, settings: dict[str, dict[str, Any]]) -> None:
+    """Refuse runs of different tasks in one bench: its table and plot read every run by one metric
+    (accuracy, or the completion loss). A model that cannot be read is left to its run to report."""
+    tasks: dict[str, list[str]] = {}
+    for name, values in settings.items():
+        try:
+            task = values.get("task") or infer_task(str(values.get("model", "minilm")))
+        except LorakitError:
+            continue
+        tasks.setdefault(task, []).append(name)
+    if len(tasks) > 1:
+        shown = "; ".join(f"{task}: {', '.join(names)}" for task, names in tasks.items())
+        raise BenchError(
+            f"{path}: the runs are of different tasks ({shown}); a bench compares runs of one task by one "
+            "metric: put each task's runs in a bench file of their own"
+        )
 
 
 def check_generation(path: Path, generation: dict[str, Any]) -> None:
@@ -185,41 +255,30 @@ def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any]
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_settings(defaults: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """The ``lorakit train`` settings of one run: the bench's defaults, then the run's own."""
-    return {**defaults, **{k: v for k, v in run.items() if k not in ("name", "note", "train")}}
-
-
 def trains(run: dict[str, Any]) -> bool:
     """Whether the run trains (``train: false``: the base model, evaluated as it is)."""
     return run.get("train", True) is not False
 
 
 def run_one(name: str, settings: dict[str, Any], out: Path) -> int:
-    """``lorakit train`` with ``settings`` into ``out/name``; returns its exit code."""
+    """``lorakit train`` with ``settings`` into ``out/name``; returns its exit code. An interrupted attempt
+    with the same settings continues from its checkpoint (``--checkpoint-every``), its log with it."""
     run_dir, log_path = out / name, out / f"{name}.log"
     config = record(out, name, "config")
+    again = config.exists() and not changed(config, settings)
     config.write_text(yaml.safe_dump(settings))
-    cmd = [
-        sys.executable,
-        "-m",
-        "lorakit.cli",
-        "train",
-        "--config",
-        str(config),
-        "--output-dir",
-        str(run_dir),
-        "--overwrite",
-    ]
+    cmd = [sys.executable, "-m", "lorakit.cli", "train", "--config", str(config)]
+    cmd += ["--output-dir", str(run_dir), "--overwrite", *(["--resume", "auto"] if again else [])]
     print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
-    with log_path.open("w") as log:  # the config stays: the record of what the run trained with
+    with log_path.open("a" if again else "w") as log:  # the config stays: what the run trained with
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _run(name: str, run: dict[str, Any], settings: dict[str, Any], generation: dict[str, Any] | None,
-         out: Path) -> bool:  # fmt: skip
-    """Train run ``name`` with ``settings`` unless it is finished (or does not train), then evaluate it with
-    generation if the bench asks and it has not been; False if a step failed."""
+def _run(spec: Bench, run: dict[str, Any], out: Path) -> bool:
+    """Train ``run`` unless it is finished (or does not train), then evaluate it with generation if the
+    bench asks and it has not been; False if a step failed."""
+    name, generation = run["name"], spec.generate
+    settings = spec.settings[name]
     if trains(run) and not (out / name / "metrics.json").exists():
         if (out / name / CONFIG_FILE).exists() and not (out / f"{name}.log").exists():
             # a run's log marks its directory as this bench's own; this adapter was put there otherwise
@@ -231,6 +290,8 @@ def _run(name: str, run: dict[str, Any], settings: dict[str, Any], generation: d
             return False
     if generation is None or (out / name / EVAL_DIR / "metrics.json").exists():
         return True
+    if not trains(run):  # what it is evaluated with, as a trained run's config records its training
+        record(out, name, "config").write_text(yaml.safe_dump(spec.recorded(run)))
     code = evaluate_one(name, {**settings, "train": trains(run)}, generation, out)
     print(f"[bench] {name}: {'evaluated' if code == 0 else f'evaluation failed ({code})'}", flush=True)
     return code == 0
@@ -255,18 +316,19 @@ def run_bench(bench: Path, out: Path, only: str | None = None) -> int:
         return _run_all(spec, wanted, out)
 
 
-def check_finished(spec: Bench, wanted: set[str] | None, out: Path) -> None:
-    """Refuse to report a finished run (or its evaluation) as this bench's when the bench file now sets it
-    otherwise: it was skipped, and the table showed the old run under the new settings."""
+def check_finished(spec: Bench, out: Path) -> None:
+    """Refuse to report a run (or its evaluation) as this bench's when the bench file now sets it otherwise:
+    it would be skipped, and the table would show the old run under the new settings. Every run of the table
+    is checked, also those ``--only`` leaves out."""
     for run in spec.runs:
         name = run["name"]
-        if wanted and name not in wanted:
-            continue
-        steps = [("trained", out / name / "metrics.json", "config", run_settings(spec.defaults, run))]
+        ran = (out / name / "metrics.json").exists() or (out / name / EVAL_DIR / "metrics.json").exists()
+        steps = [("trained" if trains(run) else "evaluated", ran, "config", spec.recorded(run))]
         if spec.generate is not None:
-            steps.append(("evaluated", out / name / EVAL_DIR / "metrics.json", "generate", spec.generate))
-        for done, marker, step, now in steps:
-            differ = changed(record(out, name, step), now) if marker.exists() else []
+            evaluated = (out / name / EVAL_DIR / "metrics.json").exists()
+            steps.append(("evaluated", evaluated, "generate", spec.generate))
+        for done, finished, step, now in steps:
+            differ = changed(record(out, name, step), now) if finished else []
             if differ:
                 where = out / name if step == "config" else out / name / EVAL_DIR
                 raise BenchError(
@@ -295,7 +357,7 @@ def check_own_out(spec: Bench, out: Path) -> None:
 
 def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
     check_own_out(spec, out)
-    check_finished(spec, wanted, out)
+    check_finished(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     failed = []
@@ -303,7 +365,7 @@ def _run_all(spec: Bench, wanted: set[str] | None, out: Path) -> int:
         name = run["name"]
         if wanted and name not in wanted:
             continue
-        if not _run(name, run, run_settings(spec.defaults, run), spec.generate, out):
+        if not _run(spec, run, out):
             failed.append(name)
     notes = {r["name"]: r.get("note", "") for r in spec.runs}
     write_report(out, [r["name"] for r in spec.runs], notes, failed=failed)
