@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 import lorakit
 from lorakit.common.errors import SettingError
 from lorakit.engine.checkpoint import ResumeError
-from lorakit.integrations.transformers import HOOKS_FILE, LorakitTrainer
+from lorakit.integrations.transformers import HOOKS_FILE, LorakitCallback, LorakitTrainer
 from lorakit.train.loop import TrainConfig, train
 from lorakit.variants.adalora import rank_pattern
 from lorakit.variants.dylora import DyLoRAHook
@@ -33,10 +33,9 @@ def loss_on(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> floa
 
 
 def trainer_for(model: torch.nn.Module, data: list, tmp_path, eval_dataset=None, **args) -> LorakitTrainer:
-    args = {"save_strategy": "no", **args}
+    args = {"save_strategy": "no", "max_steps": STEPS, **args}
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=STEPS,
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM,
         learning_rate=LR,
@@ -275,3 +274,89 @@ def test_a_resumed_trainer_run_continues_the_rules_as_the_uninterrupted_one(tmp_
     (checkpoint / HOOKS_FILE).unlink()  # a checkpoint without the rules' state cannot resume them
     with pytest.raises(ResumeError, match=f"checkpoint-{half} holds no {HOOKS_FILE}: the state of variant"):
         trainer_for(build(), data, tmp_path / "part").train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_an_adapter_sharing_tensors_saves_resumes_and_saves_in_lorakits_format(tmp_path) -> None:
+    # VeRA's layers share their projections: checkpoints keep one copy (safetensors holds no aliases),
+    # resuming fills the others, and save_model writes lorakit's adapter, which lorakit.load reads.
+    data = sequences(STEPS * BATCH * ACCUM, 0)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return lorakit.apply(tiny_llama(), "vera", targets="all-linear", rank=8, dropout=0.0)
+
+    whole = build()
+    trainer_for(whole, data, tmp_path / "whole").train()
+    half = STEPS // 2
+    stopped = trainer_for(build(), data, tmp_path / "part", save_strategy="steps", save_steps=half)
+    stopped.add_callback(_StopAt(half))
+    stopped.train()
+    resumed = build()
+    trainer = trainer_for(resumed, data, tmp_path / "part")
+    trainer.train(
+        resume_from_checkpoint=tmp_path / "part" / f"checkpoint-{half}"
+    )  # a Path, as the Trainer takes
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = lorakit.load(tiny_llama(), tmp_path / "final")
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, resumed.eval()(ids).logits, rtol=0, atol=1e-6)
+    plain = Trainer(model=build(), args=trainer.args, train_dataset=data)
+    plain.add_callback(LorakitCallback(plain.model))
+    with pytest.raises(
+        SettingError, match="'vera' adapter shares tensors between layers, .* use LorakitTrainer"
+    ):
+        plain.train()
+
+
+def test_resuming_with_another_max_steps_is_refused_where_the_rules_depend_on_it(tmp_path) -> None:
+    data = sequences(STEPS * BATCH * ACCUM, 0)
+    options = dict(init_r=4, target_r=2, t_init=2, t_final=2, alpha=8.0, dropout=0.0)
+    model = lorakit.apply(tiny_llama(), "adalora", **options)
+    first = trainer_for(model, data, tmp_path, save_strategy="steps", save_steps=6, max_steps=6)
+    first.train()
+    longer = trainer_for(lorakit.apply(tiny_llama(), "adalora", **options), data, tmp_path, max_steps=10)
+    with pytest.raises(ResumeError, match="checkpoint-6 was trained for max_steps=6 and this run has 10"):
+        longer.train(resume_from_checkpoint=True)
+
+
+def test_a_tensor_trainable_outside_the_adapter_or_none_at_all_is_refused(tmp_path) -> None:
+    model = lorakit.apply(tiny_llama(), "lora", rank=2)
+    model.lm_head.weight.requires_grad_(True)  # by hand, not through train_modules: it would never move
+    with pytest.raises(SettingError, match="lm_head.weight is trainable but neither part of the adapter"):
+        trainer_for(model, sequences(16, 0), tmp_path).train()
+    with pytest.raises(SettingError, match="lm_head.weight is trainable"):
+        train(model, [sequences(4, 0)[0]], TrainConfig(steps=1))
+    model.lm_head.weight.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(SettingError, match="'lora' adapter has no trainable tensors"):
+        trainer_for(model, sequences(16, 0), tmp_path).train()
+
+
+def test_fp16_on_a_cpu_keeps_the_non_finite_check_and_a_skipped_step_runs_no_rule(tmp_path) -> None:
+    from lorakit.adapters.io import NonFiniteError
+
+    model = lorakit.apply(tiny_llama(), "lora", rank=2, dropout=0.0)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("variant.B")).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="stopped at step 1"):  # no loss scaler on a CPU: nothing skips
+        trainer_for(model, sequences(16, 0), tmp_path, fp16=True).train()
+    # A step the loss scaler skipped (non-finite gradients, on a GPU) runs no rule: AdaLoRA's importance
+    # would take in the non-finite gradients and prune by NaN scores.
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    model = lorakit.apply(tiny_llama(), "adalora", init_r=4, target_r=2, t_init=0, t_final=0, dropout=0.0)
+    callback = LorakitCallback(model, adds_loss=True)
+    state = TrainerState(max_steps=3)
+    callback.on_train_begin(trainer_for(model, [], tmp_path).args, state, None)
+    ran = []
+    callback.hooks.after_step = ran.append
+    optimizer = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), device_placement=False)
+    for skipped, step in [(True, 0), (False, 1)]:
+        optimizer._is_overflow = skipped
+        state.global_step = step
+        callback.on_optimizer_step(None, state, None, optimizer=optimizer)
+    assert ran == [1]

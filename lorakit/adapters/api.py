@@ -535,6 +535,17 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
             if id(p) not in seen:
                 seen.add(id(p))
                 target["params"].append(p)
+    # A tensor made trainable by hand outside the adapter would get gradients but never an update.
+    stray = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen), None)
+    if stray is not None:
+        raise SettingError(
+            f"{stray} is trainable but neither part of the adapter nor of a module in train_modules, so it "
+            "would not train; name its module in lorakit.apply(..., train_modules=[...]), or freeze it"
+        )
+    if not seen:
+        raise SettingError(
+            f"the '{state.variant}' adapter has no trainable tensors (all are frozen): nothing would train"
+        )
     return [g for g in merged.values() if g["params"]]
 
 

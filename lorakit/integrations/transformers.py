@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -41,6 +43,34 @@ from lorakit.engine.checkpoint import ResumeError, check_step, grad_norm
 from lorakit.engine.hooks import HookRunner
 
 HOOKS_FILE = "lorakit_hooks.pt"  # the training rules' state, beside each Trainer checkpoint's own files
+RULES, MAX_STEPS = "rules", "max_steps"  # its fields: the state, and the run length its schedules assume
+
+
+def shared_tensors(model: nn.Module) -> bool:
+    """Whether adapted layers share a tensor (VeRA's projections, LoRA-drop's shared pairs)."""
+    owners: dict[tuple[int, int], set[str]] = {}
+    for name, layer in lorakit.adapters.api.adapted_layers(model):
+        for tensor in layer.variant.state_dict().values():
+            owners.setdefault(_where(tensor), set()).add(name)
+    return any(len(names) > 1 for names in owners.values())
+
+
+def one_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each tensor under its first name only: safetensors holds no aliases, and loading
+    the first name fills the others, which are the same tensor."""
+    seen: set[tuple[int, int]] = set()
+    kept = {}
+    for key, value in state_dict.items():
+        if isinstance(value, Tensor) and value.device.type != "meta":
+            if _where(value) in seen:
+                continue
+            seen.add(_where(value))
+        kept[key] = value
+    return kept
+
+
+def _where(tensor: Tensor) -> tuple[int, int]:
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
 class LorakitCallback(TrainerCallback):
@@ -59,6 +89,7 @@ class LorakitCallback(TrainerCallback):
         self.hooks = HookRunner([])
         self.backward_done = -1  # the last step whose on_after_backward ran
         self.resume_dir: str | None = None  # the checkpoint a resumed run starts from, where known
+        self.loss_scaled: bool | None = None  # whether a loss scaler skips non-finite steps, where known
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         lorakit.adapters.api.check_driver(
@@ -86,6 +117,12 @@ class LorakitCallback(TrainerCallback):
                     "Trainer with LorakitCallback cannot add, so it would train without it; use "
                     "LorakitTrainer (or set the term's weight in the variant's config to 0)"
                 )
+        if not self.adds_loss and shared_tensors(self.model):
+            raise SettingError(
+                f"the '{lorakit.info(self.model).variant}' adapter shares tensors between layers, which a "
+                "plain Trainer's checkpoints (safetensors) cannot hold; use LorakitTrainer (one copy each)"
+            )
+        self.max_steps = state.max_steps
         if state.global_step > 0:  # resumed: the Trainer loaded the checkpoint's state before this event
             default = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             self.restore(Path(self.resume_dir) if self.resume_dir else default)
@@ -94,14 +131,29 @@ class LorakitCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir():
             buffer = io.BytesIO()
-            torch.save(self.hooks.state_dict(), buffer)
+            torch.save({RULES: self.hooks.state_dict(), MAX_STEPS: state.max_steps}, buffer)
             atomic_write(folder / HOOKS_FILE, lambda path: Path(path).write_bytes(buffer.getvalue()))
 
     def restore(self, folder: Path) -> None:
         """The rules' state from the checkpoint ``folder`` (tensors, numbers and lists only)."""
         path = folder / HOOKS_FILE
         if path.is_file():
-            self.hooks.load_state_dict(torch.load(path, weights_only=True))
+            saved = torch.load(path, weights_only=True)
+            if isinstance(saved, dict) and set(saved) == {RULES, MAX_STEPS}:
+                if saved[MAX_STEPS] != self.max_steps and any(self.hooks.state_dict()):
+                    raise ResumeError(
+                        f"{folder} was trained for max_steps={saved[MAX_STEPS]} and this run has "
+                        f"{self.max_steps}; the training rules' schedules depend on it, so resume with "
+                        f"max_steps={saved[MAX_STEPS]}"
+                    )
+                saved = saved[RULES]
+            self.hooks.load_state_dict(saved)
+        elif not folder.is_dir() and any(self.hooks.state_dict()):
+            raise ResumeError(
+                f"the run resumed at a step whose checkpoint folder {folder} does not exist, so the training "
+                "rules' state cannot be read: a plain Trainer does not tell LorakitCallback where it resumed "
+                "from; resume from a checkpoint in output_dir, or use LorakitTrainer"
+            )
         elif any(self.hooks.state_dict()):
             variant = lorakit.info(self.model).variant
             raise ResumeError(
@@ -116,7 +168,9 @@ class LorakitCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.after_backward(state.global_step)  # a no-op when the clipping step already ran it
-        if not args.fp16:  # fp16's loss scaler skips non-finite steps itself (and lowers the scale)
+        # accelerate scales fp16 losses off the CPU only; a scaler skips non-finite steps itself
+        scaled = self.loss_scaled if self.loss_scaled is not None else args.fp16 and args.device.type != "cpu"
+        if not scaled:
             # As every lorakit driver: a NaN or infinite gradient stops the run before it reaches the weights.
             norm = grad_norm(p for p in self.model.parameters() if p.requires_grad)
             kept = f"the Trainer's checkpoints in {args.output_dir} are as they were"
@@ -131,6 +185,9 @@ class LorakitCallback(TrainerCallback):
         self.hooks.after_backward(step)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        if isinstance(optimizer, AcceleratedOptimizer) and optimizer.step_was_skipped:
+            return  # fp16's loss scaler found non-finite gradients: nothing moved, and they are no signal
         self.hooks.after_step(state.global_step)
 
     def extra_loss(self, step: int) -> Tensor | None:
@@ -196,20 +253,48 @@ def refuse_unsupported(optim: str, optimizer_cls: Any, kwargs: dict[str, Any]) -
 
 
 class LorakitTrainer(Trainer):
-    """A ``Trainer`` that runs lorakit's hooks, adds their losses and uses the variants' parameter groups."""
+    """A ``Trainer`` that runs lorakit's hooks, adds their losses and uses the variants' parameter groups.
+
+    ``save_model`` writes the adapter in lorakit's format (:func:`lorakit.save`: ``adapter.json`` +
+    ``adapter.safetensors``, which :func:`lorakit.load` and ``lorakit eval`` read), not the wrapped model; the
+    Trainer's checkpoints keep the whole state for resuming, each shared tensor once."""
+
+    lorakit_callback: LorakitCallback | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lorakit_callback = LorakitCallback(self.model, adds_loss=True)
         self.add_callback(self.lorakit_callback)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        model = super().call_model_init(trial)
+        if self.lorakit_callback is not None:  # model_init builds a new model for each train()
+            self.lorakit_callback.model = model
+        return model
+
+    def train(
+        self, resume_from_checkpoint: str | os.PathLike[str] | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         """``Trainer.train``; the checkpoint it resumes from also gives back the training rules' state."""
         where = resume_from_checkpoint
         if where is True:  # the Trainer's rule: the newest checkpoint in output_dir
             where = get_last_checkpoint(self.args.output_dir)
-        self.lorakit_callback.resume_dir = where if isinstance(where, str) else None
+        self.lorakit_callback.resume_dir = str(where) if isinstance(where, (str, os.PathLike)) else None
+        self.lorakit_callback.loss_scaled = self.accelerator.scaler is not None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call or self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a checkpoint: whole state
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            out = output_dir if output_dir is not None else self.args.output_dir
+            lorakit.save(self.model, out, overwrite=True)  # the Trainer's rule: save_model writes over
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(out)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        return super()._save(output_dir, one_copy(state))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The optimizer ``TrainingArguments.optim`` names (or ``optimizer_cls_and_kwargs``), as the Trainer
