@@ -172,10 +172,14 @@ def _eval_job(args: argparse.Namespace) -> JobConfig | None:
 
 
 def _override_data(args: argparse.Namespace, job: JobConfig) -> None:
+    from lorakit.data.datasets import MESSAGES_COLUMN
+
     columns = ("prompt_column", "response_column", "messages_column", "text_column", "label_column")
     for name in (*columns, "max_length"):
         if getattr(args, name, None) is not None:
             setattr(job.data, name, getattr(args, name))
+    if _columns_named(args) and getattr(args, "messages_column", None) is None:
+        job.data.messages_column = MESSAGES_COLUMN  # prompt/response named for this data: not the run's
 
 
 def _check_task_flags(args: argparse.Namespace, job: JobConfig) -> None:

@@ -22,7 +22,7 @@ from layer_zoo import MLP, perturb
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.bench.run import load_bench, run_settings
+from lorakit.bench.run import read_bench
 from lorakit.cli import build_parser, main
 from lorakit.common.errors import LorakitError
 from lorakit.data.datasets import ClassLabels, read_rows, texts
@@ -156,11 +156,11 @@ def test_any_bench_file_is_runs_of_checked_jobs_or_a_lorakit_error(defaults: dic
         spec = {"defaults": defaults, "runs": [{"name": f"r{i}", **run} for i, run in enumerate(runs)]}
         path.write_text(yaml.safe_dump(spec))
         try:
-            loaded_defaults, loaded = load_bench(path)
+            bench = read_bench(path)
         except LorakitError:
             return
-    for run in loaded:
-        within_ranges(job_from_values(job_values(run_settings(loaded_defaults, run), run["name"])))
+    for run in bench.runs:
+        within_ranges(job_from_values(job_values(bench.settings[run["name"]], run["name"])))
 
 
 # --- data files ------------------------------------------------------------------------------------------

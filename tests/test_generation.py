@@ -267,3 +267,40 @@ def test_greedy_generation_takes_none_of_the_models_own_decoding_settings(tuned_
         model.generation_config = saved
     assert ours == greedy
     assert penalised != greedy  # the settings do change transformers' answers: the check is not vacuous
+
+
+def test_a_long_prompt_caps_only_its_own_batch_and_the_cap_is_reported(tuned_chat_model, capsys) -> None:
+    # One prompt near the end of the context used to cut every answer's budget to what it left.
+    from lorakit.eval.generation import capped_rows
+    from lorakit.eval.run import new_tokens
+
+    model, tokenizer = tuned_chat_model
+    context = model.config.max_position_embeddings
+    questions = ["What is 2 plus 3?", "hi", "What is 5 plus 5?"]
+    prompts = [
+        chat.prompt_ids(tokenizer, CHATML, chat.Example(({"role": "user", "content": q},))) for q in questions
+    ]
+    long = (prompts[0] * context)[: context - 4]  # leaves 4 tokens of the context
+    budget, limit = new_tokens(model, tokenizer, CHATML, [*prompts, long], 12, "row", 1)
+    assert (budget, limit) == (12, context)
+    assert "1 of 4 answers have fewer than 12 tokens of the model's context" in capsys.readouterr().err
+    assert (
+        capped_rows([*prompts, long], 1, 12, context) == 1
+        and capped_rows([*prompts, long], 4, 12, context) == 4
+    )
+    alone = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1, progress=False)
+    budgets, real = [], model.generate
+    model.generate = lambda **kw: budgets.append(kw["max_new_tokens"]) or real(**kw)
+    try:
+        beside = generate(model, tokenizer, [*prompts, long], max_new_tokens=12, batch_size=1, progress=False,
+                          context=context)  # fmt: skip
+    finally:
+        del model.generate
+    assert beside[:3] == alone and budgets == [12, 12, 12, 4]  # the short prompts keep their whole budget
+
+
+def test_json_numbers_are_written_as_plain_decimals() -> None:
+    from lorakit.data.datasets import texts
+
+    rows = [{"r": v} for v in (1e-05, 1.0e16, 3.5, 12, 0.1, -2.0)]
+    assert texts(rows, "r", "d") == ["0.00001", "10000000000000000", "3.5", "12", "0.1", "-2.0"]

@@ -856,3 +856,30 @@ def test_a_template_that_closes_no_answer_is_named_once(chat_llama_dir, tmp_path
     assert capsys.readouterr().err.count("closes the assistant's answer with no special token") == 1
     assert main(train_argv(chat_llama_dir, data, tmp_path / "own", *QA_FLAGS)) == 0  # ChatML's <|im_end|>
     assert "no special token" not in capsys.readouterr().err
+
+
+def test_prompt_and_response_columns_named_for_eval_data_replace_the_runs_conversations_column() -> None:
+    import argparse
+
+    from lorakit.cli import _override_data
+    from lorakit.jobs.config import DataConfig, JobConfig
+
+    job = JobConfig(data=DataConfig(messages_column="conv"))  # trained on conversations in 'conv'
+    args = argparse.Namespace(prompt_column="question", response_column="answer", messages_column=None)
+    _override_data(args, job)
+    rows = [{"question": "What is 2 plus 2?", "answer": "#### 4"}]
+    d = job.data
+    examples = D.conversations(rows, d.messages_column, d.prompt_column, d.response_column, "dev", named=True)
+    assert examples[0].answer == "#### 4"
+
+
+def test_a_template_file_with_a_byte_order_mark_renders_without_it(tmp_path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_bytes("\ufeff".encode() + CHATML.encode())
+    assert chat.read_template(path, "--chat-template", "fix it") == CHATML
+
+
+def test_one_column_as_both_prompt_and_response_is_refused() -> None:
+    rows = [{"question": "What is 2 plus 2?", "answer": "#### 4"}]
+    with pytest.raises(D.DataError, match="the prompt and the response column are both 'question'"):
+        D.conversations(rows, "messages", "question", "question", "dev")

@@ -211,7 +211,7 @@ def read_template(path: Path, what: str, fix: str) -> str:
     if not path.is_file():
         raise ChatError(f"{what} is not a file; {fix}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is no template text
     except UnicodeDecodeError:
         raise ChatError(f"{what} is not UTF-8 text; save it as UTF-8, or {fix}") from None
     except OSError as err:

@@ -16,6 +16,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -264,7 +265,13 @@ def texts(rows: list[Row], name: str, source: str) -> list[str]:
             raise DataError(
                 f"{source} row {number}: '{name}' is {value} (a missing value); give every row text"
             )
-    return [str(v) for v in values]
+    return [number_text(v) if isinstance(v, float) else str(v) for v in values]
+
+
+def number_text(value: float) -> str:
+    """A JSON number as plain decimal text (``0.00001``, not Python's ``1e-05``, whose digits an answer
+    extractor would misread)."""
+    return format(Decimal(repr(value)), "f")
 
 
 # --- classification labels -------------------------------------------------------------------------------
@@ -541,6 +548,11 @@ def conversations(
         raise DataError(
             f"{source} has no column '{messages_column}' (--messages-column); its columns are "
             f"{sorted(rows[0])}"
+        )
+    if prompt_column == response_column:
+        raise DataError(
+            f"the prompt and the response column are both '{prompt_column}': the model would be trained to "
+            "repeat the prompt; name the response column with --response-column"
         )
     if rows and prompt_column not in rows[0]:
         raise DataError(

@@ -29,9 +29,11 @@ def generate(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     progress: bool = True,
+    context: int | None = None,
 ) -> list[str]:
     """The greedy continuation of each prompt (token ids, rendered in the chat ``template`` if any) as text,
-    special tokens left out."""
+    special tokens left out; a batch whose prompts leave less of the model's ``context`` than
+    ``max_new_tokens`` stops where the context ends (see :func:`capped_rows`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -41,13 +43,11 @@ def generate(
     own = model.generation_config
     # Padding is masked out and left of every prompt, so any id serves where the tokenizer names none.
     pad = next(i for i in (tokenizer.pad_token_id, *stop, 0) if i is not None)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="prompt")
     try:
         model.generation_config = GenerationConfig()
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in batches(prompts, batch_size):
             width = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -57,7 +57,7 @@ def generate(
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max_new_tokens if context is None else min(max_new_tokens, context - width),
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=pad,
@@ -71,6 +71,22 @@ def generate(
         model.generation_config = own
         model.train(was_training)
     return texts
+
+
+def batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in generation batches: sorted by length, so a batch pads little."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def capped_rows(prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int, context: int) -> int:
+    """How many prompts :func:`generate` answers with fewer than ``max_new_tokens`` tokens: those batched
+    with a prompt that leaves less of the ``context`` (a batch's new tokens start after its longest)."""
+    return sum(
+        len(rows)
+        for rows in batches(prompts, batch_size)
+        if max(len(prompts[i]) for i in rows) + max_new_tokens > context
+    )
 
 
 def stop_tokens(model: nn.Module, tokenizer: Any, template: str | None) -> list[int]:

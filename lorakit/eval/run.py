@@ -24,7 +24,7 @@ from lorakit.common import dirlock
 from lorakit.common.errors import LorakitError, OutputExistsError, SettingError
 from lorakit.data import chat
 from lorakit.data import datasets as D
-from lorakit.eval.generation import generate, stop_tokens
+from lorakit.eval.generation import capped_rows, generate, stop_tokens
 from lorakit.eval.scoring import extract_answer, score
 from lorakit.jobs.config import JobConfig
 from lorakit.jobs.job import chat_template, report
@@ -136,9 +136,17 @@ def generation_eval(
         )
     template = chat_template(job, tokenizer)
     prompts = chat.prompts_ids(tokenizer, template, examples, f"{source} row")
-    budget = new_tokens(model, tokenizer, template, prompts, max_new_tokens, f"{source} row")
+    budget, context = new_tokens(
+        model, tokenizer, template, prompts, max_new_tokens, f"{source} row", batch_size
+    )
     texts = generate(
-        model, tokenizer, prompts, template=template, max_new_tokens=budget, batch_size=batch_size
+        model,
+        tokenizer,
+        prompts,
+        template=template,
+        max_new_tokens=budget,
+        batch_size=batch_size,
+        context=context,
     )
     result = GenerationReport(correct=0, total=len(examples) - unscored, unscored=unscored)
     for example, text, answer in zip(examples, texts, expected, strict=True):
@@ -164,33 +172,35 @@ def new_tokens(
     prompts: list[list[int]],
     requested: int | None,
     what: str,
-) -> int:
-    """Tokens to generate per answer: ``requested``, or by default up to :data:`DEFAULT_NEW_TOKENS`; within
-    the model's context after the longest prompt (a prompt that fills it, or a ``requested`` number that would
-    pass it, is refused naming the prompt, ``what`` N). Where no token ends an answer, that is said once."""
+    batch_size: int,
+) -> tuple[int, int | None]:
+    """Tokens to generate per answer (``requested``, or by default :data:`DEFAULT_NEW_TOKENS`) and the
+    model's context length. A prompt that fills the context is refused naming it (``what`` N); answers
+    batched with a prompt that leaves less room stop where the context ends, which is said once, with their
+    count. Where no token ends an answer, that is said once too."""
     if not stop_tokens(model, tokenizer, template):
         report(
             "neither the tokenizer nor the model names an end-of-sequence token: every answer runs to "
             "--max-new-tokens"
         )
+    budget = requested or DEFAULT_NEW_TOKENS
     context = context_length(model)
     if context is None:
-        return requested or DEFAULT_NEW_TOKENS
+        return budget, None
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    room = context - len(prompts[longest])
-    if room < 1:
+    if len(prompts[longest]) >= context:
         raise GenerationError(
             f"{what} {longest + 1} has {len(prompts[longest])} tokens, which fill the model's context of "
             f"{context} tokens and leave none to answer with; shorten it"
         )
-    if requested is None:
-        return min(DEFAULT_NEW_TOKENS, room)
-    if requested > room:
-        raise SettingError(
-            f"--max-new-tokens {requested} after the {len(prompts[longest])} tokens of {what} {longest + 1} "
-            f"passes the model's context of {context} tokens; pass --max-new-tokens {room} or less"
+    capped = capped_rows(prompts, batch_size, budget, context)
+    if capped:
+        report(
+            f"{capped} of {len(prompts)} answers have fewer than {budget} tokens of the model's context of "
+            f"{context} left after their prompts (the longest, {what} {longest + 1}, has "
+            f"{len(prompts[longest])} tokens): they stop where the context ends"
         )
-    return requested
+    return budget, context
 
 
 def answer_prompts(
@@ -205,7 +215,14 @@ def answer_prompts(
     template."""
     template = chat_template(job, tokenizer)
     ids = chat.prompts_ids(tokenizer, template, prompts, "prompt")
-    budget = new_tokens(model, tokenizer, template, ids, max_new_tokens, "prompt")
+    budget, context = new_tokens(model, tokenizer, template, ids, max_new_tokens, "prompt", batch_size)
     return generate(
-        model, tokenizer, ids, template=template, max_new_tokens=budget, batch_size=batch_size, progress=False
+        model,
+        tokenizer,
+        ids,
+        template=template,
+        max_new_tokens=budget,
+        batch_size=batch_size,
+        progress=False,
+        context=context,
     )
