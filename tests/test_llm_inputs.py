@@ -460,8 +460,24 @@ def generated(monkeypatch) -> list[dict[str, Any]]:
     """Record every call of the batched generation (its prompts and its budget); answers are "#### 7"."""
     calls: list[dict[str, Any]] = []
 
-    def fake(model, tokenizer, prompts, *, template=None, max_new_tokens, batch_size=16, progress=True):
-        calls.append({"prompts": [tokenizer.decode(p) for p in prompts], "max_new_tokens": max_new_tokens})
+    def fake(
+        model,
+        tokenizer,
+        prompts,
+        *,
+        template=None,
+        max_new_tokens,
+        batch_size=16,
+        progress=True,
+        context=None,
+    ):
+        calls.append(
+            {
+                "prompts": [tokenizer.decode(p) for p in prompts],
+                "max_new_tokens": max_new_tokens,
+                "context": context,
+            }
+        )
         return ["#### 7"] * len(prompts)
 
     monkeypatch.setattr("lorakit.eval.run.generate", fake)
@@ -541,13 +557,16 @@ def test_an_earlier_evaluation_is_refused_before_generating(runs, tmp_path, gene
 
 
 def test_new_tokens_stay_within_the_models_context(runs, generated, capsys) -> None:
+    # Each batch's answers stop where the model's context ends after its longest prompt, and that is said.
     adapter = ["--adapter", str(runs["chat"])]
-    assert main(["generate", *adapter, "hi", "--max-new-tokens", "100000"]) == 2
-    err = one_line_error(capsys, "passes the model's context of 256 tokens")
-    room = int(err.split("--max-new-tokens ")[-1].split()[0])
-    assert main(["generate", *adapter, "hi", "--max-new-tokens", str(room)]) == 0
-    assert main(["generate", *adapter, "hi"]) == 0  # the default: 256 where the context leaves room for them
-    assert [call["max_new_tokens"] for call in generated] == [room, room]
+    assert main(["generate", *adapter, "hi", "--max-new-tokens", "100000"]) == 0
+    assert (
+        "1 of 1 answers have fewer than 100000 tokens of the model's context of 256"
+        in capsys.readouterr().err
+    )
+    assert main(["generate", *adapter, "hi", "--max-new-tokens", "8"]) == 0
+    assert "context" not in capsys.readouterr().err
+    assert [(call["max_new_tokens"], call["context"]) for call in generated] == [(100000, 256), (8, 256)]
     assert main(["generate", *adapter, "hi " * 300]) == 2
     one_line_error(capsys, "prompt 1 has", "fill the model's context of 256 tokens")
 

@@ -99,8 +99,8 @@ def examples_from_pairs(
         for text, name in ((prompt, columns[0]), (response, columns[1])):
             if text is not None and not text.strip():
                 raise ChatError(
-                    f"{source} row {number}: '{name}' is empty; give every row a {columns[0]} and a "
-                    f"{columns[1]}, or leave the row out"
+                    f"{source} row {number}: '{name}' is empty; give every row text in '{columns[0]}' and "
+                    f"'{columns[1]}', or leave the row out"
                 )
         turns = ({"role": "user", "content": prompt},)
         out.append(
