@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -902,3 +903,23 @@ def test_one_column_as_both_prompt_and_response_is_refused() -> None:
     rows = [{"question": "What is 2 plus 2?", "answer": "#### 4"}]
     with pytest.raises(D.DataError, match="the prompt and the response column are both 'question'"):
         D.conversations(rows, "messages", "question", "question", "dev")
+
+
+def test_perplexity_is_exp_of_the_loss_however_large() -> None:
+    from types import SimpleNamespace
+
+    from lorakit.jobs.job import evaluate
+
+    class Broken(torch.nn.Module):
+        """A causal LM whose loss is whatever it is told (a diverged model's, say)."""
+
+        def __init__(self, loss: float) -> None:
+            super().__init__()
+            self.w, self.loss = torch.nn.Parameter(torch.zeros(1)), loss
+
+        def forward(self, input_ids, attention_mask, labels):
+            return SimpleNamespace(loss=torch.tensor(self.loss))
+
+    data = D.TokenizedData([[1, 2, 3]], [[-100, 2, 3]], 0)
+    assert evaluate(Broken(60.0), data)["perplexity"] == pytest.approx(math.exp(60.0))  # was capped at e^50
+    assert evaluate(Broken(1e4), data)["perplexity"] == sys.float_info.max

@@ -319,7 +319,11 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
         model.train(was_training)
     if isinstance(data.labels[0], list):
         loss = loss_sum / max(total, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        # exp(loss) while a float holds it (a JSON file holds no infinity): the largest float beyond that
+        return {
+            "loss": loss,
+            "perplexity": math.exp(loss) if loss < math.log(sys.float_info.max) else sys.float_info.max,
+        }
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
