@@ -25,6 +25,7 @@ import torch
 from lorakit.bench.report import write_report
 from lorakit.bench.run import read_bench
 from lorakit.data.datasets import read_rows
+from lorakit.jobs.cliargs import job_values
 from lorakit.jobs.job import measure_peak_memory_mb, reset_peak_memory
 from lorakit.jobs.models import load_model
 
@@ -55,7 +56,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = read_bench(args.bench)
-    d = bench.defaults
+    d = job_values(bench.defaults, "defaults")  # sections flattened, as every run reads them
     run = args.out / NAME
     run.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(d["model"], "causal-lm")

@@ -280,3 +280,14 @@ def test_an_interrupted_bench_run_continues_from_its_checkpoint(
     assert main(["train", "--config", str(config), "--output-dir", str(straight)]) == 0
     ours, theirs = (load_file(d / "adapter.safetensors") for d in (out / "a", straight))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_settings_recorded_with_sections_or_text_targets_read_as_the_bench_reads_them_now(tmp_path) -> None:
+    from lorakit.bench.run import changed
+
+    record = tmp_path / ".a.config.yaml"
+    record.write_text(yaml.safe_dump({"train": {"steps": 3}, "targets": "query,value", "model": "minilm"}))
+    assert changed(record, {"steps": 3, "targets": ["query", "value"], "model": "minilm"}) == []
+    assert changed(record, {"steps": 4, "targets": ["query", "value"], "model": "minilm"}) == ["steps"]
+    record.write_text(yaml.safe_dump({"model": "minilm", "train": False}))  # a base run's record
+    assert changed(record, {"model": "minilm", "train": False}) == []

@@ -303,7 +303,8 @@ def test_an_adapter_sharing_tensors_saves_resumes_and_saves_in_lorakits_format(t
     ids = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, resumed.eval()(ids).logits, rtol=0, atol=1e-6)
-    plain = Trainer(model=build(), args=trainer.args, train_dataset=data)
+    saving = trainer_for(build(), data, tmp_path / "plain", save_strategy="steps", save_steps=5).args
+    plain = Trainer(model=build(), args=saving, train_dataset=data)
     plain.add_callback(LorakitCallback(plain.model))
     with pytest.raises(
         SettingError, match="'vera' adapter shares tensors between layers, .* use LorakitTrainer"
@@ -329,6 +330,12 @@ def test_a_tensor_trainable_outside_the_adapter_or_none_at_all_is_refused(tmp_pa
         trainer_for(model, sequences(16, 0), tmp_path).train()
     with pytest.raises(SettingError, match="lm_head.weight is trainable"):
         train(model, [sequences(4, 0)[0]], TrainConfig(steps=1))
+    # A plain Trainer's own optimizer takes every trainable tensor: that one trains there, as the user meant.
+    plain = Trainer(model=model, args=trainer_for(model, [], tmp_path).args, train_dataset=sequences(64, 0))
+    plain.add_callback(LorakitCallback(model))
+    before = model.lm_head.weight.detach().clone()
+    plain.train()
+    assert not torch.equal(model.lm_head.weight, before)
     model.lm_head.weight.requires_grad_(False)
     for p in model.parameters():
         p.requires_grad_(False)

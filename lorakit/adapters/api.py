@@ -535,18 +535,25 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
             if id(p) not in seen:
                 seen.add(id(p))
                 target["params"].append(p)
-    # A tensor made trainable by hand outside the adapter would get gradients but never an update.
-    stray = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen), None)
+    return [g for g in merged.values() if g["params"]]
+
+
+def check_trained(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Refuse optimizer ``groups`` (from :func:`param_groups`) that leave a trainable tensor out: one made
+    trainable by hand outside the adapter and ``train_modules`` would get gradients but never an update. No
+    trainable tensor at all is refused too: nothing would train."""
+    grouped = {id(p) for g in groups for p in g["params"]}
+    stray = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped), None)
     if stray is not None:
         raise SettingError(
             f"{stray} is trainable but neither part of the adapter nor of a module in train_modules, so it "
             "would not train; name its module in lorakit.apply(..., train_modules=[...]), or freeze it"
         )
-    if not seen:
+    if not grouped:
         raise SettingError(
-            f"the '{state.variant}' adapter has no trainable tensors (all are frozen): nothing would train"
+            f"the '{info(model).variant}' adapter has no trainable tensors (all are frozen); nothing would "
+            "train"
         )
-    return [g for g in merged.values() if g["params"]]
 
 
 def check_rates(lr: float, weight_decay: float) -> None:

@@ -85,8 +85,8 @@ def read_bench(path: Path) -> Bench:
         spec = load_yaml(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise BenchError(f"cannot read bench file {path}: {' '.join(str(err).split())}") from None
-    if isinstance(spec, dict) and sorted(set(spec) - set(BENCH_KEYS), key=str):
-        unknown = sorted(set(spec) - set(BENCH_KEYS), key=str)
+    unknown = sorted(set(spec) - set(BENCH_KEYS), key=str) if isinstance(spec, dict) else []
+    if unknown:
         raise BenchError(
             f"{path}: unknown key(s) {unknown}; a bench file has {', '.join(BENCH_KEYS)} (settings shared by "
             "every run go in defaults)"
@@ -191,12 +191,17 @@ def check_one_task(path: Path, settings: dict[str, dict[str, Any]]) -> None:
     """Refuse runs of different tasks in one bench: its table and plot read every run by one metric
     (accuracy, or the completion loss). A model that cannot be read is left to its run to report."""
     tasks: dict[str, list[str]] = {}
+    known: dict[str, str | None] = {}  # each model's task, read once
     for name, values in settings.items():
-        try:
-            task = values.get("task") or infer_task(str(values.get("model", "minilm")))
-        except LorakitError:
-            continue
-        tasks.setdefault(task, []).append(name)
+        model = str(values.get("model", "minilm"))
+        if not values.get("task") and model not in known:
+            try:
+                known[model] = infer_task(model)
+            except LorakitError:
+                known[model] = None
+        task = values.get("task") or known[model]
+        if task is not None:
+            tasks.setdefault(task, []).append(name)
     if len(tasks) > 1:
         shown = "; ".join(f"{task}: {', '.join(names)}" for task, names in tasks.items())
         raise BenchError(
@@ -232,6 +237,12 @@ def changed(path: Path, now: dict[str, Any]) -> list[str]:
     if not path.exists():
         return []
     before = yaml.safe_load(path.read_text()) or {}
+    if isinstance(before, dict) and "generate" not in path.name:  # read as a bench reads settings now
+        marker = {"train": before.pop("train")} if before.get("train") is False else {}
+        try:
+            before = {**job_values(before, str(path)), **marker}
+        except LorakitError:  # not settings as lorakit writes them: compared as they are
+            before = {**before, **marker}
     return sorted((k for k in {*before, *now} if before.get(k) != now.get(k)), key=str)
 
 
@@ -245,7 +256,7 @@ def evaluate_one(name: str, settings: dict[str, Any], generation: dict[str, Any]
         cmd += ["--adapter", str(out / name)]
     else:  # the base model as it is, on the job's evaluation data with the job's columns
         cmd += ["--model", str(settings.get("model", "minilm")), "--data", str(settings.get("eval_data"))]
-        for key in ("prompt_column", "response_column", "messages_column", "max_length", "chat_template"):
+        for key in (k for k in BASE_SETTINGS if k not in ("model", "eval_data")):
             if key in settings:
                 cmd += [f"--{key.replace('_', '-')}", str(settings[key])]
     for key, value in generation.items():

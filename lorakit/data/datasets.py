@@ -549,10 +549,10 @@ def conversations(
             f"{source} has no column '{messages_column}' (--messages-column); its columns are "
             f"{sorted(rows[0])}"
         )
-    if prompt_column == response_column:
+    if answers and prompt_column == response_column:
         raise DataError(
-            f"the prompt and the response column are both '{prompt_column}': the model would be trained to "
-            "repeat the prompt; name the response column with --response-column"
+            f"the prompt and the response column are both '{prompt_column}': the answers would be the "
+            "prompts; name the response column with --response-column"
         )
     if rows and prompt_column not in rows[0]:
         raise DataError(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adapters.api import param_groups
+from lorakit.adapters.api import check_trained, param_groups
 from lorakit.engine.config import TrainConfig
 
 # lorakit name -> (bitsandbytes class, the class used where paging is unavailable)
@@ -64,6 +64,7 @@ def bnb_optimizer(
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` over :func:`lorakit.param_groups` (LoRA+'s rates, shared tensors once)."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay)
+    check_trained(model, groups)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return bnb_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)

@@ -197,8 +197,9 @@ def new_tokens(
     if capped:
         report(
             f"{capped} of {len(prompts)} answers have fewer than {budget} tokens of the model's context of "
-            f"{context} left after their prompts (the longest, {what} {longest + 1}, has "
-            f"{len(prompts[longest])} tokens): they stop where the context ends"
+            f"{context} left after the longest prompt of their batch (the longest, {what} {longest + 1}, has "
+            f"{len(prompts[longest])} tokens): they stop where the context ends; a smaller --batch-size "
+            "caps fewer"
         )
     return budget, context
 

@@ -58,10 +58,15 @@ def shared_tensors(model: nn.Module) -> bool:
 def one_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each tensor under its first name only: safetensors holds no aliases, and loading
     the first name fills the others, which are the same tensor."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[Any, ...]] = set()
     kept = {}
     for key, value in state_dict.items():
-        if isinstance(value, Tensor) and value.device.type != "meta":
+        if (
+            isinstance(value, Tensor)
+            and not value.is_sparse
+            and value.device.type != "meta"
+            and value.numel()
+        ):
             if _where(value) in seen:
                 continue
             seen.add(_where(value))
@@ -69,8 +74,10 @@ def one_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _where(tensor: Tensor) -> tuple[int, int]:
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+def _where(tensor: Tensor) -> tuple[Any, ...]:
+    """What makes two tensors one: the same memory, viewed the same way."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(),
+            tensor.dtype)  # fmt: skip
 
 
 class LorakitCallback(TrainerCallback):
@@ -117,7 +124,7 @@ class LorakitCallback(TrainerCallback):
                     "Trainer with LorakitCallback cannot add, so it would train without it; use "
                     "LorakitTrainer (or set the term's weight in the variant's config to 0)"
                 )
-        if not self.adds_loss and shared_tensors(self.model):
+        if not self.adds_loss and args.save_strategy != "no" and shared_tensors(self.model):
             raise SettingError(
                 f"the '{lorakit.info(self.model).variant}' adapter shares tensors between layers, which a "
                 "plain Trainer's checkpoints (safetensors) cannot hold; use LorakitTrainer (one copy each)"
@@ -208,6 +215,11 @@ def check_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     actual = _rates(optimizer.param_groups)
     variant = lorakit.info(model).variant
     fix = "build it over lorakit.param_groups(model, lr), or let LorakitTrainer build it (no optimizers=)"
+    left_out = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in actual), None)
+    if left_out is not None and left_out not in {n for n, p in model.named_parameters() if id(p) in one}:
+        raise OptimizerError(
+            f"the optimizer leaves out {left_out}, which is trainable and would not train; {fix}"
+        )
     missing = [k for k in one if k not in actual]
     if missing:
         raise OptimizerError(
@@ -256,7 +268,8 @@ class LorakitTrainer(Trainer):
     """A ``Trainer`` that runs lorakit's hooks, adds their losses and uses the variants' parameter groups.
 
     ``save_model`` writes the adapter in lorakit's format (:func:`lorakit.save`: ``adapter.json`` +
-    ``adapter.safetensors``, which :func:`lorakit.load` and ``lorakit eval`` read), not the wrapped model; the
+    ``adapter.safetensors``, which :func:`lorakit.load` and ``lorakit eval`` read), not the wrapped model
+    (under FSDP or DeepSpeed, whose state is gathered by the Trainer, it keeps the Trainer's own save); the
     Trainer's checkpoints keep the whole state for resuming, each shared tensor once."""
 
     lorakit_callback: LorakitCallback | None = None
@@ -280,7 +293,8 @@ class LorakitTrainer(Trainer):
         if where is True:  # the Trainer's rule: the newest checkpoint in output_dir
             where = get_last_checkpoint(self.args.output_dir)
         self.lorakit_callback.resume_dir = str(where) if isinstance(where, (str, os.PathLike)) else None
-        self.lorakit_callback.loss_scaled = self.accelerator.scaler is not None
+        deepspeed = self.is_deepspeed_enabled and self.args.fp16  # DeepSpeed scales fp16 losses itself
+        self.lorakit_callback.loss_scaled = self.accelerator.scaler is not None or deepspeed
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -291,6 +305,16 @@ class LorakitTrainer(Trainer):
             lorakit.save(self.model, out, overwrite=True)  # the Trainer's rule: save_model writes over
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(out)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's warning on resuming, without the names :func:`one_copy` left out: they are loaded,
+        as the same tensor as the name kept."""
+        state = self.model.state_dict()
+        aliases = set(state) - set(one_copy(state))
+        missing = [k for k in load_result.missing_keys if k not in aliases]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         state = state_dict if state_dict is not None else self.model.state_dict()
@@ -304,6 +328,7 @@ class LorakitTrainer(Trainer):
             optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or optimizer_for(self.args, self.model)
             refuse_unsupported(OptimizerNames(self.args.optim).value, optimizer_cls, kwargs)
             groups = lorakit.param_groups(self.model, self.args.learning_rate, self.args.weight_decay)
+            lorakit.adapters.api.check_trained(self.model, groups)
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 

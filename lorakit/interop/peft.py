@@ -113,7 +113,8 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
             f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way"
         )
     _refuse_tied(model, state.train_modules)
-    _refuse_renamed_on_load(model, method.peft_type, [name for name, _ in layers])
+    targets = _peft_targets(model, [name for name, _ in layers])
+    _refuse_renamed_on_load(model, method.peft_type, [name for name, _ in layers], isinstance(targets, str))
     _refuse_suffix_heads([name for name, _ in layers], state.train_modules)
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "a PEFT adapter", overwrite)
@@ -131,7 +132,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         "task_type": None,
         "base_model_name_or_path": state.base_model,
         **method.config(state, [layer for _, layer in layers], rank),
-        "target_modules": _peft_targets(model, [name for name, _ in layers]),
+        "target_modules": targets,
         "modules_to_save": list(state.train_modules) or None,
         "inference_mode": True,
     }
@@ -188,7 +189,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
         _check_tied_values(model, file, rest)
     else:
         try:
-            _refuse_tied(model, head_modules)
+            _refuse_tied(model, head_modules, "Save it from PEFT with ensure_weight_tying=True")
         except LorakitError as err:
             raise AdapterFileError(f"{file}: {err}") from None
     try:
@@ -278,8 +279,9 @@ def _within(key: str, module: str) -> bool:
     return any(owner.endswith(module) for owner in owners)
 
 
-def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
-    """PEFT keeps its own copy of a saved module, so one tied to another (embeddings) would come apart."""
+def _refuse_tied(model: nn.Module, module_names: list[str], fix: str = "") -> None:
+    """PEFT keeps its own copy of a saved module, so one tied to another (embeddings) would come apart.
+    ``fix``: what the message says instead of how to export (loading: why the file has the copy)."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
@@ -290,7 +292,7 @@ def _refuse_tied(model: nn.Module, module_names: list[str]) -> None:
             if others:
                 raise LorakitError(
                     f"{module} shares its weight with {others[0]} (tied); PEFT's modules_to_save would untie "
-                    "them. Untie the weights first, or use lorakit.save"
+                    f"them. {fix or 'Untie the weights first, or use lorakit.save'}"
                 )
 
 
@@ -304,8 +306,10 @@ PEFT_MOE_RENAMED = {
 }
 
 
-def _refuse_renamed_on_load(model: nn.Module, peft_type: str, targets: list[str]) -> None:
-    """Refuse targets PEFT would read as a fused MoE's experts (see ``PEFT_MOE_RENAMED``)."""
+def _refuse_renamed_on_load(model: nn.Module, peft_type: str, targets: list[str], regex: bool) -> None:
+    """Refuse targets PEFT would read as a fused MoE's experts (see ``PEFT_MOE_RENAMED``); for these
+    families PEFT also reduces a regex of targets (``regex``) to the names' last parts, which would adapt
+    every layer of those names."""
     try:
         from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
     except ImportError:  # transformers v4: PEFT renames nothing
@@ -319,6 +323,12 @@ def _refuse_renamed_on_load(model: nn.Module, peft_type: str, targets: list[str]
             f"{hit}: PEFT reads a LoRA target named {hit.rsplit('.', 1)[-1]} in a {model_type} model as its "
             f"fused experts and would drop this layer's adapter; leave layers named {', '.join(renamed)} out "
             "of targets, or use lorakit.save (or lorakit.merge)"
+        )
+    if regex and family is not None and peft_type == "LORA":
+        raise LorakitError(
+            f"the adapted layers' names also end other layers' names, so the export would name them by a "
+            f"regex, which PEFT reduces to the names' last parts in a {model_type} model and would adapt "
+            "every layer so named; use lorakit.save (or lorakit.merge)"
         )
 
 

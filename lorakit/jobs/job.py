@@ -319,11 +319,8 @@ def evaluate(model: nn.Module, data: D.TokenizedData, batch_size: int = 128) -> 
         model.train(was_training)
     if isinstance(data.labels[0], list):
         loss = loss_sum / max(total, 1)
-        # exp(loss) while a float holds it (a JSON file holds no infinity): the largest float beyond that
-        return {
-            "loss": loss,
-            "perplexity": math.exp(loss) if loss < math.log(sys.float_info.max) else sys.float_info.max,
-        }
+        # exp(loss) up to e^709, about the largest float (a JSON file holds no infinity); NaN stays NaN
+        return {"loss": loss, "perplexity": math.exp(min(loss, 709.0))}
     return {"accuracy": correct / total, "loss": loss_sum / total}
 
 
