@@ -228,17 +228,17 @@ def test_loading_onto_a_base_quantised_otherwise_names_the_cause(tmp_path) -> No
     qlora = lorakit.apply(copy.deepcopy(base), "qlora", rank=2)
     lorakit.save(qlora, tmp_path / "qlora")
     assert json.loads((tmp_path / "qlora" / "adapter.json").read_text())["base_dtypes"] == [
-        "4-bit from float32"
+        "quantised from float32"
     ]
     lorakit.load(copy.deepcopy(base), tmp_path / "qlora")  # the same base quantises to the same codes
     with pytest.raises(
-        AdapterFileError, match=r"\(4-bit from float32\).*\(4-bit from bfloat16\): load the base"
+        AdapterFileError, match=r"\(quantised from float32\).*\(quantised from bfloat16\): load the base"
     ):
         lorakit.load(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "qlora")
     lora = lorakit.apply(lorakit.quantize(copy.deepcopy(base)), "lora", rank=2)
     lorakit.save(lora, tmp_path / "lora")
     with pytest.raises(
-        AdapterFileError, match="trained on a 4-bit base .* not quantised: quantise it as it was"
+        AdapterFileError, match="trained on a quantised base .* not quantised: quantise it as it was"
     ):
         lorakit.load(copy.deepcopy(base), tmp_path / "lora")
     lorakit.load(lorakit.quantize(copy.deepcopy(base)), tmp_path / "lora")

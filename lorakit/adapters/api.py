@@ -365,13 +365,13 @@ def base_sample(layers: Iterator[nn.Module], per_tensor: int = 8) -> list[list[f
     return out
 
 
-QUANTIZED_DTYPE = "4-bit from "  # how base_dtypes names a quantised weight
+QUANTIZED_DTYPE = "quantised from "  # how base_dtypes names a quantised weight
 
 
 def base_dtypes(layers: Iterator[nn.Module]) -> list[str]:
     """The dtypes of the targeted base layers' floating tensors (``"float32"``...): a base loaded in another
     dtype has another fingerprint, and the load error says so instead of naming another model. A 4-bit weight
-    is ``"4-bit from DTYPE"``, the dtype it was quantised from (its buffers' fp32 state says nothing)."""
+    is ``"quantised from DTYPE"``, its ``weight_dtype`` (its buffers' fp32 state says nothing)."""
     found: set[str] = set()
     for layer in layers:
         if isinstance(layer, QuantizedBase):

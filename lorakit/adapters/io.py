@@ -158,16 +158,16 @@ def check_same_base(
     quantised = any(layer.weight_is_dequantised() for _, layer in adapted_layers(model))
     undo_apply(model)
     saved = meta.get("base_dtypes")  # absent in adapters saved before it was recorded
-    saved_4bit = isinstance(saved, list) and any(str(d).startswith(QUANTIZED_DTYPE) for d in saved)
-    if saved_4bit and not quantised:
+    saved_quantised = isinstance(saved, list) and any(str(d).startswith(QUANTIZED_DTYPE) for d in saved)
+    if saved_quantised and not quantised:
         raise AdapterFileError(
-            f"the adapter in {directory} was trained on a 4-bit base ({', '.join(map(str, saved))}) but this "
-            "model's adapted layers are not quantised: quantise it as it was (lorakit.quantize, or the job's "
-            "--quantize) before loading"
+            f"the adapter in {directory} was trained on a quantised base ({', '.join(map(str, saved))}) but "
+            "this model's adapted layers are not quantised: quantise it as it was (lorakit.quantize, or the "
+            "job's --quantize) before loading"
         )
     if quantised and isinstance(saved, list) and saved and saved != now:  # another dtype moved 4-bit codes
         raise AdapterFileError(
-            f"the adapter in {directory} was trained on a 4-bit base whose codes must match exactly "
+            f"the adapter in {directory} was trained on a quantised base whose codes must match exactly "
             f"({', '.join(map(str, saved))}), and this model's targeted weights quantise to other codes "
             f"({', '.join(now)}): load the base it was trained on in the dtype it was loaded in then"
         )

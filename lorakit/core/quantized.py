@@ -23,7 +23,9 @@ class QuantizedBase(nn.Module, abc.ABC):
     lorakit_kind: str  # the name of the layer kind it stands in for (lorakit.core.kinds)
     out_features: int
     in_features: int
-    weight_dtype: torch.dtype  # the dtype the weight was quantised from (its codes depend on it)
+    # The dtype the weight dequantises to by default: the one it was quantised from (its codes depend on it),
+    # unless the layer was cast since.
+    weight_dtype: torch.dtype
 
     @abc.abstractmethod
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
