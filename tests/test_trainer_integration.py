@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -246,6 +248,17 @@ class _StopAt(TrainerCallback):
         control.should_training_stop = state.global_step == self.step
 
 
+def whole_and_stopped(build, data: list, tmp_path) -> tuple[torch.nn.Module, Path]:
+    """A model trained ``STEPS`` steps straight, and the checkpoint of a ``build()`` run stopped halfway."""
+    whole = build()
+    trainer_for(whole, data, tmp_path / "whole").train()
+    half = STEPS // 2
+    stopped = trainer_for(build(), data, tmp_path / "part", save_strategy="steps", save_steps=half)
+    stopped.add_callback(_StopAt(half))
+    stopped.train()
+    return whole, tmp_path / "part" / f"checkpoint-{half}"
+
+
 def test_a_resumed_trainer_run_continues_the_rules_as_the_uninterrupted_one(tmp_path) -> None:
     """AdaLoRA's importance averages and masks are saved with each Trainer checkpoint and read back on
     resume, so the budget ends as in the uninterrupted run (they were rebuilt fresh, and it pruned
@@ -257,13 +270,8 @@ def test_a_resumed_trainer_run_continues_the_rules_as_the_uninterrupted_one(tmp_
         options = dict(init_r=4, target_r=2, t_init=2, t_final=2, alpha=8.0, dropout=0.0)
         return lorakit.apply(tiny_llama(), "adalora", targets="all-linear", **options)
 
-    whole = build()
-    trainer_for(whole, data, tmp_path / "whole").train()
+    whole, checkpoint = whole_and_stopped(build, data, tmp_path)
     half = STEPS // 2
-    stopped = trainer_for(build(), data, tmp_path / "part", save_strategy="steps", save_steps=half)
-    stopped.add_callback(_StopAt(half))
-    stopped.train()
-    checkpoint = tmp_path / "part" / f"checkpoint-{half}"
     assert (checkpoint / HOOKS_FILE).is_file()
     resumed = build()
     trainer_for(resumed, data, tmp_path / "part").train(resume_from_checkpoint=True)
@@ -285,17 +293,10 @@ def test_an_adapter_sharing_tensors_saves_resumes_and_saves_in_lorakits_format(t
         torch.manual_seed(0)
         return lorakit.apply(tiny_llama(), "vera", targets="all-linear", rank=8, dropout=0.0)
 
-    whole = build()
-    trainer_for(whole, data, tmp_path / "whole").train()
-    half = STEPS // 2
-    stopped = trainer_for(build(), data, tmp_path / "part", save_strategy="steps", save_steps=half)
-    stopped.add_callback(_StopAt(half))
-    stopped.train()
+    whole, checkpoint = whole_and_stopped(build, data, tmp_path)
     resumed = build()
     trainer = trainer_for(resumed, data, tmp_path / "part")
-    trainer.train(
-        resume_from_checkpoint=tmp_path / "part" / f"checkpoint-{half}"
-    )  # a Path, as the Trainer takes
+    trainer.train(resume_from_checkpoint=checkpoint)  # a Path, as the Trainer takes
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     trainer.save_model(str(tmp_path / "final"))
