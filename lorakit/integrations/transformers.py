@@ -48,7 +48,7 @@ RULES, MAX_STEPS = "rules", "max_steps"  # its fields: the state, and the run le
 
 def shared_tensors(model: nn.Module) -> bool:
     """Whether adapted layers share a tensor (VeRA's projections, LoRA-drop's shared pairs)."""
-    owners: dict[tuple[int, int], set[str]] = {}
+    owners: dict[tuple[Any, ...], set[str]] = {}
     for name, layer in lorakit.adapters.api.adapted_layers(model):
         for tensor in layer.variant.state_dict().values():
             owners.setdefault(_where(tensor), set()).add(name)
@@ -57,7 +57,7 @@ def shared_tensors(model: nn.Module) -> bool:
 
 def one_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each tensor under its first name only: safetensors holds no aliases, and loading
-    the first name fills the others, which are the same tensor."""
+    the first name fills the others, which are the same tensor (empty, sparse and meta tensors are kept)."""
     seen: set[tuple[Any, ...]] = set()
     kept = {}
     for key, value in state_dict.items():
@@ -97,6 +97,7 @@ class LorakitCallback(TrainerCallback):
         self.backward_done = -1  # the last step whose on_after_backward ran
         self.resume_dir: str | None = None  # the checkpoint a resumed run starts from, where known
         self.loss_scaled: bool | None = None  # whether a loss scaler skips non-finite steps, where known
+        self.max_steps = 0  # the run's, which the rules' schedules assume
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         lorakit.adapters.api.check_driver(
@@ -215,11 +216,13 @@ def check_rates(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     actual = _rates(optimizer.param_groups)
     variant = lorakit.info(model).variant
     fix = "build it over lorakit.param_groups(model, lr), or let LorakitTrainer build it (no optimizers=)"
-    left_out = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in actual), None)
-    if left_out is not None and left_out not in {n for n, p in model.named_parameters() if id(p) in one}:
-        raise OptimizerError(
-            f"the optimizer leaves out {left_out}, which is trainable and would not train; {fix}"
-        )
+    # a tensor made trainable by hand outside the adapter: the optimizer's to train, if it takes it
+    stray = (
+        n for n, p in model.named_parameters() if p.requires_grad and id(p) not in actual and id(p) not in one
+    )
+    left_out = next(stray, None)
+    if left_out is not None:
+        raise OptimizerError(f"the optimizer leaves out {left_out}, which is trainable and would not train")
     missing = [k for k in one if k not in actual]
     if missing:
         raise OptimizerError(
