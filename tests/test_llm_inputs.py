@@ -923,3 +923,22 @@ def test_perplexity_is_exp_of_the_loss_however_large() -> None:
     assert evaluate(Broken(60.0), data)["perplexity"] == pytest.approx(math.exp(60.0))  # was capped at e^50
     assert evaluate(Broken(1e4), data)["perplexity"] == math.exp(709.0)
     assert math.isnan(evaluate(Broken(float("nan")), data)["perplexity"])
+
+
+def test_a_causal_lm_adapter_with_its_head_trained_whole_evaluates_without_its_job(tmp_path, capsys) -> None:
+    # Saved by lorakit.save (or LorakitTrainer.save_model) with train_modules=["lm_head"], no job.json: the
+    # head's rows are the vocabulary, so the adapter is a causal LM's, not a classifier's.
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lorakit.apply(model, "lora", targets=["c_attn"], train_modules=["lm_head"], rank=2)
+    lorakit.save(model, tmp_path / "adapter")
+    data = write(tmp_path / "dev.jsonl", [{"prompt": "What is 2 plus 3?", "response": "5"}])
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--data", data]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -496,7 +496,9 @@ def test_a_qlora_adapter_on_its_base_in_another_dtype_says_the_4bit_codes_must_m
     lorakit.load(MLP(), tmp_path)  # the same base, the same dtype: the same codes
     torch.manual_seed(0)
     other = MLP().to(torch.bfloat16)
-    with pytest.raises(AdapterFileError, match="a quantised base whose codes must match exactly.*in the dtype"):
+    with pytest.raises(
+        AdapterFileError, match="a quantised base whose codes must match exactly.*in the dtype"
+    ):
         lorakit.load(other, tmp_path)
     assert not hasattr(other, "lorakit")
 

@@ -304,8 +304,9 @@ def test_an_adapter_sharing_tensors_saves_resumes_and_saves_in_lorakits_format(t
     ids = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, resumed.eval()(ids).logits, rtol=0, atol=1e-6)
-    saving = trainer_for(build(), data, tmp_path / "plain", save_strategy="steps", save_steps=5).args
-    plain = Trainer(model=build(), args=saving, train_dataset=data)
+    plain = Trainer(
+        model=build(), args=trainer.args, train_dataset=data
+    )  # its save_model could not hold them
     plain.add_callback(LorakitCallback(plain.model))
     with pytest.raises(
         SettingError, match="'vera' adapter shares tensors between layers, .* use LorakitTrainer"
@@ -337,11 +338,23 @@ def test_a_tensor_trainable_outside_the_adapter_or_none_at_all_is_refused(tmp_pa
     before = model.lm_head.weight.detach().clone()
     plain.train()
     assert not torch.equal(model.lm_head.weight, before)
+    # LorakitTrainer's save_model writes the adapter and train_modules: an optimizer of one's own that takes
+    # the tensor would train what is then not saved.
+    own = torch.optim.AdamW([*lorakit.param_groups(model, LR), {"params": [model.lm_head.weight]}], lr=LR)
+    theirs = LorakitTrainer(
+        model=model, args=plain.args, train_dataset=sequences(64, 0), optimizers=(own, None)
+    )
+    with pytest.raises(SettingError, match="lm_head.weight is trainable .* neither train nor save it"):
+        theirs.train()
     model.lm_head.weight.requires_grad_(False)
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(SettingError, match="'lora' adapter has no trainable tensors"):
         trainer_for(model, sequences(16, 0), tmp_path).train()
+    plain = Trainer(model=model, args=plain.args, train_dataset=sequences(64, 0))
+    plain.add_callback(LorakitCallback(model))
+    with pytest.raises(SettingError, match="'lora' adapter has no trainable tensors"):
+        plain.train()
 
 
 def test_fp16_on_a_cpu_keeps_the_non_finite_check_and_a_skipped_step_runs_no_rule(tmp_path) -> None:

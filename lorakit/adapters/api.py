@@ -546,8 +546,9 @@ def check_trained(model: nn.Module, groups: list[dict[str, Any]]) -> None:
     stray = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped), None)
     if stray is not None:
         raise SettingError(
-            f"{stray} is trainable but neither part of the adapter nor of a module in train_modules, so it "
-            "would not train; name its module in lorakit.apply(..., train_modules=[...]), or freeze it"
+            f"{stray} is trainable but neither part of the adapter nor of a module in train_modules, so "
+            "lorakit would neither train nor save it; name its module in lorakit.apply(..., "
+            "train_modules=[...]), or freeze it"
         )
     if not grouped:
         raise SettingError(

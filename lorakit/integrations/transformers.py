@@ -125,10 +125,15 @@ class LorakitCallback(TrainerCallback):
                     "Trainer with LorakitCallback cannot add, so it would train without it; use "
                     "LorakitTrainer (or set the term's weight in the variant's config to 0)"
                 )
-        if not self.adds_loss and args.save_strategy != "no" and shared_tensors(self.model):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise SettingError(
+                f"the '{lorakit.info(self.model).variant}' adapter has no trainable tensors (all are "
+                "frozen); nothing would train"
+            )
+        if not self.adds_loss and shared_tensors(self.model):
             raise SettingError(
                 f"the '{lorakit.info(self.model).variant}' adapter shares tensors between layers, which a "
-                "plain Trainer's checkpoints (safetensors) cannot hold; use LorakitTrainer (one copy each)"
+                "plain Trainer's checkpoints and save_model (safetensors) cannot hold; use LorakitTrainer"
             )
         self.max_steps = state.max_steps
         if state.global_step > 0:  # resumed: the Trainer loaded the checkpoint's state before this event
@@ -327,11 +332,12 @@ class LorakitTrainer(Trainer):
         """The optimizer ``TrainingArguments.optim`` names (or ``optimizer_cls_and_kwargs``), as the Trainer
         would build it, over the variants' parameter groups (LoRA+'s rates) instead of the Trainer's two
         weight-decay groups; an optimizer that cannot take those groups is refused."""
+        groups = lorakit.param_groups(self.model, self.args.learning_rate, self.args.weight_decay)
+        # also with an optimizer of one's own: save_model writes the adapter and train_modules alone
+        lorakit.adapters.api.check_trained(self.model, groups)
         if self.optimizer is None:
             optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or optimizer_for(self.args, self.model)
             refuse_unsupported(OptimizerNames(self.args.optim).value, optimizer_cls, kwargs)
-            groups = lorakit.param_groups(self.model, self.args.learning_rate, self.args.weight_decay)
-            lorakit.adapters.api.check_trained(self.model, groups)
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 

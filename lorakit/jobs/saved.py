@@ -27,7 +27,7 @@ from lorakit.adapters.io import CONFIG_FILE, PEFT_CONFIG_FILE, WEIGHTS_FILE, Ada
 from lorakit.common.dirswap import building, siblings, staged_for
 from lorakit.jobs.config import DataConfig, JobConfig
 from lorakit.jobs.job import adopt_run_template
-from lorakit.jobs.models import load_model, name_classes
+from lorakit.jobs.models import infer_task, load_model, name_classes, resolve_model
 from lorakit.jobs.rundir import JOB_FILE, part_of_run
 from lorakit.train.checkpoint import TRAINER_FILE, checkpoint_step, has_checkpoint
 from lorakit.train.loop import TrainConfig
@@ -173,14 +173,37 @@ def _running(command: str) -> str:
 
 def _job_from_adapter(adapter: str) -> JobConfig:
     """A job for an adapter saved without ``job.json``: its base model, classification when it saved a trained
-    head (else causal LM), and as many classes as that head has."""
+    head (else causal LM), and as many classes as that head has. A causal LM's own head or embedding trained
+    whole (``train_modules=["lm_head"]``) is no classification head: its saved rows are the vocabulary."""
     meta = read_meta(adapter)
+    model = meta.get("base_model") or "minilm"
     task = "classification" if meta["train_modules"] else "causal-lm"
-    job = JobConfig(model=meta.get("base_model") or "minilm", variant=meta["variant"], task=task)
+    if task == "classification" and _vocabulary_rows(
+        model, Path(adapter) / WEIGHTS_FILE, meta["train_modules"]
+    ):
+        task = "causal-lm"
+    job = JobConfig(model=model, variant=meta["variant"], task=task)
     if task != "classification":
         return job
     base, _ = load_model(job.model, task, 2)
     return dataclasses.replace(job, num_labels=_head_classes(base, Path(adapter) / WEIGHTS_FILE))
+
+
+def _vocabulary_rows(model: str, weights: Path, modules: list[str]) -> bool:
+    """Whether a causal LM ``model``'s fully trained ``modules`` saved in ``weights`` have a row per token of
+    its vocabulary (its output head or embedding), as no classification head has."""
+    if infer_task(model) != "causal-lm":
+        return False
+    from transformers import AutoConfig
+
+    vocabulary = AutoConfig.from_pretrained(resolve_model(model)).get_text_config().vocab_size
+    owned = tuple(f"{m}." for m in modules)
+    try:
+        with safe_open(str(weights), "pt") as saved:
+            shapes = [saved.get_slice(k).get_shape() for k in saved.keys() if k.startswith(owned)]  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - unreadable: lorakit.load names the problem when it reads the file
+        return False
+    return any(shape and shape[0] == vocabulary for shape in shapes)
 
 
 def _head_classes(base: nn.Module, weights: Path) -> int:
