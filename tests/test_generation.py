@@ -283,7 +283,14 @@ def test_a_long_prompt_caps_only_its_own_batch_and_the_cap_is_reported(tuned_cha
     long = (prompts[0] * context)[: context - 4]  # leaves 4 tokens of the context
     budget, limit = new_tokens(model, tokenizer, CHATML, [*prompts, long], 12, "row", 1)
     assert (budget, limit) == (12, context)
-    assert "1 of 4 answers have fewer than 12 tokens of the model's context" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "1 of 4 answers have fewer than 12 tokens of the model's context" in err and "batch-size" not in err
+    )
+    assert new_tokens(model, tokenizer, CHATML, [*prompts, long], None, "row", 1) == (256, context)
+    assert (
+        "answers have fewer" not in capsys.readouterr().err
+    )  # the default is "up to 256, within the context"
     assert (
         capped_rows([*prompts, long], 1, 12, context) == 1
         and capped_rows([*prompts, long], 4, 12, context) == 4

@@ -773,3 +773,19 @@ def test_export_refuses_moe_targets_peft_would_read_as_fused_experts(tmp_path) -
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "attention").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(GPT2_IDS).logits, ours(GPT2_IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_an_export_writes_every_module_peft_saves_for_a_trained_head(tmp_path) -> None:
+    # PEFT takes modules_to_save=["classifier"] as every module whose name ends so: DistilBERT's
+    # pre_classifier too, which it then reads from the file.
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=2
+    )
+    base = transformers.DistilBertForSequenceClassification(cfg).eval()
+    ours = lorakit.apply(copy.deepcopy(base), "lora", targets=["q_lin"], rank=2, train_modules=["classifier"])
+    perturb(ours)
+    save_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(GPT2_IDS).logits, ours.eval()(GPT2_IDS).logits, rtol=0, atol=1e-6)

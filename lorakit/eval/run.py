@@ -174,10 +174,10 @@ def new_tokens(
     what: str,
     batch_size: int,
 ) -> tuple[int, int | None]:
-    """Tokens to generate per answer (``requested``, or by default :data:`DEFAULT_NEW_TOKENS`) and the
+    """Tokens to generate per answer (``requested``, or by default up to :data:`DEFAULT_NEW_TOKENS`) and the
     model's context length. A prompt that fills the context is refused naming it (``what`` N); answers
-    batched with a prompt that leaves less room stop where the context ends, which is said once, with their
-    count. Where no token ends an answer, that is said once too."""
+    batched with a prompt that leaves less room stop where the context ends, which, for a ``requested``
+    number, is said once with their count. Where no token ends an answer, that is said once too."""
     if not stop_tokens(model, tokenizer, template):
         report(
             "neither the tokenizer nor the model names an end-of-sequence token: every answer runs to "
@@ -193,13 +193,13 @@ def new_tokens(
             f"{what} {longest + 1} has {len(prompts[longest])} tokens, which fill the model's context of "
             f"{context} tokens and leave none to answer with; shorten it"
         )
-    capped = capped_rows(prompts, batch_size, budget, context)
-    if capped:
+    capped = capped_rows(prompts, batch_size, budget, context) if requested is not None else 0
+    if capped:  # the default is "up to 256, within the context": only a number asked for is cut short
         report(
             f"{capped} of {len(prompts)} answers have fewer than {budget} tokens of the model's context of "
             f"{context} left after the longest prompt of their batch (the longest, {what} {longest + 1}, has "
-            f"{len(prompts[longest])} tokens): they stop where the context ends; a smaller --batch-size "
-            "caps fewer"
+            f"{len(prompts[longest])} tokens): they stop where the context ends"
+            + ("; a smaller --batch-size caps fewer" if batch_size > 1 else "")
         )
     return budget, context
 

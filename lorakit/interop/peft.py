@@ -112,10 +112,11 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
         raise LorakitError(
             f"{adapted_heads[0]} is both adapted and fully trained; PEFT saves a module one way"
         )
-    _refuse_tied(model, state.train_modules)
+    _refuse_suffix_heads([name for name, _ in layers], state.train_modules)
+    saved_whole = _saved_whole(model, state.train_modules)
+    _refuse_tied(model, saved_whole)
     targets = _peft_targets(model, [name for name, _ in layers])
     _refuse_renamed_on_load(model, method.peft_type, [name for name, _ in layers], isinstance(targets, str))
-    _refuse_suffix_heads([name for name, _ in layers], state.train_modules)
     out = Path(directory)
     check_output_dir(out, (CONFIG_FILE, WEIGHTS_FILE), "a PEFT adapter", overwrite)
     variant = layers[0][1].variant
@@ -124,7 +125,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike[str], *, overwrite:
     for name, layer in layers:
         tensors.update(method.tensors(PREFIX + name, layer, rank))
     tensors.update(method.shared_tensors([layer for _, layer in layers]))
-    for name in state.train_modules:
+    for name in saved_whole:
         for key, value in modules[name].state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = value.detach()
     peft_config = {
@@ -360,6 +361,12 @@ def _peft_targets(model: nn.Module, names: list[str]) -> list[str] | str:
         if any(".".join(parts[i:]) in chosen for i in range(1, len(parts))):
             return "(?:" + "|".join(re.escape(n) for n in names) + ")"
     return names
+
+
+def _saved_whole(model: nn.Module, train_modules: list[str]) -> list[str]:
+    """The modules PEFT takes for ``modules_to_save = train_modules``: every one whose name ends in an entry
+    (``classifier`` is also DistilBERT's ``pre_classifier``), each of which it then reads from the file."""
+    return [n for n, _ in model.named_modules() if n and any(n.endswith(m) for m in train_modules)]
 
 
 def _refuse_suffix_heads(names: list[str], train_modules: list[str]) -> None:
