@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lorakit.adapters.quantize import quantize_targets, release_input_grads
+from lorakit.adapters.quantize import dtype_name, quantize_targets, release_input_grads
 from lorakit.adapters.targets import TargetError as TargetError  # re-exported: part of the public API
 from lorakit.adapters.targets import find_targets as find_targets
 from lorakit.adapters.targets import set_module, warn_left_out
@@ -375,16 +375,12 @@ def base_dtypes(layers: Iterator[nn.Module]) -> list[str]:
     found: set[str] = set()
     for layer in layers:
         if isinstance(layer, QuantizedBase):
-            found.add(f"{QUANTIZED_DTYPE}{_dtype_name(layer.weight_dtype)}")
+            found.add(f"{QUANTIZED_DTYPE}{dtype_name(layer.weight_dtype)}")
             tensors = list(layer.parameters())  # the bias
         else:
             tensors = list(layer.state_dict().values())
-        found.update(_dtype_name(t.dtype) for t in tensors if t.is_floating_point())
+        found.update(dtype_name(t.dtype) for t in tensors if t.is_floating_point())
     return sorted(found)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # --- queries -------------------------------------------------------------------------------------------
@@ -540,8 +536,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
 
 def check_trained(model: nn.Module, groups: list[dict[str, Any]]) -> None:
     """Refuse optimizer ``groups`` (from :func:`param_groups`) that leave a trainable tensor out: one made
-    trainable by hand outside the adapter and ``train_modules`` would get gradients but never an update. No
-    trainable tensor at all is refused too: nothing would train."""
+    trainable by hand outside the adapter and ``train_modules`` would get gradients but never an update (and
+    is not saved with the adapter). See :func:`check_trains` too."""
     grouped = {id(p) for g in groups for p in g["params"]}
     stray = next((n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped), None)
     if stray is not None:
@@ -550,7 +546,12 @@ def check_trained(model: nn.Module, groups: list[dict[str, Any]]) -> None:
             "lorakit would neither train nor save it; name its module in lorakit.apply(..., "
             "train_modules=[...]), or freeze it"
         )
-    if not grouped:
+    check_trains(model)
+
+
+def check_trains(model: nn.Module) -> None:
+    """Refuse a model with no trainable tensor: nothing would train."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise SettingError(
             f"the '{info(model).variant}' adapter has no trainable tensors (all are frozen); nothing would "
             "train"

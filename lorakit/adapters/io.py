@@ -243,15 +243,21 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
     modules = dict(model.named_modules())
     items += [(f"{n}.{k}", t) for n in info(model).train_modules for k, t in modules[n].state_dict().items()]
     for key, tensor in items:
-        ident = (
-            id(tensor) if tensor.is_sparse else tensor.untyped_storage().data_ptr() + tensor.storage_offset()
-        )
-        if ident in first_key and tensors[first_key[ident]].shape == tensor.shape:
+        ident = tensor_identity(tensor)
+        if ident in first_key:
             tied[key] = first_key[ident]
             continue
         first_key[ident] = key
         tensors[key] = tensor.detach().contiguous().cpu()
     return tensors, tied
+
+
+def tensor_identity(tensor: Tensor) -> tuple[Any, ...]:
+    """What makes two tensors one (tied, or shared by layers): the same memory, viewed the same way."""
+    if tensor.is_sparse:
+        return ("sparse", id(tensor))
+    storage = tensor.untyped_storage().data_ptr()
+    return storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype
 
 
 def check_finite_tensors(tensors: dict[str, Tensor], consequence: str) -> None:

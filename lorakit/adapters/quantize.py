@@ -86,9 +86,9 @@ def quantize_targets(model: nn.Module, names: list[str], storage: BaseStorage) -
             todo.append(name)
         elif layer.compute_dtype != dtype or (layer.weight_absmax is None) != double_quant:
             raise QuantizationError(
-                f"{name} was quantised with compute_dtype={_dtype_name(layer.compute_dtype)}, "
+                f"{name} was quantised with compute_dtype={dtype_name(layer.compute_dtype)}, "
                 f"double_quant={layer.weight_absmax is None}, but the config asks for "
-                f"compute_dtype={_dtype_name(dtype)}, double_quant={double_quant}; pass matching values "
+                f"compute_dtype={dtype_name(dtype)}, double_quant={double_quant}; pass matching values "
                 "(or apply to an unquantised model and let apply quantise it)"
             )
     _check_layers(model, todo)
@@ -128,7 +128,8 @@ def compute_dtype_of(value: torch.dtype | str) -> torch.dtype:
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``."""
     return str(dtype).removeprefix("torch.")
 
 

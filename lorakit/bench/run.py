@@ -143,13 +143,14 @@ def read_bench(path: Path) -> Bench:
     # defaults', whether either is written in a section or not.
     try:
         shared = job_values(defaults, "defaults")
-        flat = {r["name"]: {**shared, **job_values(own_settings(r), f"run {r['name']}")} for r in runs}
+        own = {r["name"]: job_values(own_settings(r), f"run {r['name']}") for r in runs}
     except LorakitError as err:
         raise BenchError(f"{path}: {err}") from None
+    flat = {name: {**shared, **settings} for name, settings in own.items()}
     for run in runs:
         name = run["name"]
         if not trains(run):
-            check_base_run(path, run, flat[name], generation)
+            check_base_run(path, name, own[name], flat[name], generation)
         try:
             job_from_values(flat[name])
         except LorakitError as err:
@@ -165,10 +166,12 @@ def own_settings(run: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run.items() if k not in bench_keys}
 
 
-def check_base_run(path: Path, run: dict[str, Any], settings: dict[str, Any], generation: Any) -> None:
+def check_base_run(
+    path: Path, name: str, own: dict[str, Any], settings: dict[str, Any], generation: Any
+) -> None:
     """A run that does not train evaluates the base model by generating, on the bench's ``eval_data``, and
-    reads only :data:`BASE_SETTINGS`: one of its own settings that evaluation would not read is refused."""
-    name = run["name"]
+    reads only :data:`BASE_SETTINGS`: one of its ``own`` settings (the run's, flattened) that evaluation would
+    not read is refused."""
     if generation is None:
         raise BenchError(
             f"{path}: run {name} does not train, and the bench evaluates a base model only by "
@@ -179,7 +182,7 @@ def check_base_run(path: Path, run: dict[str, Any], settings: dict[str, Any], ge
             f"{path}: run {name} does not train, and evaluates the base model on the bench's eval_data, "
             "which is not set: set eval_data (in defaults or the run)"
         )
-    ignored = sorted(k for k in job_values(own_settings(run), f"run {name}") if k not in BASE_SETTINGS)
+    ignored = sorted(k for k in own if k not in BASE_SETTINGS)
     if ignored:
         raise BenchError(
             f"{path}: run {name} does not train, so {', '.join(ignored)} would not apply to it (its "
@@ -231,13 +234,14 @@ def record(out: Path, name: str, step: str) -> Path:
     return out / f".{name}.{step}.yaml"
 
 
-def changed(path: Path, now: dict[str, Any]) -> list[str]:
+def changed(path: Path, now: dict[str, Any], job: bool = True) -> list[str]:
     """The settings that differ between ``now`` and those recorded at ``path`` (none where nothing was
-    recorded, as by an older bench)."""
+    recorded, as by an older bench); ``job``: a run's settings (not its ``generate`` mapping), read as a bench
+    reads them now (sections flattened, text targets split)."""
     if not path.exists():
         return []
     before = yaml.safe_load(path.read_text()) or {}
-    if isinstance(before, dict) and "generate" not in path.name:  # read as a bench reads settings now
+    if isinstance(before, dict) and job:
         marker = {"train": before.pop("train")} if before.get("train") is False else {}
         try:
             before = {**job_values(before, str(path)), **marker}
@@ -339,7 +343,7 @@ def check_finished(spec: Bench, out: Path) -> None:
             evaluated = (out / name / EVAL_DIR / "metrics.json").exists()
             steps.append(("evaluated", evaluated, "generate", spec.generate))
         for done, finished, step, now in steps:
-            differ = changed(record(out, name, step), now) if finished else []
+            differ = changed(record(out, name, step), now, step == "config") if finished else []
             if differ:
                 where = out / name if step == "config" else out / name / EVAL_DIR
                 raise BenchError(

@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.training_args import OptimizerNames
 
 import lorakit
-from lorakit.adapters.io import atomic_write
+from lorakit.adapters.io import atomic_write, tensor_identity
 from lorakit.common.errors import SettingError
 from lorakit.core.contract import Driver
 from lorakit.engine.checkpoint import ResumeError, check_step, grad_norm
@@ -51,33 +51,22 @@ def shared_tensors(model: nn.Module) -> bool:
     owners: dict[tuple[Any, ...], set[str]] = {}
     for name, layer in lorakit.adapters.api.adapted_layers(model):
         for tensor in layer.variant.state_dict().values():
-            owners.setdefault(_where(tensor), set()).add(name)
+            owners.setdefault(tensor_identity(tensor), set()).add(name)
     return any(len(names) > 1 for names in owners.values())
 
 
 def one_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each tensor under its first name only: safetensors holds no aliases, and loading
-    the first name fills the others, which are the same tensor (empty, sparse and meta tensors are kept)."""
+    the first name fills the others, which are the same tensor (empty and meta tensors are kept)."""
     seen: set[tuple[Any, ...]] = set()
     kept = {}
     for key, value in state_dict.items():
-        if (
-            isinstance(value, Tensor)
-            and not value.is_sparse
-            and value.device.type != "meta"
-            and value.numel()
-        ):
-            if _where(value) in seen:
+        if isinstance(value, Tensor) and value.device.type != "meta" and value.numel():
+            if tensor_identity(value) in seen:
                 continue
-            seen.add(_where(value))
+            seen.add(tensor_identity(value))
         kept[key] = value
     return kept
-
-
-def _where(tensor: Tensor) -> tuple[Any, ...]:
-    """What makes two tensors one: the same memory, viewed the same way."""
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride(),
-            tensor.dtype)  # fmt: skip
 
 
 class LorakitCallback(TrainerCallback):
@@ -125,11 +114,7 @@ class LorakitCallback(TrainerCallback):
                     "Trainer with LorakitCallback cannot add, so it would train without it; use "
                     "LorakitTrainer (or set the term's weight in the variant's config to 0)"
                 )
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise SettingError(
-                f"the '{lorakit.info(self.model).variant}' adapter has no trainable tensors (all are "
-                "frozen); nothing would train"
-            )
+        lorakit.adapters.api.check_trains(self.model)
         if not self.adds_loss and shared_tensors(self.model):
             raise SettingError(
                 f"the '{lorakit.info(self.model).variant}' adapter shares tensors between layers, which a "
